@@ -1,0 +1,318 @@
+"""The ``relay`` command: a thin layer over the library. Errors are one line and a non-zero exit."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import re
+import signal
+import sys
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TypeVar, cast
+
+import click
+import psycopg
+from psycopg.rows import dict_row
+
+from relay import outbox
+from relay.config import Settings, load_settings
+from relay.db import connect
+from relay.errors import RelayError
+from relay.logs import configure, redact
+from relay.migrations import migrate as apply_migrations
+from relay.migrations import sync_effect_types
+from relay.sql import query
+from relay.states import EffectState
+
+F = TypeVar("F", bound=Callable[..., Any])
+EXIT_USAGE = 2
+EXIT_UNAVAILABLE = 3
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?$")
+_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+def parse_duration(text: str) -> float:
+    """'90', '90s', '15m', '2h', '1d' -> seconds."""
+    match = _DURATION.match(text.strip())
+    if not match:
+        raise click.BadParameter(f"{text!r} is not a duration like 30s, 15m, 2h or 1d")
+    return float(match.group(1)) * _UNIT_S[match.group(2)]
+
+
+def clean_errors(func: F) -> F:
+    """Turn the relay's errors and unreachable services into one line on stderr and an exit code."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except RelayError as exc:
+            click.echo(f"error: {redact(str(exc))}", err=True)
+            sys.exit(EXIT_USAGE)
+        except psycopg.OperationalError as exc:
+            first = redact(str(exc)).strip().splitlines()[0] if str(exc).strip() else ""
+            click.echo(f"error: PostgreSQL unavailable: {first}", err=True)
+            sys.exit(EXIT_UNAVAILABLE)
+
+    return cast(F, wrapper)
+
+
+def _settings(ctx: click.Context) -> Settings:
+    return cast(Settings, ctx.obj["settings"])
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return str(value)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar="RELAY_CONFIG",
+    help="TOML config file [env RELAY_CONFIG; default ./relay.toml if present].",
+)
+@click.option("--log-format", type=click.Choice(["text", "json"]), help="Overrides log_format.")
+@click.option(
+    "--log-level",
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]),
+    help="Overrides log_level.",
+)
+@click.pass_context
+def main(
+    ctx: click.Context, config_path: Path | None, log_format: str | None, log_level: str | None
+) -> None:
+    """Transactional outbox relay for PostgreSQL and Kafka.
+
+    Settings come from the config file, overridden by RELAY_* environment variables
+    (for example RELAY_DATABASE_URL, RELAY_KAFKA_BOOTSTRAP_SERVERS).
+    """
+    overrides: dict[str, Any] = {}
+    if log_format:
+        overrides["log_format"] = log_format
+    if log_level:
+        overrides["log_level"] = log_level
+    try:
+        settings = load_settings(config_path, **overrides)
+    except RelayError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_USAGE)
+    configure(settings.log_level, settings.log_format)
+    ctx.obj = {"settings": settings}
+
+
+@main.command()
+@click.pass_context
+@clean_errors
+def migrate(ctx: click.Context) -> None:
+    """Create or upgrade the relay schema and sync the declared effect types. Safe to rerun."""
+    settings = _settings(ctx)
+    with connect(settings, purpose="migrate") as conn:
+        applied = apply_migrations(conn)
+        changed = sync_effect_types(conn, settings)
+    for m in applied:
+        click.echo(f"applied {m.version:04d}_{m.name}")
+    if not applied:
+        click.echo("schema is up to date")
+    click.echo(f"effect types declared: {len(settings.effect_types)} ({changed} changed)")
+
+
+@main.command()
+@click.pass_context
+@clean_errors
+def run(ctx: click.Context) -> None:
+    """Run the relay daemon: publish PENDING effects to Kafka until SIGTERM or Ctrl-C.
+
+    Any number of replicas may run at once; give each its own replica_id
+    (RELAY_REPLICA_ID, default: the host name).
+    """
+    from relay.daemon import Relay
+
+    daemon = Relay(_settings(ctx))
+
+    def _stop(signum: int, _frame: object) -> None:
+        logging.getLogger("relay").info("signal %s: finishing the batch in hand", signum)
+        daemon.stop()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    daemon.run()
+
+
+@main.command()
+@click.argument("effect_type")
+@click.argument("operation_key")
+@click.argument("payload", default="-")
+@click.option("--business-key", help="Overrides the key computed from the type's template.")
+@click.option("--traceparent", help="W3C traceparent to carry into Kafka headers.")
+@click.pass_context
+@clean_errors
+def enqueue(
+    ctx: click.Context,
+    effect_type: str,
+    operation_key: str,
+    payload: str,
+    business_key: str | None,
+    traceparent: str | None,
+) -> None:
+    """Record one intent. PAYLOAD is a JSON object, or '-' to read it from stdin."""
+    text = sys.stdin.read() if payload == "-" else payload
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"not valid JSON: {exc}", param_hint="PAYLOAD") from None
+    if not isinstance(document, dict):
+        raise click.BadParameter("must be a JSON object", param_hint="PAYLOAD")
+    with connect(_settings(ctx), purpose="cli", autocommit=False) as conn:
+        result = outbox.enqueue(
+            conn,
+            effect_type,
+            operation_key,
+            document,
+            business_key=business_key,
+            traceparent=traceparent,
+        )
+        conn.commit()
+    verb = "enqueued" if result.created else "already present"
+    click.echo(f"{verb}: {operation_key} (effect {result.effect_id}, {result.state})")
+
+
+@main.command()
+@click.argument("operation_key")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@click.pass_context
+@clean_errors
+def show(ctx: click.Context, operation_key: str, as_json: bool) -> None:
+    """The whole story of one effect: intent, attempts and transitions, in order."""
+    with connect(_settings(ctx), purpose="cli") as conn, conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(query("get_effect"), {"operation_key": operation_key})
+        effect = cur.fetchone()
+        if effect is None:
+            click.echo(f"error: no effect has operation key {operation_key!r}", err=True)
+            sys.exit(1)
+        cur.execute(query("get_attempts"), {"effect_id": effect["id"]})
+        attempts = cur.fetchall()
+        cur.execute(query("get_transitions"), {"effect_id": effect["id"]})
+        transitions = cur.fetchall()
+    if as_json:
+        doc = {"effect": effect, "attempts": attempts, "transitions": transitions}
+        click.echo(json.dumps(doc, default=_json_default, indent=2))
+        return
+    click.echo(f"effect {effect['id']}  {effect['operation_key']}  [{effect['state']}]")
+    for field in ("effect_type", "topic", "business_key", "traceparent", "attempts", "reason"):
+        if effect[field] is not None:
+            click.echo(f"  {field:<13} {effect[field]}")
+    if effect["published_offset"] is not None:
+        click.echo(
+            f"  {'published':<13} partition {effect['published_partition']} "
+            f"offset {effect['published_offset']} at {effect['published_at']:%Y-%m-%d %H:%M:%S%z}"
+        )
+    click.echo(f"  {'payload':<13} {json.dumps(effect['payload'])}")
+    click.echo("attempts:")
+    for a in attempts or [{"attempt": None}]:
+        if a["attempt"] is None:
+            click.echo("  (none)")
+            continue
+        where = f" p{a['partition']}@{a['offset']}" if a["offset"] is not None else ""
+        click.echo(
+            f"  #{a['attempt']} by {a['replica_id']} (epoch {a['replica_epoch']}) "
+            f"{a['started_at']:%H:%M:%S.%f} -> {a['outcome'] or 'in flight'}{where}"
+            + (f": {a['reason']}" if a["reason"] else "")
+        )
+    click.echo("transitions:")
+    for t in transitions:
+        click.echo(
+            f"  {t['at']:%Y-%m-%d %H:%M:%S.%f} {t['from_state'] or '-':>11} -> {t['to_state']:<11}"
+            f" by {t['actor']}: {t['reason']}"
+        )
+
+
+@main.command("list")
+@click.option("--state", type=click.Choice([s.value for s in EffectState], case_sensitive=False))
+@click.option("--type", "effect_type", help="Only effects of this type.")
+@click.option("--older-than", help="Only effects unchanged for this long (30s, 15m, 2h, 1d).")
+@click.option("--limit", default=100, show_default=True, type=click.IntRange(1, 100_000))
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@click.pass_context
+@clean_errors
+def list_effects(
+    ctx: click.Context,
+    state: str | None,
+    effect_type: str | None,
+    older_than: str | None,
+    limit: int,
+    as_json: bool,
+) -> None:
+    """Effects filtered by state, type and age, oldest change first."""
+    params = {
+        "state": state.upper() if state else None,
+        "effect_type": effect_type,
+        "older_than_s": parse_duration(older_than) if older_than else None,
+        "limit": limit,
+    }
+    with connect(_settings(ctx), purpose="cli") as conn, conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(query("list_effects"), params)
+        rows = cur.fetchall()
+    for row in rows:
+        if as_json:
+            click.echo(json.dumps(row, default=_json_default))
+        else:
+            click.echo(
+                f"{row['updated_at']:%Y-%m-%d %H:%M:%S} {row['state']:<11} {row['effect_type']:<20}"
+                f" {row['operation_key']}" + (f"  ({row['reason']})" if row["reason"] else "")
+            )
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@click.pass_context
+@clean_errors
+def stats(ctx: click.Context, as_json: bool) -> None:
+    """Effects by type and state, with the age of the oldest change in each."""
+    with connect(_settings(ctx), purpose="cli") as conn, conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(query("stats"))
+        rows = cur.fetchall()
+    if as_json:
+        click.echo(json.dumps(rows, default=_json_default))
+        return
+    click.echo(f"{'effect type':<24} {'state':<12} {'effects':>9} {'oldest':>10}")
+    for row in rows:
+        click.echo(
+            f"{row['effect_type']:<24} {row['state']:<12} {row['effects']:>9}"
+            f" {row['oldest_age_s']:>9.0f}s"
+        )
+
+
+@main.command()
+@click.argument("operation_key")
+@click.option("--reason", default="cancelled by an operator", show_default=True)
+@click.pass_context
+@clean_errors
+def cancel(ctx: click.Context, operation_key: str, reason: str) -> None:
+    """Withdraw a PENDING effect before any attempt."""
+    with connect(_settings(ctx), purpose="cli") as conn:
+        outbox.cancel(conn, operation_key, reason=reason, actor="operator")
+    click.echo(f"cancelled: {operation_key}")
+
+
+@main.command()
+@click.option("--effects", default=20, show_default=True, type=click.IntRange(1, 1_000_000))
+@click.option("--keep-running", is_flag=True, help="Leave the daemons running until Ctrl-C.")
+@click.pass_context
+@clean_errors
+def demo(ctx: click.Context, effects: int, keep_running: bool) -> None:
+    """Start local PostgreSQL and Kafka (unless RELAY_DATABASE_URL / RELAY_KAFKA_BOOTSTRAP_SERVERS
+    are set), run the relay, enqueue sample intents and show them move through their states."""
+    from relay.demo import run_demo
+
+    run_demo(_settings(ctx), effects=effects, keep_running=keep_running)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

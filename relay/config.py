@@ -1,0 +1,231 @@
+"""Configuration: one TOML file, overridden by ``RELAY_*`` environment variables.
+
+The effect-type registry lives in the same file so that the relay, the reconciler, the CLI and the
+Helm chart all read one set of declarations. Everything is validated at start; a bad value is
+reported with the name of the setting (and of the variable that overrides it).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from relay.errors import ConfigError, EffectTypeError
+
+ENV_PREFIX = "RELAY_"
+DEFAULT_CONFIG_FILE = "relay.toml"
+_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.\-]{0,127}$")
+_TOPIC = re.compile(r"^[A-Za-z0-9._\-]{1,249}$")
+_TEMPLATE_FIELD = re.compile(r"\{([A-Za-z0-9_]+)\}")
+
+
+class ObserverSpec(BaseModel):
+    """How the reconciler asks the downstream system whether an UNKNOWN effect happened."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    http_url: str | None = Field(
+        default=None, description="URL template over {business_key} and {operation_key}."
+    )
+    python: str | None = Field(default=None, description="Import path 'package.module:function'.")
+    timeout_s: float = Field(default=5.0, gt=0)
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ObserverSpec:
+        if (self.http_url is None) == (self.python is None):
+            raise ValueError("an observer needs exactly one of 'http_url' or 'python'")
+        if self.python is not None and ":" not in self.python:
+            raise ValueError("'python' must look like 'package.module:function'")
+        return self
+
+
+class EffectTypeSpec(BaseModel):
+    """One declared effect type. Declared once, read by every process."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    topic: str
+    idempotent: bool = False
+    business_key: str | None = Field(
+        default=None,
+        description="Template over top-level payload fields, e.g. '{account}:{amount}:{date}'.",
+    )
+    result_topic: str | None = None
+    outcome_timeout_s: float = Field(default=300.0, gt=0)
+    observer: ObserverSpec | None = None
+    compensation: str | None = Field(
+        default=None, description="Name of the effect type that undoes this one."
+    )
+    max_attempts: int = Field(default=5, ge=1, le=1000)
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError(
+                "must start with a letter and hold only letters, digits, '_', '.', '-' (max 128)"
+            )
+        return value
+
+    @field_validator("topic", "result_topic")
+    @classmethod
+    def _valid_topic(cls, value: str | None) -> str | None:
+        if value is not None and (not _TOPIC.match(value) or value in {".", ".."}):
+            raise ValueError(f"{value!r} is not a legal Kafka topic name")
+        return value
+
+    @field_validator("business_key")
+    @classmethod
+    def _valid_template(cls, value: str | None) -> str | None:
+        if value is not None and not _TEMPLATE_FIELD.search(value):
+            raise ValueError("must name at least one payload field, like '{account}'")
+        return value
+
+    @model_validator(mode="after")
+    def _resolvable(self) -> EffectTypeSpec:
+        if not self.idempotent and not (self.business_key or self.observer or self.compensation):
+            raise EffectTypeError(
+                f"effect type {self.name!r} is not idempotent but declares no business_key, "
+                "observer or compensation: an UNKNOWN outcome could never be resolved safely"
+            )
+        return self
+
+    @property
+    def awaits_result(self) -> bool:
+        return self.result_topic is not None
+
+
+class Settings(BaseSettings):
+    """Every setting of the relay. Environment variables ``RELAY_<NAME>`` override the file."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, extra="forbid", frozen=True, env_ignore_empty=True
+    )
+
+    database_url: str | None = Field(default=None, description="PostgreSQL conninfo or URL.")
+    kafka_bootstrap_servers: str = "localhost:9092"
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_sasl_mechanism: str | None = None
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_cafile: str | None = None
+
+    replica_id: str = Field(default_factory=socket.gethostname, min_length=1, max_length=200)
+    batch_size: int = Field(default=500, ge=1, le=50_000)
+    poll_interval_s: float = Field(default=1.0, gt=0, le=60)
+    lease_s: float = Field(default=60.0, gt=0)
+    publish_timeout_s: float = Field(default=30.0, gt=0)
+    max_request_size: int = Field(default=1_048_576, ge=1024)
+    linger_ms: int = Field(default=5, ge=0, le=10_000)
+    not_sent_backoff_s: float = Field(default=1.0, gt=0)
+    not_sent_backoff_max_s: float = Field(default=60.0, gt=0)
+    outage_backoff_max_s: float = Field(default=30.0, gt=0)
+    cloudevents_source: str = "/outbox-relay"
+    status_topic: str = "relay.status"
+    metrics_port: int = Field(default=9400, ge=0, le=65535)
+    log_format: Literal["text", "json"] = "text"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    effect_types: dict[str, EffectTypeSpec] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _name_effect_types(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("effect_types"), dict):
+            named: dict[str, Any] = {}
+            for key, spec in data["effect_types"].items():
+                named[key] = {"name": key, **spec} if isinstance(spec, dict) else spec
+            data = {**data, "effect_types": named}
+        return data
+
+    @model_validator(mode="after")
+    def _compensations_declared(self) -> Settings:
+        for spec in self.effect_types.values():
+            if spec.compensation is not None and spec.compensation not in self.effect_types:
+                raise EffectTypeError(
+                    f"effect type {spec.name!r} names compensation {spec.compensation!r}, "
+                    "which is not a declared effect type"
+                )
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The file's values arrive as init kwargs; the environment must win over the file.
+        return env_settings, init_settings
+
+    def require_database_url(self) -> str:
+        if not self.database_url:
+            raise ConfigError(
+                "no database configured: set database_url in the config file or RELAY_DATABASE_URL"
+            )
+        return self.database_url
+
+    def effect_type(self, name: str) -> EffectTypeSpec | None:
+        return self.effect_types.get(name)
+
+
+def config_path_from_env(explicit: Path | None) -> Path | None:
+    """The file to read: explicit, else ``$RELAY_CONFIG``, else ``./relay.toml`` if present."""
+    if explicit is not None:
+        return explicit
+    from_env = os.environ.get("RELAY_CONFIG")
+    if from_env:
+        return Path(from_env)
+    default = Path(DEFAULT_CONFIG_FILE)
+    return default if default.is_file() else None
+
+
+def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
+    """Read and validate the configuration, raising :class:`ConfigError` with a precise message."""
+    data: dict[str, Any] = {}
+    source = config_path_from_env(path)
+    if source is not None:
+        try:
+            data = tomllib.loads(source.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config file {source} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {source} is not valid TOML: {exc}") from None
+    data.update(overrides)
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, source)) from None
+    except EffectTypeError as exc:
+        raise EffectTypeError(f"{source or 'configuration'}: {exc}") from None
+
+
+def _describe(exc: ValidationError, source: Path | None) -> str:
+    problems = []
+    for err in exc.errors():
+        loc = ".".join(str(part) for part in err["loc"]) or "(root)"
+        top = str(err["loc"][0]) if err["loc"] else ""
+        env_name = f"{ENV_PREFIX}{top.upper()}"
+        where = f" (or {env_name})" if top and top != "effect_types" else ""
+        message = str(err["msg"]).removeprefix("Value error, ")
+        problems.append(f"setting '{loc}'{where}: {message}")
+    origin = f"in {source}" if source else "in the configuration"
+    return f"invalid configuration {origin}: " + "; ".join(problems)

@@ -1,0 +1,290 @@
+"""``relay run``: claim PENDING effects, publish them, record how each attempt ended.
+
+One loop, on purpose: claim (the attempt rows commit first), publish the batch and wait for every
+record's own answer, then mark the outcomes with compare-and-set on this replica's owner/epoch.
+Outages of PostgreSQL or Kafka are waited out with backoff; an ambiguous publish is recorded as
+UNKNOWN and never re-sent by this loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+import psycopg
+from kafka import KafkaProducer
+from kafka import errors as kerr
+
+from relay import db
+from relay.backoff import Backoff
+from relay.config import Settings
+from relay.errors import RelayError, ServiceUnavailableError
+from relay.migrations import check_current, sync_effect_types
+from relay.outcomes import STATE_AFTER, AttemptOutcome, describe
+from relay.publisher import (
+    ClaimedEffect,
+    PublishResult,
+    close_quietly,
+    make_producer,
+    publish_batch,
+)
+from relay.sql import query
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_EVERY_S = 5.0
+
+
+class ReplicaFencedError(RelayError):
+    """Another process registered this replica id after us: we must stop touching the outbox."""
+
+
+class Relay:
+    """The relay daemon. ``run()`` blocks until ``stop()`` is called (e.g. by SIGTERM)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.replica_id = settings.replica_id
+        self.epoch = 0
+        self._stop = threading.Event()
+        self._conn: psycopg.Connection[Any] | None = None
+        self._listener: psycopg.Connection[Any] | None = None
+        self._producer: KafkaProducer | None = None
+        self._last_heartbeat = 0.0
+        self._last_expiry = 0.0
+        self.published_total = 0
+        self.outcomes: Counter[str] = Counter()
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def run(self) -> None:
+        backoff = Backoff(0.5, self.settings.outage_backoff_max_s)
+        log.info("relay starting", extra={"replica": self.replica_id})
+        try:
+            while not self.stopping:
+                try:
+                    self._ensure_connected()
+                    self._ensure_producer()
+                    self._cycle()
+                    backoff.reset()
+                except (psycopg.OperationalError, ServiceUnavailableError) as exc:
+                    self._drop_database()
+                    self._wait(backoff.next_delay(), f"PostgreSQL unavailable: {describe(exc)}")
+                except psycopg.Error as exc:
+                    # Not an outage: a bug or a schema problem. The claimed rows are safe (their
+                    # lease expires into UNKNOWN); log loudly and keep the daemon alive.
+                    log.exception("database error in the relay loop")
+                    self._drop_database()
+                    self._wait(backoff.next_delay(), f"database error: {describe(exc)}")
+                except kerr.KafkaError as exc:
+                    self._drop_producer()
+                    self._wait(backoff.next_delay(), f"Kafka unavailable: {describe(exc)}")
+        finally:
+            self._drop_producer()
+            self._drop_database()
+            log.info("relay stopped", extra={"published": self.published_total})
+
+    def _wait(self, delay: float, why: str) -> None:
+        log.warning("%s; retrying in %.1fs", why, delay)
+        self._stop.wait(delay)
+
+    # -- connections ---------------------------------------------------------------------------
+
+    def _ensure_connected(self) -> None:
+        """Connect (again). The replica registers once per process: a reconnect keeps its epoch."""
+        if self._conn is not None and not self._conn.closed:
+            return
+        self._drop_database()
+        conn = db.connect(self.settings, purpose=f"relay-{self.replica_id}")
+        try:
+            listener = db.connect(self.settings, purpose=f"relay-doorbell-{self.replica_id}")
+        except BaseException:
+            conn.close()
+            raise
+        self._conn, self._listener = conn, listener
+        listener.execute(query("listen_doorbell"))
+        if self.epoch == 0:
+            check_current(conn)
+            sync_effect_types(conn, self.settings)
+            row = conn.execute(
+                query("register_replica"), {"replica_id": self.replica_id}
+            ).fetchone()
+            assert row is not None
+            self.epoch = int(row[0])
+            self._last_heartbeat = time.monotonic()
+            log.info("registered replica", extra={"replica": self.replica_id, "epoch": self.epoch})
+            # A previous incarnation's DISPATCHING rows are ambiguous now, not after their lease.
+            self._expire_leases(force=True)
+
+    def _drop_database(self) -> None:
+        for conn in (self._conn, self._listener):
+            if conn is not None:
+                with contextlib.suppress(psycopg.Error):
+                    conn.close()
+        self._conn = self._listener = None
+
+    def _ensure_producer(self) -> None:
+        if self._producer is None:
+            self._producer = make_producer(self.settings)
+            log.info(
+                "Kafka producer ready", extra={"bootstrap": self.settings.kafka_bootstrap_servers}
+            )
+
+    def _drop_producer(self) -> None:
+        close_quietly(self._producer, timeout_s=2.0)
+        self._producer = None
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def _cycle(self) -> None:
+        assert self._conn is not None and self._producer is not None
+        now = time.monotonic()
+        if now - self._last_heartbeat >= HEARTBEAT_EVERY_S:
+            self._heartbeat()
+        if now - self._last_expiry >= min(5.0, self.settings.lease_s / 4):
+            self._expire_leases()
+        batch = self._claim()
+        if batch:
+            self._publish_and_mark(batch)
+            return
+        self._idle()
+
+    def _heartbeat(self) -> None:
+        assert self._conn is not None
+        cur = self._conn.execute(
+            query("heartbeat"), {"replica_id": self.replica_id, "epoch": self.epoch}
+        )
+        self._last_heartbeat = time.monotonic()
+        if cur.rowcount == 0:
+            raise ReplicaFencedError(
+                f"replica id {self.replica_id!r} was registered again by another process "
+                f"(our epoch {self.epoch} is fenced); give each replica its own replica_id"
+            )
+
+    def _expire_leases(self, *, force: bool = False) -> None:
+        assert self._conn is not None
+        self._last_expiry = time.monotonic()
+        params = {"owner": self.replica_id, "epoch": self.epoch, "limit": 1000}
+        row = self._conn.execute(query("expire_leases"), params).fetchone()
+        if row and row[0]:
+            log.warning(
+                "effects left DISPATCHING without an outcome are now UNKNOWN",
+                extra={"count": row[0], "forced": force},
+            )
+
+    def _claim(self) -> list[ClaimedEffect]:
+        assert self._conn is not None
+        rows = self._conn.execute(
+            query("claim_batch"),
+            {
+                "owner": self.replica_id,
+                "epoch": self.epoch,
+                "limit": self.settings.batch_size,
+                "lease_s": self.settings.lease_s,
+            },
+        ).fetchall()
+        return [ClaimedEffect(*row) for row in rows]
+
+    def _idle(self) -> None:
+        """Arm the doorbell, look once more (closing the race with arming), then wait for a ring."""
+        assert self._conn is not None and self._listener is not None
+        self._listener.execute(query("arm_doorbell"))
+        batch = self._claim()
+        if batch:
+            self._listener.execute(query("disarm_doorbell"))
+            self._publish_and_mark(batch)
+            return
+        rang = False
+        for _ in self._listener.notifies(timeout=self.settings.poll_interval_s, stop_after=1):
+            rang = True
+        if rang or self.stopping:
+            self._listener.execute(query("disarm_doorbell"))
+
+    def _publish_and_mark(self, batch: Sequence[ClaimedEffect]) -> None:
+        assert self._producer is not None
+        results = publish_batch(
+            self._producer,
+            batch,
+            source=self.settings.cloudevents_source,
+            timeout_s=self.settings.publish_timeout_s,
+        )
+        counts = Counter(r.outcome.value for r in results)
+        self.outcomes.update(counts)
+        self.published_total += counts.get(AttemptOutcome.ACKED.value, 0)
+        for r in results:
+            if r.outcome is not AttemptOutcome.ACKED:
+                log.warning(
+                    "attempt ended %s",
+                    r.outcome.value,
+                    extra={
+                        "operation_key": r.effect.operation_key,
+                        "effect_id": r.effect.id,
+                        "attempt": r.effect.attempt,
+                        "reason": r.reason,
+                    },
+                )
+        if counts.get(AttemptOutcome.UNKNOWN.value):
+            # After an indefinite error the producer's sequence state cannot be trusted.
+            self._drop_producer()
+        self._mark(results)
+
+    def _mark(self, results: Sequence[PublishResult]) -> None:
+        """Record the outcomes; keep trying through a database outage (CAS makes retries safe)."""
+        params = {
+            "owner": self.replica_id,
+            "epoch": self.epoch,
+            "ids": [r.effect.id for r in results],
+            "attempts": [r.effect.attempt for r in results],
+            "states": [STATE_AFTER[r.outcome].value for r in results],
+            "outcomes": [r.outcome.value for r in results],
+            "reasons": [r.reason for r in results],
+            "partitions": [r.partition for r in results],
+            "offsets": [r.offset for r in results],
+            "delays_s": [self._not_sent_delay(r) for r in results],
+        }
+        backoff = Backoff(0.2, self.settings.outage_backoff_max_s)
+        deadline = time.monotonic() + self.settings.lease_s
+        while True:
+            try:
+                self._ensure_connected()
+                assert self._conn is not None
+                marked = self._conn.execute(query("mark_outcomes"), params).fetchall()
+                break
+            except (psycopg.OperationalError, ServiceUnavailableError) as exc:
+                self._drop_database()
+                if time.monotonic() > deadline:
+                    log.error(
+                        "could not record %d outcomes before the lease ran out; they will be "
+                        "resolved as UNKNOWN: %s",
+                        len(results),
+                        describe(exc),
+                    )
+                    return
+                self._wait(backoff.next_delay(), f"recording outcomes failed: {describe(exc)}")
+        if len(marked) != len(results):
+            log.warning(
+                "some outcomes were not recorded: the lease was lost or the replica fenced",
+                extra={"expected": len(results), "recorded": len(marked)},
+            )
+
+    def _not_sent_delay(self, result: PublishResult) -> float:
+        if result.outcome is not AttemptOutcome.NOT_SENT:
+            return 0.0
+        exponent = min(result.effect.attempt - 1, 20)
+        return float(
+            min(
+                self.settings.not_sent_backoff_max_s, self.settings.not_sent_backoff_s * 2**exponent
+            )
+        )

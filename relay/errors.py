@@ -1,0 +1,56 @@
+"""The one error hierarchy of the relay.
+
+Every error a caller or operator can meet derives from :class:`RelayError`, so an application can
+catch one base class and the CLI can turn any of them into one clear line.
+"""
+
+from __future__ import annotations
+
+
+class RelayError(Exception):
+    """Base class of every error raised by the relay on purpose."""
+
+
+class ConfigError(RelayError):
+    """The config file or a ``RELAY_*`` variable is invalid; the message names the setting."""
+
+
+class EffectTypeError(ConfigError):
+    """An effect type declaration is unsafe or incomplete (for example a non-idempotent type that
+    declares no way to resolve an UNKNOWN outcome)."""
+
+
+class EnqueueError(RelayError):
+    """An intent was refused at enqueue; nothing was written."""
+
+
+class UnknownEffectTypeError(EnqueueError):
+    """The intent names an effect type that is not declared (or not synced by ``relay migrate``)."""
+
+
+class InvalidIntentError(EnqueueError):
+    """The intent is malformed: empty key, payload not a JSON object, business-key field missing."""
+
+
+class OperationKeyConflictError(EnqueueError):
+    """The operation key already names an effect with another type or payload.
+
+    Reusing a key for a different intent is almost always a bug in the caller: returning the old
+    effect would hide it, and writing a second one would break the key's uniqueness.
+    """
+
+
+class EffectNotFoundError(RelayError):
+    """No effect has this operation key."""
+
+
+class InvalidTransitionError(RelayError):
+    """The requested change is not allowed from the effect's current state."""
+
+
+class MigrationError(RelayError):
+    """The database schema is missing, older or newer than this code, or a migration failed."""
+
+
+class ServiceUnavailableError(RelayError):
+    """PostgreSQL or Kafka could not be reached; daemons wait these out, commands report them."""

@@ -1,0 +1,44 @@
+"""Kafka headers of a dispatch message: CloudEvents 1.0 binary binding plus the relay's own."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+CE_SPECVERSION = "1.0"
+CONTENT_TYPE = "application/json"
+H_EFFECT_ID = "relay_effect_id"
+H_ATTEMPT = "relay_attempt"
+H_BUSINESS_KEY = "relay_business_key"
+H_TRACEPARENT = "traceparent"
+
+
+def rfc3339(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def dispatch_headers(
+    *,
+    effect_id: int,
+    effect_type: str,
+    attempt: int,
+    created_at: datetime,
+    source: str,
+    business_key: str | None,
+    traceparent: str | None,
+) -> list[tuple[str, bytes]]:
+    """``ce_id`` is the effect id: stable across attempts, so consumers can deduplicate on it."""
+    headers = [
+        ("ce_specversion", CE_SPECVERSION.encode()),
+        ("ce_id", str(effect_id).encode()),
+        ("ce_type", effect_type.encode()),
+        ("ce_source", source.encode()),
+        ("ce_time", rfc3339(created_at).encode()),
+        ("content-type", CONTENT_TYPE.encode()),
+        (H_EFFECT_ID, str(effect_id).encode()),
+        (H_ATTEMPT, str(attempt).encode()),
+    ]
+    if business_key is not None:
+        headers.append((H_BUSINESS_KEY, business_key.encode()))
+    if traceparent is not None:
+        headers.append((H_TRACEPARENT, traceparent.encode()))
+    return headers

@@ -1,0 +1,131 @@
+"""Versioned schema migrations, applied by ``relay migrate``.
+
+Files are ``schemas/migrations/NNNN_name.sql``. All pending files are applied in one transaction
+under an advisory lock, so running migrate twice, or from two processes at once, is safe. Each
+applied file's checksum is recorded: an edited, already-applied migration is reported, not re-run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+
+from relay.config import Settings
+from relay.errors import MigrationError
+from relay.sql import query
+
+_FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+# An arbitrary constant: the key of the advisory lock that serialises migrations.
+_LOCK_KEY = 0x72656C6179
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+    @property
+    def checksum(self) -> str:
+        return hashlib.sha256(self.sql.encode()).hexdigest()
+
+
+def schemas_dir() -> Path:
+    """``schemas/`` of a source checkout, or its copy packed into the wheel (``relay/_schemas``)."""
+    package = Path(__file__).resolve().parent
+    for candidate in (package / "_schemas", package.parent / "schemas"):
+        if (candidate / "migrations").is_dir():
+            return candidate
+    raise MigrationError("cannot find the schemas/migrations directory next to the relay package")
+
+
+def available() -> list[Migration]:
+    found = []
+    for path in sorted((schemas_dir() / "migrations").iterdir()):
+        match = _FILE.match(path.name)
+        if match:
+            found.append(
+                Migration(int(match.group(1)), match.group(2), path.read_text(encoding="utf-8"))
+            )
+    versions = [m.version for m in found]
+    if len(set(versions)) != len(versions):
+        raise MigrationError(f"two migration files share a version number: {versions}")
+    return found
+
+
+def _applied(conn: psycopg.Connection[tuple[object, ...]]) -> dict[int, str]:
+    exists = conn.execute("SELECT to_regclass('relay.schema_migration') IS NOT NULL").fetchone()
+    if not exists or not exists[0]:
+        return {}
+    rows = conn.execute("SELECT version, checksum FROM relay.schema_migration").fetchall()
+    return {int(str(v)): str(c) for v, c in rows}
+
+
+def migrate(conn: psycopg.Connection[tuple[object, ...]]) -> list[Migration]:
+    """Apply every pending migration; return the ones applied by this call."""
+    applied_now: list[Migration] = []
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
+        conn.execute("CREATE SCHEMA IF NOT EXISTS relay")
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS relay.schema_migration ("
+            " version integer PRIMARY KEY, name text NOT NULL, checksum text NOT NULL,"
+            " applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        done = _applied(conn)
+        for migration in available():
+            if migration.version in done:
+                if done[migration.version] != migration.checksum:
+                    raise MigrationError(
+                        f"migration {migration.version:04d}_{migration.name} was changed after "
+                        "it was applied; add a new migration instead of editing an old one"
+                    )
+                continue
+            try:
+                conn.execute(migration.sql.encode())
+            except psycopg.Error as exc:
+                raise MigrationError(
+                    f"migration {migration.version:04d}_{migration.name} failed: {exc}"
+                ) from exc
+            conn.execute(
+                "INSERT INTO relay.schema_migration (version, name, checksum) VALUES (%s, %s, %s)",
+                (migration.version, migration.name, migration.checksum),
+            )
+            applied_now.append(migration)
+    return applied_now
+
+
+def check_current(conn: psycopg.Connection[tuple[object, ...]]) -> None:
+    """Refuse to run against a database that lacks migrations this code needs."""
+    done = _applied(conn)
+    missing = [m for m in available() if m.version not in done]
+    if missing:
+        names = ", ".join(f"{m.version:04d}_{m.name}" for m in missing)
+        raise MigrationError(f"the database lacks migrations {names}: run 'relay migrate' first")
+
+
+def sync_effect_types(conn: psycopg.Connection[tuple[object, ...]], settings: Settings) -> int:
+    """Write the declared effect types into ``relay.effect_type``, where enqueue validates them."""
+    changed = 0
+    with conn.transaction():
+        for spec in settings.effect_types.values():
+            cur = conn.execute(
+                query("sync_effect_type"),
+                {
+                    "name": spec.name,
+                    "topic": spec.topic,
+                    "idempotent": spec.idempotent,
+                    "business_key": spec.business_key,
+                    "result_topic": spec.result_topic,
+                    "outcome_timeout_s": spec.outcome_timeout_s,
+                    "has_observer": spec.observer is not None,
+                    "compensation": spec.compensation,
+                    "max_attempts": spec.max_attempts,
+                },
+            )
+            changed += cur.rowcount
+    return changed

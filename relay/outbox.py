@@ -1,0 +1,258 @@
+"""The application side: write intents inside the caller's own transaction.
+
+Every function takes the caller's psycopg connection and never commits or rolls back: the intent
+becomes visible exactly when the caller's transaction commits, and vanishes with its rollback.
+An :class:`~relay.errors.EnqueueError` raised by the database leaves that transaction aborted, as
+any failed statement does in PostgreSQL; checks that can be made without the database (payload
+shape, key length, traceparent format) are made first and leave the transaction untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+
+from relay.errors import (
+    EffectNotFoundError,
+    EnqueueError,
+    InvalidIntentError,
+    InvalidTransitionError,
+    MigrationError,
+    OperationKeyConflictError,
+    RelayError,
+    UnknownEffectTypeError,
+)
+from relay.sql import query
+from relay.states import EffectState
+
+_TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
+_ERRORS: dict[str, type[RelayError]] = {
+    "RL001": UnknownEffectTypeError,
+    "RL002": InvalidIntentError,
+    "RL003": OperationKeyConflictError,
+    "RL004": EffectNotFoundError,
+    "RL005": InvalidTransitionError,
+}
+
+
+@dataclass(frozen=True)
+class Intent:
+    """What the application wants done, identified by its caller-chosen operation key."""
+
+    effect_type: str
+    operation_key: str
+    payload: Mapping[str, Any]
+    business_key: str | None = None
+    traceparent: str | None = None
+    available_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class Enqueued:
+    effect_id: int
+    operation_key: str
+    state: EffectState
+    created: bool
+
+
+@dataclass(frozen=True)
+class Effect:
+    """An effect row as the relay sees it."""
+
+    id: int
+    operation_key: str
+    effect_type: str
+    topic: str
+    payload: dict[str, Any]
+    business_key: str | None
+    traceparent: str | None
+    state: EffectState
+    attempts: int
+    available_at: datetime
+    created_at: datetime
+    updated_at: datetime
+    reason: str | None
+    published_partition: int | None
+    published_offset: int | None
+    published_at: datetime | None
+    outcome_deadline: datetime | None
+    owner: str | None = None
+    owner_epoch: int | None = None
+    lease_until: datetime | None = None
+
+
+def _params(intent: Intent) -> dict[str, Any]:
+    key = intent.operation_key
+    if not isinstance(key, str) or not 1 <= len(key) <= 512:
+        raise InvalidIntentError("operation key must be a string of 1 to 512 characters")
+    if not isinstance(intent.effect_type, str) or not intent.effect_type:
+        raise InvalidIntentError(f"intent {key!r}: effect type must be a non-empty string")
+    if not isinstance(intent.payload, Mapping):
+        raise InvalidIntentError(
+            f"intent {key!r}: payload must be a JSON object (a mapping), "
+            f"not {type(intent.payload).__name__}"
+        )
+    try:
+        payload = json.dumps(intent.payload, allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError) as exc:
+        raise InvalidIntentError(
+            f"intent {key!r}: payload is not JSON-serialisable: {exc}"
+        ) from None
+    if intent.traceparent is not None and not _TRACEPARENT.match(intent.traceparent):
+        raise InvalidIntentError(
+            f"intent {key!r}: traceparent {intent.traceparent!r} is not a W3C traceparent"
+        )
+    return {
+        "operation_key": key,
+        "effect_type": intent.effect_type,
+        "payload": payload,
+        "business_key": intent.business_key,
+        "traceparent": intent.traceparent,
+        "available_at": intent.available_at,
+    }
+
+
+@contextmanager
+def translate_errors() -> Iterator[None]:
+    """Turn the SQL functions' own SQLSTATEs (RL001...) into the relay's exceptions."""
+    try:
+        yield
+    except psycopg.Error as exc:
+        sqlstate = exc.sqlstate or ""
+        diag = exc.diag.message_primary or str(exc)
+        if sqlstate in _ERRORS:
+            raise _ERRORS[sqlstate](diag) from None
+        if sqlstate in {"42883", "3F000", "42P01"}:  # undefined function / schema / table
+            raise MigrationError(
+                f"the relay schema is missing ({diag}): run 'relay migrate' first"
+            ) from None
+        raise
+
+
+def _result(key: str, row: tuple[Any, ...] | None) -> Enqueued:
+    if row is None:  # pragma: no cover - the function always returns one row
+        raise EnqueueError(f"enqueue of {key!r} returned nothing")
+    return Enqueued(int(row[0]), key, EffectState(row[1]), bool(row[2]))
+
+
+def _effect(row: dict[str, Any]) -> Effect:
+    return Effect(**{**row, "state": EffectState(row["state"])})
+
+
+def enqueue(
+    conn: psycopg.Connection[Any],
+    effect_type: str,
+    operation_key: str,
+    payload: Mapping[str, Any],
+    *,
+    business_key: str | None = None,
+    traceparent: str | None = None,
+    available_at: datetime | None = None,
+) -> Enqueued:
+    """Record one intent in the caller's transaction; the same key again returns the first one."""
+    intent = Intent(effect_type, operation_key, payload, business_key, traceparent, available_at)
+    params = _params(intent)
+    with translate_errors(), conn.cursor() as cur:
+        cur.execute(query("enqueue"), params)
+        return _result(operation_key, cur.fetchone())
+
+
+def enqueue_many(conn: psycopg.Connection[Any], intents: Iterable[Intent]) -> list[Enqueued]:
+    """Record many intents in the caller's transaction with one pipelined round trip."""
+    batch = list(intents)
+    params = [_params(intent) for intent in batch]
+    results: list[Enqueued] = []
+    if not params:
+        return results
+    with translate_errors(), conn.cursor() as cur:
+        cur.executemany(query("enqueue"), params, returning=True)
+        for intent in batch:
+            results.append(_result(intent.operation_key, cur.fetchone()))
+            cur.nextset()
+    return results
+
+
+def get_effect(conn: psycopg.Connection[Any], operation_key: str) -> Effect | None:
+    with translate_errors(), conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(query("get_effect"), {"operation_key": operation_key})
+        row = cur.fetchone()
+    return _effect(row) if row else None
+
+
+def cancel(
+    conn: psycopg.Connection[Any],
+    operation_key: str,
+    *,
+    reason: str = "cancelled by the application",
+    actor: str = "application",
+) -> None:
+    """Withdraw a PENDING intent; any other state raises :class:`InvalidTransitionError`."""
+    with translate_errors():
+        conn.execute(
+            query("cancel"), {"operation_key": operation_key, "reason": reason, "actor": actor}
+        )
+
+
+async def enqueue_async(
+    conn: psycopg.AsyncConnection[Any],
+    effect_type: str,
+    operation_key: str,
+    payload: Mapping[str, Any],
+    *,
+    business_key: str | None = None,
+    traceparent: str | None = None,
+    available_at: datetime | None = None,
+) -> Enqueued:
+    """:func:`enqueue` for an asyncio application's :class:`psycopg.AsyncConnection`."""
+    intent = Intent(effect_type, operation_key, payload, business_key, traceparent, available_at)
+    params = _params(intent)
+    with translate_errors():
+        async with conn.cursor() as cur:
+            await cur.execute(query("enqueue"), params)
+            return _result(operation_key, await cur.fetchone())
+
+
+async def enqueue_many_async(
+    conn: psycopg.AsyncConnection[Any], intents: Iterable[Intent]
+) -> list[Enqueued]:
+    batch = list(intents)
+    params = [_params(intent) for intent in batch]
+    results: list[Enqueued] = []
+    if not params:
+        return results
+    with translate_errors():
+        async with conn.cursor() as cur:
+            await cur.executemany(query("enqueue"), params, returning=True)
+            for intent in batch:
+                results.append(_result(intent.operation_key, await cur.fetchone()))
+                cur.nextset()
+    return results
+
+
+async def get_effect_async(conn: psycopg.AsyncConnection[Any], operation_key: str) -> Effect | None:
+    with translate_errors():
+        async with conn.cursor(row_factory=dict_row) as cur:
+            await cur.execute(query("get_effect"), {"operation_key": operation_key})
+            row = await cur.fetchone()
+    return _effect(row) if row else None
+
+
+async def cancel_async(
+    conn: psycopg.AsyncConnection[Any],
+    operation_key: str,
+    *,
+    reason: str = "cancelled by the application",
+    actor: str = "application",
+) -> None:
+    with translate_errors():
+        await conn.execute(
+            query("cancel"), {"operation_key": operation_key, "reason": reason, "actor": actor}
+        )

@@ -1,0 +1,179 @@
+-- Every query the relay runs, by name. Loaded by relay.sql; parameters use psycopg's %(name)s.
+
+-- name: sync_effect_type
+INSERT INTO relay.effect_type AS t (name, topic, idempotent, business_key, result_topic,
+                                    outcome_timeout_s, has_observer, compensation, max_attempts)
+VALUES (%(name)s, %(topic)s, %(idempotent)s, %(business_key)s, %(result_topic)s,
+        %(outcome_timeout_s)s, %(has_observer)s, %(compensation)s, %(max_attempts)s)
+ON CONFLICT (name) DO UPDATE SET
+    topic = excluded.topic, idempotent = excluded.idempotent,
+    business_key = excluded.business_key, result_topic = excluded.result_topic,
+    outcome_timeout_s = excluded.outcome_timeout_s, has_observer = excluded.has_observer,
+    compensation = excluded.compensation, max_attempts = excluded.max_attempts,
+    updated_at = now()
+WHERE (t.topic, t.idempotent, t.business_key, t.result_topic, t.outcome_timeout_s,
+       t.has_observer, t.compensation, t.max_attempts)
+      IS DISTINCT FROM
+      (excluded.topic, excluded.idempotent, excluded.business_key, excluded.result_topic,
+       excluded.outcome_timeout_s, excluded.has_observer, excluded.compensation,
+       excluded.max_attempts);
+
+-- name: enqueue
+SELECT effect_id, state, created
+FROM relay.enqueue(%(operation_key)s, %(effect_type)s, %(payload)s::jsonb, %(business_key)s,
+                   %(traceparent)s, %(available_at)s);
+
+-- name: cancel
+SELECT relay.cancel(%(operation_key)s, %(reason)s, %(actor)s);
+
+-- name: get_effect
+SELECT id, operation_key, effect_type, topic, payload, business_key, traceparent, state,
+       attempts, available_at, created_at, updated_at, owner, owner_epoch, lease_until, reason,
+       published_partition, published_offset, published_at, outcome_deadline
+FROM relay.effect WHERE operation_key = %(operation_key)s;
+
+-- name: get_attempts
+SELECT attempt, replica_id, replica_epoch, started_at, ended_at, outcome, reason, partition,
+       "offset"
+FROM relay.attempt WHERE effect_id = %(effect_id)s ORDER BY attempt;
+
+-- name: get_transitions
+SELECT from_state, to_state, reason, actor, attempt, at
+FROM relay.transition WHERE effect_id = %(effect_id)s ORDER BY id;
+
+-- name: list_effects
+SELECT operation_key, effect_type, state, attempts, updated_at, reason
+FROM relay.effect
+WHERE (%(state)s::text IS NULL OR state = %(state)s)
+  AND (%(effect_type)s::text IS NULL OR effect_type = %(effect_type)s)
+  AND (%(older_than_s)s::float8 IS NULL
+       OR updated_at <= now() - make_interval(secs => %(older_than_s)s))
+ORDER BY updated_at, id
+LIMIT %(limit)s;
+
+-- name: stats
+SELECT effect_type, state, count(*) AS effects,
+       extract(epoch FROM now() - min(updated_at))::float8 AS oldest_age_s
+FROM relay.effect GROUP BY effect_type, state ORDER BY effect_type, state;
+
+-- name: register_replica
+-- A new incarnation of a replica takes the next epoch; the old one is fenced from then on.
+INSERT INTO relay.replica AS r (replica_id, epoch) VALUES (%(replica_id)s, 1)
+ON CONFLICT (replica_id) DO UPDATE
+    SET epoch = r.epoch + 1, started_at = now(), heartbeat_at = now()
+RETURNING epoch;
+
+-- name: heartbeat
+UPDATE relay.replica SET heartbeat_at = now()
+WHERE replica_id = %(replica_id)s AND epoch = %(epoch)s;
+
+-- name: claim_batch
+-- Claim due PENDING effects and record their attempts in one transaction: the attempt is durable
+-- before any publish. The replica check stops a fenced incarnation from claiming anything.
+WITH fence AS (
+    SELECT 1 FROM relay.replica
+    WHERE replica_id = %(owner)s AND epoch = %(epoch)s
+), claimed AS (
+    SELECT e.id FROM relay.effect e
+    WHERE e.state = 'PENDING' AND e.available_at <= now() AND EXISTS (SELECT 1 FROM fence)
+    ORDER BY e.available_at, e.id
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+), moved AS (
+    UPDATE relay.effect AS e
+    SET state = 'DISPATCHING', attempts = e.attempts + 1, owner = %(owner)s,
+        owner_epoch = %(epoch)s, lease_until = now() + make_interval(secs => %(lease_s)s),
+        updated_at = now(), reason = NULL
+    FROM claimed WHERE e.id = claimed.id
+    RETURNING e.id, e.operation_key, e.effect_type, e.topic, e.payload, e.business_key,
+              e.traceparent, e.attempts, e.created_at
+), attempts AS (
+    INSERT INTO relay.attempt (effect_id, attempt, replica_id, replica_epoch)
+    SELECT id, attempts, %(owner)s, %(epoch)s FROM moved
+), transitions AS (
+    INSERT INTO relay.transition (effect_id, from_state, to_state, reason, actor, attempt)
+    SELECT id, 'PENDING', 'DISPATCHING', 'claimed for publication', %(owner)s, attempts
+    FROM moved
+)
+SELECT id, operation_key, effect_type, topic, payload::text AS payload, business_key,
+       traceparent, attempts, created_at
+FROM moved ORDER BY id;
+
+-- name: is_fenced
+SELECT NOT EXISTS (
+    SELECT 1 FROM relay.replica WHERE replica_id = %(owner)s AND epoch = %(epoch)s
+) AS fenced;
+
+-- name: mark_outcomes
+-- Record how each attempt ended. Compare-and-set on owner, epoch and attempt: a replica that
+-- lost its lease (paused, fenced) changes nothing.
+WITH outcome AS (
+    SELECT * FROM unnest(%(ids)s::bigint[], %(attempts)s::int[], %(states)s::text[],
+                         %(outcomes)s::text[], %(reasons)s::text[], %(partitions)s::int[],
+                         %(offsets)s::bigint[], %(delays_s)s::float8[])
+        AS o(id, attempt, state, outcome, reason, partition, "offset", delay_s)
+), moved AS (
+    UPDATE relay.effect AS e
+    SET state = o.state, reason = o.reason, owner = NULL, owner_epoch = NULL,
+        lease_until = NULL, updated_at = now(),
+        published_partition = coalesce(o.partition, e.published_partition),
+        published_offset = coalesce(o."offset", e.published_offset),
+        published_at = CASE WHEN o.state = 'PUBLISHED' THEN now() ELSE e.published_at END,
+        outcome_deadline = CASE
+            WHEN o.state = 'PUBLISHED' AND t.result_topic IS NOT NULL
+                THEN now() + make_interval(secs => t.outcome_timeout_s)
+            ELSE NULL END,
+        available_at = CASE
+            WHEN o.state = 'PENDING' THEN now() + make_interval(secs => o.delay_s)
+            ELSE e.available_at END
+    FROM outcome o, relay.effect_type t
+    WHERE e.id = o.id AND t.name = e.effect_type AND e.state = 'DISPATCHING'
+      AND e.owner = %(owner)s AND e.owner_epoch = %(epoch)s AND e.attempts = o.attempt
+    RETURNING e.id, o.attempt, o.state, o.outcome, o.reason, o.partition, o."offset"
+), attempts AS (
+    UPDATE relay.attempt AS a
+    SET ended_at = now(), outcome = m.outcome, reason = m.reason, partition = m.partition,
+        "offset" = m."offset"
+    FROM moved m WHERE a.effect_id = m.id AND a.attempt = m.attempt
+), transitions AS (
+    INSERT INTO relay.transition (effect_id, from_state, to_state, reason, actor, attempt)
+    SELECT m.id, 'DISPATCHING', m.state, m.reason, %(owner)s, m.attempt FROM moved m
+)
+SELECT id FROM moved;
+
+-- name: expire_leases
+-- An effect left DISPATCHING past its lease (its replica died or hangs) may or may not be in
+-- Kafka: it becomes UNKNOWN, never PENDING. A restarted replica expires its own older epochs at once.
+WITH expired AS (
+    SELECT e.id, e.attempts, e.owner, e.owner_epoch FROM relay.effect e
+    WHERE e.state = 'DISPATCHING'
+      AND (e.lease_until < now()
+           OR (e.owner = %(owner)s AND e.owner_epoch < %(epoch)s))
+    ORDER BY e.lease_until
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+), moved AS (
+    UPDATE relay.effect AS e
+    SET state = 'UNKNOWN', owner = NULL, owner_epoch = NULL, lease_until = NULL,
+        updated_at = now(),
+        reason = format('attempt %%s of replica %%s (epoch %%s) ended without a recorded outcome',
+                        x.attempts, x.owner, x.owner_epoch)
+    FROM expired x WHERE e.id = x.id
+    RETURNING e.id, e.attempts, e.reason
+), attempts AS (
+    UPDATE relay.attempt AS a SET ended_at = now(), outcome = 'unknown', reason = m.reason
+    FROM moved m WHERE a.effect_id = m.id AND a.attempt = m.attempts AND a.outcome IS NULL
+), transitions AS (
+    INSERT INTO relay.transition (effect_id, from_state, to_state, reason, actor, attempt)
+    SELECT m.id, 'DISPATCHING', 'UNKNOWN', m.reason, %(owner)s, m.attempts FROM moved m
+)
+SELECT count(*) AS expired FROM moved;
+
+-- name: arm_doorbell
+UPDATE relay.doorbell SET armed = true WHERE NOT armed;
+
+-- name: disarm_doorbell
+UPDATE relay.doorbell SET armed = false WHERE armed;
+
+-- name: listen_doorbell
+LISTEN relay_doorbell;

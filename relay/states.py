@@ -1,0 +1,54 @@
+"""Effect states and the transitions the design allows between them."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class EffectState(StrEnum):
+    PENDING = "PENDING"
+    DISPATCHING = "DISPATCHING"
+    PUBLISHED = "PUBLISHED"
+    CONFIRMED = "CONFIRMED"
+    REJECTED = "REJECTED"
+    UNKNOWN = "UNKNOWN"
+    STUCK = "STUCK"
+    CANCELLED = "CANCELLED"
+
+
+TERMINAL_STATES = frozenset({EffectState.CONFIRMED, EffectState.REJECTED, EffectState.CANCELLED})
+
+ALLOWED_TRANSITIONS: dict[EffectState, frozenset[EffectState]] = {
+    EffectState.PENDING: frozenset({EffectState.DISPATCHING, EffectState.CANCELLED}),
+    EffectState.DISPATCHING: frozenset(
+        {
+            EffectState.PUBLISHED,
+            EffectState.REJECTED,
+            EffectState.UNKNOWN,
+            # Released on shutdown, or never handed to the Kafka client (provably not sent).
+            EffectState.PENDING,
+        }
+    ),
+    EffectState.PUBLISHED: frozenset(
+        {EffectState.CONFIRMED, EffectState.REJECTED, EffectState.UNKNOWN}
+    ),
+    EffectState.UNKNOWN: frozenset(
+        {
+            EffectState.PUBLISHED,
+            EffectState.CONFIRMED,
+            EffectState.REJECTED,
+            EffectState.PENDING,
+            EffectState.STUCK,
+        }
+    ),
+    EffectState.STUCK: frozenset(
+        {EffectState.CONFIRMED, EffectState.REJECTED, EffectState.PENDING}
+    ),
+    EffectState.CONFIRMED: frozenset(),
+    EffectState.REJECTED: frozenset(),
+    EffectState.CANCELLED: frozenset(),
+}
+
+
+def is_allowed(source: EffectState, target: EffectState) -> bool:
+    return target in ALLOWED_TRANSITIONS[source]
