@@ -302,6 +302,35 @@ def cancel(ctx: click.Context, operation_key: str, reason: str) -> None:
 
 
 @main.command()
+@click.option(
+    "--dir",
+    "directory",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("schemas/json"),
+    show_default=True,
+)
+@click.option("--check", is_flag=True, help="Exit 1 if the files differ from the models.")
+def schemas(directory: Path, check: bool) -> None:
+    """Write (or check) the JSON Schemas of the dispatch, result and status messages."""
+    from relay.messages import MESSAGE_MODELS, json_schema, write_json_schemas
+
+    if check:
+        stale = [
+            name
+            for name in MESSAGE_MODELS
+            if not (directory / f"{name}.schema.json").is_file()
+            or (directory / f"{name}.schema.json").read_text(encoding="utf-8") != json_schema(name)
+        ]
+        if stale:
+            click.echo(f"error: stale JSON Schemas in {directory}: {', '.join(stale)}", err=True)
+            sys.exit(1)
+        click.echo("JSON Schemas are up to date")
+        return
+    for path in write_json_schemas(directory):
+        click.echo(f"wrote {path}")
+
+
+@main.command()
 @click.option("--effects", default=20, show_default=True, type=click.IntRange(1, 1_000_000))
 @click.option("--keep-running", is_flag=True, help="Leave the daemons running until Ctrl-C.")
 @click.pass_context

@@ -132,6 +132,12 @@ class Settings(BaseSettings):
     lease_s: float = Field(default=60.0, gt=0)
     publish_timeout_s: float = Field(default=30.0, gt=0)
     max_request_size: int = Field(default=1_048_576, ge=1024)
+    max_message_bytes: int = Field(
+        default=1_048_588,
+        ge=1024,
+        description="Largest record the brokers accept (message.max.bytes); larger records are "
+        "REJECTED before any send: a broker-side refusal aborts the producer's other batches.",
+    )
     linger_ms: int = Field(default=5, ge=0, le=10_000)
     not_sent_backoff_s: float = Field(default=1.0, gt=0)
     not_sent_backoff_max_s: float = Field(default=60.0, gt=0)

@@ -219,6 +219,7 @@ class Relay:
             batch,
             source=self.settings.cloudevents_source,
             timeout_s=self.settings.publish_timeout_s,
+            limit_bytes=min(self.settings.max_message_bytes, self.settings.max_request_size),
         )
         counts = Counter(r.outcome.value for r in results)
         self.outcomes.update(counts)
@@ -235,8 +236,9 @@ class Relay:
                         "reason": r.reason,
                     },
                 )
-        if counts.get(AttemptOutcome.UNKNOWN.value):
-            # After an indefinite error the producer's sequence state cannot be trusted.
+        if any(r.failed_in_flight for r in results):
+            # After an error in flight the producer's sequence state cannot be trusted (and
+            # kafka-python may have put it in a fatal state): start a new one, with a new epoch.
             self._drop_producer()
         self._mark(results)
 

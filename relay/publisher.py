@@ -47,6 +47,7 @@ class PublishResult:
     reason: str | None = None
     partition: int | None = None
     offset: int | None = None
+    failed_in_flight: bool = False  # the error came through the future: the producer is suspect
 
 
 def kafka_security(settings: Settings) -> dict[str, Any]:
@@ -83,12 +84,19 @@ def make_producer(settings: Settings) -> KafkaProducer:
     )
 
 
+def estimated_record_size(key: bytes, value: bytes, headers: list[tuple[str, bytes]]) -> int:
+    """An upper bound of the record's size in a one-record batch (v2 format overheads)."""
+    header_bytes = sum(len(k.encode()) + len(v) + 10 for k, v in headers)
+    return 61 + 21 + len(key) + len(value) + header_bytes
+
+
 def publish_batch(
     producer: KafkaProducer,
     batch: Sequence[ClaimedEffect],
     *,
     source: str,
     timeout_s: float,
+    limit_bytes: int,
 ) -> list[PublishResult]:
     """Send every record and wait for each one's own answer, within ``timeout_s`` in all.
 
@@ -112,11 +120,20 @@ def publish_batch(
             business_key=effect.business_key,
             traceparent=effect.traceparent,
         )
+        key, value = effect.operation_key.encode(), effect.payload.encode()
+        size = estimated_record_size(key, value, headers)
+        if size > limit_bytes:
+            reason = (
+                f"refused by the relay: a record of about {size} bytes exceeds the limit of "
+                f"{limit_bytes} bytes (max_message_bytes / max_request_size)"
+            )
+            results[index] = PublishResult(effect, AttemptOutcome.REJECTED, reason)
+            continue
         try:
             future = producer.send(
                 effect.topic,
-                key=effect.operation_key.encode(),
-                value=effect.payload.encode(),
+                key=key,
+                value=value,
                 headers=headers,
             )
         except Exception as exc:
@@ -140,15 +157,39 @@ def publish_batch(
         except Exception as exc:
             if not future.is_done:
                 reason = f"ambiguous end of publish: no answer within {timeout_s:.1f}s"
-                results[index] = PublishResult(effect, AttemptOutcome.UNKNOWN, reason)
+                results[index] = PublishResult(
+                    effect, AttemptOutcome.UNKNOWN, reason, failed_in_flight=True
+                )
             else:
                 verdict = classify_delivery_error(exc)
-                results[index] = PublishResult(effect, verdict.outcome, verdict.reason)
+                results[index] = PublishResult(
+                    effect, verdict.outcome, verdict.reason, failed_in_flight=True
+                )
             continue
         reason = f"acknowledged by Kafka: partition {metadata.partition} offset {metadata.offset}"
         results[index] = PublishResult(
             effect, AttemptOutcome.ACKED, reason, metadata.partition, metadata.offset
         )
+    # kafka-python's idempotent producer treats a broker refusal as fatal and aborts its other
+    # batches with the same error: with several refusals, which record was at fault is unknown.
+    refused = [
+        r
+        for r in results
+        if r is not None
+        and r.outcome is AttemptOutcome.REJECTED
+        and r.reason
+        and r.reason.startswith("refused by the broker")
+    ]
+    if len(refused) > 1:
+        for i, r in enumerate(results):
+            if r is not None and r in refused:
+                results[i] = PublishResult(
+                    r.effect,
+                    AttemptOutcome.UNKNOWN,
+                    f"ambiguous: {len(refused)} records failed together ({r.reason}); the "
+                    "producer aborts its other batches after a refusal, so the culprit is unknown",
+                    failed_in_flight=True,
+                )
     missing = [i for i, r in enumerate(results) if r is None]
     if missing:  # pragma: no cover - defensive: every index is filled above
         raise AssertionError(f"records without an outcome: {missing}")

@@ -1,4 +1,4 @@
-"""Named SQL queries, all kept in ``queries.sql`` so that every statement lives in one place."""
+"""Named SQL queries, kept in the ``*.sql`` files of this package: every statement in one place."""
 
 from __future__ import annotations
 
@@ -12,13 +12,18 @@ _HEADER = re.compile(r"^-- name: ([a-z_]+)\s*$", re.MULTILINE)
 
 @cache
 def _load() -> dict[str, str]:
-    text = resources.files(__package__).joinpath("queries.sql").read_text(encoding="utf-8")
-    parts = _HEADER.split(text)
+    """Every ``*.sql`` file of this package, split at ``-- name:`` headers; names are unique."""
     queries: dict[str, str] = {}
-    for name, body in zip(parts[1::2], parts[2::2], strict=True):
-        if name in queries:
-            raise RuntimeError(f"query {name!r} is defined twice in queries.sql")
-        queries[name] = body.strip().rstrip(";")
+    files = sorted(
+        (f for f in resources.files(__package__).iterdir() if f.name.endswith(".sql")),
+        key=lambda f: f.name,
+    )
+    for file in files:
+        parts = _HEADER.split(file.read_text(encoding="utf-8"))
+        for name, body in zip(parts[1::2], parts[2::2], strict=True):
+            if name in queries:
+                raise RuntimeError(f"query {name!r} is defined twice (again in {file.name})")
+            queries[name] = body.strip().rstrip(";")
     return queries
 
 

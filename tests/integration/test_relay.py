@@ -1,0 +1,311 @@
+"""The relay daemon on the real PostgreSQL and the real Kafka broker."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import psycopg
+import pytest
+
+import relay
+from relay.config import Settings
+from relay.daemon import Relay
+from relay.devservices import Services
+from relay.states import EffectState
+from tests import support
+
+WIRE = {"account": "ACC1", "amount": 100, "date": "2026-11-22"}
+TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+@contextmanager
+def running(settings: Settings) -> Iterator[Relay]:
+    """The relay in a thread of this process; stopped (and joined) on exit."""
+    daemon = Relay(settings)
+    thread = threading.Thread(target=daemon.run, daemon=True)
+    thread.start()
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
+        thread.join(60)
+        assert not thread.is_alive(), "the relay did not stop"
+
+
+def _state(url: str, key: str) -> EffectState | None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        effect = relay.get_effect(conn, key)
+    return effect.state if effect else None
+
+
+def test_committed_effect_arrives_once_with_key_and_headers(
+    settings: Settings, services: Services, prefix: str
+) -> None:
+    url = settings.require_database_url()
+    with psycopg.connect(url) as conn:
+        made = relay.enqueue(conn, "wire", "op-wire-1", WIRE, traceparent=TRACEPARENT)
+        relay.enqueue(conn, "wire", "op-rolled-back", {**WIRE, "amount": 7})
+        conn.rollback()
+        made = relay.enqueue(conn, "wire", "op-wire-1", WIRE, traceparent=TRACEPARENT)
+        conn.commit()
+    with running(settings):
+        support.wait_for(
+            lambda: _state(url, "op-wire-1") is EffectState.PUBLISHED, 30, "publication"
+        )
+    records = support.read_topic(services.kafka_bootstrap_servers, f"{prefix}.wires", 1)
+    assert len(records) == 1, [r.key for r in records]
+    record = records[0]
+    assert record.key == b"op-wire-1"
+    assert json.loads(record.value) == WIRE
+    headers = dict(record.headers)
+    assert headers["ce_specversion"] == b"1.0"
+    assert headers["ce_id"] == str(made.effect_id).encode()
+    assert headers["ce_type"] == b"wire"
+    assert headers["ce_source"] == settings.cloudevents_source.encode()
+    assert headers["content-type"] == b"application/json"
+    assert b"T" in headers["ce_time"]
+    assert headers["relay_effect_id"] == str(made.effect_id).encode()
+    assert headers["relay_attempt"] == b"1"
+    assert headers["relay_business_key"] == b"ACC1:100:2026-11-22"
+    assert headers["traceparent"] == TRACEPARENT.encode()
+    with psycopg.connect(url) as conn:
+        effect = relay.get_effect(conn, "op-wire-1")
+        attempts = conn.execute('SELECT outcome, partition, "offset" FROM relay.attempt').fetchall()
+    assert effect is not None
+    assert (effect.published_partition, effect.published_offset) == (
+        record.partition,
+        record.offset,
+    )
+    assert effect.outcome_deadline is not None  # the wire type awaits a downstream result
+    assert attempts == [("acked", record.partition, record.offset)]
+
+
+def _enqueue_small_and_huge(url: str) -> None:
+    with psycopg.connect(url) as conn:
+        intents = [relay.Intent("email", f"small-{i}", {"i": i}) for i in range(20)]
+        relay.enqueue_many(conn, intents[:10])
+        relay.enqueue(conn, "email", "huge", {"blob": "x" * 1_500_000})
+        relay.enqueue_many(conn, intents[10:])
+        conn.commit()
+
+
+def test_record_too_large_for_the_broker_is_rejected_and_holds_up_nothing(
+    settings: Settings, services: Services, prefix: str
+) -> None:
+    # The broker's default message.max.bytes is about 1 MiB, and so is max_message_bytes.
+    url = settings.require_database_url()
+    _enqueue_small_and_huge(url)
+    with running(settings):
+        support.wait_for(
+            lambda: support.count_states(url) == {"PUBLISHED": 20, "REJECTED": 1}, 60, "outcomes"
+        )
+    with psycopg.connect(url) as conn:
+        effect = relay.get_effect(conn, "huge")
+    assert effect is not None and effect.reason is not None
+    assert "exceeds the limit of 1048576 bytes" in effect.reason
+    records = support.read_topic(services.kafka_bootstrap_servers, f"{prefix}.emails", 20)
+    assert sorted(r.key for r in records) == sorted(f"small-{i}".encode() for i in range(20))
+
+
+def test_broker_refusal_never_rejects_the_innocent_records(
+    settings: Settings, services: Services, prefix: str
+) -> None:
+    """If the limit is set above the broker's, the broker refuses the huge record and
+    kafka-python aborts its other batches with the same error: those must not end REJECTED."""
+    settings = settings.model_copy(
+        update={"max_request_size": 4 * 1024 * 1024, "max_message_bytes": 4 * 1024 * 1024}
+    )
+    url = settings.require_database_url()
+    _enqueue_small_and_huge(url)
+    with running(settings):
+        support.wait_for(
+            lambda: (
+                sum(
+                    n
+                    for s, n in support.count_states(url).items()
+                    if s not in {"PENDING", "DISPATCHING"}
+                )
+                == 21
+            ),
+            60,
+            "every attempt to end",
+        )
+    with psycopg.connect(url) as conn:
+        rejected = [
+            key
+            for (key,) in conn.execute(
+                "SELECT operation_key FROM relay.effect WHERE state = 'REJECTED'"
+            ).fetchall()
+        ]
+        published = {
+            key
+            for (key,) in conn.execute(
+                "SELECT operation_key FROM relay.effect WHERE state = 'PUBLISHED'"
+            ).fetchall()
+        }
+    assert set(rejected) <= {"huge"}, rejected
+    records = support.read_topic(services.kafka_bootstrap_servers, f"{prefix}.emails", 1)
+    # Everything marked PUBLISHED really is in Kafka; the rest is UNKNOWN, never REJECTED.
+    assert published <= {r.key.decode() for r in records}
+    print(f"\nbroker refusal: {support.count_states(url)}")
+
+
+def test_wakes_on_a_new_intent_long_before_the_poll_interval(settings: Settings) -> None:
+    """With a 30 s poll interval, only the doorbell can explain a publication within seconds."""
+    settings = settings.model_copy(update={"poll_interval_s": 30.0})
+    url = settings.require_database_url()
+    with running(settings):
+        with psycopg.connect(url, autocommit=True) as conn:
+            support.wait_for(
+                lambda: conn.execute("SELECT armed FROM relay.doorbell").fetchone() == (True,),
+                30,
+                "the idle relay to arm the doorbell",
+            )
+            started = time.monotonic()
+            relay.enqueue(conn, "email", "wake-me", {"to": "x"})
+        support.wait_for(lambda: _state(url, "wake-me") is EffectState.PUBLISHED, 20, "publication")
+        waited = time.monotonic() - started
+    assert waited < 15, f"took {waited:.2f}s: the doorbell did not ring"
+
+
+def test_two_relay_processes_publish_10000_effects_exactly_once(
+    settings: Settings, services: Services, prefix: str, tmp_path: Path
+) -> None:
+    url = settings.require_database_url()
+    total = 10_000
+    with psycopg.connect(url) as conn:
+        for start in range(0, total, 1000):
+            relay.enqueue_many(
+                conn,
+                [
+                    relay.Intent("email", f"bulk-{i:05d}", {"i": i})
+                    for i in range(start, start + 1000)
+                ],
+            )
+        conn.commit()
+    procs = []
+    for name in ("a", "b"):
+        config = support.write_config(
+            tmp_path / f"relay-{name}.toml",
+            settings.model_copy(update={"replica_id": f"{prefix}-{name}", "batch_size": 250}),
+        )
+        procs.append(support.start_relay(config, tmp_path / f"relay-{name}.log"))
+    started = time.monotonic()
+    try:
+        support.wait_for(
+            lambda: support.count_states(url).get("PUBLISHED") == total, 240, "10,000 publications"
+        )
+        elapsed = time.monotonic() - started
+    finally:
+        codes = [support.stop_process(p) for p in procs]
+    assert codes == [0, 0], [(tmp_path / f"relay-{n}.log").read_text()[-2000:] for n in "ab"]
+    records = support.read_topic(services.kafka_bootstrap_servers, f"{prefix}.emails", total, 90)
+    keys = Counter(r.key for r in records)
+    duplicates = {k: n for k, n in keys.items() if n > 1}
+    assert not duplicates, f"{len(duplicates)} keys published more than once"
+    assert len(keys) == total
+    with psycopg.connect(url) as conn:
+        per_replica = dict(
+            conn.execute("SELECT replica_id, count(*) FROM relay.attempt GROUP BY 1").fetchall()
+        )
+        multi = conn.execute(
+            "SELECT count(*) FROM (SELECT effect_id FROM relay.attempt GROUP BY 1 "
+            "HAVING count(*) > 1) x"
+        ).fetchone()
+    assert multi == (0,)
+    assert sum(per_replica.values()) == total
+    assert all(n > 0 for n in per_replica.values()) and len(per_replica) == 2, per_replica
+    print(
+        f"\n10,000 effects by two relays in {elapsed:.1f}s ({total / elapsed:,.0f}/s), "
+        f"split {per_replica}; {len(records)} records read, {len(keys)} distinct keys"
+    )
+
+
+def test_sigterm_finishes_the_batch_in_hand_and_exits_zero(
+    settings: Settings, tmp_path: Path
+) -> None:
+    url = settings.require_database_url()
+    with psycopg.connect(url) as conn:
+        relay.enqueue_many(conn, [relay.Intent("email", f"t-{i}", {"i": i}) for i in range(3000)])
+        conn.commit()
+    config = support.write_config(
+        tmp_path / "relay.toml", settings.model_copy(update={"batch_size": 100})
+    )
+    proc = support.start_relay(config, tmp_path / "relay.log")
+    support.wait_for(lambda: support.count_states(url).get("PUBLISHED", 0) > 0, 60, "a first batch")
+    code = support.stop_process(proc)
+    assert code == 0, (tmp_path / "relay.log").read_text()[-2000:]
+    states = support.count_states(url)
+    assert "DISPATCHING" not in states and "UNKNOWN" not in states, states
+    assert states.get("PUBLISHED", 0) + states.get("PENDING", 0) == 3000
+
+
+def test_second_process_with_the_same_replica_id_fences_the_first(
+    settings: Settings, tmp_path: Path
+) -> None:
+    config = support.write_config(tmp_path / "relay.toml", settings)
+    first = support.start_relay(config, tmp_path / "first.log")
+    url = settings.require_database_url()
+    with psycopg.connect(url, autocommit=True) as conn:
+        support.wait_for(
+            lambda: conn.execute("SELECT count(*) FROM relay.replica").fetchone() == (1,),
+            30,
+            "the first relay to register",
+        )
+    second = support.start_relay(config, tmp_path / "second.log")
+    try:
+        first.wait(timeout=30)
+    finally:
+        support.stop_process(second)
+        support.stop_process(first)
+    log = (tmp_path / "first.log").read_text()
+    assert first.returncode == 2, log[-2000:]
+    assert "registered again by another process" in log
+
+
+@pytest.mark.parametrize("pause", ["sigstop"])
+def test_unreachable_broker_ends_attempts_unknown_and_nothing_is_resent(
+    settings: Settings, prefix: str, pause: str
+) -> None:
+    from relay.devservices import LocalKafka
+
+    broker = LocalKafka()
+    broker.start()
+    try:
+        settings = settings.model_copy(
+            update={"kafka_bootstrap_servers": broker.bootstrap_servers, "publish_timeout_s": 4.0}
+        )
+        url = settings.require_database_url()
+        with running(settings):
+            with psycopg.connect(url, autocommit=True) as conn:
+                relay.enqueue(conn, "email", "before", {"n": 0})
+                support.wait_for(
+                    lambda: _state(url, "before") is EffectState.PUBLISHED, 60, "a first publish"
+                )
+                broker.pause()
+                relay.enqueue_many(
+                    conn, [relay.Intent("email", f"during-{i}", {"n": i}) for i in range(5)]
+                )
+                support.wait_for(
+                    lambda: support.count_states(url).get("UNKNOWN") == 5, 60, "UNKNOWN outcomes"
+                )
+            broker.resume()
+            time.sleep(3)  # the relay runs on with Kafka back: nothing may be re-sent blindly
+        states = support.count_states(url)
+        assert states == {"PUBLISHED": 1, "UNKNOWN": 5}, states
+        with psycopg.connect(url) as conn:
+            rows = conn.execute(
+                "SELECT a.outcome, a.reason, e.attempts FROM relay.attempt a "
+                "JOIN relay.effect e ON e.id = a.effect_id WHERE e.operation_key LIKE 'during-%%'"
+            ).fetchall()
+        assert len(rows) == 5
+        assert all(outcome == "unknown" and attempts == 1 for outcome, _, attempts in rows)
+        assert all("ambiguous" in reason or "no answer" in reason for _, reason, _ in rows)
+    finally:
+        broker.stop()

@@ -1,0 +1,169 @@
+"""Helpers shared by the integration tests: fresh databases, configs, relay subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from kafka import KafkaConsumer
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from relay.config import Settings, load_settings
+from relay.migrations import migrate, sync_effect_types
+
+
+def unique(prefix: str = "t") -> str:
+    return f"{prefix}{uuid.uuid4().hex[:10]}"
+
+
+def create_database(server_url: str) -> str:
+    """A new empty database on the test server; returns its URL."""
+    name = unique("relay_test_")
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return make_conninfo(server_url, dbname=name)
+
+
+def drop_database(url: str) -> None:
+    params = conninfo_to_dict(url)
+    name = str(params["dbname"])
+    server = make_conninfo(url, dbname="postgres")
+    with psycopg.connect(server, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def effect_types(prefix: str) -> dict[str, dict[str, Any]]:
+    """Effect types with topics unique to one test, so tests never read each other's records."""
+    return {
+        "wire": {
+            "topic": f"{prefix}.wires",
+            "business_key": "{account}:{amount}:{date}",
+            "result_topic": f"{prefix}.wire-results",
+        },
+        "email": {"topic": f"{prefix}.emails", "idempotent": True},
+    }
+
+
+def make_settings(database_url: str, bootstrap: str, prefix: str, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "database_url": database_url,
+        "kafka_bootstrap_servers": bootstrap,
+        "effect_types": effect_types(prefix),
+        "replica_id": f"{prefix}-r1",
+        "poll_interval_s": 0.5,
+    }
+    values.update(overrides)
+    return load_settings(None, **values)
+
+
+def prepare_database(settings: Settings) -> None:
+    with psycopg.connect(settings.require_database_url(), autocommit=True) as conn:
+        migrate(conn)
+        sync_effect_types(conn, settings)
+
+
+def write_config(path: Path, settings: Settings) -> Path:
+    """The TOML file a relay subprocess reads; written from validated settings."""
+    lines: list[str] = []
+    plain = settings.model_dump(exclude={"effect_types"}, exclude_none=True)
+    for key, value in plain.items():
+        if hasattr(value, "get_secret_value"):
+            value = value.get_secret_value()
+        lines.append(f"{key} = {json.dumps(value)}")
+    for name, spec in settings.effect_types.items():
+        lines.append(f"\n[effect_types.{json.dumps(name)}]")
+        for key, value in spec.model_dump(exclude={"name"}, exclude_none=True).items():
+            if isinstance(value, dict):
+                inner = ", ".join(f"{k} = {json.dumps(v)}" for k, v in value.items())
+                lines.append(f"{key} = {{ {inner} }}")
+            else:
+                lines.append(f"{key} = {json.dumps(value)}")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def relay_env(**extra: str) -> dict[str, str]:
+    """The environment of a relay subprocess: without RELAY_* leaking in from the outside."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+    env.update(extra)
+    return env
+
+
+def start_relay(
+    config: Path, log_path: Path, *args: str, env: Mapping[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """``relay run`` as a real subprocess, logging to a file."""
+    log = open(log_path, "ab")  # noqa: SIM115 - handed to the child, closed with it
+    return subprocess.Popen(
+        [sys.executable, "-m", "relay.cli", "--config", str(config), *args, "run"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=dict(env) if env is not None else relay_env(),
+    )
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> int:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise
+
+
+def wait_for(
+    condition: Callable[[], bool], timeout: float, what: str, interval: float = 0.1
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def count_states(database_url: str) -> dict[str, int]:
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        rows = conn.execute("SELECT state, count(*) FROM relay.effect GROUP BY state").fetchall()
+    return {str(state): int(n) for state, n in rows}
+
+
+def read_topic(bootstrap: str, topic: str, expected: int, timeout_s: float = 30.0) -> list[Any]:
+    """Every record of a topic, read_committed, from the beginning; stops at ``expected`` records
+    or when the topic stays quiet after the timeout, so a test also sees extra records."""
+    consumer = KafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        isolation_level="read_committed",
+        group_id=None,
+        consumer_timeout_ms=3000,
+    )
+    records: list[Any] = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            batch = consumer.poll(timeout_ms=500, max_records=5000)
+            for part in batch.values():
+                records.extend(part)
+            if len(records) >= expected and not batch:
+                break
+    finally:
+        consumer.close()
+    return records
+
+
+def iter_headers(record: Any) -> Iterator[tuple[str, bytes]]:
+    yield from record.headers

@@ -1,0 +1,93 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from relay.config import load_settings
+from relay.errors import ConfigError, EffectTypeError
+
+
+def test_file_is_read_and_environment_overrides_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "relay.toml"
+    config.write_text(
+        'batch_size = 10\nkafka_bootstrap_servers = "a:1"\n'
+        '[effect_types.wire]\ntopic = "wires"\nbusiness_key = "{account}"\n'
+    )
+    monkeypatch.setenv("RELAY_BATCH_SIZE", "20")
+    settings = load_settings(config)
+    assert settings.batch_size == 20
+    assert settings.kafka_bootstrap_servers == "a:1"
+    assert settings.effect_types["wire"].name == "wire"
+    assert settings.effect_types["wire"].business_key == "{account}"
+
+
+def test_bad_environment_value_names_the_setting_and_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("RELAY_POLL_INTERVAL_S", "soon")
+    with pytest.raises(ConfigError, match=r"poll_interval_s.*RELAY_POLL_INTERVAL_S"):
+        load_settings(None)
+
+
+def test_unknown_setting_in_file_is_refused(tmp_path: Path) -> None:
+    config = tmp_path / "relay.toml"
+    config.write_text("batch_sise = 10\n")
+    with pytest.raises(ConfigError, match="batch_sise"):
+        load_settings(config)
+
+
+def test_invalid_toml_and_missing_file_are_clear(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("batch_size = = 1\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_settings(bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_settings(tmp_path / "missing.toml")
+
+
+def test_non_idempotent_type_without_a_way_to_resolve_is_refused() -> None:
+    with pytest.raises(EffectTypeError, match="not idempotent but declares no business_key"):
+        load_settings(None, effect_types={"wire": {"topic": "wires"}})
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"business_key": "{account}"},
+        {"observer": {"http_url": "http://books/{business_key}"}},
+        {"compensation": "refund"},
+        {"idempotent": True},
+    ],
+)
+def test_any_one_resolution_path_is_enough(extra: dict[str, object]) -> None:
+    types: dict[str, dict[str, object]] = {"wire": {"topic": "wires", **extra}}
+    types["refund"] = {"topic": "refunds", "idempotent": True}
+    settings = load_settings(None, effect_types=types)
+    assert "wire" in settings.effect_types
+
+
+def test_compensation_must_be_declared() -> None:
+    with pytest.raises(EffectTypeError, match="not a declared effect type"):
+        load_settings(None, effect_types={"wire": {"topic": "w", "compensation": "refund"}})
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({"topic": "bad topic!", "idempotent": True}, "legal Kafka topic"),
+        ({"topic": "w", "business_key": "account"}, "at least one payload field"),
+        ({"topic": "w", "observer": {"python": "no_colon"}}, "package.module:function"),
+        ({"topic": "w", "observer": {}}, "exactly one"),
+    ],
+)
+def test_malformed_declarations_are_refused(spec: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_settings(None, effect_types={"wire": spec})
+
+
+def test_database_url_is_required_when_used() -> None:
+    with pytest.raises(ConfigError, match="RELAY_DATABASE_URL"):
+        load_settings(None).require_database_url()
