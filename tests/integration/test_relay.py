@@ -211,7 +211,7 @@ def test_two_relay_processes_publish_10000_effects_exactly_once(
     assert not duplicates, f"{len(duplicates)} keys published more than once"
     assert len(keys) == total
     with psycopg.connect(url) as conn:
-        per_replica = dict(
+        per_replica: dict[str, int] = dict(
             conn.execute("SELECT replica_id, count(*) FROM relay.attempt GROUP BY 1").fetchall()
         )
         multi = conn.execute(
