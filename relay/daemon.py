@@ -38,6 +38,8 @@ from relay.sql import query
 log = logging.getLogger(__name__)
 
 HEARTBEAT_EVERY_S = 5.0
+# Short polls after the last work seen, before the relay arms the doorbell (150 ms in all).
+QUIET_POLLS_S = (0.01, 0.02, 0.04, 0.08)
 
 
 class ReplicaFencedError(RelayError):
@@ -57,6 +59,7 @@ class Relay:
         self._producer: KafkaProducer | None = None
         self._last_heartbeat = 0.0
         self._last_expiry = 0.0
+        self._quiet_polls = len(QUIET_POLLS_S)
         self.published_total = 0
         self.outcomes: Counter[str] = Counter()
 
@@ -157,6 +160,7 @@ class Relay:
             self._expire_leases()
         batch = self._claim()
         if batch:
+            self._quiet_polls = 0
             self._publish_and_mark(batch)
             return
         self._idle()
@@ -198,8 +202,20 @@ class Relay:
         return [ClaimedEffect(*row) for row in rows]
 
     def _idle(self) -> None:
-        """Arm the doorbell, look once more (closing the race with arming), then wait for a ring."""
+        """Wait for work without taxing the writers.
+
+        Right after work, poll the partial index at short, growing intervals: under steady load
+        new intents arrive within them and no writer pays for a NOTIFY. Only after a quiet spell
+        arm the doorbell, so the next enqueue rings once; look once more after arming (closing
+        the race with a commit that read the doorbell before it was armed), then wait for a ring
+        or the poll interval, whichever comes first.
+        """
         assert self._conn is not None and self._listener is not None
+        if self._quiet_polls < len(QUIET_POLLS_S):
+            delay = QUIET_POLLS_S[self._quiet_polls]
+            self._quiet_polls += 1
+            self._stop.wait(delay)
+            return
         self._listener.execute(query("arm_doorbell"))
         batch = self._claim()
         if batch:
