@@ -225,6 +225,8 @@ def show(ctx: click.Context, operation_key: str, as_json: bool) -> None:
             f"{a['started_at']:%H:%M:%S.%f} -> {a['outcome'] or 'in flight'}{where}"
             + (f": {a['reason']}" if a["reason"] else "")
         )
+        if a["verification"]:
+            click.echo(f"      checked in Kafka {a['verified_at']:%H:%M:%S}: {a['verification']}")
     click.echo("transitions:")
     for t in transitions:
         click.echo(

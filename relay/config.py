@@ -139,6 +139,24 @@ class Settings(BaseSettings):
         "REJECTED before any send: a broker-side refusal aborts the producer's other batches.",
     )
     linger_ms: int = Field(default=5, ge=0, le=10_000)
+    kafka_transactions: bool = Field(
+        default=True,
+        description="Publish each batch in a Kafka transaction (transactional id per replica), so "
+        "an ambiguous batch can be verified after fencing. False: idempotent producer only.",
+    )
+    transaction_timeout_s: float = Field(default=60.0, gt=0)
+    verify_max_tries: int = Field(
+        default=20, ge=1, description="Failed checks of an ambiguous publish before it is STUCK."
+    )
+    verify_backoff_max_s: float = Field(default=300.0, gt=0)
+    clock_skew_s: float = Field(
+        default=30.0, ge=0, description="Allowed clock difference between relay and database."
+    )
+    max_publish_attempts: int = Field(
+        default=10,
+        ge=1,
+        description="Attempts that provably did not publish (not sent, aborted) before REJECTED.",
+    )
     not_sent_backoff_s: float = Field(default=1.0, gt=0)
     not_sent_backoff_max_s: float = Field(default=60.0, gt=0)
     outage_backoff_max_s: float = Field(default=30.0, gt=0)
@@ -149,6 +167,17 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     effect_types: dict[str, EffectTypeSpec] = Field(default_factory=dict)
+    metrics_host: str = Field(
+        default="0.0.0.0",
+        description="Address /metrics, /healthz and /readyz listen on (metrics_port 0: off).",
+    )
+    metrics_cache_s: float = Field(
+        default=5.0,
+        gt=0,
+        le=300,
+        description="The outbox gauges (effects by state, oldest ages) are read from the "
+        "database at most once per this many seconds, however many scrapers ask.",
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -17,10 +17,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import psycopg
-from kafka import KafkaProducer
+from kafka import KafkaConsumer, KafkaProducer
 from kafka import errors as kerr
 
-from relay import db
+from relay import db, observability
 from relay.backoff import Backoff
 from relay.config import Settings
 from relay.errors import RelayError, ServiceUnavailableError
@@ -32,12 +32,17 @@ from relay.publisher import (
     close_quietly,
     make_producer,
     publish_batch,
+    publish_batch_transactional,
 )
 from relay.sql import query
+from relay.states import EffectState
+from relay.transactions import fence, transactional_id
+from relay.verify import Found, find_attempt, open_consumer
 
 log = logging.getLogger(__name__)
 
 HEARTBEAT_EVERY_S = 5.0
+VERIFY_EVERY_S = 1.0
 # Short polls after the last work seen, before the relay arms the doorbell (150 ms in all).
 QUIET_POLLS_S = (0.01, 0.02, 0.04, 0.08)
 
@@ -60,6 +65,7 @@ class Relay:
         self._last_heartbeat = 0.0
         self._last_expiry = 0.0
         self._quiet_polls = len(QUIET_POLLS_S)
+        self._last_verify = 0.0
         self.published_total = 0
         self.outcomes: Counter[str] = Counter()
 
@@ -75,6 +81,7 @@ class Relay:
     def run(self) -> None:
         backoff = Backoff(0.5, self.settings.outage_backoff_max_s)
         log.info("relay starting", extra={"replica": self.replica_id})
+        metrics = observability.start_observability(self.settings, daemon="relay")
         try:
             while not self.stopping:
                 try:
@@ -97,6 +104,7 @@ class Relay:
         finally:
             self._drop_producer()
             self._drop_database()
+            observability.stop_observability(metrics)
             log.info("relay stopped", extra={"published": self.published_total})
 
     def _wait(self, delay: float, why: str) -> None:
@@ -140,7 +148,18 @@ class Relay:
 
     def _ensure_producer(self) -> None:
         if self._producer is None:
-            self._producer = make_producer(self.settings)
+            if self.settings.kafka_transactions:
+                producer = make_producer(self.settings, transactional_id(self.replica_id))
+                try:
+                    # Fences every earlier producer of this replica and aborts its open
+                    # transaction: from here on, its attempts can be checked in Kafka.
+                    producer.init_transactions()
+                except BaseException:
+                    close_quietly(producer, timeout_s=1.0)
+                    raise
+                self._producer = producer
+            else:
+                self._producer = make_producer(self.settings)
             log.info(
                 "Kafka producer ready", extra={"bootstrap": self.settings.kafka_bootstrap_servers}
             )
@@ -158,12 +177,129 @@ class Relay:
             self._heartbeat()
         if now - self._last_expiry >= min(5.0, self.settings.lease_s / 4):
             self._expire_leases()
+        if self.settings.kafka_transactions and now - self._last_verify >= VERIFY_EVERY_S:
+            self._verify_due()
         batch = self._claim()
         if batch:
             self._quiet_polls = 0
             self._publish_and_mark(batch)
             return
         self._idle()
+
+    def _verify_due(self) -> None:
+        """Resolve the relay's own UNKNOWN publishes by looking in Kafka (see relay.verify)."""
+        assert self._conn is not None
+        self._last_verify = time.monotonic()
+        rows = self._conn.execute(
+            query("claim_verifications"),
+            {
+                "owner": self.replica_id,
+                "epoch": self.epoch,
+                "lease_s": self.settings.lease_s,
+                "limit": 50,
+            },
+        ).fetchall()
+        if not rows:
+            return
+        fenced: set[str] = set()
+        consumer: KafkaConsumer | None = None
+        unreachable: str | None = None
+        try:
+            for row in rows:
+                if unreachable is None and not self.stopping:
+                    try:
+                        consumer = consumer or open_consumer(self.settings)
+                    except kerr.KafkaError as exc:
+                        unreachable = describe(exc)
+                unreachable = self._verify_one(row, consumer, fenced, unreachable)
+        finally:
+            if consumer is not None:
+                consumer.close()
+
+    def _verify_one(
+        self,
+        row: tuple[Any, ...],
+        consumer: KafkaConsumer | None,
+        fenced: set[str],
+        unreachable: str | None,
+    ) -> str | None:
+        """Check one attempt; returns why Kafka is unreachable, so the rest of the round is
+        rescheduled at once instead of each waiting out its own timeout."""
+        assert self._conn is not None
+        effect_id, key, topic, attempt, tries, replica, _epoch, started_at = row
+        base = {
+            "id": effect_id,
+            "attempt": attempt,
+            "owner": self.replica_id,
+            "epoch": self.epoch,
+            "partition": None,
+            "offset": None,
+            "retry_in_s": 0.0,
+        }
+        try:
+            if unreachable is not None or consumer is None or self.stopping:
+                raise kerr.KafkaConnectionError(unreachable or "the relay is stopping")
+            if replica != self.replica_id and replica not in fenced:
+                # Our own producer fenced our earlier ones; another replica's must be fenced
+                # here, or its open transaction could commit after we looked.
+                fence(self.settings, replica)
+                fenced.add(replica)
+            verdict = find_attempt(
+                consumer,
+                self.settings,
+                topic=topic,
+                operation_key=key,
+                effect_id=effect_id,
+                attempt=attempt,
+                started_at=started_at,
+                timeout_s=self.settings.publish_timeout_s,
+            )
+        except (kerr.KafkaError, OSError) as exc:
+            give_up = tries + 1 >= self.settings.verify_max_tries
+            retry_in = min(self.settings.verify_backoff_max_s, 2.0 * 2 ** min(tries, 16))
+            why = f"check {tries + 1} of attempt {attempt} could not be made: {describe(exc)}"
+            params = {
+                **base,
+                "state": EffectState.STUCK.value if give_up else EffectState.UNKNOWN.value,
+                "reason": (f"{why}; {tries + 1} checks failed, a person decides")
+                if give_up
+                else why,
+                "verification": why,
+                "retry_in_s": retry_in,
+            }
+            log.warning(why, extra={"operation_key": key, "effect_id": effect_id})
+            unreachable = unreachable or describe(exc)
+        else:
+            if isinstance(verdict, Found):
+                found = f"found at partition {verdict.partition} offset {verdict.offset}"
+                params = {
+                    **base,
+                    "state": EffectState.PUBLISHED.value,
+                    "reason": f"verified in Kafka: attempt {attempt} {found}",
+                    "verification": found,
+                    "partition": verdict.partition,
+                    "offset": verdict.offset,
+                }
+            else:
+                absent = (
+                    f"absent: not among {verdict.scanned} committed records of the attempt's "
+                    f"window in {verdict.partitions} partitions, after fencing its producer"
+                )
+                params = {
+                    **base,
+                    "state": EffectState.PENDING.value,
+                    "reason": f"verified absent from Kafka; attempt {attempt} published "
+                    "nothing, a new attempt may be made",
+                    "verification": absent,
+                }
+            log.info(
+                "verified an ambiguous publish: %s",
+                params["verification"],
+                extra={"operation_key": key, "effect_id": effect_id, "attempt": attempt},
+            )
+        moved = self._conn.execute(query("finish_verification"), params).fetchone()
+        observability.record_verification(str(params["state"]), int(moved[0]) if moved else 0)
+        return unreachable
 
     def _heartbeat(self) -> None:
         assert self._conn is not None
@@ -183,6 +319,7 @@ class Relay:
         params = {"owner": self.replica_id, "epoch": self.epoch, "limit": 1000}
         row = self._conn.execute(query("expire_leases"), params).fetchone()
         if row and row[0]:
+            observability.record_leases_expired(int(row[0]))
             log.warning(
                 "effects left DISPATCHING without an outcome are now UNKNOWN",
                 extra={"count": row[0], "forced": force},
@@ -230,13 +367,24 @@ class Relay:
 
     def _publish_and_mark(self, batch: Sequence[ClaimedEffect]) -> None:
         assert self._producer is not None
-        results = publish_batch(
-            self._producer,
-            batch,
-            source=self.settings.cloudevents_source,
-            timeout_s=self.settings.publish_timeout_s,
-            limit_bytes=min(self.settings.max_message_bytes, self.settings.max_request_size),
-        )
+        limit = min(self.settings.max_message_bytes, self.settings.max_request_size)
+        if self.settings.kafka_transactions:
+            results = publish_batch_transactional(
+                self._producer,
+                batch,
+                source=self.settings.cloudevents_source,
+                timeout_s=self.settings.publish_timeout_s,
+                limit_bytes=limit,
+                before_commit=self._before_commit,
+            )
+        else:
+            results = publish_batch(
+                self._producer,
+                batch,
+                source=self.settings.cloudevents_source,
+                timeout_s=self.settings.publish_timeout_s,
+                limit_bytes=limit,
+            )
         counts = Counter(r.outcome.value for r in results)
         self.outcomes.update(counts)
         self.published_total += counts.get(AttemptOutcome.ACKED.value, 0)
@@ -256,6 +404,7 @@ class Relay:
             # After an error in flight the producer's sequence state cannot be trusted (and
             # kafka-python may have put it in a fatal state): start a new one, with a new epoch.
             self._drop_producer()
+        observability.record_publish(results)
         self._mark(results)
 
     def _mark(self, results: Sequence[PublishResult]) -> None:
@@ -265,9 +414,9 @@ class Relay:
             "epoch": self.epoch,
             "ids": [r.effect.id for r in results],
             "attempts": [r.effect.attempt for r in results],
-            "states": [STATE_AFTER[r.outcome].value for r in results],
+            "states": [self._state_after(r).value for r in results],
             "outcomes": [r.outcome.value for r in results],
-            "reasons": [r.reason for r in results],
+            "reasons": [self._reason(r) for r in results],
             "partitions": [r.partition for r in results],
             "offsets": [r.offset for r in results],
             "delays_s": [self._not_sent_delay(r) for r in results],
@@ -291,14 +440,34 @@ class Relay:
                     )
                     return
                 self._wait(backoff.next_delay(), f"recording outcomes failed: {describe(exc)}")
+        observability.record_marked(results, params["states"], [row[0] for row in marked])
         if len(marked) != len(results):
             log.warning(
                 "some outcomes were not recorded: the lease was lost or the replica fenced",
                 extra={"expected": len(results), "recorded": len(marked)},
             )
 
+    def _gave_up(self, result: PublishResult) -> bool:
+        """Attempts that provably published nothing are retried, but not forever."""
+        retriable = STATE_AFTER[result.outcome] is EffectState.PENDING
+        return retriable and result.effect.attempt >= self.settings.max_publish_attempts
+
+    def _state_after(self, result: PublishResult) -> EffectState:
+        return EffectState.REJECTED if self._gave_up(result) else STATE_AFTER[result.outcome]
+
+    def _reason(self, result: PublishResult) -> str | None:
+        if self._gave_up(result):
+            return (
+                f"gave up after {result.effect.attempt} attempts that published nothing; "
+                f"last: {result.reason}"
+            )
+        return result.reason
+
+    def _before_commit(self) -> None:
+        """A seam for fault-injection tests (for example, to hang the coordinator here)."""
+
     def _not_sent_delay(self, result: PublishResult) -> float:
-        if result.outcome is not AttemptOutcome.NOT_SENT:
+        if STATE_AFTER[result.outcome] is not EffectState.PENDING:
             return 0.0
         exponent = min(result.effect.attempt - 1, 20)
         return float(

@@ -22,6 +22,7 @@ class AttemptOutcome(StrEnum):
     UNKNOWN = "unknown"  # may or may not be in the log: to be verified, never blindly retried
     NOT_SENT = "not_sent"  # provably never handed to the network; safe to try again later
     RELEASED = "released"  # given back unsent at shutdown
+    ABORTED = "aborted"  # its Kafka transaction was aborted: invisible to read_committed readers
 
 
 STATE_AFTER: dict[AttemptOutcome, EffectState] = {
@@ -30,6 +31,7 @@ STATE_AFTER: dict[AttemptOutcome, EffectState] = {
     AttemptOutcome.UNKNOWN: EffectState.UNKNOWN,
     AttemptOutcome.NOT_SENT: EffectState.PENDING,
     AttemptOutcome.RELEASED: EffectState.PENDING,
+    AttemptOutcome.ABORTED: EffectState.PENDING,
 }
 
 # Broker answers that mean the batch was refused and not appended, and that the same record

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -66,11 +67,17 @@ def kafka_security(settings: Settings) -> dict[str, Any]:
     return config
 
 
-def make_producer(settings: Settings) -> KafkaProducer:
-    """An idempotent producer with acks=all, set explicitly (see pitfalls: silent downgrade)."""
+def make_producer(settings: Settings, transactional_id: str | None = None) -> KafkaProducer:
+    """An idempotent producer with acks=all, set explicitly (see pitfalls: silent downgrade);
+    transactional when given a transactional id (the caller then runs init_transactions)."""
     timeout_ms = int(settings.publish_timeout_s * 1000)
+    extra: dict[str, Any] = {}
+    if transactional_id is not None:
+        extra["transactional_id"] = transactional_id
+        extra["transaction_timeout_ms"] = int(settings.transaction_timeout_s * 1000)
     return KafkaProducer(
         **kafka_security(settings),
+        **extra,
         client_id=f"relay-{settings.replica_id}",
         acks="all",
         enable_idempotence=True,
@@ -81,6 +88,7 @@ def make_producer(settings: Settings) -> KafkaProducer:
         delivery_timeout_ms=timeout_ms,
         request_timeout_ms=max(1000, min(30_000, timeout_ms - 500)),
         max_block_ms=min(10_000, timeout_ms),
+        bootstrap_timeout_ms=min(10_000, timeout_ms),
     )
 
 
@@ -90,20 +98,19 @@ def estimated_record_size(key: bytes, value: bytes, headers: list[tuple[str, byt
     return 61 + 21 + len(key) + len(value) + header_bytes
 
 
-def publish_batch(
+def _send_all(
     producer: KafkaProducer,
     batch: Sequence[ClaimedEffect],
+    results: list[PublishResult | None],
     *,
     source: str,
-    timeout_s: float,
     limit_bytes: int,
-) -> list[PublishResult]:
-    """Send every record and wait for each one's own answer, within ``timeout_s`` in all.
+) -> list[tuple[int, Any]]:
+    """Hand every record to the producer; fill ``results`` for those refused before any send.
 
-    ``flush()`` alone would hide failed records; each future is asked. A topic whose metadata
-    could not be had is not tried again within the batch, so one bad topic costs one wait.
+    A topic whose metadata could not be had is not tried again within the batch, so one bad
+    topic costs one wait.
     """
-    results: list[PublishResult | None] = [None] * len(batch)
     pending: list[tuple[int, Any]] = []
     unavailable: dict[str, Classified] = {}
     for index, effect in enumerate(batch):
@@ -130,20 +137,25 @@ def publish_batch(
             results[index] = PublishResult(effect, AttemptOutcome.REJECTED, reason)
             continue
         try:
-            future = producer.send(
-                effect.topic,
-                key=key,
-                value=value,
-                headers=headers,
-            )
-        except Exception as exc:
+            future = producer.send(effect.topic, key=key, value=value, headers=headers)
+        except Exception as exc:  # noqa: BLE001 - every send error is classified, none escapes
             verdict = classify_send_error(exc)
             if isinstance(exc, kerr.KafkaTimeoutError):
                 unavailable[effect.topic] = verdict
             results[index] = PublishResult(effect, verdict.outcome, verdict.reason)
             continue
         pending.append((index, future))
+    return pending
 
+
+def _await_all(
+    producer: KafkaProducer,
+    batch: Sequence[ClaimedEffect],
+    results: list[PublishResult | None],
+    pending: list[tuple[int, Any]],
+    timeout_s: float,
+) -> None:
+    """Wait for each record's own answer: ``flush()`` alone would hide failed records."""
     deadline = time.monotonic() + timeout_s
     try:
         producer.flush(timeout=timeout_s)
@@ -154,46 +166,144 @@ def publish_batch(
         remaining = max(0.0, deadline - time.monotonic())
         try:
             metadata = future.get(timeout=remaining)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - classified; an unexpected error is ambiguous
             if not future.is_done:
                 reason = f"ambiguous end of publish: no answer within {timeout_s:.1f}s"
-                results[index] = PublishResult(
-                    effect, AttemptOutcome.UNKNOWN, reason, failed_in_flight=True
-                )
+                verdict = Classified(AttemptOutcome.UNKNOWN, reason)
             else:
                 verdict = classify_delivery_error(exc)
-                results[index] = PublishResult(
-                    effect, verdict.outcome, verdict.reason, failed_in_flight=True
-                )
+            results[index] = PublishResult(
+                effect, verdict.outcome, verdict.reason, failed_in_flight=True
+            )
             continue
         reason = f"acknowledged by Kafka: partition {metadata.partition} offset {metadata.offset}"
         results[index] = PublishResult(
             effect, AttemptOutcome.ACKED, reason, metadata.partition, metadata.offset
         )
-    # kafka-python's idempotent producer treats a broker refusal as fatal and aborts its other
-    # batches with the same error: with several refusals, which record was at fault is unknown.
-    refused = [
-        r
-        for r in results
-        if r is not None
-        and r.outcome is AttemptOutcome.REJECTED
-        and r.reason
-        and r.reason.startswith("refused by the broker")
-    ]
-    if len(refused) > 1:
-        for i, r in enumerate(results):
-            if r is not None and r in refused:
-                results[i] = PublishResult(
-                    r.effect,
-                    AttemptOutcome.UNKNOWN,
-                    f"ambiguous: {len(refused)} records failed together ({r.reason}); the "
-                    "producer aborts its other batches after a refusal, so the culprit is unknown",
-                    failed_in_flight=True,
-                )
+
+
+def _done(results: list[PublishResult | None]) -> list[PublishResult]:
     missing = [i for i, r in enumerate(results) if r is None]
     if missing:  # pragma: no cover - defensive: every index is filled above
         raise AssertionError(f"records without an outcome: {missing}")
     return [r for r in results if r is not None]
+
+
+def publish_batch(
+    producer: KafkaProducer,
+    batch: Sequence[ClaimedEffect],
+    *,
+    source: str,
+    timeout_s: float,
+    limit_bytes: int,
+) -> list[PublishResult]:
+    """Publish with the idempotent producer alone: each record stands on its own."""
+    results: list[PublishResult | None] = [None] * len(batch)
+    pending = _send_all(producer, batch, results, source=source, limit_bytes=limit_bytes)
+    _await_all(producer, batch, results, pending, timeout_s)
+    # kafka-python's idempotent producer treats a broker refusal as fatal and aborts its other
+    # batches with the same error: with several refusals, which record was at fault is unknown.
+    refused = [i for i, _ in pending if _refused_by_broker(results[i])]
+    if len(refused) > 1:
+        for i in refused:
+            r = results[i]
+            assert r is not None
+            results[i] = PublishResult(
+                r.effect,
+                AttemptOutcome.UNKNOWN,
+                f"ambiguous: {len(refused)} records failed together ({r.reason}); the "
+                "producer aborts its other batches after a refusal, so the culprit is unknown",
+                failed_in_flight=True,
+            )
+    return _done(results)
+
+
+def _refused_by_broker(result: PublishResult | None) -> bool:
+    return (
+        result is not None and result.outcome is AttemptOutcome.REJECTED and result.failed_in_flight
+    )
+
+
+def publish_batch_transactional(
+    producer: KafkaProducer,
+    batch: Sequence[ClaimedEffect],
+    *,
+    source: str,
+    timeout_s: float,
+    limit_bytes: int,
+    before_commit: Callable[[], None] | None = None,
+) -> list[PublishResult]:
+    """Publish the batch in one Kafka transaction: all of it becomes visible, or none of it.
+
+    Commit succeeded: every sent record is published. A send failed: the transaction is
+    aborted, and its records are provably invisible to read_committed readers (ABORTED, to be
+    tried again), except a lone definite refusal (REJECTED). Commit or abort ended without an
+    answer: every sent record is UNKNOWN, to be verified after fencing.
+    """
+    from relay import transactions
+
+    results: list[PublishResult | None] = [None] * len(batch)
+    try:
+        producer.begin_transaction()
+    except Exception as exc:  # noqa: BLE001 - nothing was sent: every record is untouched
+        reason = f"not sent: the transaction could not begin: {describe(exc)}"
+        return [
+            PublishResult(e, AttemptOutcome.NOT_SENT, reason, failed_in_flight=True) for e in batch
+        ]
+    pending = _send_all(producer, batch, results, source=source, limit_bytes=limit_bytes)
+    _await_all(producer, batch, results, pending, timeout_s)
+    sent = [i for i, _ in pending]
+    failed = [i for i in sent if _outcome(results[i]) is not AttemptOutcome.ACKED]
+    if failed:
+        try:
+            transactions.abort(producer, timeout_s)
+        except Exception as exc:  # noqa: BLE001 - an unfinished abort leaves everything unknown
+            why = f"ambiguous: a send failed and the abort did not complete: {describe(exc)}"
+            _mark_all(results, sent, AttemptOutcome.UNKNOWN, why)
+            return _done(results)
+        lone_refusal = len(failed) == 1 and _refused_by_broker(results[failed[0]])
+        for i in sent:
+            r = results[i]
+            assert r is not None
+            if lone_refusal and i == failed[0]:
+                continue
+            cause = r.reason if i in failed else "another record of its transaction failed"
+            results[i] = PublishResult(
+                r.effect,
+                AttemptOutcome.ABORTED,
+                f"transaction aborted, nothing visible: {cause}",
+                failed_in_flight=True,
+            )
+        return _done(results)
+    if sent:
+        if before_commit is not None:
+            before_commit()
+        try:
+            transactions.commit(producer, timeout_s)
+        except Exception as exc:  # noqa: BLE001 - a commit without an answer is ambiguous
+            _mark_all(
+                results,
+                sent,
+                AttemptOutcome.UNKNOWN,
+                f"ambiguous end of the transaction commit: {describe(exc)}",
+            )
+    else:
+        with contextlib.suppress(Exception):
+            transactions.abort(producer, timeout_s)
+    return _done(results)
+
+
+def _outcome(result: PublishResult | None) -> AttemptOutcome | None:
+    return None if result is None else result.outcome
+
+
+def _mark_all(
+    results: list[PublishResult | None], indexes: list[int], outcome: AttemptOutcome, reason: str
+) -> None:
+    for i in indexes:
+        r = results[i]
+        assert r is not None
+        results[i] = PublishResult(r.effect, outcome, reason, failed_in_flight=True)
 
 
 def close_quietly(producer: KafkaProducer | None, timeout_s: float = 5.0) -> None:
@@ -201,5 +311,5 @@ def close_quietly(producer: KafkaProducer | None, timeout_s: float = 5.0) -> Non
         return
     try:
         producer.close(timeout=timeout_s)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - closing a broken producer must not hide the cause
         log.warning("closing the Kafka producer failed: %s", describe(exc))

@@ -34,7 +34,7 @@ FROM relay.effect WHERE operation_key = %(operation_key)s;
 
 -- name: get_attempts
 SELECT attempt, replica_id, replica_epoch, started_at, ended_at, outcome, reason, partition,
-       "offset"
+       "offset", verification, verified_at
 FROM relay.attempt WHERE effect_id = %(effect_id)s ORDER BY attempt;
 
 -- name: get_transitions
@@ -177,3 +177,69 @@ UPDATE relay.doorbell SET armed = false WHERE armed;
 
 -- name: listen_doorbell
 LISTEN relay_doorbell;
+
+-- name: claim_verifications
+-- The relay's own UNKNOWN effects (never acknowledged) that are due for a check in Kafka. A
+-- replica checks its own attempts (its current producer has fenced the one that made them); the
+-- attempts of another replica only once that replica is silent past its lease (dead or paused):
+-- fencing a live replica from here would abort its current transaction.
+WITH due AS (
+    SELECT e.id FROM relay.effect e
+    JOIN relay.attempt a ON a.effect_id = e.id AND a.attempt = e.attempts
+    LEFT JOIN relay.replica r ON r.replica_id = a.replica_id
+    WHERE e.state = 'UNKNOWN' AND e.published_offset IS NULL
+      AND coalesce(e.verify_at, '-infinity') <= now()
+      AND (e.lease_until IS NULL OR e.lease_until < now())
+      AND (a.replica_id = %(owner)s
+           OR r.replica_id IS NULL
+           OR r.heartbeat_at < now() - make_interval(secs => %(lease_s)s))
+    ORDER BY e.verify_at NULLS FIRST, e.id
+    LIMIT %(limit)s
+    FOR UPDATE OF e SKIP LOCKED
+), taken AS (
+    UPDATE relay.effect AS e
+    SET owner = %(owner)s, owner_epoch = %(epoch)s,
+        lease_until = now() + make_interval(secs => %(lease_s)s)
+    FROM due WHERE e.id = due.id
+    RETURNING e.id, e.operation_key, e.topic, e.attempts, e.verify_tries
+)
+SELECT t.id, t.operation_key, t.topic, t.attempts, t.verify_tries, a.replica_id,
+       a.replica_epoch, a.started_at
+FROM taken t JOIN relay.attempt a ON a.effect_id = t.id AND a.attempt = t.attempts
+ORDER BY t.id;
+
+-- name: finish_verification
+-- Record what the check found: PUBLISHED (found), PENDING (absent: a new attempt may be made),
+-- UNKNOWN again (Kafka could not be asked; checked later) or STUCK (budget spent).
+-- Compare-and-set on the verifying replica's owner/epoch.
+WITH moved AS (
+    UPDATE relay.effect AS e
+    SET state = %(state)s, reason = %(reason)s, owner = NULL, owner_epoch = NULL,
+        lease_until = NULL, updated_at = now(),
+        verify_tries = CASE WHEN %(state)s = 'UNKNOWN' THEN e.verify_tries + 1 ELSE 0 END,
+        verify_at = CASE WHEN %(state)s = 'UNKNOWN'
+                         THEN now() + make_interval(secs => %(retry_in_s)s) ELSE NULL END,
+        available_at = CASE WHEN %(state)s = 'PENDING' THEN now() ELSE e.available_at END,
+        published_partition = coalesce(%(partition)s, e.published_partition),
+        published_offset = coalesce(%(offset)s, e.published_offset),
+        published_at = CASE WHEN %(state)s = 'PUBLISHED' THEN now() ELSE e.published_at END,
+        outcome_deadline = CASE
+            WHEN %(state)s = 'PUBLISHED' AND t.result_topic IS NOT NULL
+                THEN now() + make_interval(secs => t.outcome_timeout_s)
+            ELSE e.outcome_deadline END
+    FROM relay.effect_type t
+    WHERE e.id = %(id)s AND t.name = e.effect_type AND e.state = 'UNKNOWN'
+      AND e.owner = %(owner)s AND e.owner_epoch = %(epoch)s AND e.attempts = %(attempt)s
+    RETURNING e.id, e.attempts
+), attempt AS (
+    UPDATE relay.attempt AS a
+    SET verification = %(verification)s, verified_at = now(),
+        partition = coalesce(%(partition)s, a.partition),
+        "offset" = coalesce(%(offset)s, a."offset")
+    FROM moved m WHERE a.effect_id = m.id AND a.attempt = m.attempts
+), transition AS (
+    INSERT INTO relay.transition (effect_id, from_state, to_state, reason, actor, attempt)
+    SELECT m.id, 'UNKNOWN', %(state)s, %(reason)s, %(owner)s, m.attempts FROM moved m
+    WHERE %(state)s <> 'UNKNOWN'
+)
+SELECT count(*) FROM moved;

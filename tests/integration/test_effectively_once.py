@@ -1,0 +1,319 @@
+"""Issue 4 on the real broker: every ambiguous publish is verified in Kafka before any re-send,
+and a read_committed reader sees each effect exactly once, through kills, pauses and hangs."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import random
+import signal
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+import relay
+from relay.config import Settings
+from relay.daemon import Relay
+from relay.devservices import LocalKafka, Services
+from tests import support
+
+
+@pytest.fixture
+def broker() -> Iterator[LocalKafka]:
+    """A broker of this test's own, so that pausing it disturbs no other test."""
+    kafka = LocalKafka(extra_properties={"transaction.max.timeout.ms": "900000"})
+    kafka.start()
+    try:
+        yield kafka
+    finally:
+        kafka.stop()
+
+
+@contextmanager
+def running(daemon: Relay) -> Iterator[Relay]:
+    thread = threading.Thread(target=daemon.run, daemon=True)
+    thread.start()
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
+        thread.join(90)
+        assert not thread.is_alive(), "the relay did not stop"
+
+
+def _published_once(bootstrap: str, topic: str, keys: set[str]) -> Counter[str]:
+    records = support.read_topic(bootstrap, topic, len(keys), timeout_s=120)
+    seen = Counter(r.key.decode() for r in records)
+    assert set(seen) == keys, f"missing {len(keys - set(seen))}, extra {len(set(seen) - keys)}"
+    duplicated = {k: n for k, n in seen.items() if n > 1}
+    assert not duplicated, f"{len(duplicated)} keys seen more than once: {list(duplicated)[:5]}"
+    return seen
+
+
+def _attempt_story(url: str) -> list[tuple[Any, ...]]:
+    with psycopg.connect(url) as conn:
+        return conn.execute(
+            "SELECT e.operation_key, a.attempt, a.outcome, a.started_at, a.ended_at, "
+            "a.verification, a.verified_at, a.replica_id, a.reason "
+            "FROM relay.attempt a JOIN relay.effect e ON e.id = a.effect_id "
+            "ORDER BY e.operation_key, a.attempt"
+        ).fetchall()
+
+
+def _assert_no_resend_before_absent(url: str) -> int:
+    """Attempt n+1 of an effect exists only if attempt n provably published nothing, and it
+    started only after that was established. Returns how many attempts were verified."""
+    by_key: dict[str, list[tuple[Any, ...]]] = {}
+    for row in _attempt_story(url):
+        by_key.setdefault(row[0], []).append(row)
+    verified = sum(1 for attempts in by_key.values() for row in attempts if row[5] is not None)
+    for key, attempts in by_key.items():
+        for earlier, later in itertools.pairwise(attempts):
+            outcome, verification, verified_at = earlier[2], earlier[5], earlier[6]
+            if outcome in ("aborted", "not_sent"):
+                continue
+            assert verification is not None and verification.startswith("absent"), (
+                f"{key}: attempt {later[1]} made although attempt {earlier[1]} ended {outcome} "
+                f"without a check saying absent ({verification})"
+            )
+            assert later[3] >= verified_at, f"{key}: re-sent before the check"
+    return verified
+
+
+def test_broker_cut_mid_batch_ends_unknown_then_verified_and_published_once(
+    settings: Settings, broker: LocalKafka, prefix: str
+) -> None:
+    settings = settings.model_copy(
+        update={"kafka_bootstrap_servers": broker.bootstrap_servers, "publish_timeout_s": 4.0}
+    )
+    url = settings.require_database_url()
+    keys = {f"cut-{i}" for i in range(30)}
+    seen_unknown = threading.Event()
+    with running(Relay(settings)):
+        with psycopg.connect(url, autocommit=True) as conn:
+            relay.enqueue(conn, "email", "warm", {"n": -1})
+            support.wait_for(
+                lambda: support.count_states(url).get("PUBLISHED") == 1, 60, "a first publish"
+            )
+            broker.pause()
+            relay.enqueue_many(conn, [relay.Intent("email", k, {"k": k}) for k in sorted(keys)])
+            support.wait_for(
+                lambda: support.count_states(url).get("UNKNOWN") == 30, 60, "UNKNOWN outcomes"
+            )
+            seen_unknown.set()
+            time.sleep(2)  # Kafka is away: nothing may move out of UNKNOWN meanwhile
+            assert support.count_states(url).get("UNKNOWN") == 30
+        broker.resume()
+        support.wait_for(
+            lambda: support.count_states(url).get("PUBLISHED") == 31, 120, "verified publication"
+        )
+    assert seen_unknown.is_set()
+    _published_once(broker.bootstrap_servers, f"{prefix}.emails", keys | {"warm"})
+    verified = _assert_no_resend_before_absent(url)
+    assert verified >= 30
+    print(f"\nbroker cut: 30 UNKNOWN, {verified} checks, all published once")
+
+
+class HangingCommitRelay(Relay):
+    """Pauses the broker just before the first commit: the coordinator never answers it."""
+
+    def __init__(self, settings: Settings, broker: LocalKafka, hang_s: float) -> None:
+        super().__init__(settings)
+        self.broker = broker
+        self.hang_s = hang_s
+        self.hung = threading.Event()
+
+    def _before_commit(self) -> None:
+        if not self.hung.is_set():
+            self.hung.set()
+            self.broker.pause()
+            threading.Timer(self.hang_s, self.broker.resume).start()
+
+
+def test_hung_commit_is_abandoned_within_its_bound_then_verified(
+    settings: Settings, broker: LocalKafka, prefix: str
+) -> None:
+    timeout_s, hang_s = 3.0, 20.0
+    settings = settings.model_copy(
+        update={"kafka_bootstrap_servers": broker.bootstrap_servers, "publish_timeout_s": timeout_s}
+    )
+    url = settings.require_database_url()
+    keys = {f"hang-{i}" for i in range(50)}
+    with psycopg.connect(url) as conn:
+        relay.enqueue_many(conn, [relay.Intent("email", k, {"k": k}) for k in sorted(keys)])
+        conn.commit()
+    daemon = HangingCommitRelay(settings, broker, hang_s)
+    with running(daemon):
+        support.wait_for(daemon.hung.is_set, 60, "the commit to hang")
+        support.wait_for(
+            lambda: support.count_states(url).get("UNKNOWN", 0) > 0,
+            30,
+            "the commit to be abandoned",
+        )
+        support.wait_for(
+            lambda: support.count_states(url).get("PUBLISHED") == 50, 120, "verified publication"
+        )
+    story = _attempt_story(url)
+    hung = [row for row in story if row[1] == 1 and row[2] == "unknown"]
+    assert hung, "no attempt ended UNKNOWN"
+    for row in hung:
+        assert "commit" in row[8], row[8]
+        spent = (row[4] - row[3]).total_seconds()
+        assert spent < 2 * timeout_s + 5 < hang_s, f"the commit held the relay {spent:.1f}s"
+    _published_once(broker.bootstrap_servers, f"{prefix}.emails", keys)
+    assert _assert_no_resend_before_absent(url) >= len(hung)
+
+
+def _feed(url: str, keys: list[str], seconds: float, stop: threading.Event) -> None:
+    """Enqueue progressively, so that there is work in flight during every fault."""
+    per_round = max(1, len(keys) // int(seconds * 10))
+    with psycopg.connect(url) as conn:
+        for start in range(0, len(keys), per_round):
+            if stop.is_set():
+                return
+            chunk = keys[start : start + per_round]
+            relay.enqueue_many(conn, [relay.Intent("email", k, {"k": k}) for k in chunk])
+            conn.commit()
+            time.sleep(0.1)
+
+
+def test_crash_kill_nine_thirty_times_loses_nothing_and_duplicates_nothing(
+    settings: Settings, services: Services, prefix: str, tmp_path: Path
+) -> None:
+    total, kills = 20_000, 30
+    fast = {"lease_s": 8.0, "publish_timeout_s": 4.0, "batch_size": 200}
+    url = settings.require_database_url()
+    configs = {
+        name: support.write_config(
+            tmp_path / f"{name}.toml",
+            settings.model_copy(update={**fast, "replica_id": f"{prefix}-{name}"}),
+        )
+        for name in ("steady", "victim")
+    }
+    keys = [f"crash-{i:05d}" for i in range(total)]
+    stop_feed = threading.Event()
+    feeder = threading.Thread(target=_feed, args=(url, keys, 60.0, stop_feed))
+    steady = support.start_relay(configs["steady"], tmp_path / "steady.log")
+    victim = support.start_relay(configs["victim"], tmp_path / "victim.log")
+    feeder.start()
+    rng = random.Random(4)
+    killed = 0
+    try:
+        while killed < kills:
+            time.sleep(rng.uniform(0.6, 2.2))  # startup takes about a second: any phase
+            victim.send_signal(signal.SIGKILL)
+            victim.wait()
+            killed += 1
+            victim = support.start_relay(configs["victim"], tmp_path / "victim.log")
+        feeder.join()
+        support.wait_for(
+            lambda: support.count_states(url).get("PUBLISHED") == total, 240, "every effect"
+        )
+    finally:
+        stop_feed.set()
+        feeder.join()
+        codes = [support.stop_process(p) for p in (steady, victim)]
+    assert codes == [0, 0], (tmp_path / "steady.log").read_text()[-3000:]
+    assert support.count_states(url) == {"PUBLISHED": total}
+    seen = _published_once(services.kafka_bootstrap_servers, f"{prefix}.emails", set(keys))
+    verified = _assert_no_resend_before_absent(url)
+    story = _attempt_story(url)
+    outcomes = Counter(row[2] for row in story)
+    print(
+        f"\ncrash test: {killed} SIGKILLs, {total} effects, {len(story)} attempts "
+        f"{dict(outcomes)}, "
+        f"{verified} verified; read_committed saw {sum(seen.values())} records, "
+        f"{len(seen)} distinct keys, 0 duplicates, 0 missing"
+    )
+    assert killed >= 30
+
+
+def test_paused_zombie_publishes_and_marks_nothing(
+    settings: Settings, services: Services, prefix: str, tmp_path: Path
+) -> None:
+    fast = {
+        "lease_s": 5.0,
+        "publish_timeout_s": 3.0,
+        "transaction_timeout_s": 4.0,
+        "batch_size": 100,
+    }
+    url = settings.require_database_url()
+    keys = [f"zombie-{i:05d}" for i in range(6000)]
+    with psycopg.connect(url) as conn:
+        relay.enqueue_many(conn, [relay.Intent("email", k, {"k": k}) for k in keys])
+        conn.commit()
+    zombie_id, other_id = f"{prefix}-zombie", f"{prefix}-other"
+    zombie_cfg = support.write_config(
+        tmp_path / "zombie.toml", settings.model_copy(update={**fast, "replica_id": zombie_id})
+    )
+    other_cfg = support.write_config(
+        tmp_path / "other.toml", settings.model_copy(update={**fast, "replica_id": other_id})
+    )
+    zombie = support.start_relay(zombie_cfg, tmp_path / "zombie.log")
+    held: list[tuple[str, int]] = []
+    with psycopg.connect(url, autocommit=True) as conn:
+
+        def holding() -> bool:
+            rows = conn.execute(
+                "SELECT operation_key, attempts FROM relay.effect "
+                "WHERE state = 'DISPATCHING' AND owner = %s",
+                (zombie_id,),
+            ).fetchall()
+            if not rows:
+                return False
+            os.kill(zombie.pid, signal.SIGSTOP)
+            held.extend(
+                conn.execute(
+                    "SELECT operation_key, attempts FROM relay.effect "
+                    "WHERE state = 'DISPATCHING' AND owner = %s",
+                    (zombie_id,),
+                ).fetchall()
+            )
+            if held:
+                return True
+            os.kill(zombie.pid, signal.SIGCONT)
+            return False
+
+        support.wait_for(holding, 60, "the zombie to hold a batch", interval=0.01)
+    paused_at = time.time()
+    other = support.start_relay(other_cfg, tmp_path / "other.log")
+    try:
+        time.sleep(fast["transaction_timeout_s"] + fast["lease_s"] + 4)  # past both
+        os.kill(zombie.pid, signal.SIGCONT)
+        support.wait_for(
+            lambda: support.count_states(url).get("PUBLISHED") == len(keys), 180, "every effect"
+        )
+    finally:
+        codes = [support.stop_process(p) for p in (zombie, other)]
+    assert codes == [0, 0], (tmp_path / "zombie.log").read_text()[-3000:]
+    _published_once(services.kafka_bootstrap_servers, f"{prefix}.emails", set(keys))
+    held_set = {(k, a) for k, a in held}
+    with psycopg.connect(url) as conn:
+        marks = conn.execute(
+            "SELECT e.operation_key, t.attempt, t.to_state, t.at FROM relay.transition t "
+            "JOIN relay.effect e ON e.id = t.effect_id "
+            "WHERE t.actor = %s AND t.from_state = 'DISPATCHING'",
+            (zombie_id,),
+        ).fetchall()
+        checks = conn.execute(
+            "SELECT e.operation_key, a.attempt, a.outcome, a.verification FROM relay.attempt a "
+            "JOIN relay.effect e ON e.id = a.effect_id WHERE a.replica_id = %s",
+            (zombie_id,),
+        ).fetchall()
+    zombie_marks = [m for m in marks if (m[0], m[1]) in held_set]
+    assert not zombie_marks, f"the zombie marked {len(zombie_marks)} of its old attempts"
+    held_checks = [c for c in checks if (c[0], c[1]) in held_set]
+    assert len(held_checks) == len(held_set)
+    assert all(c[2] == "unknown" and c[3] is not None for c in held_checks), held_checks[:3]
+    _assert_no_resend_before_absent(url)
+    print(
+        f"\nzombie: paused holding {len(held_set)} attempts at {paused_at:.0f}; "
+        f"all checked in Kafka by the other replica; the zombie marked none of them"
+    )
