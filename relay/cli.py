@@ -20,7 +20,7 @@ from psycopg.rows import dict_row
 from relay import outbox
 from relay.config import Settings, load_settings
 from relay.db import connect
-from relay.errors import RelayError
+from relay.errors import RelayError, ServiceUnavailableError
 from relay.logs import configure, redact
 from relay.migrations import migrate as apply_migrations
 from relay.migrations import sync_effect_types
@@ -42,6 +42,11 @@ def parse_duration(text: str) -> float:
     return float(match.group(1)) * _UNIT_S[match.group(2)]
 
 
+def _first_line(exc: BaseException) -> str:
+    lines = redact(str(exc)).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
 def clean_errors(func: F) -> F:
     """Turn the relay's errors and unreachable services into one line on stderr and an exit code."""
 
@@ -49,12 +54,14 @@ def clean_errors(func: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
+        except ServiceUnavailableError as exc:
+            click.echo(f"error: {_first_line(exc)}", err=True)
+            sys.exit(EXIT_UNAVAILABLE)
         except RelayError as exc:
             click.echo(f"error: {redact(str(exc))}", err=True)
             sys.exit(EXIT_USAGE)
         except psycopg.OperationalError as exc:
-            first = redact(str(exc)).strip().splitlines()[0] if str(exc).strip() else ""
-            click.echo(f"error: PostgreSQL unavailable: {first}", err=True)
+            click.echo(f"error: PostgreSQL unavailable: {_first_line(exc)}", err=True)
             sys.exit(EXIT_UNAVAILABLE)
 
     return cast(F, wrapper)

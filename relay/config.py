@@ -129,8 +129,18 @@ class Settings(BaseSettings):
     replica_id: str = Field(default_factory=socket.gethostname, min_length=1, max_length=200)
     batch_size: int = Field(default=500, ge=1, le=50_000)
     poll_interval_s: float = Field(default=1.0, gt=0, le=60)
-    lease_s: float = Field(default=60.0, gt=0)
-    publish_timeout_s: float = Field(default=30.0, gt=0)
+    lease_s: float = Field(
+        default=90.0,
+        gt=0,
+        description="How long a claimed effect stays with its replica; past it, an effect left "
+        "DISPATCHING is UNKNOWN. Must exceed 2 x publish_timeout_s (sends, then commit).",
+    )
+    publish_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="Bound on each Kafka wait of a batch (the sends, the commit or abort); an "
+        "expired wait ends the batch UNKNOWN.",
+    )
     max_request_size: int = Field(default=1_048_576, ge=1024)
     max_message_bytes: int = Field(
         default=1_048_588,
@@ -144,7 +154,12 @@ class Settings(BaseSettings):
         description="Publish each batch in a Kafka transaction (transactional id per replica), so "
         "an ambiguous batch can be verified after fencing. False: idempotent producer only.",
     )
-    transaction_timeout_s: float = Field(default=60.0, gt=0)
+    transaction_timeout_s: float = Field(
+        default=90.0,
+        gt=0,
+        description="Kafka transaction.timeout.ms of the relay's producer; must exceed "
+        "2 x publish_timeout_s and stay within the brokers' transaction.max.timeout.ms.",
+    )
     verify_max_tries: int = Field(
         default=20, ge=1, description="Failed checks of an ambiguous publish before it is STUCK."
     )
@@ -188,6 +203,20 @@ class Settings(BaseSettings):
                 named[key] = {"name": key, **spec} if isinstance(spec, dict) else spec
             data = {**data, "effect_types": named}
         return data
+
+    @model_validator(mode="after")
+    def _timeouts_fit(self) -> Settings:
+        if self.lease_s <= 2 * self.publish_timeout_s:
+            raise ValueError(
+                f"lease_s ({self.lease_s:g}) must exceed 2 x publish_timeout_s "
+                f"({self.publish_timeout_s:g}): a live replica's batch must end within its lease"
+            )
+        if self.transaction_timeout_s <= 2 * self.publish_timeout_s:
+            raise ValueError(
+                f"transaction_timeout_s ({self.transaction_timeout_s:g}) must exceed "
+                f"2 x publish_timeout_s ({self.publish_timeout_s:g})"
+            )
+        return self
 
     @model_validator(mode="after")
     def _compensations_declared(self) -> Settings:
@@ -256,11 +285,11 @@ def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
 def _describe(exc: ValidationError, source: Path | None) -> str:
     problems = []
     for err in exc.errors():
-        loc = ".".join(str(part) for part in err["loc"]) or "(root)"
+        loc = ".".join(str(part) for part in err["loc"])
         top = str(err["loc"][0]) if err["loc"] else ""
         env_name = f"{ENV_PREFIX}{top.upper()}"
         where = f" (or {env_name})" if top and top != "effect_types" else ""
         message = str(err["msg"]).removeprefix("Value error, ")
-        problems.append(f"setting '{loc}'{where}: {message}")
+        problems.append(f"setting '{loc}'{where}: {message}" if err["loc"] else message)
     origin = f"in {source}" if source else "in the configuration"
     return f"invalid configuration {origin}: " + "; ".join(problems)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import random
 import threading
 import time
 from collections import Counter
@@ -440,7 +441,8 @@ class Relay:
                     )
                     return
                 self._wait(backoff.next_delay(), f"recording outcomes failed: {describe(exc)}")
-        observability.record_marked(results, params["states"], [row[0] for row in marked])
+        states = [self._state_after(r).value for r in results]
+        observability.record_marked(results, states, [row[0] for row in marked])
         if len(marked) != len(results):
             log.warning(
                 "some outcomes were not recorded: the lease was lost or the replica fenced",
@@ -450,7 +452,11 @@ class Relay:
     def _gave_up(self, result: PublishResult) -> bool:
         """Attempts that provably published nothing are retried, but not forever."""
         retriable = STATE_AFTER[result.outcome] is EffectState.PENDING
-        return retriable and result.effect.attempt >= self.settings.max_publish_attempts
+        return (
+            retriable
+            and result.suspect
+            and result.effect.attempt >= self.settings.max_publish_attempts
+        )
 
     def _state_after(self, result: PublishResult) -> EffectState:
         return EffectState.REJECTED if self._gave_up(result) else STATE_AFTER[result.outcome]
@@ -467,11 +473,12 @@ class Relay:
         """A seam for fault-injection tests (for example, to hang the coordinator here)."""
 
     def _not_sent_delay(self, result: PublishResult) -> float:
-        if STATE_AFTER[result.outcome] is not EffectState.PENDING:
+        if STATE_AFTER[result.outcome] is not EffectState.PENDING or not result.suspect:
+            # An innocent record of an aborted transaction goes again at once; the suspects
+            # wait (with jitter), so the next batch is not poisoned by the same record.
             return 0.0
         exponent = min(result.effect.attempt - 1, 20)
-        return float(
-            min(
-                self.settings.not_sent_backoff_max_s, self.settings.not_sent_backoff_s * 2**exponent
-            )
+        cap = self.settings.not_sent_backoff_max_s
+        return float(min(cap, self.settings.not_sent_backoff_s * 2**exponent)) * random.uniform(
+            0.5, 1.5
         )

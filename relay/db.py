@@ -24,4 +24,4 @@ def connect(
             connect_timeout=10,
         )
     except psycopg.OperationalError as exc:
-        raise ServiceUnavailableError(f"cannot connect to PostgreSQL: {redact(str(exc))}") from None
+        raise ServiceUnavailableError(f"PostgreSQL unavailable: {redact(str(exc))}") from None

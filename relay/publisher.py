@@ -49,6 +49,7 @@ class PublishResult:
     partition: int | None = None
     offset: int | None = None
     failed_in_flight: bool = False  # the error came through the future: the producer is suspect
+    suspect: bool = True  # False: aborted only because another record of its transaction failed
 
 
 def kafka_security(settings: Settings) -> dict[str, Any]:
@@ -267,12 +268,14 @@ def publish_batch_transactional(
             assert r is not None
             if lone_refusal and i == failed[0]:
                 continue
-            cause = r.reason if i in failed else "another record of its transaction failed"
+            own = i in failed
+            cause = r.reason if own else "another record of its transaction failed"
             results[i] = PublishResult(
                 r.effect,
                 AttemptOutcome.ABORTED,
                 f"transaction aborted, nothing visible: {cause}",
                 failed_in_flight=True,
+                suspect=own,
             )
         return _done(results)
     if sent:

@@ -91,7 +91,10 @@ def test_broker_cut_mid_batch_ends_unknown_then_verified_and_published_once(
     settings: Settings, broker: LocalKafka, prefix: str
 ) -> None:
     settings = settings.model_copy(
-        update={"kafka_bootstrap_servers": broker.bootstrap_servers, "publish_timeout_s": 4.0}
+        update={
+            "kafka_bootstrap_servers": broker.bootstrap_servers,
+            "publish_timeout_s": 4.0,
+        }
     )
     url = settings.require_database_url()
     keys = {f"cut-{i}" for i in range(30)}
@@ -188,7 +191,12 @@ def test_crash_kill_nine_thirty_times_loses_nothing_and_duplicates_nothing(
     settings: Settings, services: Services, prefix: str, tmp_path: Path
 ) -> None:
     total, kills = 20_000, 30
-    fast = {"lease_s": 8.0, "publish_timeout_s": 4.0, "batch_size": 200}
+    fast = {
+        "lease_s": 8.0,
+        "publish_timeout_s": 3.5,
+        "transaction_timeout_s": 8.0,
+        "batch_size": 200,
+    }
     url = settings.require_database_url()
     configs = {
         name: support.write_config(
@@ -240,8 +248,8 @@ def test_paused_zombie_publishes_and_marks_nothing(
 ) -> None:
     fast = {
         "lease_s": 5.0,
-        "publish_timeout_s": 3.0,
-        "transaction_timeout_s": 4.0,
+        "publish_timeout_s": 2.0,
+        "transaction_timeout_s": 4.5,
         "batch_size": 100,
     }
     url = settings.require_database_url()

@@ -91,3 +91,8 @@ def test_malformed_declarations_are_refused(spec: dict[str, object], message: st
 def test_database_url_is_required_when_used() -> None:
     with pytest.raises(ConfigError, match="RELAY_DATABASE_URL"):
         load_settings(None).require_database_url()
+
+
+def test_lease_must_outlast_a_batch() -> None:
+    with pytest.raises(ConfigError, match=r"lease_s \(10\) must exceed 2 x publish_timeout_s"):
+        load_settings(None, lease_s=10, publish_timeout_s=6)

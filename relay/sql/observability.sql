@@ -1,0 +1,30 @@
+-- Queries of relay.observability: what the /metrics endpoint reads from the outbox itself.
+
+-- name: observability_snapshot
+-- One scrape's view of the outbox in one statement, so that every replica reports the same truth:
+-- effects by type and state (answered from the (effect_type, state) index), every declared type
+-- (so that a zero is reported as 0, not as a missing series), and how long the oldest due
+-- PENDING, UNKNOWN and STUCK effects have waited. An effect's time in UNKNOWN/STUCK starts at its
+-- last transition into that state (updated_at moves on at every failed verification).
+SELECT 'effects' AS kind, effect_type, state, count(*)::float8 AS value
+FROM relay.effect
+GROUP BY effect_type, state
+UNION ALL
+SELECT 'type', name, NULL, 0 FROM relay.effect_type
+UNION ALL
+SELECT 'oldest_age', NULL, 'PENDING',
+       coalesce(extract(epoch FROM now() - min(available_at)), 0)::float8
+FROM relay.effect
+WHERE state = 'PENDING' AND available_at <= now()
+UNION ALL
+SELECT 'oldest_age', NULL, e.state,
+       coalesce(extract(epoch FROM now() - min(coalesce(
+           (SELECT max(t.at) FROM relay.transition t
+            WHERE t.effect_id = e.id AND t.to_state = e.state),
+           e.updated_at))), 0)::float8
+FROM relay.effect e
+WHERE e.state IN ('UNKNOWN', 'STUCK')
+GROUP BY e.state;
+
+-- name: observability_ping
+SELECT 1;

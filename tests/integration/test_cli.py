@@ -1,0 +1,110 @@
+"""The ``relay`` command as a user runs it: real subprocesses, a real database."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from relay.config import Settings
+from tests import support
+
+
+def relay_cli(
+    config: Path | None, *args: str, stdin: str = "", **env: str
+) -> subprocess.CompletedProcess[str]:
+    prefix = ["--config", str(config)] if config else []
+    return subprocess.run(
+        [sys.executable, "-m", "relay.cli", *prefix, *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=support.relay_env(**env),
+        timeout=60,
+    )
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess[str], code: int, text: str) -> None:
+    assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr
+    assert text in result.stderr, result.stderr
+
+
+def test_the_story_of_one_effect(settings: Settings, tmp_path: Path) -> None:
+    config = support.write_config(tmp_path / "relay.toml", settings)
+    payload = '{"account": "A", "amount": 5, "date": "d"}'
+    made = relay_cli(config, "enqueue", "wire", "cli-1", payload)
+    assert made.returncode == 0, made.stderr
+    assert "enqueued: cli-1" in made.stdout
+    again = relay_cli(config, "enqueue", "wire", "cli-1", "-", stdin=payload)
+    assert "already present: cli-1" in again.stdout
+    shown = relay_cli(config, "show", "cli-1")
+    assert "[PENDING]" in shown.stdout and "business_key  A:5:d" in shown.stdout
+    assert "- ->     PENDING" not in shown.stdout and "PENDING" in shown.stdout
+    doc = json.loads(relay_cli(config, "show", "cli-1", "--json").stdout)
+    assert doc["effect"]["state"] == "PENDING" and doc["transitions"][0]["to_state"] == "PENDING"
+    listed = relay_cli(config, "list", "--state", "pending", "--type", "wire")
+    assert "cli-1" in listed.stdout
+    assert relay_cli(config, "list", "--state", "UNKNOWN").stdout == ""
+    stats = json.loads(relay_cli(config, "stats", "--json").stdout)
+    assert stats[0]["effect_type"] == "wire" and stats[0]["effects"] == 1
+    assert relay_cli(config, "cancel", "cli-1").returncode == 0
+    assert "[CANCELLED]" in relay_cli(config, "show", "cli-1").stdout
+    assert_one_line_error(
+        relay_cli(config, "cancel", "cli-1"), 2, "only a PENDING effect can be cancelled"
+    )
+
+
+def test_bad_input_gets_one_clear_line(settings: Settings, tmp_path: Path) -> None:
+    config = support.write_config(tmp_path / "relay.toml", settings)
+    assert_one_line_error(
+        relay_cli(config, "enqueue", "wire", "k", "{not json"), 2, "not valid JSON"
+    )
+    assert_one_line_error(relay_cli(config, "enqueue", "wire", "k", "[1]"), 2, "JSON object")
+    assert_one_line_error(
+        relay_cli(config, "enqueue", "nope", "k", "{}"),
+        2,
+        "error: effect type 'nope' is not declared",
+    )
+    assert_one_line_error(
+        relay_cli(config, "enqueue", "wire", "k", '{"account": "A"}'), 2, "lacks field 'amount'"
+    )
+    relay_cli(config, "enqueue", "email", "dup", '{"a": 1}')
+    assert_one_line_error(
+        relay_cli(config, "enqueue", "email", "dup", '{"a": 2}'), 2, "already names another intent"
+    )
+    assert_one_line_error(
+        relay_cli(config, "enqueue", "email", "t", "{}", "--traceparent", "xyz"), 2, "traceparent"
+    )
+    assert_one_line_error(relay_cli(config, "show", "missing"), 1, "no effect has operation key")
+    assert_one_line_error(relay_cli(config, "list", "--state", "BOGUS"), 2, "Invalid value")
+    assert_one_line_error(relay_cli(config, "list", "--older-than", "soon"), 2, "not a duration")
+
+
+def test_bad_configuration_names_the_setting(tmp_path: Path) -> None:
+    assert_one_line_error(relay_cli(tmp_path / "missing.toml", "stats"), 2, "does not exist")
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[effect_types.wire]\ntopic = "w"\n')
+    assert_one_line_error(relay_cli(bad, "stats"), 2, "not idempotent but declares no business_key")
+    assert_one_line_error(relay_cli(None, "stats", RELAY_BATCH_SIZE="many"), 2, "RELAY_BATCH_SIZE")
+    assert_one_line_error(relay_cli(None, "stats"), 2, "RELAY_DATABASE_URL")
+
+
+def test_unreachable_database_is_a_clear_error(tmp_path: Path) -> None:
+    port = support.free_port()
+    result = relay_cli(
+        None, "stats", RELAY_DATABASE_URL=f"postgresql://app:hunter2@127.0.0.1:{port}/x"
+    )
+    assert_one_line_error(result, 3, "PostgreSQL unavailable")
+    assert "hunter2" not in result.stderr
+
+
+def test_migrate_is_safe_to_rerun(database_url: str, tmp_path: Path, prefix: str) -> None:
+    settings = support.make_settings(database_url, "127.0.0.1:1", prefix)
+    config = support.write_config(tmp_path / "relay.toml", settings)
+    first = relay_cli(config, "migrate")
+    assert first.returncode == 0, first.stderr
+    assert "applied 0001_initial" in first.stdout
+    second = relay_cli(config, "migrate")
+    assert "schema is up to date" in second.stdout

@@ -1,0 +1,28 @@
+"""The README's reference stays true to the code."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from relay.cli import main
+from relay.config import Settings
+
+README = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+
+
+def test_every_setting_is_documented_with_its_variable() -> None:
+    for name in Settings.model_fields:
+        assert f"| `{name}` |" in README, f"setting {name} is missing from the README"
+        if name != "effect_types":
+            assert f"`RELAY_{name.upper()}`" in README
+
+
+def test_every_command_is_documented_and_has_help() -> None:
+    runner = CliRunner()
+    for name, command in main.commands.items():
+        assert f"`relay {name}" in README, f"command {name} is missing from the README"
+        result = runner.invoke(main, [name, "--help"])
+        assert result.exit_code == 0, result.output
+        assert (command.help or "").split("\n")[0].strip()[:30] in result.output

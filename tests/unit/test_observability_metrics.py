@@ -1,0 +1,248 @@
+"""Recording functions, the PromQL name extractor and the HTTP endpoints, without servers."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from relay.config import load_settings
+from relay.observability import metrics, start_observability
+from relay.observability.metrics import REGISTRY
+from relay.observability.promql import metric_names
+from relay.observability.server import ObservabilityServer
+from relay.outcomes import AttemptOutcome
+from relay.publisher import ClaimedEffect, PublishResult
+
+NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
+
+
+def value(name: str, **labels: str) -> float:
+    found = REGISTRY.get_sample_value(name, labels)
+    return 0.0 if found is None else found
+
+
+def result(effect_id: int, outcome: AttemptOutcome, created: datetime) -> PublishResult:
+    effect = ClaimedEffect(effect_id, f"op-{effect_id}", "wire", "t", "{}", None, None, 1, created)
+    return PublishResult(effect, outcome)
+
+
+@pytest.mark.parametrize(
+    ("expr", "names"),
+    [
+        ("up", {"up"}),
+        ('max by (namespace) (relay_effects{state="STUCK"}) > 0', {"relay_effects"}),
+        (
+            "histogram_quantile(0.99, sum by (le) (rate(a_bucket[$__rate_interval])))",
+            {"a_bucket"},
+        ),
+        ('sum(rate(x_total{a=~"b|c"}[5m] offset 1h)) / ignoring(a) group_left y', {"x_total", "y"}),
+        ('absent(up{job="outbox-relay"} == 1)', {"up"}),
+        ("max_over_time(g[1h:5m]) and on (instance) h unless bool k", {"g", "h", "k"}),
+        ('{__name__="named_metric", job="x"}', {"named_metric"}),
+        ("count(x) without (by_label) > 1e3", {"x"}),
+        ('label_replace(m, "dst", "$1", "src", "(.*)")', {"m"}),
+    ],
+)
+def test_metric_names(expr: str, names: set[str]) -> None:
+    assert metric_names(expr) == names
+
+
+def test_record_publish_counts_outcomes_and_observes_ack_latency() -> None:
+    acked = value("relay_attempts_total", outcome="acked")
+    unknown = value("relay_attempts_total", outcome="unknown")
+    count = value("relay_publish_latency_seconds_count")
+    total = value("relay_publish_latency_seconds_sum")
+    below_5s = value("relay_publish_latency_seconds_bucket", le="5.0")
+    metrics.record_publish(
+        [
+            result(1, AttemptOutcome.ACKED, NOW - timedelta(seconds=3)),
+            result(2, AttemptOutcome.UNKNOWN, NOW - timedelta(seconds=3)),
+            # The database's clock ahead of ours: never a negative latency.
+            result(3, AttemptOutcome.ACKED, NOW + timedelta(seconds=2)),
+        ],
+        now=NOW,
+    )
+    assert value("relay_attempts_total", outcome="acked") == acked + 2
+    assert value("relay_attempts_total", outcome="unknown") == unknown + 1
+    assert value("relay_publish_latency_seconds_count") == count + 2  # only acks have a latency
+    assert value("relay_publish_latency_seconds_sum") == pytest.approx(total + 3.0)
+    assert value("relay_publish_latency_seconds_bucket", le="5.0") == below_5s + 2
+
+
+def test_record_marked_counts_only_the_rows_really_marked() -> None:
+    def moved(to: str) -> float:
+        return value("relay_transitions_total", from_state="DISPATCHING", to_state=to)
+
+    published, unknown = moved("PUBLISHED"), moved("UNKNOWN")
+    results = [
+        result(10, AttemptOutcome.ACKED, NOW),
+        result(11, AttemptOutcome.ACKED, NOW),
+        result(12, AttemptOutcome.UNKNOWN, NOW),
+    ]
+    # Effect 11 lost its lease: compare-and-set skipped it.
+    metrics.record_marked(results, ["PUBLISHED", "PUBLISHED", "UNKNOWN"], [10, 12])
+    assert moved("PUBLISHED") == published + 1
+    assert moved("UNKNOWN") == unknown + 1
+
+
+def test_verification_and_lease_expiry_are_transitions() -> None:
+    found = value("relay_verifications_total", result="found")
+    to_published = value("relay_transitions_total", from_state="UNKNOWN", to_state="PUBLISHED")
+    unreachable = value("relay_verifications_total", result="unreachable")
+    expired = value("relay_transitions_total", from_state="DISPATCHING", to_state="UNKNOWN")
+    metrics.record_verification("PUBLISHED", 1)
+    metrics.record_verification("UNKNOWN", 1)  # Kafka not reachable: no transition
+    metrics.record_verification("PUBLISHED", 0)  # compare-and-set moved nothing
+    metrics.record_leases_expired(3)
+    assert value("relay_verifications_total", result="found") == found + 1
+    assert value("relay_verifications_total", result="unreachable") == unreachable + 1
+    assert (
+        value("relay_transitions_total", from_state="UNKNOWN", to_state="PUBLISHED")
+        == to_published + 1
+    )
+    assert value("relay_transitions_total", from_state="UNKNOWN", to_state="UNKNOWN") == 0
+    assert (
+        value("relay_transitions_total", from_state="DISPATCHING", to_state="UNKNOWN")
+        == expired + 3
+    )
+
+
+def test_label_values_stay_bounded() -> None:
+    other = value("relay_observations_total", answer="other")
+    metrics.record_observation("a-new-answer-from-a-plugin")
+    metrics.record_quarantined("some free text")
+    metrics.record_transition("NOT_A_STATE", "CONFIRMED")
+    assert value("relay_observations_total", answer="other") == other + 1
+    assert (
+        REGISTRY.get_sample_value(
+            "relay_observations_total", {"answer": "a-new-answer-from-a-plugin"}
+        )
+        is None
+    )
+    assert value("relay_results_quarantined_total", reason="other") >= 1
+    assert value("relay_transitions_total", from_state="other", to_state="CONFIRMED") >= 1
+
+
+def test_consumer_lag_drops_topics_no_longer_assigned() -> None:
+    metrics.set_consumer_lag({"a.results": 5, "b.results": 7})
+    metrics.set_consumer_lag({"b.results": 2})
+    assert (
+        REGISTRY.get_sample_value("relay_reconciler_consumer_lag_records", {"topic": "a.results"})
+        is None
+    )
+    assert value("relay_reconciler_consumer_lag_records", topic="b.results") == 2
+
+
+def test_reconciler_series_exist_at_zero_once_prepared() -> None:
+    metrics.prepare("reconciler")
+    assert REGISTRY.get_sample_value("relay_results_total", {"outcome": "committed"}) is not None
+    assert value("relay_build_info", daemon="reconciler", version=metrics._version()) == 1
+    with pytest.raises(ValueError):
+        metrics.prepare("cron")
+
+
+# -- the HTTP endpoints ---------------------------------------------------------------------------
+
+
+def get(url: str) -> tuple[int, str, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status, response.headers["Content-Type"], response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers["Content-Type"], exc.read().decode()
+
+
+class Flaky:
+    """A readiness check that fails with a password in its message, then recovers."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.failing = True
+
+    def __call__(self) -> None:
+        self.calls += 1
+        if self.failing:
+            raise ConnectionError("cannot reach postgresql://app:hunter2@db:5432/app")
+
+
+@pytest.fixture
+def endpoints() -> Iterator[tuple[str, Flaky]]:
+    flaky = Flaky()
+    server = ObservabilityServer(
+        "127.0.0.1", 0, [REGISTRY], {"always": lambda: None, "database": flaky}, ready_cache_s=0.2
+    ).start()
+    try:
+        yield f"http://127.0.0.1:{server.address[1]}", flaky
+    finally:
+        server.stop()
+
+
+def test_metrics_endpoint(endpoints: tuple[str, Flaky]) -> None:
+    base, _ = endpoints
+    status, content_type, body = get(base + "/metrics")
+    assert status == 200
+    assert content_type.startswith("text/plain")
+    assert '\nrelay_attempts_total{outcome="acked"} ' in body
+    assert "# TYPE relay_publish_latency_seconds histogram" in body
+    assert "process_start_time_seconds" in body
+    assert "_created" not in body
+
+
+def test_healthz_is_alive_even_when_not_ready(endpoints: tuple[str, Flaky]) -> None:
+    base, _ = endpoints
+    assert get(base + "/healthz")[0] == 200
+    assert get(base + "/readyz")[0] == 503
+    assert get(base + "/nope")[0] == 404
+
+
+def test_readyz_says_why_without_secrets_and_recovers(endpoints: tuple[str, Flaky]) -> None:
+    base, flaky = endpoints
+    status, _, body = get(base + "/readyz")
+    assert status == 503
+    assert "always: ok" in body
+    assert "database: FAILED: ConnectionError" in body
+    assert "hunter2" not in body
+    # Probes within the cache time share one round of checks.
+    calls = flaky.calls
+    get(base + "/readyz")
+    assert flaky.calls == calls
+    flaky.failing = False
+    import time
+
+    time.sleep(0.3)
+    status, _, body = get(base + "/readyz")
+    assert status == 200, body
+    assert body.startswith("ready\n")
+
+
+def test_a_taken_port_is_logged_and_the_daemon_carries_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        settings = load_settings(
+            None,
+            database_url="postgresql://relay:pw@127.0.0.1:1/x",
+            metrics_host="127.0.0.1",
+            metrics_port=port,
+        )
+        with caplog.at_level(logging.ERROR):
+            running = start_observability(settings, daemon="relay")
+    assert running.server is None
+    assert f"cannot serve metrics on 127.0.0.1:{port}" in caplog.text
+    running.stop()
+
+
+def test_metrics_port_zero_serves_nothing() -> None:
+    settings = load_settings(None, database_url="postgresql://x@127.0.0.1:1/x", metrics_port=0)
+    running = start_observability(settings, daemon="relay")
+    assert running.server is None
+    running.stop()
