@@ -31,12 +31,14 @@ from relay.migrations import migrate, sync_effect_types
 from relay.publisher import make_producer
 
 
-def _settings(url: str, bootstrap: str, prefix: str) -> Settings:
+def _settings(url: str, bootstrap: str, prefix: str, transactions: bool = True) -> Settings:
     return load_settings(
         None,
         database_url=url,
         kafka_bootstrap_servers=bootstrap,
         replica_id=f"bench-{prefix}",
+        kafka_transactions=transactions,
+        metrics_port=0,
         effect_types={"bench": {"topic": f"{prefix}.bench", "idempotent": True}},
     )
 
@@ -70,8 +72,23 @@ def _start(settings: Settings) -> tuple[Relay, threading.Thread]:
 
 
 def bench_throughput(server_url: str, bootstrap: str, effects: int) -> None:
+    transactional = _relay_throughput(server_url, bootstrap, effects, transactions=True)[0]
+    idempotent = _relay_throughput(server_url, bootstrap, effects, transactions=False)[0]
+    bare = _bare_throughput(server_url, bootstrap, effects)
+    print(
+        f"throughput ({effects} effects, one relay): transactional {transactional:,.0f}/s; "
+        f"idempotent-only {idempotent:,.0f}/s (transactions cost "
+        f"{(1 - transactional / idempotent) * 100:.0f}%); bare kafka-python producer "
+        f"{bare:,.0f} records/s (relay/bare: {transactional / bare:.2f} transactional, "
+        f"{idempotent / bare:.2f} idempotent)"
+    )
+
+
+def _relay_throughput(
+    server_url: str, bootstrap: str, effects: int, *, transactions: bool
+) -> tuple[float, float]:
     prefix = uuid.uuid4().hex[:8]
-    settings = _settings(_fresh_db(server_url), bootstrap, prefix)
+    settings = _settings(_fresh_db(server_url), bootstrap, prefix, transactions)
     _prepare(settings)
     url = settings.require_database_url()
     payload = {"to": "someone@example.com", "subject": "hello", "body": "x" * 200}
@@ -97,7 +114,16 @@ def bench_throughput(server_url: str, bootstrap: str, effects: int) -> None:
     relay_s = time.monotonic() - started
     daemon.stop()
     thread.join()
+    return effects / relay_s, relay_s
 
+
+def _bare_throughput(server_url: str, bootstrap: str, effects: int) -> float:
+    prefix = uuid.uuid4().hex[:8]
+    settings = _settings("postgresql://unused", bootstrap, prefix, False)
+    payload = {"to": "someone@example.com", "subject": "hello", "body": "x" * 200}
+    warm = make_producer(settings)
+    warm.send(f"{prefix}.bench", b"warm").get(timeout=30)
+    warm.close()
     producer: KafkaProducer = make_producer(settings)
     value = json.dumps(payload).encode()
     started = time.monotonic()
@@ -109,11 +135,7 @@ def bench_throughput(server_url: str, bootstrap: str, effects: int) -> None:
         future.get(timeout=30)
     bare_s = time.monotonic() - started
     producer.close()
-    print(
-        f"throughput: relay {effects / relay_s:,.0f} effects/s ({effects} in {relay_s:.2f}s); "
-        f"bare producer {effects / bare_s:,.0f} records/s; ratio relay/bare = "
-        f"{bare_s / relay_s:.2f}"
-    )
+    return effects / bare_s
 
 
 def bench_latency(server_url: str, bootstrap: str, seconds: float, rate: float) -> None:

@@ -8,9 +8,11 @@ the effects' states as they move until every one has ended.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from contextlib import ExitStack
 from typing import Any
 
@@ -20,7 +22,7 @@ import psycopg
 from relay import outbox
 from relay.config import EffectTypeSpec, Settings
 from relay.daemon import Relay
-from relay.devservices import local_services
+from relay.devservices import LocalKafka, local_services
 from relay.migrations import migrate, sync_effect_types
 from relay.sql import query
 
@@ -42,12 +44,15 @@ def _demo_settings(settings: Settings, database_url: str, bootstrap: str) -> Set
             "database_url": database_url,
             "kafka_bootstrap_servers": bootstrap,
             "effect_types": types,
-            "publish_timeout_s": min(settings.publish_timeout_s, 10.0),
+            "publish_timeout_s": min(settings.publish_timeout_s, 3.0),
+            "metrics_port": 0,
         }
     )
 
 
 def run_demo(settings: Settings, *, effects: int, keep_running: bool) -> None:
+    # kafka-python narrates every lost connection at ERROR; the relay's own lines say what matters.
+    logging.getLogger("kafka").setLevel(logging.CRITICAL)
     with ExitStack() as stack:
         click.echo("starting services (a throwaway PostgreSQL and Kafka unless configured) ...")
         started = time.monotonic()
@@ -70,10 +75,20 @@ def run_demo(settings: Settings, *, effects: int, keep_running: bool) -> None:
         click.echo(f"relay running (replica {cfg.replica_id})\n")
 
         run_id = uuid.uuid4().hex[:6]
+        click.echo("act 1: an application commits intents; the relay publishes them")
         keys = _write_intents(services.database_url, run_id, effects, cfg.max_request_size)
         _watch(services.database_url, keys)
         click.echo("")
         _show_one(services.database_url, keys[0])
+        if services.local_kafka is not None and cfg.kafka_transactions:
+            click.echo(
+                "\nact 2: the broker freezes while a batch is in flight (SIGSTOP): the publish "
+                "ends UNKNOWN,\nnot failed and not retried; when Kafka answers again the relay "
+                "fences the old producer,\nreads the partitions back (read_committed) and decides"
+            )
+            frozen = _freeze_mid_publish(services.database_url, services.local_kafka, run_id)
+            click.echo("")
+            _show_one(services.database_url, frozen, attempts=True)
         if keep_running:
             click.echo("\nrelay still running; enqueue more with 'relay enqueue'. Ctrl-C stops.")
             try:
@@ -108,6 +123,22 @@ def _write_intents(url: str, run_id: str, effects: int, max_request_size: int) -
     return keys
 
 
+def _freeze_mid_publish(url: str, broker: LocalKafka, run_id: str) -> str:
+    keys = [f"demo-{run_id}-frozen-{i}" for i in range(5)]
+    broker.pause()
+    try:
+        with psycopg.connect(url) as conn:
+            for key in keys:
+                outbox.enqueue(conn, "demo.email", key, {"to": f"{key}@example.com"})
+            conn.commit()
+        _watch(url, keys, until=lambda states: states.get("UNKNOWN") == len(keys))
+        click.echo("  ... the broker answers again")
+    finally:
+        broker.resume()
+    _watch(url, keys, timeout_s=120.0)
+    return keys[0]
+
+
 def _states(url: str, keys: list[str]) -> dict[str, int]:
     with psycopg.connect(url, autocommit=True) as conn:
         rows = conn.execute(
@@ -117,28 +148,44 @@ def _states(url: str, keys: list[str]) -> dict[str, int]:
     return {str(s): int(n) for s, n in rows}
 
 
-def _watch(url: str, keys: list[str], timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
+def _settled(states: dict[str, int]) -> bool:
+    return not (states.get("PENDING") or states.get("DISPATCHING") or states.get("UNKNOWN"))
+
+
+def _watch(
+    url: str,
+    keys: list[str],
+    timeout_s: float = 60.0,
+    until: Callable[[dict[str, int]], bool] = _settled,
+) -> None:
+    """Print the keys' state counts each time they change, until ``until`` holds."""
+    started = time.monotonic()
     last: dict[str, int] = {}
-    while time.monotonic() < deadline:
+    while time.monotonic() - started < timeout_s:
         states = _states(url, keys)
         if states != last:
             line = "  ".join(f"{s}={n}" for s, n in sorted(states.items()))
-            click.echo(f"  t+{timeout_s - (deadline - time.monotonic()):5.2f}s  {line}")
+            click.echo(f"  t+{time.monotonic() - started:5.2f}s  {line}")
             last = states
-        if not states.get("PENDING") and not states.get("DISPATCHING"):
+        if until(states):
             return
         time.sleep(0.05)
     click.echo("  (some effects are still in flight after the demo's wait)")
 
 
-def _show_one(url: str, key: str) -> None:
+def _show_one(url: str, key: str, *, attempts: bool = False) -> None:
     with psycopg.connect(url, autocommit=True) as conn:
         effect = conn.execute(query("get_effect"), {"operation_key": key}).fetchone()
         if effect is None:
             return
         rows = conn.execute(query("get_transitions"), {"effect_id": effect[0]}).fetchall()
+        tried = conn.execute(query("get_attempts"), {"effect_id": effect[0]}).fetchall()
     click.echo(f"the story of {key} (as 'relay show {key}' tells it):")
+    if attempts:
+        for number, replica, _epoch, _start, _end, outcome, reason, *_rest, check, _at in tried:
+            click.echo(f"  attempt {number} by {replica}: {outcome}: {reason}")
+            if check:
+                click.echo(f"    checked in Kafka: {check}")
     for from_state, to_state, reason, actor, _attempt, at in rows:
         click.echo(
             f"  {at:%H:%M:%S.%f}  {from_state or '-':>11} -> {to_state:<11} {actor}: {reason}"

@@ -53,8 +53,19 @@ class JsonFormatter(logging.Formatter):
         return redact(json.dumps(doc, default=str))
 
 
+class _QuietTopicCreation(logging.Filter):
+    """kafka-python logs an ERROR each time a topic is about to be auto-created; it is not one."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (
+            record.name == "kafka.cluster"
+            and str(record.msg).startswith("Topic %s not found in cluster metadata")
+        )
+
+
 def configure(level: str = "INFO", fmt: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_QuietTopicCreation())
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]

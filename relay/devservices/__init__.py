@@ -16,7 +16,7 @@ import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -115,6 +115,8 @@ class Services:
 
     database_url: str
     kafka_bootstrap_servers: str
+    # The broker this process started, if any (the demo freezes it to show an UNKNOWN publish).
+    local_kafka: LocalKafka | None = field(default=None, compare=False, repr=False)
 
 
 @contextmanager
@@ -147,4 +149,5 @@ def local_services(*, fsync: bool = False) -> Iterator[Services]:
         yield Services(
             database_url=database_url or (postgres.url if postgres else ""),
             kafka_bootstrap_servers=bootstrap or (kafka.bootstrap_servers if kafka else ""),
+            local_kafka=kafka,
         )
