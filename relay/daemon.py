@@ -114,10 +114,11 @@ class Relay:
 
     # -- connections ---------------------------------------------------------------------------
 
-    def _ensure_connected(self) -> None:
+    def _ensure_connected(self, *, batch_in_hand: bool = False) -> None:
         """Connect (again). The replica registers once per process: a reconnect keeps its epoch."""
         if self._conn is not None and not self._conn.closed:
             return
+        reconnect = self.epoch != 0
         self._drop_database()
         conn = db.connect(self.settings, purpose=f"relay-{self.replica_id}")
         try:
@@ -139,6 +140,9 @@ class Relay:
             log.info("registered replica", extra={"replica": self.replica_id, "epoch": self.epoch})
             # A previous incarnation's DISPATCHING rows are ambiguous now, not after their lease.
             self._expire_leases(force=True)
+        elif reconnect and not batch_in_hand:
+            # A claim whose answer died with the connection left rows we do not hold.
+            self._expire_leases(force=True, all_own=True)
 
     def _drop_database(self) -> None:
         for conn in (self._conn, self._listener):
@@ -314,10 +318,10 @@ class Relay:
                 f"(our epoch {self.epoch} is fenced); give each replica its own replica_id"
             )
 
-    def _expire_leases(self, *, force: bool = False) -> None:
+    def _expire_leases(self, *, force: bool = False, all_own: bool = False) -> None:
         assert self._conn is not None
         self._last_expiry = time.monotonic()
-        params = {"owner": self.replica_id, "epoch": self.epoch, "limit": 1000}
+        params = {"owner": self.replica_id, "epoch": self.epoch, "limit": 1000, "all_own": all_own}
         row = self._conn.execute(query("expire_leases"), params).fetchone()
         if row and row[0]:
             observability.record_leases_expired(int(row[0]))
@@ -426,7 +430,7 @@ class Relay:
         deadline = time.monotonic() + self.settings.lease_s
         while True:
             try:
-                self._ensure_connected()
+                self._ensure_connected(batch_in_hand=True)
                 assert self._conn is not None
                 marked = self._conn.execute(query("mark_outcomes"), params).fetchall()
                 break

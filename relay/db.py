@@ -22,6 +22,13 @@ def connect(
             autocommit=autocommit,
             application_name=f"relay-{purpose}",
             connect_timeout=10,
+            # A database that vanishes without closing the socket (a partition, a frozen host)
+            # must end in an error the daemon can wait out, not in a read that never returns.
+            keepalives=1,
+            keepalives_idle=10,
+            keepalives_interval=5,
+            keepalives_count=3,
+            tcp_user_timeout=30_000,
         )
     except psycopg.OperationalError as exc:
         raise ServiceUnavailableError(f"PostgreSQL unavailable: {redact(str(exc))}") from None

@@ -143,12 +143,15 @@ SELECT id FROM moved;
 
 -- name: expire_leases
 -- An effect left DISPATCHING past its lease (its replica died or hangs) may or may not be in
--- Kafka: it becomes UNKNOWN, never PENDING. A restarted replica expires its own older epochs at once.
+-- Kafka: it becomes UNKNOWN, never PENDING. A restarted replica expires its own older epochs at
+-- once; a replica that reconnected with no batch in hand, all of its own (a claim whose answer
+-- was lost with the connection).
 WITH expired AS (
     SELECT e.id, e.attempts, e.owner, e.owner_epoch FROM relay.effect e
     WHERE e.state = 'DISPATCHING'
       AND (e.lease_until < now()
-           OR (e.owner = %(owner)s AND e.owner_epoch < %(epoch)s))
+           OR (e.owner = %(owner)s AND e.owner_epoch < %(epoch)s)
+           OR (%(all_own)s AND e.owner = %(owner)s))
     ORDER BY e.lease_until
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED

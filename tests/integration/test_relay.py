@@ -313,3 +313,40 @@ def test_unreachable_broker_ends_attempts_unknown_and_nothing_is_resent(
         assert all("ambiguous" in reason or "no answer" in reason for _, reason, _ in rows)
     finally:
         broker.stop()
+
+
+def test_lost_database_connections_are_waited_out(settings: Settings, services: Services) -> None:
+    """Every relay connection is killed over and over while it publishes a backlog: the relay
+    reconnects, loses nothing and publishes nothing twice."""
+    url = settings.require_database_url()
+    total = 3000
+    with psycopg.connect(url) as conn:
+        relay.enqueue_many(conn, [relay.Intent("email", f"pg-{i}", {"i": i}) for i in range(total)])
+        conn.commit()
+    settings = settings.model_copy(
+        update={"batch_size": 50, "lease_s": 8.0, "publish_timeout_s": 3.0}
+    )
+    dbname = psycopg.conninfo.conninfo_to_dict(url)["dbname"]
+    killed = 0
+    with (
+        running(settings) as daemon,
+        psycopg.connect(services.database_url, autocommit=True) as admin,
+    ):
+        deadline = time.monotonic() + 120
+        while support.count_states(url).get("PUBLISHED", 0) < total:
+            assert time.monotonic() < deadline, support.count_states(url)
+            rows = admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = %s AND application_name LIKE 'relay-%%'",
+                (dbname,),
+            ).fetchall()
+            killed += len(rows)
+            time.sleep(0.3)
+        assert daemon.published_total >= 1
+    assert killed >= 5
+    assert support.count_states(url) == {"PUBLISHED": total}
+    records = support.read_topic(
+        services.kafka_bootstrap_servers, f"{settings.effect_types['email'].topic}", total
+    )
+    keys = Counter(r.key for r in records)
+    assert len(keys) == total and max(keys.values()) == 1
