@@ -108,9 +108,12 @@ class Relay:
             observability.stop_observability(metrics)
             log.info("relay stopped", extra={"published": self.published_total})
 
-    def _wait(self, delay: float, why: str) -> None:
+    def _wait(self, delay: float, why: str, *, interruptible: bool = True) -> None:
         log.warning("%s; retrying in %.1fs", why, delay)
-        self._stop.wait(delay)
+        if interruptible:
+            self._stop.wait(delay)
+        else:
+            time.sleep(delay)  # outcomes in hand are recorded even while stopping
 
     # -- connections ---------------------------------------------------------------------------
 
@@ -341,6 +344,7 @@ class Relay:
                 "lease_s": self.settings.lease_s,
             },
         ).fetchall()
+        observability.record_transition("PENDING", "DISPATCHING", len(rows))
         return [ClaimedEffect(*row) for row in rows]
 
     def _idle(self) -> None:
@@ -414,12 +418,13 @@ class Relay:
 
     def _mark(self, results: Sequence[PublishResult]) -> None:
         """Record the outcomes; keep trying through a database outage (CAS makes retries safe)."""
+        states = [self._state_after(r).value for r in results]
         params = {
             "owner": self.replica_id,
             "epoch": self.epoch,
             "ids": [r.effect.id for r in results],
             "attempts": [r.effect.attempt for r in results],
-            "states": [self._state_after(r).value for r in results],
+            "states": states,
             "outcomes": [r.outcome.value for r in results],
             "reasons": [self._reason(r) for r in results],
             "partitions": [r.partition for r in results],
@@ -444,8 +449,11 @@ class Relay:
                         describe(exc),
                     )
                     return
-                self._wait(backoff.next_delay(), f"recording outcomes failed: {describe(exc)}")
-        states = [self._state_after(r).value for r in results]
+                self._wait(
+                    backoff.next_delay(),
+                    f"recording outcomes failed: {describe(exc)}",
+                    interruptible=False,
+                )
         observability.record_marked(results, states, [row[0] for row in marked])
         if len(marked) != len(results):
             log.warning(

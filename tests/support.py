@@ -68,6 +68,7 @@ def make_settings(database_url: str, bootstrap: str, prefix: str, **overrides: A
         "effect_types": effect_types(prefix),
         "replica_id": f"{prefix}-r1",
         "poll_interval_s": 0.5,
+        "metrics_port": 0,
     }
     values.update(overrides)
     return load_settings(None, **values)

@@ -20,16 +20,21 @@ def snapshot(collector: OutboxCollector) -> dict[tuple[str, tuple[tuple[str, str
     }
 
 
-def effects(snap: dict[tuple[str, tuple[tuple[str, str], ...]], float], t: str, state: str) -> float:
+def effects(
+    snap: dict[tuple[str, tuple[tuple[str, str], ...]], float], t: str, state: str
+) -> float:
     return snap[("relay_effects", (("effect_type", t), ("state", state)))]
 
 
-def force_state(conn: psycopg.Connection[tuple[object, ...]], key: str, state: str, ago_s: float) -> None:
+def force_state(
+    conn: psycopg.Connection[tuple[object, ...]], key: str, state: str, ago_s: float
+) -> None:
     """Move an effect to ``state`` as if ``ago_s`` seconds ago, with its transition row."""
     conn.execute(
         "WITH e AS (UPDATE relay.effect SET state = %(s)s, updated_at = now() "
         "WHERE operation_key = %(k)s RETURNING id, attempts) "
-        "INSERT INTO relay.transition (effect_id, from_state, to_state, reason, actor, attempt, at) "
+        "INSERT INTO relay.transition"
+        " (effect_id, from_state, to_state, reason, actor, attempt, at) "
         "SELECT id, 'DISPATCHING', %(s)s, 'test', 'test', attempts, "
         "now() - make_interval(secs => %(ago)s) FROM e",
         {"s": state, "k": key, "ago": ago_s},
