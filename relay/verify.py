@@ -60,7 +60,7 @@ def find_attempt(
     """Search the topic for this attempt's record. Raises KafkaError when Kafka can't answer."""
     try:
         return _search(
-            consumer, settings, topic, operation_key, effect_id, attempt, started_at, timeout_s
+            consumer, settings, topic, (operation_key, effect_id, attempt), started_at, timeout_s
         )
     finally:
         consumer.unsubscribe()
@@ -70,12 +70,11 @@ def _search(
     consumer: KafkaConsumer,
     settings: Settings,
     topic: str,
-    operation_key: str,
-    effect_id: int,
-    attempt: int,
+    wanted: tuple[str, int, int],
     started_at: datetime,
     timeout_s: float,
 ) -> Found | Absent:
+    operation_key, effect_id, attempt = wanted
     deadline = time.monotonic() + timeout_s
     partitions = consumer.partitions_for_topic(topic)
     if not partitions:

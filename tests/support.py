@@ -7,9 +7,11 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,21 @@ from kafka import KafkaConsumer
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from relay.config import Settings, load_settings
+from relay.daemon import Relay
 from relay.migrations import migrate, sync_effect_types
+
+
+@contextmanager
+def running(daemon: Relay) -> Iterator[Relay]:
+    """A relay in a thread of this process; stopped (and joined) on exit."""
+    thread = threading.Thread(target=daemon.run, daemon=True)
+    thread.start()
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
+        thread.join(90)
+        assert not thread.is_alive(), "the relay did not stop"
 
 
 def free_port() -> int:

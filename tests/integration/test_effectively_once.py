@@ -11,7 +11,6 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -34,18 +33,6 @@ def broker() -> Iterator[LocalKafka]:
         yield kafka
     finally:
         kafka.stop()
-
-
-@contextmanager
-def running(daemon: Relay) -> Iterator[Relay]:
-    thread = threading.Thread(target=daemon.run, daemon=True)
-    thread.start()
-    try:
-        yield daemon
-    finally:
-        daemon.stop()
-        thread.join(90)
-        assert not thread.is_alive(), "the relay did not stop"
 
 
 def _published_once(bootstrap: str, topic: str, keys: set[str]) -> Counter[str]:
@@ -99,7 +86,7 @@ def test_broker_cut_mid_batch_ends_unknown_then_verified_and_published_once(
     url = settings.require_database_url()
     keys = {f"cut-{i}" for i in range(30)}
     seen_unknown = threading.Event()
-    with running(Relay(settings)):
+    with support.running(Relay(settings)):
         with psycopg.connect(url, autocommit=True) as conn:
             relay.enqueue(conn, "email", "warm", {"n": -1})
             support.wait_for(
@@ -153,7 +140,7 @@ def test_hung_commit_is_abandoned_within_its_bound_then_verified(
         relay.enqueue_many(conn, [relay.Intent("email", k, {"k": k}) for k in sorted(keys)])
         conn.commit()
     daemon = HangingCommitRelay(settings, broker, hang_s)
-    with running(daemon):
+    with support.running(daemon):
         support.wait_for(daemon.hung.is_set, 60, "the commit to hang")
         support.wait_for(
             lambda: support.count_states(url).get("UNKNOWN", 0) > 0,

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
@@ -21,20 +18,6 @@ from tests import support
 
 WIRE = {"account": "ACC1", "amount": 100, "date": "2026-11-22"}
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
-
-
-@contextmanager
-def running(settings: Settings) -> Iterator[Relay]:
-    """The relay in a thread of this process; stopped (and joined) on exit."""
-    daemon = Relay(settings)
-    thread = threading.Thread(target=daemon.run, daemon=True)
-    thread.start()
-    try:
-        yield daemon
-    finally:
-        daemon.stop()
-        thread.join(60)
-        assert not thread.is_alive(), "the relay did not stop"
 
 
 def _state(url: str, key: str) -> EffectState | None:
@@ -53,7 +36,7 @@ def test_committed_effect_arrives_once_with_key_and_headers(
         conn.rollback()
         made = relay.enqueue(conn, "wire", "op-wire-1", WIRE, traceparent=TRACEPARENT)
         conn.commit()
-    with running(settings):
+    with support.running(Relay(settings)):
         support.wait_for(
             lambda: _state(url, "op-wire-1") is EffectState.PUBLISHED, 30, "publication"
         )
@@ -100,7 +83,7 @@ def test_record_too_large_for_the_broker_is_rejected_and_holds_up_nothing(
     # The broker's default message.max.bytes is about 1 MiB, and so is max_message_bytes.
     url = settings.require_database_url()
     _enqueue_small_and_huge(url)
-    with running(settings):
+    with support.running(Relay(settings)):
         support.wait_for(
             lambda: support.count_states(url) == {"PUBLISHED": 20, "REJECTED": 1}, 60, "outcomes"
         )
@@ -122,7 +105,7 @@ def test_broker_refusal_never_rejects_the_innocent_records(
     )
     url = settings.require_database_url()
     _enqueue_small_and_huge(url)
-    with running(settings):
+    with support.running(Relay(settings)):
         support.wait_for(
             lambda: (
                 sum(
@@ -159,7 +142,7 @@ def test_wakes_on_a_new_intent_long_before_the_poll_interval(settings: Settings)
     """With a 30 s poll interval, only the doorbell can explain a publication within seconds."""
     settings = settings.model_copy(update={"poll_interval_s": 30.0})
     url = settings.require_database_url()
-    with running(settings):
+    with support.running(Relay(settings)):
         with psycopg.connect(url, autocommit=True) as conn:
             support.wait_for(
                 lambda: conn.execute("SELECT armed FROM relay.doorbell").fetchone() == (True,),
@@ -286,7 +269,7 @@ def test_unreachable_broker_ends_attempts_unknown_and_nothing_is_resent(
             }
         )
         url = settings.require_database_url()
-        with running(settings):
+        with support.running(Relay(settings)):
             with psycopg.connect(url, autocommit=True) as conn:
                 relay.enqueue(conn, "email", "before", {"n": 0})
                 support.wait_for(
@@ -329,7 +312,7 @@ def test_lost_database_connections_are_waited_out(settings: Settings, services: 
     dbname = psycopg.conninfo.conninfo_to_dict(url)["dbname"]
     killed = 0
     with (
-        running(settings) as daemon,
+        support.running(Relay(settings)) as daemon,
         psycopg.connect(services.database_url, autocommit=True) as admin,
     ):
         deadline = time.monotonic() + 120
