@@ -101,6 +101,7 @@ class Relay:
                     self._wait(backoff.next_delay(), f"database error: {describe(exc)}")
                 except kerr.KafkaError as exc:
                     self._drop_producer()
+                    self._verify_while_kafka_is_down()
                     self._wait(backoff.next_delay(), f"Kafka unavailable: {describe(exc)}")
         finally:
             self._drop_producer()
@@ -194,6 +195,20 @@ class Relay:
             return
         self._idle()
 
+    def _verify_while_kafka_is_down(self) -> None:
+        """Count the failed checks of due UNKNOWN publishes even while no producer can be had,
+        so that their budget runs out and they go STUCK instead of waiting unseen forever."""
+        if not self.settings.kafka_transactions or self.stopping:
+            return
+        if time.monotonic() - self._last_verify < VERIFY_EVERY_S:
+            return
+        try:
+            self._ensure_connected()
+            self._verify_due()
+        except (psycopg.Error, ServiceUnavailableError) as exc:
+            log.warning("could not check UNKNOWN publishes: %s", describe(exc))
+            self._drop_database()
+
     def _verify_due(self) -> None:
         """Resolve the relay's own UNKNOWN publishes by looking in Kafka (see relay.verify)."""
         assert self._conn is not None
@@ -247,6 +262,9 @@ class Relay:
         try:
             if unreachable is not None or consumer is None or self.stopping:
                 raise kerr.KafkaConnectionError(unreachable or "the relay is stopping")
+            if replica == self.replica_id and self._producer is None:
+                # Only our initialised producer proves our earlier ones fenced.
+                raise kerr.KafkaConnectionError("this replica's producer is not initialised yet")
             if replica != self.replica_id and replica not in fenced:
                 # Our own producer fenced our earlier ones; another replica's must be fenced
                 # here, or its open transaction could commit after we looked.

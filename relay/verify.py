@@ -42,6 +42,7 @@ def open_consumer(settings: Settings) -> KafkaConsumer:
         enable_auto_commit=False,
         isolation_level="read_committed",
         request_timeout_ms=int(min(settings.publish_timeout_s, 30.0) * 1000),
+        bootstrap_timeout_ms=int(min(settings.publish_timeout_s, 10.0) * 1000),
         max_partition_fetch_bytes=max(1_048_576, settings.max_message_bytes * 2),
     )
 

@@ -312,3 +312,97 @@ def test_paused_zombie_publishes_and_marks_nothing(
         f"\nzombie: paused holding {len(held_set)} attempts at {paused_at:.0f}; "
         f"all checked in Kafka by the other replica; the zombie marked none of them"
     )
+
+
+def test_checks_that_cannot_be_made_spend_their_budget_then_stuck(
+    settings: Settings, broker: LocalKafka
+) -> None:
+    settings = settings.model_copy(
+        update={
+            "kafka_bootstrap_servers": broker.bootstrap_servers,
+            "publish_timeout_s": 2.0,
+            "verify_max_tries": 2,
+            "verify_backoff_max_s": 1.0,
+        }
+    )
+    url = settings.require_database_url()
+    with support.running(Relay(settings)), psycopg.connect(url, autocommit=True) as conn:
+        relay.enqueue(conn, "email", "warm", {})
+        support.wait_for(
+            lambda: support.count_states(url).get("PUBLISHED") == 1, 60, "a first publish"
+        )
+        broker.pause()
+        try:
+            relay.enqueue(conn, "email", "lost", {})
+            support.wait_for(
+                lambda: support.count_states(url).get("STUCK") == 1, 120, "the budget to end"
+            )
+        finally:
+            broker.resume()
+    with psycopg.connect(url) as conn:
+        effect = relay.get_effect(conn, "lost")
+        transitions = conn.execute(
+            "SELECT from_state, to_state FROM relay.transition t JOIN relay.effect e "
+            "ON e.id = t.effect_id WHERE e.operation_key = 'lost' ORDER BY t.id"
+        ).fetchall()
+    assert effect is not None and effect.reason is not None
+    assert "2 checks failed, a person decides" in effect.reason
+    assert transitions[-2:] == [("DISPATCHING", "UNKNOWN"), ("UNKNOWN", "STUCK")]
+    assert effect.attempts == 1  # never re-sent
+
+
+def test_search_finds_a_record_after_the_partition_count_changed(
+    settings: Settings, services: Services, prefix: str
+) -> None:
+    """verify.find_attempt reads every partition: growing the topic cannot hide a record."""
+    from datetime import UTC, datetime, timedelta
+
+    from kafka.admin import KafkaAdminClient, NewPartitions, NewTopic
+
+    from relay.headers import dispatch_headers
+    from relay.publisher import make_producer
+    from relay.transactions import commit
+    from relay.verify import Absent, Found, find_attempt, open_consumer
+
+    topic = f"{prefix}.grow"
+    admin = KafkaAdminClient(bootstrap_servers=services.kafka_bootstrap_servers)
+    admin.create_topics([NewTopic(topic, 1, 1)])
+    started = datetime.now(UTC) - timedelta(seconds=1)
+    producer = make_producer(settings, f"relay-{prefix}-grow")
+    producer.init_transactions()
+    producer.begin_transaction()
+    headers = dispatch_headers(
+        effect_id=7,
+        effect_type="email",
+        attempt=2,
+        created_at=started,
+        source="/t",
+        business_key=None,
+        traceparent=None,
+    )
+    producer.send(topic, key=b"k-7", value=b"{}", headers=headers).get(timeout=30)
+    commit(producer, 30)
+    producer.close()
+    admin.create_partitions({topic: NewPartitions(total_count=4)})
+    admin.close()
+    consumer = open_consumer(settings)
+    try:
+
+        def look(attempt: int) -> Found | Absent:
+            return find_attempt(
+                consumer,
+                settings,
+                topic=topic,
+                operation_key="k-7",
+                effect_id=7,
+                attempt=attempt,
+                started_at=started,
+                timeout_s=30,
+            )
+
+        found = look(2)
+        absent = look(1)
+    finally:
+        consumer.close()
+    assert found == Found(partition=0, offset=0)
+    assert isinstance(absent, Absent) and absent.partitions == 4 and absent.scanned == 1
