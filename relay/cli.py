@@ -352,5 +352,10 @@ def demo(ctx: click.Context, effects: int, keep_running: bool) -> None:
     run_demo(_settings(ctx), effects=effects, keep_running=keep_running)
 
 
+from relay.reconciler.commands import register as _register_reconciler  # noqa: E402
+
+_register_reconciler(main)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -193,6 +193,47 @@ class Settings(BaseSettings):
         description="The outbox gauges (effects by state, oldest ages) are read from the "
         "database at most once per this many seconds, however many scrapers ask.",
     )
+    reconcile_group_id: str = Field(
+        default="relay-reconciler",
+        min_length=1,
+        description="Kafka consumer group of the reconciler replicas on the result topics.",
+    )
+    reconcile_batch_size: int = Field(
+        default=500, ge=1, le=10_000, description="Result records applied per database commit."
+    )
+    reconcile_interval_s: float = Field(
+        default=1.0,
+        gt=0,
+        le=60,
+        description="How often the reconciler sweeps deadlines, deferred results and observations.",
+    )
+    observe_backoff_s: float = Field(
+        default=5.0, gt=0, description="First wait before asking an observer again (doubles)."
+    )
+    observe_backoff_max_s: float = Field(default=300.0, gt=0)
+    observe_max_tries: int = Field(
+        default=5, ge=1, description="Inconclusive observations before an UNKNOWN effect is STUCK."
+    )
+    redispatch_backoff_s: float = Field(
+        default=1.0,
+        ge=0,
+        description="Wait before re-dispatching an effect observed absent; doubles per attempt.",
+    )
+    redispatch_backoff_max_s: float = Field(default=300.0, ge=0)
+    status_events: bool = Field(
+        default=True,
+        description="Emit a status event (on status_topic, through the outbox) for every "
+        "transition; registered by `relay reconcile` at start.",
+    )
+    retention_s: float = Field(
+        default=30 * 86400.0,
+        gt=0,
+        description="Finished effects (and their attempts, evidence, transitions) older than "
+        "this are removed by `relay purge`.",
+    )
+    purge_batch_size: int = Field(
+        default=500, ge=1, le=50_000, description="Effects deleted per short purge transaction."
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -240,9 +240,10 @@ def publish_batch_transactional(
     """Publish the batch in one Kafka transaction: all of it becomes visible, or none of it.
 
     Commit succeeded: every sent record is published. A send failed: the transaction is
-    aborted, and its records are provably invisible to read_committed readers (ABORTED, to be
-    tried again), except a lone definite refusal (REJECTED). Commit or abort ended without an
-    answer: every sent record is UNKNOWN, to be verified after fencing.
+    aborted; its answered records are provably invisible to read_committed readers (ABORTED, to
+    be tried again), a lone definite refusal is REJECTED, and an unanswered record stays UNKNOWN.
+    Commit or abort ended without an answer: every sent record is UNKNOWN, to be verified after
+    fencing.
     """
     from relay import transactions
 
@@ -272,6 +273,16 @@ def publish_batch_transactional(
             if lone_refusal and i == failed[0]:
                 continue
             own = i in failed
+            if own and r.outcome is AttemptOutcome.UNKNOWN:
+                # Unanswered: the write may still be on its way and land after the abort marker
+                # (kafka-python lacks Kafka's transaction defence, KIP-890). Verify, don't assume.
+                results[i] = PublishResult(
+                    r.effect,
+                    AttemptOutcome.UNKNOWN,
+                    f"{r.reason}; its transaction was aborted, but a late write is not ruled out",
+                    failed_in_flight=True,
+                )
+                continue
             cause = r.reason if own else "another record of its transaction failed"
             results[i] = PublishResult(
                 r.effect,

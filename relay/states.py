@@ -19,7 +19,16 @@ class EffectState(StrEnum):
 TERMINAL_STATES = frozenset({EffectState.CONFIRMED, EffectState.REJECTED, EffectState.CANCELLED})
 
 ALLOWED_TRANSITIONS: dict[EffectState, frozenset[EffectState]] = {
-    EffectState.PENDING: frozenset({EffectState.DISPATCHING, EffectState.CANCELLED}),
+    EffectState.PENDING: frozenset(
+        {
+            EffectState.DISPATCHING,
+            EffectState.CANCELLED,
+            # Re-dispatch waiting, and the downstream's result of an earlier attempt arrives late:
+            # it happened (or was refused) after all, so no new attempt is made.
+            EffectState.CONFIRMED,
+            EffectState.REJECTED,
+        }
+    ),
     EffectState.DISPATCHING: frozenset(
         {
             EffectState.PUBLISHED,

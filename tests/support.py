@@ -158,6 +158,17 @@ def wait_for(
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+def diagnose(database_url: str, limit: int = 5) -> str:
+    """What a timed-out wait should say: states, and a few effects that did not finish."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT operation_key, state, attempts, verify_tries, owner, reason FROM relay.effect "
+            "WHERE state NOT IN ('PUBLISHED', 'CONFIRMED') ORDER BY id LIMIT %s",
+            (limit,),
+        ).fetchall()
+    return f"states {count_states(database_url)}; unfinished: {rows}"
+
+
 def count_states(database_url: str) -> dict[str, int]:
     with psycopg.connect(database_url, autocommit=True) as conn:
         rows = conn.execute("SELECT state, count(*) FROM relay.effect GROUP BY state").fetchall()

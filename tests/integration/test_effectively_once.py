@@ -208,9 +208,12 @@ def test_crash_kill_nine_thirty_times_loses_nothing_and_duplicates_nothing(
             killed += 1
             victim = support.start_relay(configs["victim"], tmp_path / "victim.log")
         feeder.join()
-        support.wait_for(
-            lambda: support.count_states(url).get("PUBLISHED") == total, 240, "every effect"
-        )
+        try:
+            support.wait_for(
+                lambda: support.count_states(url).get("PUBLISHED") == total, 240, "every effect"
+            )
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}: {support.diagnose(url)}") from None
     finally:
         stop_feed.set()
         feeder.join()

@@ -1,0 +1,122 @@
+"""The reconciler's commands: ``relay reconcile``, ``relay resolve``, ``relay purge``."""
+
+from __future__ import annotations
+
+import logging
+import signal
+from typing import cast
+
+import click
+
+from relay.config import Settings
+from relay.db import connect
+
+
+def register(main: click.Group) -> None:
+    """Add the reconciler's commands to the ``relay`` group."""
+    main.add_command(reconcile)
+    main.add_command(resolve)
+    main.add_command(purge)
+
+
+def _settings(ctx: click.Context) -> Settings:
+    return cast(Settings, ctx.obj["settings"])
+
+
+@click.command()
+@click.pass_context
+def reconcile(ctx: click.Context) -> None:
+    """Run the reconciler: apply downstream results, expire deadlines, observe UNKNOWN effects.
+
+    Any number of replicas may run at once (one Kafka consumer group, reconcile_group_id).
+    Stops cleanly on SIGTERM or Ctrl-C.
+    """
+    from relay.cli import clean_errors
+    from relay.reconciler.daemon import Reconciler
+
+    @clean_errors
+    def body() -> None:
+        daemon = Reconciler(_settings(ctx))
+
+        def _stop(signum: int, _frame: object) -> None:
+            logging.getLogger("relay").info("signal %s: finishing the batch in hand", signum)
+            daemon.stop()
+
+        signal.signal(signal.SIGTERM, _stop)
+        signal.signal(signal.SIGINT, _stop)
+        daemon.run()
+
+    body()
+
+
+@click.command()
+@click.argument("operation_key")
+@click.option("--confirm", "decision", flag_value="confirm", help="It happened, once.")
+@click.option("--reject", "decision", flag_value="reject", help="It did not happen; give up.")
+@click.option(
+    "--redispatch", "decision", flag_value="redispatch", help="It did not happen; try again."
+)
+@click.option(
+    "--compensate", "decision", flag_value="compensate", help="Undo it with a compensation effect."
+)
+@click.option("--reason", required=True, help="Why; recorded with the decision.")
+@click.option("--actor", help="Who decides [default: $USER, else 'operator'].")
+@click.pass_context
+def resolve(
+    ctx: click.Context, operation_key: str, decision: str | None, reason: str, actor: str | None
+) -> None:
+    """Decide the outcome of an UNKNOWN or STUCK effect; who and why are recorded."""
+    from relay.cli import clean_errors
+    from relay.reconciler.effects import operator_actor
+    from relay.reconciler.resolve import Decision
+    from relay.reconciler.resolve import resolve as do_resolve
+
+    if decision is None:
+        raise click.UsageError("choose one of --confirm, --reject, --redispatch, --compensate")
+
+    @clean_errors
+    def body() -> None:
+        who = operator_actor(actor)
+        with connect(_settings(ctx), purpose="cli") as conn:
+            state, made = do_resolve(
+                conn, _settings(ctx), operation_key, Decision(decision), reason=reason, actor=who
+            )
+        click.echo(f"{operation_key}: {state.value} (by {who})")
+        for key in made:
+            click.echo(f"compensation enqueued: {key}")
+
+    body()
+
+
+@click.command()
+@click.option("--dry-run", is_flag=True, help="Only count what would be removed.")
+@click.option("--older-than", help="Overrides retention_s (30s, 15m, 2h, 1d).")
+@click.pass_context
+def purge(ctx: click.Context, dry_run: bool, older_than: str | None) -> None:
+    """Remove finished effects past retention, with their attempts, transitions and evidence.
+
+    Nothing that is not finished (CONFIRMED, REJECTED, CANCELLED, or PUBLISHED without an awaited
+    result) is ever removed. Works in small batches that never block the relay.
+    """
+    from relay.cli import clean_errors, parse_duration
+    from relay.reconciler.purge import purge as do_purge
+    from relay.reconciler.purge import would_purge
+
+    settings = _settings(ctx)
+    retention = parse_duration(older_than) if older_than else settings.retention_s
+
+    @clean_errors
+    def body() -> None:
+        with connect(settings, purpose="purge") as conn:
+            if dry_run:
+                c = would_purge(conn, retention)
+                click.echo(
+                    f"would remove {c.effects} effects, {c.attempts} attempts, "
+                    f"{c.transitions} transitions, {c.evidence} evidence records "
+                    f"(finished before {retention:g}s ago)"
+                )
+                return
+            effects, evidence = do_purge(conn, settings, retention)
+        click.echo(f"removed {effects} effects and {evidence} unattached evidence records")
+
+    body()

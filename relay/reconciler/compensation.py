@@ -1,0 +1,70 @@
+"""Compensations: an extra execution is undone by a new effect, tracked like any other.
+
+A compensation has its own operation key derived from the original (``KEY#compensation``, then
+``KEY#compensation-2``...), its own topic and lifecycle, and ``parent_effect_id`` pointing at the
+effect it undoes. How many are needed is computed from the evidence (distinct committed external
+ids, the largest count an observer reported), never from how often we were asked, so a replayed
+result or a repeated observation never creates a second compensation for the same extra.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+
+from relay import outbox
+from relay.config import Settings
+from relay.errors import EffectTypeError
+from relay.reconciler.effects import LockedEffect
+from relay.sql import query
+
+
+def compensation_key(operation_key: str, index: int) -> str:
+    suffix = "#compensation" if index == 0 else f"#compensation-{index + 1}"
+    return operation_key[: 512 - len(suffix)] + suffix
+
+
+def compensation_payload(effect: LockedEffect, index: int) -> dict[str, Any]:
+    """The original payload (so the compensation type's business key can be computed from the
+    same fields) plus what it compensates; deterministic, so a re-enqueue is a no-op."""
+    return {**effect.payload, "compensates": effect.operation_key, "compensation": index + 1}
+
+
+def ensure_compensations(
+    conn: psycopg.Connection[Any],
+    settings: Settings,
+    effect: LockedEffect,
+    *,
+    actor: str,
+    why: str,
+    at_least: int = 0,
+) -> list[str]:
+    """Create the compensations the evidence calls for that do not exist yet; returns their keys.
+
+    Runs in the caller's transaction, with ``effect`` locked. Raises EffectTypeError when the
+    type declares no compensation.
+    """
+    spec = settings.effect_type(effect.effect_type)
+    if spec is None or spec.compensation is None:
+        raise EffectTypeError(f"effect type {effect.effect_type!r} declares no compensation")
+    row = conn.execute(
+        query("compensation_needs"), {"id": effect.id, "at_least": at_least}
+    ).fetchone()
+    assert row is not None
+    extra, existing = int(row[0]), int(row[1])
+    made: list[str] = []
+    for index in range(existing, extra):
+        key = compensation_key(effect.operation_key, index)
+        enqueued = outbox.enqueue(conn, spec.compensation, key, compensation_payload(effect, index))
+        conn.execute(
+            query("attach_compensation"),
+            {
+                "id": enqueued.effect_id,
+                "parent_id": effect.id,
+                "actor": actor,
+                "reason": f"compensation {index + 1} of {effect.operation_key}: {why}",
+            },
+        )
+        made.append(key)
+    return made

@@ -1,0 +1,195 @@
+"""``relay reconcile``: the result consumer and the timers, until SIGTERM.
+
+Two threads with a connection each: one consumes the result topics (Kafka is read from this
+thread only), the other sweeps deadlines, applies deferred results and asks observers. Every
+change is a short transaction with ``FOR UPDATE SKIP LOCKED`` or a compare-and-set, so any number
+of replicas can run; the consumer group shares the result partitions among them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections import Counter
+from typing import Any
+
+import psycopg
+from kafka import errors as kerr
+
+from relay import db, observability
+from relay.backoff import Backoff
+from relay.config import Settings
+from relay.errors import ConfigError, ServiceUnavailableError
+from relay.migrations import check_current, sync_effect_types
+from relay.outcomes import describe
+from relay.reconciler.consumer import ResultConsumer, describe_counts
+from relay.reconciler.deadlines import apply_deferred, expire_deadlines
+from relay.reconciler.effects import STATUS_EFFECT_TYPE, reconciler_actor
+from relay.reconciler.observation import Observations
+from relay.sql import query
+
+log = logging.getLogger(__name__)
+
+LAG_EVERY_S = 15.0
+
+
+def register_status_type(conn: psycopg.Connection[Any], settings: Settings) -> None:
+    """Declare the built-in status effect type and switch status events on (or off)."""
+    if STATUS_EFFECT_TYPE in settings.effect_types:
+        raise ConfigError(f"effect type name {STATUS_EFFECT_TYPE!r} is reserved for status events")
+    with conn.transaction():
+        if settings.status_events:
+            conn.execute(
+                query("sync_effect_type"),
+                {
+                    "name": STATUS_EFFECT_TYPE,
+                    "topic": settings.status_topic,
+                    "idempotent": True,
+                    "business_key": None,
+                    "result_topic": None,
+                    "outcome_timeout_s": 300.0,
+                    "has_observer": False,
+                    "compensation": None,
+                    "max_attempts": 5,
+                },
+            )
+        conn.execute(
+            query("set_status_effect_type"),
+            {"name": STATUS_EFFECT_TYPE if settings.status_events else None},
+        )
+
+
+class Reconciler:
+    """The reconciler daemon. ``run()`` blocks until ``stop()`` (e.g. from SIGTERM)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.actor = reconciler_actor(settings)
+        self._stop = threading.Event()
+        self.results = ResultConsumer(settings, self.actor)
+        self.observations = Observations(settings, self.actor)
+        self.answers: Counter[str] = Counter()
+        self.expired = 0
+        self.ready = threading.Event()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def run(self) -> None:
+        metrics = observability.start_observability(self.settings, daemon="reconciler")
+        timers = threading.Thread(target=self._timers, name="reconciler-timers", daemon=True)
+        try:
+            self._prepare()
+            if self.stopping:
+                return
+            timers.start()
+            self.ready.set()
+            self._consume()
+        finally:
+            self.stop()
+            if timers.is_alive():
+                timers.join(timeout=60)
+            self.observations.close()
+            observability.stop_observability(metrics)
+            log.info(
+                "reconciler stopped",
+                extra={
+                    "results": describe_counts(self.results.counts),
+                    "observations": describe_counts(self.answers),
+                    "expired": self.expired,
+                },
+            )
+
+    def _prepare(self) -> None:
+        backoff = Backoff(0.5, self.settings.outage_backoff_max_s)
+        while not self.stopping:
+            try:
+                with db.connect(self.settings, purpose="reconciler") as conn:
+                    check_current(conn)
+                    sync_effect_types(conn, self.settings)
+                    register_status_type(conn, self.settings)
+                log.info("reconciler starting", extra={"actor": self.actor})
+                return
+            except (psycopg.OperationalError, ServiceUnavailableError) as exc:
+                self._wait(backoff.next_delay(), f"PostgreSQL unavailable: {describe(exc)}")
+
+    def _wait(self, delay: float, why: str) -> None:
+        log.warning("%s; retrying in %.1fs", why, delay)
+        self._stop.wait(delay)
+
+    def _consume(self) -> None:
+        backoff = Backoff(0.5, self.settings.outage_backoff_max_s)
+        conn: psycopg.Connection[Any] | None = None
+        last_lag = 0.0
+        try:
+            while not self.stopping:
+                try:
+                    if conn is None or conn.closed:
+                        conn = db.connect(self.settings, purpose="reconciler-results")
+                    self.results.poll_once(conn, timeout_s=0.5)
+                    if time.monotonic() - last_lag > LAG_EVERY_S:
+                        last_lag = time.monotonic()
+                        observability.set_consumer_lag(self.results.lag())
+                    backoff.reset()
+                except (psycopg.OperationalError, ServiceUnavailableError) as exc:
+                    _drop(conn)
+                    conn = None
+                    self._wait(backoff.next_delay(), f"PostgreSQL unavailable: {describe(exc)}")
+                except psycopg.Error as exc:
+                    log.warning("result batch not applied, it is read again: %s", exc)
+                    _drop(conn)
+                    conn = None
+                    self._wait(backoff.next_delay(), f"database error: {describe(exc)}")
+                except kerr.KafkaError as exc:
+                    self.results.close()
+                    self._wait(backoff.next_delay(), f"Kafka unavailable: {describe(exc)}")
+        finally:
+            self.results.close()
+            _drop(conn)
+
+    def _timers(self) -> None:
+        backoff = Backoff(0.5, self.settings.outage_backoff_max_s)
+        conn: psycopg.Connection[Any] | None = None
+        try:
+            while not self.stopping:
+                try:
+                    if conn is None or conn.closed:
+                        conn = db.connect(self.settings, purpose="reconciler-timers")
+                    self.sweep(conn)
+                    backoff.reset()
+                    self._stop.wait(self.settings.reconcile_interval_s)
+                except (psycopg.OperationalError, ServiceUnavailableError) as exc:
+                    _drop(conn)
+                    conn = None
+                    self._wait(backoff.next_delay(), f"PostgreSQL unavailable: {describe(exc)}")
+                except psycopg.Error as exc:
+                    log.exception("database error in the reconciler timers")
+                    _drop(conn)
+                    conn = None
+                    self._wait(backoff.next_delay(), f"database error: {describe(exc)}")
+        finally:
+            _drop(conn)
+
+    def sweep(self, conn: psycopg.Connection[Any]) -> None:
+        """One round of the timers: deadlines, deferred results, observations."""
+        while not self.stopping:
+            expired = expire_deadlines(conn, self.actor)
+            self.expired += expired
+            if expired < 500:
+                break
+        while not self.stopping and apply_deferred(conn, self.settings, self.results) >= 200:
+            pass
+        if not self.stopping:
+            self.answers.update(self.observations.run_due(conn))
+
+
+def _drop(conn: psycopg.Connection[Any] | None) -> None:
+    if conn is not None:
+        with contextlib.suppress(psycopg.Error):
+            conn.close()

@@ -1,0 +1,39 @@
+"""Timers: a PUBLISHED effect without a result past its deadline is UNKNOWN; results that came
+while their effect was still DISPATCHING are applied once the relay has recorded the publish."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+
+from relay import observability
+from relay.config import Settings
+from relay.messages import ResultMessage, ResultOutcome
+from relay.reconciler.consumer import ResultConsumer
+from relay.sql import query
+
+
+def expire_deadlines(conn: psycopg.Connection[Any], actor: str, limit: int = 500) -> int:
+    """One batch, in its own transaction (``FOR UPDATE SKIP LOCKED``: replicas share the work)."""
+    with conn.transaction():
+        rows = conn.execute(query("expire_deadlines"), {"limit": limit, "actor": actor}).fetchall()
+    observability.record_transition("PUBLISHED", "UNKNOWN", len(rows))
+    return len(rows)
+
+
+def apply_deferred(
+    conn: psycopg.Connection[Any], settings: Settings, consumer: ResultConsumer, limit: int = 200
+) -> int:
+    """Apply the results that waited for the relay to record their effect's publication."""
+    with conn.transaction():
+        rows = conn.execute(query("claim_deferred_evidence"), {"limit": limit}).fetchall()
+        for evidence_id, key, _topic, _partition, _offset, outcome, external_id, detail in rows:
+            message = ResultMessage(
+                operation_key=key,
+                outcome=ResultOutcome(outcome),
+                external_id=external_id,
+                detail=detail,
+            )
+            consumer.settle(conn, int(evidence_id), message)
+    return len(rows)

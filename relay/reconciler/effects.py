@@ -1,0 +1,88 @@
+"""The few row operations every part of the reconciler shares: lock an effect, move it."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+
+from relay.config import Settings
+from relay.sql import query
+from relay.states import EffectState
+
+STATUS_EFFECT_TYPE = "relay.status"
+
+
+def reconciler_actor(settings: Settings) -> str:
+    return f"reconciler:{settings.replica_id}"
+
+
+def operator_actor(explicit: str | None = None) -> str:
+    """Who decided: ``--actor``, else the login name, else 'operator'."""
+    return explicit or os.environ.get("USER") or os.environ.get("LOGNAME") or "operator"
+
+
+@dataclass(frozen=True)
+class LockedEffect:
+    """An effect row locked ``FOR UPDATE`` by the current transaction."""
+
+    id: int
+    operation_key: str
+    effect_type: str
+    state: EffectState
+    attempts: int
+    external_id: str | None
+    payload: dict[str, Any]
+    business_key: str | None
+    published_offset: int | None
+
+
+def lock_effect(conn: psycopg.Connection[Any], operation_key: str) -> LockedEffect | None:
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(query("lock_effect"), {"operation_key": operation_key})
+        row = cur.fetchone()
+    if row is None:
+        return None
+    return LockedEffect(**{**row, "state": EffectState(row["state"])})
+
+
+def move(
+    conn: psycopg.Connection[Any],
+    effect_id: int,
+    from_state: EffectState,
+    to_state: EffectState,
+    *,
+    reason: str,
+    actor: str,
+    attempt: int | None = None,
+    external_id: str | None = None,
+    delay_s: float = 0.0,
+) -> bool:
+    """Compare-and-set the state and append the transition (the status event follows by trigger).
+
+    Returns False when the effect was no longer in ``from_state`` (or at ``attempt``).
+    """
+    row = conn.execute(
+        query("move_effect"),
+        {
+            "id": effect_id,
+            "from_state": from_state.value,
+            "to_state": to_state.value,
+            "reason": reason,
+            "actor": actor,
+            "attempt": attempt,
+            "external_id": external_id,
+            "delay_s": delay_s,
+        },
+    ).fetchone()
+    return row is not None
+
+
+def clean_text(value: str | None, limit: int = 4096) -> str | None:
+    """PostgreSQL text cannot hold NUL; evidence must be storable whatever a producer sent."""
+    if value is None:
+        return None
+    return value.replace("\x00", "\ufffd")[:limit]

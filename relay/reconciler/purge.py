@@ -1,0 +1,51 @@
+"""Housekeeping: finished effects past retention go, with their attempts, transitions and evidence.
+
+Finished means CONFIRMED, REJECTED, CANCELLED, or PUBLISHED for a type that awaits no downstream
+result (status events, plain publications). Nothing else is ever removed. Each batch is its own
+short transaction that skips rows somebody holds, so the purge never blocks enqueue or dispatch;
+an effect with a compensation waits until the compensation itself has gone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+
+from relay.config import Settings
+from relay.sql import query
+
+
+@dataclass(frozen=True)
+class PurgeCounts:
+    effects: int
+    attempts: int
+    transitions: int
+    evidence: int
+
+
+def would_purge(conn: psycopg.Connection[Any], retention_s: float) -> PurgeCounts:
+    row = conn.execute(query("purge_counts"), {"retention_s": retention_s}).fetchone()
+    assert row is not None
+    return PurgeCounts(*(int(v) for v in row))
+
+
+def purge(
+    conn: psycopg.Connection[Any], settings: Settings, retention_s: float | None = None
+) -> tuple[int, int]:
+    """Delete in batches until nothing is left; returns (effects, unattached evidence) removed."""
+    keep_s = settings.retention_s if retention_s is None else retention_s
+    params = {"retention_s": keep_s, "limit": settings.purge_batch_size}
+    effects = evidence = 0
+    for name in ("purge_batch", "purge_unattached_evidence"):
+        while True:
+            with conn.transaction():
+                done = len(conn.execute(query(name), params).fetchall())
+            if name == "purge_batch":
+                effects += done
+            else:
+                evidence += done
+            if done == 0:
+                break
+    return effects, evidence

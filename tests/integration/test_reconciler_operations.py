@@ -1,0 +1,239 @@
+"""Operators and housekeeping: resolve, a Python observer, results overtaking the relay, purge."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import psycopg
+import pytest
+
+import relay
+from relay.config import Settings
+from relay.daemon import Relay
+from relay.devservices import Services
+from relay.errors import InvalidTransitionError
+from relay.reconciler.observers import Observation
+from relay.reconciler.resolve import Decision, resolve
+from tests import support
+from tests.downstream import harness as h
+from tests.downstream import observers
+
+
+@pytest.fixture
+def rsettings(
+    database_url: str, services: Services, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> Settings:
+    h.isolate_from_environment(monkeypatch)
+    types = h.wire_types(
+        prefix,
+        python_observer="tests.downstream.observers:observe",
+        outcome_timeout_s=1.0,
+        max_attempts=2,
+    )
+    return h.reconciler_settings(
+        database_url, services.kafka_bootstrap_servers, prefix, effect_types=types
+    )
+
+
+def _enqueue(url: str, keys: list[str], start: int = 0) -> None:
+    with psycopg.connect(url) as conn:
+        for i, key in enumerate(keys):
+            relay.enqueue(conn, "wire", key, {**h.WIRE, "amount": start + i})
+        conn.commit()
+
+
+def _cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "relay.cli", "--config", str(config), *args],
+        capture_output=True,
+        text=True,
+        env=support.relay_env(),
+        timeout=60,
+    )
+
+
+def test_python_observer_and_every_operator_decision(rsettings: Settings, tmp_path: Path) -> None:
+    url = rsettings.require_database_url()
+    keys = ["p-present", "p-absent", "p-raises", "p-dup", "r-1", "r-2", "r-3", "r-4"]
+    observers.ANSWERS.update(
+        {
+            "p-present": "present",
+            "p-absent": "absent",  # re-dispatched once, then max_attempts (2) is spent
+            "p-dup": Observation("duplicate", count=3),
+            "r-1": "inconclusive",
+            "r-2": "inconclusive",
+            "r-3": "inconclusive",
+            "r-4": "inconclusive",
+        }
+    )
+    with h.running_reconciler(rsettings), support.running(Relay(rsettings)):
+        _enqueue(url, keys)
+        support.wait_for(
+            lambda: (
+                h.states(url, keys)
+                == {
+                    "p-present": "CONFIRMED",
+                    "p-absent": "STUCK",
+                    "p-raises": "STUCK",
+                    "p-dup": "CONFIRMED",
+                    **{k: "STUCK" for k in keys[4:]},
+                }
+            ),
+            60,
+            "observations to settle",
+        )
+        assert [c[0] for c in h.children(url, "p-dup")] == [
+            "p-dup#compensation",
+            "p-dup#compensation-2",
+        ]
+        absent = h.transitions(url, "p-absent")
+        assert [t[1] for t in absent].count("DISPATCHING") == 2
+        assert "after 2 attempts" in absent[-1][3]
+        assert "KeyError" in h.transitions(url, "p-raises")[-1][3]
+
+        with psycopg.connect(url, autocommit=True) as conn:
+            for key, decision in [
+                ("r-1", Decision.CONFIRM),
+                ("r-2", Decision.REJECT),
+                ("r-3", Decision.REDISPATCH),
+                ("r-4", Decision.COMPENSATE),
+            ]:
+                resolve(conn, rsettings, key, decision, reason=f"ticket {key}", actor="bob")
+            with pytest.raises(InvalidTransitionError, match="is CONFIRMED"):
+                resolve(conn, rsettings, "r-1", Decision.REJECT, reason="again", actor="bob")
+        observers.ANSWERS["r-3"] = "present"
+        support.wait_for(lambda: h.state(url, "r-3#compensation") is None, 1, "nothing")
+        support.wait_for(
+            lambda: h.state(url, "r-4#compensation") == "STUCK", 30, "compensation to end"
+        )
+        support.wait_for(lambda: h.state(url, "r-3") == "CONFIRMED", 30, "re-dispatched r-3")
+    assert h.states(url, ["r-1", "r-2", "r-4"]) == {
+        "r-1": "CONFIRMED",
+        "r-2": "REJECTED",
+        "r-4": "CONFIRMED",
+    }
+    r3 = h.transitions(url, "r-3")
+    assert ("STUCK", "PENDING", "bob") in [t[:3] for t in r3]
+    assert [t[1] for t in r3].count("DISPATCHING") == 2
+    # The compensation was sent; no result came for it within its deadline and no observer is
+    # declared for reversals: a lost compensation is as visible as a lost wire.
+    assert h.children(url, "r-4") == [("r-4#compensation", "wire-reversal", "STUCK")]
+    assert ("DISPATCHING", "PUBLISHED") in [t[:2] for t in h.transitions(url, "r-4#compensation")]
+    assert "operator decided to compensate: ticket r-4" in h.transitions(url, "r-4")[-1][3]
+
+    config = support.write_config(tmp_path / "relay.toml", rsettings)
+    wrong = _cli(config, "resolve", "r-2", "--confirm", "--reason", "x")
+    assert wrong.returncode == 2 and "is REJECTED" in wrong.stderr
+    assert "Traceback" not in wrong.stderr
+    neither = _cli(config, "resolve", "r-2", "--reason", "x")
+    assert neither.returncode == 2 and "choose one of" in neither.stderr
+
+
+class HoldBeforeCommit(Relay):
+    """A relay that pauses between its Kafka send and its commit, while the test acts."""
+
+    def __init__(self, settings: Settings, during: threading.Event, go: threading.Event) -> None:
+        super().__init__(settings)
+        self.during, self.go = during, go
+
+    def _before_commit(self) -> None:
+        if not self.during.is_set():
+            self.during.set()
+            assert self.go.wait(30)
+
+
+def test_a_result_that_overtakes_the_relay_is_applied_once_published(
+    rsettings: Settings, services: Services, prefix: str
+) -> None:
+    url = rsettings.require_database_url()
+    observers.ANSWERS["fast"] = "inconclusive"
+    during, go = threading.Event(), threading.Event()
+    with (
+        h.running_reconciler(rsettings) as rec,
+        support.running(HoldBeforeCommit(rsettings, during, go)),
+    ):
+        _enqueue(url, ["fast"])
+        assert during.wait(30)
+        assert h.state(url, "fast") == "DISPATCHING"
+        h.produce(services.kafka_bootstrap_servers, f"{prefix}.wire-results", [h.result("fast")])
+        support.wait_for(lambda: rec.results.counts["deferred"] == 1, 30, "deferral")
+        go.set()
+        support.wait_for(lambda: h.state(url, "fast") == "CONFIRMED", 30, "confirmation")
+    assert [t[:2] for t in h.transitions(url, "fast")][-2:] == [
+        ("DISPATCHING", "PUBLISHED"),
+        ("PUBLISHED", "CONFIRMED"),
+    ]
+    assert h.verdicts(url) == {"applied": 1}
+
+
+def test_purge_removes_only_finished_effects_past_retention(
+    rsettings: Settings, services: Services, prefix: str, tmp_path: Path
+) -> None:
+    url = rsettings.require_database_url()
+    observers.ANSWERS.update({"old-dup": Observation("duplicate", count=2)})
+    with h.running_reconciler(rsettings), support.running(Relay(rsettings)):
+        _enqueue(url, ["old-ok", "old-dup", "old-stuck"])
+        with psycopg.connect(url) as conn:
+            relay.enqueue(conn, "email", "mail", {"to": "x"})
+            relay.enqueue(conn, "email", "later", {"to": "y"})
+            conn.commit()
+        support.wait_for(lambda: h.state(url, "old-ok") == "PUBLISHED", 30, "publication")
+        h.produce(
+            services.kafka_bootstrap_servers,
+            f"{prefix}.wire-results",
+            [h.result("old-ok"), h.result("nobody"), (b"k", b"junk")],
+        )
+        support.wait_for(
+            lambda: (
+                h.states(url, ["old-ok", "old-dup", "old-stuck"])
+                == {"old-ok": "CONFIRMED", "old-dup": "CONFIRMED", "old-stuck": "STUCK"}
+            ),
+            30,
+            "outcomes",
+        )
+        support.wait_for(
+            lambda: h.state(url, "old-dup#compensation") == "STUCK", 30, "compensation ends"
+        )
+        support.wait_for(
+            lambda: support.count_states(url).get("PENDING", 0) == 0, 30, "status events sent"
+        )
+        with psycopg.connect(url) as conn:
+            relay.enqueue(conn, "wire", "new-pending", {**h.WIRE, "amount": 98})
+            conn.execute("UPDATE relay.effect SET available_at = now() + interval '1 hour'")
+            conn.commit()
+    config = support.write_config(tmp_path / "relay.toml", rsettings)
+    before = support.count_states(url)
+    dry = _cli(config, "purge", "--dry-run", "--older-than", "0s")
+    assert dry.returncode == 0, dry.stderr
+    # old-ok, mail, later, and every status event (PUBLISHED, no result awaited); not old-dup:
+    # its compensation is STUCK, so it stays as long as its compensation does.
+    assert support.count_states(url) == before
+    kept = _cli(config, "purge")  # the default retention (30 days) keeps everything
+    assert kept.returncode == 0 and "removed 0 effects" in kept.stdout, kept.stderr
+    done = _cli(config, "purge", "--older-than", "0s")
+    assert done.returncode == 0, done.stderr
+    with psycopg.connect(url, autocommit=True) as conn:
+        left: dict[str, str] = dict(
+            conn.execute(
+                "SELECT operation_key, state FROM relay.effect WHERE effect_type <> 'relay.status'"
+            ).fetchall()
+        )
+        status_left = conn.execute(
+            "SELECT count(*) FROM relay.effect WHERE effect_type = 'relay.status'"
+        ).fetchone()
+        unattached = conn.execute(
+            "SELECT count(*) FROM relay.evidence WHERE effect_id IS NULL"
+        ).fetchone()
+    assert left == {
+        "old-dup": "CONFIRMED",
+        "old-dup#compensation": "STUCK",
+        "old-stuck": "STUCK",
+        "new-pending": "PENDING",
+    }
+    assert status_left == (1,)  # the status event of new-pending's enqueue, not yet sent
+    assert unattached == (0,)
+    removed = int(done.stdout.split()[1])
+    assert f"would remove {removed} effects" in dry.stdout

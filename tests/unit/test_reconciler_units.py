@@ -1,0 +1,86 @@
+"""The reconciler's pure parts: result parsing, observers' answers, keys, commands."""
+
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+
+from relay.cli import main
+from relay.config import load_settings
+from relay.errors import ConfigError
+from relay.messages import ResultOutcome
+from relay.reconciler.compensation import compensation_key
+from relay.reconciler.consumer import parse
+from relay.reconciler.effects import clean_text, operator_actor
+from relay.reconciler.observers import HttpObserver, Observation, ObservedEffect, PythonObserver
+from relay.sql import names
+from relay.states import EffectState, is_allowed
+
+
+def test_results_parse_or_say_why_not() -> None:
+    ok = parse(b'{"operation_key": "k", "outcome": "committed", "external_id": "x"}')
+    assert not isinstance(ok, str) and ok.outcome is ResultOutcome.COMMITTED
+    assert parse(None) == "empty record (a tombstone)"
+    for junk in (b"\xff\xfe", b"{", b"[]", b'{"operation_key": "k", "outcome": "maybe"}'):
+        assert isinstance(parse(junk), str), junk
+    extra = parse(b'{"operation_key": "k", "outcome": "rejected", "surprise": 1}')
+    assert isinstance(extra, str) and "surprise" in extra
+
+
+def test_observer_urls_quote_the_keys() -> None:
+    observer = HttpObserver("http://bank/wires/{business_key}?op={operation_key}", 1.0)
+    effect = ObservedEffect("op/1 #2", "wire", "ACC 1:100/x")
+    assert observer.url_for(effect) == "http://bank/wires/ACC%201%3A100%2Fx?op=op%2F1%20%232"
+
+
+def test_python_observer_import_errors_are_config_errors() -> None:
+    with pytest.raises(ConfigError, match="cannot be imported"):
+        PythonObserver("tests.downstream.nowhere:observe")
+    with pytest.raises(ConfigError, match="not callable"):
+        PythonObserver("tests.downstream.observers:ANSWERS")
+    observer = PythonObserver("tests.downstream.observers:observe")
+    answer = observer.observe(ObservedEffect("never-set", "wire", None))
+    assert answer.answer == "inconclusive" and "KeyError" in answer.detail
+
+
+def test_observations_only_take_the_four_answers() -> None:
+    with pytest.raises(ValueError, match="one of"):
+        Observation("maybe")  # type: ignore[arg-type]
+
+
+def test_compensation_keys_stay_within_the_key_limit() -> None:
+    assert compensation_key("w-1", 0) == "w-1#compensation"
+    assert compensation_key("w-1", 1) == "w-1#compensation-2"
+    assert len(compensation_key("k" * 512, 4)) == 512
+
+
+def test_text_for_evidence_is_storable() -> None:
+    assert clean_text("a\x00b") == "a\ufffdb"
+    assert clean_text(None) is None
+    assert len(clean_text("x" * 10_000) or "") == 4096
+
+
+def test_operator_defaults_to_the_login_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("USER", "carol")
+    assert operator_actor() == "carol" and operator_actor("dave") == "dave"
+    monkeypatch.delenv("USER")
+    monkeypatch.delenv("LOGNAME", raising=False)
+    assert operator_actor() == "operator"
+
+
+def test_late_results_may_settle_a_waiting_redispatch() -> None:
+    assert is_allowed(EffectState.PENDING, EffectState.CONFIRMED)
+    assert not is_allowed(EffectState.CONFIRMED, EffectState.PENDING)
+
+
+def test_commands_and_queries_are_registered() -> None:
+    assert {"reconcile", "resolve", "purge"} <= set(main.commands)
+    assert {"move_effect", "expire_deadlines", "claim_observations", "purge_batch"} <= set(names())
+    result = CliRunner().invoke(main, ["resolve", "--help"])
+    assert result.exit_code == 0 and "--redispatch" in result.output
+
+
+def test_reconciler_settings_have_safe_defaults() -> None:
+    settings = load_settings(None)
+    assert settings.status_events and settings.retention_s == 30 * 86400
+    assert settings.reconcile_group_id == "relay-reconciler"
