@@ -15,10 +15,11 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
-from typing import Any
+from datetime import datetime
+from typing import Any, NamedTuple
 
 import psycopg
-from kafka import KafkaConsumer, KafkaProducer
+from kafka import KafkaProducer
 from kafka import errors as kerr
 
 from relay import db, observability
@@ -38,18 +39,32 @@ from relay.publisher import (
 from relay.sql import query
 from relay.states import EffectState
 from relay.transactions import fence, transactional_id
-from relay.verify import Found, find_attempt, open_consumer
+from relay.verify import Absent, Found, Wanted, find_attempts, open_consumer
 
 log = logging.getLogger(__name__)
 
 HEARTBEAT_EVERY_S = 5.0
 VERIFY_EVERY_S = 1.0
+VERIFY_ROUND = 200  # UNKNOWN publishes checked per round, with one read of their window
 # Short polls after the last work seen, before the relay arms the doorbell (150 ms in all).
 QUIET_POLLS_S = (0.01, 0.02, 0.04, 0.08)
 
 
 class ReplicaFencedError(RelayError):
     """Another process registered this replica id after us: we must stop touching the outbox."""
+
+
+class _Check(NamedTuple):
+    """An UNKNOWN attempt claimed for a check (columns of claim_verifications)."""
+
+    effect_id: int
+    key: str
+    topic: str
+    attempt: int
+    tries: int
+    replica: str
+    replica_epoch: int
+    started_at: datetime
 
 
 class Relay:
@@ -210,7 +225,7 @@ class Relay:
             self._drop_database()
 
     def _verify_due(self) -> None:
-        """Resolve the relay's own UNKNOWN publishes by looking in Kafka (see relay.verify)."""
+        """Resolve UNKNOWN publishes by looking in Kafka (see relay.verify), a round at a time."""
         assert self._conn is not None
         self._last_verify = time.monotonic()
         rows = self._conn.execute(
@@ -219,37 +234,85 @@ class Relay:
                 "owner": self.replica_id,
                 "epoch": self.epoch,
                 "lease_s": self.settings.lease_s,
-                "limit": 50,
+                "limit": VERIFY_ROUND,
             },
         ).fetchall()
         if not rows:
             return
-        fenced: set[str] = set()
-        consumer: KafkaConsumer | None = None
-        unreachable: str | None = None
-        try:
-            for row in rows:
-                if unreachable is None and not self.stopping:
-                    try:
-                        consumer = consumer or open_consumer(self.settings)
-                    except kerr.KafkaError as exc:
-                        unreachable = describe(exc)
-                unreachable = self._verify_one(row, consumer, fenced, unreachable)
-        finally:
-            if consumer is not None:
-                consumer.close()
+        checks = [_Check(*row) for row in rows]
+        answers = self._check_round(checks)
+        for check in checks:
+            self._finish_check(check, answers[check.effect_id])
+        if len(rows) == VERIFY_ROUND:
+            self._last_verify = 0.0  # more are due: the next cycle goes on at once
 
-    def _verify_one(
-        self,
-        row: tuple[Any, ...],
-        consumer: KafkaConsumer | None,
-        fenced: set[str],
-        unreachable: str | None,
-    ) -> str | None:
-        """Check one attempt; returns why Kafka is unreachable, so the rest of the round is
-        rescheduled at once instead of each waiting out its own timeout."""
+    def _check_round(self, checks: Sequence[_Check]) -> dict[int, Found | Absent | str]:
+        """A verdict per effect, or why Kafka could not be asked (after one such failure the
+        rest of the round is rescheduled at once instead of each waiting out its timeout)."""
+        if self.stopping:
+            return {c.effect_id: "the relay is stopping" for c in checks}
+        try:
+            consumer = open_consumer(self.settings)
+        except kerr.KafkaError as exc:
+            return {c.effect_id: describe(exc) for c in checks}
+        answers: dict[int, Found | Absent | str] = {}
+        down: str | None = None
+        try:
+            ready: list[_Check] = []
+            for replica in sorted({c.replica for c in checks}):
+                theirs = [c for c in checks if c.replica == replica]
+                why = down or self._fence_for_check(replica)
+                if why is None:
+                    ready.extend(theirs)
+                    continue
+                answers.update((c.effect_id, why) for c in theirs)
+                if replica != self.replica_id:
+                    down = why
+            by_topic: dict[str, list[_Check]] = {}
+            for c in ready:
+                by_topic.setdefault(c.topic, []).append(c)
+            for topic, group in by_topic.items():
+                wanted = {Wanted(c.key, c.effect_id, c.attempt, c.started_at): c for c in group}
+                if down is None:
+                    try:
+                        found = find_attempts(
+                            consumer,
+                            self.settings,
+                            topic,
+                            list(wanted),
+                            self.settings.publish_timeout_s,
+                        )
+                    except (kerr.KafkaError, OSError) as exc:
+                        down = describe(exc)
+                    else:
+                        answers.update((c.effect_id, found[w]) for w, c in wanted.items())
+                        continue
+                answers.update((c.effect_id, down) for c in group)
+        finally:
+            consumer.close()
+        return answers
+
+    def _fence_for_check(self, replica: str) -> str | None:
+        """Make sure the producer that made these attempts can no longer commit; or say why not.
+
+        Our own initialised producer fenced our earlier ones. Another replica's is fenced here,
+        or its open transaction could commit after we looked."""
+        if replica == self.replica_id:
+            return (
+                None
+                if self._producer is not None
+                else ("this replica's producer is not initialised yet")
+            )
+        try:
+            fence(self.settings, replica)
+        except (kerr.KafkaError, OSError) as exc:
+            return describe(exc)
+        return None
+
+    def _finish_check(self, check: _Check, answer: Found | Absent | str) -> None:
+        """Record the check: PUBLISHED, PENDING (absent), or UNKNOWN again and later STUCK."""
         assert self._conn is not None
-        effect_id, key, topic, attempt, tries, replica, _epoch, started_at = row
+        key, effect_id, attempt, tries = check.key, check.effect_id, check.attempt, check.tries
         base = {
             "id": effect_id,
             "attempt": attempt,
@@ -259,31 +322,10 @@ class Relay:
             "offset": None,
             "retry_in_s": 0.0,
         }
-        try:
-            if unreachable is not None or consumer is None or self.stopping:
-                raise kerr.KafkaConnectionError(unreachable or "the relay is stopping")
-            if replica == self.replica_id and self._producer is None:
-                # Only our initialised producer proves our earlier ones fenced.
-                raise kerr.KafkaConnectionError("this replica's producer is not initialised yet")
-            if replica != self.replica_id and replica not in fenced:
-                # Our own producer fenced our earlier ones; another replica's must be fenced
-                # here, or its open transaction could commit after we looked.
-                fence(self.settings, replica)
-                fenced.add(replica)
-            verdict = find_attempt(
-                consumer,
-                self.settings,
-                topic=topic,
-                operation_key=key,
-                effect_id=effect_id,
-                attempt=attempt,
-                started_at=started_at,
-                timeout_s=self.settings.publish_timeout_s,
-            )
-        except (kerr.KafkaError, OSError) as exc:
+        if isinstance(answer, str):
             give_up = tries + 1 >= self.settings.verify_max_tries
             retry_in = min(self.settings.verify_backoff_max_s, 2.0 * 2 ** min(tries, 16))
-            why = f"check {tries + 1} of attempt {attempt} could not be made: {describe(exc)}"
+            why = f"check {tries + 1} of attempt {attempt} could not be made: {answer}"
             params = {
                 **base,
                 "state": EffectState.STUCK.value if give_up else EffectState.UNKNOWN.value,
@@ -294,22 +336,21 @@ class Relay:
                 "retry_in_s": retry_in,
             }
             log.warning(why, extra={"operation_key": key, "effect_id": effect_id})
-            unreachable = unreachable or describe(exc)
         else:
-            if isinstance(verdict, Found):
-                found = f"found at partition {verdict.partition} offset {verdict.offset}"
+            if isinstance(answer, Found):
+                found = f"found at partition {answer.partition} offset {answer.offset}"
                 params = {
                     **base,
                     "state": EffectState.PUBLISHED.value,
                     "reason": f"verified in Kafka: attempt {attempt} {found}",
                     "verification": found,
-                    "partition": verdict.partition,
-                    "offset": verdict.offset,
+                    "partition": answer.partition,
+                    "offset": answer.offset,
                 }
             else:
                 absent = (
-                    f"absent: not among {verdict.scanned} committed records of the attempt's "
-                    f"window in {verdict.partitions} partitions, after fencing its producer"
+                    f"absent: not among {answer.scanned} committed records of the attempt's "
+                    f"window in {answer.partitions} partitions, after fencing its producer"
                 )
                 params = {
                     **base,
@@ -325,7 +366,6 @@ class Relay:
             )
         moved = self._conn.execute(query("finish_verification"), params).fetchone()
         observability.record_verification(str(params["state"]), int(moved[0]) if moved else 0)
-        return unreachable
 
     def _heartbeat(self) -> None:
         assert self._conn is not None

@@ -1,15 +1,19 @@
-"""Is an ambiguous attempt's record in Kafka? Read it back, read_committed, after fencing.
+"""Are ambiguous attempts' records in Kafka? Read them back, read_committed, after fencing.
 
 An attempt's records carry a producer timestamp taken while the attempt ran, so the search is
 bounded to the attempt's window (started_at - skew .. started_at + the longest the attempt could
 have lasted + skew), over every partition of the topic: a record is found even if the topic's
-partition count changed since. The producer that made the attempt must be fenced before the
-search, or an open transaction could still commit after the search said "absent".
+partition count changed since. The attempts of one round are searched together: overlapping
+windows merge into one range that is read once, so a burst of UNKNOWN attempts (a crash, a
+broker cut) costs one pass over the topic's recent records, not one pass per attempt. The
+producers that made the attempts must be fenced before the search, or an open transaction could
+still commit after the search said "absent".
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -19,6 +23,16 @@ from relay.config import Settings
 from relay.headers import H_ATTEMPT, H_EFFECT_ID
 from relay.publisher import kafka_security
 from relay.transactions import TransactionTimeoutError
+
+
+@dataclass(frozen=True)
+class Wanted:
+    """One attempt to look for."""
+
+    operation_key: str
+    effect_id: int
+    attempt: int
+    started_at: datetime
 
 
 @dataclass(frozen=True)
@@ -58,33 +72,66 @@ def find_attempt(
     started_at: datetime,
     timeout_s: float,
 ) -> Found | Absent:
-    """Search the topic for this attempt's record. Raises KafkaError when Kafka can't answer."""
+    """Search the topic for one attempt's record. Raises KafkaError when Kafka can't answer."""
+    wanted = Wanted(operation_key, effect_id, attempt, started_at)
+    return find_attempts(consumer, settings, topic, [wanted], timeout_s)[wanted]
+
+
+def find_attempts(
+    consumer: KafkaConsumer,
+    settings: Settings,
+    topic: str,
+    wanted: Sequence[Wanted],
+    stall_s: float,
+) -> dict[Wanted, Found | Absent]:
+    """Search the topic for the records of several attempts at once.
+
+    Raises KafkaError when Kafka can't answer, including a read that makes no progress for
+    ``stall_s`` (a large range is fine as long as records keep coming)."""
+    verdicts: dict[Wanted, Found | Absent] = {}
     try:
-        return _search(
-            consumer, settings, topic, (operation_key, effect_id, attempt), started_at, timeout_s
-        )
+        partitions = consumer.partitions_for_topic(topic)
+        if not partitions:
+            return {w: Absent(partitions=0, scanned=0) for w in wanted}
+        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+        for start_ms, end_ms, group in _merged_windows(settings, wanted):
+            found, scanned = _scan(consumer, tps, start_ms, end_ms, group, stall_s)
+            for w in group:
+                verdicts[w] = found.get(w) or Absent(partitions=len(tps), scanned=scanned)
+        return verdicts
     finally:
         consumer.unsubscribe()
 
 
-def _search(
-    consumer: KafkaConsumer,
-    settings: Settings,
-    topic: str,
-    wanted: tuple[str, int, int],
-    started_at: datetime,
-    timeout_s: float,
-) -> Found | Absent:
-    operation_key, effect_id, attempt = wanted
-    deadline = time.monotonic() + timeout_s
-    partitions = consumer.partitions_for_topic(topic)
-    if not partitions:
-        return Absent(partitions=0, scanned=0)
-    tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+def _merged_windows(
+    settings: Settings, wanted: Iterable[Wanted]
+) -> list[tuple[int, int, list[Wanted]]]:
+    """The attempts' time windows (epoch ms), overlapping ones merged into one."""
     skew_ms = int(settings.clock_skew_s * 1000)
-    start_ms = int(started_at.timestamp() * 1000) - skew_ms
-    longest_s = settings.publish_timeout_s * 2 + settings.transaction_timeout_s
-    end_ms = int(started_at.timestamp() * 1000 + longest_s * 1000) + skew_ms
+    longest_ms = int((settings.publish_timeout_s * 2 + settings.transaction_timeout_s) * 1000)
+    windows = sorted(
+        ((int(w.started_at.timestamp() * 1000) - skew_ms, w) for w in wanted), key=lambda x: x[0]
+    )
+    merged: list[tuple[int, int, list[Wanted]]] = []
+    for start_ms, w in windows:
+        end_ms = start_ms + longest_ms + 2 * skew_ms
+        if merged and start_ms <= merged[-1][1]:
+            first, last, group = merged[-1]
+            merged[-1] = (first, max(last, end_ms), [*group, w])
+        else:
+            merged.append((start_ms, end_ms, [w]))
+    return merged
+
+
+def _scan(
+    consumer: KafkaConsumer,
+    tps: list[TopicPartition],
+    start_ms: int,
+    end_ms: int,
+    wanted: list[Wanted],
+    stall_s: float,
+) -> tuple[dict[Wanted, Found], int]:
+    """Read every partition from start_ms to end_ms once, matching the wanted attempts."""
     starts = consumer.offsets_for_times({tp: start_ms for tp in tps})
     ends = consumer.offsets_for_times({tp: end_ms for tp in tps})
     stable_ends = consumer.end_offsets(tps)  # read_committed: the last stable offsets
@@ -98,31 +145,43 @@ def _search(
         if stop > begin.offset:
             ranges[tp] = (begin.offset, stop)
     if not ranges:
-        return Absent(partitions=len(tps), scanned=0)
+        return {}, 0
     consumer.assign(list(ranges))
     for tp, (begin, _) in ranges.items():
         consumer.seek(tp, begin)
-    key = operation_key.encode()
-    want_id, want_attempt = str(effect_id).encode(), str(attempt).encode()
+    by_key: dict[bytes, list[Wanted]] = {}
+    for w in wanted:
+        by_key.setdefault(w.operation_key.encode(), []).append(w)
+    found: dict[Wanted, Found] = {}
     scanned = 0
     remaining = dict(ranges)
-    while remaining:
-        if time.monotonic() > deadline:
+    positions: dict[TopicPartition, int] = {}
+    last_progress = time.monotonic()
+    while remaining and len(found) < len(wanted):
+        if time.monotonic() - last_progress > stall_s:
             raise TransactionTimeoutError(
-                f"the search did not finish within {timeout_s:.1f}s ({scanned} records read)"
+                f"the search made no progress for {stall_s:.1f}s ({scanned} records read)"
             )
         batch = consumer.poll(timeout_ms=200, max_records=5000)
         for tp, records in batch.items():
+            last_progress = time.monotonic()
             for record in records:
                 scanned += 1
-                if record.key == key:
-                    headers = dict(record.headers)
+                candidates = by_key.get(record.key) if record.key is not None else None
+                if not candidates:
+                    continue
+                headers = dict(record.headers)
+                for w in candidates:
                     if (
-                        headers.get(H_EFFECT_ID) == want_id
-                        and headers.get(H_ATTEMPT) == want_attempt
+                        headers.get(H_EFFECT_ID) == str(w.effect_id).encode()
+                        and headers.get(H_ATTEMPT) == str(w.attempt).encode()
                     ):
-                        return Found(partition=tp.partition, offset=record.offset)
+                        found.setdefault(w, Found(partition=tp.partition, offset=record.offset))
         for tp in list(remaining):
-            if consumer.position(tp) >= remaining[tp][1]:
+            position = consumer.position(tp)
+            if position != positions.get(tp):
+                positions[tp] = position  # also moves over aborted records and markers
+                last_progress = time.monotonic()
+            if position >= remaining[tp][1]:
                 del remaining[tp]
-    return Absent(partitions=len(tps), scanned=scanned)
+    return found, scanned

@@ -365,7 +365,7 @@ def test_search_finds_a_record_after_the_partition_count_changed(
     from relay.headers import dispatch_headers
     from relay.publisher import make_producer
     from relay.transactions import commit
-    from relay.verify import Absent, Found, find_attempt, open_consumer
+    from relay.verify import Absent, Found, Wanted, find_attempt, find_attempts, open_consumer
 
     topic = f"{prefix}.grow"
     admin = KafkaAdminClient(bootstrap_servers=services.kafka_bootstrap_servers)
@@ -405,7 +405,20 @@ def test_search_finds_a_record_after_the_partition_count_changed(
 
         found = look(2)
         absent = look(1)
+        # One round checks several attempts with one read of their merged windows.
+        far = started - timedelta(hours=1)
+        wanted = [
+            Wanted("k-7", 7, 2, started),
+            Wanted("k-7", 7, 3, started + timedelta(seconds=1)),
+            Wanted("k-8", 8, 2, started),
+            Wanted("k-7", 7, 2, far),
+        ]
+        together = find_attempts(consumer, settings, topic, wanted, 30)
     finally:
         consumer.close()
     assert found == Found(partition=0, offset=0)
     assert isinstance(absent, Absent) and absent.partitions == 4 and absent.scanned == 1
+    assert together[wanted[0]] == found
+    assert [together[w] for w in wanted[1:3]] == [Absent(partitions=4, scanned=1)] * 2
+    # an hour earlier nothing was written: the record lies outside that attempt's window
+    assert together[wanted[3]] == Absent(partitions=4, scanned=0)
