@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, Protocol, TypeVar, cast
 
 import click
 import psycopg
@@ -63,6 +63,10 @@ def clean_errors(func: F) -> F:
         except psycopg.OperationalError as exc:
             click.echo(f"error: PostgreSQL unavailable: {_first_line(exc)}", err=True)
             sys.exit(EXIT_UNAVAILABLE)
+        except (psycopg.errors.UndefinedTable, psycopg.errors.InvalidSchemaName) as exc:
+            # A database the code is newer than: say what to do rather than print a traceback.
+            click.echo(f"error: {_first_line(exc)}: run 'relay migrate'", err=True)
+            sys.exit(EXIT_USAGE)
 
     return cast(F, wrapper)
 
@@ -141,7 +145,17 @@ def run(ctx: click.Context) -> None:
     """
     from relay.daemon import Relay
 
-    daemon = Relay(_settings(ctx))
+    run_until_signalled(Relay(_settings(ctx)))
+
+
+class Daemon(Protocol):
+    def run(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+def run_until_signalled(daemon: Daemon) -> None:
+    """Run ``daemon``; SIGTERM or Ctrl-C lets it finish the batch in hand, then it returns."""
 
     def _stop(signum: int, _frame: object) -> None:
         logging.getLogger("relay").info("signal %s: finishing the batch in hand", signum)
@@ -190,56 +204,95 @@ def enqueue(
     click.echo(f"{verb}: {operation_key} (effect {result.effect_id}, {result.state})")
 
 
+def load_story(conn: psycopg.Connection[Any], operation_key: str) -> dict[str, Any] | None:
+    """One effect with its attempts, evidence and transitions, each in order; None if unknown."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(query("get_effect"), {"operation_key": operation_key})
+        effect = cur.fetchone()
+        if effect is None:
+            return None
+        story: dict[str, Any] = {"effect": effect}
+        for part, name in (
+            ("attempts", "get_attempts"),
+            ("evidence", "get_evidence"),
+            ("transitions", "get_transitions"),
+        ):
+            cur.execute(query(name), {"effect_id": effect["id"]})
+            story[part] = cur.fetchall()
+    return story
+
+
+def story_lines(story: dict[str, Any]) -> list[str]:
+    """The text of ``relay show``: intent, attempts, evidence, transitions."""
+    effect = story["effect"]
+    lines = [f"effect {effect['id']}  {effect['operation_key']}  [{effect['state']}]"]
+    for field in ("effect_type", "topic", "business_key", "traceparent", "attempts", "reason"):
+        if effect[field] is not None:
+            lines.append(f"  {field:<13} {effect[field]}")
+    if effect["published_offset"] is not None:
+        lines.append(
+            f"  {'published':<13} partition {effect['published_partition']} "
+            f"offset {effect['published_offset']} at {effect['published_at']:%Y-%m-%d %H:%M:%S%z}"
+        )
+    if effect["outcome_deadline"] is not None:
+        lines.append(f"  {'result due':<13} {effect['outcome_deadline']:%Y-%m-%d %H:%M:%S%z}")
+    lines.append(f"  {'payload':<13} {json.dumps(effect['payload'])}")
+    lines.append("attempts:")
+    for a in story["attempts"]:
+        where = f" p{a['partition']}@{a['offset']}" if a["offset"] is not None else ""
+        lines.append(
+            f"  #{a['attempt']} by {a['replica_id']} (epoch {a['replica_epoch']}) "
+            f"{a['started_at']:%H:%M:%S.%f} -> {a['outcome'] or 'in flight'}{where}"
+            + (f": {a['reason']}" if a["reason"] else "")
+        )
+        if a["verification"]:
+            lines.append(f"      checked in Kafka {a['verified_at']:%H:%M:%S}: {a['verification']}")
+    if not story["attempts"]:
+        lines.append("  (none)")
+    lines.append("evidence:")
+    for v in story["evidence"]:
+        facts = [
+            f"external id {v['external_id']}" if v["external_id"] is not None else "",
+            f"count {v['observed_count']}" if v["observed_count"] is not None else "",
+            f"{v['topic']} p{v['partition']}@{v['offset']}" if v["topic"] is not None else "",
+            f"attempt {v['attempt']}" if v["attempt"] is not None else "",
+        ]
+        said = "; ".join(f for f in facts if f)
+        lines.append(
+            f"  {v['received_at']:%Y-%m-%d %H:%M:%S.%f} {v['kind']} {v['outcome'] or '-'}"
+            + (f" ({said})" if said else "")
+            + f" -> {v['verdict']} by {v['actor']}"
+            + (f": {v['reason']}" if v["reason"] else "")
+        )
+        if v["detail"] and v["detail"] not in (v["reason"] or ""):
+            lines.append(f"      detail: {v['detail']}")
+    if not story["evidence"]:
+        lines.append("  (none)")
+    lines.append("transitions:")
+    for t in story["transitions"]:
+        lines.append(
+            f"  {t['at']:%Y-%m-%d %H:%M:%S.%f} {t['from_state'] or '-':>11} -> {t['to_state']:<11}"
+            f" by {t['actor']}: {t['reason']}"
+        )
+    return lines
+
+
 @main.command()
 @click.argument("operation_key")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 @click.pass_context
 @clean_errors
 def show(ctx: click.Context, operation_key: str, as_json: bool) -> None:
-    """The whole story of one effect: intent, attempts and transitions, in order."""
-    with connect(_settings(ctx), purpose="cli") as conn, conn.cursor(row_factory=dict_row) as cur:
-        cur.execute(query("get_effect"), {"operation_key": operation_key})
-        effect = cur.fetchone()
-        if effect is None:
-            click.echo(f"error: no effect has operation key {operation_key!r}", err=True)
-            sys.exit(1)
-        cur.execute(query("get_attempts"), {"effect_id": effect["id"]})
-        attempts = cur.fetchall()
-        cur.execute(query("get_transitions"), {"effect_id": effect["id"]})
-        transitions = cur.fetchall()
+    """The whole story of one effect: intent, attempts, evidence and transitions, in order."""
+    with connect(_settings(ctx), purpose="cli") as conn:
+        story = load_story(conn, operation_key)
+    if story is None:
+        click.echo(f"error: no effect has operation key {operation_key!r}", err=True)
+        sys.exit(1)
     if as_json:
-        doc = {"effect": effect, "attempts": attempts, "transitions": transitions}
-        click.echo(json.dumps(doc, default=_json_default, indent=2))
+        click.echo(json.dumps(story, default=_json_default, indent=2))
         return
-    click.echo(f"effect {effect['id']}  {effect['operation_key']}  [{effect['state']}]")
-    for field in ("effect_type", "topic", "business_key", "traceparent", "attempts", "reason"):
-        if effect[field] is not None:
-            click.echo(f"  {field:<13} {effect[field]}")
-    if effect["published_offset"] is not None:
-        click.echo(
-            f"  {'published':<13} partition {effect['published_partition']} "
-            f"offset {effect['published_offset']} at {effect['published_at']:%Y-%m-%d %H:%M:%S%z}"
-        )
-    click.echo(f"  {'payload':<13} {json.dumps(effect['payload'])}")
-    click.echo("attempts:")
-    for a in attempts or [{"attempt": None}]:
-        if a["attempt"] is None:
-            click.echo("  (none)")
-            continue
-        where = f" p{a['partition']}@{a['offset']}" if a["offset"] is not None else ""
-        click.echo(
-            f"  #{a['attempt']} by {a['replica_id']} (epoch {a['replica_epoch']}) "
-            f"{a['started_at']:%H:%M:%S.%f} -> {a['outcome'] or 'in flight'}{where}"
-            + (f": {a['reason']}" if a["reason"] else "")
-        )
-        if a["verification"]:
-            click.echo(f"      checked in Kafka {a['verified_at']:%H:%M:%S}: {a['verification']}")
-    click.echo("transitions:")
-    for t in transitions:
-        click.echo(
-            f"  {t['at']:%Y-%m-%d %H:%M:%S.%f} {t['from_state'] or '-':>11} -> {t['to_state']:<11}"
-            f" by {t['actor']}: {t['reason']}"
-        )
+    click.echo("\n".join(story_lines(story)))
 
 
 @main.command("list")
@@ -346,7 +399,8 @@ def schemas(directory: Path, check: bool) -> None:
 @clean_errors
 def demo(ctx: click.Context, effects: int, keep_running: bool) -> None:
     """Start local PostgreSQL and Kafka (unless RELAY_DATABASE_URL / RELAY_KAFKA_BOOTSTRAP_SERVERS
-    are set), run the relay, enqueue sample intents and show them move through their states."""
+    are set), run the relay, the reconciler and a demo bank, enqueue sample intents and show them
+    move through their states."""
     from relay.demo import run_demo
 
     run_demo(_settings(ctx), effects=effects, keep_running=keep_running)

@@ -1,4 +1,5 @@
-"""Configuration: one TOML file, overridden by ``RELAY_*`` environment variables.
+"""Configuration: one TOML file, overridden by ``RELAY_*`` environment variables, which
+command-line options override in turn.
 
 The effect-type registry lives in the same file so that the relay, the reconciler, the CLI and the
 Helm chart all read one set of declarations. Everything is validated at start; a bad value is
@@ -11,6 +12,7 @@ import os
 import re
 import socket
 import tomllib
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,6 +25,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from relay.errors import ConfigError, EffectTypeError
@@ -186,6 +189,14 @@ class Settings(BaseSettings):
         default="0.0.0.0",
         description="Address /metrics, /healthz and /readyz listen on (metrics_port 0: off).",
     )
+    reconcile_metrics_port: int | None = Field(
+        default=None,
+        ge=0,
+        le=65535,
+        description="Port of `relay reconcile`'s /metrics, /healthz and /readyz, so that both "
+        "daemons can run on one host; unset: metrics_port + 1 (9401), off when metrics_port is 0. "
+        "0: off.",
+    )
     metrics_cache_s: float = Field(
         default=5.0,
         gt=0,
@@ -260,6 +271,15 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _metrics_ports_fit(self) -> Settings:
+        if self.reconcile_metrics_port is None and self.metrics_port == 65535:
+            raise ValueError(
+                "metrics_port 65535 leaves no default port for the reconciler (metrics_port + 1): "
+                "set reconcile_metrics_port"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _compensations_declared(self) -> Settings:
         for spec in self.effect_types.values():
             if spec.compensation is not None and spec.compensation not in self.effect_types:
@@ -278,8 +298,9 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # The file's values arrive as init kwargs; the environment must win over the file.
-        return env_settings, init_settings
+        # Explicit arguments (command-line options) win over the environment, which wins over
+        # the file; load_settings hands the file's values over through _FILE_VALUES.
+        return init_settings, env_settings, _FileSource(settings_cls)
 
     def require_database_url(self) -> str:
         if not self.database_url:
@@ -290,6 +311,15 @@ class Settings(BaseSettings):
 
     def effect_type(self, name: str) -> EffectTypeSpec | None:
         return self.effect_types.get(name)
+
+    def metrics_port_of(self, daemon: str) -> int:
+        """The port ``daemon`` (relay | reconciler) serves its endpoints on; 0: none. Apart by
+        default: two daemons on one host must not fight over one port."""
+        if daemon != "reconciler":
+            return self.metrics_port
+        if self.reconcile_metrics_port is not None:
+            return self.reconcile_metrics_port
+        return self.metrics_port + 1 if self.metrics_port else 0
 
 
 def config_path_from_env(explicit: Path | None) -> Path | None:
@@ -303,6 +333,19 @@ def config_path_from_env(explicit: Path | None) -> Path | None:
     return default if default.is_file() else None
 
 
+_FILE_VALUES: ContextVar[dict[str, Any]] = ContextVar("relay_file_values", default={})  # noqa: B039
+
+
+class _FileSource(PydanticBaseSettingsSource):
+    """The config file's values: below the environment and explicit arguments."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return _FILE_VALUES.get().get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(_FILE_VALUES.get())
+
+
 def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
     """Read and validate the configuration, raising :class:`ConfigError` with a precise message."""
     data: dict[str, Any] = {}
@@ -314,13 +357,15 @@ def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
             raise ConfigError(f"config file {source} does not exist") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {source} is not valid TOML: {exc}") from None
-    data.update(overrides)
+    token = _FILE_VALUES.set(data)
     try:
-        return Settings(**data)
+        return Settings(**overrides)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, source)) from None
     except EffectTypeError as exc:
         raise EffectTypeError(f"{source or 'configuration'}: {exc}") from None
+    finally:
+        _FILE_VALUES.reset(token)
 
 
 def _describe(exc: ValidationError, source: Path | None) -> str:

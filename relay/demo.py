@@ -1,53 +1,160 @@
 """``relay demo``: the whole path on real servers, for a first look.
 
 Starts a throwaway PostgreSQL and Kafka broker unless RELAY_DATABASE_URL /
-RELAY_KAFKA_BOOTSTRAP_SERVERS name existing ones, runs the relay in this process, writes intents
-the way an application would (one transaction rolled back, to show it leaves nothing), and prints
-the effects' states as they move until every one has ended.
+RELAY_KAFKA_BOOTSTRAP_SERVERS name existing ones, runs the relay, the reconciler and a small
+stand-in bank in this process, writes intents the way an application would (one transaction
+rolled back, to show it leaves nothing), and prints the effects' states as they move until every
+one has ended: emails are done when Kafka has them, wires when the bank has answered.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 import uuid
 from collections.abc import Callable
 from contextlib import ExitStack
-from typing import Any
+from typing import Any, NamedTuple
 
 import click
 import psycopg
+from kafka import KafkaConsumer, KafkaProducer
+from kafka.admin import KafkaAdminClient, NewTopic
+from kafka.errors import KafkaError, TopicAlreadyExistsError
 
 from relay import outbox
+from relay.cli import load_story, story_lines
 from relay.config import EffectTypeSpec, Settings
 from relay.daemon import Relay
 from relay.devservices import LocalKafka, local_services
+from relay.errors import ServiceUnavailableError
+from relay.messages import ResultMessage, ResultOutcome
 from relay.migrations import migrate, sync_effect_types
+from relay.publisher import kafka_security
+from relay.reconciler.daemon import Reconciler
+from relay.reconciler.observers import Observation, ObservedEffect
 from relay.sql import query
 
+WIRE_TIMEOUT_S = 5.0
 DEMO_TYPES: dict[str, dict[str, Any]] = {
     "demo.email": {"topic": "demo.emails", "idempotent": True},
     "demo.wire": {
         "topic": "demo.wires",
         "business_key": "{account}:{amount}:{date}",
+        "result_topic": "demo.wire-results",
+        "outcome_timeout_s": WIRE_TIMEOUT_S,
+        "observer": {"python": "relay.demo:observe_wire", "timeout_s": 2.0},
     },
 }
+BANK_GROUP = "relay-demo-bank"
+# The demo bank's books, operation key -> its own reference. Module-level so that the observer,
+# which the reconciler imports by name, reads the same books the bank writes.
+BOOKS: dict[str, str] = {}
+
+
+def observe_wire(effect: ObservedEffect) -> Observation:
+    """The demo wire's observer: ask the bank's books instead of sending the wire again."""
+    reference = BOOKS.get(effect.operation_key)
+    if reference is None:
+        return Observation("absent", detail="not in the bank's books")
+    return Observation("present", count=1, detail=f"in the bank's books as {reference}")
+
+
+class DemoBank:
+    """A stand-in downstream: books each wire from the dispatch topic once per operation key and
+    reports a committed result; offsets are committed after the results are sent, so a record
+    read again is answered again (the reconciler recognises the repeat) but never booked twice."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.wires = settings.effect_types["demo.wire"]
+        self.lose_results: set[str] = set()
+        self.ready = threading.Event()
+        self._stop = threading.Event()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run(self) -> None:
+        consumer = KafkaConsumer(
+            self.wires.topic,
+            group_id=BANK_GROUP,
+            enable_auto_commit=False,
+            isolation_level="read_committed",
+            auto_offset_reset="earliest",
+            **kafka_security(self.settings),
+        )
+        producer = KafkaProducer(acks="all", **kafka_security(self.settings))
+        try:
+            while not self._stop.is_set():
+                try:
+                    batch = consumer.poll(timeout_ms=200)
+                    if consumer.assignment():
+                        self.ready.set()
+                    for records in batch.values():
+                        for record in records:
+                            self._book(producer, record.key.decode())
+                    if batch:
+                        producer.flush(timeout=10)
+                        consumer.commit()
+                except KafkaError:  # the broker is away (act 2): what was not committed comes again
+                    self._stop.wait(1.0)
+        finally:
+            consumer.close(autocommit=False)
+            producer.close(timeout=5)
+
+    def _book(self, producer: Any, key: str) -> None:
+        reference = BOOKS.setdefault(key, f"bank-{len(BOOKS) + 1}")
+        if key in self.lose_results:
+            return
+        result = ResultMessage(
+            operation_key=key, outcome=ResultOutcome.COMMITTED, external_id=reference
+        )
+        value = result.model_dump_json(exclude_none=True).encode()
+        producer.send(self.wires.result_topic, key=key.encode(), value=value)
 
 
 def _demo_settings(settings: Settings, database_url: str, bootstrap: str) -> Settings:
     types = dict(settings.effect_types)
     for name, spec in DEMO_TYPES.items():
-        types.setdefault(name, EffectTypeSpec(name=name, **spec))
+        types[name] = EffectTypeSpec.model_validate({"name": name, **spec})
     return settings.model_copy(
         update={
             "database_url": database_url,
             "kafka_bootstrap_servers": bootstrap,
             "effect_types": types,
             "publish_timeout_s": min(settings.publish_timeout_s, 3.0),
+            "outage_backoff_max_s": min(settings.outage_backoff_max_s, 2.0),
+            # Neither daemon serves metrics here: no port to collide with a running relay.
             "metrics_port": 0,
+            "reconcile_metrics_port": 0,
         }
     )
+
+
+def _create_topics(settings: Settings) -> None:
+    """The demo's topics exist before the bank and the reconciler subscribe to them."""
+    wire = settings.effect_types["demo.wire"]
+    admin = KafkaAdminClient(**kafka_security(settings))
+    try:
+        for topic in (wire.topic, wire.result_topic):
+            with contextlib.suppress(TopicAlreadyExistsError):
+                admin.create_topics([NewTopic(topic, 3, 1)])
+    finally:
+        admin.close()
+
+
+def _in_thread(
+    stack: ExitStack, name: str, run: Callable[[], None], stop: Callable[[], None]
+) -> threading.Thread:
+    """Run a daemon in a thread that is stopped and joined when the demo ends."""
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    stack.callback(thread.join, 30)
+    stack.callback(stop)
+    return thread
 
 
 def run_demo(settings: Settings, *, effects: int, keep_running: bool) -> None:
@@ -57,46 +164,72 @@ def run_demo(settings: Settings, *, effects: int, keep_running: bool) -> None:
         click.echo("starting services (a throwaway PostgreSQL and Kafka unless configured) ...")
         started = time.monotonic()
         services = stack.enter_context(local_services(fsync=True))
+        url = services.database_url
         click.echo(
-            f"  PostgreSQL {services.database_url}\n  Kafka      {services.kafka_bootstrap_servers}"
+            f"  PostgreSQL {url}\n  Kafka      {services.kafka_bootstrap_servers}"
             f"\n  ready in {time.monotonic() - started:.1f}s"
         )
-        cfg = _demo_settings(settings, services.database_url, services.kafka_bootstrap_servers)
-        with psycopg.connect(services.database_url, autocommit=True) as conn:
+        cfg = _demo_settings(settings, url, services.kafka_bootstrap_servers)
+        with psycopg.connect(url, autocommit=True) as conn:
             applied = migrate(conn)
             sync_effect_types(conn, cfg)
         click.echo(f"schema migrated ({len(applied)} new migrations); effect types synced")
+        _create_topics(cfg)
 
-        daemon = Relay(cfg)
-        thread = threading.Thread(target=daemon.run, name="relay", daemon=True)
-        thread.start()
-        stack.callback(thread.join, 30)
-        stack.callback(daemon.stop)
-        click.echo(f"relay running (replica {cfg.replica_id})\n")
+        relay, reconciler, bank = Relay(cfg), Reconciler(cfg), DemoBank(cfg)
+        threads = [
+            _in_thread(stack, "relay", relay.run, relay.stop),
+            _in_thread(stack, "reconciler", reconciler.run, reconciler.stop),
+            _in_thread(stack, "demo-bank", bank.run, bank.stop),
+        ]
+        if not (reconciler.ready.wait(60) and bank.ready.wait(60)):
+            raise ServiceUnavailableError("the reconciler or the demo bank did not start in 60s")
+        click.echo(
+            f"relay and reconciler running (replica {cfg.replica_id}); a demo bank books the "
+            f"wires from {bank.wires.topic} and answers on {bank.wires.result_topic}\n"
+        )
 
         run_id = uuid.uuid4().hex[:6]
-        click.echo("act 1: an application commits intents; the relay publishes them")
-        keys = _write_intents(services.database_url, run_id, effects, cfg.max_request_size)
-        _watch(services.database_url, keys)
+        click.echo(
+            "act 1: an application commits intents; the relay publishes them; emails are done"
+            "\nonce published, wires once the bank's result has CONFIRMED them"
+        )
+        keys = _write_intents(url, run_id, effects, cfg.max_request_size)
+        _watch(url, keys)
         click.echo("")
-        _show_one(services.database_url, keys[0])
+        _show_one(url, keys[1] if effects > 1 else keys[0])
         if services.local_kafka is not None and cfg.kafka_transactions:
             click.echo(
                 "\nact 2: the broker freezes while a batch is in flight (SIGSTOP): the publish "
                 "ends UNKNOWN,\nnot failed and not retried; when Kafka answers again the relay "
                 "fences the old producer,\nreads the partitions back (read_committed) and decides"
             )
-            frozen = _freeze_mid_publish(services.database_url, services.local_kafka, run_id)
+            frozen = _freeze_mid_publish(url, services.local_kafka, run_id)
             click.echo("")
-            _show_one(services.database_url, frozen, attempts=True)
+            _show_one(url, frozen)
+        click.echo(
+            f"\nact 3: the bank books a wire but its result is lost: after {WIRE_TIMEOUT_S:g}s "
+            "without a result\nthe reconciler makes it UNKNOWN and asks the bank's books (the "
+            "type's observer)\ninstead of sending the wire again"
+        )
+        lost = f"demo-{run_id}-result-lost"
+        bank.lose_results.add(lost)
+        with psycopg.connect(url) as conn:
+            wire = {"account": "ACC999", "amount": 999, "date": "2026-11-22"}
+            outbox.enqueue(conn, "demo.wire", lost, wire)
+            conn.commit()
+        _watch(url, [lost], until=lambda p: p.states.get("CONFIRMED") == 1)
+        click.echo("")
+        _show_one(url, lost)
         if keep_running:
-            click.echo("\nrelay still running; enqueue more with 'relay enqueue'. Ctrl-C stops.")
-            try:
-                while thread.is_alive():
+            click.echo(
+                "\nrelay, reconciler and demo bank still running; enqueue more with "
+                "'relay enqueue demo.wire KEY JSON'. Ctrl-C stops."
+            )
+            with contextlib.suppress(KeyboardInterrupt):
+                while all(thread.is_alive() for thread in threads):
                     time.sleep(1)
-            except KeyboardInterrupt:
-                pass
-        click.echo("\nstopping the relay and the services ...")
+        click.echo("\nstopping the relay, the reconciler, the bank and the services ...")
 
 
 def _write_intents(url: str, run_id: str, effects: int, max_request_size: int) -> list[str]:
@@ -125,13 +258,17 @@ def _write_intents(url: str, run_id: str, effects: int, max_request_size: int) -
 
 def _freeze_mid_publish(url: str, broker: LocalKafka, run_id: str) -> str:
     keys = [f"demo-{run_id}-frozen-{i}" for i in range(5)]
+    # Freeze an idle relay: status events of act 1 still on their way would take the hit instead.
+    deadline = time.monotonic() + 30.0
+    while _in_flight(url) and time.monotonic() < deadline:
+        time.sleep(0.05)
     broker.pause()
     try:
         with psycopg.connect(url) as conn:
             for key in keys:
                 outbox.enqueue(conn, "demo.email", key, {"to": f"{key}@example.com"})
             conn.commit()
-        _watch(url, keys, until=lambda states: states.get("UNKNOWN") == len(keys))
+        _watch(url, keys, until=lambda p: p.states.get("UNKNOWN") == len(keys))
         click.echo("  ... the broker answers again")
     finally:
         broker.resume()
@@ -139,54 +276,52 @@ def _freeze_mid_publish(url: str, broker: LocalKafka, run_id: str) -> str:
     return keys[0]
 
 
-def _states(url: str, keys: list[str]) -> dict[str, int]:
+def _in_flight(url: str) -> int:
     with psycopg.connect(url, autocommit=True) as conn:
-        rows = conn.execute(
-            "SELECT state, count(*) FROM relay.effect WHERE operation_key = ANY(%s) GROUP BY 1",
-            (keys,),
-        ).fetchall()
-    return {str(s): int(n) for s, n in rows}
+        row = conn.execute(query("demo_in_flight")).fetchone()
+    return int(row[0]) if row else 0
 
 
-def _settled(states: dict[str, int]) -> bool:
-    return not (states.get("PENDING") or states.get("DISPATCHING") or states.get("UNKNOWN"))
+class Progress(NamedTuple):
+    states: dict[str, int]
+    awaiting: int  # PUBLISHED, and the type awaits a downstream result
+
+
+def _progress(url: str, keys: list[str]) -> Progress:
+    with psycopg.connect(url, autocommit=True) as conn:
+        rows = conn.execute(query("demo_progress"), {"keys": keys}).fetchall()
+    return Progress({str(s): int(n) for s, n, _ in rows}, sum(int(a) for *_, a in rows))
+
+
+def _settled(p: Progress) -> bool:
+    busy = ("PENDING", "DISPATCHING", "UNKNOWN")
+    return not p.awaiting and not any(p.states.get(s) for s in busy)
 
 
 def _watch(
     url: str,
     keys: list[str],
     timeout_s: float = 60.0,
-    until: Callable[[dict[str, int]], bool] = _settled,
+    until: Callable[[Progress], bool] = _settled,
 ) -> None:
     """Print the keys' state counts each time they change, until ``until`` holds."""
     started = time.monotonic()
     last: dict[str, int] = {}
     while time.monotonic() - started < timeout_s:
-        states = _states(url, keys)
-        if states != last:
-            line = "  ".join(f"{s}={n}" for s, n in sorted(states.items()))
+        progress = _progress(url, keys)
+        if progress.states != last:
+            line = "  ".join(f"{s}={n}" for s, n in sorted(progress.states.items()))
             click.echo(f"  t+{time.monotonic() - started:5.2f}s  {line}")
-            last = states
-        if until(states):
+            last = progress.states
+        if until(progress):
             return
         time.sleep(0.05)
     click.echo("  (some effects are still in flight after the demo's wait)")
 
 
-def _show_one(url: str, key: str, *, attempts: bool = False) -> None:
+def _show_one(url: str, key: str) -> None:
     with psycopg.connect(url, autocommit=True) as conn:
-        effect = conn.execute(query("get_effect"), {"operation_key": key}).fetchone()
-        if effect is None:
-            return
-        rows = conn.execute(query("get_transitions"), {"effect_id": effect[0]}).fetchall()
-        tried = conn.execute(query("get_attempts"), {"effect_id": effect[0]}).fetchall()
-    click.echo(f"the story of {key} (as 'relay show {key}' tells it):")
-    if attempts:
-        for number, replica, _epoch, _start, _end, outcome, reason, *_rest, check, _at in tried:
-            click.echo(f"  attempt {number} by {replica}: {outcome}: {reason}")
-            if check:
-                click.echo(f"    checked in Kafka: {check}")
-    for from_state, to_state, reason, actor, _attempt, at in rows:
-        click.echo(
-            f"  {at:%H:%M:%S.%f}  {from_state or '-':>11} -> {to_state:<11} {actor}: {reason}"
-        )
+        story = load_story(conn, key)
+    if story is not None:
+        click.echo(f"the story of {key}, as 'relay show {key}' tells it:")
+        click.echo("\n".join(f"  {line}" for line in story_lines(story)))

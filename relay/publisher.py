@@ -330,3 +330,10 @@ def close_quietly(producer: KafkaProducer | None, timeout_s: float = 5.0) -> Non
         producer.close(timeout=timeout_s)
     except Exception as exc:  # noqa: BLE001 - closing a broken producer must not hide the cause
         log.warning("closing the Kafka producer failed: %s", describe(exc))
+        # close() gave up at its flush and left its network thread running, holding connections
+        # and unsent records: stop the thread (its records fail), then finish closing.
+        if producer._sender is not None:
+            producer._sender.force_close()
+            producer._sender.join(timeout_s)
+        with contextlib.suppress(Exception):
+            producer.close(timeout=0)

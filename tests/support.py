@@ -18,8 +18,9 @@ from typing import Any
 import psycopg
 from kafka import KafkaConsumer
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
-from relay.config import Settings, load_settings
+from relay.config import Settings
 from relay.daemon import Relay
 from relay.migrations import migrate, sync_effect_types
 
@@ -77,7 +78,29 @@ def effect_types(prefix: str) -> dict[str, dict[str, Any]]:
     }
 
 
+class GivenSettings(Settings):
+    """Settings from the values given and the defaults only.
+
+    ``Settings`` lets ``RELAY_*`` variables win over explicit values, so with the servers'
+    ``export`` lines in the shell every test would silently use the shared database instead of
+    its fresh one (and any other stray variable would change its settings). The session fixture
+    has read the two service URLs from the environment already; nothing else comes from there.
+    """
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings,)
+
+
 def make_settings(database_url: str, bootstrap: str, prefix: str, **overrides: Any) -> Settings:
+    """A test's settings: exactly these values (no RELAY_* variable, no RELAY_CONFIG file)."""
     values: dict[str, Any] = {
         "database_url": database_url,
         "kafka_bootstrap_servers": bootstrap,
@@ -87,7 +110,7 @@ def make_settings(database_url: str, bootstrap: str, prefix: str, **overrides: A
         "metrics_port": 0,
     }
     values.update(overrides)
-    return load_settings(None, **values)
+    return GivenSettings(**values)
 
 
 def prepare_database(settings: Settings) -> None:

@@ -14,6 +14,7 @@ from relay.config import Settings
 from relay.observability import metrics
 from relay.observability.checks import standard_checks
 from relay.observability.metrics import (
+    deferred,
     record_leases_expired,
     record_marked,
     record_observation,
@@ -46,14 +47,16 @@ class Observability:
 def start_observability(
     settings: Settings, *, daemon: str, checks: Mapping[str, Check] | None = None
 ) -> Observability:
-    """Serve ``/metrics``, ``/healthz`` and ``/readyz`` on ``metrics_host:metrics_port`` (0: off).
+    """Serve ``/metrics``, ``/healthz`` and ``/readyz`` on ``metrics_host`` and the daemon's port
+    (``metrics_port`` for the relay, ``reconcile_metrics_port`` for the reconciler; 0: off).
 
     ``checks`` default to database, migrations and Kafka. A port that cannot be bound is logged
     as an error and the daemon carries on: delivering effects matters more than being scraped,
     and the missing target fires the daemon-down alert.
     """
     metrics.prepare(daemon)
-    if settings.metrics_port == 0:
+    port = settings.metrics_port_of(daemon)
+    if port == 0:
         return Observability(None, None)
     outbox = metrics.OutboxCollector(
         settings.require_database_url(), cache_s=settings.metrics_cache_s
@@ -61,7 +64,7 @@ def start_observability(
     try:
         server = ObservabilityServer(
             settings.metrics_host,
-            settings.metrics_port,
+            port,
             [metrics.REGISTRY, outbox],
             standard_checks(settings) if checks is None else checks,
         ).start()
@@ -69,7 +72,7 @@ def start_observability(
         log.error(
             "cannot serve metrics on %s:%s: %s; running without /metrics",
             settings.metrics_host,
-            settings.metrics_port,
+            port,
             exc,
         )
         return Observability(None, None)
@@ -89,6 +92,7 @@ __all__ = [
     "Check",
     "Observability",
     "ObservabilityServer",
+    "deferred",
     "record_leases_expired",
     "record_marked",
     "record_observation",

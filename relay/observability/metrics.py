@@ -10,6 +10,10 @@ Two kinds of numbers, kept apart on purpose:
 
 Label values are bounded: states and outcomes come from enums, effect types and topics from the
 configuration; anything else is counted as ``other``.
+
+Counts about database work are true only once that work commits: code that records inside a
+transaction wraps it in :func:`deferred`, so a rolled-back batch (read again later) is not counted
+twice.
 """
 
 from __future__ import annotations
@@ -17,7 +21,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -54,7 +60,7 @@ GCCollector(registry=REGISTRY)
 OTHER = "other"
 OBSERVATION_ANSWERS = ("present", "absent", "duplicate", "inconclusive", "error")
 RESULT_OUTCOMES = ("committed", "rejected", "unknown")
-QUARANTINE_REASONS = ("malformed", "orphaned", "conflicting", "late")
+QUARANTINE_REASONS = ("malformed", "orphaned", "conflicting", "late", "failed")
 VERIFICATION_RESULTS = ("found", "absent", "unreachable", "stuck")
 DAEMONS = ("relay", "reconciler")
 
@@ -121,6 +127,41 @@ CONSUMER_LAG = Gauge(
 )
 
 _STATE_VALUES = frozenset(s.value for s in EffectState)
+NO_STATE = "NONE"  # from_state of an effect's first transition (its enqueue)
+
+# Counts waiting for the transaction they describe to commit (see ``deferred``); per thread.
+_PENDING: ContextVar[list[Callable[[], None]] | None] = ContextVar("relay_metrics", default=None)
+
+
+@contextmanager
+def deferred() -> Iterator[None]:
+    """Hold the counts recorded inside until the block ends without an exception.
+
+    Wrap a database transaction in it (``with deferred(), conn.transaction():``): a batch that
+    rolls back is read and applied again later, and must be counted once, when it commits.
+    Nested blocks (savepoints) hand their counts to the enclosing block.
+    """
+    outer = _PENDING.get()
+    held: list[Callable[[], None]] = []
+    token = _PENDING.set(held)
+    try:
+        yield
+    finally:
+        _PENDING.reset(token)
+    # Reached only when the block raised nothing.
+    if outer is not None:
+        outer.extend(held)
+    else:
+        for apply in held:
+            apply()
+
+
+def _inc(child: Any, amount: float = 1.0) -> None:
+    held = _PENDING.get()
+    if held is None:
+        child.inc(amount)
+    else:
+        held.append(lambda: child.inc(amount))
 
 
 def _bounded(value: str, allowed: Iterable[str]) -> str:
@@ -139,6 +180,8 @@ def _init_relay_series() -> None:
 
 
 def _init_reconciler_series() -> None:
+    # Compensations the reconciler enqueues are born PENDING.
+    TRANSITIONS.labels(NO_STATE, EffectState.PENDING.value)
     for answer in OBSERVATION_ANSWERS:
         OBSERVATIONS.labels(answer)
     for outcome in RESULT_OUTCOMES:
@@ -196,8 +239,8 @@ def record_transition(from_state: str | None, to_state: str, count: int = 1) -> 
     """A state change this process wrote (``from_state`` None: the enqueue itself)."""
     if count <= 0:
         return
-    source = "NONE" if from_state is None else _bounded(str(from_state), _STATE_VALUES)
-    TRANSITIONS.labels(source, _bounded(str(to_state), _STATE_VALUES)).inc(count)
+    source = NO_STATE if from_state is None else _bounded(str(from_state), _STATE_VALUES)
+    _inc(TRANSITIONS.labels(source, _bounded(str(to_state), _STATE_VALUES)), count)
 
 
 def record_leases_expired(count: int) -> None:
@@ -221,15 +264,18 @@ def record_verification(state: str, moved: int = 1) -> None:
 
 
 def record_observation(answer: str) -> None:
-    OBSERVATIONS.labels(_bounded(answer, OBSERVATION_ANSWERS)).inc()
+    """An observer's answer that was applied to its effect (``error``: the observer failed)."""
+    _inc(OBSERVATIONS.labels(_bounded(answer, OBSERVATION_ANSWERS)))
 
 
 def record_result(outcome: str) -> None:
-    RESULTS.labels(_bounded(outcome, RESULT_OUTCOMES)).inc()
+    """A downstream result that moved its effect."""
+    _inc(RESULTS.labels(_bounded(outcome, RESULT_OUTCOMES)))
 
 
 def record_quarantined(reason: str) -> None:
-    QUARANTINED.labels(_bounded(reason, QUARANTINE_REASONS)).inc()
+    """A result record kept as evidence but not applied (its verdict is the reason)."""
+    _inc(QUARANTINED.labels(_bounded(reason, QUARANTINE_REASONS)))
 
 
 def set_consumer_lag(lag_by_topic: Mapping[str, int]) -> None:
@@ -388,6 +434,7 @@ def series_names(registry: CollectorRegistry, *extra: Any) -> set[str]:
 __all__ = [
     "REGISTRY",
     "OutboxCollector",
+    "deferred",
     "prepare",
     "record_leases_expired",
     "record_marked",

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-import signal
 from typing import cast
 
 import click
@@ -31,39 +29,34 @@ def reconcile(ctx: click.Context) -> None:
     Any number of replicas may run at once (one Kafka consumer group, reconcile_group_id).
     Stops cleanly on SIGTERM or Ctrl-C.
     """
-    from relay.cli import clean_errors
+    from relay.cli import clean_errors, run_until_signalled
     from relay.reconciler.daemon import Reconciler
 
     @clean_errors
     def body() -> None:
-        daemon = Reconciler(_settings(ctx))
-
-        def _stop(signum: int, _frame: object) -> None:
-            logging.getLogger("relay").info("signal %s: finishing the batch in hand", signum)
-            daemon.stop()
-
-        signal.signal(signal.SIGTERM, _stop)
-        signal.signal(signal.SIGINT, _stop)
-        daemon.run()
+        run_until_signalled(Reconciler(_settings(ctx)))
 
     body()
 
 
 @click.command()
 @click.argument("operation_key")
-@click.option("--confirm", "decision", flag_value="confirm", help="It happened, once.")
-@click.option("--reject", "decision", flag_value="reject", help="It did not happen; give up.")
-@click.option(
-    "--redispatch", "decision", flag_value="redispatch", help="It did not happen; try again."
-)
-@click.option(
-    "--compensate", "decision", flag_value="compensate", help="Undo it with a compensation effect."
-)
+@click.option("--confirm", is_flag=True, help="It happened, once.")
+@click.option("--reject", is_flag=True, help="It did not happen; give up.")
+@click.option("--redispatch", is_flag=True, help="It did not happen; try again.")
+@click.option("--compensate", is_flag=True, help="Undo it with a compensation effect.")
 @click.option("--reason", required=True, help="Why; recorded with the decision.")
 @click.option("--actor", help="Who decides [default: $USER, else 'operator'].")
 @click.pass_context
 def resolve(
-    ctx: click.Context, operation_key: str, decision: str | None, reason: str, actor: str | None
+    ctx: click.Context,
+    operation_key: str,
+    confirm: bool,
+    reject: bool,
+    redispatch: bool,
+    compensate: bool,
+    reason: str,
+    actor: str | None,
 ) -> None:
     """Decide the outcome of an UNKNOWN or STUCK effect; who and why are recorded."""
     from relay.cli import clean_errors
@@ -71,15 +64,25 @@ def resolve(
     from relay.reconciler.resolve import Decision
     from relay.reconciler.resolve import resolve as do_resolve
 
-    if decision is None:
+    # Separate flags, not one shared destination: "--confirm --reject" must be refused, not
+    # decided by whichever came last.
+    flags = {
+        "confirm": confirm,
+        "reject": reject,
+        "redispatch": redispatch,
+        "compensate": compensate,
+    }
+    chosen = [name for name, given in flags.items() if given]
+    if len(chosen) != 1:
         raise click.UsageError("choose one of --confirm, --reject, --redispatch, --compensate")
+    decision = Decision(chosen[0])
 
     @clean_errors
     def body() -> None:
         who = operator_actor(actor)
         with connect(_settings(ctx), purpose="cli") as conn:
             state, made = do_resolve(
-                conn, _settings(ctx), operation_key, Decision(decision), reason=reason, actor=who
+                conn, _settings(ctx), operation_key, decision, reason=reason, actor=who
             )
         click.echo(f"{operation_key}: {state.value} (by {who})")
         for key in made:

@@ -137,6 +137,7 @@ def compensate_conflict(
     except EffectTypeError as exc:
         log.error("a second execution cannot be compensated: %s", exc, extra={"key": operation_key})
         return f"{why}; but {exc}: a person must undo it"
+    observability.record_transition(None, EffectState.PENDING.value, len(made))
     return f"{why}: {', '.join(made)}" if made else f"{why} (compensation exists already)"
 
 
@@ -206,8 +207,9 @@ class ResultConsumer:
         return len(records)
 
     def _apply_batch(self, conn: psycopg.Connection[Any], records: Sequence[Any]) -> list[str]:
+        # Metrics are counted only when the transaction commits: a batch rolled back is read again.
         try:
-            with conn.transaction():
+            with observability.deferred(), conn.transaction():
                 return [self._record(conn, r) for r in records]
         except (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure):
             raise
@@ -218,10 +220,10 @@ class ResultConsumer:
             # record that one as failed evidence, and carry on.
             log.warning("a result batch failed (%s); applying it record by record", exc)
             verdicts = []
-            with conn.transaction():
+            with observability.deferred(), conn.transaction():
                 for r in records:
                     try:
-                        with conn.transaction():
+                        with observability.deferred(), conn.transaction():
                             verdicts.append(self._record(conn, r))
                     except (psycopg.OperationalError, psycopg.errors.DeadlockDetected):
                         raise
@@ -333,6 +335,7 @@ class ResultConsumer:
                     "reason": why,
                 },
             )
+        observability.record_quarantined("failed")
         return "failed"
 
     def _rewind(self, records: Sequence[Any]) -> None:
@@ -365,14 +368,15 @@ class ResultConsumer:
             log.warning("offset commit failed after the results were recorded: %s", exc)
 
     def lag(self) -> Mapping[str, int]:
-        """Records not yet consumed, per topic, over this member's partitions."""
+        """Records not yet consumed, per result topic, over this member's partitions: every
+        configured topic, 0 where it has none (so ``sum`` over replicas is the group's lag)."""
+        lag: Counter[str] = Counter({topic: 0 for topic in self.topics})
         if self._consumer is None:
-            return {}
+            return dict(lag)
         assigned = list(self._consumer.assignment())
         if not assigned:
-            return {}
+            return dict(lag)
         ends = self._consumer.end_offsets(assigned)
-        lag: Counter[str] = Counter()
         for tp in assigned:
             position = self._consumer.position(tp)
             lag[tp.topic] += max(0, ends.get(tp, position) - position)

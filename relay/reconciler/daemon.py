@@ -32,8 +32,6 @@ from relay.sql import query
 
 log = logging.getLogger(__name__)
 
-LAG_EVERY_S = 15.0
-
 
 def register_status_type(conn: psycopg.Connection[Any], settings: Settings) -> None:
     """Declare the built-in status effect type and switch status events on (or off)."""
@@ -126,14 +124,18 @@ class Reconciler:
     def _consume(self) -> None:
         backoff = Backoff(0.5, self.settings.outage_backoff_max_s)
         conn: psycopg.Connection[Any] | None = None
-        last_lag = 0.0
+        # The lag costs a request to the brokers: asked as often as the other metrics are
+        # refreshed (metrics_cache_s), and not at all when nobody can scrape it.
+        lag_every_s = self.settings.metrics_cache_s
+        measure_lag = self.settings.metrics_port_of("reconciler") != 0
+        last_lag = float("-inf")
         try:
             while not self.stopping:
                 try:
                     if conn is None or conn.closed:
                         conn = db.connect(self.settings, purpose="reconciler-results")
                     self.results.poll_once(conn, timeout_s=0.5)
-                    if time.monotonic() - last_lag > LAG_EVERY_S:
+                    if measure_lag and time.monotonic() - last_lag >= lag_every_s:
                         last_lag = time.monotonic()
                         observability.set_consumer_lag(self.results.lag())
                     backoff.reset()

@@ -26,7 +26,7 @@ def apply_deferred(
     conn: psycopg.Connection[Any], settings: Settings, consumer: ResultConsumer, limit: int = 200
 ) -> int:
     """Apply the results that waited for the relay to record their effect's publication."""
-    with conn.transaction():
+    with observability.deferred(), conn.transaction():
         rows = conn.execute(query("claim_deferred_evidence"), {"limit": limit}).fetchall()
         for evidence_id, key, _topic, _partition, _offset, outcome, external_id, detail in rows:
             message = ResultMessage(

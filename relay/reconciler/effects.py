@@ -9,6 +9,7 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 
+from relay import observability
 from relay.config import Settings
 from relay.sql import query
 from relay.states import EffectState
@@ -63,7 +64,8 @@ def move(
 ) -> bool:
     """Compare-and-set the state and append the transition (the status event follows by trigger).
 
-    Returns False when the effect was no longer in ``from_state`` (or at ``attempt``).
+    Returns False when the effect was no longer in ``from_state`` (or at ``attempt``). Every move
+    written is counted here, the one place all of the reconciler's moves pass through.
     """
     row = conn.execute(
         query("move_effect"),
@@ -78,7 +80,10 @@ def move(
             "delay_s": delay_s,
         },
     ).fetchone()
-    return row is not None
+    if row is None:
+        return False
+    observability.record_transition(from_state.value, to_state.value)
+    return True
 
 
 def clean_text(value: str | None, limit: int = 4096) -> str | None:

@@ -75,24 +75,27 @@ class Observations:
             )
             asked.append((row, self._pool.submit(observer.observe, effect)))
         for row, pending in asked:
-            observation = self._await(row, pending)
+            observation, failed = self._await(row, pending)
             answers[observation.answer] += 1
-            self.apply(conn, row, observation, has_observer=row[2] in self.observers)
+            self.apply(conn, row, observation, has_observer=row[2] in self.observers, failed=failed)
         return answers
 
     def _await(
         self, row: tuple[Any, ...], pending: Future[Observation] | Observation
-    ) -> Observation:
+    ) -> tuple[Observation, bool]:
+        """The observer's answer, and whether it failed (timed out, raised) instead of answering:
+        inconclusive either way, but counted apart so that a broken observer shows."""
         if isinstance(pending, Observation):
-            return pending
+            return pending, False
         spec = self.settings.effect_type(row[2])
         timeout = (spec.observer.timeout_s if spec and spec.observer else 5.0) + 1.0
         try:
-            return pending.result(timeout=timeout)
+            return pending.result(timeout=timeout), False
         except FutureTimeout:
-            return Observation("inconclusive", detail=f"the observer did not answer in {timeout}s")
+            why = f"the observer did not answer in {timeout}s"
+            return Observation("inconclusive", detail=why), True
         except Exception as exc:  # noqa: BLE001 - any failure of an observer is inconclusive
-            return Observation("inconclusive", detail=f"{type(exc).__name__}: {exc}")
+            return Observation("inconclusive", detail=f"{type(exc).__name__}: {exc}"), True
 
     def apply(
         self,
@@ -101,10 +104,12 @@ class Observations:
         observation: Observation,
         *,
         has_observer: bool = True,
+        failed: bool = False,
     ) -> None:
+        """Apply one answer in its own transaction; counted (moves included) once it commits."""
         effect_id, key, effect_type, payload, business_key, attempts, tries, lease = row[:8]
         spec = self.settings.effect_type(effect_type)
-        with conn.transaction():
+        with observability.deferred(), conn.transaction():
             locked = conn.execute(
                 query("lock_observed"), {"id": effect_id, "attempt": attempts, "lease": lease}
             ).fetchone()
@@ -127,7 +132,7 @@ class Observations:
                 )
                 return
             if has_observer:
-                observability.record_observation(observation.answer)
+                observability.record_observation("error" if failed else observation.answer)
             target, reason, delay = self._decide(
                 observation, int(attempts), int(tries), spec, has_observer, detail
             )
@@ -162,12 +167,12 @@ class Observations:
                     why=reason,
                     at_least=max(1, count - 1),
                 )
+                observability.record_transition(None, EffectState.PENDING.value, len(made))
                 log.warning("duplicate execution compensated", extra={"key": key, "made": made})
             else:
                 move(
                     conn, effect_id, UNKNOWN, target, reason=reason, actor=self.actor, delay_s=delay
                 )
-            observability.record_transition(UNKNOWN.value, target.value)
 
     def _decide(
         self,

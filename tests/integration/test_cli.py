@@ -42,8 +42,10 @@ def test_the_story_of_one_effect(settings: Settings, tmp_path: Path) -> None:
     shown = relay_cli(config, "show", "cli-1")
     assert "[PENDING]" in shown.stdout and "business_key  A:5:d" in shown.stdout
     assert "- ->     PENDING" not in shown.stdout and "PENDING" in shown.stdout
+    assert "attempts:\n  (none)\nevidence:\n  (none)\ntransitions:" in shown.stdout
     doc = json.loads(relay_cli(config, "show", "cli-1", "--json").stdout)
     assert doc["effect"]["state"] == "PENDING" and doc["transitions"][0]["to_state"] == "PENDING"
+    assert doc["attempts"] == [] and doc["evidence"] == []
     listed = relay_cli(config, "list", "--state", "pending", "--type", "wire")
     assert "cli-1" in listed.stdout
     assert relay_cli(config, "list", "--state", "UNKNOWN").stdout == ""

@@ -422,3 +422,22 @@ def test_search_finds_a_record_after_the_partition_count_changed(
     assert [together[w] for w in wanted[1:3]] == [Absent(partitions=4, scanned=1)] * 2
     # an hour earlier nothing was written: the record lies outside that attempt's window
     assert together[wanted[3]] == Absent(partitions=4, scanned=0)
+
+
+def test_closing_a_producer_whose_broker_hangs_stops_its_network_thread(
+    settings: Settings, broker: LocalKafka, prefix: str
+) -> None:
+    """kafka-python's close() gives up at its flush and leaves the sender thread running."""
+    from relay.publisher import close_quietly, make_producer
+
+    settings = settings.model_copy(update={"kafka_bootstrap_servers": broker.bootstrap_servers})
+    producer = make_producer(settings)
+    producer.send(f"{prefix}.hang", b"warm").get(timeout=30)
+    broker.pause()
+    try:
+        pending = producer.send(f"{prefix}.hang", b"stuck")
+        close_quietly(producer, timeout_s=1.0)
+    finally:
+        broker.resume()
+    assert not producer._sender.is_alive()
+    assert pending.is_done and not pending.succeeded()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import threading
@@ -125,11 +126,29 @@ def test_python_observer_and_every_operator_decision(rsettings: Settings, tmp_pa
     assert "operator decided to compensate: ticket r-4" in h.transitions(url, "r-4")[-1][3]
 
     config = support.write_config(tmp_path / "relay.toml", rsettings)
+    shown = _cli(config, "show", "r-1")
+    assert shown.returncode == 0, shown.stderr
+    story = shown.stdout
+    # Intent, attempts, evidence, transitions, in that order; the evidence is every observer
+    # answer that led to STUCK, then the operator's decision with who and why.
+    assert story.index("attempts:") < story.index("evidence:") < story.index("transitions:")
+    evidence = story[story.index("evidence:") : story.index("transitions:")]
+    assert evidence.count(" observation inconclusive (") == 3, story
+    assert "operator confirm (" in evidence, story
+    assert "-> applied by bob: operator decided to confirm: ticket r-1" in evidence, story
+    doc = json.loads(_cli(config, "show", "r-1", "--json").stdout)
+    assert [(v["kind"], v["outcome"], v["actor"]) for v in doc["evidence"]][-1] == (
+        "operator",
+        "confirm",
+        "bob",
+    )
     wrong = _cli(config, "resolve", "r-2", "--confirm", "--reason", "x")
     assert wrong.returncode == 2 and "is REJECTED" in wrong.stderr
     assert "Traceback" not in wrong.stderr
     neither = _cli(config, "resolve", "r-2", "--reason", "x")
     assert neither.returncode == 2 and "choose one of" in neither.stderr
+    both = _cli(config, "resolve", "r-2", "--confirm", "--reject", "--reason", "x")
+    assert both.returncode == 2 and "choose one of" in both.stderr
 
 
 class HoldBeforeCommit(Relay):

@@ -8,6 +8,16 @@ from relay.config import load_settings
 from relay.errors import ConfigError, EffectTypeError
 
 
+@pytest.fixture(autouse=True)
+def _no_relay_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The developer's shell (e.g. devservices' exports) must not change what these tests see."""
+    import os
+
+    for name in list(os.environ):
+        if name.startswith("RELAY_"):
+            monkeypatch.delenv(name)
+
+
 def test_file_is_read_and_environment_overrides_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -22,6 +32,8 @@ def test_file_is_read_and_environment_overrides_it(
     assert settings.kafka_bootstrap_servers == "a:1"
     assert settings.effect_types["wire"].name == "wire"
     assert settings.effect_types["wire"].business_key == "{account}"
+    # A command-line option (an explicit argument) wins over both.
+    assert load_settings(config, batch_size=30).batch_size == 30
 
 
 def test_bad_environment_value_names_the_setting_and_variable(

@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from relay.config import load_settings
+from relay.errors import ConfigError
 from relay.observability import metrics, start_observability
 from relay.observability.metrics import REGISTRY
 from relay.observability.promql import metric_names
@@ -245,4 +246,103 @@ def test_metrics_port_zero_serves_nothing() -> None:
     settings = load_settings(None, database_url="postgresql://x@127.0.0.1:1/x", metrics_port=0)
     running = start_observability(settings, daemon="relay")
     assert running.server is None
+    running.stop()
+
+
+# -- counting only what commits -------------------------------------------------------------------
+
+
+def test_deferred_counts_arrive_only_when_the_block_ends_cleanly() -> None:
+    def moved() -> float:
+        return value("relay_transitions_total", from_state="PUBLISHED", to_state="CONFIRMED")
+
+    def malformed() -> float:
+        return value("relay_results_quarantined_total", reason="malformed")
+
+    before, quarantined = moved(), malformed()
+    with metrics.deferred():
+        metrics.record_transition("PUBLISHED", "CONFIRMED")
+        metrics.record_quarantined("malformed")
+        assert moved() == before  # held until the transaction it describes commits
+    assert moved() == before + 1
+    assert malformed() == quarantined + 1
+
+    with pytest.raises(RuntimeError), metrics.deferred():
+        metrics.record_transition("PUBLISHED", "CONFIRMED", 5)
+        raise RuntimeError("rolled back")
+    assert moved() == before + 1  # a rolled-back batch is read again and counted then
+
+    # A savepoint that fails drops its own counts only; the enclosing block's survive.
+    with metrics.deferred():
+        metrics.record_transition("PUBLISHED", "CONFIRMED")
+        with pytest.raises(RuntimeError), metrics.deferred():
+            metrics.record_transition("PUBLISHED", "CONFIRMED", 10)
+            raise RuntimeError("one record failed")
+        metrics.record_quarantined("failed")
+        assert moved() == before + 1
+    assert moved() == before + 2
+    assert value("relay_results_quarantined_total", reason="failed") >= 1
+
+
+def test_deferred_holds_only_its_own_threads_counts() -> None:
+    import threading
+
+    def answered() -> float:
+        return value("relay_observations_total", answer="present")
+
+    before = answered()
+    with metrics.deferred():
+        other = threading.Thread(target=metrics.record_observation, args=("present",))
+        other.start()
+        other.join()
+        assert answered() == before + 1  # the other thread is in no transaction of ours
+        metrics.record_observation("present")
+        assert answered() == before + 1
+    assert answered() == before + 2
+
+
+def test_reconciler_series_include_compensations_and_failed_results() -> None:
+    metrics.prepare("reconciler")
+    for name, labels in (
+        ("relay_transitions_total", {"from_state": "NONE", "to_state": "PENDING"}),
+        ("relay_results_quarantined_total", {"reason": "failed"}),
+        ("relay_observations_total", {"answer": "error"}),
+    ):
+        assert REGISTRY.get_sample_value(name, labels) is not None, (name, labels)
+
+
+def test_the_reconciler_has_a_port_of_its_own() -> None:
+    url = "postgresql://x@127.0.0.1:1/x"
+    default = load_settings(None, database_url=url)
+    assert (default.metrics_port_of("relay"), default.metrics_port_of("reconciler")) == (9400, 9401)
+    moved = load_settings(None, database_url=url, metrics_port=9500)
+    assert moved.metrics_port_of("reconciler") == 9501
+    explicit = load_settings(None, database_url=url, metrics_port=9500, reconcile_metrics_port=9600)
+    assert explicit.metrics_port_of("reconciler") == 9600
+    off = load_settings(None, database_url=url, metrics_port=0)
+    assert off.metrics_port_of("reconciler") == 0
+    only_reconciler = load_settings(
+        None, database_url=url, metrics_port=0, reconcile_metrics_port=9
+    )
+    assert only_reconciler.metrics_port_of("reconciler") == 9
+    with pytest.raises(ConfigError, match="reconcile_metrics_port"):
+        load_settings(None, database_url=url, metrics_port=65535)
+
+
+def test_a_taken_reconciler_port_is_named_in_the_log(caplog: pytest.LogCaptureFixture) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        settings = load_settings(
+            None,
+            database_url="postgresql://relay:pw@127.0.0.1:1/x",
+            metrics_host="127.0.0.1",
+            metrics_port=9400,
+            reconcile_metrics_port=port,
+        )
+        with caplog.at_level(logging.ERROR):
+            running = start_observability(settings, daemon="reconciler")
+    assert running.server is None
+    assert f"cannot serve metrics on 127.0.0.1:{port}" in caplog.text
     running.stop()
