@@ -60,7 +60,13 @@ class Classified:
 def describe(exc: BaseException) -> str:
     text = str(exc).strip()
     name = type(exc).__name__
-    return f"{name}: {text}" if text and text != name else name
+    if not text or text == name:
+        return name
+    # kafka-python's str() starts with the class name, sometimes twice (a wrapped message).
+    prefix = f"{name}: "
+    while text.startswith(prefix):
+        text = text.removeprefix(prefix).strip()
+    return f"{prefix}{text}" if text else name
 
 
 def classify_send_error(exc: BaseException) -> Classified:

@@ -93,3 +93,14 @@ def test_optional_headers_are_absent_when_unknown() -> None:
     )
     assert "traceparent" not in headers
     assert "relay_business_key" not in headers
+
+
+def test_describe_names_the_error_once() -> None:
+    from kafka import errors as kerr
+
+    from relay.outcomes import describe
+
+    assert describe(kerr.KafkaTimeoutError("no answer")) == "KafkaTimeoutError: no answer"
+    nested = kerr.KafkaError("KafkaError: Cannot execute transactional method")
+    assert describe(nested) == "KafkaError: Cannot execute transactional method"
+    assert describe(ValueError()) == "ValueError"
