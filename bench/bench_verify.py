@@ -81,7 +81,7 @@ def main() -> None:
         picked = rng.sample(sent, args.checks)
         # Half of them absent: the same effect, an attempt that was never written.
         wanted = [
-            w if n % 2 == 0 else Wanted(w.operation_key, w.effect_id, 2, w.started_at)
+            w if n % 2 == 0 else Wanted(w.key, w.effect_id, 2, w.started_at)
             for n, w in enumerate(picked)
         ]
         consumer = open_consumer(settings)
@@ -92,7 +92,7 @@ def main() -> None:
                     consumer,
                     settings,
                     topic=topic,
-                    operation_key=w.operation_key,
+                    key=w.key,
                     effect_id=w.effect_id,
                     attempt=w.attempt,
                     started_at=w.started_at,

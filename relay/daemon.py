@@ -59,6 +59,7 @@ class _Check(NamedTuple):
 
     effect_id: int
     key: str
+    message_key: str
     topic: str
     attempt: int
     tries: int
@@ -272,7 +273,9 @@ class Relay:
             for c in ready:
                 by_topic.setdefault(c.topic, []).append(c)
             for topic, group in by_topic.items():
-                wanted = {Wanted(c.key, c.effect_id, c.attempt, c.started_at): c for c in group}
+                wanted = {
+                    Wanted(c.message_key, c.effect_id, c.attempt, c.started_at): c for c in group
+                }
                 if down is None:
                     try:
                         found = find_attempts(

@@ -32,6 +32,7 @@ class ClaimedEffect:
 
     id: int
     operation_key: str
+    message_key: str  # the Kafka key: the operation key, or the reported one's for a status event
     effect_type: str
     topic: str
     payload: str
@@ -131,7 +132,7 @@ def _send_all(
             business_key=effect.business_key,
             traceparent=effect.traceparent,
         )
-        key, value = effect.operation_key.encode(), effect.payload.encode()
+        key, value = effect.message_key.encode(), effect.payload.encode()
         size = estimated_record_size(key, value, headers)
         if size > limit_bytes:
             reason = (

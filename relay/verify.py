@@ -29,7 +29,7 @@ from relay.transactions import TransactionTimeoutError
 class Wanted:
     """One attempt to look for."""
 
-    operation_key: str
+    key: str  # the record's Kafka key (the operation key, or the reported one's for a status)
     effect_id: int
     attempt: int
     started_at: datetime
@@ -66,14 +66,14 @@ def find_attempt(
     settings: Settings,
     *,
     topic: str,
-    operation_key: str,
+    key: str,
     effect_id: int,
     attempt: int,
     started_at: datetime,
     timeout_s: float,
 ) -> Found | Absent:
     """Search the topic for one attempt's record. Raises KafkaError when Kafka can't answer."""
-    wanted = Wanted(operation_key, effect_id, attempt, started_at)
+    wanted = Wanted(key, effect_id, attempt, started_at)
     return find_attempts(consumer, settings, topic, [wanted], timeout_s)[wanted]
 
 
@@ -151,7 +151,7 @@ def _scan(
         consumer.seek(tp, begin)
     by_key: dict[bytes, list[Wanted]] = {}
     for w in wanted:
-        by_key.setdefault(w.operation_key.encode(), []).append(w)
+        by_key.setdefault(w.key.encode(), []).append(w)
     found: dict[Wanted, Found] = {}
     scanned = 0
     remaining = dict(ranges)

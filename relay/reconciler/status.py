@@ -3,8 +3,9 @@
 The events are written to the outbox in the same transaction as the transition they describe
 (a trigger on ``relay.transition``, enabled by ``relay reconcile``), and published by the relay
 like any other effect: they are never lost, and they are read ``read_committed``. Their Kafka key
-is unique per event (``<operation key>#status#<transition id>``); order the events of one effect
-by ``at`` (and the transition id in the key), not by arrival.
+is the operation key of the effect they report on, so one effect's events share a partition;
+several relay replicas may still publish two of them out of order, so order by ``at`` when it
+matters.
 
 Example::
 

@@ -85,8 +85,9 @@ WITH fence AS (
         owner_epoch = %(epoch)s, lease_until = now() + make_interval(secs => %(lease_s)s),
         updated_at = now(), reason = NULL
     FROM claimed WHERE e.id = claimed.id
-    RETURNING e.id, e.operation_key, e.effect_type, e.topic, e.payload, e.business_key,
-              e.traceparent, e.attempts, e.created_at
+    RETURNING e.id, e.operation_key, coalesce(e.message_key, e.operation_key) AS message_key,
+              e.effect_type, e.topic, e.payload, e.business_key, e.traceparent, e.attempts,
+              e.created_at
 ), attempts AS (
     INSERT INTO relay.attempt (effect_id, attempt, replica_id, replica_epoch)
     SELECT id, attempts, %(owner)s, %(epoch)s FROM moved
@@ -95,8 +96,8 @@ WITH fence AS (
     SELECT id, 'PENDING', 'DISPATCHING', 'claimed for publication', %(owner)s, attempts
     FROM moved
 )
-SELECT id, operation_key, effect_type, topic, payload::text AS payload, business_key,
-       traceparent, attempts, created_at
+SELECT id, operation_key, message_key, effect_type, topic, payload::text AS payload,
+       business_key, traceparent, attempts, created_at
 FROM moved ORDER BY id;
 
 -- name: is_fenced
@@ -204,9 +205,10 @@ WITH due AS (
     SET owner = %(owner)s, owner_epoch = %(epoch)s,
         lease_until = now() + make_interval(secs => %(lease_s)s)
     FROM due WHERE e.id = due.id
-    RETURNING e.id, e.operation_key, e.topic, e.attempts, e.verify_tries
+    RETURNING e.id, e.operation_key, coalesce(e.message_key, e.operation_key) AS message_key,
+              e.topic, e.attempts, e.verify_tries
 )
-SELECT t.id, t.operation_key, t.topic, t.attempts, t.verify_tries, a.replica_id,
+SELECT t.id, t.operation_key, t.message_key, t.topic, t.attempts, t.verify_tries, a.replica_id,
        a.replica_epoch, a.started_at
 FROM taken t JOIN relay.attempt a ON a.effect_id = t.id AND a.attempt = t.attempts
 ORDER BY t.id;

@@ -7,6 +7,11 @@ ALTER TABLE relay.effect
     ADD COLUMN observe_at    timestamptz,
     ADD COLUMN observe_tries integer NOT NULL DEFAULT 0;
 
+-- The Kafka key when it is not the effect's own operation key: a status event is keyed by the
+-- operation key of the effect it reports on, so that one effect's events stay in order on one
+-- partition (its own operation key must be unique, so it cannot be that key).
+ALTER TABLE relay.effect ADD COLUMN message_key text;
+
 -- The deadline sweep, the observation queue, compensations of an effect, and the purge.
 CREATE INDEX effect_deadline_idx ON relay.effect (outcome_deadline)
     WHERE state = 'PUBLISHED' AND outcome_deadline IS NOT NULL;
@@ -72,12 +77,16 @@ DECLARE
     v_type relay.effect_type%ROWTYPE;
     v_made integer;
 BEGIN
-    IF pg_trigger_depth() > 1 THEN
-        RETURN NULL;
-    END IF;
     SELECT t.* INTO v_type
     FROM relay.reconciler_config c JOIN relay.effect_type t ON t.name = c.status_effect_type;
     IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    -- Status effects' own transitions (also those inserted below, which fire this trigger once
+    -- more, one level deeper) emit nothing. No pg_trigger_depth() test: an application that
+    -- enqueues from its own trigger gets its status events too.
+    IF NOT EXISTS (SELECT 1 FROM new_rows n JOIN relay.effect e ON e.id = n.effect_id
+                   WHERE e.effect_type <> v_type.name) THEN
         RETURN NULL;
     END IF;
     WITH src AS (
@@ -86,8 +95,10 @@ BEGIN
         FROM new_rows n JOIN relay.effect e ON e.id = n.effect_id
         WHERE e.effect_type <> v_type.name
     ), made AS (
-        INSERT INTO relay.effect (operation_key, effect_type, topic, payload, traceparent)
-        SELECT left(s.operation_key, 480) || '#status#' || s.transition_id, v_type.name,
+        INSERT INTO relay.effect (operation_key, message_key, effect_type, topic, payload,
+                                  traceparent)
+        SELECT left(s.operation_key, 480) || '#status#' || s.transition_id, s.operation_key,
+               v_type.name,
                v_type.topic,
                jsonb_build_object(
                    'operation_key', s.operation_key, 'effect_type', s.effect_type,

@@ -396,7 +396,7 @@ def test_search_finds_a_record_after_the_partition_count_changed(
                 consumer,
                 settings,
                 topic=topic,
-                operation_key="k-7",
+                key="k-7",
                 effect_id=7,
                 attempt=attempt,
                 started_at=started,

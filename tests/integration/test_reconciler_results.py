@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import psycopg
 import pytest
 
@@ -142,3 +144,67 @@ def test_status_events_for_every_transition_through_the_outbox(
             "SELECT count(*) FROM relay.effect WHERE effect_type = 'relay.status'"
         ).fetchone()
     assert n == (4 + 3,)  # 4 transitions of the wire, 3 of the email
+
+
+def test_status_events_are_keyed_by_the_effect_they_report_on_also_from_an_app_trigger(
+    rsettings: Settings, services: Services, prefix: str
+) -> None:
+    """One effect's events share its operation key (one partition), and an intent enqueued by
+    the application's own trigger (trigger depth 2) gets its status events too."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    url = rsettings.require_database_url()
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE app_orders (id text PRIMARY KEY)")
+        conn.execute(
+            "CREATE FUNCTION app_order_email() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            "PERFORM relay.enqueue('mail-' || NEW.id, 'email', '{\"to\": \"a@example.org\"}'); "
+            "RETURN NEW; END $$"
+        )
+        conn.execute(
+            "CREATE TRIGGER app_orders_email AFTER INSERT ON app_orders "
+            "FOR EACH ROW EXECUTE FUNCTION app_order_email()"
+        )
+    with h.running_reconciler(rsettings), support.running(Relay(rsettings)):
+        with psycopg.connect(url) as conn:
+            conn.execute("INSERT INTO app_orders VALUES ('o-1'), ('o-2')")
+            conn.commit()
+        support.wait_for(
+            lambda: (
+                h.states(url, ["mail-o-1", "mail-o-2"])
+                == {
+                    "mail-o-1": "PUBLISHED",
+                    "mail-o-2": "PUBLISHED",
+                }
+            ),
+            30,
+            "publication",
+        )
+        support.wait_for(
+            lambda: support.count_states(url).get("PENDING", 0) == 0, 30, "status events sent"
+        )
+    consumer = KafkaConsumer(
+        bootstrap_servers=services.kafka_bootstrap_servers,
+        isolation_level="read_committed",
+        enable_auto_commit=False,
+    )
+    try:
+        tps = [TopicPartition(rsettings.status_topic, p) for p in range(3)]
+        consumer.assign(tps)
+        consumer.seek_to_beginning()
+        ends = consumer.end_offsets(tps)
+        records = []
+        while any(consumer.position(tp) < ends[tp] for tp in tps):
+            for batch in consumer.poll(timeout_ms=500).values():
+                records.extend(batch)
+    finally:
+        consumer.close()
+    by_key: dict[bytes, set[int]] = {}
+    states: dict[bytes, list[str]] = {}
+    for r in records:
+        by_key.setdefault(r.key, set()).add(r.partition)
+        states.setdefault(r.key, []).append(json.loads(r.value)["state"])
+    assert set(by_key) == {b"mail-o-1", b"mail-o-2"}
+    assert all(len(partitions) == 1 for partitions in by_key.values())
+    # one relay: published in the order of the transitions
+    assert states[b"mail-o-1"] == ["PENDING", "DISPATCHING", "PUBLISHED"]

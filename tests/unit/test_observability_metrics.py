@@ -29,7 +29,9 @@ def value(name: str, **labels: str) -> float:
 
 
 def result(effect_id: int, outcome: AttemptOutcome, created: datetime) -> PublishResult:
-    effect = ClaimedEffect(effect_id, f"op-{effect_id}", "wire", "t", "{}", None, None, 1, created)
+    effect = ClaimedEffect(
+        effect_id, f"op-{effect_id}", f"op-{effect_id}", "wire", "t", "{}", None, None, 1, created
+    )
     return PublishResult(effect, outcome)
 
 
