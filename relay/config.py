@@ -243,7 +243,10 @@ class Settings(BaseSettings):
         "this are removed by `relay purge`.",
     )
     purge_batch_size: int = Field(
-        default=500, ge=1, le=50_000, description="Effects deleted per short purge transaction."
+        default=500,
+        ge=1,
+        le=50_000,
+        description="Effects (each with its compensations) deleted per short purge transaction.",
     )
 
     @model_validator(mode="before")

@@ -40,6 +40,11 @@ class OperationKeyConflictError(EnqueueError):
     """
 
 
+class CompensationLimitError(RelayError):
+    """The evidence calls for more compensations of one effect than are made automatically: a
+    count that large is more likely a broken answer than real executions, so a person decides."""
+
+
 class EffectNotFoundError(RelayError):
     """No effect has this operation key."""
 

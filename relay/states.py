@@ -53,7 +53,11 @@ ALLOWED_TRANSITIONS: dict[EffectState, frozenset[EffectState]] = {
     EffectState.STUCK: frozenset(
         {EffectState.CONFIRMED, EffectState.REJECTED, EffectState.PENDING}
     ),
-    EffectState.CONFIRMED: frozenset(),
+    # Final, but for one case. CONFIRMED says "happened exactly once"; a second execution that
+    # cannot be compensated (no compensation declared, the payload cannot make one, too many
+    # reported) proves otherwise. A person must undo it, and STUCK is how a person is asked;
+    # `relay resolve --confirm` ends it.
+    EffectState.CONFIRMED: frozenset({EffectState.STUCK}),
     EffectState.REJECTED: frozenset(),
     EffectState.CANCELLED: frozenset(),
 }

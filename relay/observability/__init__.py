@@ -45,14 +45,19 @@ class Observability:
 
 
 def start_observability(
-    settings: Settings, *, daemon: str, checks: Mapping[str, Check] | None = None
+    settings: Settings,
+    *,
+    daemon: str,
+    checks: Mapping[str, Check] | None = None,
+    liveness: Mapping[str, Check] | None = None,
 ) -> Observability:
     """Serve ``/metrics``, ``/healthz`` and ``/readyz`` on ``metrics_host`` and the daemon's port
     (``metrics_port`` for the relay, ``reconcile_metrics_port`` for the reconciler; 0: off).
 
-    ``checks`` default to database, migrations and Kafka. A port that cannot be bound is logged
-    as an error and the daemon carries on: delivering effects matters more than being scraped,
-    and the missing target fires the daemon-down alert.
+    ``checks`` default to database, migrations and Kafka; ``liveness`` (default none) are the
+    daemon's in-process checks behind ``/healthz`` (503 when one fails). A port that cannot be
+    bound is logged as an error and the daemon carries on: delivering effects matters more than
+    being scraped, and the missing target fires the daemon-down alert.
     """
     metrics.prepare(daemon)
     port = settings.metrics_port_of(daemon)
@@ -67,6 +72,7 @@ def start_observability(
             port,
             [metrics.REGISTRY, outbox],
             standard_checks(settings) if checks is None else checks,
+            liveness=liveness,
         ).start()
     except OSError as exc:
         log.error(

@@ -64,10 +64,12 @@ class ObservabilityServer:
         checks: Mapping[str, Check],
         *,
         ready_cache_s: float = 2.0,
+        liveness: Mapping[str, Check] | None = None,
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Union(collectors))
         self._checks = dict(checks)
+        self._liveness = dict(liveness or {})
         self._ready_cache_s = ready_cache_s
         self._ready_lock = threading.Lock()
         self._ready: Readiness | None = None
@@ -111,6 +113,18 @@ class ObservabilityServer:
             self._ready_at = time.monotonic()
             return self._ready
 
+    def liveness(self) -> Readiness:
+        """The daemon's own in-process checks (a worker thread died): cheap, never cached, and
+        never about PostgreSQL or Kafka, or an outage would restart every replica for nothing."""
+        results: dict[str, str | None] = {}
+        for name, check in self._liveness.items():
+            try:
+                check()
+                results[name] = None
+            except Exception as exc:  # noqa: BLE001 - any failure means "not alive", with why
+                results[name] = redact(describe(exc)).splitlines()[0][:500]
+        return Readiness(all(v is None for v in results.values()), results)
+
 
 def _handler_for(server: ObservabilityServer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
@@ -126,9 +140,14 @@ def _handler_for(server: ObservabilityServer) -> type[BaseHTTPRequestHandler]:
                     return
                 self._send(200, body, content_type)
             elif path == "/healthz":
-                # Answering at all proves the process is alive; liveness must not depend on
-                # PostgreSQL or Kafka, or an outage would restart every replica for nothing.
-                self._send(200, b"ok\n")
+                # Answering proves the process is alive, unless one of its own threads died;
+                # liveness must not depend on PostgreSQL or Kafka (see liveness()).
+                alive = server.liveness()
+                if alive.ready:
+                    self._send(200, b"ok\n")
+                else:
+                    dead = [f"{n}: FAILED: {why}" for n, why in alive.results.items() if why]
+                    self._send(503, ("unhealthy\n" + "\n".join(dead) + "\n").encode())
             elif path == "/readyz":
                 ready = server.readiness()
                 self._send(200 if ready.ready else 503, ready.text().encode())

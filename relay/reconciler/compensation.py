@@ -5,6 +5,9 @@ A compensation has its own operation key derived from the original (``KEY#compen
 effect it undoes. How many are needed is computed from the evidence (distinct committed external
 ids, the largest count an observer reported), never from how often we were asked, so a replayed
 result or a repeated observation never creates a second compensation for the same extra.
+
+At most ``MAX_COMPENSATIONS`` are made per effect: an observer answering "a billion executions"
+must not enqueue a billion effects in one transaction; above it a person decides.
 """
 
 from __future__ import annotations
@@ -15,9 +18,11 @@ import psycopg
 
 from relay import outbox
 from relay.config import Settings
-from relay.errors import EffectTypeError
+from relay.errors import CompensationLimitError, EffectTypeError
 from relay.reconciler.effects import LockedEffect
 from relay.sql import query
+
+MAX_COMPENSATIONS = 10
 
 
 def compensation_key(operation_key: str, index: int) -> str:
@@ -43,16 +48,22 @@ def ensure_compensations(
     """Create the compensations the evidence calls for that do not exist yet; returns their keys.
 
     Runs in the caller's transaction, with ``effect`` locked. Raises EffectTypeError when the
-    type declares no compensation.
+    type declares no compensation, CompensationLimitError (before creating any) when the evidence
+    calls for more than MAX_COMPENSATIONS, and EnqueueError when one cannot be enqueued (then the
+    caller's transaction is aborted unless this ran in a savepoint).
     """
     spec = settings.effect_type(effect.effect_type)
     if spec is None or spec.compensation is None:
         raise EffectTypeError(f"effect type {effect.effect_type!r} declares no compensation")
+    if at_least > MAX_COMPENSATIONS:  # before the query: it may not even fit its integer
+        raise _too_many(effect, at_least)
     row = conn.execute(
         query("compensation_needs"), {"id": effect.id, "at_least": at_least}
     ).fetchone()
     assert row is not None
     extra, existing = int(row[0]), int(row[1])
+    if extra > MAX_COMPENSATIONS:
+        raise _too_many(effect, extra)
     made: list[str] = []
     for index in range(existing, extra):
         key = compensation_key(effect.operation_key, index)
@@ -68,3 +79,10 @@ def ensure_compensations(
         )
         made.append(key)
     return made
+
+
+def _too_many(effect: LockedEffect, extra: int) -> CompensationLimitError:
+    return CompensationLimitError(
+        f"{extra + 1} executions of {effect.operation_key!r} reported: {extra} compensations "
+        f"would be needed, more than the {MAX_COMPENSATIONS} made automatically"
+    )

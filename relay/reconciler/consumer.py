@@ -25,7 +25,7 @@ from pydantic import ValidationError
 
 from relay import observability
 from relay.config import Settings
-from relay.errors import EffectTypeError
+from relay.errors import RelayError
 from relay.messages import ResultMessage, ResultOutcome
 from relay.publisher import kafka_security
 from relay.reconciler.compensation import ensure_compensations
@@ -103,6 +103,20 @@ def _apply(
         )
     if state in (EffectState.REJECTED, EffectState.CANCELLED):
         return verdict("late", f"'{outcome.value}' for an effect already {state.value}")
+    if state is EffectState.STUCK and effect.external_id is not None:
+        # Only an extra execution that could not be compensated leaves a confirmed effect STUCK:
+        # a person is undoing it, so nothing more happens automatically (nor is it CONFIRMED).
+        if outcome is not ResultOutcome.COMMITTED:
+            return verdict(
+                "late", f"'{outcome.value}' for an effect confirmed as {effect.external_id}"
+            )
+        if ext is None or ext == effect.external_id:
+            return verdict("repeated", "the same commit reported again")
+        return verdict(
+            "conflicting",
+            f"another commit (external id {ext}) of an effect STUCK after an extra execution: "
+            "a person decides",
+        )
 
     detail = f": {message.detail}" if message.detail else ""
     if outcome is ResultOutcome.COMMITTED:
@@ -129,14 +143,26 @@ def compensate_conflict(
     actor: str,
     why: str,
 ) -> str:
-    """After a conflicting commit was recorded: create its compensation (or say why not)."""
+    """After a conflicting commit was recorded: create its compensation, or, when none can be
+    made, move the effect to STUCK for a person; returns the reason for the evidence.
+
+    The compensations are made in a savepoint: a refused enqueue (a business-key field missing,
+    the key taken by another intent, too many) is a database error that would otherwise abort
+    the whole batch, and the same record would fail again at every redelivery.
+    """
     effect = lock_effect(conn, operation_key)
     assert effect is not None
+    if effect.state is not EffectState.CONFIRMED:
+        return why
     try:
-        made = ensure_compensations(conn, settings, effect, actor=actor, why=why)
-    except EffectTypeError as exc:
-        log.error("a second execution cannot be compensated: %s", exc, extra={"key": operation_key})
-        return f"{why}; but {exc}: a person must undo it"
+        with observability.deferred(), conn.transaction():
+            made = ensure_compensations(conn, settings, effect, actor=actor, why=why)
+    except RelayError as exc:
+        reason = clean_text(f"{why}; but it cannot be compensated: {exc}: a person must undo it")
+        assert reason is not None
+        log.error("an extra execution cannot be compensated: %s", exc, extra={"key": operation_key})
+        move(conn, effect.id, effect.state, EffectState.STUCK, reason=reason, actor=actor)
+        return reason
     observability.record_transition(None, EffectState.PENDING.value, len(made))
     return f"{why}: {', '.join(made)}" if made else f"{why} (compensation exists already)"
 

@@ -4,6 +4,10 @@ Two threads with a connection each: one consumes the result topics (Kafka is rea
 thread only), the other sweeps deadlines, applies deferred results and asks observers. Every
 change is a short transaction with ``FOR UPDATE SKIP LOCKED`` or a compare-and-set, so any number
 of replicas can run; the consumer group shares the result partitions among them.
+
+Neither loop may end on an error nobody foresaw: it is logged with its traceback and the loop goes
+on after a backoff (a result batch is read again). Should the timers thread die anyway,
+``/healthz`` says so (503), so that the process is restarted.
 """
 
 from __future__ import annotations
@@ -71,6 +75,7 @@ class Reconciler:
         self.answers: Counter[str] = Counter()
         self.expired = 0
         self.ready = threading.Event()
+        self._timers_thread: threading.Thread | None = None
 
     def stop(self) -> None:
         self._stop.set()
@@ -79,9 +84,19 @@ class Reconciler:
     def stopping(self) -> bool:
         return self._stop.is_set()
 
+    def timers_alive(self) -> None:
+        """Liveness check: raises when the timers thread has died (it never ends on its own)."""
+        thread = self._timers_thread
+        if thread is None or thread.ident is None or thread.is_alive() or self.stopping:
+            return
+        raise RuntimeError("the timers thread died: deadlines and observations stopped")
+
     def run(self) -> None:
-        metrics = observability.start_observability(self.settings, daemon="reconciler")
+        metrics = observability.start_observability(
+            self.settings, daemon="reconciler", liveness={"timers": self.timers_alive}
+        )
         timers = threading.Thread(target=self._timers, name="reconciler-timers", daemon=True)
+        self._timers_thread = timers
         try:
             self._prepare()
             if self.stopping:
@@ -151,11 +166,26 @@ class Reconciler:
                 except kerr.KafkaError as exc:
                     self.results.close()
                     self._wait(backoff.next_delay(), f"Kafka unavailable: {describe(exc)}")
+                except Exception as exc:
+                    # A bug or a record nobody foresaw must not stop the consumer for good: the
+                    # batch was rewound and is read again after the backoff; the traceback is
+                    # in the log.
+                    log.exception("unexpected error in the result consumer")
+                    _drop(conn)
+                    conn = None
+                    self._wait(backoff.next_delay(), f"unexpected error: {describe(exc)}")
         finally:
             self.results.close()
             _drop(conn)
 
     def _timers(self) -> None:
+        try:
+            self._timer_loop()
+        except BaseException:
+            log.critical("the reconciler timers thread died; /healthz reports it", exc_info=True)
+            raise
+
+    def _timer_loop(self) -> None:
         backoff = Backoff(0.5, self.settings.outage_backoff_max_s)
         conn: psycopg.Connection[Any] | None = None
         try:
@@ -175,6 +205,11 @@ class Reconciler:
                     _drop(conn)
                     conn = None
                     self._wait(backoff.next_delay(), f"database error: {describe(exc)}")
+                except Exception as exc:  # deadlines and observations must not stop for good
+                    log.exception("unexpected error in the reconciler timers")
+                    _drop(conn)
+                    conn = None
+                    self._wait(backoff.next_delay(), f"unexpected error: {describe(exc)}")
         finally:
             _drop(conn)
 

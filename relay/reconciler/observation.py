@@ -9,11 +9,21 @@
 Effects are claimed in one short transaction that moves ``observe_at`` forward (a lease against
 other replicas), observers are asked with no lock held, and each answer is applied in its own
 transaction only if nothing moved the effect meanwhile (a result may have confirmed it).
+
+Each observer call is bounded by its type's ``timeout_s`` counted from when it was handed to the
+pool, so a round lasts about the longest timeout however many calls are slow. A round claims no
+more effects than the pool has free workers (a hung observer keeps its worker): a call that never
+started is not the observer's failure and must not spend one of the effect's tries.
+
+Without Kafka transactions the relay cannot check its own ambiguous publishes, so those
+(UNKNOWN, publication unknown) are observed here too, once the type's ``outcome_timeout_s`` has
+passed since they became UNKNOWN (the downstream may still be reading the record).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -23,6 +33,7 @@ import psycopg
 
 from relay import observability
 from relay.config import Settings
+from relay.errors import RelayError
 from relay.reconciler.compensation import ensure_compensations
 from relay.reconciler.effects import LockedEffect, clean_text, move
 from relay.reconciler.observers import Observation, ObservedEffect, Observer, make_observer
@@ -32,6 +43,10 @@ from relay.states import EffectState
 log = logging.getLogger(__name__)
 
 UNKNOWN = EffectState.UNKNOWN
+# How long past an observer's timeout its answer is still waited for (scheduling, a late byte).
+GRACE_S = 1.0
+# The evidence's observed_count is an integer column: a larger count is kept in the detail.
+INT4_MAX = 2**31 - 1
 
 
 class Observations:
@@ -47,24 +62,66 @@ class Observations:
         }
         timeouts = [s.observer.timeout_s for s in settings.effect_types.values() if s.observer]
         self.longest_s = max(timeouts, default=1.0)
+        self.workers = workers
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="observer")
+        self._calls: set[Future[Observation]] = set()  # handed to the pool, not finished
+        self._warned_busy_at = float("-inf")
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
+    def free_workers(self) -> int:
+        """Workers not held by a call (a hung observer holds one past its timeout)."""
+        self._calls = {f for f in self._calls if not f.done()}
+        return self.workers - len(self._calls)
+
     def run_due(self, conn: psycopg.Connection[Any], limit: int = 32) -> Counter[str]:
-        """Observe the due UNKNOWN effects once; returns how many got each answer."""
+        """Observe up to ``limit`` due UNKNOWN effects once, in rounds of at most as many as
+        there are free workers; returns how many got each answer."""
         answers: Counter[str] = Counter()
-        lease_s = self.longest_s + 30.0
+        asked: list[int] = []  # each effect once per call, however soon it is due again
+        while len(asked) < limit:
+            free = self.free_workers()
+            if free <= 0:
+                self._warn_busy()
+                break
+            size = min(limit - len(asked), free)
+            claimed = self._round(conn, size, answers, asked)
+            if claimed < size:
+                break
+        return answers
+
+    def _warn_busy(self) -> None:
+        if time.monotonic() - self._warned_busy_at >= 60.0:
+            self._warned_busy_at = time.monotonic()
+            log.warning(
+                "every observer worker is held by a call past its timeout (a hung "
+                "observer?): observations wait until one is free"
+            )
+
+    def _round(
+        self, conn: psycopg.Connection[Any], limit: int, answers: Counter[str], asked: list[int]
+    ) -> int:
+        """Claim (but not those in ``asked``, to which it adds), ask and apply one round; returns
+        how many effects it claimed."""
+        lease_s = self.longest_s + GRACE_S + 30.0
         with conn.transaction():
             rows = conn.execute(
-                query("claim_observations"), {"limit": limit, "lease_s": lease_s}
+                query("claim_observations"),
+                {
+                    "limit": limit,
+                    "lease_s": lease_s,
+                    "unpublished": not self.settings.kafka_transactions,
+                    "asked": asked,
+                },
             ).fetchall()
-        asked: list[tuple[tuple[Any, ...], Future[Observation] | Observation]] = []
+        asked.extend(int(row[0]) for row in rows)
+        calls: list[tuple[tuple[Any, ...], Future[Observation] | Observation, float]] = []
         for row in rows:
             observer = self.observers.get(row[2])
             if observer is None:
-                asked.append((row, Observation("inconclusive", detail="no observer declared")))
+                why = "no observer declared"
+                calls.append((row, Observation("inconclusive", detail=why), 0.0))
                 continue
             effect = ObservedEffect(
                 operation_key=row[1],
@@ -73,26 +130,41 @@ class Observations:
                 business_key=row[4],
                 attempts=int(row[5]),
             )
-            asked.append((row, self._pool.submit(observer.observe, effect)))
-        for row, pending in asked:
-            observation, failed = self._await(row, pending)
+            # The deadline counts from now, not from when this call's answer is looked at.
+            deadline = time.monotonic() + self._timeout_s(row[2]) + GRACE_S
+            call = self._pool.submit(observer.observe, effect)
+            self._calls.add(call)
+            calls.append((row, call, deadline))
+        for row, pending, deadline in calls:
+            answer = self._await(row, pending, deadline)
+            if answer is None:
+                # Never started: not the observer's failure. No try is spent and nothing is
+                # recorded; the effect is asked again once its claim lapses.
+                answers["not asked"] += 1
+                continue
+            observation, failed = answer
             answers[observation.answer] += 1
             self.apply(conn, row, observation, has_observer=row[2] in self.observers, failed=failed)
-        return answers
+        return len(rows)
+
+    def _timeout_s(self, effect_type: str) -> float:
+        spec = self.settings.effect_type(effect_type)
+        return spec.observer.timeout_s if spec and spec.observer else 5.0
 
     def _await(
-        self, row: tuple[Any, ...], pending: Future[Observation] | Observation
-    ) -> tuple[Observation, bool]:
+        self, row: tuple[Any, ...], pending: Future[Observation] | Observation, deadline: float
+    ) -> tuple[Observation, bool] | None:
         """The observer's answer, and whether it failed (timed out, raised) instead of answering:
-        inconclusive either way, but counted apart so that a broken observer shows."""
+        inconclusive either way, but counted apart so that a broken observer shows. None: the
+        call never started by its deadline (cancelled)."""
         if isinstance(pending, Observation):
             return pending, False
-        spec = self.settings.effect_type(row[2])
-        timeout = (spec.observer.timeout_s if spec and spec.observer else 5.0) + 1.0
         try:
-            return pending.result(timeout=timeout), False
+            return pending.result(timeout=max(0.0, deadline - time.monotonic())), False
         except FutureTimeout:
-            why = f"the observer did not answer in {timeout}s"
+            if pending.cancel():
+                return None
+            why = f"the observer did not answer in {self._timeout_s(row[2]) + GRACE_S}s"
             return Observation("inconclusive", detail=why), True
         except Exception as exc:  # noqa: BLE001 - any failure of an observer is inconclusive
             return Observation("inconclusive", detail=f"{type(exc).__name__}: {exc}"), True
@@ -108,19 +180,21 @@ class Observations:
     ) -> None:
         """Apply one answer in its own transaction; counted (moves included) once it commits."""
         effect_id, key, effect_type, payload, business_key, attempts, tries, lease = row[:8]
+        unpublished = len(row) > 8 and bool(row[8])
         spec = self.settings.effect_type(effect_type)
         with observability.deferred(), conn.transaction():
             locked = conn.execute(
                 query("lock_observed"), {"id": effect_id, "attempt": attempts, "lease": lease}
             ).fetchone()
             detail = clean_text(observation.detail) or ""
+            count = observation.count
             evidence = {
                 "kind": "observation",
                 "effect_id": effect_id,
                 "operation_key": key,
                 "outcome": observation.answer,
                 "external_id": None,
-                "observed_count": observation.count,
+                "observed_count": None if count is None else max(-INT4_MAX, min(count, INT4_MAX)),
                 "detail": detail,
                 "attempt": attempts,
                 "actor": self.actor,
@@ -134,45 +208,58 @@ class Observations:
             if has_observer:
                 observability.record_observation("error" if failed else observation.answer)
             target, reason, delay = self._decide(
-                observation, int(attempts), int(tries), spec, has_observer, detail
-            )
-            conn.execute(
-                query("insert_evidence"), {**evidence, "verdict": "applied", "reason": reason}
+                observation, int(attempts), int(tries), spec, has_observer, detail, unpublished
             )
             if target is UNKNOWN:
                 conn.execute(
                     query("reschedule_observation"),
                     {"id": effect_id, "delay_s": delay, "reason": reason},
                 )
-                return
-            if observation.answer == "duplicate" and target is EffectState.CONFIRMED:
-                move(conn, effect_id, UNKNOWN, target, reason=reason, actor=self.actor)
+            elif observation.answer == "duplicate" and target is EffectState.CONFIRMED:
                 effect = LockedEffect(
-                    effect_id,
-                    key,
-                    effect_type,
-                    target,
-                    attempts,
-                    None,
-                    dict(payload),
-                    business_key,
-                    None,
-                )
-                count = observation.count or 2
-                made = ensure_compensations(
-                    conn,
-                    self.settings,
-                    effect,
-                    actor=self.actor,
-                    why=reason,
-                    at_least=max(1, count - 1),
-                )
-                observability.record_transition(None, EffectState.PENDING.value, len(made))
-                log.warning("duplicate execution compensated", extra={"key": key, "made": made})
+                    effect_id, key, effect_type, target, attempts, None, dict(payload),
+                    business_key, None,
+                )  # fmt: skip
+                reason = self._compensate(conn, effect, reason, count or 2)
             else:
                 move(
                     conn, effect_id, UNKNOWN, target, reason=reason, actor=self.actor, delay_s=delay
                 )
+            conn.execute(
+                query("insert_evidence"), {**evidence, "verdict": "applied", "reason": reason}
+            )
+
+    def _compensate(
+        self, conn: psycopg.Connection[Any], effect: LockedEffect, reason: str, count: int
+    ) -> str:
+        """CONFIRMED plus a compensation per extra execution; STUCK (for a person) when they
+        cannot be made: in a savepoint, so that a refused enqueue leaves the transaction usable.
+        Returns the reason recorded."""
+        try:
+            with observability.deferred(), conn.transaction():
+                move(conn, effect.id, UNKNOWN, effect.state, reason=reason, actor=self.actor)
+                made = ensure_compensations(
+                    conn, self.settings, effect, actor=self.actor, why=reason,
+                    at_least=max(1, count - 1),
+                )  # fmt: skip
+        except RelayError as exc:
+            stuck = clean_text(
+                f"{reason.removesuffix(': compensated')}, but not compensated: {exc}: "
+                "a person must undo it"
+            )
+            assert stuck is not None
+            log.error(
+                "an extra execution cannot be compensated: %s",
+                exc,
+                extra={"key": effect.operation_key},
+            )
+            move(conn, effect.id, UNKNOWN, EffectState.STUCK, reason=stuck, actor=self.actor)
+            return stuck
+        observability.record_transition(None, EffectState.PENDING.value, len(made))
+        log.warning(
+            "duplicate execution compensated", extra={"key": effect.operation_key, "made": made}
+        )
+        return reason
 
     def _decide(
         self,
@@ -182,9 +269,16 @@ class Observations:
         spec: Any,
         has_observer: bool,
         detail: str,
+        unpublished: bool = False,
     ) -> tuple[EffectState, str, float]:
         s = self.settings
         if not has_observer or spec is None:
+            if unpublished:
+                why = (
+                    "UNKNOWN publish that cannot be checked in Kafka (kafka_transactions = false) "
+                    "and no observer is declared: a person decides"
+                )
+                return EffectState.STUCK, why, 0.0
             return EffectState.STUCK, "UNKNOWN and no observer is declared: a person decides", 0.0
         if observation.answer == "present":
             return EffectState.CONFIRMED, f"observed present ({detail})", 0.0

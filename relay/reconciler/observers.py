@@ -5,12 +5,19 @@ the operation key; 404 = absent, 200 with ``{"count": 1}`` = present, a count ab
 duplicate, anything else or a timeout = inconclusive) and a Python callable named by import path
 that receives an :class:`ObservedEffect` and returns an :class:`Observation` (or just the answer
 as a string). An observer that raises is inconclusive: only a clear answer moves an effect.
+
+"absent" is the one dangerous answer (it re-sends the effect), so the HTTP observer follows no
+redirect: a 404 from wherever a redirect leads (a login page, a gateway) says nothing about the
+effect. Any 3xx is inconclusive. A call is bounded as a whole by ``timeout_s``, not only per
+socket operation, so a server that trickles its answer cannot hold it.
 """
 
 from __future__ import annotations
 
+import http.client
 import importlib
 import json
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -24,6 +31,16 @@ from relay.errors import ConfigError
 Answer = Literal["present", "absent", "duplicate", "inconclusive"]
 ANSWERS: tuple[Answer, ...] = ("present", "absent", "duplicate", "inconclusive")
 BODY_LIMIT = 65_536
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """A 3xx comes back as an HTTPError with its status, instead of being followed."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect)
 
 
 @dataclass(frozen=True)
@@ -46,6 +63,10 @@ class Observation:
     def __post_init__(self) -> None:
         if self.answer not in ANSWERS:
             raise ValueError(f"an observation answers one of {ANSWERS}, not {self.answer!r}")
+        if self.count is not None and (
+            isinstance(self.count, bool) or not isinstance(self.count, int)
+        ):
+            raise ValueError(f"an observation's count is a whole number, not {self.count!r}")
 
 
 class Observer(Protocol):
@@ -72,14 +93,19 @@ class HttpObserver:
             return Observation("inconclusive", detail="the effect has no business key to look up")
         url = self.url_for(effect)
         request = urllib.request.Request(url, headers={"Accept": "application/json"})
+        deadline = time.monotonic() + self.timeout_s
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                status, body = response.status, response.read(BODY_LIMIT)
+            with _OPENER.open(request, timeout=self.timeout_s) as response:
+                status = response.status
+                body = _read_until(response, deadline) if status == 200 else b""
         except urllib.error.HTTPError as exc:
             status, body = exc.code, b""
             exc.close()
-        except (OSError, ValueError) as exc:  # refused, reset, timeout, bad URL
+        except (OSError, ValueError, http.client.HTTPException) as exc:  # refused, reset, timeout
             return Observation("inconclusive", detail=f"GET {url}: {type(exc).__name__}: {exc}")
+        if body is None or time.monotonic() > deadline:
+            why = f"GET {url}: no complete answer within {self.timeout_s}s"
+            return Observation("inconclusive", detail=why)
         if status == 404:
             return Observation("absent", count=0, detail=f"GET {url}: 404")
         if status != 200:
@@ -92,6 +118,22 @@ class HttpObserver:
             return Observation("inconclusive", detail=f"GET {url}: 200 with count {count!r}")
         answer: Answer = "present" if count == 1 else "duplicate"
         return Observation(answer, count=count, detail=f"GET {url}: 200, count {count}")
+
+
+def _read_until(response: http.client.HTTPResponse, deadline: float) -> bytes | None:
+    """The body (up to BODY_LIMIT), or None when it is not complete by ``deadline``. One socket
+    read at a time: each is bounded by the socket timeout, the whole by the deadline."""
+    chunks: list[bytes] = []
+    size = 0
+    while size < BODY_LIMIT:
+        if time.monotonic() > deadline:
+            return None
+        chunk = response.read1(min(16_384, BODY_LIMIT - size))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
 
 
 class PythonObserver:

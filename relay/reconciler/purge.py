@@ -1,9 +1,12 @@
 """Housekeeping: finished effects past retention go, with their attempts, transitions and evidence.
 
-Finished means CONFIRMED, REJECTED, CANCELLED, or PUBLISHED for a type that awaits no downstream
-result (status events, plain publications). Nothing else is ever removed. Each batch is its own
-short transaction that skips rows somebody holds, so the purge never blocks enqueue or dispatch;
-an effect with a compensation waits until the compensation itself has gone.
+Finished means CONFIRMED, REJECTED, CANCELLED, or PUBLISHED with no downstream result awaited
+(``outcome_deadline`` unset: the type had no result topic when the effect was published, whatever
+the configuration says now). Nothing else is ever removed. An effect and its compensations are one
+family, removed together in one statement once every member is finished and past retention; a
+compensation never goes alone while its parent exists, so it is never created again for the same
+extra execution. Each batch is its own short transaction that skips rows somebody holds (and the
+families they belong to), so the purge never blocks enqueue, dispatch or the reconciler.
 """
 
 from __future__ import annotations
@@ -34,7 +37,10 @@ def would_purge(conn: psycopg.Connection[Any], retention_s: float) -> PurgeCount
 def purge(
     conn: psycopg.Connection[Any], settings: Settings, retention_s: float | None = None
 ) -> tuple[int, int]:
-    """Delete in batches until nothing is left; returns (effects, unattached evidence) removed."""
+    """Delete in batches until nothing is left; returns (effects, unattached evidence) removed.
+
+    A batch takes up to ``purge_batch_size`` families; every member removed counts as an effect.
+    """
     keep_s = settings.retention_s if retention_s is None else retention_s
     params = {"retention_s": keep_s, "limit": settings.purge_batch_size}
     effects = evidence = 0

@@ -122,20 +122,28 @@ LIMIT %(limit)s
 FOR UPDATE OF v SKIP LOCKED;
 
 -- name: claim_observations
--- UNKNOWN effects whose publication is known (the Kafka hop is the relay's own business) and
--- whose observation is due. The claim moves observe_at forward: a lease against other replicas.
+-- UNKNOWN effects whose observation is due. Those whose publication is known; and, when the
+-- relay cannot check its own ambiguous publishes in Kafka (unpublished: kafka_transactions is
+-- off), those whose publication is unknown too, once the type's outcome_timeout_s has passed
+-- since they became UNKNOWN (the downstream may still be reading the record) and no relay holds
+-- them. With transactions on, the relay checks those itself. The claim moves observe_at forward:
+-- a lease against other replicas. Effects asked already in this sweep are left for the next.
 WITH due AS (
-    SELECT e.id FROM relay.effect e
-    WHERE e.state = 'UNKNOWN' AND e.published_offset IS NOT NULL
-      AND coalesce(e.observe_at, '-infinity') <= now()
+    SELECT e.id FROM relay.effect e JOIN relay.effect_type t ON t.name = e.effect_type
+    WHERE e.state = 'UNKNOWN' AND e.id <> ALL(%(asked)s::bigint[])
+      AND ((e.published_offset IS NOT NULL AND coalesce(e.observe_at, '-infinity') <= now())
+           OR (%(unpublished)s::boolean AND e.published_offset IS NULL
+               AND (e.lease_until IS NULL OR e.lease_until < now())
+               AND coalesce(e.observe_at,
+                            e.updated_at + make_interval(secs => t.outcome_timeout_s)) <= now()))
     ORDER BY e.observe_at NULLS FIRST, e.id
     LIMIT %(limit)s
-    FOR UPDATE SKIP LOCKED
+    FOR UPDATE OF e SKIP LOCKED
 )
 UPDATE relay.effect AS e SET observe_at = now() + make_interval(secs => %(lease_s)s)
 FROM due WHERE e.id = due.id
 RETURNING e.id, e.operation_key, e.effect_type, e.payload, e.business_key, e.attempts,
-          e.observe_tries, e.observe_at;
+          e.observe_tries, e.observe_at, e.published_offset IS NULL AS unpublished;
 
 -- name: lock_observed
 -- The observed effect, if nothing moved it while its observer was asked.
@@ -159,13 +167,27 @@ SELECT kind, verdict, count(*)::bigint AS records FROM relay.evidence
 GROUP BY kind, verdict ORDER BY kind, verdict;
 
 -- name: purge_counts
--- What a purge would remove now: finished effects past retention with no compensation left.
-WITH gone AS (
-    SELECT e.id FROM relay.effect e JOIN relay.effect_type t ON t.name = e.effect_type
-    WHERE e.updated_at < now() - make_interval(secs => %(retention_s)s)
-      AND (e.state IN ('CONFIRMED', 'REJECTED', 'CANCELLED')
-           OR (e.state = 'PUBLISHED' AND t.result_topic IS NULL))
-      AND NOT EXISTS (SELECT 1 FROM relay.effect c WHERE c.parent_effect_id = e.id)
+-- What a purge would remove now, decided as purge_batch decides (without its batches and locks):
+-- whole families, each an effect with every compensation under it, all finished and past
+-- retention.
+WITH RECURSIVE blocked(id) AS (
+    SELECT c.parent_effect_id FROM relay.effect c
+    WHERE c.parent_effect_id IS NOT NULL
+      AND (c.updated_at >= now() - make_interval(secs => %(retention_s)s)
+           OR NOT (c.state IN ('CONFIRMED', 'REJECTED', 'CANCELLED')
+                   OR (c.state = 'PUBLISHED' AND c.outcome_deadline IS NULL)))
+    UNION
+    SELECT p.parent_effect_id FROM relay.effect p JOIN blocked b ON p.id = b.id
+    WHERE p.parent_effect_id IS NOT NULL
+), gone(id) AS (
+    SELECT r.id FROM relay.effect r
+    WHERE r.parent_effect_id IS NULL
+      AND r.updated_at < now() - make_interval(secs => %(retention_s)s)
+      AND (r.state IN ('CONFIRMED', 'REJECTED', 'CANCELLED')
+           OR (r.state = 'PUBLISHED' AND r.outcome_deadline IS NULL))
+      AND NOT EXISTS (SELECT 1 FROM blocked b WHERE b.id = r.id)
+    UNION
+    SELECT c.id FROM relay.effect c JOIN gone g ON c.parent_effect_id = g.id
 )
 SELECT (SELECT count(*) FROM gone)::bigint AS effects,
        (SELECT count(*) FROM relay.attempt a JOIN gone g ON g.id = a.effect_id)::bigint
@@ -178,20 +200,60 @@ SELECT (SELECT count(*) FROM gone)::bigint AS effects,
            AS evidence;
 
 -- name: purge_batch
--- One small batch of finished effects past retention; attempts, transitions and evidence go with
--- them (ON DELETE CASCADE). Compensations go first: an effect that has one waits for it. Rows
--- locked by anyone are skipped, so the purge never waits on the relay or on writers.
-WITH gone AS (
-    SELECT e.id FROM relay.effect e JOIN relay.effect_type t ON t.name = e.effect_type
-    WHERE e.updated_at < now() - make_interval(secs => %(retention_s)s)
-      AND (e.state IN ('CONFIRMED', 'REJECTED', 'CANCELLED')
-           OR (e.state = 'PUBLISHED' AND t.result_topic IS NULL))
-      AND NOT EXISTS (SELECT 1 FROM relay.effect c WHERE c.parent_effect_id = e.id)
-    ORDER BY e.updated_at
+-- One small batch of whole families past retention: an effect goes only together with every
+-- compensation under it, in this one statement, and only when all of them are finished
+-- (CONFIRMED, REJECTED, CANCELLED, or PUBLISHED with no result awaited: outcome_deadline is set
+-- at publication when the type then had a result topic) and past retention. A compensation never
+-- goes alone while its parent exists, so compensation_needs always counts it. Attempts,
+-- transitions and evidence go with the effects (ON DELETE CASCADE). Rows locked by anyone are
+-- skipped, and a family with any member locked waits for a later run, so the purge never waits
+-- on the relay or on writers. (A compensation committed while this statement runs is not seen:
+-- the foreign key on parent_effect_id then fails the batch, rolled back, never orphaned.)
+WITH RECURSIVE blocked(id) AS (
+    -- Every effect above a compensation that is unfinished or within retention, up to the top
+    -- of its family: compensations are few, so this is small.
+    SELECT c.parent_effect_id FROM relay.effect c
+    WHERE c.parent_effect_id IS NOT NULL
+      AND (c.updated_at >= now() - make_interval(secs => %(retention_s)s)
+           OR NOT (c.state IN ('CONFIRMED', 'REJECTED', 'CANCELLED')
+                   OR (c.state = 'PUBLISHED' AND c.outcome_deadline IS NULL)))
+    UNION
+    SELECT p.parent_effect_id FROM relay.effect p JOIN blocked b ON p.id = b.id
+    WHERE p.parent_effect_id IS NOT NULL
+), root AS MATERIALIZED (
+    -- The top effects of whole families to take, locked: a compensation is only ever attached
+    -- while its parent is locked, so none can be added to a family while it is taken.
+    SELECT r.id FROM relay.effect r
+    WHERE r.parent_effect_id IS NULL
+      AND r.updated_at < now() - make_interval(secs => %(retention_s)s)
+      AND (r.state IN ('CONFIRMED', 'REJECTED', 'CANCELLED')
+           OR (r.state = 'PUBLISHED' AND r.outcome_deadline IS NULL))
+      AND NOT EXISTS (SELECT 1 FROM blocked b WHERE b.id = r.id)
+    ORDER BY r.updated_at
     LIMIT %(limit)s
-    FOR UPDATE OF e SKIP LOCKED
+    FOR UPDATE OF r SKIP LOCKED
+), family(id, root_id) AS (
+    SELECT id, id FROM root
+    UNION
+    SELECT c.id, f.root_id FROM relay.effect c JOIN family f ON c.parent_effect_id = f.id
+), held AS MATERIALIZED (
+    -- The compensations of those families, locked (rechecked if they changed meanwhile).
+    SELECT c.id FROM relay.effect c
+    WHERE c.id IN (SELECT f.id FROM family f WHERE f.id <> f.root_id)
+      AND c.updated_at < now() - make_interval(secs => %(retention_s)s)
+      AND (c.state IN ('CONFIRMED', 'REJECTED', 'CANCELLED')
+           OR (c.state = 'PUBLISHED' AND c.outcome_deadline IS NULL))
+    FOR UPDATE OF c SKIP LOCKED
+), whole AS (
+    -- Families none of whose compensations was skipped.
+    SELECT f.id FROM family f
+    WHERE NOT EXISTS (
+        SELECT 1 FROM family m
+        WHERE m.root_id = f.root_id AND m.id <> m.root_id
+          AND NOT EXISTS (SELECT 1 FROM held h WHERE h.id = m.id)
+    )
 )
-DELETE FROM relay.effect e USING gone WHERE e.id = gone.id
+DELETE FROM relay.effect e WHERE e.id = ANY (ARRAY(SELECT w.id FROM whole w))
 RETURNING e.id;
 
 -- name: purge_unattached_evidence

@@ -10,13 +10,16 @@ Fault modes are read from a JSON file at every record and every request, so a te
 them while the service runs::
 
     {"keys": {"<operation key>": ["lose_result" | "drop_first" | "execute_twice", ...]},
-     "http": "normal" | "slow" | "nonsense" | "error" | "down", "slow_s": 3.0}
+     "http": "normal" | "slow" | "nonsense" | "error" | "down" | "redirect" | "trickle",
+     "slow_s": 3.0}
 
 - lose_result: execute, but never publish the result;
 - drop_first: the first attempt never arrives (ignored; a later attempt is executed);
 - execute_twice: book two wires for one request (and report both);
 - http slow / nonsense / error / down: the read API answers late, with garbage, with HTTP 500,
   or hangs up without an answer. Stopping the process is "the books are down".
+- http redirect: 302 to a path that answers 404 (a login page or a gateway would do the same);
+- http trickle: the right answer, its body one byte at a time over slow_s seconds.
 
 A normal request is idempotent by operation key: a repeated request reports the booked wire
 again instead of booking another.
@@ -125,6 +128,15 @@ def make_handler(books: Books, faults: Path | None) -> type[BaseHTTPRequestHandl
             if mode == "error":
                 self._send(500, b'{"error": "books unavailable"}')
                 return
+            if self.path.startswith("/moved/"):
+                self._send(404, b'{"error": "no such page"}')
+                return
+            if mode == "redirect":
+                self.send_response(302)
+                self.send_header("Location", "/moved" + self.path)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             if mode == "nonsense":
                 self._send(200, b"<html>%%% not json %%%</html>")
                 return
@@ -137,7 +149,21 @@ def make_handler(books: Books, faults: Path | None) -> type[BaseHTTPRequestHandl
                 self._send(404, b'{"count": 0}')
                 return
             body = {"count": wires, "reversed": reversals, "net": wires - reversals}
+            if mode == "trickle":
+                self._trickle(json.dumps(body).encode(), float(conf.get("slow_s", 3.0)))
+                return
             self._send(200, json.dumps(body).encode())
+
+        def _trickle(self, body: bytes, seconds: float) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.flush()
+            for i in range(len(body)):
+                self.wfile.write(body[i : i + 1])
+                self.wfile.flush()
+                time.sleep(seconds / len(body))
 
         def _send(self, status: int, body: bytes) -> None:
             self.send_response(status)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -16,8 +17,12 @@ from relay.config import Settings
 from relay.daemon import Relay
 from relay.devservices import Services
 from relay.errors import InvalidTransitionError
+from relay.reconciler.compensation import ensure_compensations
+from relay.reconciler.effects import lock_effect
 from relay.reconciler.observers import Observation
+from relay.reconciler.purge import purge, would_purge
 from relay.reconciler.resolve import Decision, resolve
+from relay.sql import query
 from tests import support
 from tests.downstream import harness as h
 from tests.downstream import observers
@@ -256,3 +261,164 @@ def test_purge_removes_only_finished_effects_past_retention(
     assert unattached == (0,)
     removed = int(done.stdout.split()[1])
     assert f"would remove {removed} effects" in dry.stdout
+
+
+def _table_counts(conn: psycopg.Connection[Any]) -> tuple[int, int, int, int]:
+    """Effects, attempts, transitions and evidence now in the database."""
+    row = conn.execute(
+        "SELECT (SELECT count(*) FROM relay.effect), (SELECT count(*) FROM relay.attempt),"
+        " (SELECT count(*) FROM relay.transition), (SELECT count(*) FROM relay.evidence)"
+    ).fetchone()
+    assert row is not None
+    return int(row[0]), int(row[1]), int(row[2]), int(row[3])
+
+
+def _settle(conn: psycopg.Connection[Any], keys: dict[str, tuple[str, str]]) -> None:
+    """Put effects straight into a state, last changed that long ago (a PostgreSQL interval)."""
+    for key, (state, age) in keys.items():
+        conn.execute(
+            "UPDATE relay.effect SET state = %s, updated_at = now() - %s::interval"
+            " WHERE operation_key = %s",
+            (state, age, key),
+        )
+
+
+def test_purge_takes_an_effect_and_its_compensations_together(rsettings: Settings) -> None:
+    """A compensation never goes while the effect it undoes stays: a second execution reported
+    for that effect later would find no compensation and create it again (a second refund)."""
+    url = rsettings.require_database_url()
+    one_day = 86400.0
+    batch_of_one = rsettings.model_copy(update={"purge_batch_size": 1})
+    with psycopg.connect(url, autocommit=True) as conn:
+        relay.enqueue(conn, "wire", "fam", {**h.WIRE, "amount": 1})
+        for external_id, verdict in [("x1", "applied"), ("x2", "conflicting")]:
+            conn.execute(
+                "INSERT INTO relay.evidence (kind, effect_id, operation_key, outcome, external_id,"
+                " verdict, actor) SELECT 'result', id, operation_key, 'committed', %s, %s, 'test'"
+                " FROM relay.effect WHERE operation_key = 'fam'",
+                (external_id, verdict),
+            )
+        with conn.transaction():
+            parent = lock_effect(conn, "fam")
+            assert parent is not None
+            made = ensure_compensations(conn, rsettings, parent, actor="test", why="x2")
+        assert made == ["fam#compensation"]
+        # A compensation's own compensation (made by hand: no type here declares one).
+        relay.enqueue(conn, "email", "fam-deep", {"to": "z"})
+        conn.execute(
+            "UPDATE relay.effect SET parent_effect_id ="
+            " (SELECT id FROM relay.effect WHERE operation_key = 'fam#compensation')"
+            " WHERE operation_key = 'fam-deep'"
+        )
+        family = ["fam", "fam#compensation", "fam-deep"]
+
+        def left() -> list[str]:
+            rows = conn.execute(
+                "SELECT operation_key FROM relay.effect WHERE operation_key = ANY(%s) ORDER BY id",
+                (family,),
+            ).fetchall()
+            return [str(r[0]) for r in rows]
+
+        # Every member finished but one is within retention, or one is unfinished: all stay.
+        _settle(
+            conn,
+            {
+                "fam": ("CONFIRMED", "3 days"),
+                "fam#compensation": ("CONFIRMED", "1 hour"),
+                "fam-deep": ("CANCELLED", "3 days"),
+            },
+        )
+        assert would_purge(conn, one_day).effects == 0
+        assert purge(conn, batch_of_one, one_day) == (0, 0)
+        _settle(
+            conn, {"fam#compensation": ("CONFIRMED", "2 days"), "fam-deep": ("PENDING", "2 days")}
+        )
+        assert would_purge(conn, one_day).effects == 0
+        assert purge(conn, batch_of_one, one_day) == (0, 0)
+        assert left() == family
+        _settle(conn, {"fam-deep": ("CANCELLED", "2 days")})
+
+        # The reconciler holds the parent (a second execution was just reported): the purge
+        # skips the whole family, and the compensation is still there to be counted.
+        with psycopg.connect(url) as holder:
+            locked = lock_effect(holder, "fam")
+            assert locked is not None
+            assert purge(conn, batch_of_one, one_day) == (0, 0)
+            assert ensure_compensations(holder, rsettings, locked, actor="test", why="x2") == []
+            holder.commit()
+        assert h.children(url, "fam") == [("fam#compensation", "wire-reversal", "CONFIRMED")]
+        assert left() == family
+
+        # Somebody holds a compensation: the family waits, the parent does not go without it.
+        with psycopg.connect(url) as holder:
+            assert lock_effect(holder, "fam#compensation") is not None
+            assert purge(conn, batch_of_one, one_day) == (0, 0)
+            holder.rollback()
+        assert left() == family
+
+        # One batch of one family takes all of it, in one statement, as the dry run said.
+        expected = would_purge(conn, one_day)
+        assert expected.effects == 3
+        before = _table_counts(conn)
+        with conn.transaction():
+            gone = conn.execute(
+                query("purge_batch"), {"retention_s": one_day, "limit": 1}
+            ).fetchall()
+        assert len(gone) == 3
+        assert left() == []
+        after = _table_counts(conn)
+        assert (expected.effects, expected.attempts, expected.transitions, expected.evidence) == (
+            before[0] - after[0],
+            before[1] - after[1],
+            before[2] - after[2],
+            before[3] - after[3],
+        )
+        assert expected.evidence == 2
+        assert purge(conn, batch_of_one, one_day) == (0, 0)
+
+
+def test_purge_judges_a_publication_by_its_deadline_not_by_the_current_config(
+    rsettings: Settings,
+) -> None:
+    """PUBLISHED is finished only when no result was awaited at publication (no outcome
+    deadline): a result topic added or removed since changes nothing."""
+    url = rsettings.require_database_url()
+    with support.running(Relay(rsettings)):
+        with psycopg.connect(url) as conn:
+            relay.enqueue(conn, "wire", "awaited", {**h.WIRE, "amount": 2})
+            relay.enqueue(conn, "email", "plain", {"to": "x"})
+            conn.commit()
+        support.wait_for(
+            lambda: (
+                h.states(url, ["awaited", "plain"])
+                == {"awaited": "PUBLISHED", "plain": "PUBLISHED"}
+            ),
+            30,
+            "publication",
+        )
+    with psycopg.connect(url, autocommit=True) as conn:
+        deadlines: dict[str, bool] = dict(
+            conn.execute(
+                "SELECT operation_key, outcome_deadline IS NOT NULL FROM relay.effect"
+            ).fetchall()
+        )
+        assert deadlines == {"awaited": True, "plain": False}
+        # The configuration changed since: wires no longer report results, emails now do.
+        conn.execute("UPDATE relay.effect_type SET result_topic = NULL WHERE name = 'wire'")
+        conn.execute(
+            "UPDATE relay.effect_type SET result_topic = %s WHERE name = 'email'",
+            (rsettings.effect_types["wire"].result_topic,),
+        )
+        expected = would_purge(conn, 0)
+        before = _table_counts(conn)
+        assert purge(conn, rsettings, 0) == (1, 0)
+        after = _table_counts(conn)
+        assert (expected.effects, expected.attempts, expected.transitions, expected.evidence) == (
+            1,
+            before[1] - after[1],
+            before[2] - after[2],
+            before[3] - after[3],
+        )
+        assert before[0] - after[0] == 1
+        assert expected.attempts == 1 and expected.transitions == 3
+    assert h.states(url, ["awaited", "plain"]) == {"awaited": "PUBLISHED"}

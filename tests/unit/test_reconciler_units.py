@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import threading
+import urllib.error
+import urllib.request
+
 import pytest
 from click.testing import CliRunner
 
@@ -9,8 +13,10 @@ from relay.cli import main
 from relay.config import load_settings
 from relay.errors import ConfigError
 from relay.messages import ResultOutcome
+from relay.observability import ObservabilityServer
 from relay.reconciler.compensation import compensation_key
 from relay.reconciler.consumer import parse
+from relay.reconciler.daemon import Reconciler
 from relay.reconciler.effects import clean_text, operator_actor
 from relay.reconciler.observers import HttpObserver, Observation, ObservedEffect, PythonObserver
 from relay.sql import names
@@ -84,3 +90,57 @@ def test_reconciler_settings_have_safe_defaults() -> None:
     settings = load_settings(None)
     assert settings.status_events and settings.retention_s == 30 * 86400
     assert settings.reconcile_group_id == "relay-reconciler"
+
+
+def test_observation_counts_are_whole_numbers() -> None:
+    """A Python observer's odd count is its failure (inconclusive), not a database error later."""
+    for odd in ("3", 2.5, True):
+        with pytest.raises(ValueError, match="whole number"):
+            Observation("duplicate", count=odd)  # type: ignore[arg-type]
+    assert Observation("duplicate", count=10**12).count == 10**12
+
+
+def test_healthz_fails_when_a_liveness_check_fails() -> None:
+    dead: list[str] = []
+
+    def timers() -> None:
+        if dead:
+            raise RuntimeError(dead[0])
+
+    server = ObservabilityServer("127.0.0.1", 0, [], {}, liveness={"timers": timers}).start()
+    base = f"http://127.0.0.1:{server.address[1]}"
+    try:
+        assert _get(base + "/healthz") == (200, "ok\n")
+        dead.append("the timers thread died")
+        assert _get(base + "/healthz") == (
+            503,
+            "unhealthy\ntimers: FAILED: RuntimeError: the timers thread died\n",
+        )
+        assert _get(base + "/readyz")[0] == 200  # readiness is another question
+    finally:
+        server.stop()
+
+
+def test_a_dead_timers_thread_is_reported_until_the_reconciler_stops() -> None:
+    daemon = Reconciler(load_settings(None))
+    try:
+        daemon.timers_alive()  # not started yet: nothing to report
+        thread = threading.Thread(target=lambda: None)
+        thread.start()
+        thread.join()
+        daemon._timers_thread = thread
+        with pytest.raises(RuntimeError, match="timers thread died"):
+            daemon.timers_alive()
+        daemon.stop()
+        daemon.timers_alive()  # stopping: it is meant to end
+    finally:
+        daemon.observations.close()
+
+
+def _get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return int(response.status), response.read().decode()
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return int(exc.code), exc.read().decode()

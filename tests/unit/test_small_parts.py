@@ -31,7 +31,10 @@ def test_result_message_refuses_unknown_outcomes() -> None:
 
 def test_terminal_states_lead_nowhere() -> None:
     for state in TERMINAL_STATES:
-        assert not ALLOWED_TRANSITIONS[state]
+        if state is EffectState.CONFIRMED:  # an extra execution that cannot be compensated
+            assert ALLOWED_TRANSITIONS[state] == {EffectState.STUCK}
+        else:
+            assert not ALLOWED_TRANSITIONS[state]
     assert not is_allowed(EffectState.UNKNOWN, EffectState.DISPATCHING)
     assert is_allowed(EffectState.DISPATCHING, EffectState.UNKNOWN)
 
