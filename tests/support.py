@@ -9,6 +9,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -226,3 +228,13 @@ def read_topic(bootstrap: str, topic: str, expected: int, timeout_s: float = 30.
 
 def iter_headers(record: Any) -> Iterator[tuple[str, bytes]]:
     yield from record.headers
+
+
+def http_get(url: str) -> tuple[int, str]:
+    """Status and body of a GET, also for error statuses (a 503 from /healthz is an answer)."""
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return int(response.status), response.read().decode()
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return int(exc.code), exc.read().decode()

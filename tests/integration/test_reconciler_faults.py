@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -452,15 +450,6 @@ class Flaky(Reconciler):
         super().sweep(conn)
 
 
-def _get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return int(response.status), response.read().decode()
-    except urllib.error.HTTPError as exc:
-        with exc:
-            return int(exc.code), exc.read().decode()
-
-
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_unexpected_errors_do_not_stop_the_threads_and_a_dead_one_fails_healthz(
     rsettings: Settings, services: Services, prefix: str
@@ -479,10 +468,10 @@ def test_unexpected_errors_do_not_stop_the_threads_and_a_dead_one_fails_healthz(
         support.wait_for(lambda: h.state(url, "d-1") == "CONFIRMED", 30, "the consumer going on")
         support.wait_for(lambda: daemon.sweeps >= 5, 30, "the timers going on")
         assert daemon.results.failed == 1  # type: ignore[attr-defined]
-        assert _get(healthz) == (200, "ok\n")
+        assert support.http_get(healthz) == (200, "ok\n")
         daemon.fatal.set()
-        support.wait_for(lambda: _get(healthz)[0] == 503, 30, "/healthz to fail")
-        assert "timers: FAILED" in _get(healthz)[1]
+        support.wait_for(lambda: support.http_get(healthz)[0] == 503, 30, "/healthz to fail")
+        assert "timers: FAILED" in support.http_get(healthz)[1]
         assert thread.is_alive()  # the consumer goes on; the process must be restarted
     finally:
         daemon.stop()

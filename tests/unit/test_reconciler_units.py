@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import threading
-import urllib.error
-import urllib.request
 
 import pytest
 from click.testing import CliRunner
@@ -21,6 +19,7 @@ from relay.reconciler.effects import clean_text, operator_actor
 from relay.reconciler.observers import HttpObserver, Observation, ObservedEffect, PythonObserver
 from relay.sql import names
 from relay.states import EffectState, is_allowed
+from tests import support
 
 
 def test_results_parse_or_say_why_not() -> None:
@@ -110,13 +109,13 @@ def test_healthz_fails_when_a_liveness_check_fails() -> None:
     server = ObservabilityServer("127.0.0.1", 0, [], {}, liveness={"timers": timers}).start()
     base = f"http://127.0.0.1:{server.address[1]}"
     try:
-        assert _get(base + "/healthz") == (200, "ok\n")
+        assert support.http_get(base + "/healthz") == (200, "ok\n")
         dead.append("the timers thread died")
-        assert _get(base + "/healthz") == (
+        assert support.http_get(base + "/healthz") == (
             503,
             "unhealthy\ntimers: FAILED: RuntimeError: the timers thread died\n",
         )
-        assert _get(base + "/readyz")[0] == 200  # readiness is another question
+        assert support.http_get(base + "/readyz")[0] == 200  # readiness is another question
     finally:
         server.stop()
 
@@ -135,12 +134,3 @@ def test_a_dead_timers_thread_is_reported_until_the_reconciler_stops() -> None:
         daemon.timers_alive()  # stopping: it is meant to end
     finally:
         daemon.observations.close()
-
-
-def _get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return int(response.status), response.read().decode()
-    except urllib.error.HTTPError as exc:
-        with exc:
-            return int(exc.code), exc.read().decode()
