@@ -29,6 +29,7 @@ from relay.daemon import Relay
 from relay.devservices import local_services
 from relay.migrations import migrate, sync_effect_types
 from relay.publisher import make_producer
+from relay.reconciler.daemon import register_status_type
 
 
 def _settings(url: str, bootstrap: str, prefix: str, transactions: bool = True) -> Settings:
@@ -240,6 +241,11 @@ def bench_writers(server_url: str, bootstrap: str, seconds: float, processes: in
     plain = _writers(url, "plain", seconds, processes)
     idle = _writers(url, "enqueue", seconds, processes)
     notify = _writers(url, "notify", seconds, processes)
+    with psycopg.connect(url, autocommit=True) as conn:
+        register_status_type(conn, settings.model_copy(update={"status_events": True}))
+    status = _writers(url, "enqueue", seconds, processes)  # each enqueue also writes its event
+    with psycopg.connect(url, autocommit=True) as conn:
+        register_status_type(conn, settings.model_copy(update={"status_events": False}))
     daemon, thread = _start(settings)
     with_relay = _writers(url, "enqueue", seconds, processes)
     daemon.stop()
@@ -249,7 +255,8 @@ def bench_writers(server_url: str, bootstrap: str, seconds: float, processes: in
         f"plain insert {plain:,.0f}; relay.enqueue without relay {idle:,.0f} "
         f"({idle / plain:.2f}x plain); with the relay running {with_relay:,.0f} "
         f"({with_relay / plain:.2f}x plain); enqueue + NOTIFY per transaction {notify:,.0f} "
-        f"({notify / plain:.2f}x plain)"
+        f"({notify / plain:.2f}x plain); relay.enqueue with status events on (relay idle) "
+        f"{status:,.0f} ({status / idle:.2f}x without)"
     )
 
 
