@@ -62,12 +62,29 @@ def parse(value: bytes | None) -> ResultMessage | str:
 
 
 def apply_result(
-    conn: psycopg.Connection[Any], settings: Settings, message: ResultMessage, actor: str
+    conn: psycopg.Connection[Any],
+    settings: Settings,
+    message: ResultMessage,
+    actor: str,
+    evidence_id: int,
 ) -> Verdict:
-    """Move the result's effect as the design says; in the caller's transaction."""
+    """Move the result's effect as the design says; in the caller's transaction.
+
+    A result that an earlier deferred result of the same effect still waits before is deferred
+    too: the downstream's results of one effect are applied in the order they arrived."""
     effect = lock_effect(conn, message.operation_key)
     if effect is None:
         return Verdict("orphaned", "no effect has this operation key")
+    row = conn.execute(
+        query("earlier_deferred"), {"effect_id": effect.id, "evidence_id": evidence_id}
+    ).fetchone()
+    if row is not None and row[0]:
+        return Verdict(
+            "deferred",
+            "an earlier result of this effect waits to be applied first",
+            effect.id,
+            effect.attempts,
+        )
     return _apply(conn, settings, effect, message, actor)
 
 
@@ -309,7 +326,7 @@ class ResultConsumer:
         if "\x00" in message.operation_key:
             found = Verdict("orphaned", "no effect has this operation key")
         else:
-            found = apply_result(conn, self.settings, message, self.actor)
+            found = apply_result(conn, self.settings, message, self.actor, evidence_id)
         reason = found.reason
         conn.execute(
             query("finish_evidence"),

@@ -121,6 +121,13 @@ ORDER BY v.id
 LIMIT %(limit)s
 FOR UPDATE OF v SKIP LOCKED;
 
+-- name: earlier_deferred
+-- Does an earlier result of this effect still wait (deferred)? Then this one waits behind it.
+SELECT EXISTS (
+    SELECT 1 FROM relay.evidence
+    WHERE effect_id = %(effect_id)s AND id < %(evidence_id)s AND verdict = 'deferred'
+) AS waiting;
+
 -- name: claim_observations
 -- UNKNOWN effects whose observation is due. Those whose publication is known; and, when the
 -- relay cannot check its own ambiguous publishes in Kafka (unpublished: kafka_transactions is

@@ -477,3 +477,56 @@ def test_unexpected_errors_do_not_stop_the_threads_and_a_dead_one_fails_healthz(
         daemon.stop()
         thread.join(60)
     assert not thread.is_alive()
+
+
+def test_a_result_behind_a_deferred_one_waits_for_it(
+    rsettings: Settings, services: Services, prefix: str
+) -> None:
+    """Results of one effect are applied in the order they arrived, also when the first came
+    while the effect was still DISPATCHING and the next after the relay recorded the ack."""
+    from relay.reconciler.deadlines import apply_deferred
+
+    url = rsettings.require_database_url()
+    _wires(url, ["d-1"], 1)
+    with psycopg.connect(url) as conn:
+        conn.execute(
+            "UPDATE relay.effect SET state = 'DISPATCHING', attempts = 1 "
+            "WHERE operation_key = 'd-1'"
+        )
+        conn.commit()
+    topic = f"{prefix}.wire-results"
+    results = ResultConsumer(rsettings, "reconciler:test")
+    try:
+        with psycopg.connect(url) as conn:
+
+            def read(n: int) -> None:
+                support.wait_for(
+                    lambda: (
+                        results.poll_once(conn, 0.2) >= 0
+                        and _one(url, "SELECT count(*) FROM relay.evidence") == n
+                    ),
+                    30,
+                    f"{n} results stored",
+                )
+
+            h.produce(services.kafka_bootstrap_servers, topic, [h.result("d-1", "rejected")])
+            read(1)
+            # The relay records the acknowledgement; a second answer arrives before the
+            # deferred one is applied.
+            conn.execute(
+                "UPDATE relay.effect SET state = 'PUBLISHED', published_partition = 0, "
+                "published_offset = 0 WHERE operation_key = 'd-1'"
+            )
+            conn.commit()
+            h.produce(services.kafka_bootstrap_servers, topic, [h.result("d-1", external_id="x-1")])
+            read(2)
+            assert h.state(url, "d-1") == "PUBLISHED"
+            assert apply_deferred(conn, rsettings, results) == 2
+    finally:
+        results.close()
+    assert h.state(url, "d-1") == "REJECTED"
+    with psycopg.connect(url, autocommit=True) as conn:
+        verdicts = conn.execute(
+            "SELECT outcome, verdict FROM relay.evidence ORDER BY id"
+        ).fetchall()
+    assert verdicts == [("rejected", "applied"), ("committed", "late")]
