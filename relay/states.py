@@ -58,7 +58,9 @@ ALLOWED_TRANSITIONS: dict[EffectState, frozenset[EffectState]] = {
     # reported) proves otherwise. A person must undo it, and STUCK is how a person is asked;
     # `relay resolve --confirm` ends it.
     EffectState.CONFIRMED: frozenset({EffectState.STUCK}),
-    EffectState.REJECTED: frozenset(),
+    # Final, but for one case: REJECTED says "did not happen", and the downstream then reports
+    # a commit. A person decides.
+    EffectState.REJECTED: frozenset({EffectState.STUCK}),
     EffectState.CANCELLED: frozenset(),
 }
 

@@ -118,6 +118,14 @@ def _apply(
             f"a second commit (external id {ext}) of an effect CONFIRMED as "
             f"{effect.external_id}: the extra execution is compensated",
         )
+    if state is EffectState.REJECTED and outcome is ResultOutcome.COMMITTED:
+        # REJECTED told the application "this did not happen"; the downstream now says it did.
+        why = (
+            "downstream committed" + (f" as {ext}" if ext else "") + " an effect recorded "
+            "REJECTED: it may have happened after all; a person decides"
+        )
+        move(conn, effect.id, state, EffectState.STUCK, reason=why, actor=actor, external_id=ext)
+        return verdict("conflicting", why)
     if state in (EffectState.REJECTED, EffectState.CANCELLED):
         return verdict("late", f"'{outcome.value}' for an effect already {state.value}")
     if state is EffectState.STUCK and effect.external_id is not None:

@@ -524,9 +524,12 @@ def test_a_result_behind_a_deferred_one_waits_for_it(
             assert apply_deferred(conn, rsettings, results) == 2
     finally:
         results.close()
-    assert h.state(url, "d-1") == "REJECTED"
+    # In arrival order: rejected, then a commit that contradicts it, which a person must settle.
+    assert h.state(url, "d-1") == "STUCK"
     with psycopg.connect(url, autocommit=True) as conn:
         verdicts = conn.execute(
             "SELECT outcome, verdict FROM relay.evidence ORDER BY id"
         ).fetchall()
-    assert verdicts == [("rejected", "applied"), ("committed", "late")]
+    assert verdicts == [("rejected", "applied"), ("committed", "conflicting")]
+    reason = _one(url, "SELECT reason FROM relay.effect WHERE operation_key = 'd-1'")
+    assert "committed as x-1 an effect recorded REJECTED" in reason

@@ -31,7 +31,8 @@ def test_result_message_refuses_unknown_outcomes() -> None:
 
 def test_terminal_states_lead_nowhere() -> None:
     for state in TERMINAL_STATES:
-        if state is EffectState.CONFIRMED:  # an extra execution that cannot be compensated
+        # An extra execution that cannot be compensated; a commit reported for a rejection.
+        if state in (EffectState.CONFIRMED, EffectState.REJECTED):
             assert ALLOWED_TRANSITIONS[state] == {EffectState.STUCK}
         else:
             assert not ALLOWED_TRANSITIONS[state]
