@@ -238,3 +238,14 @@ def http_get(url: str) -> tuple[int, str]:
     except urllib.error.HTTPError as exc:
         with exc:
             return int(exc.code), exc.read().decode()
+
+
+def run_cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """One ``relay`` command as an operator runs it, with the test's config file."""
+    return subprocess.run(
+        [sys.executable, "-m", "relay.cli", "--config", str(config), *args],
+        capture_output=True,
+        text=True,
+        env=relay_env(),
+        timeout=60,
+    )

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -49,16 +47,6 @@ def _enqueue(url: str, keys: list[str], start: int = 0) -> None:
         for i, key in enumerate(keys):
             relay.enqueue(conn, "wire", key, {**h.WIRE, "amount": start + i})
         conn.commit()
-
-
-def _cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "relay.cli", "--config", str(config), *args],
-        capture_output=True,
-        text=True,
-        env=support.relay_env(),
-        timeout=60,
-    )
 
 
 def test_python_observer_and_every_operator_decision(rsettings: Settings, tmp_path: Path) -> None:
@@ -131,7 +119,7 @@ def test_python_observer_and_every_operator_decision(rsettings: Settings, tmp_pa
     assert "operator decided to compensate: ticket r-4" in h.transitions(url, "r-4")[-1][3]
 
     config = support.write_config(tmp_path / "relay.toml", rsettings)
-    shown = _cli(config, "show", "r-1")
+    shown = support.run_cli(config, "show", "r-1")
     assert shown.returncode == 0, shown.stderr
     story = shown.stdout
     # Intent, attempts, evidence, transitions, in that order; the evidence is every observer
@@ -141,18 +129,18 @@ def test_python_observer_and_every_operator_decision(rsettings: Settings, tmp_pa
     assert evidence.count(" observation inconclusive (") == 3, story
     assert "operator confirm (" in evidence, story
     assert "-> applied by bob: operator decided to confirm: ticket r-1" in evidence, story
-    doc = json.loads(_cli(config, "show", "r-1", "--json").stdout)
+    doc = json.loads(support.run_cli(config, "show", "r-1", "--json").stdout)
     assert [(v["kind"], v["outcome"], v["actor"]) for v in doc["evidence"]][-1] == (
         "operator",
         "confirm",
         "bob",
     )
-    wrong = _cli(config, "resolve", "r-2", "--confirm", "--reason", "x")
+    wrong = support.run_cli(config, "resolve", "r-2", "--confirm", "--reason", "x")
     assert wrong.returncode == 2 and "is REJECTED" in wrong.stderr
     assert "Traceback" not in wrong.stderr
-    neither = _cli(config, "resolve", "r-2", "--reason", "x")
+    neither = support.run_cli(config, "resolve", "r-2", "--reason", "x")
     assert neither.returncode == 2 and "choose one of" in neither.stderr
-    both = _cli(config, "resolve", "r-2", "--confirm", "--reject", "--reason", "x")
+    both = support.run_cli(config, "resolve", "r-2", "--confirm", "--reject", "--reason", "x")
     assert both.returncode == 2 and "choose one of" in both.stderr
 
 
@@ -230,14 +218,14 @@ def test_purge_removes_only_finished_effects_past_retention(
             conn.commit()
     config = support.write_config(tmp_path / "relay.toml", rsettings)
     before = support.count_states(url)
-    dry = _cli(config, "purge", "--dry-run", "--older-than", "0s")
+    dry = support.run_cli(config, "purge", "--dry-run", "--older-than", "0s")
     assert dry.returncode == 0, dry.stderr
     # old-ok, mail, later, and every status event (PUBLISHED, no result awaited); not old-dup:
     # its compensation is STUCK, so it stays as long as its compensation does.
     assert support.count_states(url) == before
-    kept = _cli(config, "purge")  # the default retention (30 days) keeps everything
+    kept = support.run_cli(config, "purge")  # the default retention (30 days) keeps everything
     assert kept.returncode == 0 and "removed 0 effects" in kept.stdout, kept.stderr
-    done = _cli(config, "purge", "--older-than", "0s")
+    done = support.run_cli(config, "purge", "--older-than", "0s")
     assert done.returncode == 0, done.stderr
     with psycopg.connect(url, autocommit=True) as conn:
         left: dict[str, str] = dict(

@@ -3,8 +3,6 @@ downstream bank process (tests/downstream/service.py) on the real broker and dat
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -119,15 +117,15 @@ def test_books_down_goes_stuck_then_an_operator_confirms(
         bank.stop()  # the books are down
         support.wait_for(lambda: h.state(url, "books-down") == "STUCK", 30, "STUCK")
         config = support.write_config(tmp_path / "relay.toml", rsettings)
-        early = _cli(config, "resolve", "lost-key", "--confirm", "--reason", "x")
+        early = support.run_cli(config, "resolve", "lost-key", "--confirm", "--reason", "x")
         assert early.returncode == 2 and "no effect has operation key" in early.stderr
-        done = _cli(
+        done = support.run_cli(
             config, "resolve", "books-down", "--confirm", "--reason", "bank confirmed by phone",
             "--actor", "alice",
         )  # fmt: skip
         assert done.returncode == 0, done.stderr
         assert "books-down: CONFIRMED (by alice)" in done.stdout
-        again = _cli(config, "resolve", "books-down", "--reject", "--reason", "oops")
+        again = support.run_cli(config, "resolve", "books-down", "--reject", "--reason", "oops")
         assert again.returncode == 2 and "Traceback" not in again.stderr
         assert "only an UNKNOWN or STUCK effect can be resolved" in again.stderr
     moves = h.transitions(url, "books-down")
@@ -140,16 +138,6 @@ def test_books_down_goes_stuck_then_an_operator_confirms(
     assert moves[-1][2] == "alice" and "bank confirmed by phone" in moves[-1][3]
     assert h.observations(url) == [("books-down", "inconclusive")] * 3
     assert h.verdicts(url, "operator") == {"applied": 1}
-
-
-def _cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "relay.cli", "--config", str(config), *args],
-        capture_output=True,
-        text=True,
-        env=support.relay_env(),
-        timeout=60,
-    )
 
 
 def test_http_observer_answers_from_the_real_books(rsettings: Settings, bank: h.Downstream) -> None:
