@@ -84,6 +84,8 @@ class EffectTypeSpec(BaseModel):
             raise ValueError(
                 "must start with a letter and hold only letters, digits, '_', '.', '-' (max 128)"
             )
+        if value.startswith("relay."):
+            raise ValueError("names starting with 'relay.' are reserved for the relay's own")
         return value
 
     @field_validator("topic", "result_topic")
@@ -98,6 +100,10 @@ class EffectTypeSpec(BaseModel):
     def _valid_template(cls, value: str | None) -> str | None:
         if value is not None and not _TEMPLATE_FIELD.search(value):
             raise ValueError("must name at least one payload field, like '{account}'")
+        if value is not None and re.search(r"\}\{", value):
+            # Each field's value is escaped against the template's text; two fields with no
+            # text between them could still split one key two ways.
+            raise ValueError("payload fields must be separated by text, like '{a}:{b}'")
         return value
 
     @model_validator(mode="after")

@@ -1,16 +1,18 @@
 """``relay run``: claim PENDING effects, publish them, record how each attempt ended.
 
-One loop, on purpose: claim (the attempt rows commit first), publish the batch and wait for every
-record's own answer, then mark the outcomes with compare-and-set on this replica's owner/epoch.
-Outages of PostgreSQL or Kafka are waited out with backoff; an ambiguous publish is recorded as
-UNKNOWN and never re-sent by this loop.
+A pipeline of stages (``relay.pipeline``): the claimer commits each batch's claim before any
+publish and keeps the next batch ready; this loop publishes a batch in one Kafka transaction and
+waits for every record's own answer; the marker records the outcomes with compare-and-set on
+this replica's owner/epoch while the next batch is already in flight. Housekeeping (heartbeat,
+lease expiry, checks of ambiguous publishes) runs here between batches, and the status-event
+stage (``relay.status_events``) publishes the transitions log. Outages of PostgreSQL or Kafka are
+waited out with backoff; an ambiguous publish is recorded as UNKNOWN and never re-sent blindly.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import random
 import threading
 import time
 from collections import Counter
@@ -27,9 +29,9 @@ from relay.backoff import Backoff
 from relay.config import Settings
 from relay.errors import RelayError, ServiceUnavailableError
 from relay.migrations import check_current, sync_effect_types
-from relay.outcomes import STATE_AFTER, AttemptOutcome, describe
+from relay.outcomes import AttemptOutcome, describe
+from relay.pipeline import Claimed, Claimer, Held, Identity, Marker, expire_leases, released
 from relay.publisher import (
-    ClaimedEffect,
     PublishResult,
     close_quietly,
     make_producer,
@@ -38,6 +40,7 @@ from relay.publisher import (
 )
 from relay.sql import query
 from relay.states import EffectState
+from relay.status_events import StatusPublisher
 from relay.transactions import fence, transactional_id
 from relay.verify import Absent, Found, Wanted, find_attempts, open_consumer
 
@@ -46,8 +49,7 @@ log = logging.getLogger(__name__)
 HEARTBEAT_EVERY_S = 5.0
 VERIFY_EVERY_S = 1.0
 VERIFY_ROUND = 200  # UNKNOWN publishes checked per round, with one read of their window
-# Short polls after the last work seen, before the relay arms the doorbell (150 ms in all).
-QUIET_POLLS_S = (0.01, 0.02, 0.04, 0.08)
+TAKE_WAIT_S = 0.1  # longest wait for the next claimed batch before housekeeping runs again
 
 
 class ReplicaFencedError(RelayError):
@@ -77,12 +79,15 @@ class Relay:
         self.epoch = 0
         self._stop = threading.Event()
         self._conn: psycopg.Connection[Any] | None = None
-        self._listener: psycopg.Connection[Any] | None = None
         self._producer: KafkaProducer | None = None
         self._last_heartbeat = 0.0
         self._last_expiry = 0.0
-        self._quiet_polls = len(QUIET_POLLS_S)
         self._last_verify = 0.0
+        self._held = Held()
+        self._stages_stop = threading.Event()
+        self._claimer: Claimer | None = None
+        self._marker: Marker | None = None
+        self._status: StatusPublisher | None = None
         self.published_total = 0
         self.outcomes: Counter[str] = Counter()
 
@@ -98,7 +103,9 @@ class Relay:
     def run(self) -> None:
         backoff = Backoff(0.5, self.settings.outage_backoff_max_s)
         log.info("relay starting", extra={"replica": self.replica_id})
-        metrics = observability.start_observability(self.settings, daemon="relay")
+        metrics = observability.start_observability(
+            self.settings, daemon="relay", liveness={"stages": self.stages_alive}
+        )
         try:
             while not self.stopping:
                 try:
@@ -120,34 +127,26 @@ class Relay:
                     self._verify_while_kafka_is_down()
                     self._wait(backoff.next_delay(), f"Kafka unavailable: {describe(exc)}")
         finally:
+            self._stop_stages()
             self._drop_producer()
             self._drop_database()
             observability.stop_observability(metrics)
             log.info("relay stopped", extra={"published": self.published_total})
 
-    def _wait(self, delay: float, why: str, *, interruptible: bool = True) -> None:
+    def _wait(self, delay: float, why: str) -> None:
         log.warning("%s; retrying in %.1fs", why, delay)
-        if interruptible:
-            self._stop.wait(delay)
-        else:
-            time.sleep(delay)  # outcomes in hand are recorded even while stopping
+        self._stop.wait(delay)
 
     # -- connections ---------------------------------------------------------------------------
 
-    def _ensure_connected(self, *, batch_in_hand: bool = False) -> None:
-        """Connect (again). The replica registers once per process: a reconnect keeps its epoch."""
+    def _ensure_connected(self) -> None:
+        """Connect (again). The replica registers once per process: a reconnect keeps its epoch,
+        and the pipeline's stages start once it has one."""
         if self._conn is not None and not self._conn.closed:
             return
-        reconnect = self.epoch != 0
         self._drop_database()
         conn = db.connect(self.settings, purpose=f"relay-{self.replica_id}")
-        try:
-            listener = db.connect(self.settings, purpose=f"relay-doorbell-{self.replica_id}")
-        except BaseException:
-            conn.close()
-            raise
-        self._conn, self._listener = conn, listener
-        listener.execute(query("listen_doorbell"))
+        self._conn = conn
         if self.epoch == 0:
             check_current(conn)
             sync_effect_types(conn, self.settings)
@@ -159,17 +158,46 @@ class Relay:
             self._last_heartbeat = time.monotonic()
             log.info("registered replica", extra={"replica": self.replica_id, "epoch": self.epoch})
             # A previous incarnation's DISPATCHING rows are ambiguous now, not after their lease.
-            self._expire_leases(force=True)
-        elif reconnect and not batch_in_hand:
-            # A claim whose answer died with the connection left rows we do not hold.
-            self._expire_leases(force=True, all_own=True)
+            self._expire_leases()
+            self._start_stages()
+
+    def _start_stages(self) -> None:
+        who = Identity(self.replica_id, self.epoch)
+        stop = self._stages_stop
+        self._claimer = Claimer(self.settings, who, self._held, stop)
+        self._marker = Marker(self.settings, who, self._held, stop)
+        self._status = StatusPublisher(self.settings, who, self._held, stop)
+        for stage in (self._claimer, self._marker, self._status):
+            stage.start()
+
+    def _stop_stages(self) -> None:
+        """Stop claiming, give back what was claimed but not published, mark everything."""
+        self._stages_stop.set()
+        claimer, marker, status = self._claimer, self._marker, self._status
+        if claimer is not None:
+            claimer.thread.join(30)
+            for batch in claimer.leftovers():
+                if marker is not None:
+                    marker.submit(released(batch), batch.at)
+        if marker is not None:
+            marker.close(timeout_s=self.settings.lease_s)
+        if status is not None:
+            status.thread.join(30)
+            status.drop_producer()
+
+    def stages_alive(self) -> None:
+        """Liveness check: raises when a stage thread has died (they never end on their own)."""
+        if self.stopping:
+            return
+        for stage in (self._claimer, self._marker, self._status):
+            if stage is not None and stage.thread.ident is not None and not stage.alive():
+                raise RuntimeError(f"the relay's {stage.name} stage died")
 
     def _drop_database(self) -> None:
-        for conn in (self._conn, self._listener):
-            if conn is not None:
-                with contextlib.suppress(psycopg.Error):
-                    conn.close()
-        self._conn = self._listener = None
+        if self._conn is not None:
+            with contextlib.suppress(psycopg.Error):
+                self._conn.close()
+        self._conn = None
 
     def _ensure_producer(self) -> None:
         if self._producer is None:
@@ -204,12 +232,10 @@ class Relay:
             self._expire_leases()
         if self.settings.kafka_transactions and now - self._last_verify >= VERIFY_EVERY_S:
             self._verify_due()
-        batch = self._claim()
-        if batch:
-            self._quiet_polls = 0
+        assert self._claimer is not None
+        batch = self._claimer.take(TAKE_WAIT_S)
+        if batch is not None:
             self._publish_and_mark(batch)
-            return
-        self._idle()
 
     def _verify_while_kafka_is_down(self) -> None:
         """Count the failed checks of due UNKNOWN publishes even while no producer can be had,
@@ -382,61 +408,18 @@ class Relay:
                 f"(our epoch {self.epoch} is fenced); give each replica its own replica_id"
             )
 
-    def _expire_leases(self, *, force: bool = False, all_own: bool = False) -> None:
+    def _expire_leases(self) -> None:
         assert self._conn is not None
         self._last_expiry = time.monotonic()
-        params = {"owner": self.replica_id, "epoch": self.epoch, "limit": 1000, "all_own": all_own}
-        row = self._conn.execute(query("expire_leases"), params).fetchone()
-        if row and row[0]:
-            observability.record_leases_expired(int(row[0]))
-            log.warning(
-                "effects left DISPATCHING without an outcome are now UNKNOWN",
-                extra={"count": row[0], "forced": force},
-            )
+        expire_leases(self._conn, Identity(self.replica_id, self.epoch), self._held)
 
-    def _claim(self) -> list[ClaimedEffect]:
-        assert self._conn is not None
-        rows = self._conn.execute(
-            query("claim_batch"),
-            {
-                "owner": self.replica_id,
-                "epoch": self.epoch,
-                "limit": self.settings.batch_size,
-                "lease_s": self.settings.lease_s,
-            },
-        ).fetchall()
-        observability.record_transition("PENDING", "DISPATCHING", len(rows))
-        return [ClaimedEffect(*row) for row in rows]
-
-    def _idle(self) -> None:
-        """Wait for work without taxing the writers.
-
-        Right after work, poll the partial index at short, growing intervals: under steady load
-        new intents arrive within them and no writer pays for a NOTIFY. Only after a quiet spell
-        arm the doorbell, so the next enqueue rings once; look once more after arming (closing
-        the race with a commit that read the doorbell before it was armed), then wait for a ring
-        or the poll interval, whichever comes first.
-        """
-        assert self._conn is not None and self._listener is not None
-        if self._quiet_polls < len(QUIET_POLLS_S):
-            delay = QUIET_POLLS_S[self._quiet_polls]
-            self._quiet_polls += 1
-            self._stop.wait(delay)
+    def _publish_and_mark(self, claimed: Claimed) -> None:
+        assert self._producer is not None and self._marker is not None
+        if time.monotonic() - claimed.at > self.settings.lease_s / 2:
+            # Waited too long in hand (an outage): its lease could end mid-publish. Give it back.
+            self._submit_outcomes(released(claimed), claimed.at)
             return
-        self._listener.execute(query("arm_doorbell"))
-        batch = self._claim()
-        if batch:
-            self._listener.execute(query("disarm_doorbell"))
-            self._publish_and_mark(batch)
-            return
-        rang = False
-        for _ in self._listener.notifies(timeout=self.settings.poll_interval_s, stop_after=1):
-            rang = True
-        if rang or self.stopping:
-            self._listener.execute(query("disarm_doorbell"))
-
-    def _publish_and_mark(self, batch: Sequence[ClaimedEffect]) -> None:
-        assert self._producer is not None
+        batch = claimed.effects
         limit = min(self.settings.max_message_bytes, self.settings.max_request_size)
         if self.settings.kafka_transactions:
             results = publish_batch_transactional(
@@ -475,83 +458,12 @@ class Relay:
             # kafka-python may have put it in a fatal state): start a new one, with a new epoch.
             self._drop_producer()
         observability.record_publish(results)
-        self._mark(results)
+        self._submit_outcomes(results, claimed.at)
 
-    def _mark(self, results: Sequence[PublishResult]) -> None:
-        """Record the outcomes; keep trying through a database outage (CAS makes retries safe)."""
-        states = [self._state_after(r).value for r in results]
-        params = {
-            "owner": self.replica_id,
-            "epoch": self.epoch,
-            "ids": [r.effect.id for r in results],
-            "attempts": [r.effect.attempt for r in results],
-            "states": states,
-            "outcomes": [r.outcome.value for r in results],
-            "reasons": [self._reason(r) for r in results],
-            "partitions": [r.partition for r in results],
-            "offsets": [r.offset for r in results],
-            "delays_s": [self._not_sent_delay(r) for r in results],
-        }
-        backoff = Backoff(0.2, self.settings.outage_backoff_max_s)
-        deadline = time.monotonic() + self.settings.lease_s
-        while True:
-            try:
-                self._ensure_connected(batch_in_hand=True)
-                assert self._conn is not None
-                marked = self._conn.execute(query("mark_outcomes"), params).fetchall()
-                break
-            except (psycopg.OperationalError, ServiceUnavailableError) as exc:
-                self._drop_database()
-                if time.monotonic() > deadline:
-                    log.error(
-                        "could not record %d outcomes before the lease ran out; they will be "
-                        "resolved as UNKNOWN: %s",
-                        len(results),
-                        describe(exc),
-                    )
-                    return
-                self._wait(
-                    backoff.next_delay(),
-                    f"recording outcomes failed: {describe(exc)}",
-                    interruptible=False,
-                )
-        observability.record_marked(results, states, [row[0] for row in marked])
-        if len(marked) != len(results):
-            log.warning(
-                "some outcomes were not recorded: the lease was lost or the replica fenced",
-                extra={"expected": len(results), "recorded": len(marked)},
-            )
-
-    def _gave_up(self, result: PublishResult) -> bool:
-        """Attempts that provably published nothing are retried, but not forever."""
-        retriable = STATE_AFTER[result.outcome] is EffectState.PENDING
-        return (
-            retriable
-            and result.suspect
-            and result.effect.attempt >= self.settings.max_publish_attempts
-        )
-
-    def _state_after(self, result: PublishResult) -> EffectState:
-        return EffectState.REJECTED if self._gave_up(result) else STATE_AFTER[result.outcome]
-
-    def _reason(self, result: PublishResult) -> str | None:
-        if self._gave_up(result):
-            return (
-                f"gave up after {result.effect.attempt} attempts that published nothing; "
-                f"last: {result.reason}"
-            )
-        return result.reason
+    def _submit_outcomes(self, results: Sequence[PublishResult], claimed_at: float) -> None:
+        """Hand the outcomes to the marker (a seam for tests that lose them on purpose)."""
+        assert self._marker is not None
+        self._marker.submit(results, claimed_at)
 
     def _before_commit(self) -> None:
         """A seam for fault-injection tests (for example, to hang the coordinator here)."""
-
-    def _not_sent_delay(self, result: PublishResult) -> float:
-        if STATE_AFTER[result.outcome] is not EffectState.PENDING or not result.suspect:
-            # An innocent record of an aborted transaction goes again at once; the suspects
-            # wait (with jitter), so the next batch is not poisoned by the same record.
-            return 0.0
-        exponent = min(result.effect.attempt - 1, 20)
-        cap = self.settings.not_sent_backoff_max_s
-        return float(min(cap, self.settings.not_sent_backoff_s * 2**exponent)) * random.uniform(
-            0.5, 1.5
-        )

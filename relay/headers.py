@@ -10,6 +10,8 @@ H_EFFECT_ID = "relay_effect_id"
 H_ATTEMPT = "relay_attempt"
 H_BUSINESS_KEY = "relay_business_key"
 H_TRACEPARENT = "traceparent"
+H_TRANSITION_ID = "relay_transition_id"
+STATUS_EVENT_TYPE = "relay.status"
 
 
 def rfc3339(moment: datetime) -> str:
@@ -39,6 +41,25 @@ def dispatch_headers(
     ]
     if business_key is not None:
         headers.append((H_BUSINESS_KEY, business_key.encode()))
+    if traceparent is not None:
+        headers.append((H_TRACEPARENT, traceparent.encode()))
+    return headers
+
+
+def status_headers(
+    *, effect_id: int, transition_id: int, at: datetime, source: str, traceparent: str | None
+) -> list[tuple[str, bytes]]:
+    """``ce_id`` is ``<effect id>.<transition id>``: unique per event, stable if it is re-sent."""
+    headers = [
+        ("ce_specversion", CE_SPECVERSION.encode()),
+        ("ce_id", f"{effect_id}.{transition_id}".encode()),
+        ("ce_type", STATUS_EVENT_TYPE.encode()),
+        ("ce_source", source.encode()),
+        ("ce_time", rfc3339(at).encode()),
+        ("content-type", CONTENT_TYPE.encode()),
+        (H_EFFECT_ID, str(effect_id).encode()),
+        (H_TRANSITION_ID, str(transition_id).encode()),
+    ]
     if traceparent is not None:
         headers.append((H_TRACEPARENT, traceparent.encode()))
     return headers

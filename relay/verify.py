@@ -20,7 +20,7 @@ from datetime import datetime
 from kafka import KafkaConsumer, TopicPartition
 
 from relay.config import Settings
-from relay.headers import H_ATTEMPT, H_EFFECT_ID
+from relay.headers import H_ATTEMPT, H_EFFECT_ID, H_TRANSITION_ID
 from relay.publisher import kafka_security
 from relay.transactions import TransactionTimeoutError
 
@@ -33,6 +33,14 @@ class Wanted:
     effect_id: int
     attempt: int
     started_at: datetime
+    transition_id: int | None = None  # a status event: the transition it reports (not attempt)
+
+    def matches(self, headers: dict[str, bytes]) -> bool:
+        if headers.get(H_EFFECT_ID) != str(self.effect_id).encode():
+            return False
+        if self.transition_id is not None:
+            return headers.get(H_TRANSITION_ID) == str(self.transition_id).encode()
+        return headers.get(H_ATTEMPT) == str(self.attempt).encode()
 
 
 @dataclass(frozen=True)
@@ -172,10 +180,7 @@ def _scan(
                     continue
                 headers = dict(record.headers)
                 for w in candidates:
-                    if (
-                        headers.get(H_EFFECT_ID) == str(w.effect_id).encode()
-                        and headers.get(H_ATTEMPT) == str(w.attempt).encode()
-                    ):
+                    if w.matches(headers):
                         found.setdefault(w, Found(partition=tp.partition, offset=record.offset))
         for tp in list(remaining):
             position = consumer.position(tp)

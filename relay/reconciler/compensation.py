@@ -1,9 +1,10 @@
 """Compensations: an extra execution is undone by a new effect, tracked like any other.
 
 A compensation has its own operation key derived from the original (``KEY#compensation``, then
-``KEY#compensation-2``...), its own topic and lifecycle, and ``parent_effect_id`` pointing at the
-effect it undoes. How many are needed is computed from the evidence (distinct committed external
-ids, the largest count an observer reported), never from how often we were asked, so a replayed
+``KEY#compensation-2``...; made by the SQL function ``relay.enqueue_compensation``, and refused
+to applications), its own topic and lifecycle, and ``parent_effect_id`` pointing at the effect
+it undoes. How many are needed is computed from the evidence (distinct committed external ids,
+the largest count an observer reported), never from how often we were asked, so a replayed
 result or a repeated observation never creates a second compensation for the same extra.
 
 At most ``MAX_COMPENSATIONS`` are made per effect: an observer answering "a billion executions"
@@ -12,6 +13,7 @@ must not enqueue a billion effects in one transaction; above it a person decides
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import psycopg
@@ -23,11 +25,6 @@ from relay.reconciler.effects import LockedEffect
 from relay.sql import query
 
 MAX_COMPENSATIONS = 10
-
-
-def compensation_key(operation_key: str, index: int) -> str:
-    suffix = "#compensation" if index == 0 else f"#compensation-{index + 1}"
-    return operation_key[: 512 - len(suffix)] + suffix
 
 
 def compensation_payload(effect: LockedEffect, index: int) -> dict[str, Any]:
@@ -66,18 +63,20 @@ def ensure_compensations(
         raise _too_many(effect, extra)
     made: list[str] = []
     for index in range(existing, extra):
-        key = compensation_key(effect.operation_key, index)
-        enqueued = outbox.enqueue(conn, spec.compensation, key, compensation_payload(effect, index))
-        conn.execute(
-            query("attach_compensation"),
-            {
-                "id": enqueued.effect_id,
-                "parent_id": effect.id,
-                "actor": actor,
-                "reason": f"compensation {index + 1} of {effect.operation_key}: {why}",
-            },
-        )
-        made.append(key)
+        with outbox.translate_errors():
+            row = conn.execute(
+                query("enqueue_compensation"),
+                {
+                    "parent_id": effect.id,
+                    "index": index,
+                    "effect_type": spec.compensation,
+                    "payload": json.dumps(compensation_payload(effect, index)),
+                    "reason": f"compensation {index + 1} of {effect.operation_key}: {why}",
+                    "actor": actor,
+                },
+            ).fetchone()
+        assert row is not None
+        made.append(str(row[1]))
     return made
 
 

@@ -38,29 +38,10 @@ log = logging.getLogger(__name__)
 
 
 def register_status_type(conn: psycopg.Connection[Any], settings: Settings) -> None:
-    """Declare the built-in status effect type and switch status events on (or off)."""
+    """Switch status events on (or off): transitions written from now on are published."""
     if STATUS_EFFECT_TYPE in settings.effect_types:
         raise ConfigError(f"effect type name {STATUS_EFFECT_TYPE!r} is reserved for status events")
-    with conn.transaction():
-        if settings.status_events:
-            conn.execute(
-                query("sync_effect_type"),
-                {
-                    "name": STATUS_EFFECT_TYPE,
-                    "topic": settings.status_topic,
-                    "idempotent": True,
-                    "business_key": None,
-                    "result_topic": None,
-                    "outcome_timeout_s": 300.0,
-                    "has_observer": False,
-                    "compensation": None,
-                    "max_attempts": 5,
-                },
-            )
-        conn.execute(
-            query("set_status_effect_type"),
-            {"name": STATUS_EFFECT_TYPE if settings.status_events else None},
-        )
+    conn.execute(query("set_status_events"), {"on": settings.status_events})
 
 
 class Reconciler:

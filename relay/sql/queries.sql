@@ -33,14 +33,37 @@ SELECT id, operation_key, effect_type, topic, payload, business_key, traceparent
 FROM relay.effect WHERE operation_key = %(operation_key)s;
 
 -- name: get_attempts
+-- An attempt's row is written when its outcome is known; one in flight is read off its effect.
 SELECT attempt, replica_id, replica_epoch, started_at, ended_at, outcome, reason, partition,
        "offset", verification, verified_at
-FROM relay.attempt WHERE effect_id = %(effect_id)s ORDER BY attempt;
-
+FROM relay.attempt WHERE effect_id = %(effect_id)s
+UNION ALL
+SELECT e.attempts, e.owner, e.owner_epoch, e.claimed_at, NULL, NULL, 'in flight', NULL, NULL,
+       NULL, NULL
+FROM relay.effect e
+WHERE e.id = %(effect_id)s AND e.state = 'DISPATCHING' AND e.claimed_at IS NOT NULL
+  AND NOT EXISTS (SELECT 1 FROM relay.attempt a
+                  WHERE a.effect_id = e.id AND a.attempt = e.attempts)
+ORDER BY 1
 -- name: get_transitions
-SELECT from_state, to_state, reason, actor, attempt, at
-FROM relay.transition WHERE effect_id = %(effect_id)s ORDER BY id;
-
+-- The log, with what is implied but not written yet: an effect never claimed shows its enqueue,
+-- and a claim in flight shows itself (both are written when the relay records the outcome).
+SELECT from_state, to_state, reason, actor, attempt, at FROM (
+    SELECT t.id, t.from_state, t.to_state, t.reason, t.actor, t.attempt, t.at
+    FROM relay.transition t WHERE t.effect_id = %(effect_id)s
+    UNION ALL
+    SELECT 0, NULL, 'PENDING', 'enqueued', 'application', 0, e.created_at
+    FROM relay.effect e
+    WHERE e.id = %(effect_id)s
+      AND NOT EXISTS (SELECT 1 FROM relay.transition t WHERE t.effect_id = e.id)
+    UNION ALL
+    SELECT 9223372036854775807, 'PENDING', 'DISPATCHING', 'claimed for publication (in flight)',
+           e.owner, e.attempts, e.claimed_at
+    FROM relay.effect e
+    WHERE e.id = %(effect_id)s AND e.state = 'DISPATCHING' AND e.claimed_at IS NOT NULL
+      AND NOT EXISTS (SELECT 1 FROM relay.attempt a
+                      WHERE a.effect_id = e.id AND a.attempt = e.attempts)
+) story ORDER BY id
 -- name: list_effects
 SELECT operation_key, effect_type, state, attempts, updated_at, reason
 FROM relay.effect
@@ -68,8 +91,10 @@ UPDATE relay.replica SET heartbeat_at = now()
 WHERE replica_id = %(replica_id)s AND epoch = %(epoch)s;
 
 -- name: claim_batch
--- Claim due PENDING effects and record their attempts in one transaction: the attempt is durable
--- before any publish. The replica check stops a fenced incarnation from claiming anything.
+-- Claim due PENDING effects: the claim (attempt number, owner, epoch, lease, claimed_at) is on
+-- the effect row and committed before any publish; the attempt's own row and the transitions are
+-- written once, with the outcome (mark_outcomes, or expire_leases if this replica dies). The
+-- replica check stops a fenced incarnation from claiming anything.
 WITH fence AS (
     SELECT 1 FROM relay.replica
     WHERE replica_id = %(owner)s AND epoch = %(epoch)s
@@ -83,31 +108,25 @@ WITH fence AS (
     UPDATE relay.effect AS e
     SET state = 'DISPATCHING', attempts = e.attempts + 1, owner = %(owner)s,
         owner_epoch = %(epoch)s, lease_until = now() + make_interval(secs => %(lease_s)s),
-        updated_at = now(), reason = NULL
+        claimed_at = now(), updated_at = now(), reason = NULL
     FROM claimed WHERE e.id = claimed.id
     RETURNING e.id, e.operation_key, coalesce(e.message_key, e.operation_key) AS message_key,
               e.effect_type, e.topic, e.payload, e.business_key, e.traceparent, e.attempts,
               e.created_at
-), attempts AS (
-    INSERT INTO relay.attempt (effect_id, attempt, replica_id, replica_epoch)
-    SELECT id, attempts, %(owner)s, %(epoch)s FROM moved
-), transitions AS (
-    INSERT INTO relay.transition (effect_id, from_state, to_state, reason, actor, attempt)
-    SELECT id, 'PENDING', 'DISPATCHING', 'claimed for publication', %(owner)s, attempts
-    FROM moved
 )
 SELECT id, operation_key, message_key, effect_type, topic, payload::text AS payload,
        business_key, traceparent, attempts, created_at
-FROM moved ORDER BY id;
-
+FROM moved ORDER BY id
 -- name: is_fenced
 SELECT NOT EXISTS (
     SELECT 1 FROM relay.replica WHERE replica_id = %(owner)s AND epoch = %(epoch)s
 ) AS fenced;
 
 -- name: mark_outcomes
--- Record how each attempt ended. Compare-and-set on owner, epoch and attempt: a replica that
--- lost its lease (paused, fenced) changes nothing.
+-- Record how each attempt ended, in one statement for the batch: the effect's new state, the
+-- attempt's row, and its transitions (the enqueue, implied until the first claim; the claim; the
+-- outcome). Compare-and-set on owner, epoch and attempt: a replica that lost its lease (paused,
+-- fenced) changes nothing.
 WITH outcome AS (
     SELECT * FROM unnest(%(ids)s::bigint[], %(attempts)s::int[], %(states)s::text[],
                          %(outcomes)s::text[], %(reasons)s::text[], %(partitions)s::int[],
@@ -130,29 +149,46 @@ WITH outcome AS (
     FROM outcome o, relay.effect_type t
     WHERE e.id = o.id AND t.name = e.effect_type AND e.state = 'DISPATCHING'
       AND e.owner = %(owner)s AND e.owner_epoch = %(epoch)s AND e.attempts = o.attempt
-    RETURNING e.id, o.attempt, o.state, o.outcome, o.reason, o.partition, o."offset"
+    RETURNING e.id, o.attempt, o.state, o.outcome, o.reason, o.partition, o."offset",
+              e.claimed_at, e.created_at, e.parent_effect_id, e.effect_type
 ), attempts AS (
-    UPDATE relay.attempt AS a
-    SET ended_at = now(), outcome = m.outcome, reason = m.reason, partition = m.partition,
-        "offset" = m."offset"
-    FROM moved m WHERE a.effect_id = m.id AND a.attempt = m.attempt
+    INSERT INTO relay.attempt (effect_id, attempt, replica_id, replica_epoch, started_at,
+                               ended_at, outcome, reason, partition, "offset")
+    SELECT m.id, m.attempt, %(owner)s, %(epoch)s, m.claimed_at, now(), m.outcome, m.reason,
+           m.partition, m."offset"
+    FROM moved m
+), log AS (
+    SELECT c.status_events AS status, v.applied_at AS lean_since
+    FROM relay.reconciler_config c, relay.schema_migration v WHERE v.version = 4
 ), transitions AS (
-    INSERT INTO relay.transition (effect_id, from_state, to_state, reason, actor, attempt)
-    SELECT m.id, 'DISPATCHING', m.state, m.reason, %(owner)s, m.attempt FROM moved m
+    INSERT INTO relay.transition (effect_id, from_state, to_state, reason, actor, attempt, at,
+                                  status_pending)
+    SELECT m.id, x.from_state, x.to_state, x.reason, x.actor, x.attempt, x.at,
+           log.status AND m.effect_type <> 'relay.status'
+    FROM moved m CROSS JOIN log
+    CROSS JOIN LATERAL (VALUES
+        (1, NULL, 'PENDING', 'enqueued', 'application', 0, m.created_at),
+        (2, 'PENDING', 'DISPATCHING', 'claimed for publication', %(owner)s, m.attempt,
+         m.claimed_at),
+        (3, 'DISPATCHING', m.state, m.reason, %(owner)s, m.attempt, now())
+    ) AS x(seq, from_state, to_state, reason, actor, attempt, at)
+    WHERE x.seq > 1
+       OR (m.attempt = 1 AND m.parent_effect_id IS NULL AND m.created_at >= log.lean_since)
+    ORDER BY m.id, x.seq
 )
-SELECT id FROM moved;
-
+SELECT id FROM moved
 -- name: expire_leases
 -- An effect left DISPATCHING past its lease (its replica died or hangs) may or may not be in
--- Kafka: it becomes UNKNOWN, never PENDING. A restarted replica expires its own older epochs at
--- once; a replica that reconnected with no batch in hand, all of its own (a claim whose answer
--- was lost with the connection).
+-- Kafka: it becomes UNKNOWN, never PENDING, and its attempt and transitions are written as
+-- mark_outcomes would have. A restarted replica expires its own older epochs at once; a replica
+-- that reconnected, all of its own that none of its stages holds (a claim whose answer was lost
+-- with the connection).
 WITH expired AS (
     SELECT e.id, e.attempts, e.owner, e.owner_epoch FROM relay.effect e
     WHERE e.state = 'DISPATCHING'
       AND (e.lease_until < now()
            OR (e.owner = %(owner)s AND e.owner_epoch < %(epoch)s)
-           OR (%(all_own)s AND e.owner = %(owner)s))
+           OR (%(all_own)s AND e.owner = %(owner)s AND e.id <> ALL(%(held)s::bigint[])))
     ORDER BY e.lease_until
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
@@ -163,22 +199,46 @@ WITH expired AS (
         reason = format('attempt %%s of replica %%s (epoch %%s) ended without a recorded outcome',
                         x.attempts, x.owner, x.owner_epoch)
     FROM expired x WHERE e.id = x.id
-    RETURNING e.id, e.attempts, e.reason
+    RETURNING e.id, e.attempts, e.reason, x.owner AS claimer, x.owner_epoch AS claimer_epoch,
+              e.claimed_at, e.created_at, e.parent_effect_id, e.effect_type
 ), attempts AS (
-    UPDATE relay.attempt AS a SET ended_at = now(), outcome = 'unknown', reason = m.reason
-    FROM moved m WHERE a.effect_id = m.id AND a.attempt = m.attempts AND a.outcome IS NULL
+    -- Claims made before migration 0004 have their row already (outcome NULL).
+    INSERT INTO relay.attempt AS a (effect_id, attempt, replica_id, replica_epoch, started_at,
+                                    ended_at, outcome, reason)
+    SELECT m.id, m.attempts, m.claimer, m.claimer_epoch, coalesce(m.claimed_at, now()), now(),
+           'unknown', m.reason
+    FROM moved m
+    ON CONFLICT (effect_id, attempt) DO UPDATE
+        SET ended_at = now(), outcome = 'unknown', reason = excluded.reason
+        WHERE a.outcome IS NULL
+), log AS (
+    SELECT c.status_events AS status, v.applied_at AS lean_since
+    FROM relay.reconciler_config c, relay.schema_migration v WHERE v.version = 4
 ), transitions AS (
-    INSERT INTO relay.transition (effect_id, from_state, to_state, reason, actor, attempt)
-    SELECT m.id, 'DISPATCHING', 'UNKNOWN', m.reason, %(owner)s, m.attempts FROM moved m
+    INSERT INTO relay.transition (effect_id, from_state, to_state, reason, actor, attempt, at,
+                                  status_pending)
+    SELECT m.id, x.from_state, x.to_state, x.reason, x.actor, x.attempt, x.at,
+           log.status AND m.effect_type <> 'relay.status'
+    FROM moved m CROSS JOIN log
+    CROSS JOIN LATERAL (VALUES
+        (1, NULL, 'PENDING', 'enqueued', 'application', 0, m.created_at),
+        (2, 'PENDING', 'DISPATCHING', 'claimed for publication', m.claimer, m.attempts,
+         m.claimed_at),
+        (3, 'DISPATCHING', 'UNKNOWN', m.reason, %(owner)s, m.attempts, now())
+    ) AS x(seq, from_state, to_state, reason, actor, attempt, at)
+    WHERE x.seq = 3
+       OR (x.seq = 2 AND m.claimed_at IS NOT NULL)
+       OR (m.attempts = 1 AND m.parent_effect_id IS NULL AND m.created_at >= log.lean_since)
+    ORDER BY m.id, x.seq
 )
-SELECT count(*) AS expired FROM moved;
-
+SELECT count(*) AS expired FROM moved
 -- name: arm_doorbell
-UPDATE relay.doorbell SET armed = true WHERE NOT armed;
-
+-- Armed for a short while only, and re-armed by the waiting relay: when the last idle relay
+-- dies, writers stop sending a NOTIFY per enqueue soon after.
+UPDATE relay.doorbell SET armed = true,
+    armed_until = now() + make_interval(secs => %(armed_for_s)s)
 -- name: disarm_doorbell
-UPDATE relay.doorbell SET armed = false WHERE armed;
-
+UPDATE relay.doorbell SET armed = false, armed_until = NULL WHERE armed_until IS NOT NULL
 -- name: listen_doorbell
 LISTEN relay_doorbell;
 
@@ -235,7 +295,7 @@ WITH moved AS (
     FROM relay.effect_type t
     WHERE e.id = %(id)s AND t.name = e.effect_type AND e.state = 'UNKNOWN'
       AND e.owner = %(owner)s AND e.owner_epoch = %(epoch)s AND e.attempts = %(attempt)s
-    RETURNING e.id, e.attempts
+    RETURNING e.id, e.attempts, e.effect_type
 ), attempt AS (
     UPDATE relay.attempt AS a
     SET verification = %(verification)s, verified_at = now(),
@@ -243,8 +303,56 @@ WITH moved AS (
         "offset" = coalesce(%(offset)s, a."offset")
     FROM moved m WHERE a.effect_id = m.id AND a.attempt = m.attempts
 ), transition AS (
-    INSERT INTO relay.transition (effect_id, from_state, to_state, reason, actor, attempt)
-    SELECT m.id, 'UNKNOWN', %(state)s, %(reason)s, %(owner)s, m.attempts FROM moved m
+    INSERT INTO relay.transition (effect_id, from_state, to_state, reason, actor, attempt,
+                                  status_pending)
+    SELECT m.id, 'UNKNOWN', %(state)s, %(reason)s, %(owner)s, m.attempts,
+           c.status_events AND m.effect_type <> 'relay.status'
+    FROM moved m, relay.reconciler_config c
     WHERE %(state)s <> 'UNKNOWN'
 )
 SELECT count(*) FROM moved;
+
+-- name: take_status_lease
+-- One replica at a time publishes status events, so that one effect's events keep their order.
+-- The holder renews its lease at every pass; another replica takes it over once it has lapsed
+-- (or at once from an earlier incarnation of itself). Returns what the last holder handed to
+-- Kafka without recording it as published: to be looked for before anything new is sent.
+UPDATE relay.status_publisher
+SET owner = %(owner)s, owner_epoch = %(epoch)s,
+    lease_until = now() + make_interval(secs => %(lease_s)s)
+WHERE owner IS NULL OR owner = %(owner)s OR lease_until < now()
+RETURNING inflight, inflight_at, owner_epoch;
+
+-- name: status_batch
+-- Transitions whose status event is due, in log order (one effect's transitions are written in
+-- order under its row lock, so log order is their order).
+SELECT t.id, t.effect_id, e.operation_key, e.effect_type, t.from_state, t.to_state, t.reason,
+       t.attempt, t.at, e.traceparent
+FROM relay.transition t JOIN relay.effect e ON e.id = t.effect_id
+WHERE t.status_pending
+ORDER BY t.id
+LIMIT %(limit)s;
+
+-- name: status_inflight
+-- Recorded before the publish: which transitions go to Kafka now. Compare-and-set on the lease.
+UPDATE relay.status_publisher SET inflight = %(ids)s::bigint[], inflight_at = now()
+WHERE owner = %(owner)s AND owner_epoch = %(epoch)s AND lease_until > now()
+RETURNING inflight_at;
+
+-- name: status_published
+-- The events of these transitions are in Kafka (committed, or found there after a crash).
+WITH held AS (
+    UPDATE relay.status_publisher SET inflight = '{}', inflight_at = NULL
+    WHERE owner = %(owner)s AND owner_epoch = %(epoch)s
+    RETURNING 1
+)
+UPDATE relay.transition SET status_pending = false
+WHERE id = ANY(%(ids)s::bigint[]) AND status_pending AND EXISTS (SELECT 1 FROM held);
+
+-- name: status_inflight_keys
+SELECT t.id, t.effect_id, e.operation_key
+FROM relay.transition t JOIN relay.effect e ON e.id = t.effect_id
+WHERE t.id = ANY(%(ids)s::bigint[]);
+
+-- name: status_backlog
+SELECT count(*) FROM relay.transition WHERE status_pending;

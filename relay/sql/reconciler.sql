@@ -1,9 +1,8 @@
 -- The reconciler's queries (relay reconcile, resolve, purge). Loaded by relay.sql with the others.
 
--- name: set_status_effect_type
--- Status events are emitted (by a trigger on relay.transition) only while this names a type.
-UPDATE relay.reconciler_config SET status_effect_type = %(name)s
-WHERE status_effect_type IS DISTINCT FROM %(name)s;
+-- name: set_status_events
+-- Status events are read from the transitions written while this is on.
+UPDATE relay.reconciler_config SET status_events = %(on)s WHERE status_events <> %(on)s;
 
 -- name: insert_result_evidence
 -- One row per Kafka record: a redelivered record conflicts and is not applied again.
@@ -59,8 +58,10 @@ WITH moved AS (
       AND (%(attempt)s::int IS NULL OR e.attempts = %(attempt)s)
     RETURNING e.id, e.attempts
 )
-INSERT INTO relay.transition (effect_id, from_state, to_state, reason, actor, attempt)
-SELECT id, %(from_state)s, %(to_state)s, %(reason)s, %(actor)s, attempts FROM moved
+INSERT INTO relay.transition (effect_id, from_state, to_state, reason, actor, attempt,
+                              status_pending)
+SELECT m.id, %(from_state)s, %(to_state)s, %(reason)s, %(actor)s, m.attempts, c.status_events
+FROM moved m, relay.reconciler_config c
 RETURNING effect_id;
 
 -- name: compensation_needs
@@ -77,15 +78,10 @@ SELECT
     )::int AS extra,
     (SELECT count(*) FROM relay.effect c WHERE c.parent_effect_id = %(id)s)::int AS existing;
 
--- name: attach_compensation
--- Link a compensation to the effect it undoes, and say in its first transition who made it.
-WITH linked AS (
-    UPDATE relay.effect SET parent_effect_id = %(parent_id)s
-    WHERE id = %(id)s AND parent_effect_id IS NULL
-    RETURNING id
-)
-UPDATE relay.transition t SET actor = %(actor)s, reason = %(reason)s
-FROM linked WHERE t.effect_id = linked.id AND t.from_state IS NULL;
+-- name: enqueue_compensation
+SELECT effect_id, operation_key, created
+FROM relay.enqueue_compensation(%(parent_id)s, %(index)s, %(effect_type)s, %(payload)s::jsonb,
+                                %(reason)s, %(actor)s);
 
 -- name: expire_deadlines
 -- PUBLISHED effects whose downstream result did not come in time: nobody knows whether they took
@@ -106,8 +102,10 @@ WITH due AS (
     WHERE e.id = due.id AND t.name = e.effect_type
     RETURNING e.id, e.attempts, e.reason
 )
-INSERT INTO relay.transition (effect_id, from_state, to_state, reason, actor, attempt)
-SELECT id, 'PUBLISHED', 'UNKNOWN', reason, %(actor)s, attempts FROM moved
+INSERT INTO relay.transition (effect_id, from_state, to_state, reason, actor, attempt,
+                              status_pending)
+SELECT m.id, 'PUBLISHED', 'UNKNOWN', m.reason, %(actor)s, m.attempts, c.status_events
+FROM moved m, relay.reconciler_config c
 RETURNING effect_id;
 
 -- name: claim_deferred_evidence

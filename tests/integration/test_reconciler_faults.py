@@ -18,6 +18,7 @@ from relay.config import Settings
 from relay.daemon import Relay
 from relay.devservices import Services
 from relay.errors import CompensationLimitError
+from relay.pipeline import Claimed
 from relay.publisher import ClaimedEffect, PublishResult
 from relay.reconciler.compensation import MAX_COMPENSATIONS
 from relay.reconciler.consumer import ResultConsumer
@@ -345,21 +346,21 @@ class LosesTrack(Relay):
         super().__init__(settings)
         self.unrecorded, self.unsent = unrecorded, unsent
 
-    def _publish_and_mark(self, batch: Any) -> None:
+    def _publish_and_mark(self, claimed: Claimed) -> None:
         kept: list[ClaimedEffect] = [
-            e for e in batch if not (e.attempt == 1 and e.operation_key in self.unsent)
+            e for e in claimed.effects if not (e.attempt == 1 and e.operation_key in self.unsent)
         ]
         if kept:
-            super()._publish_and_mark(kept)
+            super()._publish_and_mark(Claimed(kept, claimed.at))
 
-    def _mark(self, results: Any) -> None:
+    def _submit_outcomes(self, results: Any, claimed_at: float) -> None:
         kept: list[PublishResult] = [
             r
             for r in results
             if not (r.effect.attempt == 1 and r.effect.operation_key in self.unrecorded)
         ]
         if kept:
-            super()._mark(kept)
+            super()._submit_outcomes(kept, claimed_at)
 
 
 def test_without_kafka_transactions_unknown_publishes_are_observed(

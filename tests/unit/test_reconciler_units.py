@@ -12,7 +12,6 @@ from relay.config import load_settings
 from relay.errors import ConfigError
 from relay.messages import ResultOutcome
 from relay.observability import ObservabilityServer
-from relay.reconciler.compensation import compensation_key
 from relay.reconciler.consumer import parse
 from relay.reconciler.daemon import Reconciler
 from relay.reconciler.effects import clean_text, operator_actor
@@ -51,12 +50,6 @@ def test_python_observer_import_errors_are_config_errors() -> None:
 def test_observations_only_take_the_four_answers() -> None:
     with pytest.raises(ValueError, match="one of"):
         Observation("maybe")  # type: ignore[arg-type]
-
-
-def test_compensation_keys_stay_within_the_key_limit() -> None:
-    assert compensation_key("w-1", 0) == "w-1#compensation"
-    assert compensation_key("w-1", 1) == "w-1#compensation-2"
-    assert len(compensation_key("k" * 512, 4)) == 512
 
 
 def test_text_for_evidence_is_storable() -> None:

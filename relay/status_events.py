@@ -1,0 +1,206 @@
+"""Status events at the cost of a log: the relay publishes the transitions log itself.
+
+Every transition written while status events are on waits in a small partial index
+(``status_pending``). One relay replica at a time (a lease row) reads them in log order, records
+which ones it hands to Kafka (``inflight``) before sending them in one Kafka transaction, and
+clears them once committed. One effect's transitions are written in order under its row lock,
+so log order is their order, and a single publisher keeps it on the effect's partition (the key
+is the effect's operation key).
+
+Exactly once: the publisher's transactional id is shared by every holder, so a new holder's
+``init_transactions`` fences the old one and aborts its open transaction. If a holder dies or a
+commit ends without an answer between Kafka and the database, the next pass (by any replica)
+looks for the in-flight events in the status topic, read_committed, after fencing: found (a
+transaction is all or nothing), they are recorded as published; absent, they are sent again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from datetime import datetime
+from typing import Any, NamedTuple
+
+import psycopg
+from kafka import KafkaProducer
+from kafka import errors as kerr
+
+from relay import transactions
+from relay.config import Settings
+from relay.headers import STATUS_EVENT_TYPE, status_headers
+from relay.outcomes import describe
+from relay.pipeline import Held, Identity, Stage
+from relay.publisher import close_quietly, make_producer
+from relay.sql import query
+from relay.verify import Found, Wanted, find_attempts, open_consumer
+
+log = logging.getLogger(__name__)
+
+STATUS_TRANSACTIONAL_ID = "relay-status-events"
+STATUS_BATCH = 2000
+IDLE_WAIT_S = 0.05
+
+
+class _Event(NamedTuple):
+    """A transition whose status event is due (columns of status_batch)."""
+
+    transition_id: int
+    effect_id: int
+    operation_key: str
+    effect_type: str
+    from_state: str | None
+    to_state: str
+    reason: str
+    attempt: int
+    at: datetime
+    traceparent: str | None
+
+
+class StatusPublisher(Stage):
+    """The stage that publishes status events while this replica holds the status lease."""
+
+    name = "status"
+
+    def __init__(self, settings: Settings, who: Identity, held: Held, stop: threading.Event):
+        super().__init__(settings, who, held, stop)
+        self.producer: KafkaProducer | None = None
+        self.published = 0
+        self._lease_s = max(10.0, settings.lease_s / 3)
+
+    def drop_producer(self) -> None:
+        close_quietly(self.producer, timeout_s=2.0)
+        self.producer = None
+
+    def step(self) -> None:
+        conn = self.connect()
+        row = conn.execute(
+            query("take_status_lease"),
+            {"owner": self.who.replica_id, "epoch": self.who.epoch, "lease_s": self._lease_s},
+        ).fetchone()
+        if row is None:  # another replica publishes them
+            self.drop_producer()
+            self.stop.wait(self._lease_s / 3)
+            return
+        inflight, inflight_at = list(row[0] or []), row[1]
+        try:
+            producer = self._producer()
+            if inflight:
+                self._settle(conn, inflight, inflight_at)
+                return
+            rows = conn.execute(query("status_batch"), {"limit": STATUS_BATCH}).fetchall()
+            if not rows:
+                self.stop.wait(IDLE_WAIT_S)
+                return
+            self._publish(conn, producer, [_Event(*r) for r in rows])
+        except (kerr.KafkaError, OSError) as exc:
+            self.drop_producer()
+            self.pause(2.0, f"Kafka unavailable for status events: {describe(exc)}")
+
+    def _producer(self) -> KafkaProducer:
+        if self.producer is None:
+            producer = make_producer(self.settings, STATUS_TRANSACTIONAL_ID)
+            try:
+                # Fences every earlier holder: its open transaction is aborted, and from here on
+                # what it left in flight can be looked for.
+                producer.init_transactions()
+            except BaseException:
+                close_quietly(producer, timeout_s=1.0)
+                raise
+            self.producer = producer
+        return self.producer
+
+    def _publish(
+        self, conn: psycopg.Connection[Any], producer: KafkaProducer, events: list[_Event]
+    ) -> None:
+        ids = [e.transition_id for e in events]
+        # Legacy status effects (before migration 0004) report nothing about themselves.
+        due = [e for e in events if e.effect_type != STATUS_EVENT_TYPE]
+        recorded = conn.execute(
+            query("status_inflight"),
+            {"ids": ids, "owner": self.who.replica_id, "epoch": self.who.epoch},
+        ).fetchone()
+        if recorded is None:
+            return  # the lease lapsed under us: the next holder goes on from here
+        if not due:
+            self._record(conn, ids)
+            return
+        timeout_s = self.settings.publish_timeout_s
+        try:
+            producer.begin_transaction()
+            futures = [
+                producer.send(
+                    self.settings.status_topic,
+                    key=e.operation_key.encode(),
+                    value=_event_value(e),
+                    headers=status_headers(
+                        effect_id=e.effect_id,
+                        transition_id=e.transition_id,
+                        at=e.at,
+                        source=self.settings.cloudevents_source,
+                        traceparent=e.traceparent,
+                    ),
+                )
+                for e in due
+            ]
+            producer.flush(timeout=timeout_s)
+            for future in futures:
+                future.get(timeout=timeout_s)
+            transactions.commit(producer, timeout_s)
+        except Exception as exc:  # noqa: BLE001 - any failure: settle the in-flight set later
+            log.warning("status events not published (looked for before resending): %s", exc)
+            self.drop_producer()
+            return
+        self._record(conn, ids)
+        self.published += len(due)
+
+    def _record(self, conn: psycopg.Connection[Any], ids: list[int]) -> None:
+        conn.execute(
+            query("status_published"),
+            {"ids": ids, "owner": self.who.replica_id, "epoch": self.who.epoch},
+        )
+
+    def _settle(
+        self, conn: psycopg.Connection[Any], inflight: list[int], inflight_at: datetime | None
+    ) -> None:
+        """Look for what the last holder handed to Kafka but did not record (our producer has
+        fenced it): in Kafka, record it published; absent, give it back to be sent again."""
+        rows = conn.execute(query("status_inflight_keys"), {"ids": inflight}).fetchall()
+        if inflight_at is None or not rows:
+            self._record(conn, [])
+            return
+        wanted = [Wanted(str(r[2]), int(r[1]), 0, inflight_at, int(r[0])) for r in rows]
+        consumer = open_consumer(self.settings)
+        try:
+            found = find_attempts(
+                consumer,
+                self.settings,
+                self.settings.status_topic,
+                wanted,
+                self.settings.publish_timeout_s,
+            )
+        finally:
+            consumer.close()
+        present = any(isinstance(v, Found) for v in found.values())
+        log.info(
+            "status events left in flight by the last holder: %s",
+            "found in Kafka" if present else "absent, sending them again",
+            extra={"count": len(inflight)},
+        )
+        self._record(conn, inflight if present else [])
+
+
+def _event_value(e: _Event) -> bytes:
+    return json.dumps(
+        {
+            "operation_key": e.operation_key,
+            "effect_type": e.effect_type,
+            "state": e.to_state,
+            "previous_state": e.from_state,
+            "reason": e.reason,
+            "attempt": e.attempt,
+            "at": e.at.isoformat(),
+            "traceparent": e.traceparent,
+        },
+        separators=(",", ":"),
+    ).encode()
