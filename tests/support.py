@@ -200,6 +200,13 @@ def count_states(database_url: str) -> dict[str, int]:
     return {str(state): int(n) for state, n in rows}
 
 
+def status_backlog(database_url: str) -> int:
+    """Transitions whose status event is not published yet."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        row = conn.execute("SELECT count(*) FROM relay.transition WHERE status_pending").fetchone()
+    return int(row[0]) if row else 0
+
+
 def read_topic(bootstrap: str, topic: str, expected: int, timeout_s: float = 30.0) -> list[Any]:
     """Every record of a topic, read_committed, from the beginning; stops at ``expected`` records
     or when the topic stays quiet after the timeout, so a test also sees extra records."""

@@ -191,6 +191,7 @@ WITH RECURSIVE blocked(id) AS (
       AND (r.state IN ('CONFIRMED', 'REJECTED', 'CANCELLED')
            OR (r.state = 'PUBLISHED' AND r.outcome_deadline IS NULL))
       AND NOT EXISTS (SELECT 1 FROM blocked b WHERE b.id = r.id)
+      AND NOT EXISTS (SELECT 1 FROM relay.transition t WHERE t.effect_id = r.id AND t.status_pending)
     UNION
     SELECT c.id FROM relay.effect c JOIN gone g ON c.parent_effect_id = g.id
 )
@@ -234,6 +235,8 @@ WITH RECURSIVE blocked(id) AS (
       AND (r.state IN ('CONFIRMED', 'REJECTED', 'CANCELLED')
            OR (r.state = 'PUBLISHED' AND r.outcome_deadline IS NULL))
       AND NOT EXISTS (SELECT 1 FROM blocked b WHERE b.id = r.id)
+      -- Its status events are published first: they would go with its transitions.
+      AND NOT EXISTS (SELECT 1 FROM relay.transition t WHERE t.effect_id = r.id AND t.status_pending)
     ORDER BY r.updated_at
     LIMIT %(limit)s
     FOR UPDATE OF r SKIP LOCKED
@@ -248,6 +251,7 @@ WITH RECURSIVE blocked(id) AS (
       AND c.updated_at < now() - make_interval(secs => %(retention_s)s)
       AND (c.state IN ('CONFIRMED', 'REJECTED', 'CANCELLED')
            OR (c.state = 'PUBLISHED' AND c.outcome_deadline IS NULL))
+      AND NOT EXISTS (SELECT 1 FROM relay.transition t WHERE t.effect_id = c.id AND t.status_pending)
     FOR UPDATE OF c SKIP LOCKED
 ), whole AS (
     -- Families none of whose compensations was skipped.

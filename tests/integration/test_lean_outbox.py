@@ -1,0 +1,212 @@
+"""The lean outbox on the real servers: what an enqueue writes, names no application may write,
+business keys that cannot collide, a doorbell that lapses, status events published once."""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any
+
+import psycopg
+import pytest
+
+import relay
+from relay import transactions
+from relay.cli import load_story
+from relay.config import Settings
+from relay.daemon import Relay
+from relay.devservices import Services
+from relay.errors import InvalidIntentError, UnknownEffectTypeError
+from relay.outbox import translate_errors
+from relay.pipeline import Held, Identity
+from relay.reconciler.daemon import register_status_type
+from relay.sql import query
+from relay.status_events import StatusPublisher
+from tests import support
+
+WIRE = {"account": "ACC1", "amount": 100, "date": "2026-11-22"}
+
+
+def _counts(conn: psycopg.Connection[Any]) -> tuple[int, int, int]:
+    row = conn.execute(
+        "SELECT (SELECT count(*) FROM relay.effect), (SELECT count(*) FROM relay.transition),"
+        " (SELECT count(*) FROM relay.attempt)"
+    ).fetchone()
+    assert row is not None
+    return int(row[0]), int(row[1]), int(row[2])
+
+
+def test_an_enqueue_writes_one_row_and_the_story_still_starts_with_it(settings: Settings) -> None:
+    url = settings.require_database_url()
+    with psycopg.connect(url, autocommit=True) as conn:
+        register_status_type(conn, settings)  # status events on: still nothing more is written
+        relay.enqueue(conn, "wire", "lean-1", WIRE)
+        assert _counts(conn) == (1, 0, 0)
+        story = load_story(conn, "lean-1")
+    assert story is not None
+    assert [(t["from_state"], t["to_state"]) for t in story["transitions"]] == [(None, "PENDING")]
+
+
+def test_names_of_the_relay_are_refused_to_applications(settings: Settings) -> None:
+    url = settings.require_database_url()
+    with psycopg.connect(url, autocommit=True) as conn:
+        with pytest.raises(UnknownEffectTypeError, match="reserved"):
+            relay.enqueue(conn, "relay.status", "forged", {"state": "CONFIRMED"})
+        for key in ("victim#compensation", "victim#compensation-3"):
+            with pytest.raises(InvalidIntentError, match="reserved"):
+                relay.enqueue(conn, "wire", key, WIRE)
+        late_newline = "00-" + "a" * 32 + "-" + "b" * 16 + "-01\n"
+        with pytest.raises(InvalidIntentError, match="traceparent"), translate_errors():
+            conn.execute(
+                "SELECT * FROM relay.enqueue('tp', 'email', '{}'::jsonb, NULL, %s)",
+                (late_newline,),
+            )
+        assert _counts(conn)[0] == 0
+
+
+def test_business_keys_of_distinct_values_are_distinct_and_never_expanded(
+    settings: Settings,
+) -> None:
+    url = settings.require_database_url()
+    with psycopg.connect(url, autocommit=True) as conn:
+        relay.enqueue(conn, "wire", "bk-1", {"account": "A:1", "amount": 2, "date": "d"})
+        relay.enqueue(conn, "wire", "bk-2", {"account": "A", "amount": "1:2", "date": "d"})
+        relay.enqueue(conn, "wire", "bk-3", {"account": "{amount}", "amount": 7, "date": "100%"})
+        keys = {k: relay.get_effect(conn, k) for k in ("bk-1", "bk-2", "bk-3")}
+    business = {k: e.business_key for k, e in keys.items() if e is not None}
+    assert business == {"bk-1": "A%3A1:2:d", "bk-2": "A:1%3A2:d", "bk-3": "{amount}:7:100%25"}
+
+
+def test_a_key_that_mimics_derived_names_stops_nobody(own_topic: Settings) -> None:
+    """The attack of an outside review: a key shaped like another effect's derived key."""
+    settings = own_topic
+    url = settings.require_database_url()
+    with psycopg.connect(url, autocommit=True) as conn:
+        register_status_type(conn, settings)
+        relay.enqueue(conn, "email", "victim", {"to": "a@example.org"})
+        relay.enqueue(conn, "email", "victim#status#1", {"to": "b@example.org"})
+        relay.enqueue(conn, "email", "victim#status#2", {"to": "c@example.org"})
+    with support.running(Relay(settings)):
+        support.wait_for(
+            lambda: support.count_states(url).get("PUBLISHED") == 3, 60, "all three published"
+        )
+        support.wait_for(lambda: support.status_backlog(url) == 0, 60, "status events sent")
+
+
+def test_the_doorbell_lapses_when_no_relay_rearms_it(settings: Settings) -> None:
+    url = settings.require_database_url()
+    with psycopg.connect(url, autocommit=True) as listener, psycopg.connect(url) as writer:
+        listener.execute("LISTEN relay_doorbell")
+        listener.execute(query("arm_doorbell"), {"armed_for_s": 0.5})
+        relay.enqueue(writer, "email", "ring-1", {"to": "a"})
+        writer.commit()
+        rang = [n for n in listener.notifies(timeout=2.0, stop_after=1)]
+        assert len(rang) == 1
+        threading.Event().wait(0.8)  # nobody re-arms it: it lapses
+        relay.enqueue(writer, "email", "ring-2", {"to": "b"})
+        writer.commit()
+        assert [n for n in listener.notifies(timeout=1.0, stop_after=1)] == []
+
+
+class _LosesRecord(StatusPublisher):
+    """Publishes and commits in Kafka, then dies before recording it in the database."""
+
+    def _record(self, conn: psycopg.Connection[Any], ids: list[int]) -> None:
+        if ids:
+            raise psycopg.OperationalError("the database went away after the Kafka commit")
+        super()._record(conn, ids)
+
+
+def _stage(settings: Settings, kind: type[StatusPublisher] = StatusPublisher) -> StatusPublisher:
+    return kind(settings, Identity(settings.replica_id, 1), Held(), threading.Event())
+
+
+@pytest.fixture
+def own_topic(settings: Settings, prefix: str) -> Settings:
+    """Status events on a topic of this test's own (the default one is shared by the suite)."""
+    return settings.model_copy(update={"status_topic": f"{prefix}.status"})
+
+
+def _published_status(settings: Settings, services: Services, url: str, expected: int) -> list[Any]:
+    records = support.read_topic(
+        services.kafka_bootstrap_servers, settings.status_topic, expected, timeout_s=10
+    )
+    ids = [dict(r.headers)["ce_id"] for r in records]
+    assert len(ids) == len(set(ids)), "a status event was published twice"
+    return records
+
+
+def _transitions(url: str, n: int) -> None:
+    """n effects through PENDING -> DISPATCHING -> PUBLISHED in the log, status events due."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        for i in range(n):
+            relay.enqueue(conn, "email", f"st-{i}", {"to": f"{i}@example.org"})
+        conn.execute(
+            "UPDATE relay.effect SET state = 'PUBLISHED', attempts = 1, claimed_at = now(),"
+            " updated_at = now()"
+        )
+        conn.execute(
+            "INSERT INTO relay.transition (effect_id, from_state, to_state, reason, actor,"
+            " attempt, status_pending)"
+            " SELECT id, s.f, s.t, 'test', 'test', 1, true FROM relay.effect,"
+            " (VALUES (1, NULL, 'PENDING'), (2, 'PENDING', 'DISPATCHING'),"
+            "         (3, 'DISPATCHING', 'PUBLISHED')) AS s(n, f, t) ORDER BY id, s.n"
+        )
+
+
+def test_status_events_committed_but_not_recorded_are_found_not_resent(
+    own_topic: Settings, services: Services
+) -> None:
+    settings = own_topic
+    url = settings.require_database_url()
+    _transitions(url, 20)
+    dying = _stage(settings, _LosesRecord)
+    with pytest.raises(psycopg.OperationalError):
+        dying.step()
+    dying.drop_producer()
+    assert support.status_backlog(url) == 60
+    successor = _stage(settings)  # a restart: its producer fences the old one
+    try:
+        successor.step()  # finds the in-flight events in Kafka
+        assert support.status_backlog(url) == 0
+        successor.step()  # and sends nothing again
+    finally:
+        successor.drop_producer()
+    records = _published_status(settings, services, url, 60)
+    assert len(records) == 60
+    by_key: dict[bytes, list[str]] = {}
+    for r in records:
+        by_key.setdefault(r.key, []).append(json.loads(r.value)["state"])
+    assert len(by_key) == 20
+    assert all(states == ["PENDING", "DISPATCHING", "PUBLISHED"] for states in by_key.values())
+
+
+def test_status_events_whose_commit_failed_are_sent_again_once(
+    own_topic: Settings, services: Services, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = own_topic
+    url = settings.require_database_url()
+    _transitions(url, 10)
+    real_commit = transactions.commit
+    calls = {"n": 0}
+
+    def commit_fails_once(producer: Any, timeout_s: float) -> None:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            transactions.abort(producer, timeout_s)
+            raise transactions.TransactionTimeoutError("commit_transaction did not complete")
+        real_commit(producer, timeout_s)
+
+    monkeypatch.setattr(transactions, "commit", commit_fails_once)
+    stage = _stage(settings)
+    try:
+        stage.step()  # sends, the commit fails: in flight, nothing recorded
+        assert support.status_backlog(url) == 30
+        stage.step()  # looks for them: absent (aborted), gives them back
+        assert support.status_backlog(url) == 30
+        stage.step()  # sends them again
+        assert support.status_backlog(url) == 0
+    finally:
+        stage.drop_producer()
+    assert calls["n"] == 2
+    assert len(_published_status(settings, services, url, 30)) == 30
