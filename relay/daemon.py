@@ -216,8 +216,12 @@ class Relay:
             log.info(
                 "Kafka producer ready", extra={"bootstrap": self.settings.kafka_bootstrap_servers}
             )
+        if self._claimer is not None:
+            self._claimer.publisher_ready.set()
 
     def _drop_producer(self) -> None:
+        if self._claimer is not None:
+            self._claimer.publisher_ready.clear()
         close_quietly(self._producer, timeout_s=2.0)
         self._producer = None
 

@@ -181,6 +181,9 @@ class Claimer(Stage):
         self._quiet = len(QUIET_POLLS_S)
         self._in_hand: Claimed | None = None
         self._connected_once = False
+        # Set by the publisher while it has a Kafka producer: nothing is claimed before, so no
+        # lease runs out while Kafka cannot be reached.
+        self.publisher_ready = threading.Event()
 
     def connect(self) -> psycopg.Connection[Any]:
         if self.conn is not None and not self.conn.closed:
@@ -219,6 +222,8 @@ class Claimer(Stage):
     def step(self) -> None:
         if self._in_hand is not None:
             self._hand_over()
+            return
+        if not self.publisher_ready.wait(HANDOFF_POLL_S):
             return
         conn = self.connect()
         if self.listener is None or self.listener.closed:

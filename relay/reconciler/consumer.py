@@ -13,14 +13,15 @@ import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import psycopg
 from kafka import KafkaConsumer, TopicPartition
 from kafka import errors as kerr
 from kafka.structs import OffsetAndMetadata
+from psycopg.rows import dict_row
 from pydantic import ValidationError
 
 from relay import observability
@@ -61,17 +62,104 @@ def parse(value: bytes | None) -> ResultMessage | str:
         return f"not JSON: {exc}"
 
 
+@dataclass(frozen=True)
+class Move:
+    """A state change a result calls for; written at once, or with the rest of its batch."""
+
+    effect_id: int
+    from_state: EffectState
+    to_state: EffectState
+    reason: str
+    external_id: str | None = None
+
+
+@dataclass
+class ResultBatch:
+    """What a batch of results knows without asking again: its effects, locked up front (and
+    kept up to date as its results move them), which have a result waiting (deferred), and the
+    moves to write together."""
+
+    effects: dict[str, LockedEffect]
+    deferred: set[int]
+    moves: list[Move] = field(default_factory=list)
+
+    @classmethod
+    def lock(cls, conn: psycopg.Connection[Any], keys: Sequence[str]) -> ResultBatch:
+        with conn.cursor(row_factory=dict_row) as cur:
+            cur.execute(query("lock_effects"), {"keys": list(keys)})
+            effects = {
+                row["operation_key"]: LockedEffect(**{**row, "state": EffectState(row["state"])})
+                for row in cur.fetchall()
+            }
+        ids = [e.id for e in effects.values()]
+        rows = conn.execute(query("effects_with_deferred"), {"ids": ids}).fetchall()
+        return cls(effects, {int(r[0]) for r in rows})
+
+    def add_move(self, m: Move) -> None:
+        self.moves.append(m)
+        for key, effect in self.effects.items():
+            if effect.id == m.effect_id:
+                self.effects[key] = replace(
+                    effect, state=m.to_state, external_id=m.external_id or effect.external_id
+                )
+                return
+
+    def reload(self, conn: psycopg.Connection[Any], operation_key: str) -> None:
+        effect = lock_effect(conn, operation_key)
+        if effect is not None:
+            self.effects[operation_key] = effect
+
+    def flush(self, conn: psycopg.Connection[Any], actor: str) -> None:
+        """Write the collected moves, one statement per wave (an effect moved twice in one batch
+        has its second move in the second wave)."""
+        waves: list[list[Move]] = []
+        for m in self.moves:
+            for wave in waves:
+                if all(w.effect_id != m.effect_id for w in wave):
+                    wave.append(m)
+                    break
+            else:
+                waves.append([m])
+        self.moves = []
+        for wave in waves:
+            rows = conn.execute(
+                query("move_effects"),
+                {
+                    "ids": [m.effect_id for m in wave],
+                    "from_states": [m.from_state.value for m in wave],
+                    "to_states": [m.to_state.value for m in wave],
+                    "reasons": [m.reason for m in wave],
+                    "external_ids": [m.external_id for m in wave],
+                    "actor": actor,
+                },
+            ).fetchall()
+            for _, from_state, to_state in rows:
+                observability.record_transition(str(from_state), str(to_state))
+
+
 def apply_result(
     conn: psycopg.Connection[Any],
     settings: Settings,
     message: ResultMessage,
     actor: str,
     evidence_id: int,
+    batch: ResultBatch | None = None,
 ) -> Verdict:
     """Move the result's effect as the design says; in the caller's transaction.
 
     A result that an earlier deferred result of the same effect still waits before is deferred
-    too: the downstream's results of one effect are applied in the order they arrived."""
+    too: the downstream's results of one effect are applied in the order they arrived. With a
+    ``batch``, the effect comes from it and the move is collected for it."""
+    if batch is not None:
+        effect = batch.effects.get(message.operation_key)
+        if effect is None:
+            return Verdict("orphaned", "no effect has this operation key")
+        if effect.id in batch.deferred:
+            return _waits_behind(effect)
+        found = _apply(conn, settings, effect, message, actor, batch.add_move)
+        if found.verdict == "deferred":
+            batch.deferred.add(effect.id)
+        return found
     effect = lock_effect(conn, message.operation_key)
     if effect is None:
         return Verdict("orphaned", "no effect has this operation key")
@@ -79,13 +167,29 @@ def apply_result(
         query("earlier_deferred"), {"effect_id": effect.id, "evidence_id": evidence_id}
     ).fetchone()
     if row is not None and row[0]:
-        return Verdict(
-            "deferred",
-            "an earlier result of this effect waits to be applied first",
-            effect.id,
-            effect.attempts,
+        return _waits_behind(effect)
+
+    def now(m: Move) -> None:
+        move(
+            conn,
+            m.effect_id,
+            m.from_state,
+            m.to_state,
+            reason=m.reason,
+            actor=actor,
+            external_id=m.external_id,
         )
-    return _apply(conn, settings, effect, message, actor)
+
+    return _apply(conn, settings, effect, message, actor, now)
+
+
+def _waits_behind(effect: LockedEffect) -> Verdict:
+    return Verdict(
+        "deferred",
+        "an earlier result of this effect waits to be applied first",
+        effect.id,
+        effect.attempts,
+    )
 
 
 def _apply(
@@ -94,6 +198,7 @@ def _apply(
     effect: LockedEffect,
     message: ResultMessage,
     actor: str,
+    mover: Callable[[Move], None],
 ) -> Verdict:
     state, outcome = effect.state, message.outcome
     ext = clean_text(message.external_id, 512)
@@ -124,7 +229,7 @@ def _apply(
             "downstream committed" + (f" as {ext}" if ext else "") + " an effect recorded "
             "REJECTED: it may have happened after all; a person decides"
         )
-        move(conn, effect.id, state, EffectState.STUCK, reason=why, actor=actor, external_id=ext)
+        mover(Move(effect.id, state, EffectState.STUCK, why, ext))
         return verdict("conflicting", why)
     if state in (EffectState.REJECTED, EffectState.CANCELLED):
         return verdict("late", f"'{outcome.value}' for an effect already {state.value}")
@@ -146,17 +251,15 @@ def _apply(
     detail = f": {message.detail}" if message.detail else ""
     if outcome is ResultOutcome.COMMITTED:
         why = "downstream committed" + (f" as {ext}" if ext else "") + detail
-        move(
-            conn, effect.id, state, EffectState.CONFIRMED, reason=why, actor=actor, external_id=ext
-        )
+        mover(Move(effect.id, state, EffectState.CONFIRMED, why, ext))
         return verdict("applied", why)
     if outcome is ResultOutcome.REJECTED:
         why = f"downstream rejected{detail}"
-        move(conn, effect.id, state, EffectState.REJECTED, reason=why, actor=actor)
+        mover(Move(effect.id, state, EffectState.REJECTED, why))
         return verdict("applied", why)
     if state is EffectState.PUBLISHED:
         why = f"downstream does not know the outcome{detail}"
-        move(conn, effect.id, state, EffectState.UNKNOWN, reason=why, actor=actor)
+        mover(Move(effect.id, state, EffectState.UNKNOWN, why))
         return verdict("applied", why)
     return verdict("ignored", f"'unknown' adds nothing to an effect already {state.value}")
 
@@ -261,7 +364,7 @@ class ResultConsumer:
         # Metrics are counted only when the transaction commits: a batch rolled back is read again.
         try:
             with observability.deferred(), conn.transaction():
-                return [self._record(conn, r) for r in records]
+                return self._apply_set(conn, records)
         except (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure):
             raise
         except psycopg.OperationalError:
@@ -281,6 +384,93 @@ class ResultConsumer:
                     except psycopg.Error as one:
                         verdicts.append(self._failed(conn, r, one))
             return verdicts
+
+    def _apply_set(self, conn: psycopg.Connection[Any], records: Sequence[Any]) -> list[str]:
+        """The batch in a few statements: its evidence rows inserted together, its effects locked
+        together, each result decided in arrival order, the moves and verdicts written together.
+        (A conflicting result, rare, writes what came before it and is compensated at once.)"""
+        parsed = [parse(r.value) for r in records]
+        columns: dict[str, list[Any]] = {
+            name: []
+            for name in (
+                "operation_keys", "topics", "partitions", "offsets", "outcomes",
+                "external_ids", "details", "raws", "raw_sizes", "verdicts", "reasons",
+            )
+        }  # fmt: skip
+        for record, message in zip(records, parsed, strict=True):
+            value = record.value
+            columns["topics"].append(record.topic)
+            columns["partitions"].append(record.partition)
+            columns["offsets"].append(record.offset)
+            columns["raws"].append(bytes(value[:RAW_LIMIT]) if value is not None else None)
+            columns["raw_sizes"].append(len(value) if value is not None else None)
+            row: tuple[str | None, ...]
+            if isinstance(message, str):
+                key = record.key.decode("utf-8", "replace") if record.key else None
+                row = (clean_text(key, 512), None, None, None, "malformed", clean_text(message))
+            else:
+                row = (
+                    clean_text(message.operation_key, 512),
+                    message.outcome.value,
+                    clean_text(message.external_id, 512),
+                    clean_text(message.detail),
+                    "failed",
+                    "being applied",
+                )
+            for name, item in zip(
+                ("operation_keys", "outcomes", "external_ids", "details", "verdicts", "reasons"),
+                row,
+                strict=True,
+            ):
+                columns[name].append(item)
+        inserted = conn.execute(
+            query("insert_results_evidence"), {**columns, "actor": self.actor}
+        ).fetchall()
+        new = {(str(t), int(p), int(o)): int(i) for i, t, p, o in inserted}
+        keys = {
+            m.operation_key
+            for m in parsed
+            if isinstance(m, ResultMessage) and "\x00" not in m.operation_key
+        }
+        batch = ResultBatch.lock(conn, sorted(keys))
+        verdicts: list[str] = []
+        finished: list[tuple[int, int | None, str, str, int | None]] = []
+        for record, message in zip(records, parsed, strict=True):
+            evidence_id = new.get((record.topic, record.partition, record.offset))
+            if evidence_id is None:
+                verdicts.append("redelivered")
+                continue
+            if isinstance(message, str):
+                observability.record_quarantined("malformed")
+                verdicts.append("malformed")
+                continue
+            if "\x00" in message.operation_key:
+                found = Verdict("orphaned", "no effect has this operation key")
+            else:
+                found = apply_result(conn, self.settings, message, self.actor, evidence_id, batch)
+            finished.append(
+                (evidence_id, found.effect_id, found.verdict, found.reason, found.attempt)
+            )
+            if found.verdict == "conflicting":
+                # The compensation counts the evidence: write everything so far first.
+                batch.flush(conn, self.actor)
+                _finish(conn, finished)
+                finished = []
+                reason = compensate_conflict(
+                    conn, self.settings, message.operation_key, self.actor, found.reason
+                )
+                _finish(
+                    conn, [(evidence_id, found.effect_id, "conflicting", reason, found.attempt)]
+                )
+                batch.reload(conn, message.operation_key)
+            if found.verdict == "applied":
+                observability.record_result(message.outcome.value)
+            elif found.verdict in QUARANTINED:
+                observability.record_quarantined(found.verdict)
+            verdicts.append(found.verdict)
+        batch.flush(conn, self.actor)
+        _finish(conn, finished)
+        return verdicts
 
     def _record(self, conn: psycopg.Connection[Any], record: Any) -> str:
         parsed = parse(record.value)
@@ -432,6 +622,25 @@ class ResultConsumer:
             position = self._consumer.position(tp)
             lag[tp.topic] += max(0, ends.get(tp, position) - position)
         return dict(lag)
+
+
+def _finish(
+    conn: psycopg.Connection[Any], rows: Sequence[tuple[int, int | None, str, str, int | None]]
+) -> None:
+    """Record the verdicts of stored results, in one statement."""
+    if not rows:
+        return
+    ids, effect_ids, names, reasons, attempts = zip(*rows, strict=True)
+    conn.execute(
+        query("finish_evidences"),
+        {
+            "ids": list(ids),
+            "effect_ids": list(effect_ids),
+            "verdicts": list(names),
+            "reasons": list(reasons),
+            "attempts": list(attempts),
+        },
+    )
 
 
 def describe_counts(counts: Mapping[str, int]) -> str:

@@ -2,13 +2,20 @@
 
 -- name: observability_snapshot
 -- One scrape's view of the outbox in one statement, so that every replica reports the same truth:
--- effects by type and state (answered from the (effect_type, state) index), every declared type
+-- effects by type and state (PENDING from the claim's partial index, the others from the state
+-- index, which carries the type), every declared type
 -- (so that a zero is reported as 0, not as a missing series), and how long the oldest due
 -- PENDING, UNKNOWN and STUCK effects have waited. An effect's time in UNKNOWN/STUCK starts at its
 -- last transition into that state (updated_at moves on at every failed verification).
 SELECT 'effects' AS kind, effect_type, state, count(*)::float8 AS value
 FROM relay.effect
+WHERE state <> 'PENDING'
 GROUP BY effect_type, state
+UNION ALL
+SELECT 'effects', effect_type, 'PENDING', count(*)::float8
+FROM relay.effect
+WHERE state = 'PENDING'
+GROUP BY effect_type
 UNION ALL
 SELECT 'type', name, NULL, 0 FROM relay.effect_type
 UNION ALL

@@ -281,3 +281,70 @@ RETURNING v.id;
 -- A CONFIRMED effect (by observation or an operator) learns the downstream's id of its execution.
 UPDATE relay.effect SET external_id = %(external_id)s
 WHERE id = %(id)s AND external_id IS NULL;
+
+-- name: insert_results_evidence
+-- A batch of result records, one evidence row each, in arrival order (evidence ids keep the
+-- order in which one effect's results are applied). A redelivered record conflicts: not returned.
+INSERT INTO relay.evidence (kind, operation_key, topic, partition, "offset", outcome,
+                            external_id, detail, raw, raw_size, verdict, reason, actor)
+SELECT 'result', r.operation_key, r.topic, r.partition, r."offset", r.outcome, r.external_id,
+       r.detail, r.raw, r.raw_size, r.verdict, r.reason, %(actor)s
+FROM unnest(%(operation_keys)s::text[], %(topics)s::text[], %(partitions)s::int[],
+            %(offsets)s::bigint[], %(outcomes)s::text[], %(external_ids)s::text[],
+            %(details)s::text[], %(raws)s::bytea[], %(raw_sizes)s::int[], %(verdicts)s::text[],
+            %(reasons)s::text[])
+     WITH ORDINALITY AS r(operation_key, topic, partition, "offset", outcome, external_id,
+                          detail, raw, raw_size, verdict, reason, n)
+ORDER BY r.n
+ON CONFLICT ON CONSTRAINT evidence_record_unique DO NOTHING
+RETURNING id, topic, partition, "offset";
+
+-- name: lock_effects
+-- The effects a batch of results is about, locked until the transaction ends (in id order, so
+-- two replicas never wait on each other in a circle).
+SELECT id, operation_key, effect_type, state, attempts, external_id, payload, business_key,
+       published_offset
+FROM relay.effect WHERE operation_key = ANY(%(keys)s::text[])
+ORDER BY id
+FOR UPDATE;
+
+-- name: effects_with_deferred
+-- Which of these effects have a result still waiting (deferred): later results wait behind it.
+SELECT DISTINCT effect_id FROM relay.evidence
+WHERE verdict = 'deferred' AND effect_id = ANY(%(ids)s::bigint[]);
+
+-- name: move_effects
+-- move_effect for many effects at once (never to PENDING): compare-and-set on the state, with
+-- the transitions, in one statement.
+WITH m AS (
+    SELECT * FROM unnest(%(ids)s::bigint[], %(from_states)s::text[], %(to_states)s::text[],
+                         %(reasons)s::text[], %(external_ids)s::text[])
+        AS m(id, from_state, to_state, reason, external_id)
+), moved AS (
+    UPDATE relay.effect AS e
+    SET state = m.to_state, reason = m.reason, updated_at = now(),
+        owner = NULL, owner_epoch = NULL, lease_until = NULL,
+        external_id = coalesce(m.external_id, e.external_id),
+        outcome_deadline = NULL,
+        observe_at = CASE WHEN m.to_state = 'UNKNOWN' THEN now() END,
+        observe_tries = CASE WHEN m.to_state = 'UNKNOWN' AND e.state = 'UNKNOWN'
+                             THEN e.observe_tries ELSE 0 END
+    FROM m WHERE e.id = m.id AND e.state = m.from_state
+    RETURNING e.id, m.from_state, m.to_state, m.reason, e.attempts
+)
+INSERT INTO relay.transition (effect_id, from_state, to_state, reason, actor, attempt,
+                              status_pending)
+SELECT moved.id, moved.from_state, moved.to_state, moved.reason, %(actor)s, moved.attempts,
+       c.status_events
+FROM moved, relay.reconciler_config c
+ORDER BY moved.id
+RETURNING effect_id, from_state, to_state;
+
+-- name: finish_evidences
+UPDATE relay.evidence AS v
+SET effect_id = f.effect_id, verdict = f.verdict, reason = f.reason, attempt = f.attempt,
+    applied_at = CASE WHEN f.verdict = 'applied' THEN now() ELSE v.applied_at END
+FROM unnest(%(ids)s::bigint[], %(effect_ids)s::bigint[], %(verdicts)s::text[],
+            %(reasons)s::text[], %(attempts)s::int[])
+    AS f(id, effect_id, verdict, reason, attempt)
+WHERE v.id = f.id;

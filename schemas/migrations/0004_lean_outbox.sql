@@ -210,8 +210,14 @@ BEGIN
     ON CONFLICT ON CONSTRAINT effect_operation_key_unique DO NOTHING
     RETURNING e.id INTO v_id;
     IF v_id IS NULL THEN
-        RETURN QUERY SELECT e.id, e.operation_key, false FROM relay.effect e
-                     WHERE e.operation_key = v_key;
+        SELECT e.id INTO v_id FROM relay.effect e
+        WHERE e.operation_key = v_key AND e.parent_effect_id = p_parent_id
+          AND e.effect_type = p_effect_type;
+        IF v_id IS NULL THEN
+            RAISE EXCEPTION 'operation key % already names another intent', quote_literal(v_key)
+                USING ERRCODE = 'RL003';
+        END IF;
+        RETURN QUERY SELECT v_id, v_key, false;
         RETURN;
     END IF;
     INSERT INTO relay.transition (effect_id, from_state, to_state, reason, actor, attempt,

@@ -64,6 +64,26 @@ def test_names_of_the_relay_are_refused_to_applications(settings: Settings) -> N
         assert _counts(conn)[0] == 0
 
 
+def test_compensation_keys_are_derived_in_the_reserved_namespace_within_the_limit(
+    settings: Settings,
+) -> None:
+    url = settings.require_database_url()
+    long_key = "k" * 512
+    with psycopg.connect(url, autocommit=True) as conn:
+        parent = relay.enqueue(conn, "wire", long_key, WIRE)
+        made = [
+            conn.execute(
+                "SELECT operation_key, created FROM relay.enqueue_compensation(%s, %s, 'email',"
+                " '{}'::jsonb, 'test', 'test')",
+                (parent.effect_id, index),
+            ).fetchone()
+            for index in (0, 1, 1)
+        ]
+    assert made[0] == ("k" * (512 - 13) + "#compensation", True)
+    assert made[1] == ("k" * (512 - 15) + "#compensation-2", True)
+    assert made[2] == (made[1][0], False)  # asked again: the same one, not a second
+
+
 def test_business_keys_of_distinct_values_are_distinct_and_never_expanded(
     settings: Settings,
 ) -> None:

@@ -222,10 +222,12 @@ def test_a_batch_rolled_back_counts_nothing_and_a_failed_record_is_quarantined(
     real_apply = consumer_module.apply_result
     failure: list[psycopg.Error] = []
 
-    def apply_result(c: Any, s: Settings, message: Any, actor: str, evidence_id: int) -> Any:
+    def apply_result(
+        c: Any, s: Settings, message: Any, actor: str, evidence_id: int, batch: Any = None
+    ) -> Any:
         if message.operation_key == "b-boom":
             raise failure[0]
-        return real_apply(c, s, message, actor, evidence_id)
+        return real_apply(c, s, message, actor, evidence_id, batch)
 
     monkeypatch.setattr(consumer_module, "apply_result", apply_result)
     counts = Counts()
