@@ -157,7 +157,12 @@ def redact(text: str) -> str:
     return _mask_pairs(_URL_TOKEN.sub(_mask_url, text))
 
 
+_SHORT_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
 def _escape_char(char: str) -> str:
+    if char in _SHORT_ESCAPES:
+        return _SHORT_ESCAPES[char]
     code = ord(char)
     if code <= 0xFF:
         return f"\\x{code:02x}"
@@ -175,7 +180,7 @@ def _needs_escape(char: str, keep_newlines: bool) -> bool:
 
 def escape_controls(text: str, *, keep_newlines: bool = False) -> str:
     """``text`` with control characters (C0, DEL, C1, newlines, ESC), bidirectional overrides and
-    lone surrogates written as ``\\xNN`` / ``\\uNNNN``: one log line stays one line, and an
+    lone surrogates written as ``\\n``, ``\\xNN``, ``\\uNNNN``: one log line stays one line, and an
     operator's terminal shows the bytes instead of obeying them."""
     if text.isprintable() and not any(ord(c) in _INVISIBLE for c in text):
         return text
