@@ -13,11 +13,13 @@ from relay.errors import (
     InvalidTransitionError,
     MigrationError,
     OperationKeyConflictError,
+    PayloadTooLargeError,
     RelayError,
     ServiceUnavailableError,
     UnknownEffectTypeError,
 )
 from relay.outbox import (
+    MAX_PAYLOAD_BYTES,
     Effect,
     Enqueued,
     Intent,
@@ -33,6 +35,7 @@ from relay.outbox import (
 from relay.states import EffectState
 
 __all__ = [
+    "MAX_PAYLOAD_BYTES",
     "ConfigError",
     "Effect",
     "EffectNotFoundError",
@@ -45,6 +48,7 @@ __all__ = [
     "InvalidTransitionError",
     "MigrationError",
     "OperationKeyConflictError",
+    "PayloadTooLargeError",
     "RelayError",
     "ServiceUnavailableError",
     "UnknownEffectTypeError",

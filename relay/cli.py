@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Protocol, TypeVar, cast
+from typing import Any, NoReturn, Protocol, TypeVar, cast
 
 import click
 import psycopg
@@ -20,14 +20,16 @@ from psycopg.rows import dict_row
 from relay import outbox
 from relay.config import Settings, load_settings
 from relay.db import connect
-from relay.errors import RelayError, ServiceUnavailableError
+from relay.errors import InvalidIntentError, RelayError, ServiceUnavailableError
 from relay.logs import configure, redact
 from relay.migrations import migrate as apply_migrations
 from relay.migrations import sync_effect_types
+from relay.redaction import escape_controls
 from relay.sql import query
 from relay.states import EffectState
 
 F = TypeVar("F", bound=Callable[..., Any])
+EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 3
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?$")
@@ -44,7 +46,13 @@ def parse_duration(text: str) -> float:
 
 def _first_line(exc: BaseException) -> str:
     lines = redact(str(exc)).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
+    return escape_controls(lines[0]) if lines else type(exc).__name__
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    """One line on stderr, secrets masked and control characters escaped; then exit."""
+    click.echo(f"error: {escape_controls(redact(message))}", err=True)
+    sys.exit(code)
 
 
 def clean_errors(func: F) -> F:
@@ -55,18 +63,21 @@ def clean_errors(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except ServiceUnavailableError as exc:
-            click.echo(f"error: {_first_line(exc)}", err=True)
-            sys.exit(EXIT_UNAVAILABLE)
+            _fail(_first_line(exc), EXIT_UNAVAILABLE)
         except RelayError as exc:
-            click.echo(f"error: {redact(str(exc))}", err=True)
-            sys.exit(EXIT_USAGE)
+            _fail(str(exc), EXIT_USAGE)
         except psycopg.OperationalError as exc:
-            click.echo(f"error: PostgreSQL unavailable: {_first_line(exc)}", err=True)
-            sys.exit(EXIT_UNAVAILABLE)
+            _fail(f"PostgreSQL unavailable: {_first_line(exc)}", EXIT_UNAVAILABLE)
         except (psycopg.errors.UndefinedTable, psycopg.errors.InvalidSchemaName) as exc:
             # A database the code is newer than: say what to do rather than print a traceback.
-            click.echo(f"error: {_first_line(exc)}: run 'relay migrate'", err=True)
-            sys.exit(EXIT_USAGE)
+            _fail(f"{_first_line(exc)}: run 'relay migrate'", EXIT_USAGE)
+        except click.exceptions.ClickException:
+            raise
+        except Exception as exc:
+            # A traceback would print whatever the failing frame held (a URL, a password); the
+            # whole trace goes to the log at DEBUG, through the redacting formatter.
+            logging.getLogger("relay").debug("unexpected error", exc_info=True)
+            _fail(f"unexpected {type(exc).__name__}: {_first_line(exc)}", EXIT_FAILURE)
 
     return cast(F, wrapper)
 
@@ -112,8 +123,7 @@ def main(
     try:
         settings = load_settings(config_path, **overrides)
     except RelayError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(EXIT_USAGE)
+        _fail(str(exc), EXIT_USAGE)
     configure(settings.log_level, settings.log_format)
     ctx.obj = {"settings": settings}
 
@@ -144,7 +154,9 @@ def run(ctx: click.Context) -> None:
     (RELAY_REPLICA_ID, default: the host name).
     """
     from relay.daemon import Relay
+    from relay.db import warn_unless_verified_tls
 
+    warn_unless_verified_tls(_settings(ctx), "run")
     run_until_signalled(Relay(_settings(ctx)))
 
 
@@ -183,14 +195,19 @@ def enqueue(
     traceparent: str | None,
 ) -> None:
     """Record one intent. PAYLOAD is a JSON object, or '-' to read it from stdin."""
+    settings = _settings(ctx)
     text = sys.stdin.read() if payload == "-" else payload
     try:
         document = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise click.BadParameter(f"not valid JSON: {exc}", param_hint="PAYLOAD") from None
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise InvalidIntentError(f"PAYLOAD is not valid JSON: {exc}") from None
     if not isinstance(document, dict):
-        raise click.BadParameter("must be a JSON object", param_hint="PAYLOAD")
-    with connect(_settings(ctx), purpose="cli", autocommit=False) as conn:
+        raise InvalidIntentError("PAYLOAD must be a JSON object")
+    intent = outbox.Intent(effect_type, operation_key, document, business_key, traceparent)
+    # Everything that needs no database is checked before connecting: bad input is reported as
+    # what it is, even when PostgreSQL is down.
+    outbox.check_intent(intent, max_payload_bytes=settings.max_payload_bytes)
+    with connect(settings, purpose="cli", autocommit=False) as conn:
         result = outbox.enqueue(
             conn,
             effect_type,
@@ -198,10 +215,13 @@ def enqueue(
             document,
             business_key=business_key,
             traceparent=traceparent,
+            max_payload_bytes=settings.max_payload_bytes,
         )
         conn.commit()
     verb = "enqueued" if result.created else "already present"
-    click.echo(f"{verb}: {operation_key} (effect {result.effect_id}, {result.state})")
+    click.echo(
+        f"{verb}: {escape_controls(operation_key)} (effect {result.effect_id}, {result.state})"
+    )
 
 
 def load_story(conn: psycopg.Connection[Any], operation_key: str) -> dict[str, Any] | None:
@@ -287,12 +307,13 @@ def show(ctx: click.Context, operation_key: str, as_json: bool) -> None:
     with connect(_settings(ctx), purpose="cli") as conn:
         story = load_story(conn, operation_key)
     if story is None:
-        click.echo(f"error: no effect has operation key {operation_key!r}", err=True)
-        sys.exit(1)
+        _fail(f"no effect has operation key {operation_key!r}", EXIT_FAILURE)
     if as_json:
         click.echo(json.dumps(story, default=_json_default, indent=2))
         return
-    click.echo("\n".join(story_lines(story)))
+    # Keys, reasons and a downstream's detail are outside text: each line is escaped whole, so
+    # a newline or an escape sequence in them shows as text instead of acting on the terminal.
+    click.echo("\n".join(escape_controls(line) for line in story_lines(story)))
 
 
 @main.command("list")
@@ -325,10 +346,11 @@ def list_effects(
         if as_json:
             click.echo(json.dumps(row, default=_json_default))
         else:
-            click.echo(
+            line = (
                 f"{row['updated_at']:%Y-%m-%d %H:%M:%S} {row['state']:<11} {row['effect_type']:<20}"
                 f" {row['operation_key']}" + (f"  ({row['reason']})" if row["reason"] else "")
             )
+            click.echo(escape_controls(line))
 
 
 @main.command()
@@ -345,10 +367,11 @@ def stats(ctx: click.Context, as_json: bool) -> None:
         return
     click.echo(f"{'effect type':<24} {'state':<12} {'effects':>9} {'oldest':>10}")
     for row in rows:
-        click.echo(
+        line = (
             f"{row['effect_type']:<24} {row['state']:<12} {row['effects']:>9}"
             f" {row['oldest_age_s']:>9.0f}s"
         )
+        click.echo(escape_controls(line))
 
 
 @main.command()
@@ -360,7 +383,7 @@ def cancel(ctx: click.Context, operation_key: str, reason: str) -> None:
     """Withdraw a PENDING effect before any attempt."""
     with connect(_settings(ctx), purpose="cli") as conn:
         outbox.cancel(conn, operation_key, reason=reason, actor="operator")
-    click.echo(f"cancelled: {operation_key}")
+    click.echo(f"cancelled: {escape_controls(operation_key)}")
 
 
 @main.command()

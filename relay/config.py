@@ -29,6 +29,7 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from relay.errors import ConfigError, EffectTypeError
+from relay.redaction import register_dsn, register_secret
 
 ENV_PREFIX = "RELAY_"
 DEFAULT_CONFIG_FILE = "relay.toml"
@@ -124,7 +125,12 @@ class Settings(BaseSettings):
     """Every setting of the relay. Environment variables ``RELAY_<NAME>`` override the file."""
 
     model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX, extra="forbid", frozen=True, env_ignore_empty=True
+        env_prefix=ENV_PREFIX,
+        extra="forbid",
+        frozen=True,
+        env_ignore_empty=True,
+        # A rejected value may be a database URL with its password: never echo it in an error.
+        hide_input_in_errors=True,
     )
 
     database_url: str | None = Field(default=None, description="PostgreSQL conninfo or URL.")
@@ -134,6 +140,20 @@ class Settings(BaseSettings):
     kafka_sasl_username: str | None = None
     kafka_sasl_password: SecretStr | None = None
     kafka_ssl_cafile: str | None = None
+    kafka_ssl_certfile: str | None = Field(
+        default=None, description="Client certificate (PEM) for Kafka mTLS."
+    )
+    kafka_ssl_keyfile: str | None = Field(
+        default=None, description="Private key (PEM) of the client certificate."
+    )
+    kafka_ssl_password: SecretStr | None = Field(
+        default=None, description="Password of kafka_ssl_keyfile, if it is encrypted."
+    )
+    max_payload_bytes: int = Field(
+        default=1_000_000,
+        ge=2,
+        description="Largest payload (its JSON text, in bytes) `relay enqueue` accepts.",
+    )
 
     replica_id: str = Field(default_factory=socket.gethostname, min_length=1, max_length=200)
     batch_size: int = Field(default=500, ge=1, le=50_000)
@@ -192,8 +212,9 @@ class Settings(BaseSettings):
 
     effect_types: dict[str, EffectTypeSpec] = Field(default_factory=dict)
     metrics_host: str = Field(
-        default="0.0.0.0",
-        description="Address /metrics, /healthz and /readyz listen on (metrics_port 0: off).",
+        default="127.0.0.1",
+        description="Address /metrics, /healthz and /readyz listen on (metrics_port 0: off); "
+        "loopback unless set, e.g. 0.0.0.0 in a container that Prometheus scrapes.",
     )
     reconcile_metrics_port: int | None = Field(
         default=None,
@@ -254,6 +275,20 @@ class Settings(BaseSettings):
         le=50_000,
         description="Effects (each with its compensations) deleted per short purge transaction.",
     )
+
+    @field_validator("database_url")
+    @classmethod
+    def _parsable_database_url(cls, value: str | None) -> str | None:
+        register_dsn(value)  # raises ValueError, without the value, when it does not parse
+        return value
+
+    @model_validator(mode="after")
+    def _register_secrets(self) -> Settings:
+        """Every password this process holds is masked in everything it prints."""
+        for secret in (self.kafka_sasl_password, self.kafka_ssl_password):
+            if secret is not None:
+                register_secret(secret.get_secret_value())
+        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -370,21 +405,40 @@ def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
     try:
         return Settings(**overrides)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc, source)) from None
+        raise ConfigError(_describe(exc, source, overrides)) from None
     except EffectTypeError as exc:
         raise EffectTypeError(f"{source or 'configuration'}: {exc}") from None
     finally:
         _FILE_VALUES.reset(token)
 
 
-def _describe(exc: ValidationError, source: Path | None) -> str:
+def _from_environment(name: str, overrides: dict[str, Any]) -> str | None:
+    """The ``RELAY_*`` variable that set ``name``, if one did (and no explicit argument won)."""
+    if not name or name in overrides:
+        return None
+    wanted = f"{ENV_PREFIX}{name}".upper()
+    for variable, value in os.environ.items():
+        if variable.upper() == wanted and value != "":
+            return variable
+    return None
+
+
+def _describe(exc: ValidationError, source: Path | None, overrides: dict[str, Any]) -> str:
+    """Each problem with where its value came from: a variable, the file, or an argument."""
     problems = []
     for err in exc.errors():
         loc = ".".join(str(part) for part in err["loc"])
         top = str(err["loc"][0]) if err["loc"] else ""
-        env_name = f"{ENV_PREFIX}{top.upper()}"
-        where = f" (or {env_name})" if top and top != "effect_types" else ""
         message = str(err["msg"]).removeprefix("Value error, ")
-        problems.append(f"setting '{loc}'{where}: {message}" if err["loc"] else message)
-    origin = f"in {source}" if source else "in the configuration"
-    return f"invalid configuration {origin}: " + "; ".join(problems)
+        variable = _from_environment(top, overrides)
+        if not err["loc"]:
+            problems.append(message)
+        elif variable is not None:
+            problems.append(f"setting '{loc}' from environment variable {variable}: {message}")
+        elif source is not None and top in _FILE_VALUES.get():
+            problems.append(f"setting '{loc}' in {source}: {message}")
+        else:
+            env_name = f"{ENV_PREFIX}{top.upper()}"
+            where = f" (or {env_name})" if top and top != "effect_types" else ""
+            problems.append(f"setting '{loc}'{where}: {message}")
+    return "invalid configuration: " + "; ".join(problems)

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import ipaddress
+import logging
+import os
 from typing import Any
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 
 from relay.config import Settings
 from relay.errors import ServiceUnavailableError
 from relay.logs import redact
+
+log = logging.getLogger(__name__)
 
 
 def connect(
@@ -32,3 +38,37 @@ def connect(
         )
     except psycopg.OperationalError as exc:
         raise ServiceUnavailableError(f"PostgreSQL unavailable: {redact(str(exc))}") from None
+
+
+def _is_loopback(host: str) -> bool:
+    if not host or host.startswith("/") or host.startswith("@") or host == "localhost":
+        return True  # a Unix-domain socket never leaves the machine
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def unprotected_hosts(database_url: str) -> list[str]:
+    """The non-loopback hosts ``database_url`` reaches without ``sslmode=verify-full``: libpq's
+    default (``prefer``) falls back to plaintext, and ``require`` accepts any certificate."""
+    params = conninfo_to_dict(database_url)
+    sslmode = str(params.get("sslmode") or os.environ.get("PGSSLMODE") or "prefer")
+    if sslmode == "verify-full":
+        return []
+    hosts = str(params.get("hostaddr") or params.get("host") or os.environ.get("PGHOST") or "")
+    return [h for h in hosts.split(",") if not _is_loopback(h.strip())]
+
+
+def warn_unless_verified_tls(settings: Settings, daemon: str) -> None:
+    """One warning at start when the database is remote and its server is not verified."""
+    if not settings.database_url:
+        return
+    hosts = unprotected_hosts(settings.database_url)
+    if hosts:
+        log.warning(
+            "%s: PostgreSQL at %s is reached without sslmode=verify-full: the connection may be "
+            "plaintext or go to an impostor (see docs/security.md)",
+            daemon,
+            ", ".join(hosts),
+        )

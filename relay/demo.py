@@ -35,6 +35,7 @@ from relay.migrations import migrate, sync_effect_types
 from relay.publisher import kafka_security
 from relay.reconciler.daemon import Reconciler
 from relay.reconciler.observers import Observation, ObservedEffect
+from relay.redaction import display_dsn
 from relay.sql import query
 
 WIRE_TIMEOUT_S = 5.0
@@ -166,7 +167,7 @@ def run_demo(settings: Settings, *, effects: int, keep_running: bool) -> None:
         services = stack.enter_context(local_services(fsync=True))
         url = services.database_url
         click.echo(
-            f"  PostgreSQL {url}\n  Kafka      {services.kafka_bootstrap_servers}"
+            f"  PostgreSQL {display_dsn(url)}\n  Kafka      {services.kafka_bootstrap_servers}"
             f"\n  ready in {time.monotonic() - started:.1f}s"
         )
         cfg = _demo_settings(settings, url, services.kafka_bootstrap_servers)

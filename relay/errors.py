@@ -32,6 +32,11 @@ class InvalidIntentError(EnqueueError):
     """The intent is malformed: empty key, payload not a JSON object, business-key field missing."""
 
 
+class PayloadTooLargeError(InvalidIntentError):
+    """The payload's JSON text is larger than the configured limit (``max_payload_bytes``): a
+    record the brokers refuse would only be REJECTED later, after holding memory in every claim."""
+
+
 class OperationKeyConflictError(EnqueueError):
     """The operation key already names an effect with another type or payload.
 

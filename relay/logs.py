@@ -1,26 +1,24 @@
-"""Log set-up: one line per event, plain text or JSON, with no secrets in any line."""
+"""Log set-up: one line per event, plain text or JSON, with no secrets in any line.
+
+A text line escapes control characters in everything it shows (an operation key with a newline
+cannot forge a second line); a JSON line redacts each value before encoding, so it stays valid
+JSON whatever the values hold.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
-import re
+import math
 import sys
 from datetime import UTC, datetime
 from typing import Any
 
-# user:password@ in URLs, and password=... in conninfo strings.
-_URL_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.\-]*://[^:/@\s]+):[^@\s]*@", re.IGNORECASE)
-_KV_PASSWORD = re.compile(
-    r"(?P<key>password|sasl_plain_password|passwd)(?P<sep>['\"]?\s*[=:]\s*['\"]?)[^'\"\s,}]+",
-    re.IGNORECASE,
-)
+from relay.redaction import escape_controls, redact
+
+__all__ = ["JsonFormatter", "TextFormatter", "configure", "redact"]
+
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
-
-
-def redact(text: str) -> str:
-    text = _URL_PASSWORD.sub(r"\g<scheme>:***@", text)
-    return _KV_PASSWORD.sub(r"\g<key>\g<sep>***", text)
 
 
 def _extras(record: logging.LogRecord) -> dict[str, Any]:
@@ -34,9 +32,11 @@ class TextFormatter(logging.Formatter):
         line = f"{stamp} {record.levelname:<7} {record.name}: {record.getMessage()}"
         if extras:
             line = f"{line} [{extras}]"
+        line = escape_controls(redact(line))
         if record.exc_info:
-            line = f"{line}\n{self.formatException(record.exc_info)}"
-        return redact(line)
+            trace = redact(self.formatException(record.exc_info))
+            line = f"{line}\n{escape_controls(trace, keep_newlines=True)}"
+        return line
 
 
 class JsonFormatter(logging.Formatter):
@@ -50,7 +50,21 @@ class JsonFormatter(logging.Formatter):
         }
         if record.exc_info:
             doc["exc"] = self.formatException(record.exc_info)
-        return redact(json.dumps(doc, default=str))
+        return json.dumps({redact(str(k)): _safe(v) for k, v in doc.items()})
+
+
+def _safe(value: Any, depth: int = 0) -> Any:
+    """A JSON-ready value with secrets masked: numbers and booleans as they are, containers
+    walked (to a bounded depth), everything else as redacted text."""
+    if value is None or isinstance(value, bool | int):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if depth < 8 and isinstance(value, dict):
+        return {redact(str(k)): _safe(v, depth + 1) for k, v in value.items()}
+    if depth < 8 and isinstance(value, list | tuple):
+        return [_safe(v, depth + 1) for v in value]
+    return redact(value if isinstance(value, str) else str(value))
 
 
 class _QuietTopicCreation(logging.Filter):

@@ -27,13 +27,14 @@ from relay.errors import (
     InvalidTransitionError,
     MigrationError,
     OperationKeyConflictError,
+    PayloadTooLargeError,
     RelayError,
     UnknownEffectTypeError,
 )
 from relay.sql import query
 from relay.states import EffectState
 
-_TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
+_TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
 _ERRORS: dict[str, type[RelayError]] = {
     "RL001": UnknownEffectTypeError,
     "RL002": InvalidIntentError,
@@ -89,24 +90,90 @@ class Effect:
     lease_until: datetime | None = None
 
 
-def _params(intent: Intent) -> dict[str, Any]:
+MAX_PAYLOAD_BYTES = 1_000_000
+"""Default limit on a payload's JSON text (UTF-8 bytes); below the brokers' 1 MiB default so that
+the record and its headers still fit."""
+MAX_PAYLOAD_DEPTH = 100
+"""Deepest nesting of objects and arrays accepted in a payload: deeper documents are far more
+likely an attack or a bug than an intent, and would exhaust Python's recursion on the way."""
+
+
+def _bad_char(text: str) -> str | None:
+    """Why PostgreSQL could not store ``text`` (a NUL, a lone surrogate), or None."""
+    if "\x00" in text:
+        return "contains a NUL character (U+0000), which PostgreSQL cannot store"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "contains a lone surrogate (not valid Unicode text)"
+    return None
+
+
+def _check_text(key: str, what: str, text: str) -> None:
+    why = _bad_char(text)
+    if why is not None:
+        raise InvalidIntentError(f"intent {key!r}: {what} {why}")
+
+
+def _check_payload(key: str, value: Any, depth: int = 0) -> None:
+    """Walk the payload once, bounded by :data:`MAX_PAYLOAD_DEPTH` (which also ends a cycle)."""
+    if isinstance(value, str):
+        _check_text(key, "a payload string", value)
+        return
+    if isinstance(value, Mapping):
+        children: Iterable[Any] = value.values()
+        for name in value:
+            if isinstance(name, str):
+                _check_text(key, "a payload field name", name)
+    elif isinstance(value, list | tuple):
+        children = value
+    else:
+        return
+    if depth >= MAX_PAYLOAD_DEPTH:
+        raise InvalidIntentError(
+            f"intent {key!r}: payload nests deeper than {MAX_PAYLOAD_DEPTH} levels"
+        )
+    for child in children:
+        _check_payload(key, child, depth + 1)
+
+
+def _params(intent: Intent, max_payload_bytes: int = MAX_PAYLOAD_BYTES) -> dict[str, Any]:
+    """The statement's parameters, after every check that needs no database: a refusal here
+    raises an :class:`EnqueueError` and leaves the caller's transaction untouched."""
     key = intent.operation_key
     if not isinstance(key, str) or not 1 <= len(key) <= 512:
         raise InvalidIntentError("operation key must be a string of 1 to 512 characters")
+    why = _bad_char(key)
+    if why is not None:
+        raise InvalidIntentError(f"operation key {why}")
     if not isinstance(intent.effect_type, str) or not intent.effect_type:
         raise InvalidIntentError(f"intent {key!r}: effect type must be a non-empty string")
+    _check_text(key, "effect type", intent.effect_type)
+    if intent.business_key is not None:
+        if not isinstance(intent.business_key, str):
+            raise InvalidIntentError(f"intent {key!r}: business key must be a string")
+        _check_text(key, "business key", intent.business_key)
     if not isinstance(intent.payload, Mapping):
         raise InvalidIntentError(
             f"intent {key!r}: payload must be a JSON object (a mapping), "
             f"not {type(intent.payload).__name__}"
         )
+    _check_payload(key, intent.payload)
     try:
         payload = json.dumps(intent.payload, allow_nan=False, separators=(",", ":"))
     except (TypeError, ValueError) as exc:
         raise InvalidIntentError(
             f"intent {key!r}: payload is not JSON-serialisable: {exc}"
         ) from None
-    if intent.traceparent is not None and not _TRACEPARENT.match(intent.traceparent):
+    size = len(payload.encode("utf-8"))
+    if size > max_payload_bytes:
+        raise PayloadTooLargeError(
+            f"intent {key!r}: payload is {size} bytes of JSON, over the limit of "
+            f"{max_payload_bytes} (max_payload_bytes)"
+        )
+    if intent.traceparent is not None and (
+        not isinstance(intent.traceparent, str) or not _TRACEPARENT.fullmatch(intent.traceparent)
+    ):
         raise InvalidIntentError(
             f"intent {key!r}: traceparent {intent.traceparent!r} is not a W3C traceparent"
         )
@@ -118,6 +185,12 @@ def _params(intent: Intent) -> dict[str, Any]:
         "traceparent": intent.traceparent,
         "available_at": intent.available_at,
     }
+
+
+def check_intent(intent: Intent, *, max_payload_bytes: int = MAX_PAYLOAD_BYTES) -> None:
+    """Raise the :class:`EnqueueError` that :func:`enqueue` would raise before reaching the
+    database, so that a command can refuse bad input before it connects."""
+    _params(intent, max_payload_bytes)
 
 
 @contextmanager
@@ -156,19 +229,25 @@ def enqueue(
     business_key: str | None = None,
     traceparent: str | None = None,
     available_at: datetime | None = None,
+    max_payload_bytes: int = MAX_PAYLOAD_BYTES,
 ) -> Enqueued:
     """Record one intent in the caller's transaction; the same key again returns the first one."""
     intent = Intent(effect_type, operation_key, payload, business_key, traceparent, available_at)
-    params = _params(intent)
+    params = _params(intent, max_payload_bytes)
     with translate_errors(), conn.cursor() as cur:
         cur.execute(query("enqueue"), params)
         return _result(operation_key, cur.fetchone())
 
 
-def enqueue_many(conn: psycopg.Connection[Any], intents: Iterable[Intent]) -> list[Enqueued]:
+def enqueue_many(
+    conn: psycopg.Connection[Any],
+    intents: Iterable[Intent],
+    *,
+    max_payload_bytes: int = MAX_PAYLOAD_BYTES,
+) -> list[Enqueued]:
     """Record many intents in the caller's transaction with one pipelined round trip."""
     batch = list(intents)
-    params = [_params(intent) for intent in batch]
+    params = [_params(intent, max_payload_bytes) for intent in batch]
     results: list[Enqueued] = []
     if not params:
         return results
@@ -210,10 +289,11 @@ async def enqueue_async(
     business_key: str | None = None,
     traceparent: str | None = None,
     available_at: datetime | None = None,
+    max_payload_bytes: int = MAX_PAYLOAD_BYTES,
 ) -> Enqueued:
     """:func:`enqueue` for an asyncio application's :class:`psycopg.AsyncConnection`."""
     intent = Intent(effect_type, operation_key, payload, business_key, traceparent, available_at)
-    params = _params(intent)
+    params = _params(intent, max_payload_bytes)
     with translate_errors():
         async with conn.cursor() as cur:
             await cur.execute(query("enqueue"), params)
@@ -221,10 +301,13 @@ async def enqueue_async(
 
 
 async def enqueue_many_async(
-    conn: psycopg.AsyncConnection[Any], intents: Iterable[Intent]
+    conn: psycopg.AsyncConnection[Any],
+    intents: Iterable[Intent],
+    *,
+    max_payload_bytes: int = MAX_PAYLOAD_BYTES,
 ) -> list[Enqueued]:
     batch = list(intents)
-    params = [_params(intent) for intent in batch]
+    params = [_params(intent, max_payload_bytes) for intent in batch]
     results: list[Enqueued] = []
     if not params:
         return results

@@ -66,6 +66,13 @@ def kafka_security(settings: Settings) -> dict[str, Any]:
             config["sasl_plain_password"] = settings.kafka_sasl_password.get_secret_value()
     if settings.kafka_ssl_cafile:
         config["ssl_cafile"] = settings.kafka_ssl_cafile
+    if settings.kafka_ssl_certfile:
+        # Mutual TLS: the brokers authenticate the relay by this certificate.
+        config["ssl_certfile"] = settings.kafka_ssl_certfile
+        if settings.kafka_ssl_keyfile:
+            config["ssl_keyfile"] = settings.kafka_ssl_keyfile
+        if settings.kafka_ssl_password is not None:
+            config["ssl_password"] = settings.kafka_ssl_password.get_secret_value()
     return config
 
 

@@ -168,15 +168,31 @@ def broker_properties(
     partitions: int = 3,
     auto_create_topics: bool = True,
     extra: Mapping[str, str | int | bool] | None = None,
+    sasl_port: int | None = None,
 ) -> dict[str, str]:
-    """``server.properties`` for one combined broker+controller node on loopback."""
+    """``server.properties`` for one combined broker+controller node on loopback; with
+    ``sasl_port``, a second client listener there that takes SASL/SCRAM-SHA-512 (plaintext)."""
+    listeners = f"PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}"
+    advertised_listeners = f"PLAINTEXT://{advertised or f'127.0.0.1:{port}'}"
+    protocols = "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT"
+    sasl: dict[str, str | int | bool] = {}
+    if sasl_port is not None:
+        listeners += f",SASL://127.0.0.1:{sasl_port}"
+        advertised_listeners += f",SASL://127.0.0.1:{sasl_port}"
+        protocols += ",SASL:SASL_PLAINTEXT"
+        sasl = {
+            "sasl.enabled.mechanisms": "SCRAM-SHA-512",
+            "listener.name.sasl.scram-sha-512.sasl.jaas.config": (
+                "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+            ),
+        }
     props: dict[str, str | int | bool] = {
         "process.roles": "broker,controller",
         "node.id": 1,
         "controller.quorum.voters": f"1@127.0.0.1:{controller_port}",
-        "listeners": f"PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}",
-        "advertised.listeners": f"PLAINTEXT://{advertised or f'127.0.0.1:{port}'}",
-        "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+        "listeners": listeners,
+        "advertised.listeners": advertised_listeners,
+        "listener.security.protocol.map": protocols,
         "controller.listener.names": "CONTROLLER",
         "inter.broker.listener.name": "PLAINTEXT",
         "log.dirs": str(log_dir),
@@ -190,6 +206,7 @@ def broker_properties(
         # Fewer internal partitions: faster first consumer group and first transaction.
         "offsets.topic.num.partitions": 3,
         "transaction.state.log.num.partitions": 3,
+        **sasl,
         **(extra or {}),
     }
     return {key: _property_text(value) for key, value in props.items()}
@@ -222,6 +239,8 @@ class LocalKafka:
     ``advertised`` ("host:port") replaces the address clients are told to use, so a test can put
     a TCP proxy in front; readiness is still checked on the real port. ``extra_properties`` adds
     or overrides broker properties (e.g. ``message.max.bytes``, ``transaction.max.timeout.ms``).
+    ``scram_users`` (name -> password) adds a SASL_PLAINTEXT listener taking SCRAM-SHA-512 for
+    these users, at ``sasl_bootstrap_servers``; the plaintext listener stays for everything else.
     """
 
     def __init__(
@@ -233,12 +252,15 @@ class LocalKafka:
         port: int | None = None,
         extra_properties: Mapping[str, str | int | bool] | None = None,
         start_timeout_s: float = 60.0,
+        scram_users: Mapping[str, str] | None = None,
     ) -> None:
         if port is None:
             self.port, self.controller_port = free_ports(2)
         else:
             self.port, self.controller_port = port, free_ports(1)[0]
         self._fixed_port = port is not None
+        self.scram_users = dict(scram_users or {})
+        self.sasl_port: int | None = free_ports(1)[0] if self.scram_users else None
         self.partitions = partitions
         self.auto_create_topics = auto_create_topics
         self.advertised = advertised
@@ -250,6 +272,12 @@ class LocalKafka:
     @property
     def bootstrap_servers(self) -> str:
         return self.advertised or f"127.0.0.1:{self.port}"
+
+    @property
+    def sasl_bootstrap_servers(self) -> str:
+        if self.sasl_port is None:
+            raise DevServicesError("this broker has no SASL listener (no scram_users)")
+        return f"127.0.0.1:{self.sasl_port}"
 
     @property
     def pid(self) -> int:
@@ -280,6 +308,7 @@ class LocalKafka:
             partitions=self.partitions,
             auto_create_topics=self.auto_create_topics,
             extra=self.extra_properties,
+            sasl_port=self.sasl_port,
         )
 
     def start(self) -> None:
@@ -307,6 +336,8 @@ class LocalKafka:
                     self._terminate()
                     shutil.rmtree(self.root / "data", ignore_errors=True)
                     self.port, self.controller_port = free_ports(2)
+                    if self.sasl_port is not None:
+                        self.sasl_port = free_ports(1)[0]
         except BaseException:
             self.stop()
             raise
@@ -341,6 +372,7 @@ class LocalKafka:
             new_cluster_id(),
             "-c",
             str(self.config_path),
+            *self._scram_arguments(),
         )
         try:
             result = subprocess.run(command, capture_output=True, text=True, timeout=120)
@@ -349,6 +381,16 @@ class LocalKafka:
         if result.returncode != 0:
             output = (result.stderr + result.stdout).strip()[-4000:]
             raise DevServicesError(f"formatting the Kafka storage failed:\n{output}")
+
+    def _scram_arguments(self) -> list[str]:
+        """SCRAM credentials written into the metadata log at format time (KRaft has no
+        ZooKeeper to add them to later)."""
+        args: list[str] = []
+        for name, password in self.scram_users.items():
+            if any(c in name + password for c in ",=[]\"'"):
+                raise DevServicesError("SCRAM test users need names/passwords without ,=[]\"'")
+            args += ["--add-scram", f"SCRAM-SHA-512=[name={name},password={password}]"]
+        return args
 
     def _launch(self, java: str, lib: Path) -> None:
         command = self._java_command(

@@ -30,10 +30,12 @@ def reconcile(ctx: click.Context) -> None:
     Stops cleanly on SIGTERM or Ctrl-C.
     """
     from relay.cli import clean_errors, run_until_signalled
+    from relay.db import warn_unless_verified_tls
     from relay.reconciler.daemon import Reconciler
 
     @clean_errors
     def body() -> None:
+        warn_unless_verified_tls(_settings(ctx), "reconcile")
         run_until_signalled(Reconciler(_settings(ctx)))
 
     body()
