@@ -23,7 +23,7 @@ from kafka import errors as kerr
 from kafka.structs import OffsetAndMetadata
 from pydantic import ValidationError
 
-from relay import observability
+from relay import observability, tracing
 from relay.config import Settings
 from relay.errors import RelayError
 from relay.messages import ResultMessage, ResultOutcome
@@ -75,17 +75,23 @@ def apply_result(
     effect = lock_effect(conn, message.operation_key)
     if effect is None:
         return Verdict("orphaned", "no effect has this operation key")
-    row = conn.execute(
-        query("earlier_deferred"), {"effect_id": effect.id, "evidence_id": evidence_id}
-    ).fetchone()
-    if row is not None and row[0]:
-        return Verdict(
-            "deferred",
-            "an earlier result of this effect waits to be applied first",
-            effect.id,
-            effect.attempts,
-        )
-    return _apply(conn, settings, effect, message, actor)
+    ref = tracing.EffectRef(effect.operation_key, effect.id, effect.traceparent)
+    outcome = {"relay.result.outcome": message.outcome.value}
+    with tracing.span("relay.apply_result", [ref], outcome, kind="CONSUMER") as span:
+        row = conn.execute(
+            query("earlier_deferred"), {"effect_id": effect.id, "evidence_id": evidence_id}
+        ).fetchone()
+        if row is not None and row[0]:
+            found = Verdict(
+                "deferred",
+                "an earlier result of this effect waits to be applied first",
+                effect.id,
+                effect.attempts,
+            )
+        else:
+            found = _apply(conn, settings, effect, message, actor)
+        span.set_attribute("relay.verdict", found.verdict)
+        return found
 
 
 def _apply(
