@@ -20,28 +20,12 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 
-from relay.errors import (
-    EffectNotFoundError,
-    EnqueueError,
-    InvalidIntentError,
-    InvalidTransitionError,
-    MigrationError,
-    OperationKeyConflictError,
-    PayloadTooLargeError,
-    RelayError,
-    UnknownEffectTypeError,
-)
+from relay.errors import EnqueueError, InvalidIntentError, PayloadTooLargeError
 from relay.sql import query
+from relay.sqlstates import relay_error
 from relay.states import EffectState
 
 _TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
-_ERRORS: dict[str, type[RelayError]] = {
-    "RL001": UnknownEffectTypeError,
-    "RL002": InvalidIntentError,
-    "RL003": OperationKeyConflictError,
-    "RL004": EffectNotFoundError,
-    "RL005": InvalidTransitionError,
-}
 
 
 @dataclass(frozen=True)
@@ -201,12 +185,9 @@ def translate_errors() -> Iterator[None]:
     except psycopg.Error as exc:
         sqlstate = exc.sqlstate or ""
         diag = exc.diag.message_primary or str(exc)
-        if sqlstate in _ERRORS:
-            raise _ERRORS[sqlstate](diag) from None
-        if sqlstate in {"42883", "3F000", "42P01"}:  # undefined function / schema / table
-            raise MigrationError(
-                f"the relay schema is missing ({diag}): run 'relay migrate' first"
-            ) from None
+        error = relay_error(sqlstate, diag)
+        if error is not None:
+            raise error from None
         raise
 
 

@@ -24,7 +24,7 @@ from kafka.structs import OffsetAndMetadata
 from psycopg.rows import dict_row
 from pydantic import ValidationError
 
-from relay import observability
+from relay import observability, tracing
 from relay.config import Settings
 from relay.errors import RelayError
 from relay.messages import ResultMessage, ResultOutcome
@@ -152,17 +152,34 @@ def apply_result(
     ``batch``, the effect comes from it and the move is collected for it."""
     if batch is not None:
         effect = batch.effects.get(message.operation_key)
-        if effect is None:
-            return Verdict("orphaned", "no effect has this operation key")
+    else:
+        effect = lock_effect(conn, message.operation_key)
+    if effect is None:
+        return Verdict("orphaned", "no effect has this operation key")
+    ref = tracing.EffectRef(effect.operation_key, effect.id, effect.traceparent)
+    outcome = {"relay.result.outcome": message.outcome.value}
+    with tracing.span("relay.apply_result", [ref], outcome, kind="CONSUMER") as span:
+        found = _decide(conn, settings, effect, message, actor, evidence_id, batch)
+        span.set_attribute("relay.verdict", found.verdict)
+        return found
+
+
+def _decide(
+    conn: psycopg.Connection[Any],
+    settings: Settings,
+    effect: LockedEffect,
+    message: ResultMessage,
+    actor: str,
+    evidence_id: int,
+    batch: ResultBatch | None,
+) -> Verdict:
+    if batch is not None:
         if effect.id in batch.deferred:
             return _waits_behind(effect)
         found = _apply(conn, settings, effect, message, actor, batch.add_move)
         if found.verdict == "deferred":
             batch.deferred.add(effect.id)
         return found
-    effect = lock_effect(conn, message.operation_key)
-    if effect is None:
-        return Verdict("orphaned", "no effect has this operation key")
     row = conn.execute(
         query("earlier_deferred"), {"effect_id": effect.id, "evidence_id": evidence_id}
     ).fetchone()

@@ -39,6 +39,7 @@ class LockedEffect:
     payload: dict[str, Any]
     business_key: str | None
     published_offset: int | None
+    traceparent: str | None = None  # the request's trace, for the reconciler's spans
 
 
 def lock_effect(conn: psycopg.Connection[Any], operation_key: str) -> LockedEffect | None:

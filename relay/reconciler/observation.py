@@ -27,11 +27,12 @@ import time
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
+from contextlib import ExitStack
 from typing import Any
 
 import psycopg
 
-from relay import observability
+from relay import observability, tracing
 from relay.config import Settings
 from relay.errors import RelayError
 from relay.reconciler.compensation import ensure_compensations
@@ -182,10 +183,14 @@ class Observations:
         effect_id, key, effect_type, payload, business_key, attempts, tries, lease = row[:8]
         unpublished = len(row) > 8 and bool(row[8])
         spec = self.settings.effect_type(effect_type)
-        with observability.deferred(), conn.transaction():
+        with ExitStack() as traced, observability.deferred(), conn.transaction():
             locked = conn.execute(
                 query("lock_observed"), {"id": effect_id, "attempt": attempts, "lease": lease}
             ).fetchone()
+            ref = tracing.EffectRef(key, effect_id, locked[4] if locked else None)
+            answer = {"relay.observation.answer": observation.answer}
+            span = traced.enter_context(tracing.span("relay.observation", [ref], answer))
+            span.set_attribute("relay.observation.failed", failed)
             detail = clean_text(observation.detail) or ""
             count = observation.count
             evidence = {
@@ -204,12 +209,15 @@ class Observations:
                     query("insert_evidence"),
                     {**evidence, "verdict": "ignored", "reason": "the effect moved on meanwhile"},
                 )
+                span.set_attribute("relay.verdict", "ignored")
                 return
             if has_observer:
                 observability.record_observation("error" if failed else observation.answer)
             target, reason, delay = self._decide(
                 observation, int(attempts), int(tries), spec, has_observer, detail, unpublished
             )
+            span.set_attribute("relay.verdict", "applied")
+            span.set_attribute("relay.state", target.value)
             if target is UNKNOWN:
                 conn.execute(
                     query("reschedule_observation"),

@@ -30,7 +30,7 @@ WHERE id = %(id)s;
 -- name: lock_effect
 -- The effect a result or a decision is about, locked until the transaction ends.
 SELECT id, operation_key, effect_type, state, attempts, external_id, payload, business_key,
-       published_offset
+       published_offset, traceparent
 FROM relay.effect WHERE operation_key = %(operation_key)s
 FOR UPDATE;
 
@@ -152,7 +152,7 @@ RETURNING e.id, e.operation_key, e.effect_type, e.payload, e.business_key, e.att
 
 -- name: lock_observed
 -- The observed effect, if nothing moved it while its observer was asked.
-SELECT id, state, attempts, observe_tries FROM relay.effect
+SELECT id, state, attempts, observe_tries, traceparent FROM relay.effect
 WHERE id = %(id)s AND state = 'UNKNOWN' AND attempts = %(attempt)s AND observe_at = %(lease)s
 FOR UPDATE;
 
@@ -303,7 +303,7 @@ RETURNING id, topic, partition, "offset";
 -- The effects a batch of results is about, locked until the transaction ends (in id order, so
 -- two replicas never wait on each other in a circle).
 SELECT id, operation_key, effect_type, state, attempts, external_id, payload, business_key,
-       published_offset
+       published_offset, traceparent
 FROM relay.effect WHERE operation_key = ANY(%(keys)s::text[])
 ORDER BY id
 FOR UPDATE;
