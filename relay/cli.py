@@ -375,6 +375,32 @@ def stats(ctx: click.Context, as_json: bool) -> None:
 
 
 @main.command()
+@click.option(
+    "--prefix", default="relay_", show_default=True, help="Roles are named PREFIX + kind."
+)
+@click.option("--apply", "apply_now", is_flag=True, help="Run the script instead of printing it.")
+@click.pass_context
+@clean_errors
+def roles(ctx: click.Context, prefix: str, apply_now: bool) -> None:
+    """Print (or --apply) the SQL of the role split: PREFIXapplication, PREFIXrelay,
+    PREFIXreconciler, PREFIXoperator.
+
+    Run it as the owner of the relay schema, after `relay migrate`, then grant each login its
+    role: GRANT relay_application TO app_user. See docs/security.md.
+    """
+    from relay import roles as role_split
+
+    if not apply_now:
+        names = role_split.role_names(prefix)
+        click.echo(role_split.grants(prefix).as_string(None))
+        click.echo(f"-- roles: {', '.join(names.values())}")
+        return
+    with connect(_settings(ctx), purpose="roles") as conn:
+        made = role_split.apply(conn, prefix)
+    click.echo(f"granted: {', '.join(made.values())}")
+
+
+@main.command()
 @click.argument("operation_key")
 @click.option("--reason", default="cancelled by an operator", show_default=True)
 @click.pass_context
