@@ -286,6 +286,9 @@ def story_lines(story: dict[str, Any]) -> list[str]:
         )
         if v["detail"] and v["detail"] not in (v["reason"] or ""):
             lines.append(f"      detail: {v['detail']}")
+        if v["kind"] == "operator":
+            # The actor is what the operator claimed; these are who the systems saw.
+            lines.append(f"      login {v['db_role'] or '?'}, OS user {v['os_user'] or '?'}")
     if not story["evidence"]:
         lines.append("  (none)")
     lines.append("transitions:")

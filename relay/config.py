@@ -269,6 +269,12 @@ class Settings(BaseSettings):
         description="Finished effects (and their attempts, evidence, transitions) older than "
         "this are removed by `relay purge`.",
     )
+    dedupe_window_s: float = Field(
+        default=30 * 86400.0,
+        gt=0,
+        description="How long the key of a purged effect stays taken after the purge: enqueueing "
+        "it again is refused (deduplication lasts retention_s + dedupe_window_s).",
+    )
     purge_batch_size: int = Field(
         default=500,
         ge=1,

@@ -203,6 +203,7 @@ class Observations:
                 "detail": detail,
                 "attempt": attempts,
                 "actor": self.actor,
+                "os_user": None,
             }
             if locked is None:
                 conn.execute(

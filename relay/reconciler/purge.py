@@ -6,7 +6,9 @@ the configuration says now). Nothing else is ever removed. An effect and its com
 family, removed together in one statement once every member is finished and past retention; a
 compensation never goes alone while its parent exists, so it is never created again for the same
 extra execution. Each batch is its own short transaction that skips rows somebody holds (and the
-families they belong to), so the purge never blocks enqueue, dispatch or the reconciler.
+families they belong to), so the purge never blocks enqueue, dispatch or the reconciler. The
+keys of purged effects are remembered for ``dedupe_window_s`` (``relay.purged_key``): an
+application retrying an old intent is refused (OperationKeyConflictError), never published again.
 """
 
 from __future__ import annotations
@@ -42,15 +44,19 @@ def purge(
     A batch takes up to ``purge_batch_size`` families; every member removed counts as an effect.
     """
     keep_s = settings.retention_s if retention_s is None else retention_s
-    params = {"retention_s": keep_s, "limit": settings.purge_batch_size}
+    params = {
+        "retention_s": keep_s,
+        "limit": settings.purge_batch_size,
+        "dedupe_window_s": settings.dedupe_window_s,
+    }
     effects = evidence = 0
-    for name in ("purge_batch", "purge_unattached_evidence"):
+    for name in ("purge_batch", "purge_unattached_evidence", "purge_forgotten_keys"):
         while True:
             with conn.transaction():
                 done = len(conn.execute(query(name), params).fetchall())
             if name == "purge_batch":
                 effects += done
-            else:
+            elif name == "purge_unattached_evidence":
                 evidence += done
             if done == 0:
                 break

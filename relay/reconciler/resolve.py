@@ -7,6 +7,7 @@ in one transaction with the change and its status event.
 
 from __future__ import annotations
 
+import getpass
 from enum import StrEnum
 from typing import Any
 
@@ -36,6 +37,14 @@ TARGET = {
     # new effect with its own lifecycle.
     Decision.COMPENSATE: EffectState.CONFIRMED,
 }
+
+
+def os_user() -> str | None:
+    """The operating-system user running this command, if it can be told."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return None
 
 
 def resolve(
@@ -80,6 +89,9 @@ def resolve(
                 "verdict": "applied",
                 "reason": why,
                 "actor": actor,
+                # The claimed actor is free text: the login (recorded by the database) and the
+                # OS user are kept beside it.
+                "os_user": os_user(),
             },
         )
         moved = move(conn, effect.id, effect.state, target, reason=why, actor=actor)

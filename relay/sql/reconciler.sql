@@ -15,10 +15,10 @@ RETURNING id;
 
 -- name: insert_evidence
 INSERT INTO relay.evidence (kind, effect_id, operation_key, outcome, external_id, observed_count,
-                            detail, attempt, verdict, reason, actor, applied_at)
+                            detail, attempt, verdict, reason, actor, os_user, applied_at)
 VALUES (%(kind)s, %(effect_id)s, %(operation_key)s, %(outcome)s, %(external_id)s,
         %(observed_count)s, %(detail)s, %(attempt)s, %(verdict)s, %(reason)s, %(actor)s,
-        CASE WHEN %(verdict)s = 'applied' THEN now() END)
+        %(os_user)s, CASE WHEN %(verdict)s = 'applied' THEN now() END)
 RETURNING id;
 
 -- name: finish_evidence
@@ -164,7 +164,7 @@ WHERE id = %(id)s AND state = 'UNKNOWN';
 
 -- name: get_evidence
 SELECT kind, topic, partition, "offset", outcome, external_id, observed_count, detail, attempt,
-       verdict, reason, actor, received_at, applied_at
+       verdict, reason, actor, db_role, os_user, received_at, applied_at
 FROM relay.evidence WHERE effect_id = %(effect_id)s ORDER BY id;
 
 -- name: evidence_counts
@@ -261,9 +261,30 @@ WITH RECURSIVE blocked(id) AS (
         WHERE m.root_id = f.root_id AND m.id <> m.root_id
           AND NOT EXISTS (SELECT 1 FROM held h WHERE h.id = m.id)
     )
+), gone AS (
+    DELETE FROM relay.effect e WHERE e.id = ANY (ARRAY(SELECT w.id FROM whole w))
+    RETURNING e.id, e.operation_key, e.effect_type, e.state
+), remembered AS (
+    -- Their keys stay taken for the dedupe window: a retried old intent is refused, not sent.
+    INSERT INTO relay.purged_key (operation_key, effect_id, effect_type, final_state)
+    SELECT operation_key, id, effect_type, state FROM gone
+    ON CONFLICT (operation_key) DO UPDATE
+        SET effect_id = excluded.effect_id, effect_type = excluded.effect_type,
+            final_state = excluded.final_state, purged_at = now()
 )
-DELETE FROM relay.effect e WHERE e.id = ANY (ARRAY(SELECT w.id FROM whole w))
-RETURNING e.id;
+SELECT id FROM gone;
+
+-- name: purge_forgotten_keys
+-- Keys of purged effects past the dedupe window may be used again.
+WITH old AS (
+    SELECT operation_key FROM relay.purged_key
+    WHERE purged_at < now() - make_interval(secs => %(dedupe_window_s)s)
+    ORDER BY purged_at
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+)
+DELETE FROM relay.purged_key k USING old WHERE k.operation_key = old.operation_key
+RETURNING k.operation_key;
 
 -- name: purge_unattached_evidence
 -- Malformed and orphaned results past retention (they belong to no effect).

@@ -36,5 +36,5 @@ GRANT EXECUTE ON FUNCTION relay.enqueue_compensation(bigint, integer, text, json
 
 -- Operators: `relay resolve` (moves, evidence, compensations), `relay cancel`, `relay purge`.
 GRANT UPDATE, DELETE ON relay.effect TO {operator};
-GRANT INSERT, UPDATE, DELETE ON relay.evidence TO {operator};
+GRANT INSERT, UPDATE, DELETE ON relay.evidence, relay.purged_key TO {operator};
 GRANT INSERT, UPDATE ON relay.transition TO {operator};

@@ -42,6 +42,23 @@ CREATE TABLE relay.status_publisher (
 );
 INSERT INTO relay.status_publisher (id) VALUES (true);
 
+-- Who really decided: the database login (session_user, whatever --actor claims) of every
+-- evidence row, and the OS user of an operator's command. Older rows say nothing (NULL).
+ALTER TABLE relay.evidence ADD COLUMN db_role text, ADD COLUMN os_user text;
+ALTER TABLE relay.evidence ALTER COLUMN db_role SET DEFAULT session_user;
+
+-- Deduplication outlives the purge: the keys of purged effects are remembered (for
+-- dedupe_window_s after their purge), and relay.enqueue refuses them instead of publishing a
+-- retried old intent a second time.
+CREATE TABLE relay.purged_key (
+    operation_key text PRIMARY KEY,
+    effect_id     bigint NOT NULL,
+    effect_type   text NOT NULL,
+    final_state   text NOT NULL,
+    purged_at     timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX purged_key_at_idx ON relay.purged_key (purged_at);
+
 -- The doorbell lapses by itself: an idle relay arms it for a short while and re-arms it while it
 -- waits, so writers stop paying for a NOTIFY soon after the last idle relay died.
 ALTER TABLE relay.doorbell ADD COLUMN armed_until timestamptz;
@@ -110,6 +127,7 @@ DECLARE
     v_template text;
     v_key      text := p_business_key;
     v_existing relay.effect%ROWTYPE;
+    v_purged   relay.purged_key%ROWTYPE;
     v_id       bigint;
 BEGIN
     IF p_operation_key IS NULL OR length(p_operation_key) = 0 OR length(p_operation_key) > 512 THEN
@@ -143,6 +161,13 @@ BEGIN
         v_key := relay.business_key(v_template, p_payload, p_operation_key);
     END IF;
 
+    SELECT * INTO v_purged FROM relay.purged_key k WHERE k.operation_key = p_operation_key;
+    IF FOUND THEN
+        RAISE EXCEPTION 'operation key % named effect % (type %, %), purged at %: not used again within the dedupe window',
+            quote_literal(p_operation_key),
+            v_purged.effect_id, quote_literal(v_purged.effect_type), v_purged.final_state,
+            v_purged.purged_at USING ERRCODE = 'RL003';
+    END IF;
     INSERT INTO relay.effect AS e (operation_key, effect_type, topic, payload, business_key,
                                    traceparent, available_at)
     VALUES (p_operation_key, p_effect_type, v_topic, p_payload, v_key, p_traceparent,

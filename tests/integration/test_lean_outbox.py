@@ -230,3 +230,21 @@ def test_status_events_whose_commit_failed_are_sent_again_once(
         stage.drop_producer()
     assert calls["n"] == 2
     assert len(_published_status(settings, services, url, 30)) == 30
+
+
+def test_a_purged_key_is_refused_not_published_again(settings: Settings) -> None:
+    from relay.errors import OperationKeyConflictError
+    from relay.reconciler.purge import purge
+
+    url = settings.require_database_url()
+    with psycopg.connect(url, autocommit=True) as conn:
+        relay.enqueue(conn, "email", "old-intent", {"to": "a@example.org"})
+        relay.cancel(conn, "old-intent")
+        removed, _ = purge(conn, settings, retention_s=0.000001)
+        assert removed == 1 and relay.get_effect(conn, "old-intent") is None
+        with pytest.raises(OperationKeyConflictError, match="purged"):
+            relay.enqueue(conn, "email", "old-intent", {"to": "a@example.org"})
+        # Past the dedupe window the key may be used again.
+        purge(conn, settings.model_copy(update={"dedupe_window_s": 0.000001}), 0.000001)
+        again = relay.enqueue(conn, "email", "old-intent", {"to": "a@example.org"})
+    assert again.created

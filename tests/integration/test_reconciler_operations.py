@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import json
 import threading
 from pathlib import Path
@@ -135,6 +136,11 @@ def test_python_observer_and_every_operator_decision(rsettings: Settings, tmp_pa
         "confirm",
         "bob",
     )
+    # "bob" is only what the operator claimed: the login and the OS user are recorded beside it.
+    decided = doc["evidence"][-1]
+    login = psycopg.conninfo.conninfo_to_dict(url).get("user")
+    assert (decided["db_role"], decided["os_user"]) == (login, getpass.getuser())
+    assert f"login {login}, OS user {getpass.getuser()}" in evidence, story
     wrong = support.run_cli(config, "resolve", "r-2", "--confirm", "--reason", "x")
     assert wrong.returncode == 2 and "is REJECTED" in wrong.stderr
     assert "Traceback" not in wrong.stderr
