@@ -83,10 +83,19 @@ def plan_for(args: argparse.Namespace) -> Plan:
 
     return Plan(
         commits=commits.CommitSizes(
-            seconds=pick(args.commit_seconds, 5.0, 1.5), processes=pick(args.writers, 8, 8)
+            seconds=pick(args.commit_seconds, 5.0, 1.5),
+            processes=pick(args.writers, 8, 8),
+            status_events=(True,) if quick else (True, False),
         ),
-        drain=drain.DrainSizes(effects=pick(args.drain_effects, 100_000, 4_000)),
-        latency=latency.LatencySizes(seconds=pick(args.latency_seconds, 10.0, 2.0)),
+        drain=drain.DrainSizes(
+            effects=pick(args.drain_effects, 100_000, 4_000),
+            payloads=(256,) if quick else (256, 4096),
+            codecs=("none", "zstd") if quick else drain.CODECS,
+        ),
+        latency=latency.LatencySizes(
+            seconds=pick(args.latency_seconds, 10.0, 2.0),
+            drain_fractions=(0.5,) if quick else (0.1, 0.5, 0.8),
+        ),
         reconcile=reconcile.ReconcileSizes(
             results=pick(args.reconcile_results, 100_000, 3_000),
             status_events=(True,) if quick else (True, False),

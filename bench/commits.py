@@ -34,6 +34,7 @@ class CommitSizes:
     processes: int = 8
     payload_bytes: int = 256
     batches: tuple[int, ...] = (1, 100)
+    status_events: tuple[bool, ...] = (True, False)
 
 
 def _measure(
@@ -87,7 +88,7 @@ def run(server_url: str, bootstrap: str, sizes: CommitSizes, log_dir: Path) -> l
             server_url, bootstrap, sizes, mode="plain", per_txn=per_txn, log_dir=log_dir
         )
         print(f"  (a) plain insert, {shape}: {plain:,.0f} rows/s", flush=True)
-        for status in (True, False):
+        for status in sizes.status_events:
             for relay_running in (False, True):
                 rate = _measure(
                     server_url,

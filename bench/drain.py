@@ -54,10 +54,10 @@ class DrainSizes:
 
 @dataclass
 class Drained:
-    rate: float | None
+    rate: float | None  # n / (last record seen - first record seen) at a read_committed consumer
     seen: int
     duplicates: int
-    seconds: float
+    seconds: float  # wall time of the whole drain, start-up included
     note: str = ""
 
 
@@ -172,8 +172,11 @@ def bare_producer_drain(
         finally:
             proc.join(30)
             counter.close()
-        note = "" if done else f"consumer saw only {counter.count}"
-        return Drained(n / seconds, counter.count, counter.duplicates, seconds, note)
+        if not done or counter.first_at is None or counter.last_at is None:
+            return Drained(None, counter.count, counter.duplicates, seconds, "consumer short")
+        # Timed as the relay is: from the first record a reader sees to the last.
+        span = max(1e-6, counter.last_at - counter.first_at)
+        return Drained(n / span, counter.count, counter.duplicates, seconds)
     finally:
         delete_topics(bootstrap, prefix)
 

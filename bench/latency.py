@@ -39,16 +39,27 @@ class LatencySizes:
     fixed_rates: tuple[float, ...] = (300.0,)
     drain_fractions: tuple[float, ...] = (0.1, 0.5, 0.8)
     payload_bytes: int = 256
-    per_writer_per_s: float = 400.0
+    per_writer_per_s: float = 100.0  # more writers than needed: a slow commit delays none
 
 
 def _load(
-    url: str, worker: int, writers: int, total: int, rate: float, t0: float, size: int, out: Any
+    url: str,
+    worker: int,
+    writers: int,
+    total: int,
+    rate: float,
+    size: int,
+    gate: Any,
+    go: Any,
+    out: Any,
 ) -> None:
-    """Slots worker, worker + writers, ...: slot i is due at t0 + i / rate (wall clock)."""
+    """Slots worker, worker + writers, ...: slot i is due at t0 + i / rate (wall clock), t0 being
+    given through ``gate`` once every writer is connected."""
     sent: list[tuple[str, float, float]] = []
     body = payload(0, size)
     with psycopg.connect(url) as conn:
+        gate.put(worker)
+        t0 = float(go.get())
         for i in range(worker, total, writers):
             due = t0 + i / rate
             pause = due - time.time()
@@ -84,20 +95,26 @@ def measure(
             total = max(1, int(rate * sizes.seconds))
             writers = max(1, min(8, math.ceil(rate / sizes.per_writer_per_s)))
             ctx = mp.get_context("spawn")
-            queue: Any = ctx.Queue()
-            t0 = time.time() + 2.0  # the spawned writers are up by then
+            gate: Any = ctx.Queue()
+            go: Any = ctx.Queue()
+            results: Any = ctx.Queue()
             procs = [
                 ctx.Process(
                     target=_load,
-                    args=(url, w, writers, total, rate, t0, sizes.payload_bytes, queue),
+                    args=(url, w, writers, total, rate, sizes.payload_bytes, gate, go, results),
                 )
                 for w in range(writers)
             ]
             for p in procs:
                 p.start()
+            for _ in procs:
+                gate.get(timeout=120)
+            t0 = time.time() + 0.2  # every writer is connected: the schedule starts
+            for _ in procs:
+                go.put(t0)
             sent: list[tuple[str, float, float]] = []
             for _ in procs:
-                sent.extend(queue.get(timeout=sizes.seconds + 120))
+                sent.extend(results.get(timeout=sizes.seconds + 120))
             for p in procs:
                 p.join()
             counter.wait_for(total + 1, 60, alive=daemon)

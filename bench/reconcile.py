@@ -113,7 +113,7 @@ def results_backlog(settings: Settings, bootstrap: str, n: int, *, fill: bool = 
 
 
 def committed_total(admin: KafkaAdminClient, group: str) -> int:
-    offsets: dict[Any, Any] = admin.list_consumer_group_offsets(group)
+    offsets: dict[Any, Any] = admin.list_group_offsets({group: None}).get(group, {})
     return sum(max(0, int(meta.offset)) for meta in offsets.values())
 
 
