@@ -166,7 +166,7 @@ def write_results(
     ]
     body = markdown_table(figures)
     tail = ["", *(f"- {n}" for n in notes)] if notes else []
-    md.write_text("\n".join(header) + body + "\n".join(tail) + "\n", encoding="utf-8")
+    md.write_text("\n".join(header) + "\n" + body + "\n".join(tail) + "\n", encoding="utf-8")
     js = out_dir / "results.json"
     document = {"meta": meta, "notes": list(notes), "figures": [f.as_dict() for f in figures]}
     js.write_text(json.dumps(document, indent=2, default=str) + "\n", encoding="utf-8")
