@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import threading
 import time
 import uuid
 
 import psycopg
-from kafka import KafkaConsumer, KafkaProducer
+from kafka import KafkaProducer
 from kafka.admin import KafkaAdminClient, NewTopic
 
 import relay
+from bench.common import bare_consumer_rate, start_thread
 from relay.config import Settings, load_settings
 from relay.daemon import Relay
 from relay.devservices import local_services
@@ -66,12 +66,6 @@ def _wait(url: str, state: str, n: int) -> None:
         time.sleep(0.05)
 
 
-def _run(daemon: Relay | Reconciler) -> threading.Thread:
-    thread = threading.Thread(target=daemon.run, daemon=True)
-    thread.start()
-    return thread
-
-
 def _publish_and_report(settings: Settings, n: int) -> None:
     """The wires, published by the relay; then one committed result for each."""
     url = settings.require_database_url()
@@ -82,7 +76,7 @@ def _publish_and_report(settings: Settings, n: int) -> None:
         relay.enqueue_many(conn, [relay.Intent("wire", f"w-{i}", {"n": i}) for i in range(n)])
         conn.commit()
     daemon = Relay(settings)
-    thread = _run(daemon)
+    thread = start_thread(daemon)
     _wait(url, "PUBLISHED", n)
     daemon.stop()
     thread.join()
@@ -100,33 +94,12 @@ def reconcile_rate(server_url: str, bootstrap: str, n: int, status_events: bool)
     _publish_and_report(settings, n)
     started = time.monotonic()
     daemon = Reconciler(settings)
-    thread = _run(daemon)
+    thread = start_thread(daemon)
     _wait(settings.require_database_url(), "CONFIRMED", n)
     elapsed = time.monotonic() - started
     daemon.stop()
     thread.join()
     return n / elapsed
-
-
-def bare_rate(bootstrap: str, topic: str, n: int) -> float:
-    started = time.monotonic()
-    consumer = KafkaConsumer(
-        topic,
-        bootstrap_servers=bootstrap,
-        group_id=f"bench-bare-{uuid.uuid4().hex[:6]}",
-        isolation_level="read_committed",
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-    )
-    seen = 0
-    while seen < n:
-        for records in consumer.poll(timeout_ms=500).values():
-            for record in records:
-                json.loads(record.value)
-                seen += 1
-    consumer.commit()
-    consumer.close()
-    return n / (time.monotonic() - started)
 
 
 def main() -> None:
@@ -149,7 +122,7 @@ def main() -> None:
             producer.send(topic, key=b"k", value=b'{"operation_key": "k", "outcome": "committed"}')
         producer.flush()
         producer.close()
-        bare = bare_rate(bootstrap, topic, n)
+        bare = bare_consumer_rate(bootstrap, topic, n, from_first_record=False)
     print(
         f"reconciler ({n:,} committed results, one replica, start-up and group join included): "
         f"{quiet:,.0f} results/s with status events off, {loud:,.0f}/s on "

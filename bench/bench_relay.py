@@ -13,23 +13,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import statistics
 import threading
 import time
 import uuid
-from typing import Any
 
 import psycopg
 from kafka import KafkaProducer
 
 import relay
+from bench.common import PLAIN_TABLE, fresh_db, start_thread, writers
 from relay.config import Settings, load_settings
 from relay.daemon import Relay
 from relay.devservices import local_services
 from relay.migrations import migrate, sync_effect_types
 from relay.publisher import make_producer
 from relay.reconciler.daemon import register_status_type
+
+_WRITER_BYTES = 32  # the writers' payload: a small JSON object
 
 
 def _settings(url: str, bootstrap: str, prefix: str, transactions: bool = True) -> Settings:
@@ -42,13 +43,6 @@ def _settings(url: str, bootstrap: str, prefix: str, transactions: bool = True) 
         metrics_port=0,
         effect_types={"bench": {"topic": f"{prefix}.bench", "idempotent": True}},
     )
-
-
-def _fresh_db(server_url: str) -> str:
-    name = f"bench_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(server_url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    return server_url.rsplit("/", 1)[0] + f"/{name}"
 
 
 def _prepare(settings: Settings) -> None:
@@ -67,9 +61,7 @@ def _count(url: str, state: str) -> int:
 
 def _start(settings: Settings) -> tuple[Relay, threading.Thread]:
     daemon = Relay(settings)
-    thread = threading.Thread(target=daemon.run, daemon=True)
-    thread.start()
-    return daemon, thread
+    return daemon, start_thread(daemon)
 
 
 def bench_throughput(server_url: str, bootstrap: str, effects: int) -> None:
@@ -89,7 +81,7 @@ def _relay_throughput(
     server_url: str, bootstrap: str, effects: int, *, transactions: bool
 ) -> tuple[float, float]:
     prefix = uuid.uuid4().hex[:8]
-    settings = _settings(_fresh_db(server_url), bootstrap, prefix, transactions)
+    settings = _settings(fresh_db(server_url), bootstrap, prefix, transactions)
     _prepare(settings)
     url = settings.require_database_url()
     payload = {"to": "someone@example.com", "subject": "hello", "body": "x" * 200}
@@ -141,7 +133,7 @@ def _bare_throughput(server_url: str, bootstrap: str, effects: int) -> float:
 
 def bench_latency(server_url: str, bootstrap: str, seconds: float, rate: float) -> None:
     prefix = uuid.uuid4().hex[:8]
-    settings = _settings(_fresh_db(server_url), bootstrap, prefix)
+    settings = _settings(fresh_db(server_url), bootstrap, prefix)
     _prepare(settings)
     url = settings.require_database_url()
     daemon, thread = _start(settings)
@@ -173,7 +165,7 @@ def bench_latency(server_url: str, bootstrap: str, seconds: float, rate: float) 
 def bench_wakeup(server_url: str, bootstrap: str, samples: int) -> None:
     """Idle relay (doorbell armed), one intent: how long until the relay claims it."""
     prefix = uuid.uuid4().hex[:8]
-    settings = _settings(_fresh_db(server_url), bootstrap, prefix)
+    settings = _settings(fresh_db(server_url), bootstrap, prefix)
     _prepare(settings)
     url = settings.require_database_url()
     daemon, thread = _start(settings)
@@ -198,46 +190,17 @@ def bench_wakeup(server_url: str, bootstrap: str, samples: int) -> None:
     )
 
 
-def _writer(url: str, mode: str, seconds: float, worker: int, out: Any) -> None:
-    done = 0
-    with psycopg.connect(url) as conn:
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            key = f"{mode}-{worker}-{done}-{uuid.uuid4().hex[:6]}"
-            if mode == "plain":
-                conn.execute(
-                    "INSERT INTO bench_plain (k, payload) VALUES (%s, %s)", (key, '{"a":1}')
-                )
-            else:
-                relay.enqueue(conn, "bench", key, {"a": 1})
-                if mode == "notify":
-                    conn.execute("SELECT pg_notify('bench', '')")
-            conn.commit()
-            done += 1
-    out.put(done)
-
-
 def _writers(url: str, mode: str, seconds: float, processes: int) -> float:
-    ctx = mp.get_context("fork")
-    queue: Any = ctx.Queue()
-    procs = [
-        ctx.Process(target=_writer, args=(url, mode, seconds, i, queue)) for i in range(processes)
-    ]
-    for p in procs:
-        p.start()
-    total = sum(int(queue.get()) for _ in procs)
-    for p in procs:
-        p.join()
-    return total / seconds
+    return writers(url, mode, processes=processes, per_txn=1, size=_WRITER_BYTES, seconds=seconds)
 
 
 def bench_writers(server_url: str, bootstrap: str, seconds: float, processes: int) -> None:
     prefix = uuid.uuid4().hex[:8]
-    settings = _settings(_fresh_db(server_url), bootstrap, prefix)
+    settings = _settings(fresh_db(server_url), bootstrap, prefix)
     _prepare(settings)
     url = settings.require_database_url()
     with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute("CREATE TABLE bench_plain (id bigserial PRIMARY KEY, k text, payload jsonb)")
+        conn.execute(PLAIN_TABLE)
     plain = _writers(url, "plain", seconds, processes)
     idle = _writers(url, "enqueue", seconds, processes)
     notify = _writers(url, "notify", seconds, processes)

@@ -1,0 +1,371 @@
+"""(b) The drain of a backlog: relay processes against a bare transactional kafka-python producer
+sending the same records, and against the bare claim-and-mark cycle in PostgreSQL.
+
+Every rate is measured while a read_committed consumer counts distinct keys, so the relay and the
+bare producer share the same extra load, and "drained" means "a reader got every key".
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from kafka import KafkaProducer
+
+from bench.common import (
+    DaemonProcess,
+    KeyCounter,
+    create_topic,
+    delete_topics,
+    drop_db,
+    fill_backlog,
+    fresh_db,
+    payload_text,
+    prepare,
+    settings_for,
+)
+from bench.report import Figure, Target
+from relay.config import Settings
+from relay.headers import dispatch_headers
+
+CODECS = ("none", "lz4", "zstd")
+BARE_TARGET = Target("ratio", ">=", 0.8)
+TWO_TARGET = Target("ratio", ">", 1.0)
+
+
+def relay_compression_configurable() -> bool:
+    return "kafka_compression_type" in Settings.model_fields
+
+
+@dataclass(frozen=True)
+class DrainSizes:
+    effects: int = 100_000
+    payloads: tuple[int, ...] = (256, 4096)
+    codecs: tuple[str, ...] = CODECS
+    timeout_s: float = 300.0
+    partitions: int = 3
+
+
+@dataclass
+class Drained:
+    rate: float | None  # n / (last record seen - first record seen) at a read_committed consumer
+    seen: int
+    duplicates: int
+    seconds: float  # wall time of the whole drain, start-up included
+    note: str = ""
+
+
+def relay_drain(
+    server_url: str,
+    bootstrap: str,
+    sizes: DrainSizes,
+    *,
+    payload_bytes: int,
+    replicas: int,
+    codec: str,
+    log_dir: Path,
+) -> Drained:
+    """``replicas`` ``relay run`` processes drain a backlog of ``sizes.effects`` intents."""
+    prefix = uuid.uuid4().hex[:8]
+    url = fresh_db(server_url)
+    n = sizes.effects
+    overrides: dict[str, Any] = {"status_events": False}
+    if codec != "none":
+        overrides["kafka_compression_type"] = codec
+    try:
+        settings = settings_for(url, bootstrap, prefix, **overrides)
+        prepare(settings)
+        fill_backlog(url, "bench", n, payload_bytes, "d-")
+        topic = settings.effect_types["bench"].topic
+        create_topic(bootstrap, topic, sizes.partitions)
+        counter = KeyCounter(bootstrap, topic)
+        daemons = [
+            DaemonProcess(
+                "run",
+                settings.model_copy(update={"replica_id": f"bench-{prefix}-{i}"}),
+                log_dir / f"drain-{prefix}-{i}.log",
+            )
+            for i in range(replicas)
+        ]
+        started = time.time()
+        try:
+            done = counter.wait_for(n, sizes.timeout_s, alive=daemons[0])
+        finally:
+            for daemon in daemons:
+                daemon.stop()
+            counter.close()
+        elapsed = time.time() - started
+        if not done or counter.first_at is None or counter.last_at is None:
+            return Drained(
+                None, counter.count, counter.duplicates, elapsed, f"timed out at {counter.count}"
+            )
+        span = max(1e-6, counter.last_at - counter.first_at)
+        return Drained(n / span, counter.count, counter.duplicates, elapsed)
+    finally:
+        delete_topics(bootstrap, prefix)
+        drop_db(server_url, url)
+
+
+def _bare_producer(
+    bootstrap: str, topic: str, n: int, size: int, batch: int, codec: str, source: str, out: Any
+) -> None:
+    """In its own process: the records the relay would send, in transactions of ``batch``."""
+    producer = KafkaProducer(
+        bootstrap_servers=bootstrap.split(","),
+        transactional_id=f"bench-bare-{uuid.uuid4().hex[:8]}",
+        acks="all",
+        enable_idempotence=True,
+        max_in_flight_requests_per_connection=5,
+        linger_ms=5,
+        batch_size=256 * 1024,
+        retry_backoff_ms=10,
+        compression_type=None if codec == "none" else codec,
+    )
+    producer.init_transactions()
+    producer.partitions_for(topic)
+    values = [payload_text(i, size) for i in range(n)]
+    created = datetime.now(UTC)
+    started = time.monotonic()
+    for first in range(0, n, batch):
+        producer.begin_transaction()
+        for i in range(first, min(n, first + batch)):
+            headers = dispatch_headers(
+                effect_id=i + 1,
+                effect_type="bench",
+                attempt=1,
+                created_at=created,
+                source=source,
+                business_key=None,
+                traceparent=None,
+            )
+            producer.send(topic, key=f"d-{i}".encode(), value=values[i], headers=headers)
+        producer.commit_transaction()
+    out.put(time.monotonic() - started)
+    producer.close()
+
+
+def bare_producer_drain(
+    bootstrap: str, sizes: DrainSizes, *, payload_bytes: int, codec: str, batch: int, source: str
+) -> Drained:
+    prefix = uuid.uuid4().hex[:8]
+    topic = f"{prefix}.bare"
+    n = sizes.effects
+    try:
+        create_topic(bootstrap, topic, sizes.partitions)
+        counter = KeyCounter(bootstrap, topic)
+        ctx = mp.get_context("spawn")
+        queue: Any = ctx.Queue()
+        proc = ctx.Process(
+            target=_bare_producer,
+            args=(bootstrap, topic, n, payload_bytes, batch, codec, source, queue),
+        )
+        proc.start()
+        try:
+            seconds = float(queue.get(timeout=sizes.timeout_s))
+            done = counter.wait_for(n, 60.0)
+        finally:
+            proc.join(30)
+            counter.close()
+        if not done or counter.first_at is None or counter.last_at is None:
+            return Drained(None, counter.count, counter.duplicates, seconds, "consumer short")
+        # Timed as the relay is: from the first record a reader sees to the last.
+        span = max(1e-6, counter.last_at - counter.first_at)
+        return Drained(n / span, counter.count, counter.duplicates, seconds)
+    finally:
+        delete_topics(bootstrap, prefix)
+
+
+_OUTBOX = """
+CREATE TABLE bench_outbox (
+    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    operation_key text NOT NULL UNIQUE,
+    topic text NOT NULL,
+    payload jsonb NOT NULL,
+    state text NOT NULL DEFAULT 'PENDING',
+    attempts integer NOT NULL DEFAULT 0,
+    available_at timestamptz NOT NULL DEFAULT now(),
+    created_at timestamptz NOT NULL DEFAULT now(),
+    updated_at timestamptz NOT NULL DEFAULT now(),
+    owner text,
+    lease_until timestamptz,
+    published_partition integer,
+    published_offset bigint,
+    published_at timestamptz
+);
+CREATE INDEX bench_outbox_pending ON bench_outbox (available_at, id) WHERE state = 'PENDING';
+"""
+_CLAIM = """
+WITH c AS (
+    SELECT id FROM bench_outbox WHERE state = 'PENDING' AND available_at <= now()
+    ORDER BY available_at, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED
+)
+UPDATE bench_outbox o SET state = 'DISPATCHING', attempts = o.attempts + 1, owner = 'bench',
+    lease_until = now() + interval '90 seconds', updated_at = now()
+FROM c WHERE o.id = c.id
+RETURNING o.id, o.operation_key, o.topic, o.payload::text
+"""
+_MARK = """
+UPDATE bench_outbox o SET state = 'PUBLISHED', owner = NULL, lease_until = NULL,
+    updated_at = now(), published_at = now(), published_partition = m.p, published_offset = m.o
+FROM unnest(%(ids)s::bigint[], %(parts)s::int[], %(offsets)s::bigint[]) AS m(id, p, o)
+WHERE o.id = m.id AND o.state = 'DISPATCHING' AND o.owner = 'bench'
+"""
+
+
+def claim_and_mark(server_url: str, sizes: DrainSizes, *, payload_bytes: int, batch: int) -> float:
+    """The database half of the relay alone: claim a batch (SKIP LOCKED), mark it published,
+    on a table shaped like the outbox, one transaction each, no Kafka."""
+    url = fresh_db(server_url)
+    n = sizes.effects
+    try:
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(_OUTBOX)
+            conn.execute(
+                "INSERT INTO bench_outbox (operation_key, topic, payload) "
+                "SELECT 'd-' || g, 'bench', jsonb_build_object('n', g, 'body', "
+                "repeat('x', greatest(1, %(size)s - 20 - length(g::text)))) "
+                "FROM generate_series(0, %(n)s - 1) g",
+                {"size": payload_bytes, "n": n},
+            )
+            conn.execute("VACUUM ANALYZE bench_outbox")
+        done = 0
+        with psycopg.connect(url) as conn:
+            started = time.monotonic()
+            while done < n:
+                rows = conn.execute(_CLAIM, {"limit": batch}).fetchall()
+                conn.commit()
+                if not rows:
+                    break
+                ids = [int(r[0]) for r in rows]
+                conn.execute(
+                    _MARK,
+                    {"ids": ids, "parts": [0] * len(ids), "offsets": list(range(len(ids)))},
+                )
+                conn.commit()
+                done += len(ids)
+            elapsed = time.monotonic() - started
+        return done / elapsed
+    finally:
+        drop_db(server_url, url)
+
+
+def run(
+    server_url: str, bootstrap: str, sizes: DrainSizes, log_dir: Path
+) -> tuple[list[Figure], list[str], float | None]:
+    """The figures, notes, and the one-relay drain rate of the first payload (for the latency
+    loads)."""
+    figures: list[Figure] = []
+    notes: list[str] = []
+    fields = Settings.model_fields
+    batch, source = int(fields["batch_size"].default), str(fields["cloudevents_source"].default)
+    configurable = relay_compression_configurable()
+    if not configurable:
+        print("  (b) relay: compression not configurable yet", flush=True)
+        notes.append(
+            "relay: compression not configurable yet (no `kafka_compression_type` setting); the "
+            "relay is measured uncompressed, the bare producer with each codec"
+        )
+    n = sizes.effects
+    drain_rate: float | None = None
+    for size in sizes.payloads:
+        bare: dict[str, Drained] = {}
+        for codec in sizes.codecs:
+            bare[codec] = bare_producer_drain(
+                bootstrap, sizes, payload_bytes=size, codec=codec, batch=batch, source=source
+            )
+            print(f"  (b) bare producer, {size} B, {codec}: {bare[codec].rate or 0:,.0f}/s")
+        db = claim_and_mark(server_url, sizes, payload_bytes=size, batch=batch)
+        print(f"  (b) bare claim-and-mark in PostgreSQL, {size} B: {db:,.0f}/s", flush=True)
+        relay_codecs = sizes.codecs if configurable else ("none",)
+        one: dict[str, Drained] = {}
+        for codec in relay_codecs:
+            one[codec] = relay_drain(
+                server_url,
+                bootstrap,
+                sizes,
+                payload_bytes=size,
+                replicas=1,
+                codec=codec,
+                log_dir=log_dir,
+            )
+            print(f"  (b) one relay, {size} B, {codec}: {one[codec].rate or 0:,.0f}/s", flush=True)
+        two = relay_drain(
+            server_url,
+            bootstrap,
+            sizes,
+            payload_bytes=size,
+            replicas=2,
+            codec="none",
+            log_dir=log_dir,
+        )
+        print(f"  (b) two relays, {size} B: {two.rate or 0:,.0f}/s", flush=True)
+        if drain_rate is None:
+            drain_rate = one["none"].rate
+        for codec, drained in one.items():
+            figures.append(
+                Figure(
+                    "b",
+                    f"drain of {n:,} effects, one relay, {size} B, compression {codec}",
+                    drained.rate,
+                    "effects/s",
+                    ceiling=bare[codec].rate if codec in bare else None,
+                    ceiling_name=f"bare transactional producer, {codec}",
+                    targets=(BARE_TARGET,),
+                    note=_drain_note(drained),
+                    extra={"duplicates": drained.duplicates, "seen": drained.seen},
+                )
+            )
+        figures.append(
+            Figure(
+                "b",
+                f"drain of {n:,} effects, two relays, {size} B, compression none",
+                two.rate,
+                "effects/s",
+                ceiling=one["none"].rate,
+                ceiling_name="one relay",
+                targets=(TWO_TARGET,),
+                note=_drain_note(two),
+                extra={"duplicates": two.duplicates, "seen": two.seen},
+            )
+        )
+        figures.append(
+            Figure(
+                "b",
+                f"drain, one relay, {size} B, against the database half alone",
+                one["none"].rate,
+                "effects/s",
+                ceiling=db,
+                ceiling_name="bare claim-and-mark in PostgreSQL",
+            )
+        )
+        if not configurable:
+            for codec in sizes.codecs:
+                if codec == "none":
+                    continue
+                figures.append(
+                    Figure(
+                        "b",
+                        f"bare transactional producer, {size} B, {codec}",
+                        bare[codec].rate,
+                        "records/s",
+                        ceiling=bare["none"].rate,
+                        ceiling_name="bare producer, uncompressed",
+                        note="relay: compression not configurable yet",
+                    )
+                )
+    return figures, notes, drain_rate
+
+
+def _drain_note(drained: Drained) -> str:
+    parts = []
+    if drained.note:
+        parts.append(drained.note)
+    if drained.duplicates:
+        parts.append(f"{drained.duplicates} duplicates at the consumer")
+    return "; ".join(parts)

@@ -1,0 +1,188 @@
+"""(c) Enqueue-to-consumer latency under an open-loop load: intents are due at fixed times
+whatever the previous ones cost (several writer processes share the schedule, so a slow commit
+does not hold the next one back); latency runs from the enqueue's commit to the moment a
+read_committed consumer receives the record.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing as mp
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+import relay
+from bench.common import (
+    DaemonProcess,
+    KeyCounter,
+    create_topic,
+    delete_topics,
+    drop_db,
+    fresh_db,
+    payload,
+    prepare,
+    settings_for,
+)
+from bench.report import Figure, Target, latency_summary
+
+LATE_MS = 10.0  # a send this far behind its schedule is counted as late
+
+
+@dataclass(frozen=True)
+class LatencySizes:
+    seconds: float = 10.0
+    fixed_rates: tuple[float, ...] = (300.0,)
+    drain_fractions: tuple[float, ...] = (0.1, 0.5, 0.8)
+    payload_bytes: int = 256
+    per_writer_per_s: float = 100.0  # more writers than needed: a slow commit delays none
+
+
+def _load(
+    url: str,
+    worker: int,
+    writers: int,
+    total: int,
+    rate: float,
+    size: int,
+    gate: Any,
+    go: Any,
+    out: Any,
+) -> None:
+    """Slots worker, worker + writers, ...: slot i is due at t0 + i / rate (wall clock), t0 being
+    given through ``gate`` once every writer is connected."""
+    sent: list[tuple[str, float, float]] = []
+    body = payload(0, size)
+    with psycopg.connect(url) as conn:
+        gate.put(worker)
+        t0 = float(go.get())
+        for i in range(worker, total, writers):
+            due = t0 + i / rate
+            pause = due - time.time()
+            if pause > 0:
+                time.sleep(pause)
+            late_ms = (time.time() - due) * 1000
+            key = f"L-{i}"
+            relay.enqueue(conn, "bench", key, body)
+            conn.commit()
+            sent.append((key, time.time(), late_ms))
+    out.put(sent)
+
+
+def measure(
+    server_url: str, bootstrap: str, sizes: LatencySizes, rate: float, log_dir: Path
+) -> dict[str, float]:
+    prefix = uuid.uuid4().hex[:8]
+    url = fresh_db(server_url)
+    try:
+        settings = settings_for(url, bootstrap, prefix, status_events=False)
+        prepare(settings)
+        topic = settings.effect_types["bench"].topic
+        create_topic(bootstrap, topic)
+        counter = KeyCounter(bootstrap, topic)
+        daemon = DaemonProcess("run", settings, log_dir / f"latency-{prefix}.log")
+        try:
+            with psycopg.connect(url) as conn:
+                relay.enqueue(conn, "bench", "warm-up", {"n": 0})
+                conn.commit()
+            if not counter.wait_for(1, 60, alive=daemon):
+                raise RuntimeError("the relay did not publish the warm-up intent within 60 s")
+            time.sleep(1.0)  # idle again, as a relay between bursts
+            total = max(1, int(rate * sizes.seconds))
+            writers = max(1, min(8, math.ceil(rate / sizes.per_writer_per_s)))
+            ctx = mp.get_context("spawn")
+            gate: Any = ctx.Queue()
+            go: Any = ctx.Queue()
+            results: Any = ctx.Queue()
+            procs = [
+                ctx.Process(
+                    target=_load,
+                    args=(url, w, writers, total, rate, sizes.payload_bytes, gate, go, results),
+                )
+                for w in range(writers)
+            ]
+            for p in procs:
+                p.start()
+            for _ in procs:
+                gate.get(timeout=120)
+            t0 = time.time() + 0.2  # every writer is connected: the schedule starts
+            for _ in procs:
+                go.put(t0)
+            sent: list[tuple[str, float, float]] = []
+            for _ in procs:
+                sent.extend(results.get(timeout=sizes.seconds + 120))
+            for p in procs:
+                p.join()
+            counter.wait_for(total + 1, 60, alive=daemon)
+        finally:
+            daemon.stop()
+            counter.close()
+        seen = counter.first_seen
+        ms = [(seen[k.encode()] - at) * 1000 for k, at, _ in sent if k.encode() in seen]
+        if not ms:
+            raise RuntimeError(f"no record of the load at {rate:.0f}/s reached the consumer")
+        summary = latency_summary(ms)
+        summary["offered_per_s"] = rate
+        summary["achieved_per_s"] = len(sent) / max(
+            1e-6, max(a for _, a, _ in sent) - min(a for _, a, _ in sent)
+        )
+        summary["late_sends"] = float(sum(1 for _, _, late in sent if late > LATE_MS))
+        summary["missing"] = float(len(sent) - len(ms))
+        summary["writers"] = float(writers)
+        return summary
+    finally:
+        delete_topics(bootstrap, prefix)
+        drop_db(server_url, url)
+
+
+def run(
+    server_url: str,
+    bootstrap: str,
+    sizes: LatencySizes,
+    drain_rate: float | None,
+    log_dir: Path,
+) -> list[Figure]:
+    loads: list[tuple[str, float]] = [(f"{r:.0f}/s", r) for r in sizes.fixed_rates]
+    if drain_rate:
+        loads += [
+            (f"{f:.0%} of the drain rate ({f * drain_rate:,.0f}/s)", f * drain_rate)
+            for f in sizes.drain_fractions
+        ]
+    figures: list[Figure] = []
+    for label, rate in loads:
+        s = measure(server_url, bootstrap, sizes, rate, log_dir)
+        print(
+            f"  (c) {label}: p50 {s['p50']:.1f} ms, p99 {s['p99']:.1f} ms, "
+            f"p99.9 {s['p99.9']:.1f} ms ({int(s['count'])} intents, "
+            f"{int(s['late_sends'])} sent late)",
+            flush=True,
+        )
+        note = (
+            f"p50 {s['p50']:.1f}, p99.9 {s['p99.9']:.1f}, max {s['max']:.0f} ms; "
+            f"{int(s['count'])} intents, {int(s['late_sends'])} sent > {LATE_MS:.0f} ms late"
+        )
+        p99_targets: tuple[Target, ...] = ()
+        if rate in sizes.fixed_rates and rate == 300.0:
+            p99_targets = (Target("value", "<=", 20.0),)
+        elif label.startswith("50%"):
+            p99_targets = (Target("value", "<=", 50.0),)
+        figures.append(
+            Figure(
+                "c",
+                f"p99 enqueue-to-consumer at {label}",
+                s["p99"],
+                "ms",
+                targets=p99_targets,
+                note=note,
+                extra=s,
+            )
+        )
+        p50_targets = (Target("value", "<=", 10.0),) if p99_targets else ()
+        figures.append(
+            Figure("c", f"p50 enqueue-to-consumer at {label}", s["p50"], "ms", targets=p50_targets)
+        )
+    return figures

@@ -1,0 +1,179 @@
+"""(d) The reconciler draining a backlog of results, against a bare read_committed consumer.
+
+The backlog: N intents of an effect type with a result topic, written by ``relay.enqueue``
+(:func:`bench.common.fill_backlog`), moved to PUBLISHED in one statement instead of being
+drained by the relay first (draining 100,000 would cost the run minutes; the reconciler reads only
+the state and attempt count), and one "committed" result per effect on the result topic. Progress
+is read from the consumer group's committed offsets, which the reconciler commits only after the
+database transaction that applied the records.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from kafka import KafkaProducer
+from kafka.admin import KafkaAdminClient
+
+from bench.common import (
+    DaemonProcess,
+    bare_consumer_rate,
+    create_topic,
+    delete_topics,
+    drop_db,
+    fill_backlog,
+    fresh_db,
+    prepare,
+    settings_for,
+)
+from bench.report import Figure, Target
+from relay.config import Settings
+
+# The one statement of the benchmark that knows the relay's table: what the relay's mark does to
+# an effect it published (state, attempts, the outcome deadline of a type with a result topic).
+_PUBLISH_IN_PLACE = """
+UPDATE relay.effect SET state = 'PUBLISHED', attempts = 1, published_at = now(),
+    outcome_deadline = now() + interval '1 hour', updated_at = now()
+WHERE effect_type = 'wire' AND state = 'PENDING'
+"""
+
+
+@dataclass(frozen=True)
+class ReconcileSizes:
+    results: int = 100_000
+    status_events: tuple[bool, ...] = (True, False)
+    timeout_s: float = 300.0
+
+
+def wire_settings(server_url: str, bootstrap: str, status_events: bool) -> tuple[Settings, str]:
+    prefix = uuid.uuid4().hex[:8]
+    url = fresh_db(server_url)
+    settings = settings_for(
+        url,
+        bootstrap,
+        prefix,
+        status_events=status_events,
+        effect_types={
+            "wire": {
+                "topic": f"{prefix}.wires",
+                "idempotent": True,
+                "result_topic": f"{prefix}.results",
+                "outcome_timeout_s": 3600,
+            }
+        },
+    )
+    prepare(settings)
+    return settings, prefix
+
+
+def result_topic(settings: Settings) -> str:
+    topic = settings.effect_types["wire"].result_topic
+    assert topic is not None
+    return topic
+
+
+def _produce_results(bootstrap: str, topic: str, n: int) -> None:
+    producer = KafkaProducer(
+        bootstrap_servers=bootstrap.split(","), linger_ms=20, batch_size=256 * 1024
+    )
+    for i in range(n):
+        value = {"operation_key": f"w-{i}", "outcome": "committed", "external_id": f"x-{i}"}
+        producer.send(topic, key=f"w-{i}".encode(), value=json.dumps(value).encode())
+    producer.flush()
+    producer.close()
+
+
+def publish_in_place(url: str) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(_PUBLISH_IN_PLACE)
+
+
+def results_backlog(settings: Settings, bootstrap: str, n: int, *, fill: bool = True) -> None:
+    """N PUBLISHED wire effects (keys w-<i>) and one committed result for each in the topic;
+    the results are produced by another process while the database works."""
+    url = settings.require_database_url()
+    topic = result_topic(settings)
+    create_topic(bootstrap, topic)
+    ctx = mp.get_context("spawn")
+    producer = ctx.Process(target=_produce_results, args=(bootstrap, topic, n))
+    producer.start()
+    if fill:
+        fill_backlog(url, "wire", n, 64, "w-")
+    publish_in_place(url)
+    producer.join()
+    if producer.exitcode != 0:
+        raise RuntimeError(f"producing {n} results failed (exit {producer.exitcode})")
+
+
+def committed_total(admin: KafkaAdminClient, group: str) -> int:
+    offsets: dict[Any, Any] = admin.list_group_offsets({group: None}).get(group, {})
+    return sum(max(0, int(meta.offset)) for meta in offsets.values())
+
+
+def reconciler_rate(
+    settings: Settings, bootstrap: str, n: int, timeout_s: float, log_dir: Path
+) -> tuple[float | None, str]:
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap.split(","))
+    daemon = DaemonProcess("reconcile", settings, log_dir / f"reconcile-{settings.replica_id}.log")
+    spawned = time.monotonic()
+    first: tuple[float, int] | None = None
+    done, now = 0, spawned
+    try:
+        deadline = spawned + timeout_s
+        while time.monotonic() < deadline:
+            daemon.check_alive()
+            done = committed_total(admin, settings.reconcile_group_id)
+            now = time.monotonic()
+            if done and first is None:
+                first = (now, done)
+            if done >= n:
+                break
+            time.sleep(0.1)
+    finally:
+        daemon.stop()
+        admin.close()
+    if done < n:
+        return None, f"timed out after {timeout_s:.0f} s at {done} results"
+    assert first is not None
+    if first[1] >= n or now - first[0] < 0.5:
+        return n / (now - spawned), "start-up and group join included"
+    return (n - first[1]) / (now - first[0]), ""
+
+
+def run(server_url: str, bootstrap: str, sizes: ReconcileSizes, log_dir: Path) -> list[Figure]:
+    n = sizes.results
+    figures: list[Figure] = []
+    bare: float | None = None
+    for status in sizes.status_events:
+        settings, prefix = wire_settings(server_url, bootstrap, status)
+        try:
+            results_backlog(settings, bootstrap, n)
+            if bare is None:
+                bare = bare_consumer_rate(bootstrap, result_topic(settings), n)
+                print(f"  (d) bare read_committed consumer: {bare:,.0f} records/s", flush=True)
+            rate, note = reconciler_rate(settings, bootstrap, n, sizes.timeout_s, log_dir)
+        finally:
+            delete_topics(bootstrap, prefix)
+            drop_db(server_url, settings.require_database_url())
+        name = f"reconciler, backlog of {n:,} results, status events {'on' if status else 'off'}"
+        print(f"  (d) {name}: {rate or 0:,.0f} results/s", flush=True)
+        figures.append(
+            Figure(
+                "d",
+                name,
+                rate,
+                "results/s",
+                ceiling=bare,
+                ceiling_name="bare read_committed consumer",
+                targets=(Target("value", ">=", 5000), Target("ratio", ">=", 0.2)),
+                note=note,
+            )
+        )
+    return figures
