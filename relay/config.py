@@ -178,6 +178,11 @@ class Settings(BaseSettings):
         "REJECTED before any send: a broker-side refusal aborts the producer's other batches.",
     )
     linger_ms: int = Field(default=5, ge=0, le=10_000)
+    kafka_compression_type: Literal["gzip", "snappy", "lz4", "zstd"] | None = Field(
+        default=None,
+        description="Producer compression (lz4 and zstd need the 'compression' extra: "
+        "pip install outbox-relay[compression]).",
+    )
     kafka_transactions: bool = Field(
         default=True,
         description="Publish each batch in a Kafka transaction (transactional id per replica), so "

@@ -95,6 +95,7 @@ def make_producer(settings: Settings, transactional_id: str | None = None) -> Ka
         enable_idempotence=True,
         max_in_flight_requests_per_connection=5,
         linger_ms=settings.linger_ms,
+        compression_type=settings.kafka_compression_type,
         batch_size=256 * 1024,
         max_request_size=settings.max_request_size,
         delivery_timeout_ms=timeout_ms,
