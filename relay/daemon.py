@@ -24,7 +24,7 @@ import psycopg
 from kafka import KafkaProducer
 from kafka import errors as kerr
 
-from relay import db, observability
+from relay import db, observability, tracing
 from relay.backoff import Backoff
 from relay.config import Settings
 from relay.errors import RelayError, ServiceUnavailableError
@@ -32,6 +32,7 @@ from relay.migrations import check_current, sync_effect_types
 from relay.outcomes import AttemptOutcome, describe
 from relay.pipeline import Claimed, Claimer, Held, Identity, Marker, expire_leases, released
 from relay.publisher import (
+    ClaimedEffect,
     PublishResult,
     close_quietly,
     make_producer,
@@ -271,7 +272,10 @@ class Relay:
         if not rows:
             return
         checks = [_Check(*row) for row in rows]
-        answers = self._check_round(checks)
+        refs = [tracing.EffectRef(c.key, c.effect_id) for c in checks] if tracing.enabled() else []
+        with tracing.span("relay.verification_round", refs) as span:
+            answers = self._check_round(checks)
+            span.set_attribute("relay.found", sum(isinstance(a, Found) for a in answers.values()))
         for check in checks:
             self._finish_check(check, answers[check.effect_id])
         if len(rows) == VERIFY_ROUND:
@@ -424,9 +428,25 @@ class Relay:
             self._submit_outcomes(released(claimed), claimed.at)
             return
         batch = claimed.effects
+        refs = (
+            [tracing.EffectRef(e.operation_key, e.id, e.traceparent) for e in batch]
+            if tracing.enabled()
+            else []
+        )
+        attributes = {"relay.replica_id": self.replica_id}
+        with tracing.span("relay.publish_batch", refs, attributes, kind="PRODUCER") as span:
+            results = self._publish(batch)
+            span.set_attribute(
+                "relay.outcome.acked", sum(r.outcome is AttemptOutcome.ACKED for r in results)
+            )
+        self._account(results)
+        self._submit_outcomes(results, claimed.at)
+
+    def _publish(self, batch: Sequence[ClaimedEffect]) -> list[PublishResult]:
+        assert self._producer is not None
         limit = min(self.settings.max_message_bytes, self.settings.max_request_size)
         if self.settings.kafka_transactions:
-            results = publish_batch_transactional(
+            return publish_batch_transactional(
                 self._producer,
                 batch,
                 source=self.settings.cloudevents_source,
@@ -434,14 +454,16 @@ class Relay:
                 limit_bytes=limit,
                 before_commit=self._before_commit,
             )
-        else:
-            results = publish_batch(
-                self._producer,
-                batch,
-                source=self.settings.cloudevents_source,
-                timeout_s=self.settings.publish_timeout_s,
-                limit_bytes=limit,
-            )
+        return publish_batch(
+            self._producer,
+            batch,
+            source=self.settings.cloudevents_source,
+            timeout_s=self.settings.publish_timeout_s,
+            limit_bytes=limit,
+        )
+
+    def _account(self, results: Sequence[PublishResult]) -> None:
+        """Log and count how the batch's attempts ended."""
         counts = Counter(r.outcome.value for r in results)
         self.outcomes.update(counts)
         self.published_total += counts.get(AttemptOutcome.ACKED.value, 0)
@@ -462,7 +484,6 @@ class Relay:
             # kafka-python may have put it in a fatal state): start a new one, with a new epoch.
             self._drop_producer()
         observability.record_publish(results)
-        self._submit_outcomes(results, claimed.at)
 
     def _submit_outcomes(self, results: Sequence[PublishResult], claimed_at: float) -> None:
         """Hand the outcomes to the marker (a seam for tests that lose them on purpose)."""

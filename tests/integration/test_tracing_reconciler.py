@@ -92,3 +92,18 @@ def test_result_applied_and_observation_are_spans_in_the_requests_traces(
         "relay.verdict": "applied",
         "relay.state": "CONFIRMED",
     }
+
+    # The relay's publish of each intent is a span in (or linked to) the request's trace.
+    published: dict[str, str] = {}
+    for name, _, s in spans:
+        if name != "relay.publish_batch":
+            continue
+        assert s.kind.name == "PRODUCER"
+        acked = (s.attributes or {}).get("relay.outcome.acked")
+        assert isinstance(acked, int) and acked >= 1
+        joined = [link.context for link in s.links] + ([s.parent] if s.parent else [])
+        for context in joined:
+            published[format(context.trace_id, "032x")] = format(context.span_id, "016x")
+    for traceparent in (TP_RESULT, TP_OBSERVED):
+        _, trace_id, span_id, _ = traceparent.split("-")
+        assert published.get(trace_id) == span_id, (traceparent, published)
