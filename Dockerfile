@@ -13,12 +13,10 @@ ARG BASE_IMAGE=python:3.11-slim-bookworm
 
 FROM ${BASE_IMAGE} AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PYTHONDONTWRITEBYTECODE=1
-WORKDIR /src
-COPY pyproject.toml README.md ./
-COPY schemas ./schemas
-COPY relay ./relay
+# .dockerignore lets in only pyproject.toml, README.md, relay/ and schemas/.
+COPY . /src/
 RUN --mount=type=secret,id=pip_ca \
-    set -eu; \
+    set -eu; cd /src; \
     if [ -s /run/secrets/pip_ca ]; then export PIP_CERT=/run/secrets/pip_ca; fi; \
     python3 -m venv /opt/relay; \
     /opt/relay/bin/pip wheel --no-deps --wheel-dir /wheels .; \

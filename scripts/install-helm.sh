@@ -14,14 +14,16 @@ bin="$dir/helm"
 
 fail() { echo "install-helm: cannot install: $*" >&2; exit 1; }
 
-if [ -x "$bin" ] && "$bin" version --short >/dev/null 2>&1; then echo "$bin"; exit 0; fi
+built() { [ -x "$bin" ] && [ "$("$bin" version --template '{{.Version}}' 2>/dev/null)" = "$version" ]; }
+if built; then echo "$bin"; exit 0; fi
 command -v go >/dev/null || fail "the go command is not on PATH (Go 1.24+ builds Helm 4)"
 mkdir -p "$dir"
 echo "install-helm: building helm.sh/helm/v4/cmd/helm@$version (a few minutes, once)" >&2
-# CGO off: a static binary; -trimpath -ldflags -s -w: smaller, reproducible.
-GOBIN="$dir.tmp" CGO_ENABLED=0 GOFLAGS=-buildvcs=false \
-  go install -trimpath -ldflags "-s -w" "helm.sh/helm/v4/cmd/helm@$version" >&2 ||
+# CGO off: a static binary; -trimpath -s -w: smaller, reproducible; -X: helm version names the pin.
+GOBIN="$dir.tmp" CGO_ENABLED=0 GOFLAGS=-buildvcs=false go install -trimpath \
+  -ldflags "-s -w -X helm.sh/helm/v4/internal/version.version=$version" \
+  "helm.sh/helm/v4/cmd/helm@$version" >&2 ||
   fail "go install helm.sh/helm/v4/cmd/helm@$version failed"
 mv "$dir.tmp/helm" "$bin" && rmdir "$dir.tmp"
-"$bin" version --short >/dev/null 2>&1 || fail "the built helm does not run"
+built || fail "the built helm does not run or is not $version"
 echo "$bin"

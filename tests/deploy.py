@@ -52,7 +52,7 @@ def render(*args: str, release: str = "orders") -> list[dict[str, Any]]:
 
 def dockerfile_user() -> str:
     users = re.findall(r"^USER\s+(\S+)", DOCKERFILE.read_text(), re.MULTILINE)
-    return users[-1]
+    return str(users[-1])
 
 
 def dockerfile_ports() -> set[int]:

@@ -61,9 +61,10 @@ def image() -> str:
     return TAG
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def container(image: str) -> Iterator[str]:
-    """A working container of the image; removed afterwards."""
+    """One working container of the image for the module (with vfs, each costs a full copy of
+    the image); removed afterwards."""
     made = buildah("from", "--pull-never", image)
     assert made.returncode == 0, made.stderr
     name = made.stdout.strip()
@@ -77,6 +78,24 @@ def run_in(container: str, *command: str, volume: str | None = None) -> list[str
     if volume is not None:
         args += ["--volume", volume]
     return [*args, container, "--", *command]
+
+
+def descendants(pid: int) -> list[int]:
+    """The processes below ``pid`` (chroot isolation: they are host processes)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
 
 
 def test_image_metadata(image: str) -> None:
@@ -93,7 +112,9 @@ def test_image_metadata(image: str) -> None:
     assert labels["org.opencontainers.image.version"] == "0.1.0"
     for variable in config.get("Env", []):
         name = variable.split("=", 1)[0]
-        assert not any(word in name for word in ("PASSWORD", "SECRET", "TOKEN", "DATABASE", "PIP_CERT"))
+        assert not any(
+            word in name for word in ("PASSWORD", "SECRET", "TOKEN", "DATABASE", "PIP_CERT")
+        )
 
 
 def test_help_as_the_non_root_user_and_no_build_tools(container: str) -> None:
@@ -104,7 +125,7 @@ def test_help_as_the_non_root_user_and_no_build_tools(container: str) -> None:
         timeout=120,
     )
     assert done.returncode == 0, done.stderr
-    uid, gid, *help_lines = done.stdout.splitlines()
+    uid, gid, *_ = done.stdout.splitlines()
     assert (uid, gid) == ("10001", "10001")
     assert "Usage: relay" in done.stdout and "migrate" in done.stdout
     tools = "gcc cc c++ make pip pip3 git"
@@ -121,7 +142,9 @@ def test_help_as_the_non_root_user_and_no_build_tools(container: str) -> None:
         timeout=120,
     )
     assert probe.returncode == 0, probe.stderr
-    assert probe.stdout.strip() == "", f"build tools or build leftovers in the image: {probe.stdout}"
+    assert probe.stdout.strip() == "", (
+        f"build tools or build leftovers in the image: {probe.stdout}"
+    )
 
 
 def test_migrate_and_run_in_the_container_publish_an_intent(
@@ -178,12 +201,19 @@ def test_migrate_and_run_in_the_container_publish_an_intent(
             replicas = {row[0] for row in conn.execute("SELECT replica_id FROM relay.attempt")}
         assert replicas == {f"{prefix}-container"}
     finally:
-        if daemon.poll() is None:
-            os.killpg(daemon.pid, signal.SIGTERM)
+        # As Kubernetes stops a pod: SIGTERM to the relay itself (buildah run would turn a
+        # SIGTERM of its own into a SIGKILL of the container); it finishes and exits 0.
+        signalled = 0
+        for pid in descendants(daemon.pid):
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\x00")
+            if argv[0].endswith(b"python3") and argv[1:3] == [b"/opt/relay/bin/relay", b"run"]:
+                os.kill(pid, signal.SIGTERM)
+                signalled += 1
         try:
             code = daemon.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(daemon.pid, signal.SIGKILL)
             daemon.wait()
             raise
-    assert code == 0, log.read_text()[-3000:]
+    assert signalled == 1 and code == 0, log.read_text()[-3000:]
+    assert "finishing the batch in hand" in log.read_text()

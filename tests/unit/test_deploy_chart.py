@@ -4,6 +4,7 @@ schemas, the relay's own settings model, the Dockerfile and the alert rules."""
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,12 @@ from tests.deploy import (
 )
 
 FULL = str(CHART / "ci" / "full-values.yaml")
-KUBERNETES_VERSION = "1.31.0"
-CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("monitoring.coreos.com/v1", "PrometheusRule")}
+# The chart's kubeVersion floor and the newest schemas kubernetes-validate 1.37.0 carries.
+KUBERNETES_VERSIONS = ("1.25.0", "1.37.0")
+CRD_KINDS = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("monitoring.coreos.com/v1", "PrometheusRule"),
+}
 # Settings the chart sets itself (from Secrets, the pod, or its own ports), never from values.
 CHART_OWNED = {
     "database_url",
@@ -54,6 +59,12 @@ def one(objects: list[dict[str, Any]], kind: str, component: str) -> dict[str, A
         if obj["metadata"]["labels"].get("app.kubernetes.io/component") == component
     ]
     assert len(found) == 1, f"{len(found)} {kind} objects of component {component}"
+    return found[0]
+
+
+def config_map(objects: list[dict[str, Any]], suffix: str) -> dict[str, Any]:
+    found = [c for c in by_kind(objects, "ConfigMap") if c["metadata"]["name"].endswith(suffix)]
+    assert len(found) == 1, f"{len(found)} ConfigMaps named *{suffix}"
     return found[0]
 
 
@@ -89,7 +100,8 @@ def test_every_object_is_valid_kubernetes(
     for obj in defaults + full:
         if (obj["apiVersion"], obj["kind"]) in CRD_KINDS:
             continue  # not in the Kubernetes OpenAPI; their content is asserted below
-        kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+        for version in KUBERNETES_VERSIONS:
+            kubernetes_validate.validate(obj, version, strict=True)
         checked += 1
     kinds = {obj["kind"] for obj in full}
     assert {
@@ -111,10 +123,13 @@ def test_a_broken_object_is_caught_by_the_validation(defaults: list[dict[str, An
     pod_spec(broken)["containers"][0]["livenessProbe"]["httpGet"]["port"] = {"name": "metrics"}
     broken["spec"]["template"]["spec"] = pod_spec(broken)
     with pytest.raises(kubernetes_validate.ValidationError):
-        kubernetes_validate.validate(broken, KUBERNETES_VERSION, strict=True)
+        kubernetes_validate.validate(broken, KUBERNETES_VERSIONS[-1], strict=True)
 
 
-@pytest.mark.parametrize(("kind", "component", "port"), [("StatefulSet", "relay", 9400), ("Deployment", "reconciler", 9401)])
+@pytest.mark.parametrize(
+    ("kind", "component", "port"),
+    [("StatefulSet", "relay", 9400), ("Deployment", "reconciler", 9401)],
+)
 def test_probes_and_ports(
     defaults: list[dict[str, Any]], kind: str, component: str, port: int
 ) -> None:
@@ -162,7 +177,10 @@ def test_secrets_come_from_existing_secrets_only(full: list[dict[str, Any]]) -> 
             "name": values["database"]["existingSecret"],
             "key": "database-url",
         }
-        for name, key in [("RELAY_KAFKA_SASL_USERNAME", "username"), ("RELAY_KAFKA_SASL_PASSWORD", "password")]:
+        for name, key in [
+            ("RELAY_KAFKA_SASL_USERNAME", "username"),
+            ("RELAY_KAFKA_SASL_PASSWORD", "password"),
+        ]:
             assert env[name]["valueFrom"]["secretKeyRef"] == {
                 "name": values["kafka"]["sasl"]["existingSecret"],
                 "key": key,
@@ -182,10 +200,12 @@ def test_secrets_come_from_existing_secrets_only(full: list[dict[str, Any]]) -> 
 def test_the_rendered_config_is_valid_for_the_relay(
     full: list[dict[str, Any]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    config = next(c for c in by_kind(full, "ConfigMap") if c["metadata"]["name"].endswith("-config"))
+    config = config_map(full, "-relay-config")
     path = tmp_path / "relay.toml"
     path.write_text(config["data"]["relay.toml"])
-    for name in list(__import__("os").environ):
+    # Values reach templates as floats: whole numbers must still be written as TOML integers.
+    assert "\nbatch_size = 200\n" in "\n" + config["data"]["relay.toml"]
+    for name in list(os.environ):
         if name.startswith("RELAY_"):
             monkeypatch.delenv(name)
     container = pod_spec(one(full, "StatefulSet", "relay"))["containers"][0]
@@ -210,12 +230,12 @@ def test_migrations_run_as_a_hook_before_install_and_upgrade(full: list[dict[str
     assert pod_spec(job)["containers"][0]["args"] == ["migrate"]
     assert pod_spec(job)["restartPolicy"] == "Never"
     # Hooks run before the release's own objects exist: its config is a hook made before it.
-    config_name = next(v for v in pod_spec(job)["volumes"] if v["name"] == "config")["configMap"]["name"]
-    hook_config = next(c for c in by_kind(full, "ConfigMap") if c["metadata"]["name"] == config_name)
+    volumes = {v["name"]: v for v in pod_spec(job)["volumes"]}
+    hook_config = config_map(full, volumes["config"]["configMap"]["name"])
     assert "pre-install" in hook_config["metadata"]["annotations"]["helm.sh/hook"]
     weight = int(hook_config["metadata"]["annotations"]["helm.sh/hook-weight"])
     assert weight < int(annotations["helm.sh/hook-weight"])
-    main = next(c for c in by_kind(full, "ConfigMap") if c["metadata"]["name"].endswith("relay-config"))
+    main = config_map(full, "-relay-config")
     assert hook_config["data"] == main["data"]
 
 
@@ -241,8 +261,7 @@ def test_relay_replicas_have_stable_unique_identities(values: tuple[str, ...], p
     assert ids == [f"{prefix}-orders-outbox-relay-relay-{n}" for n in range(len(ids))]
     assert len({f"relay-{replica}" for replica in ids}) == len(ids)  # transactional ids
     for replica in ids:
-        Settings.model_fields["replica_id"].annotation  # noqa: B018 - documents the field checked
-        assert 1 <= len(replica) <= 200
+        assert 1 <= len(replica) <= 200  # Settings.replica_id's bounds
 
 
 def test_the_rules_are_ops_prometheus_relay_alerts(full: list[dict[str, Any]]) -> None:
@@ -262,7 +281,8 @@ def test_scrape_jobs_are_named_as_the_rules_expect(full: list[dict[str, Any]]) -
     selector = monitor["spec"]["selector"]["matchLabels"]
     for svc in by_kind(full, "Service"):
         assert selector.items() <= svc["metadata"]["labels"].items()
-        assert [p["name"] for p in svc["spec"]["ports"]] == [monitor["spec"]["endpoints"][0]["port"]]
+        port = monitor["spec"]["endpoints"][0]["port"]
+        assert [p["name"] for p in svc["spec"]["ports"]] == [port]
 
 
 def test_the_dashboard_is_ops_grafana_relay_dashboard(full: list[dict[str, Any]]) -> None:
@@ -270,7 +290,7 @@ def test_the_dashboard_is_ops_grafana_relay_dashboard(full: list[dict[str, Any]]
         "helm/outbox-relay/files/relay-dashboard.json differs: "
         "cp ops/grafana/relay-dashboard.json helm/outbox-relay/files/"
     )
-    board = next(c for c in by_kind(full, "ConfigMap") if c["metadata"]["name"].endswith("dashboard"))
+    board = config_map(full, "-dashboard")
     assert board["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert json.loads(board["data"]["relay-dashboard.json"]) == json.loads(DASHBOARD.read_text())
 

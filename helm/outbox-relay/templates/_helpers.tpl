@@ -54,9 +54,23 @@ app.kubernetes.io/part-of: outbox-relay
 {{- $_ := set $settings "kafka_sasl_mechanism" .Values.kafka.sasl.mechanism -}}
 {{- end -}}
 {{- if .Values.effectTypes -}}
-{{- $_ := set $settings "effect_types" .Values.effectTypes -}}
+{{- $_ := set $settings "effect_types" (deepCopy .Values.effectTypes) -}}
+{{- end -}}
+{{- include "outbox-relay.integers" $settings -}}
+{{- range $spec := $settings.effect_types -}}
+{{- include "outbox-relay.integers" $spec -}}
+{{- if $spec.observer }}{{ include "outbox-relay.integers" $spec.observer }}{{ end -}}
 {{- end -}}
 {{- toToml $settings -}}
+{{- end -}}
+
+{{/* Values arrive as floats (500 -> 500.0): write whole numbers back as integers, in place. */}}
+{{- define "outbox-relay.integers" -}}
+{{- range $key, $value := . -}}
+{{- if and (kindIs "float64" $value) (eq $value (float64 (int64 $value))) -}}
+{{- $_ := set $ $key (int64 $value) -}}
+{{- end -}}
+{{- end -}}
 {{- end -}}
 
 {{/* The pod security context: a numeric non-root user, RuntimeDefault seccomp. */}}
