@@ -26,7 +26,8 @@ from tests.deploy import ROOT, dockerfile_ports, dockerfile_user, run_script
 if TYPE_CHECKING:
     from relay.devservices import Services
 
-pytestmark = pytest.mark.slow
+# Cold, the image fixture debootstraps a base image and builds (minutes on a loaded machine).
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 TAG = "localhost/outbox-relay:test"
 
 

@@ -24,6 +24,8 @@ from tests.deploy import (
     rule_jobs,
 )
 
+# Cold, the first test builds the pinned helm from the Go module proxy (minutes).
+pytestmark = pytest.mark.timeout(2400)
 FULL = str(CHART / "ci" / "full-values.yaml")
 # The chart's kubeVersion floor and the newest schemas kubernetes-validate 1.37.0 carries.
 KUBERNETES_VERSIONS = ("1.25.0", "1.37.0")
