@@ -335,3 +335,16 @@ def test_the_schema_refuses_wrong_values(args: list[str], complaint: str) -> Non
     assert done.returncode != 0, f"accepted {args}"
     assert "values don't meet the specifications of the schema" in done.stderr
     assert complaint in done.stderr, done.stderr
+
+
+def test_notes_name_the_replica_ids_and_the_effect_types() -> None:
+    for extra, replica, types in [
+        ([], "payments-<pod name>", "none (set effectTypes)"),
+        (["-f", FULL], "prod-eu1-<pod name>", "email, wire, wire_reversal"),
+    ]:
+        done = helm("install", "orders", str(CHART), "-n", "payments", "--dry-run=client", *extra)
+        assert done.returncode == 0, done.stderr
+        notes = done.stdout.split("NOTES:", 1)[1]
+        assert f"replica_id = {replica}" in notes
+        assert f"Effect types declared: {types}" in notes
+        assert "relay list --state UNKNOWN" in notes
