@@ -42,6 +42,8 @@ if [ ! -s "$tarball" ]; then
     "$work"/rootfs/usr/share/doc/* "$work"/rootfs/usr/share/man/* "$work"/rootfs/usr/share/locale/*
   tar --numeric-owner -C "$work/rootfs" -cf "$tarball.tmp" . || fail "could not pack the root filesystem"
   mv "$tarball.tmp" "$tarball"
+  rm -rf "$work"
+  trap - EXIT
 fi
 
 ctr="$(relay_buildah from scratch)"
