@@ -1,0 +1,170 @@
+{{/* Names and labels shared by every object of the chart. */}}
+{{- define "outbox-relay.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "outbox-relay.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "outbox-relay.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "outbox-relay.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "outbox-relay.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{ include "outbox-relay.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: outbox-relay
+{{- end -}}
+
+{{- define "outbox-relay.image" -}}
+{{- if .Values.image.digest -}}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest -}}
+{{- else -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* relay.toml: the settings and the effect-type registry, from values. */}}
+{{- define "outbox-relay.configToml" -}}
+{{- $settings := deepCopy .Values.config -}}
+{{- $_ := set $settings "kafka_bootstrap_servers" .Values.kafka.bootstrapServers -}}
+{{- $protocol := "PLAINTEXT" -}}
+{{- if and .Values.kafka.tls.enabled .Values.kafka.sasl.enabled -}}
+{{- $protocol = "SASL_SSL" -}}
+{{- else if .Values.kafka.tls.enabled -}}
+{{- $protocol = "SSL" -}}
+{{- else if .Values.kafka.sasl.enabled -}}
+{{- $protocol = "SASL_PLAINTEXT" -}}
+{{- end -}}
+{{- $_ := set $settings "kafka_security_protocol" $protocol -}}
+{{- if .Values.kafka.sasl.enabled -}}
+{{- $_ := set $settings "kafka_sasl_mechanism" .Values.kafka.sasl.mechanism -}}
+{{- end -}}
+{{- if .Values.effectTypes -}}
+{{- $_ := set $settings "effect_types" (deepCopy .Values.effectTypes) -}}
+{{- end -}}
+{{- include "outbox-relay.integers" $settings -}}
+{{- range $spec := $settings.effect_types -}}
+{{- include "outbox-relay.integers" $spec -}}
+{{- if $spec.observer }}{{ include "outbox-relay.integers" $spec.observer }}{{ end -}}
+{{- end -}}
+{{- toToml $settings -}}
+{{- end -}}
+
+{{/* Values arrive as floats (500 -> 500.0): write whole numbers back as integers, in place. */}}
+{{- define "outbox-relay.integers" -}}
+{{- range $key, $value := . -}}
+{{- if and (kindIs "float64" $value) (eq $value (float64 (int64 $value))) -}}
+{{- $_ := set $ $key (int64 $value) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The pod security context: a numeric non-root user, RuntimeDefault seccomp. */}}
+{{- define "outbox-relay.podSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: 10001
+runAsGroup: 10001
+fsGroup: 10001
+seccompProfile:
+  type: RuntimeDefault
+{{- end -}}
+
+{{- define "outbox-relay.containerSecurityContext" -}}
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
+privileged: false
+capabilities:
+  drop: ["ALL"]
+{{- end -}}
+
+{{/* Environment every container shares: the config file, the secrets, and the metrics address. */}}
+{{- define "outbox-relay.env" -}}
+- name: RELAY_CONFIG
+  value: /etc/relay/config/relay.toml
+- name: RELAY_DATABASE_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ required "database.existingSecret: name the Secret holding the PostgreSQL URL" .Values.database.existingSecret | quote }}
+      key: {{ .Values.database.urlKey | quote }}
+{{- if .Values.kafka.sasl.enabled }}
+- name: RELAY_KAFKA_SASL_USERNAME
+  valueFrom:
+    secretKeyRef:
+      name: {{ required "kafka.sasl.existingSecret: name the Secret holding the SASL credentials" .Values.kafka.sasl.existingSecret | quote }}
+      key: {{ .Values.kafka.sasl.usernameKey | quote }}
+- name: RELAY_KAFKA_SASL_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.kafka.sasl.existingSecret | quote }}
+      key: {{ .Values.kafka.sasl.passwordKey | quote }}
+{{- end }}
+{{- if .Values.kafka.tls.enabled }}
+- name: RELAY_KAFKA_SSL_CAFILE
+  value: /etc/relay/kafka-ca/{{ .Values.kafka.tls.caKey }}
+{{- end }}
+{{/* Explicit: the relay's default address may become loopback, unreachable for probes. */}}
+- name: RELAY_METRICS_HOST
+  value: "0.0.0.0"
+- name: RELAY_METRICS_PORT
+  value: {{ .Values.metrics.relayPort | quote }}
+- name: RELAY_RECONCILE_METRICS_PORT
+  value: {{ .Values.metrics.reconcilerPort | quote }}
+{{- end -}}
+
+{{- define "outbox-relay.volumeMounts" -}}
+- name: config
+  mountPath: /etc/relay/config
+  readOnly: true
+- name: tmp
+  mountPath: /tmp
+{{- if .Values.kafka.tls.enabled }}
+- name: kafka-ca
+  mountPath: /etc/relay/kafka-ca
+  readOnly: true
+{{- end }}
+{{- end -}}
+
+{{/* $configMap: the ConfigMap to mount (the migration hook has its own copy). */}}
+{{- define "outbox-relay.volumes" -}}
+- name: config
+  configMap:
+    name: {{ .configMap }}
+- name: tmp
+  emptyDir:
+    sizeLimit: 64Mi
+{{- if .root.Values.kafka.tls.enabled }}
+- name: kafka-ca
+  secret:
+    secretName: {{ required "kafka.tls.caSecret: name the Secret holding the Kafka CA" .root.Values.kafka.tls.caSecret | quote }}
+    items:
+      - key: {{ .root.Values.kafka.tls.caKey | quote }}
+        path: {{ .root.Values.kafka.tls.caKey | quote }}
+{{- end }}
+{{- end -}}
+
+{{- define "outbox-relay.probes" -}}
+livenessProbe:
+  httpGet:
+    path: /healthz
+    port: metrics
+  {{- toYaml .Values.probes.liveness | nindent 2 }}
+readinessProbe:
+  httpGet:
+    path: /readyz
+    port: metrics
+  {{- toYaml .Values.probes.readiness | nindent 2 }}
+{{- end -}}

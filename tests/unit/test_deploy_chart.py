@@ -1,0 +1,350 @@
+"""The Helm chart, rendered by the real (pinned) Helm 4 and checked against the Kubernetes OpenAPI
+schemas, the relay's own settings model, the Dockerfile and the alert rules."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from relay.config import Settings, load_settings
+from tests.deploy import (
+    CHART,
+    DASHBOARD,
+    RULES,
+    dockerfile_user,
+    helm,
+    render,
+    rule_jobs,
+)
+
+# Cold, the first test builds the pinned helm from the Go module proxy (minutes).
+pytestmark = pytest.mark.timeout(2400)
+FULL = str(CHART / "ci" / "full-values.yaml")
+# The chart's kubeVersion floor and the newest schemas kubernetes-validate 1.37.0 carries.
+KUBERNETES_VERSIONS = ("1.25.0", "1.37.0")
+CRD_KINDS = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("monitoring.coreos.com/v1", "PrometheusRule"),
+}
+# Settings the chart sets itself (from Secrets, the pod, or its own ports), never from values.
+CHART_OWNED = {
+    "database_url",
+    "kafka_bootstrap_servers",
+    "kafka_security_protocol",
+    "kafka_sasl_mechanism",
+    "kafka_sasl_username",
+    "kafka_sasl_password",
+    "kafka_ssl_cafile",
+    "replica_id",
+    "metrics_host",
+    "metrics_port",
+    "reconcile_metrics_port",
+    "effect_types",
+}
+
+
+def by_kind(objects: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [obj for obj in objects if obj["kind"] == kind]
+
+
+def one(objects: list[dict[str, Any]], kind: str, component: str) -> dict[str, Any]:
+    found = [
+        obj
+        for obj in by_kind(objects, kind)
+        if obj["metadata"]["labels"].get("app.kubernetes.io/component") == component
+    ]
+    assert len(found) == 1, f"{len(found)} {kind} objects of component {component}"
+    return found[0]
+
+
+def config_map(objects: list[dict[str, Any]], suffix: str) -> dict[str, Any]:
+    found = [c for c in by_kind(objects, "ConfigMap") if c["metadata"]["name"].endswith(suffix)]
+    assert len(found) == 1, f"{len(found)} ConfigMaps named *{suffix}"
+    return found[0]
+
+
+def env_of(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {item["name"]: item for item in container["env"]}
+
+
+def pod_spec(workload: dict[str, Any]) -> dict[str, Any]:
+    return dict(workload["spec"]["template"]["spec"])
+
+
+@pytest.fixture(scope="module")
+def defaults() -> list[dict[str, Any]]:
+    return render()
+
+
+@pytest.fixture(scope="module")
+def full() -> list[dict[str, Any]]:
+    return render("-f", FULL)
+
+
+def test_lint_strict_with_defaults_and_with_everything_on() -> None:
+    for extra in ([], ["-f", FULL]):
+        done = helm("lint", "--strict", str(CHART), *extra)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "0 chart(s) failed" in done.stdout
+
+
+def test_every_object_is_valid_kubernetes(
+    defaults: list[dict[str, Any]], full: list[dict[str, Any]]
+) -> None:
+    checked = 0
+    for obj in defaults + full:
+        if (obj["apiVersion"], obj["kind"]) in CRD_KINDS:
+            continue  # not in the Kubernetes OpenAPI; their content is asserted below
+        for version in KUBERNETES_VERSIONS:
+            kubernetes_validate.validate(obj, version, strict=True)
+        checked += 1
+    kinds = {obj["kind"] for obj in full}
+    assert {
+        "StatefulSet",
+        "Deployment",
+        "Job",
+        "ConfigMap",
+        "Service",
+        "PodDisruptionBudget",
+        "ServiceMonitor",
+        "PrometheusRule",
+    } <= kinds
+    assert checked >= 15
+
+
+def test_a_broken_object_is_caught_by_the_validation(defaults: list[dict[str, Any]]) -> None:
+    relay = one(defaults, "StatefulSet", "relay")
+    broken = json.loads(json.dumps(relay))
+    pod_spec(broken)["containers"][0]["livenessProbe"]["httpGet"]["port"] = {"name": "metrics"}
+    broken["spec"]["template"]["spec"] = pod_spec(broken)
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, KUBERNETES_VERSIONS[-1], strict=True)
+
+
+@pytest.mark.parametrize(
+    ("kind", "component", "port"),
+    [("StatefulSet", "relay", 9400), ("Deployment", "reconciler", 9401)],
+)
+def test_probes_and_ports(
+    defaults: list[dict[str, Any]], kind: str, component: str, port: int
+) -> None:
+    container = pod_spec(one(defaults, kind, component))["containers"][0]
+    assert container["ports"] == [{"name": "metrics", "containerPort": port, "protocol": "TCP"}]
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    env = env_of(container)
+    # The relay's default address may become loopback: the chart must not depend on it.
+    assert env["RELAY_METRICS_HOST"]["value"] == "0.0.0.0"
+    assert env["RELAY_METRICS_PORT"]["value"] == "9400"
+    assert env["RELAY_RECONCILE_METRICS_PORT"]["value"] == "9401"
+    assert container["args"] == (["run"] if component == "relay" else ["reconcile"])
+
+
+def test_every_pod_runs_locked_down(full: list[dict[str, Any]]) -> None:
+    uid, gid = (int(part) for part in dockerfile_user().split(":"))
+    workloads = [obj for obj in full if obj["kind"] in {"StatefulSet", "Deployment", "Job"}]
+    assert len(workloads) == 3
+    for workload in workloads:
+        spec = pod_spec(workload)
+        assert spec["securityContext"]["runAsNonRoot"] is True
+        assert (spec["securityContext"]["runAsUser"], spec["securityContext"]["runAsGroup"]) == (
+            uid,
+            gid,
+        )
+        assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        assert spec["automountServiceAccountToken"] is False
+        for container in spec["containers"]:
+            context = container["securityContext"]
+            assert context["readOnlyRootFilesystem"] is True
+            assert context["allowPrivilegeEscalation"] is False
+            assert context["capabilities"] == {"drop": ["ALL"]}
+            assert container["resources"]["requests"] and container["resources"]["limits"]
+            mounts = {m["mountPath"] for m in container["volumeMounts"]}
+            assert "/tmp" in mounts  # the only writable place
+
+
+def test_secrets_come_from_existing_secrets_only(full: list[dict[str, Any]]) -> None:
+    values = yaml.safe_load(Path(FULL).read_text())
+    for workload in (obj for obj in full if obj["kind"] in {"StatefulSet", "Deployment", "Job"}):
+        spec = pod_spec(workload)
+        env = env_of(spec["containers"][0])
+        assert env["RELAY_DATABASE_URL"]["valueFrom"]["secretKeyRef"] == {
+            "name": values["database"]["existingSecret"],
+            "key": "database-url",
+        }
+        for name, key in [
+            ("RELAY_KAFKA_SASL_USERNAME", "username"),
+            ("RELAY_KAFKA_SASL_PASSWORD", "password"),
+        ]:
+            assert env[name]["valueFrom"]["secretKeyRef"] == {
+                "name": values["kafka"]["sasl"]["existingSecret"],
+                "key": key,
+            }
+        assert "value" not in env["RELAY_DATABASE_URL"]
+        ca = env["RELAY_KAFKA_SSL_CAFILE"]["value"]
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        assert volumes["kafka-ca"]["secret"]["secretName"] == values["kafka"]["tls"]["caSecret"]
+        mount = next(m for m in spec["containers"][0]["volumeMounts"] if m["name"] == "kafka-ca")
+        assert ca == f"{mount['mountPath']}/ca.crt"
+    for config in by_kind(full, "ConfigMap"):
+        text = json.dumps(config["data"]).lower()
+        assert "password" not in text and "database_url" not in text
+    assert not by_kind(full, "Secret")
+
+
+def test_the_rendered_config_is_valid_for_the_relay(
+    full: list[dict[str, Any]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = config_map(full, "-relay-config")
+    path = tmp_path / "relay.toml"
+    path.write_text(config["data"]["relay.toml"])
+    # Values reach templates as floats: whole numbers must still be written as TOML integers.
+    assert "\nbatch_size = 200\n" in "\n" + config["data"]["relay.toml"]
+    for name in list(os.environ):
+        if name.startswith("RELAY_"):
+            monkeypatch.delenv(name)
+    container = pod_spec(one(full, "StatefulSet", "relay"))["containers"][0]
+    for name, item in env_of(container).items():
+        if name.startswith("RELAY_") and "value" in item and "$(" not in item["value"]:
+            monkeypatch.setenv(name, item["value"])
+    settings = load_settings(path)
+    assert settings.kafka_security_protocol == "SASL_SSL"
+    assert settings.kafka_sasl_mechanism == "SCRAM-SHA-512"
+    assert settings.kafka_bootstrap_servers.count(",") == 2
+    assert settings.batch_size == 200 and settings.lease_s == 60
+    assert settings.metrics_host == "0.0.0.0"
+    assert sorted(settings.effect_types) == ["email", "wire", "wire_reversal"]
+    assert settings.effect_types["wire"].compensation == "wire_reversal"
+    assert settings.effect_types["wire"].observer is not None
+
+
+def test_migrations_run_as_a_hook_before_install_and_upgrade(full: list[dict[str, Any]]) -> None:
+    job = by_kind(full, "Job")[0]
+    annotations = job["metadata"]["annotations"]
+    assert annotations["helm.sh/hook"] == "pre-install,pre-upgrade"
+    assert pod_spec(job)["containers"][0]["args"] == ["migrate"]
+    assert pod_spec(job)["restartPolicy"] == "Never"
+    # Hooks run before the release's own objects exist: its config is a hook made before it.
+    volumes = {v["name"]: v for v in pod_spec(job)["volumes"]}
+    hook_config = config_map(full, volumes["config"]["configMap"]["name"])
+    assert "pre-install" in hook_config["metadata"]["annotations"]["helm.sh/hook"]
+    weight = int(hook_config["metadata"]["annotations"]["helm.sh/hook-weight"])
+    assert weight < int(annotations["helm.sh/hook-weight"])
+    main = config_map(full, "-relay-config")
+    assert hook_config["data"] == main["data"]
+
+
+def expand(value: str, env: dict[str, str]) -> str:
+    """Kubernetes' $(VAR) expansion of an env value from variables defined before it."""
+    return re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: env[m.group(1)], value)
+
+
+@pytest.mark.parametrize(("values", "prefix"), [((), "payments"), (("-f", FULL), "prod-eu1")])
+def test_relay_replicas_have_stable_unique_identities(values: tuple[str, ...], prefix: str) -> None:
+    objects = render(*values)
+    relay = one(objects, "StatefulSet", "relay")
+    assert relay["kind"] == "StatefulSet"  # pod names survive restarts, one live pod per name
+    container = pod_spec(relay)["containers"][0]
+    names = [item["name"] for item in container["env"]]
+    assert names.index("POD_NAME") < names.index("RELAY_REPLICA_ID")  # $(POD_NAME) needs order
+    env = env_of(container)
+    assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    ids = []
+    for ordinal in range(relay["spec"]["replicas"]):
+        pod = {"POD_NAME": f"{relay['metadata']['name']}-{ordinal}", "POD_NAMESPACE": "payments"}
+        ids.append(expand(env["RELAY_REPLICA_ID"]["value"], pod))
+    assert ids == [f"{prefix}-orders-outbox-relay-relay-{n}" for n in range(len(ids))]
+    assert len({f"relay-{replica}" for replica in ids}) == len(ids)  # transactional ids
+    for replica in ids:
+        assert 1 <= len(replica) <= 200  # Settings.replica_id's bounds
+
+
+def test_the_rules_are_ops_prometheus_relay_alerts(full: list[dict[str, Any]]) -> None:
+    assert (CHART / "files" / "relay-alerts.yml").read_bytes() == RULES.read_bytes(), (
+        "helm/outbox-relay/files/relay-alerts.yml differs: "
+        "cp ops/prometheus/relay-alerts.yml helm/outbox-relay/files/"
+    )
+    rule = by_kind(full, "PrometheusRule")[0]
+    assert rule["spec"] == yaml.safe_load(RULES.read_text())
+
+
+def test_scrape_jobs_are_named_as_the_rules_expect(full: list[dict[str, Any]]) -> None:
+    monitor = by_kind(full, "ServiceMonitor")[0]
+    label = monitor["spec"]["jobLabel"]
+    jobs = {svc["metadata"]["labels"][label] for svc in by_kind(full, "Service")}
+    assert jobs == rule_jobs() == {"outbox-relay", "outbox-relay-reconciler"}
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    for svc in by_kind(full, "Service"):
+        assert selector.items() <= svc["metadata"]["labels"].items()
+        port = monitor["spec"]["endpoints"][0]["port"]
+        assert [p["name"] for p in svc["spec"]["ports"]] == [port]
+
+
+def test_the_dashboard_is_ops_grafana_relay_dashboard(full: list[dict[str, Any]]) -> None:
+    assert (CHART / "files" / "relay-dashboard.json").read_bytes() == DASHBOARD.read_bytes(), (
+        "helm/outbox-relay/files/relay-dashboard.json differs: "
+        "cp ops/grafana/relay-dashboard.json helm/outbox-relay/files/"
+    )
+    board = config_map(full, "-dashboard")
+    assert board["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(board["data"]["relay-dashboard.json"]) == json.loads(DASHBOARD.read_text())
+
+
+def test_optional_parts_are_off_by_default(defaults: list[dict[str, Any]]) -> None:
+    kinds = [obj["kind"] for obj in defaults]
+    assert "ServiceMonitor" not in kinds and "PrometheusRule" not in kinds
+    assert not [c for c in by_kind(defaults, "ConfigMap") if "dashboard" in c["metadata"]["name"]]
+    container = pod_spec(one(defaults, "StatefulSet", "relay"))["containers"][0]
+    assert "RELAY_KAFKA_SASL_PASSWORD" not in env_of(container)
+    assert [b["spec"]["maxUnavailable"] for b in by_kind(defaults, "PodDisruptionBudget")] == [1, 1]
+
+
+def test_schema_config_covers_every_setting_the_chart_does_not_own() -> None:
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    allowed = set(schema["properties"]["config"]["properties"])
+    assert allowed.isdisjoint(CHART_OWNED)
+    assert allowed | CHART_OWNED == set(Settings.model_fields), (
+        "values.schema.json config properties and relay.config.Settings disagree: "
+        f"missing {set(Settings.model_fields) - allowed - CHART_OWNED}, "
+        f"unknown {allowed - set(Settings.model_fields)}"
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "complaint"),
+    [
+        (["--set", "relay.replicas=-1"], "replicas"),
+        (["--set-string", "relay.replicas=two"], "replicas"),
+        (["--set", "config.database_url=postgresql://u:p@db/x"], "database_url"),
+        (["--set", "kafka.sasl.mechanism=SCRAM"], "mechanism"),
+        (["--set", "database.existingSecret="], "existingSecret"),
+        (["--set", "effectTypes.wire.topic=payments.wires"], "effectTypes"),
+        (["--set", "image.pullPolicy=Sometimes"], "pullPolicy"),
+        (["--set", "config.batch_size=0"], "batch_size"),
+    ],
+)
+def test_the_schema_refuses_wrong_values(args: list[str], complaint: str) -> None:
+    done = helm("template", "orders", str(CHART), *args)
+    assert done.returncode != 0, f"accepted {args}"
+    assert "values don't meet the specifications of the schema" in done.stderr
+    assert complaint in done.stderr, done.stderr
+
+
+def test_notes_name_the_replica_ids_and_the_effect_types() -> None:
+    for extra, replica, types in [
+        ([], "payments-<pod name>", "none (set effectTypes)"),
+        (["-f", FULL], "prod-eu1-<pod name>", "email, wire, wire_reversal"),
+    ]:
+        done = helm("install", "orders", str(CHART), "-n", "payments", "--dry-run=client", *extra)
+        assert done.returncode == 0, done.stderr
+        notes = done.stdout.split("NOTES:", 1)[1]
+        assert f"replica_id = {replica}" in notes
+        assert f"Effect types declared: {types}" in notes
+        assert "relay list --state UNKNOWN" in notes
