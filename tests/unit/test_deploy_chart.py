@@ -42,6 +42,9 @@ CHART_OWNED = {
     "kafka_sasl_username",
     "kafka_sasl_password",
     "kafka_ssl_cafile",
+    "kafka_ssl_certfile",
+    "kafka_ssl_keyfile",
+    "kafka_ssl_password",
     "replica_id",
     "metrics_host",
     "metrics_port",
@@ -193,6 +196,16 @@ def test_secrets_come_from_existing_secrets_only(full: list[dict[str, Any]]) -> 
         assert volumes["kafka-ca"]["secret"]["secretName"] == values["kafka"]["tls"]["caSecret"]
         mount = next(m for m in spec["containers"][0]["volumeMounts"] if m["name"] == "kafka-ca")
         assert ca == f"{mount['mountPath']}/ca.crt"
+        # mTLS: the client certificate and key from their Secret, the key's password by reference.
+        client = values["kafka"]["tls"]["clientSecret"]
+        assert volumes["kafka-client"]["secret"]["secretName"] == client
+        mounts = {m["name"]: m["mountPath"] for m in spec["containers"][0]["volumeMounts"]}
+        assert env["RELAY_KAFKA_SSL_CERTFILE"]["value"] == f"{mounts['kafka-client']}/tls.crt"
+        assert env["RELAY_KAFKA_SSL_KEYFILE"]["value"] == f"{mounts['kafka-client']}/tls.key"
+        assert env["RELAY_KAFKA_SSL_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
+            "name": client,
+            "key": values["kafka"]["tls"]["clientKeyPasswordKey"],
+        }
     for config in by_kind(full, "ConfigMap"):
         text = json.dumps(config["data"]).lower()
         assert "password" not in text and "database_url" not in text

@@ -115,6 +115,19 @@ capabilities:
 {{- if .Values.kafka.tls.enabled }}
 - name: RELAY_KAFKA_SSL_CAFILE
   value: /etc/relay/kafka-ca/{{ .Values.kafka.tls.caKey }}
+{{- if .Values.kafka.tls.clientSecret }}
+- name: RELAY_KAFKA_SSL_CERTFILE
+  value: /etc/relay/kafka-client/tls.crt
+- name: RELAY_KAFKA_SSL_KEYFILE
+  value: /etc/relay/kafka-client/tls.key
+{{- if .Values.kafka.tls.clientKeyPasswordKey }}
+- name: RELAY_KAFKA_SSL_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.kafka.tls.clientSecret | quote }}
+      key: {{ .Values.kafka.tls.clientKeyPasswordKey | quote }}
+{{- end }}
+{{- end }}
 {{- end }}
 {{/* Explicit: the relay's default address may become loopback, unreachable for probes. */}}
 - name: RELAY_METRICS_HOST
@@ -135,6 +148,11 @@ capabilities:
 - name: kafka-ca
   mountPath: /etc/relay/kafka-ca
   readOnly: true
+{{- if .Values.kafka.tls.clientSecret }}
+- name: kafka-client
+  mountPath: /etc/relay/kafka-client
+  readOnly: true
+{{- end }}
 {{- end }}
 {{- end -}}
 
@@ -153,6 +171,16 @@ capabilities:
     items:
       - key: {{ .root.Values.kafka.tls.caKey | quote }}
         path: {{ .root.Values.kafka.tls.caKey | quote }}
+{{- if .root.Values.kafka.tls.clientSecret }}
+- name: kafka-client
+  secret:
+    secretName: {{ .root.Values.kafka.tls.clientSecret | quote }}
+    items:
+      - key: tls.crt
+        path: tls.crt
+      - key: tls.key
+        path: tls.key
+{{- end }}
 {{- end }}
 {{- end -}}
 
