@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from datetime import datetime
 from typing import Any, NamedTuple
 
@@ -39,7 +40,8 @@ log = logging.getLogger(__name__)
 
 STATUS_TRANSACTIONAL_ID = "relay-status-events"
 STATUS_BATCH = 2000
-IDLE_WAIT_S = 0.05
+IDLE_WAIT_S = 0.02
+IDLE_WAIT_MAX_S = 0.5
 
 
 class _Event(NamedTuple):
@@ -67,34 +69,53 @@ class StatusPublisher(Stage):
         self.producer: KafkaProducer | None = None
         self.published = 0
         self._lease_s = max(10.0, settings.lease_s / 3)
+        self._renew_at = 0.0
+        self._idle_s = 0.0
+        self._inflight: list[int] = []
+        self._inflight_at: datetime | None = None
 
     def drop_producer(self) -> None:
         close_quietly(self.producer, timeout_s=2.0)
         self.producer = None
 
     def step(self) -> None:
+        try:
+            self._step()
+        except BaseException:
+            self._renew_at = 0.0  # whatever went wrong: read the in-flight set again first
+            raise
+
+    def _step(self) -> None:
         conn = self.connect()
-        row = conn.execute(
-            query("take_status_lease"),
-            {"owner": self.who.replica_id, "epoch": self.who.epoch, "lease_s": self._lease_s},
-        ).fetchone()
-        if row is None:  # another replica publishes them
-            self.drop_producer()
-            self.stop.wait(self._lease_s / 3)
-            return
-        inflight, inflight_at = list(row[0] or []), row[1]
+        if time.monotonic() >= self._renew_at:
+            row = conn.execute(
+                query("take_status_lease"),
+                {"owner": self.who.replica_id, "epoch": self.who.epoch, "lease_s": self._lease_s},
+            ).fetchone()
+            if row is None:  # another replica publishes them
+                self.drop_producer()
+                self.stop.wait(self._lease_s / 3)
+                return
+            # Renewed well before it lapses; a lapse under us is caught by status_inflight.
+            self._renew_at = time.monotonic() + self._lease_s / 3
+            self._inflight, self._inflight_at = list(row[0] or []), row[1]
         try:
             producer = self._producer()
-            if inflight:
-                self._settle(conn, inflight, inflight_at)
+            if self._inflight:
+                self._settle(conn, self._inflight, self._inflight_at)
+                self._inflight = []
                 return
             rows = conn.execute(query("status_batch"), {"limit": STATUS_BATCH}).fetchall()
             if not rows:
-                self.stop.wait(IDLE_WAIT_S)
+                # Nothing due: look again soon, less often the longer it stays quiet.
+                self._idle_s = min(IDLE_WAIT_MAX_S, max(IDLE_WAIT_S, self._idle_s * 2))
+                self.stop.wait(self._idle_s)
                 return
+            self._idle_s = 0.0
             self._publish(conn, producer, [_Event(*r) for r in rows])
         except (kerr.KafkaError, OSError) as exc:
             self.drop_producer()
+            self._renew_at = 0.0  # read what is in flight again before going on
             self.pause(2.0, f"Kafka unavailable for status events: {describe(exc)}")
 
     def _producer(self) -> KafkaProducer:
@@ -150,6 +171,7 @@ class StatusPublisher(Stage):
         except Exception as exc:  # noqa: BLE001 - any failure: settle the in-flight set later
             log.warning("status events not published (looked for before resending): %s", exc)
             self.drop_producer()
+            self._renew_at = 0.0
             return
         self._record(conn, ids)
         self.published += len(due)

@@ -158,8 +158,10 @@ WITH outcome AS (
            m.partition, m."offset"
     FROM moved m
 ), log AS (
-    SELECT c.status_events AS status, v.applied_at AS lean_since
-    FROM relay.reconciler_config c, relay.schema_migration v WHERE v.version = 4
+    SELECT c.status_events AS status,
+           coalesce((SELECT v.applied_at FROM relay.schema_migration v WHERE v.version = 4),
+                    '-infinity') AS lean_since
+    FROM relay.reconciler_config c
 ), transitions AS (
     INSERT INTO relay.transition (effect_id, from_state, to_state, reason, actor, attempt, at,
                                   status_pending)
@@ -212,8 +214,10 @@ WITH expired AS (
         SET ended_at = now(), outcome = 'unknown', reason = excluded.reason
         WHERE a.outcome IS NULL
 ), log AS (
-    SELECT c.status_events AS status, v.applied_at AS lean_since
-    FROM relay.reconciler_config c, relay.schema_migration v WHERE v.version = 4
+    SELECT c.status_events AS status,
+           coalesce((SELECT v.applied_at FROM relay.schema_migration v WHERE v.version = 4),
+                    '-infinity') AS lean_since
+    FROM relay.reconciler_config c
 ), transitions AS (
     INSERT INTO relay.transition (effect_id, from_state, to_state, reason, actor, attempt, at,
                                   status_pending)

@@ -248,3 +248,34 @@ def test_a_purged_key_is_refused_not_published_again(settings: Settings) -> None
         purge(conn, settings.model_copy(update={"dedupe_window_s": 0.000001}), 0.000001)
         again = relay.enqueue(conn, "email", "old-intent", {"to": "a@example.org"})
     assert again.created
+
+
+class _LosesRecordOnce(StatusPublisher):
+    """Loses the record of its first published batch, then carries on (the same process)."""
+
+    lost = False
+
+    def _record(self, conn: psycopg.Connection[Any], ids: list[int]) -> None:
+        if ids and not self.lost:
+            self.lost = True
+            raise psycopg.OperationalError("the database went away after the Kafka commit")
+        super()._record(conn, ids)
+
+
+def test_the_same_publisher_settles_what_it_lost_before_sending_more(
+    own_topic: Settings, services: Services
+) -> None:
+    settings = own_topic
+    url = settings.require_database_url()
+    _transitions(url, 5)
+    stage = _stage(settings, _LosesRecordOnce)
+    try:
+        with pytest.raises(psycopg.OperationalError):
+            stage.step()
+        stage.drop()  # as the stage's loop does after a database error
+        stage.step()  # settles: found in Kafka, recorded, nothing sent again
+        stage.step()
+        assert support.status_backlog(url) == 0
+    finally:
+        stage.drop_producer()
+    assert len(_published_status(settings, services, url, 15)) == 15
