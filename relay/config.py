@@ -149,6 +149,12 @@ class Settings(BaseSettings):
     kafka_ssl_password: SecretStr | None = Field(
         default=None, description="Password of kafka_ssl_keyfile, if it is encrypted."
     )
+    max_claim_bytes: int = Field(
+        default=16 * 1024 * 1024,
+        ge=1,
+        description="A claim stops once its payloads (as stored) reach this many bytes; it "
+        "always takes at least one effect. Bounds the relay's memory per batch.",
+    )
     max_payload_bytes: int = Field(
         default=1_000_000,
         ge=2,

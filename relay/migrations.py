@@ -109,7 +109,8 @@ def check_current(conn: psycopg.Connection[tuple[object, ...]]) -> None:
 
 
 def sync_effect_types(conn: psycopg.Connection[tuple[object, ...]], settings: Settings) -> int:
-    """Write the declared effect types into ``relay.effect_type``, where enqueue validates them."""
+    """Write the declared effect types into ``relay.effect_type``, and the limits into
+    ``relay.limits``, where enqueue validates intents."""
     changed = 0
     with conn.transaction():
         for spec in settings.effect_types.values():
@@ -128,4 +129,5 @@ def sync_effect_types(conn: psycopg.Connection[tuple[object, ...]], settings: Se
                 },
             )
             changed += cur.rowcount
+        conn.execute(query("sync_limits"), {"max_payload_bytes": settings.max_payload_bytes})
     return changed

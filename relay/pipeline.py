@@ -241,6 +241,7 @@ class Claimer(Stage):
                 "owner": self.who.replica_id,
                 "epoch": self.who.epoch,
                 "limit": self.settings.batch_size,
+                "max_bytes": self.settings.max_claim_bytes,
                 "lease_s": self.settings.lease_s,
             },
         ).fetchall()

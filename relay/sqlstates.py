@@ -13,6 +13,7 @@ from relay.errors import (
     InvalidTransitionError,
     MigrationError,
     OperationKeyConflictError,
+    PayloadTooLargeError,
     RelayError,
     UnknownEffectTypeError,
 )
@@ -23,6 +24,7 @@ ERRORS: dict[str, type[RelayError]] = {
     "RL003": OperationKeyConflictError,
     "RL004": EffectNotFoundError,
     "RL005": InvalidTransitionError,
+    "RL006": PayloadTooLargeError,
 }
 # undefined function / schema / table: the relay's schema was never migrated into this database
 SCHEMA_MISSING = frozenset({"42883", "3F000", "42P01"})

@@ -18,6 +18,10 @@ WHERE (t.topic, t.idempotent, t.business_key, t.result_topic, t.outcome_timeout_
        excluded.outcome_timeout_s, excluded.has_observer, excluded.compensation,
        excluded.max_attempts);
 
+-- name: sync_limits
+UPDATE relay.limits SET max_payload_bytes = %(max_payload_bytes)s
+WHERE max_payload_bytes <> %(max_payload_bytes)s;
+
 -- name: enqueue
 SELECT effect_id, state, created
 FROM relay.enqueue(%(operation_key)s, %(effect_type)s, %(payload)s::jsonb, %(business_key)s,
@@ -98,12 +102,24 @@ WHERE replica_id = %(replica_id)s AND epoch = %(epoch)s;
 WITH fence AS (
     SELECT 1 FROM relay.replica
     WHERE replica_id = %(owner)s AND epoch = %(epoch)s
+), due AS (
+    -- Capped by bytes as well as by count (always at least one): a few huge payloads must not
+    -- take the relay's memory. pg_column_size reads the stored size without decompressing.
+    SELECT d.id FROM (
+        SELECT e.id, e.available_at,
+               sum(pg_column_size(e.payload)) OVER (ORDER BY e.available_at, e.id) AS running,
+               pg_column_size(e.payload) AS size
+        FROM relay.effect e
+        WHERE e.state = 'PENDING' AND e.available_at <= now() AND EXISTS (SELECT 1 FROM fence)
+        ORDER BY e.available_at, e.id
+        LIMIT %(limit)s
+    ) d
+    WHERE d.running - d.size < %(max_bytes)s
 ), claimed AS (
-    SELECT e.id FROM relay.effect e
-    WHERE e.state = 'PENDING' AND e.available_at <= now() AND EXISTS (SELECT 1 FROM fence)
+    SELECT e.id FROM relay.effect e JOIN due ON due.id = e.id
+    WHERE e.state = 'PENDING'
     ORDER BY e.available_at, e.id
-    LIMIT %(limit)s
-    FOR UPDATE SKIP LOCKED
+    FOR UPDATE OF e SKIP LOCKED
 ), moved AS (
     UPDATE relay.effect AS e
     SET state = 'DISPATCHING', attempts = e.attempts + 1, owner = %(owner)s,

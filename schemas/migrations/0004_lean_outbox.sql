@@ -59,6 +59,14 @@ CREATE TABLE relay.purged_key (
 );
 CREATE INDEX purged_key_at_idx ON relay.purged_key (purged_at);
 
+-- Limits every caller of relay.enqueue meets, whatever its language (synced from the settings by
+-- `relay migrate`, `relay run` and `relay reconcile`).
+CREATE TABLE relay.limits (
+    id                boolean PRIMARY KEY DEFAULT true CHECK (id),
+    max_payload_bytes integer NOT NULL DEFAULT 1000000
+);
+INSERT INTO relay.limits (id) VALUES (true);
+
 -- The doorbell lapses by itself: an idle relay arms it for a short while and re-arms it while it
 -- waits, so writers stop paying for a NOTIFY soon after the last idle relay died.
 ALTER TABLE relay.doorbell ADD COLUMN armed_until timestamptz;
@@ -145,6 +153,11 @@ BEGIN
        AND p_traceparent !~ '^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$' THEN
         RAISE EXCEPTION 'traceparent of % is not a W3C traceparent', p_operation_key
             USING ERRCODE = 'RL002';
+    END IF;
+    IF octet_length(p_payload::text) > (SELECT l.max_payload_bytes FROM relay.limits l) THEN
+        RAISE EXCEPTION 'payload of % is % bytes of JSON, more than max_payload_bytes (%)',
+            p_operation_key, octet_length(p_payload::text),
+            (SELECT l.max_payload_bytes FROM relay.limits l) USING ERRCODE = 'RL006';
     END IF;
     IF starts_with(p_effect_type, 'relay.') THEN
         RAISE EXCEPTION 'effect type % is reserved for the relay', quote_literal(p_effect_type)

@@ -279,3 +279,36 @@ def test_the_same_publisher_settles_what_it_lost_before_sending_more(
     finally:
         stage.drop_producer()
     assert len(_published_status(settings, services, url, 15)) == 15
+
+
+def test_payload_limit_in_sql_and_claims_capped_by_bytes(settings: Settings) -> None:
+    from relay.errors import PayloadTooLargeError
+    from relay.migrations import sync_effect_types
+
+    url = settings.require_database_url()
+    small = settings.model_copy(update={"max_payload_bytes": 1000})
+    with psycopg.connect(url, autocommit=True) as conn:
+        sync_effect_types(conn, small)
+        big = json.dumps({"to": "x" * 2000})
+        with pytest.raises(PayloadTooLargeError, match="max_payload_bytes"), translate_errors():
+            conn.execute("SELECT * FROM relay.enqueue('too-big', 'email', %s::jsonb)", (big,))
+        sync_effect_types(conn, settings)
+        for i in range(5):
+            relay.enqueue(conn, "email", f"sized-{i}", {"to": f"{i}", "body": "y" * 5000})
+
+        def claim(max_bytes: int) -> int:
+            rows = conn.execute(
+                query("claim_batch"),
+                {"owner": "r", "epoch": 1, "limit": 100, "max_bytes": max_bytes, "lease_s": 60},
+            ).fetchall()
+            conn.execute("UPDATE relay.effect SET state = 'PENDING', attempts = 0, owner = NULL")
+            return len(rows)
+
+        conn.execute("INSERT INTO relay.replica (replica_id, epoch) VALUES ('r', 1)")
+        assert claim(1) == 1  # always at least one
+        assert claim(10**9) == 5
+        one = conn.execute(
+            "SELECT pg_column_size(payload) FROM relay.effect WHERE operation_key = 'sized-0'"
+        ).fetchone()
+        assert one is not None
+        assert claim(int(one[0]) * 2 + 1) == 3  # stops once the bytes claimed reach the cap
