@@ -69,10 +69,13 @@ def test_committed_effect_arrives_once_with_key_and_headers(
 
 
 def _enqueue_small_and_huge(url: str) -> None:
+    """A deployment whose payload limit (max_payload_bytes) is above what the brokers take."""
     with psycopg.connect(url) as conn:
+        conn.execute("UPDATE relay.limits SET max_payload_bytes = 2000000")
         intents = [relay.Intent("email", f"small-{i}", {"i": i}) for i in range(20)]
         relay.enqueue_many(conn, intents[:10])
-        relay.enqueue(conn, "email", "huge", {"blob": "x" * 1_500_000})
+        huge = {"blob": "x" * 1_500_000}
+        relay.enqueue(conn, "email", "huge", huge, max_payload_bytes=2_000_000)
         relay.enqueue_many(conn, intents[10:])
         conn.commit()
 
