@@ -23,7 +23,7 @@ def connect(
     """A connection named after its purpose in ``pg_stat_activity``."""
     url = settings.require_database_url()
     try:
-        return psycopg.connect(
+        conn = psycopg.connect(
             url,
             autocommit=autocommit,
             application_name=f"relay-{purpose}",
@@ -36,8 +36,14 @@ def connect(
             keepalives_count=3,
             tcp_user_timeout=30_000,
         )
+        # Short statements over many rows whose estimates can look big: JIT compilation would
+        # cost milliseconds every time and save nothing.
+        conn.execute("SET jit = off")
+        if not autocommit:
+            conn.commit()
     except psycopg.OperationalError as exc:
         raise ServiceUnavailableError(f"PostgreSQL unavailable: {redact(str(exc))}") from None
+    return conn
 
 
 def _is_loopback(host: str) -> bool:

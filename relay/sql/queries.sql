@@ -105,14 +105,18 @@ WITH fence AS (
 ), due AS (
     -- Capped by bytes as well as by count (always at least one): a few huge payloads must not
     -- take the relay's memory. pg_column_size reads the stored size without decompressing.
+    -- The LIMIT comes first (an ordered scan of the partial index that stops at the batch), the
+    -- running sum over those rows only.
     SELECT d.id FROM (
-        SELECT e.id, e.available_at,
-               sum(pg_column_size(e.payload)) OVER (ORDER BY e.available_at, e.id) AS running,
-               pg_column_size(e.payload) AS size
-        FROM relay.effect e
-        WHERE e.state = 'PENDING' AND e.available_at <= now() AND EXISTS (SELECT 1 FROM fence)
-        ORDER BY e.available_at, e.id
-        LIMIT %(limit)s
+        SELECT c.id, c.size, sum(c.size) OVER (ORDER BY c.available_at, c.id) AS running
+        FROM (
+            SELECT e.id, e.available_at, pg_column_size(e.payload) AS size
+            FROM relay.effect e
+            WHERE e.state = 'PENDING' AND e.available_at <= now()
+              AND EXISTS (SELECT 1 FROM fence)
+            ORDER BY e.available_at, e.id
+            LIMIT %(limit)s
+        ) c
     ) d
     WHERE d.running - d.size < %(max_bytes)s
 ), claimed AS (
@@ -173,7 +177,7 @@ WITH outcome AS (
     SELECT m.id, m.attempt, %(owner)s, %(epoch)s, m.claimed_at, now(), m.outcome, m.reason,
            m.partition, m."offset"
     FROM moved m
-), log AS (
+), log AS MATERIALIZED (
     SELECT c.status_events AS status,
            coalesce((SELECT v.applied_at FROM relay.schema_migration v WHERE v.version = 4),
                     '-infinity') AS lean_since
@@ -229,7 +233,7 @@ WITH expired AS (
     ON CONFLICT (effect_id, attempt) DO UPDATE
         SET ended_at = now(), outcome = 'unknown', reason = excluded.reason
         WHERE a.outcome IS NULL
-), log AS (
+), log AS MATERIALIZED (
     SELECT c.status_events AS status,
            coalesce((SELECT v.applied_at FROM relay.schema_migration v WHERE v.version = 4),
                     '-infinity') AS lean_since

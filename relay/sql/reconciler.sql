@@ -211,7 +211,7 @@ SELECT (SELECT count(*) FROM gone)::bigint AS effects,
 -- (CONFIRMED, REJECTED, CANCELLED, or PUBLISHED with no result awaited: outcome_deadline is set
 -- at publication when the type then had a result topic) and past retention. A compensation never
 -- goes alone while its parent exists, so compensation_needs always counts it. Attempts,
--- transitions and evidence go with the effects (ON DELETE CASCADE). Rows locked by anyone are
+-- transitions and evidence go with the effects, in the same statement. Rows locked by anyone are
 -- skipped, and a family with any member locked waits for a later run, so the purge never waits
 -- on the relay or on writers. (A compensation committed while this statement runs is not seen:
 -- the foreign key on parent_effect_id then fails the batch, rolled back, never orphaned.)
@@ -264,6 +264,12 @@ WITH RECURSIVE blocked(id) AS (
 ), gone AS (
     DELETE FROM relay.effect e WHERE e.id = ANY (ARRAY(SELECT w.id FROM whole w))
     RETURNING e.id, e.operation_key, e.effect_type, e.state
+), gone_attempts AS (
+    DELETE FROM relay.attempt a WHERE a.effect_id IN (SELECT g.id FROM gone g)
+), gone_transitions AS (
+    DELETE FROM relay.transition t WHERE t.effect_id IN (SELECT g.id FROM gone g)
+), gone_evidence AS (
+    DELETE FROM relay.evidence v WHERE v.effect_id IN (SELECT g.id FROM gone g)
 ), remembered AS (
     -- Their keys stay taken for the dedupe window: a retried old intent is refused, not sent.
     INSERT INTO relay.purged_key (operation_key, effect_id, effect_type, final_state)
