@@ -22,6 +22,7 @@ GRANT SELECT ON relay.effect TO {application};
 GRANT SELECT ON ALL TABLES IN SCHEMA relay TO {relay}, {reconciler}, {operator};
 GRANT USAGE ON ALL SEQUENCES IN SCHEMA relay TO {relay}, {reconciler}, {operator};
 GRANT INSERT, UPDATE ON relay.effect_type TO {relay}, {reconciler};
+GRANT UPDATE ON relay.limits TO {relay}, {reconciler};
 
 -- The relay: claims and marks effects, writes attempts and transitions, its replica row, the
 -- doorbell and the status-event lease; checks its own ambiguous publishes.
