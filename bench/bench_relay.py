@@ -26,8 +26,8 @@ from bench.common import PLAIN_TABLE, fresh_db, start_thread, writers
 from relay.config import Settings, load_settings
 from relay.daemon import Relay
 from relay.devservices import local_services
+from relay.kafka_client import make_producer
 from relay.migrations import migrate, sync_effect_types
-from relay.publisher import make_producer
 from relay.reconciler.daemon import register_status_type
 
 _WRITER_BYTES = 32  # the writers' payload: a small JSON object

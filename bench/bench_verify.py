@@ -22,7 +22,7 @@ from relay.config import Settings, load_settings
 from relay.daemon import VERIFY_ROUND
 from relay.devservices import local_services
 from relay.headers import dispatch_headers
-from relay.publisher import make_producer
+from relay.kafka_client import make_producer
 from relay.transactions import commit
 from relay.verify import Absent, Found, Wanted, find_attempt, find_attempts, open_consumer
 

@@ -2,84 +2,34 @@
 
 from __future__ import annotations
 
-import functools
 import json
-import logging
-import re
-import signal
 import sys
-from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any, NoReturn, Protocol, TypeVar, cast
+from typing import Any, cast
 
 import click
-import psycopg
 from psycopg.rows import dict_row
 
 from relay import outbox
+from relay.cli_support import (
+    EXIT_FAILURE,
+    EXIT_USAGE,
+    clean_errors,
+    fail,
+    parse_duration,
+    run_until_signalled,
+)
 from relay.config import Settings, load_settings
 from relay.db import connect
-from relay.errors import InvalidIntentError, RelayError, ServiceUnavailableError
-from relay.logs import configure, redact
+from relay.errors import InvalidIntentError, RelayError
+from relay.logs import configure
 from relay.migrations import migrate as apply_migrations
 from relay.migrations import sync_effect_types
 from relay.redaction import escape_controls
 from relay.sql import query
 from relay.states import EffectState
-
-F = TypeVar("F", bound=Callable[..., Any])
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
-EXIT_UNAVAILABLE = 3
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?$")
-_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
-
-
-def parse_duration(text: str) -> float:
-    """'90', '90s', '15m', '2h', '1d' -> seconds."""
-    match = _DURATION.match(text.strip())
-    if not match:
-        raise click.BadParameter(f"{text!r} is not a duration like 30s, 15m, 2h or 1d")
-    return float(match.group(1)) * _UNIT_S[match.group(2)]
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = redact(str(exc)).strip().splitlines()
-    return escape_controls(lines[0]) if lines else type(exc).__name__
-
-
-def _fail(message: str, code: int) -> NoReturn:
-    """One line on stderr, secrets masked and control characters escaped; then exit."""
-    click.echo(f"error: {escape_controls(redact(message))}", err=True)
-    sys.exit(code)
-
-
-def clean_errors(func: F) -> F:
-    """Turn the relay's errors and unreachable services into one line on stderr and an exit code."""
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except ServiceUnavailableError as exc:
-            _fail(_first_line(exc), EXIT_UNAVAILABLE)
-        except RelayError as exc:
-            _fail(str(exc), EXIT_USAGE)
-        except psycopg.OperationalError as exc:
-            _fail(f"PostgreSQL unavailable: {_first_line(exc)}", EXIT_UNAVAILABLE)
-        except (psycopg.errors.UndefinedTable, psycopg.errors.InvalidSchemaName) as exc:
-            # A database the code is newer than: say what to do rather than print a traceback.
-            _fail(f"{_first_line(exc)}: run 'relay migrate'", EXIT_USAGE)
-        except click.exceptions.ClickException:
-            raise
-        except Exception as exc:
-            # A traceback would print whatever the failing frame held (a URL, a password); the
-            # whole trace goes to the log at DEBUG, through the redacting formatter.
-            logging.getLogger("relay").debug("unexpected error", exc_info=True)
-            _fail(f"unexpected {type(exc).__name__}: {_first_line(exc)}", EXIT_FAILURE)
-
-    return cast(F, wrapper)
+from relay.story import load_story, story_lines
 
 
 def _settings(ctx: click.Context) -> Settings:
@@ -123,7 +73,7 @@ def main(
     try:
         settings = load_settings(config_path, **overrides)
     except RelayError as exc:
-        _fail(str(exc), EXIT_USAGE)
+        fail(str(exc), EXIT_USAGE)
     configure(settings.log_level, settings.log_format)
     ctx.obj = {"settings": settings}
 
@@ -158,24 +108,6 @@ def run(ctx: click.Context) -> None:
 
     warn_unless_verified_tls(_settings(ctx), "run")
     run_until_signalled(Relay(_settings(ctx)))
-
-
-class Daemon(Protocol):
-    def run(self) -> None: ...
-
-    def stop(self) -> None: ...
-
-
-def run_until_signalled(daemon: Daemon) -> None:
-    """Run ``daemon``; SIGTERM or Ctrl-C lets it finish the batch in hand, then it returns."""
-
-    def _stop(signum: int, _frame: object) -> None:
-        logging.getLogger("relay").info("signal %s: finishing the batch in hand", signum)
-        daemon.stop()
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
-    daemon.run()
 
 
 @main.command()
@@ -224,82 +156,6 @@ def enqueue(
     )
 
 
-def load_story(conn: psycopg.Connection[Any], operation_key: str) -> dict[str, Any] | None:
-    """One effect with its attempts, evidence and transitions, each in order; None if unknown."""
-    with conn.cursor(row_factory=dict_row) as cur:
-        cur.execute(query("get_effect"), {"operation_key": operation_key})
-        effect = cur.fetchone()
-        if effect is None:
-            return None
-        story: dict[str, Any] = {"effect": effect}
-        for part, name in (
-            ("attempts", "get_attempts"),
-            ("evidence", "get_evidence"),
-            ("transitions", "get_transitions"),
-        ):
-            cur.execute(query(name), {"effect_id": effect["id"]})
-            story[part] = cur.fetchall()
-    return story
-
-
-def story_lines(story: dict[str, Any]) -> list[str]:
-    """The text of ``relay show``: intent, attempts, evidence, transitions."""
-    effect = story["effect"]
-    lines = [f"effect {effect['id']}  {effect['operation_key']}  [{effect['state']}]"]
-    for field in ("effect_type", "topic", "business_key", "traceparent", "attempts", "reason"):
-        if effect[field] is not None:
-            lines.append(f"  {field:<13} {effect[field]}")
-    if effect["published_offset"] is not None:
-        lines.append(
-            f"  {'published':<13} partition {effect['published_partition']} "
-            f"offset {effect['published_offset']} at {effect['published_at']:%Y-%m-%d %H:%M:%S%z}"
-        )
-    if effect["outcome_deadline"] is not None:
-        lines.append(f"  {'result due':<13} {effect['outcome_deadline']:%Y-%m-%d %H:%M:%S%z}")
-    lines.append(f"  {'payload':<13} {json.dumps(effect['payload'])}")
-    lines.append("attempts:")
-    for a in story["attempts"]:
-        where = f" p{a['partition']}@{a['offset']}" if a["offset"] is not None else ""
-        lines.append(
-            f"  #{a['attempt']} by {a['replica_id']} (epoch {a['replica_epoch']}) "
-            f"{a['started_at']:%H:%M:%S.%f} -> {a['outcome'] or 'in flight'}{where}"
-            + (f": {a['reason']}" if a["reason"] else "")
-        )
-        if a["verification"]:
-            lines.append(f"      checked in Kafka {a['verified_at']:%H:%M:%S}: {a['verification']}")
-    if not story["attempts"]:
-        lines.append("  (none)")
-    lines.append("evidence:")
-    for v in story["evidence"]:
-        facts = [
-            f"external id {v['external_id']}" if v["external_id"] is not None else "",
-            f"count {v['observed_count']}" if v["observed_count"] is not None else "",
-            f"{v['topic']} p{v['partition']}@{v['offset']}" if v["topic"] is not None else "",
-            f"attempt {v['attempt']}" if v["attempt"] is not None else "",
-        ]
-        said = "; ".join(f for f in facts if f)
-        lines.append(
-            f"  {v['received_at']:%Y-%m-%d %H:%M:%S.%f} {v['kind']} {v['outcome'] or '-'}"
-            + (f" ({said})" if said else "")
-            + f" -> {v['verdict']} by {v['actor']}"
-            + (f": {v['reason']}" if v["reason"] else "")
-        )
-        if v["detail"] and v["detail"] not in (v["reason"] or ""):
-            lines.append(f"      detail: {v['detail']}")
-        if v["kind"] == "operator":
-            # The actor is what the operator claimed; these are who the systems saw.
-            lines.append(f"      login {v['db_role'] or '?'}, OS user {v['os_user'] or '?'}")
-    if not story["evidence"]:
-        lines.append("  (none)")
-    lines.append("transitions:")
-    for t in story["transitions"]:
-        lines.append(
-            f"  {t['at']:%Y-%m-%d %H:%M:%S.%f} {t['from_state'] or '-':>11} -> {t['to_state']:<11}"
-            f" by {t['actor']}: {t['reason']}"
-        )
-    return lines
-
-
 @main.command()
 @click.argument("operation_key")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
@@ -310,7 +166,7 @@ def show(ctx: click.Context, operation_key: str, as_json: bool) -> None:
     with connect(_settings(ctx), purpose="cli") as conn:
         story = load_story(conn, operation_key)
     if story is None:
-        _fail(f"no effect has operation key {operation_key!r}", EXIT_FAILURE)
+        fail(f"no effect has operation key {operation_key!r}", EXIT_FAILURE)
     if as_json:
         click.echo(json.dumps(story, default=_json_default, indent=2))
         return

@@ -28,14 +28,13 @@ from relay import db, observability, tracing
 from relay.backoff import Backoff
 from relay.config import Settings
 from relay.errors import RelayError, ServiceUnavailableError
+from relay.kafka_client import close_quietly, make_producer
 from relay.migrations import check_current, sync_effect_types
 from relay.outcomes import AttemptOutcome, describe
 from relay.pipeline import Claimed, Claimer, Held, Identity, Marker, expire_leases, released
 from relay.publisher import (
     ClaimedEffect,
     PublishResult,
-    close_quietly,
-    make_producer,
     publish_batch,
     publish_batch_transactional,
 )

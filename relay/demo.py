@@ -25,18 +25,18 @@ from kafka.admin import KafkaAdminClient, NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
 from relay import outbox
-from relay.cli import load_story, story_lines
 from relay.config import EffectTypeSpec, Settings
 from relay.daemon import Relay
 from relay.devservices import LocalKafka, local_services
 from relay.errors import ServiceUnavailableError
+from relay.kafka_client import kafka_security
 from relay.messages import ResultMessage, ResultOutcome
 from relay.migrations import migrate, sync_effect_types
-from relay.publisher import kafka_security
 from relay.reconciler.daemon import Reconciler
 from relay.reconciler.observers import Observation, ObservedEffect
 from relay.redaction import display_dsn
 from relay.sql import query
+from relay.story import load_story, story_lines
 
 WIRE_TIMEOUT_S = 5.0
 DEMO_TYPES: dict[str, dict[str, Any]] = {

@@ -30,9 +30,9 @@ from kafka import errors as kerr
 from relay import transactions
 from relay.config import Settings
 from relay.headers import STATUS_EVENT_TYPE, status_headers
+from relay.kafka_client import close_quietly, make_producer
 from relay.outcomes import describe
 from relay.pipeline import Held, Identity, Stage
-from relay.publisher import close_quietly, make_producer
 from relay.sql import query
 from relay.verify import Found, Wanted, find_attempts, open_consumer
 

@@ -15,7 +15,7 @@ from kafka import KafkaProducer
 from kafka import errors as kerr
 
 from relay.config import Settings
-from relay.publisher import close_quietly, kafka_security
+from relay.kafka_client import close_quietly, kafka_security
 
 log = logging.getLogger(__name__)
 

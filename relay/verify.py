@@ -21,7 +21,7 @@ from kafka import KafkaConsumer, TopicPartition
 
 from relay.config import Settings
 from relay.headers import H_ATTEMPT, H_EFFECT_ID, H_TRANSITION_ID
-from relay.publisher import kafka_security
+from relay.kafka_client import kafka_security
 from relay.transactions import TransactionTimeoutError
 
 

@@ -10,9 +10,9 @@ import psycopg
 from kafka import KafkaConsumer
 
 from relay.config import Settings
+from relay.kafka_client import kafka_security
 from relay.migrations import check_current
 from relay.observability.server import Check
-from relay.publisher import kafka_security
 from relay.sql import query
 
 TIMEOUT_S = 3

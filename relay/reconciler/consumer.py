@@ -27,8 +27,8 @@ from pydantic import ValidationError
 from relay import observability, tracing
 from relay.config import Settings
 from relay.errors import RelayError
+from relay.kafka_client import kafka_security
 from relay.messages import ResultMessage, ResultOutcome
-from relay.publisher import kafka_security
 from relay.reconciler.compensation import ensure_compensations
 from relay.reconciler.effects import LockedEffect, clean_text, lock_effect, move
 from relay.sql import query

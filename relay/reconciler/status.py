@@ -29,8 +29,8 @@ from kafka import KafkaConsumer
 from pydantic import ValidationError
 
 from relay.config import Settings
+from relay.kafka_client import kafka_security
 from relay.messages import StatusMessage
-from relay.publisher import kafka_security
 
 log = logging.getLogger(__name__)
 

@@ -363,7 +363,7 @@ def test_search_finds_a_record_after_the_partition_count_changed(
     from kafka.admin import KafkaAdminClient, NewPartitions, NewTopic
 
     from relay.headers import dispatch_headers
-    from relay.publisher import make_producer
+    from relay.kafka_client import make_producer
     from relay.transactions import commit
     from relay.verify import Absent, Found, Wanted, find_attempt, find_attempts, open_consumer
 
@@ -428,7 +428,7 @@ def test_closing_a_producer_whose_broker_hangs_stops_its_network_thread(
     settings: Settings, broker: LocalKafka, prefix: str
 ) -> None:
     """kafka-python's close() gives up at its flush and leaves the sender thread running."""
-    from relay.publisher import close_quietly, make_producer
+    from relay.kafka_client import close_quietly, make_producer
 
     settings = settings.model_copy(update={"kafka_bootstrap_servers": broker.bootstrap_servers})
     producer = make_producer(settings)

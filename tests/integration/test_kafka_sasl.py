@@ -90,7 +90,7 @@ def test_kafka_debug_output_is_masked_when_let_through(
     that the settings registered: the raw records hold it, the written lines do not."""
     from kafka import KafkaAdminClient
 
-    from relay.publisher import kafka_security
+    from relay.kafka_client import kafka_security
 
     settings = support.make_settings(
         database_url,

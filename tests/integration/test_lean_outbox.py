@@ -12,7 +12,6 @@ import pytest
 
 import relay
 from relay import transactions
-from relay.cli import load_story
 from relay.config import Settings
 from relay.daemon import Relay
 from relay.devservices import Services
@@ -22,6 +21,7 @@ from relay.pipeline import Held, Identity
 from relay.reconciler.daemon import register_status_type
 from relay.sql import query
 from relay.status_events import StatusPublisher
+from relay.story import load_story
 from tests import support
 
 WIRE = {"account": "ACC1", "amount": 100, "date": "2026-11-22"}

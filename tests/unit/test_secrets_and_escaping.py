@@ -15,8 +15,8 @@ from pydantic import ValidationError
 from relay.config import Settings, load_settings
 from relay.db import unprotected_hosts, warn_unless_verified_tls
 from relay.errors import ConfigError
+from relay.kafka_client import kafka_security
 from relay.logs import JsonFormatter, TextFormatter
-from relay.publisher import kafka_security
 from relay.redaction import display_dsn, escape_controls, redact
 from tests import support
 

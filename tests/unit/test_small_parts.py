@@ -8,7 +8,7 @@ import click
 import pytest
 
 from relay.backoff import Backoff
-from relay.cli import parse_duration
+from relay.cli_support import parse_duration
 from relay.logs import JsonFormatter, TextFormatter, redact
 from relay.messages import MESSAGE_MODELS, ResultMessage, json_schema
 from relay.migrations import available

@@ -1,0 +1,90 @@
+"""What every command shares: durations, one-line errors with exit codes, running a daemon
+until a signal. Below ``relay.cli`` and the commands that live elsewhere (demo, reconciler)."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+import signal
+import sys
+from collections.abc import Callable
+from typing import Any, NoReturn, Protocol, TypeVar, cast
+
+import click
+import psycopg
+
+from relay.errors import RelayError, ServiceUnavailableError
+from relay.logs import redact
+from relay.redaction import escape_controls
+
+F = TypeVar("F", bound=Callable[..., Any])
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_UNAVAILABLE = 3
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?$")
+_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+def parse_duration(text: str) -> float:
+    """'90', '90s', '15m', '2h', '1d' -> seconds."""
+    match = _DURATION.match(text.strip())
+    if not match:
+        raise click.BadParameter(f"{text!r} is not a duration like 30s, 15m, 2h or 1d")
+    return float(match.group(1)) * _UNIT_S[match.group(2)]
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = redact(str(exc)).strip().splitlines()
+    return escape_controls(lines[0]) if lines else type(exc).__name__
+
+
+def fail(message: str, code: int) -> NoReturn:
+    """One line on stderr, secrets masked and control characters escaped; then exit."""
+    click.echo(f"error: {escape_controls(redact(message))}", err=True)
+    sys.exit(code)
+
+
+def clean_errors(func: F) -> F:
+    """Turn the relay's errors and unreachable services into one line on stderr and an exit code."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except ServiceUnavailableError as exc:
+            fail(_first_line(exc), EXIT_UNAVAILABLE)
+        except RelayError as exc:
+            fail(str(exc), EXIT_USAGE)
+        except psycopg.OperationalError as exc:
+            fail(f"PostgreSQL unavailable: {_first_line(exc)}", EXIT_UNAVAILABLE)
+        except (psycopg.errors.UndefinedTable, psycopg.errors.InvalidSchemaName) as exc:
+            # A database the code is newer than: say what to do rather than print a traceback.
+            fail(f"{_first_line(exc)}: run 'relay migrate'", EXIT_USAGE)
+        except click.exceptions.ClickException:
+            raise
+        except Exception as exc:
+            # A traceback would print whatever the failing frame held (a URL, a password); the
+            # whole trace goes to the log at DEBUG, through the redacting formatter.
+            logging.getLogger("relay").debug("unexpected error", exc_info=True)
+            fail(f"unexpected {type(exc).__name__}: {_first_line(exc)}", EXIT_FAILURE)
+
+    return cast(F, wrapper)
+
+
+class Daemon(Protocol):
+    def run(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+def run_until_signalled(daemon: Daemon) -> None:
+    """Run ``daemon``; SIGTERM or Ctrl-C lets it finish the batch in hand, then it returns."""
+
+    def _stop(signum: int, _frame: object) -> None:
+        logging.getLogger("relay").info("signal %s: finishing the batch in hand", signum)
+        daemon.stop()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    daemon.run()
