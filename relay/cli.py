@@ -116,6 +116,10 @@ def run(ctx: click.Context) -> None:
 @click.argument("payload", default="-")
 @click.option("--business-key", help="Overrides the key computed from the type's template.")
 @click.option("--traceparent", help="W3C traceparent to carry into Kafka headers.")
+@click.option(
+    "--ordering-group",
+    help="Publish after every earlier effect of this group, one at a time, to one partition.",
+)
 @click.pass_context
 @clean_errors
 def enqueue(
@@ -125,6 +129,7 @@ def enqueue(
     payload: str,
     business_key: str | None,
     traceparent: str | None,
+    ordering_group: str | None,
 ) -> None:
     """Record one intent. PAYLOAD is a JSON object, or '-' to read it from stdin."""
     settings = _settings(ctx)
@@ -135,7 +140,14 @@ def enqueue(
         raise InvalidIntentError(f"PAYLOAD is not valid JSON: {exc}") from None
     if not isinstance(document, dict):
         raise InvalidIntentError("PAYLOAD must be a JSON object")
-    intent = outbox.Intent(effect_type, operation_key, document, business_key, traceparent)
+    intent = outbox.Intent(
+        effect_type,
+        operation_key,
+        document,
+        business_key,
+        traceparent,
+        ordering_group=ordering_group,
+    )
     # Everything that needs no database is checked before connecting: bad input is reported as
     # what it is, even when PostgreSQL is down.
     outbox.check_intent(intent, max_payload_bytes=settings.max_payload_bytes)
@@ -147,6 +159,7 @@ def enqueue(
             document,
             business_key=business_key,
             traceparent=traceparent,
+            ordering_group=ordering_group,
             max_payload_bytes=settings.max_payload_bytes,
         )
         conn.commit()
@@ -176,8 +189,13 @@ def show(ctx: click.Context, operation_key: str, as_json: bool) -> None:
 
 
 @main.command("list")
-@click.option("--state", type=click.Choice([s.value for s in EffectState], case_sensitive=False))
+@click.option(
+    "--state",
+    type=click.Choice([*(s.value for s in EffectState), "PARKED"], case_sensitive=False),
+    help="Only effects in this state (PARKED: PENDING behind a failed effect of its group).",
+)
 @click.option("--type", "effect_type", help="Only effects of this type.")
+@click.option("--group", help="Only effects of this ordering group.")
 @click.option("--older-than", help="Only effects unchanged for this long (30s, 15m, 2h, 1d).")
 @click.option("--limit", default=100, show_default=True, type=click.IntRange(1, 100_000))
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
@@ -187,14 +205,16 @@ def list_effects(
     ctx: click.Context,
     state: str | None,
     effect_type: str | None,
+    group: str | None,
     older_than: str | None,
     limit: int,
     as_json: bool,
 ) -> None:
-    """Effects filtered by state, type and age, oldest change first."""
+    """Effects filtered by state, type, group and age, oldest change first."""
     params = {
         "state": state.upper() if state else None,
         "effect_type": effect_type,
+        "group": group,
         "older_than_s": parse_duration(older_than) if older_than else None,
         "limit": limit,
     }
@@ -257,6 +277,36 @@ def roles(ctx: click.Context, prefix: str, apply_now: bool) -> None:
     with connect(_settings(ctx), purpose="roles") as conn:
         made = role_split.apply(conn, prefix)
     click.echo(f"granted: {', '.join(made.values())}")
+
+
+@main.command()
+@click.argument("group")
+@click.option("--skip", "skip_key", metavar="KEY", help="Give up on this UNKNOWN or STUCK effect.")
+@click.option("--reason", required=True, help="Why; recorded with the release.")
+@click.option("--actor", help="Who decides [default: $USER, else 'operator'].")
+@click.pass_context
+@clean_errors
+def unblock(
+    ctx: click.Context, group: str, skip_key: str | None, reason: str, actor: str | None
+) -> None:
+    """Let a parked ordering group go on without the effect it waits behind.
+
+    A REJECTED blocker is released as is; an UNKNOWN or STUCK one may have happened and must be
+    named with --skip KEY. The released effect is never published again; who and why are
+    recorded as evidence on it.
+    """
+    from relay.groups import unblock as do_unblock
+    from relay.reconciler.effects import operator_actor
+
+    who = operator_actor(actor)
+    with connect(_settings(ctx), purpose="cli") as conn:
+        released = do_unblock(conn, group, skip=skip_key, reason=reason, actor=who)
+    click.echo(
+        escape_controls(
+            f"{group}: released from {released.operation_key} ({released.state.value}); "
+            f"{released.waiting} effect(s) go on (by {who})"
+        )
+    )
 
 
 @main.command()

@@ -77,6 +77,11 @@ class EffectTypeSpec(BaseModel):
         default=None, description="Name of the effect type that undoes this one."
     )
     max_attempts: int = Field(default=5, ge=1, le=1000)
+    key_by_group: bool = Field(
+        default=False,
+        description="Key each record by its ordering group instead of its operation key "
+        "(the partition follows the group either way).",
+    )
 
     @field_validator("name")
     @classmethod

@@ -11,6 +11,7 @@ H_ATTEMPT = "relay_attempt"
 H_BUSINESS_KEY = "relay_business_key"
 H_TRACEPARENT = "traceparent"
 H_TRANSITION_ID = "relay_transition_id"
+H_ORDERING_GROUP = "relay_ordering_group"
 STATUS_EVENT_TYPE = "relay.status"
 
 
@@ -27,6 +28,7 @@ def dispatch_headers(
     source: str,
     business_key: str | None,
     traceparent: str | None,
+    ordering_group: str | None = None,
 ) -> list[tuple[str, bytes]]:
     """``ce_id`` is the effect id: stable across attempts, so consumers can deduplicate on it."""
     headers = [
@@ -43,6 +45,8 @@ def dispatch_headers(
         headers.append((H_BUSINESS_KEY, business_key.encode()))
     if traceparent is not None:
         headers.append((H_TRACEPARENT, traceparent.encode()))
+    if ordering_group is not None:
+        headers.append((H_ORDERING_GROUP, ordering_group.encode()))
     return headers
 
 

@@ -31,6 +31,10 @@ class DispatchHeaders(BaseModel):
     relay_effect_id: str = Field(pattern=r"^[0-9]+$")
     relay_attempt: str = Field(pattern=r"^[0-9]+$", description="Attempt number, from 1.")
     relay_business_key: str | None = None
+    relay_ordering_group: str | None = Field(
+        default=None,
+        description="The effect's ordering group: its records are in one partition, in order.",
+    )
     traceparent: str | None = Field(
         default=None, pattern=r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$"
     )

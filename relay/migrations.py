@@ -126,6 +126,7 @@ def sync_effect_types(conn: psycopg.Connection[tuple[object, ...]], settings: Se
                     "has_observer": spec.observer is not None,
                     "compensation": spec.compensation,
                     "max_attempts": spec.max_attempts,
+                    "key_by_group": spec.key_by_group,
                 },
             )
             changed += cur.rowcount

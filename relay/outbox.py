@@ -38,6 +38,7 @@ class Intent:
     business_key: str | None = None
     traceparent: str | None = None
     available_at: datetime | None = None
+    ordering_group: str | None = None
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,8 @@ class Effect:
     owner: str | None = None
     owner_epoch: int | None = None
     lease_until: datetime | None = None
+    ordering_group: str | None = None
+    group_released_at: datetime | None = None  # `relay unblock` let its group go on without it
 
 
 MAX_PAYLOAD_BYTES = 1_000_000
@@ -137,6 +140,13 @@ def _params(intent: Intent, max_payload_bytes: int = MAX_PAYLOAD_BYTES) -> dict[
         if not isinstance(intent.business_key, str):
             raise InvalidIntentError(f"intent {key!r}: business key must be a string")
         _check_text(key, "business key", intent.business_key)
+    group = intent.ordering_group
+    if group is not None:
+        if not isinstance(group, str) or not 1 <= len(group) <= 512:
+            raise InvalidIntentError(
+                f"intent {key!r}: ordering group must be a string of 1 to 512 characters"
+            )
+        _check_text(key, "ordering group", group)
     if not isinstance(intent.payload, Mapping):
         raise InvalidIntentError(
             f"intent {key!r}: payload must be a JSON object (a mapping), "
@@ -168,6 +178,7 @@ def _params(intent: Intent, max_payload_bytes: int = MAX_PAYLOAD_BYTES) -> dict[
         "business_key": intent.business_key,
         "traceparent": intent.traceparent,
         "available_at": intent.available_at,
+        "ordering_group": group,
     }
 
 
@@ -210,10 +221,18 @@ def enqueue(
     business_key: str | None = None,
     traceparent: str | None = None,
     available_at: datetime | None = None,
+    ordering_group: str | None = None,
     max_payload_bytes: int = MAX_PAYLOAD_BYTES,
 ) -> Enqueued:
-    """Record one intent in the caller's transaction; the same key again returns the first one."""
-    intent = Intent(effect_type, operation_key, payload, business_key, traceparent, available_at)
+    """Record one intent in the caller's transaction; the same key again returns the first one.
+
+    Effects of one ``ordering_group`` are published one at a time, in the order their enqueues
+    commit, to one partition; concurrent transactions of a group wait for each other here (an
+    advisory lock held until commit), so enqueue grouped intents late in a transaction.
+    """
+    intent = Intent(
+        effect_type, operation_key, payload, business_key, traceparent, available_at, ordering_group
+    )
     params = _params(intent, max_payload_bytes)
     with translate_errors(), conn.cursor() as cur:
         cur.execute(query("enqueue"), params)
@@ -270,10 +289,13 @@ async def enqueue_async(
     business_key: str | None = None,
     traceparent: str | None = None,
     available_at: datetime | None = None,
+    ordering_group: str | None = None,
     max_payload_bytes: int = MAX_PAYLOAD_BYTES,
 ) -> Enqueued:
     """:func:`enqueue` for an asyncio application's :class:`psycopg.AsyncConnection`."""
-    intent = Intent(effect_type, operation_key, payload, business_key, traceparent, available_at)
+    intent = Intent(
+        effect_type, operation_key, payload, business_key, traceparent, available_at, ordering_group
+    )
     params = _params(intent, max_payload_bytes)
     with translate_errors():
         async with conn.cursor() as cur:

@@ -12,6 +12,7 @@ from typing import Any
 
 from kafka import KafkaProducer
 from kafka import errors as kerr
+from kafka.partitioner.default import murmur2
 
 from relay import transactions
 from relay.headers import dispatch_headers
@@ -40,6 +41,16 @@ class ClaimedEffect:
     traceparent: str | None
     attempt: int
     created_at: datetime
+    ordering_group: str | None = None  # its effects go one at a time, to one partition
+
+
+def group_partition(group: str, partitions: set[int] | None) -> int | None:
+    """The partition of an ordering group: Kafka's default partitioner (murmur2) applied to the
+    group, so a Java producer keyed by the group would pick the same one. None: no metadata."""
+    if not partitions:
+        return None
+    ordered = sorted(partitions)
+    return int(ordered[(int(murmur2(group.encode())) & 0x7FFFFFFF) % len(ordered)])
 
 
 @dataclass(frozen=True)
@@ -87,6 +98,7 @@ def _send_all(
             source=source,
             business_key=effect.business_key,
             traceparent=effect.traceparent,
+            ordering_group=effect.ordering_group,
         )
         key, value = effect.message_key.encode(), effect.payload.encode()
         size = estimated_record_size(key, value, headers)
@@ -98,7 +110,14 @@ def _send_all(
             results[index] = PublishResult(effect, AttemptOutcome.REJECTED, reason)
             continue
         try:
-            future = producer.send(effect.topic, key=key, value=value, headers=headers)
+            partition = None
+            if effect.ordering_group is not None:
+                partition = group_partition(
+                    effect.ordering_group, producer.partitions_for(effect.topic)
+                )
+            future = producer.send(
+                effect.topic, key=key, value=value, headers=headers, partition=partition
+            )
         except Exception as exc:  # noqa: BLE001 - every send error is classified, none escapes
             verdict = classify_send_error(exc)
             if isinstance(exc, kerr.KafkaTimeoutError):

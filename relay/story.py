@@ -20,6 +20,8 @@ def load_story(conn: psycopg.Connection[Any], operation_key: str) -> dict[str, A
         if effect is None:
             return None
         story: dict[str, Any] = {"effect": effect}
+        cur.execute(query("parked_behind"), {"effect_id": effect["id"]})
+        story["parked_behind"] = cur.fetchone()
         for part, name in (
             ("attempts", "get_attempts"),
             ("evidence", "get_evidence"),
@@ -34,9 +36,29 @@ def story_lines(story: dict[str, Any]) -> list[str]:
     """The text of ``relay show``: intent, attempts, evidence, transitions."""
     effect = story["effect"]
     lines = [f"effect {effect['id']}  {effect['operation_key']}  [{effect['state']}]"]
-    for field in ("effect_type", "topic", "business_key", "traceparent", "attempts", "reason"):
-        if effect[field] is not None:
+    for field in (
+        "effect_type",
+        "topic",
+        "ordering_group",
+        "business_key",
+        "traceparent",
+        "attempts",
+        "reason",
+    ):
+        if effect.get(field) is not None:
             lines.append(f"  {field:<13} {effect[field]}")
+    blocker = story.get("parked_behind")
+    if blocker is not None:
+        lines.append(
+            f"  {'PARKED':<13} behind {blocker['operation_key']} ({blocker['state']}"
+            + (f": {blocker['reason']}" if blocker["reason"] else "")
+            + "): relay unblock releases the group"
+        )
+    if effect.get("group_released_at") is not None:
+        lines.append(
+            f"  {'released':<13} {effect['group_released_at']:%Y-%m-%d %H:%M:%S%z}: its group "
+            "went on without it; it is not published again"
+        )
     if effect["published_offset"] is not None:
         lines.append(
             f"  {'published':<13} partition {effect['published_partition']} "

@@ -26,10 +26,19 @@ def intent_params(
     business_key: str | None,
     traceparent: str | None,
     available_at: datetime | None,
+    ordering_group: str | None = None,
 ) -> dict[str, Any]:
     """The checked parameters of one intent; raises before anything reaches the database."""
     return _params(
-        Intent(effect_type, operation_key, payload, business_key, traceparent, available_at)
+        Intent(
+            effect_type,
+            operation_key,
+            payload,
+            business_key,
+            traceparent,
+            available_at,
+            ordering_group,
+        )
     )
 
 

@@ -33,6 +33,7 @@ def _args(params: Mapping[str, Any]) -> tuple[Any, ...]:
         params["business_key"],
         params["traceparent"],
         params["available_at"],
+        params["ordering_group"],
     )
 
 
@@ -45,10 +46,17 @@ async def enqueue(
     business_key: str | None = None,
     traceparent: str | None = None,
     available_at: datetime | None = None,
+    ordering_group: str | None = None,
 ) -> Enqueued:
     """:func:`relay.enqueue` on an asyncpg connection."""
     params = intent_params(
-        effect_type, operation_key, payload, business_key, traceparent, available_at
+        effect_type,
+        operation_key,
+        payload,
+        business_key,
+        traceparent,
+        available_at,
+        ordering_group,
     )
     with translate_errors():
         row = await conn.fetchrow(query("enqueue_numbered"), *_args(params))

@@ -54,6 +54,7 @@ def _statement() -> TextClause:
         bindparam("business_key", type_=Text()),
         bindparam("traceparent", type_=Text()),
         bindparam("available_at", type_=DateTime(timezone=True)),
+        bindparam("ordering_group", type_=Text()),
     )
 
 
@@ -66,10 +67,17 @@ def enqueue(
     business_key: str | None = None,
     traceparent: str | None = None,
     available_at: datetime | None = None,
+    ordering_group: str | None = None,
 ) -> Enqueued:
     """:func:`relay.enqueue` in the session's current transaction."""
     params = intent_params(
-        effect_type, operation_key, payload, business_key, traceparent, available_at
+        effect_type,
+        operation_key,
+        payload,
+        business_key,
+        traceparent,
+        available_at,
+        ordering_group,
     )
     with translate_errors():
         row = session.execute(_statement(), params).one_or_none()
@@ -96,10 +104,17 @@ async def enqueue_async(
     business_key: str | None = None,
     traceparent: str | None = None,
     available_at: datetime | None = None,
+    ordering_group: str | None = None,
 ) -> Enqueued:
     """:func:`enqueue` for an ``AsyncSession`` or ``AsyncConnection``."""
     params = intent_params(
-        effect_type, operation_key, payload, business_key, traceparent, available_at
+        effect_type,
+        operation_key,
+        payload,
+        business_key,
+        traceparent,
+        available_at,
+        ordering_group,
     )
     with translate_errors():
         row = (await session.execute(_statement(), params)).one_or_none()

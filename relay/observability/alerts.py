@@ -72,6 +72,18 @@ def rules(
             ),
         ),
         AlertRule(
+            alert="RelayOrderingGroupsParked",
+            expr="max by (namespace) (relay_parked_groups) > 0",
+            for_="10m",
+            severity="ticket",
+            summary="Ordering groups are parked behind a failed effect",
+            description=(
+                "{{ $value }} ordering group(s) wait behind a REJECTED, UNKNOWN or STUCK effect; "
+                "their later effects are held back (every other group flows). They go on when "
+                "the effect is settled, or by `relay unblock GROUP`."
+            ),
+        ),
+        AlertRule(
             alert="RelayOutboxLagHigh",
             expr=f"max by (namespace) (relay_oldest_pending_age_seconds) > {lag_s}",
             for_="2m",

@@ -378,6 +378,7 @@ class OutboxCollector:
         counts: dict[tuple[str, str], float] = {}
         ages = {state: 0.0 for state in ("PENDING", "UNKNOWN", "STUCK")}
         types: set[str] = set()
+        parked = {"parked": 0.0, "parked_effects": 0.0}
         for kind, effect_type, state, value in rows:
             if kind == "effects":
                 types.add(str(effect_type))
@@ -386,6 +387,8 @@ class OutboxCollector:
                 types.add(str(effect_type))
             elif kind == "oldest_age" and state in ages:
                 ages[str(state)] = max(0.0, float(value))
+            elif kind in parked:
+                parked[str(kind)] = float(value)
         effects = GaugeMetricFamily(
             "relay_effects",
             "Effects in the outbox by type and state, read from the database: the same on every "
@@ -408,6 +411,18 @@ class OutboxCollector:
                 f"{help_text} Read from the database; aggregate with max.",
                 value=ages[state],
             )
+        yield GaugeMetricFamily(
+            "relay_parked_groups",
+            "Ordering groups whose effects wait behind a REJECTED, UNKNOWN or STUCK one (relay "
+            "unblock releases them). Read from the database; aggregate with max.",
+            value=parked["parked"],
+        )
+        yield GaugeMetricFamily(
+            "relay_parked_effects",
+            "PENDING effects waiting in parked ordering groups. Read from the database; "
+            "aggregate with max.",
+            value=parked["parked_effects"],
+        )
 
 
 def series_names(registry: CollectorRegistry, *extra: Any) -> set[str]:

@@ -5,9 +5,9 @@
 -- driver's own JSON codec (asyncpg's, a project's custom one) cannot encode it a second time.
 SELECT effect_id, state, created
 FROM relay.enqueue(:operation_key, :effect_type, CAST(CAST(:payload AS text) AS jsonb),
-                   :business_key, :traceparent, :available_at);
+                   :business_key, :traceparent, :available_at, :ordering_group);
 
 -- name: enqueue_numbered
 -- asyncpg: numbered parameters, in the order of the SQL function's arguments.
 SELECT effect_id, state, created
-FROM relay.enqueue($1, $2, $3::text::jsonb, $4, $5, $6);
+FROM relay.enqueue($1, $2, $3::text::jsonb, $4, $5, $6, $7);

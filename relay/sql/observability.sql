@@ -31,7 +31,32 @@ SELECT 'oldest_age', NULL, e.state,
            e.updated_at))), 0)::float8
 FROM relay.effect e
 WHERE e.state IN ('UNKNOWN', 'STUCK')
-GROUP BY e.state;
+GROUP BY e.state
+UNION ALL
+-- Ordering groups parked behind a REJECTED, UNKNOWN or STUCK effect (the latest of the group,
+-- not released) with effects waiting, and how many wait (from the small blocker index).
+SELECT 'parked', NULL, NULL, count(*)::float8 FROM (
+    SELECT b.ordering_group, b.id FROM (
+        SELECT DISTINCT ON (x.ordering_group) x.ordering_group, x.id
+        FROM relay.effect x
+        WHERE x.ordering_group IS NOT NULL AND x.group_released_at IS NULL
+          AND x.state IN ('REJECTED', 'UNKNOWN', 'STUCK')
+        ORDER BY x.ordering_group, x.id DESC
+    ) b
+    WHERE EXISTS (SELECT 1 FROM relay.effect w
+                  WHERE w.ordering_group = b.ordering_group AND w.id > b.id
+                    AND w.state = 'PENDING')
+) parked
+UNION ALL
+SELECT 'parked_effects', NULL, NULL, count(w.*)::float8 FROM (
+    SELECT DISTINCT ON (x.ordering_group) x.ordering_group, x.id
+    FROM relay.effect x
+    WHERE x.ordering_group IS NOT NULL AND x.group_released_at IS NULL
+      AND x.state IN ('REJECTED', 'UNKNOWN', 'STUCK')
+    ORDER BY x.ordering_group, x.id DESC
+) b
+JOIN relay.effect w ON w.ordering_group = b.ordering_group AND w.id > b.id
+    AND w.state = 'PENDING';
 
 -- name: observability_ping
 SELECT 1;

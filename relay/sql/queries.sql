@@ -2,21 +2,23 @@
 
 -- name: sync_effect_type
 INSERT INTO relay.effect_type AS t (name, topic, idempotent, business_key, result_topic,
-                                    outcome_timeout_s, has_observer, compensation, max_attempts)
+                                    outcome_timeout_s, has_observer, compensation, max_attempts,
+                                    key_by_group)
 VALUES (%(name)s, %(topic)s, %(idempotent)s, %(business_key)s, %(result_topic)s,
-        %(outcome_timeout_s)s, %(has_observer)s, %(compensation)s, %(max_attempts)s)
+        %(outcome_timeout_s)s, %(has_observer)s, %(compensation)s, %(max_attempts)s,
+        %(key_by_group)s)
 ON CONFLICT (name) DO UPDATE SET
     topic = excluded.topic, idempotent = excluded.idempotent,
     business_key = excluded.business_key, result_topic = excluded.result_topic,
     outcome_timeout_s = excluded.outcome_timeout_s, has_observer = excluded.has_observer,
     compensation = excluded.compensation, max_attempts = excluded.max_attempts,
-    updated_at = now()
+    key_by_group = excluded.key_by_group, updated_at = now()
 WHERE (t.topic, t.idempotent, t.business_key, t.result_topic, t.outcome_timeout_s,
-       t.has_observer, t.compensation, t.max_attempts)
+       t.has_observer, t.compensation, t.max_attempts, t.key_by_group)
       IS DISTINCT FROM
       (excluded.topic, excluded.idempotent, excluded.business_key, excluded.result_topic,
        excluded.outcome_timeout_s, excluded.has_observer, excluded.compensation,
-       excluded.max_attempts);
+       excluded.max_attempts, excluded.key_by_group);
 
 -- name: sync_limits
 UPDATE relay.limits SET max_payload_bytes = %(max_payload_bytes)s
@@ -25,7 +27,7 @@ WHERE max_payload_bytes <> %(max_payload_bytes)s;
 -- name: enqueue
 SELECT effect_id, state, created
 FROM relay.enqueue(%(operation_key)s, %(effect_type)s, %(payload)s::jsonb, %(business_key)s,
-                   %(traceparent)s, %(available_at)s);
+                   %(traceparent)s, %(available_at)s, %(ordering_group)s);
 
 -- name: cancel
 SELECT relay.cancel(%(operation_key)s, %(reason)s, %(actor)s);
@@ -33,7 +35,8 @@ SELECT relay.cancel(%(operation_key)s, %(reason)s, %(actor)s);
 -- name: get_effect
 SELECT id, operation_key, effect_type, topic, payload, business_key, traceparent, state,
        attempts, available_at, created_at, updated_at, owner, owner_epoch, lease_until, reason,
-       published_partition, published_offset, published_at, outcome_deadline
+       published_partition, published_offset, published_at, outcome_deadline, ordering_group,
+       group_released_at
 FROM relay.effect WHERE operation_key = %(operation_key)s;
 
 -- name: get_attempts
@@ -69,14 +72,61 @@ SELECT from_state, to_state, reason, actor, attempt, at FROM (
                       WHERE a.effect_id = e.id AND a.attempt = e.attempts)
 ) story ORDER BY id
 -- name: list_effects
-SELECT operation_key, effect_type, state, attempts, updated_at, reason
-FROM relay.effect
-WHERE (%(state)s::text IS NULL OR state = %(state)s)
-  AND (%(effect_type)s::text IS NULL OR effect_type = %(effect_type)s)
+-- A PENDING effect of a group that waits behind a REJECTED, UNKNOWN or STUCK one (the latest of
+-- its group, not released) is listed as PARKED, with the effect it waits for.
+SELECT e.operation_key, e.effect_type,
+       CASE WHEN b.operation_key IS NOT NULL THEN 'PARKED' ELSE e.state END AS state,
+       e.attempts, e.updated_at,
+       CASE WHEN b.operation_key IS NOT NULL
+            THEN format('parked behind %%s (%%s) in group %%s', b.operation_key, b.state,
+                        e.ordering_group)
+            ELSE e.reason END AS reason,
+       e.ordering_group
+FROM relay.effect e
+LEFT JOIN LATERAL (
+    SELECT p.operation_key, p.state FROM relay.effect p
+    WHERE e.state = 'PENDING' AND e.ordering_group IS NOT NULL
+      AND p.ordering_group = e.ordering_group AND p.id < e.id AND p.group_released_at IS NULL
+      AND p.state IN ('REJECTED', 'UNKNOWN', 'STUCK')
+    ORDER BY p.id DESC LIMIT 1
+) b ON true
+WHERE (%(state)s::text IS NULL OR e.state = %(state)s
+       OR (%(state)s = 'PARKED' AND e.state = 'PENDING' AND e.ordering_group IS NOT NULL))
+  AND (%(state)s::text IS DISTINCT FROM 'PARKED' OR b.operation_key IS NOT NULL)
+  AND (%(effect_type)s::text IS NULL OR e.effect_type = %(effect_type)s)
+  AND (%(group)s::text IS NULL OR e.ordering_group = %(group)s)
   AND (%(older_than_s)s::float8 IS NULL
-       OR updated_at <= now() - make_interval(secs => %(older_than_s)s))
-ORDER BY updated_at, id
+       OR e.updated_at <= now() - make_interval(secs => %(older_than_s)s))
+ORDER BY e.updated_at, e.id
 LIMIT %(limit)s;
+
+-- name: group_blocker
+-- What parks a group: its latest effect that is REJECTED, UNKNOWN or STUCK and not released,
+-- locked for `relay unblock`; with how many effects wait behind it.
+SELECT b.id, b.operation_key, b.state, b.reason, b.attempts,
+       (SELECT count(*) FROM relay.effect w
+        WHERE w.ordering_group = b.ordering_group AND w.id > b.id AND w.state = 'PENDING')
+           AS waiting
+FROM relay.effect b
+WHERE b.ordering_group = %(group)s AND b.group_released_at IS NULL
+  AND b.state IN ('REJECTED', 'UNKNOWN', 'STUCK')
+ORDER BY b.id DESC LIMIT 1
+FOR UPDATE OF b;
+
+-- name: release_group
+-- The group goes on without this effect (never claimed again), and a waiting relay is woken.
+WITH released AS (
+    UPDATE relay.effect SET group_released_at = now() WHERE id = %(id)s RETURNING id
+)
+SELECT pg_notify('relay_doorbell', '') FROM released;
+
+-- name: parked_behind
+-- The effect a PENDING effect of a group waits for, if its group is parked (see list_effects).
+SELECT p.operation_key, p.state, p.reason FROM relay.effect e, relay.effect p
+WHERE e.id = %(effect_id)s AND e.state = 'PENDING' AND e.ordering_group IS NOT NULL
+  AND p.ordering_group = e.ordering_group AND p.id < e.id AND p.group_released_at IS NULL
+  AND p.state IN ('REJECTED', 'UNKNOWN', 'STUCK')
+ORDER BY p.id DESC LIMIT 1;
 
 -- name: stats
 SELECT effect_type, state, count(*) AS effects,
@@ -114,6 +164,25 @@ WITH fence AS (
             FROM relay.effect e
             WHERE e.state = 'PENDING' AND e.available_at <= now()
               AND EXISTS (SELECT 1 FROM fence)
+              AND (e.ordering_group IS NULL OR (
+                  -- A grouped effect goes only when the one before it in its group (cancelled
+                  -- ones aside) is settled: confirmed, published with no result awaited, or
+                  -- released by an operator. Settled effects never become unsettled, so an older
+                  -- snapshot can only hold an effect back, never let one jump ahead; and the
+                  -- effect before it settled only after its own predecessor did.
+                  e.group_released_at IS NULL AND NOT EXISTS (
+                      SELECT 1 FROM (
+                          SELECT p.state, p.effect_type, p.group_released_at
+                          FROM relay.effect p
+                          WHERE p.ordering_group = e.ordering_group AND p.id < e.id
+                            AND p.state <> 'CANCELLED'
+                          ORDER BY p.id DESC LIMIT 1
+                      ) p
+                      WHERE p.group_released_at IS NULL
+                        AND (p.state NOT IN ('CONFIRMED', 'PUBLISHED')
+                             OR (p.state = 'PUBLISHED' AND EXISTS (
+                                 SELECT 1 FROM relay.effect_type t
+                                 WHERE t.name = p.effect_type AND t.result_topic IS NOT NULL))))))
             ORDER BY e.available_at, e.id
             LIMIT %(limit)s
         ) c
@@ -132,10 +201,10 @@ WITH fence AS (
     FROM claimed WHERE e.id = claimed.id
     RETURNING e.id, e.operation_key, coalesce(e.message_key, e.operation_key) AS message_key,
               e.effect_type, e.topic, e.payload, e.business_key, e.traceparent, e.attempts,
-              e.created_at
+              e.created_at, e.ordering_group
 )
 SELECT id, operation_key, message_key, effect_type, topic, payload::text AS payload,
-       business_key, traceparent, attempts, created_at
+       business_key, traceparent, attempts, created_at, ordering_group
 FROM moved ORDER BY id
 -- name: is_fenced
 SELECT NOT EXISTS (

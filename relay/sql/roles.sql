@@ -12,9 +12,9 @@ GRANT USAGE ON SCHEMA relay TO {application}, {relay}, {reconciler}, {operator};
 
 -- Applications: write intents only through the SECURITY DEFINER functions (which validate them
 -- and write nothing else), withdraw them, and read effects. No table write of any kind.
-REVOKE EXECUTE ON FUNCTION relay.enqueue(text, text, jsonb, text, text, timestamptz),
+REVOKE EXECUTE ON FUNCTION relay.enqueue(text, text, jsonb, text, text, timestamptz, text),
     relay.cancel(text, text, text) FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION relay.enqueue(text, text, jsonb, text, text, timestamptz),
+GRANT EXECUTE ON FUNCTION relay.enqueue(text, text, jsonb, text, text, timestamptz, text),
     relay.cancel(text, text, text) TO {application}, {operator};
 GRANT SELECT ON relay.effect TO {application};
 

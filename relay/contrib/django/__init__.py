@@ -26,13 +26,20 @@ def enqueue(
     business_key: str | None = None,
     traceparent: str | None = None,
     available_at: datetime | None = None,
+    ordering_group: str | None = None,
     using: str = "default",
 ) -> Enqueued:
     """:func:`relay.enqueue` on ``connections[using]``, in its current transaction."""
     from django.db import connections
 
     params = intent_params(
-        effect_type, operation_key, payload, business_key, traceparent, available_at
+        effect_type,
+        operation_key,
+        payload,
+        business_key,
+        traceparent,
+        available_at,
+        ordering_group,
     )
     with translate_errors(), connections[using].cursor() as cur:
         cur.execute(query("enqueue"), params)

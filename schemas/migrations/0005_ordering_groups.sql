@@ -1,0 +1,167 @@
+-- 0005: ordering groups. Effects that share a group are published one at a time, to one
+-- partition, in the order their enqueues committed; an effect of a group that ends REJECTED,
+-- UNKNOWN or STUCK parks the later ones until it is settled or an operator releases the group.
+-- Effects without a group are untouched (their claim adds one NULL test).
+--
+-- Upgrade: `relay migrate` while the 0004 relays run is safe (nothing they read changes); grants
+-- made by `relay roles` on relay.enqueue are carried over to its new signature.
+
+ALTER TABLE relay.effect ADD COLUMN ordering_group text;
+-- Set by `relay unblock`: the group goes on without this effect, which is never claimed again.
+ALTER TABLE relay.effect ADD COLUMN group_released_at timestamptz;
+ALTER TABLE relay.effect ADD CONSTRAINT effect_ordering_group_length
+    CHECK (ordering_group IS NULL OR length(ordering_group) BETWEEN 1 AND 512);
+
+-- The claim's question "which effect came just before this one in its group": a backward scan
+-- that stops at the first row. Enqueues without a group add no entry.
+CREATE INDEX effect_group_idx ON relay.effect (ordering_group, id)
+    WHERE ordering_group IS NOT NULL;
+-- The effects that park their group (metrics, `relay list`, `relay unblock`): few, by nature.
+CREATE INDEX effect_group_blocker_idx ON relay.effect (ordering_group, id)
+    WHERE ordering_group IS NOT NULL AND group_released_at IS NULL
+      AND state IN ('REJECTED', 'UNKNOWN', 'STUCK');
+
+-- A type may key its records by the group instead of the operation key (compacted topics,
+-- consumers that key state by aggregate). The partition follows the group either way.
+ALTER TABLE relay.effect_type ADD COLUMN key_by_group boolean NOT NULL DEFAULT false;
+
+-- relay.enqueue gains p_ordering_group. Whoever could execute the old signature can execute the
+-- new one (the role split of `relay roles` stays as it was).
+CREATE TEMPORARY TABLE enqueue_grants ON COMMIT DROP AS
+SELECT a.grantee, a.privilege_type
+FROM pg_proc p, aclexplode(coalesce(p.proacl, acldefault('f', p.proowner))) a
+WHERE p.oid = 'relay.enqueue(text, text, jsonb, text, text, timestamptz)'::regprocedure;
+
+DROP FUNCTION relay.enqueue(text, text, jsonb, text, text, timestamptz);
+CREATE FUNCTION relay.enqueue(
+    p_operation_key  text,
+    p_effect_type    text,
+    p_payload        jsonb,
+    p_business_key   text DEFAULT NULL,
+    p_traceparent    text DEFAULT NULL,
+    p_available_at   timestamptz DEFAULT NULL,
+    p_ordering_group text DEFAULT NULL,
+    OUT effect_id    bigint,
+    OUT state        text,
+    OUT created      boolean
+)
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+SET jit = off
+AS $fn$
+#variable_conflict use_column
+DECLARE
+    v_topic    text;
+    v_template text;
+    v_by_group boolean;
+    v_limit    integer;
+    v_ring     boolean;
+    v_purged   boolean;
+    v_key      text := p_business_key;
+    v_existing relay.effect%ROWTYPE;
+    v_gone     relay.purged_key%ROWTYPE;
+BEGIN
+    IF p_operation_key IS NULL OR length(p_operation_key) = 0 OR length(p_operation_key) > 512 THEN
+        RAISE EXCEPTION 'operation key must be 1 to 512 characters' USING ERRCODE = 'RL002';
+    END IF;
+    IF strpos(p_operation_key, '#compensation') > 0
+       AND p_operation_key ~ '#compensation(-[0-9]+)?$' THEN
+        RAISE EXCEPTION 'operation key % is reserved for the relay''s own compensations',
+            quote_literal(p_operation_key) USING ERRCODE = 'RL002';
+    END IF;
+    IF p_ordering_group IS NOT NULL
+       AND (length(p_ordering_group) = 0 OR length(p_ordering_group) > 512) THEN
+        RAISE EXCEPTION 'ordering group of % must be 1 to 512 characters', p_operation_key
+            USING ERRCODE = 'RL002';
+    END IF;
+    IF p_payload IS NULL OR jsonb_typeof(p_payload) <> 'object' THEN
+        RAISE EXCEPTION 'payload of % must be a JSON object', p_operation_key
+            USING ERRCODE = 'RL002';
+    END IF;
+    IF p_traceparent IS NOT NULL
+       AND p_traceparent !~ '^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$' THEN
+        RAISE EXCEPTION 'traceparent of % is not a W3C traceparent', p_operation_key
+            USING ERRCODE = 'RL002';
+    END IF;
+    IF starts_with(p_effect_type, 'relay.') THEN
+        RAISE EXCEPTION 'effect type % is reserved for the relay', quote_literal(p_effect_type)
+            USING ERRCODE = 'RL001';
+    END IF;
+    SELECT (SELECT t.topic FROM relay.effect_type t WHERE t.name = p_effect_type),
+           (SELECT t.business_key FROM relay.effect_type t WHERE t.name = p_effect_type),
+           (SELECT t.key_by_group FROM relay.effect_type t WHERE t.name = p_effect_type),
+           (SELECT l.max_payload_bytes FROM relay.limits l),
+           coalesce((SELECT d.armed_until > now() FROM relay.doorbell d), false),
+           EXISTS (SELECT 1 FROM relay.purged_key k WHERE k.operation_key = p_operation_key)
+    INTO v_topic, v_template, v_by_group, v_limit, v_ring, v_purged;
+    IF v_topic IS NULL THEN
+        RAISE EXCEPTION 'effect type % is not declared', quote_literal(p_effect_type)
+            USING ERRCODE = 'RL001',
+                  HINT = 'declare it in the config file and run relay migrate';
+    END IF;
+    IF pg_column_size(p_payload) * 6 > v_limit AND octet_length(p_payload::text) > v_limit THEN
+        RAISE EXCEPTION 'payload of % is % bytes of JSON, more than max_payload_bytes (%)',
+            p_operation_key, octet_length(p_payload::text), v_limit USING ERRCODE = 'RL006';
+    END IF;
+    IF v_purged THEN
+        SELECT * INTO v_gone FROM relay.purged_key k WHERE k.operation_key = p_operation_key;
+        RAISE EXCEPTION 'operation key % named effect % (type %, %), purged at %: not used again within the dedupe window',
+            quote_literal(p_operation_key), v_gone.effect_id, quote_literal(v_gone.effect_type),
+            v_gone.final_state, v_gone.purged_at USING ERRCODE = 'RL003';
+    END IF;
+    IF v_key IS NULL AND v_template IS NOT NULL THEN
+        v_key := relay.business_key(v_template, p_payload, p_operation_key);
+    END IF;
+    IF p_ordering_group IS NOT NULL THEN
+        -- Commit order is publication order: the lock is held until this transaction ends, so
+        -- the next enqueue of the group takes its id (the order the relay follows) only after
+        -- this one is committed or rolled back.
+        PERFORM pg_advisory_xact_lock(1380273218, hashtext(p_ordering_group));
+    END IF;
+
+    INSERT INTO relay.effect AS e (operation_key, effect_type, topic, payload, business_key,
+                                   traceparent, available_at, ordering_group, message_key)
+    VALUES (p_operation_key, p_effect_type, v_topic, p_payload, v_key, p_traceparent,
+            coalesce(p_available_at, now()), p_ordering_group,
+            CASE WHEN v_by_group THEN p_ordering_group END)
+    ON CONFLICT ON CONSTRAINT effect_operation_key_unique DO NOTHING
+    RETURNING e.id INTO effect_id;
+
+    IF effect_id IS NOT NULL THEN
+        IF v_ring THEN
+            PERFORM pg_notify('relay_doorbell', '');
+        END IF;
+        state := 'PENDING';
+        created := true;
+        RETURN;
+    END IF;
+
+    SELECT * INTO v_existing FROM relay.effect e WHERE e.operation_key = p_operation_key;
+    IF v_existing.effect_type <> p_effect_type OR v_existing.payload <> p_payload
+       OR v_existing.ordering_group IS DISTINCT FROM p_ordering_group THEN
+        RAISE EXCEPTION 'operation key % already names another intent (effect %, type %)',
+            quote_literal(p_operation_key), v_existing.id, quote_literal(v_existing.effect_type)
+            USING ERRCODE = 'RL003';
+    END IF;
+    effect_id := v_existing.id;
+    state := v_existing.state;
+    created := false;
+END
+$fn$;
+
+DO $$
+DECLARE
+    g record;
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM enqueue_grants WHERE grantee = 0) THEN
+        REVOKE EXECUTE ON FUNCTION relay.enqueue(text, text, jsonb, text, text, timestamptz, text)
+            FROM PUBLIC;
+    END IF;
+    FOR g IN SELECT DISTINCT grantee FROM enqueue_grants
+             WHERE grantee <> 0 AND privilege_type = 'EXECUTE' LOOP
+        EXECUTE format('GRANT EXECUTE ON FUNCTION relay.enqueue(text, text, jsonb, text, text, '
+                       'timestamptz, text) TO %s', g.grantee::regrole);
+    END LOOP;
+END
+$$;
