@@ -70,8 +70,11 @@ def relay_drain(
     replicas: int,
     codec: str,
     log_dir: Path,
+    groups: int = 0,
 ) -> Drained:
-    """``replicas`` ``relay run`` processes drain a backlog of ``sizes.effects`` intents."""
+    """``replicas`` ``relay run`` processes drain a backlog of ``sizes.effects`` intents; with
+    ``groups``, effect i belongs to ordering group ``i % groups`` (a group's effects spread over
+    the backlog, as an aggregate's events are)."""
     prefix = uuid.uuid4().hex[:8]
     url = fresh_db(server_url)
     n = sizes.effects
@@ -82,6 +85,14 @@ def relay_drain(
         settings = settings_for(url, bootstrap, prefix, **overrides)
         prepare(settings)
         fill_backlog(url, "bench", n, payload_bytes, "d-")
+        if groups:
+            with psycopg.connect(url, autocommit=True) as conn:
+                conn.execute(
+                    "UPDATE relay.effect SET ordering_group = 'g-' || "
+                    "(substr(operation_key, 3)::bigint %% %(groups)s)",
+                    {"groups": groups},
+                )
+                conn.execute("VACUUM ANALYZE relay.effect")
         topic = settings.effect_types["bench"].topic
         create_topic(bootstrap, topic, sizes.partitions)
         counter = KeyCounter(bootstrap, topic)
@@ -307,6 +318,35 @@ def run(
         print(f"  (b) two relays, {size} B: {two.rate or 0:,.0f}/s", flush=True)
         if drain_rate is None:
             drain_rate = one["none"].rate
+            groups = max(1, n // 10)
+            grouped = relay_drain(
+                server_url,
+                bootstrap,
+                sizes,
+                payload_bytes=size,
+                replicas=1,
+                codec="none",
+                log_dir=log_dir,
+                groups=groups,
+            )
+            print(
+                f"  (b) one relay, {size} B, {groups:,} ordering groups of 10: "
+                f"{grouped.rate or 0:,.0f}/s",
+                flush=True,
+            )
+            figures.append(
+                Figure(
+                    "b",
+                    f"drain of {n:,} effects in {groups:,} ordering groups of 10, one relay, "
+                    f"{size} B",
+                    grouped.rate,
+                    "effects/s",
+                    ceiling=one["none"].rate,
+                    ceiling_name="one relay, no groups",
+                    note=_drain_note(grouped),
+                    extra={"duplicates": grouped.duplicates, "seen": grouped.seen},
+                )
+            )
         for codec, drained in one.items():
             figures.append(
                 Figure(
