@@ -343,6 +343,32 @@ class Marker(Stage):
         self._current = None
 
     def _mark(self, conn: psycopg.Connection[Any], results: Sequence[PublishResult]) -> None:
+        """One statement for the batch. A row the database refuses (a value it cannot store, a
+        constraint an operator added) must not keep the others unrecorded: the batch is split
+        until the refused row stands alone; it is left to its lease expiry (UNKNOWN, then
+        verified) and the rest are recorded."""
+        try:
+            self._mark_set(conn, results)
+        except (psycopg.DataError, psycopg.IntegrityError) as exc:
+            if len(results) == 1:
+                r = results[0]
+                log.error(
+                    "the outcome of this attempt could not be recorded; its lease expiry will "
+                    "make it UNKNOWN, to be verified",
+                    extra={
+                        "operation_key": r.effect.operation_key,
+                        "effect_id": r.effect.id,
+                        "attempt": r.effect.attempt,
+                        "outcome": r.outcome.value,
+                        "reason": describe(exc),
+                    },
+                )
+                return
+            half = len(results) // 2
+            self._mark(conn, results[:half])
+            self._mark(conn, results[half:])
+
+    def _mark_set(self, conn: psycopg.Connection[Any], results: Sequence[PublishResult]) -> None:
         states = [state_after(self.settings, r).value for r in results]
         params = {
             "owner": self.who.replica_id,
@@ -386,12 +412,13 @@ def state_after(settings: Settings, result: PublishResult) -> EffectState:
 
 
 def reason_of(settings: Settings, result: PublishResult) -> str | None:
+    """The reason recorded with the outcome (a broker's words can hold what text cannot)."""
+    reason = result.reason
     if gave_up(settings, result):
-        return (
-            f"gave up after {result.effect.attempt} attempts that published nothing; "
-            f"last: {result.reason}"
+        reason = (
+            f"gave up after {result.effect.attempt} attempts that published nothing; last: {reason}"
         )
-    return result.reason
+    return None if reason is None else reason.replace("\x00", "\ufffd")
 
 
 def not_sent_delay(settings: Settings, result: PublishResult) -> float:

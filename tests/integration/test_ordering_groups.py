@@ -363,3 +363,29 @@ def test_rejected_and_unresolved_results_park_their_groups_until_released(
     seen = _by_group(records)
     for group in ("r", "u", "ok"):
         assert [k for _, k in seen[f"wires-{group}"]] == [f"{group}-0", f"{group}-1"]
+
+
+def test_async_enqueue_and_the_sql_function_take_the_group_too(settings: Settings) -> None:
+    import asyncio
+
+    url = settings.require_database_url()
+
+    async def enqueue_async() -> None:
+        async with await psycopg.AsyncConnection.connect(url) as aconn:
+            await relay.enqueue_async(aconn, "email", "a-1", {"n": 1}, ordering_group="ga")
+            await aconn.commit()
+
+    asyncio.run(enqueue_async())
+    with psycopg.connect(url) as conn:
+        conn.execute(
+            "SELECT * FROM relay.enqueue('s-1', 'email', '{}', NULL, NULL, NULL, 'gs')"
+        ).fetchone()
+        conn.commit()
+        groups: dict[str, str] = dict(
+            conn.execute(
+                "SELECT operation_key, ordering_group FROM relay.effect ORDER BY id"
+            ).fetchall()
+        )
+        effect = relay.get_effect(conn, "a-1")
+    assert groups == {"a-1": "ga", "s-1": "gs"}
+    assert effect is not None and effect.ordering_group == "ga"

@@ -6,6 +6,7 @@ import json
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import psycopg
 
@@ -336,3 +337,44 @@ def test_lost_database_connections_are_waited_out(settings: Settings, services: 
     )
     keys = Counter(r.key for r in records)
     assert len(keys) == total and max(keys.values()) == 1
+
+
+def test_a_row_the_database_refuses_to_mark_holds_up_nothing_else(
+    settings: Settings, caplog: Any
+) -> None:
+    """One outcome that cannot be written (here: a constraint an operator added) is split off;
+    the rest of its batch is recorded, later batches flow, and the refused one ends UNKNOWN at
+    its lease, then verified in Kafka."""
+    url = settings.require_database_url()
+    with psycopg.connect(url) as conn:
+        relay.enqueue_many(conn, [relay.Intent("email", f"m-{i}", {"i": i}) for i in range(20)])
+        conn.commit()
+        row = conn.execute("SELECT id FROM relay.effect WHERE operation_key = 'm-7'").fetchone()
+        assert row is not None
+        conn.execute(
+            f"ALTER TABLE relay.attempt ADD CONSTRAINT refuse_one CHECK (effect_id <> {row[0]})"
+        )
+        conn.commit()
+    fast = settings.model_copy(update={"lease_s": 4.0, "publish_timeout_s": 1.5})
+    with caplog.at_level("ERROR", logger="relay.pipeline"), support.running(Relay(fast)):
+        support.wait_for(
+            lambda: support.count_states(url) == {"PUBLISHED": 19, "DISPATCHING": 1},
+            30,
+            "the others recorded",
+        )
+        with psycopg.connect(url) as conn:
+            relay.enqueue(conn, "email", "m-later", {"i": 99})
+            conn.commit()
+        support.wait_for(lambda: _state(url, "m-later") is EffectState.PUBLISHED, 30, "later")
+        assert _state(url, "m-7") is EffectState.DISPATCHING
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("ALTER TABLE relay.attempt DROP CONSTRAINT refuse_one")
+        support.wait_for(lambda: _state(url, "m-7") is EffectState.PUBLISHED, 60, "verified")
+    refused = [r for r in caplog.records if "could not be recorded" in r.getMessage()]
+    assert [getattr(r, "operation_key", None) for r in refused] == ["m-7"]
+    with psycopg.connect(url, autocommit=True) as conn:
+        story = conn.execute(
+            "SELECT a.outcome FROM relay.attempt a JOIN relay.effect e ON e.id = a.effect_id"
+            " WHERE e.operation_key = 'm-7' ORDER BY a.attempt"
+        ).fetchall()
+    assert story == [("unknown",)]  # ended UNKNOWN at its lease, then found in Kafka
