@@ -47,8 +47,9 @@ def make_producer(settings: Settings, transactional_id: str | None = None) -> Ka
         extra["transactional_id"] = transactional_id
         extra["transaction_timeout_ms"] = int(settings.transaction_timeout_s * 1000)
         # A transaction begun right after a commit meets CONCURRENT_TRANSACTIONS while the
-        # markers are written; the default 100 ms backoff then dominates the batch's latency.
-        extra["retry_backoff_ms"] = 10
+        # markers are written; the default 100 ms backoff (and the sender's sleep before each
+        # retry) then dominate the latency of small batches.
+        extra["retry_backoff_ms"] = 3
     return KafkaProducer(
         **kafka_security(settings),
         **extra,

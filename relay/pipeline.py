@@ -33,7 +33,7 @@ from relay.states import EffectState
 log = logging.getLogger(__name__)
 
 # Short polls after the last work seen, before the relay arms the doorbell (150 ms in all).
-QUIET_POLLS_S = (0.01, 0.02, 0.04, 0.08)
+QUIET_POLLS_S = (0.002, 0.005, 0.01, 0.02, 0.04, 0.08)
 HANDOFF_POLL_S = 0.05
 
 
