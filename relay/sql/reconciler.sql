@@ -192,6 +192,9 @@ WITH RECURSIVE blocked(id) AS (
            OR (r.state = 'PUBLISHED' AND r.outcome_deadline IS NULL))
       AND NOT EXISTS (SELECT 1 FROM blocked b WHERE b.id = r.id)
       AND NOT EXISTS (SELECT 1 FROM relay.transition t WHERE t.effect_id = r.id AND t.status_pending)
+      -- A REJECTED effect parks its ordering group until `relay unblock` releases it.
+      AND NOT (r.state = 'REJECTED' AND r.ordering_group IS NOT NULL
+               AND r.group_released_at IS NULL)
     UNION
     SELECT c.id FROM relay.effect c JOIN gone g ON c.parent_effect_id = g.id
 )
@@ -237,6 +240,9 @@ WITH RECURSIVE blocked(id) AS (
       AND NOT EXISTS (SELECT 1 FROM blocked b WHERE b.id = r.id)
       -- Its status events are published first: they would go with its transitions.
       AND NOT EXISTS (SELECT 1 FROM relay.transition t WHERE t.effect_id = r.id AND t.status_pending)
+      -- A REJECTED effect parks its ordering group until `relay unblock` releases it.
+      AND NOT (r.state = 'REJECTED' AND r.ordering_group IS NOT NULL
+               AND r.group_released_at IS NULL)
     ORDER BY r.updated_at
     LIMIT %(limit)s
     FOR UPDATE OF r SKIP LOCKED

@@ -26,6 +26,7 @@ from relay.devservices import Services
 from relay.errors import EffectNotFoundError, InvalidTransitionError
 from relay.groups import unblock
 from relay.headers import H_ORDERING_GROUP
+from relay.reconciler.purge import purge
 from tests import support
 from tests.downstream import harness as h
 
@@ -266,6 +267,11 @@ def test_a_poison_effect_parks_only_its_group_and_unblock_releases_it_in_order(
         }
         assert _parked(url) == [("p-2", "p-1"), ("p-3", "p-1")]
         assert _gauges(url) == {"parked": 1.0, "parked_effects": 2.0}
+        # A purge, however short the retention, keeps the effect that parks its group.
+        with psycopg.connect(url, autocommit=True) as conn:
+            removed, _ = purge(conn, settings, 0.0)
+        assert removed == 5  # p-0 and h-0..h-3: finished; p-1 stays
+        assert h.state(url, "p-1") == "REJECTED"
         with psycopg.connect(url) as conn:
             with pytest.raises(EffectNotFoundError):
                 unblock(conn, "healthy", skip=None, reason="nothing parked", actor="t")
