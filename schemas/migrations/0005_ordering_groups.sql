@@ -88,13 +88,15 @@ BEGIN
         RAISE EXCEPTION 'effect type % is reserved for the relay', quote_literal(p_effect_type)
             USING ERRCODE = 'RL001';
     END IF;
-    SELECT (SELECT t.topic FROM relay.effect_type t WHERE t.name = p_effect_type),
-           (SELECT t.business_key FROM relay.effect_type t WHERE t.name = p_effect_type),
-           (SELECT t.key_by_group FROM relay.effect_type t WHERE t.name = p_effect_type),
-           (SELECT l.max_payload_bytes FROM relay.limits l),
-           coalesce((SELECT d.armed_until > now() FROM relay.doorbell d), false),
+    -- What the database knows, in one statement: the type, the limits, the doorbell (one row
+    -- each) and whether the key was purged.
+    SELECT t.topic, t.business_key, t.key_by_group, l.max_payload_bytes,
+           coalesce(d.armed_until > now(), false),
            EXISTS (SELECT 1 FROM relay.purged_key k WHERE k.operation_key = p_operation_key)
-    INTO v_topic, v_template, v_by_group, v_limit, v_ring, v_purged;
+    INTO v_topic, v_template, v_by_group, v_limit, v_ring, v_purged
+    FROM relay.limits l
+    LEFT JOIN relay.doorbell d ON true
+    LEFT JOIN relay.effect_type t ON t.name = p_effect_type;
     IF v_topic IS NULL THEN
         RAISE EXCEPTION 'effect type % is not declared', quote_literal(p_effect_type)
             USING ERRCODE = 'RL001',
