@@ -13,7 +13,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from relay.config import Settings, load_settings
+from relay.config import EffectTypeSpec, Settings, load_settings
 from tests.deploy import (
     CHART,
     DASHBOARD,
@@ -328,6 +328,13 @@ def test_schema_config_covers_every_setting_the_chart_does_not_own() -> None:
         f"missing {set(Settings.model_fields) - allowed - CHART_OWNED}, "
         f"unknown {allowed - set(Settings.model_fields)}"
     )
+
+
+def test_schema_effect_types_cover_every_field_of_an_effect_type() -> None:
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    allowed = set(schema["$defs"]["effectType"]["properties"])
+    # The name is the key of the map the chart renders into [effect_types.NAME].
+    assert allowed == set(EffectTypeSpec.model_fields) - {"name"}
 
 
 @pytest.mark.parametrize(
