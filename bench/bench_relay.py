@@ -175,8 +175,8 @@ def bench_wakeup(server_url: str, bootstrap: str, samples: int) -> None:
             relay.enqueue(conn, "bench", f"w-{i}", {"n": i})
             time.sleep(0.4)  # past the quiet polls: the doorbell is armed again
         rows = conn.execute(
-            "SELECT extract(epoch FROM d.at - p.at) * 1000 FROM relay.transition p "
-            "JOIN relay.transition d ON d.effect_id = p.effect_id "
+            "SELECT extract(epoch FROM d.at - p.at) * 1000 FROM relay.transition_log p "
+            "JOIN relay.transition_log d ON d.effect_id = p.effect_id "
             "WHERE p.to_state = 'PENDING' AND d.to_state = 'DISPATCHING'"
         ).fetchall()
     daemon.stop()

@@ -51,12 +51,20 @@ def dispatch_headers(
 
 
 def status_headers(
-    *, effect_id: int, transition_id: int, at: datetime, source: str, traceparent: str | None
+    *,
+    effect_id: int,
+    transition_id: int,
+    at: datetime,
+    source: str,
+    traceparent: str | None,
+    part: int = 2,
 ) -> list[tuple[str, bytes]]:
-    """``ce_id`` is ``<effect id>.<transition id>``: unique per event, stable if it is re-sent."""
+    """``ce_id`` is ``<effect id>.<transition id>``, and ``.<part>`` for a transition implied by
+    that row (0: the enqueue, 1: the claim): unique per event, stable if it is re-sent."""
+    ce_id = f"{effect_id}.{transition_id}" + ("" if part == 2 else f".{part}")
     headers = [
         ("ce_specversion", CE_SPECVERSION.encode()),
-        ("ce_id", f"{effect_id}.{transition_id}".encode()),
+        ("ce_id", ce_id.encode()),
         ("ce_type", STATUS_EVENT_TYPE.encode()),
         ("ce_source", source.encode()),
         ("ce_time", rfc3339(at).encode()),

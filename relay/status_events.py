@@ -45,9 +45,11 @@ IDLE_WAIT_MAX_S = 0.5
 
 
 class _Event(NamedTuple):
-    """A transition whose status event is due (columns of status_batch)."""
+    """A transition whose status event is due (columns of status_batch): the row itself
+    (part 2) or a transition it implies (0: the enqueue, 1: the claim)."""
 
     transition_id: int
+    part: int
     effect_id: int
     operation_key: str
     effect_type: str
@@ -134,7 +136,7 @@ class StatusPublisher(Stage):
     def _publish(
         self, conn: psycopg.Connection[Any], producer: KafkaProducer, events: list[_Event]
     ) -> None:
-        ids = [e.transition_id for e in events]
+        ids = sorted({e.transition_id for e in events})
         # Legacy status effects (before migration 0004) report nothing about themselves.
         due = [e for e in events if e.effect_type != STATUS_EVENT_TYPE]
         recorded = conn.execute(
@@ -157,6 +159,7 @@ class StatusPublisher(Stage):
                     headers=status_headers(
                         effect_id=e.effect_id,
                         transition_id=e.transition_id,
+                        part=e.part,
                         at=e.at,
                         source=self.settings.cloudevents_source,
                         traceparent=e.traceparent,

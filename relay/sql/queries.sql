@@ -53,24 +53,26 @@ WHERE e.id = %(effect_id)s AND e.state = 'DISPATCHING' AND e.claimed_at IS NOT N
                   WHERE a.effect_id = e.id AND a.attempt = e.attempts)
 ORDER BY 1
 -- name: get_transitions
--- The log, with what is implied but not written yet: an effect never claimed shows its enqueue,
--- and a claim in flight shows itself (both are written when the relay records the outcome).
+-- The log (relay.transition_log: rows and the transitions they imply), with what is implied but
+-- not written yet: an effect never claimed shows its enqueue, and a claim in flight shows itself
+-- (both are written when the relay records the outcome).
 SELECT from_state, to_state, reason, actor, attempt, at FROM (
-    SELECT t.id, t.from_state, t.to_state, t.reason, t.actor, t.attempt, t.at
-    FROM relay.transition t WHERE t.effect_id = %(effect_id)s
+    SELECT l.transition_id AS id, l.part, l.from_state, l.to_state, l.reason, l.actor,
+           l.attempt, l.at
+    FROM relay.transition_log l WHERE l.effect_id = %(effect_id)s
     UNION ALL
-    SELECT 0, NULL, 'PENDING', 'enqueued', 'application', 0, e.created_at
+    SELECT 0, 0, NULL, 'PENDING', 'enqueued', 'application', 0, e.created_at
     FROM relay.effect e
     WHERE e.id = %(effect_id)s
       AND NOT EXISTS (SELECT 1 FROM relay.transition t WHERE t.effect_id = e.id)
     UNION ALL
-    SELECT 9223372036854775807, 'PENDING', 'DISPATCHING', 'claimed for publication (in flight)',
-           e.owner, e.attempts, e.claimed_at
+    SELECT 9223372036854775807, 0, 'PENDING', 'DISPATCHING',
+           'claimed for publication (in flight)', e.owner, e.attempts, e.claimed_at
     FROM relay.effect e
     WHERE e.id = %(effect_id)s AND e.state = 'DISPATCHING' AND e.claimed_at IS NOT NULL
       AND NOT EXISTS (SELECT 1 FROM relay.attempt a
                       WHERE a.effect_id = e.id AND a.attempt = e.attempts)
-) story ORDER BY id
+) story ORDER BY id, part
 -- name: list_effects
 -- A PENDING effect of a group that waits behind a REJECTED, UNKNOWN or STUCK one (the latest of
 -- its group, not released) is listed as PARKED, with the effect it waits for.
@@ -213,8 +215,8 @@ SELECT NOT EXISTS (
 
 -- name: mark_outcomes
 -- Record how each attempt ended, in one statement for the batch: the effect's new state, the
--- attempt's row, and its transitions (the enqueue, implied until the first claim; the claim; the
--- outcome). Compare-and-set on owner, epoch and attempt: a replica that lost its lease (paused,
+-- attempt's row, and one transition (the outcome, implying the claim and, for a first attempt,
+-- the enqueue: see relay.transition_log). Compare-and-set on owner, epoch and attempt: a replica that lost its lease (paused,
 -- fenced) changes nothing.
 WITH outcome AS (
     SELECT * FROM unnest(%(ids)s::bigint[], %(attempts)s::int[], %(states)s::text[],
@@ -252,25 +254,20 @@ WITH outcome AS (
                     '-infinity') AS lean_since
     FROM relay.reconciler_config c
 ), transitions AS (
+    -- One row: the outcome, implying the claim before it (the attempt's row says who and when)
+    -- and, for a first attempt, the enqueue (relay.transition_log shows all three).
     INSERT INTO relay.transition (effect_id, from_state, to_state, reason, actor, attempt, at,
-                                  status_pending)
-    SELECT m.id, x.from_state, x.to_state, x.reason, x.actor, x.attempt, x.at,
-           log.status AND m.effect_type <> 'relay.status'
+                                  status_pending, implied_claim, implied_enqueue)
+    SELECT m.id, 'DISPATCHING', m.state, m.reason, %(owner)s, m.attempt, now(),
+           log.status AND m.effect_type <> 'relay.status', true,
+           m.attempt = 1 AND m.parent_effect_id IS NULL AND m.created_at >= log.lean_since
     FROM moved m CROSS JOIN log
-    CROSS JOIN LATERAL (VALUES
-        (1, NULL, 'PENDING', 'enqueued', 'application', 0, m.created_at),
-        (2, 'PENDING', 'DISPATCHING', 'claimed for publication', %(owner)s, m.attempt,
-         m.claimed_at),
-        (3, 'DISPATCHING', m.state, m.reason, %(owner)s, m.attempt, now())
-    ) AS x(seq, from_state, to_state, reason, actor, attempt, at)
-    WHERE x.seq > 1
-       OR (m.attempt = 1 AND m.parent_effect_id IS NULL AND m.created_at >= log.lean_since)
-    ORDER BY m.id, x.seq
+    ORDER BY m.id
 )
 SELECT id FROM moved
 -- name: expire_leases
 -- An effect left DISPATCHING past its lease (its replica died or hangs) may or may not be in
--- Kafka: it becomes UNKNOWN, never PENDING, and its attempt and transitions are written as
+-- Kafka: it becomes UNKNOWN, never PENDING, and its attempt and transition are written as
 -- mark_outcomes would have. A restarted replica expires its own older epochs at once; a replica
 -- that reconnected, all of its own that none of its stages holds (a claim whose answer was lost
 -- with the connection).
@@ -309,20 +306,14 @@ WITH expired AS (
     FROM relay.reconciler_config c
 ), transitions AS (
     INSERT INTO relay.transition (effect_id, from_state, to_state, reason, actor, attempt, at,
-                                  status_pending)
-    SELECT m.id, x.from_state, x.to_state, x.reason, x.actor, x.attempt, x.at,
-           log.status AND m.effect_type <> 'relay.status'
+                                  status_pending, implied_claim, implied_enqueue)
+    SELECT m.id, 'DISPATCHING', 'UNKNOWN', m.reason, %(owner)s, m.attempts, now(),
+           log.status AND m.effect_type <> 'relay.status',
+           -- Claims made before migration 0004 wrote their claim transition at claim time.
+           m.claimed_at IS NOT NULL,
+           m.attempts = 1 AND m.parent_effect_id IS NULL AND m.created_at >= log.lean_since
     FROM moved m CROSS JOIN log
-    CROSS JOIN LATERAL (VALUES
-        (1, NULL, 'PENDING', 'enqueued', 'application', 0, m.created_at),
-        (2, 'PENDING', 'DISPATCHING', 'claimed for publication', m.claimer, m.attempts,
-         m.claimed_at),
-        (3, 'DISPATCHING', 'UNKNOWN', m.reason, %(owner)s, m.attempts, now())
-    ) AS x(seq, from_state, to_state, reason, actor, attempt, at)
-    WHERE x.seq = 3
-       OR (x.seq = 2 AND m.claimed_at IS NOT NULL)
-       OR (m.attempts = 1 AND m.parent_effect_id IS NULL AND m.created_at >= log.lean_since)
-    ORDER BY m.id, x.seq
+    ORDER BY m.id
 )
 SELECT count(*) AS expired FROM moved
 -- name: arm_doorbell
@@ -418,13 +409,15 @@ RETURNING inflight, inflight_at, owner_epoch;
 
 -- name: status_batch
 -- Transitions whose status event is due, in log order (one effect's transitions are written in
--- order under its row lock, so log order is their order).
-SELECT t.id, t.effect_id, e.operation_key, e.effect_type, t.from_state, t.to_state, t.reason,
-       t.attempt, t.at, e.traceparent
-FROM relay.transition t JOIN relay.effect e ON e.id = t.effect_id
-WHERE t.status_pending
-ORDER BY t.id
-LIMIT %(limit)s;
+-- order under its row lock, so log order is their order), each with the transitions its row
+-- implies just before it (part 0 and 1; see relay.transition_log).
+SELECT l.transition_id, l.part, l.effect_id, e.operation_key, e.effect_type, l.from_state,
+       l.to_state, l.reason, l.attempt, l.at, e.traceparent
+FROM (SELECT t.id FROM relay.transition t WHERE t.status_pending ORDER BY t.id
+      LIMIT %(limit)s) due
+JOIN relay.transition_log l ON l.transition_id = due.id
+JOIN relay.effect e ON e.id = l.effect_id
+ORDER BY l.transition_id, l.part;
 
 -- name: status_inflight
 -- Recorded before the publish: which transitions go to Kafka now. Compare-and-set on the lease.

@@ -162,8 +162,9 @@ def states(url: str, keys: Sequence[str]) -> dict[str, str]:
 def transitions(url: str, key: str) -> list[tuple[str | None, str, str, str]]:
     with psycopg.connect(url, autocommit=True) as conn:
         rows = conn.execute(
-            "SELECT t.from_state, t.to_state, t.actor, t.reason FROM relay.transition t"
-            " JOIN relay.effect e ON e.id = t.effect_id WHERE e.operation_key = %s ORDER BY t.id",
+            "SELECT t.from_state, t.to_state, t.actor, t.reason FROM relay.transition_log t"
+            " JOIN relay.effect e ON e.id = t.effect_id WHERE e.operation_key = %s"
+            " ORDER BY t.transition_id, t.part",
             (key,),
         ).fetchall()
     return [(r[0], r[1], r[2], r[3]) for r in rows]

@@ -345,8 +345,8 @@ def test_checks_that_cannot_be_made_spend_their_budget_then_stuck(
     with psycopg.connect(url) as conn:
         effect = relay.get_effect(conn, "lost")
         transitions = conn.execute(
-            "SELECT from_state, to_state FROM relay.transition t JOIN relay.effect e "
-            "ON e.id = t.effect_id WHERE e.operation_key = 'lost' ORDER BY t.id"
+            "SELECT from_state, to_state FROM relay.transition_log t JOIN relay.effect e "
+            "ON e.id = t.effect_id WHERE e.operation_key = 'lost' ORDER BY t.transition_id, t.part"
         ).fetchall()
     assert effect is not None and effect.reason is not None
     assert "2 checks failed, a person decides" in effect.reason
