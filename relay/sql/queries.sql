@@ -154,47 +154,45 @@ WHERE replica_id = %(replica_id)s AND epoch = %(epoch)s;
 WITH fence AS (
     SELECT 1 FROM relay.replica
     WHERE replica_id = %(owner)s AND epoch = %(epoch)s
-), due AS (
+), locked AS (
+    -- One ordered scan of the partial index that locks as it goes and stops at the batch: rows
+    -- another replica holds are skipped without counting, so replicas claiming at once take
+    -- different rows instead of all choosing the first ones and finding them taken.
+    SELECT e.id, e.available_at, pg_column_size(e.payload) AS size
+    FROM relay.effect e
+    WHERE e.state = 'PENDING' AND e.available_at <= now()
+      AND EXISTS (SELECT 1 FROM fence)
+      AND (e.ordering_group IS NULL OR (
+          -- A grouped effect goes only when the one before it in its group (cancelled ones
+          -- aside) is settled: confirmed, published with no result awaited, or released by an
+          -- operator. Settled effects never become unsettled, so an older snapshot can only
+          -- hold an effect back, never let one jump ahead; and the effect before it settled
+          -- only after its own predecessor did.
+          e.group_released_at IS NULL AND NOT EXISTS (
+              SELECT 1 FROM (
+                  SELECT p.state, p.effect_type, p.group_released_at
+                  FROM relay.effect p
+                  WHERE p.ordering_group = e.ordering_group AND p.id < e.id
+                    AND p.state <> 'CANCELLED'
+                  ORDER BY p.id DESC LIMIT 1
+              ) p
+              WHERE p.group_released_at IS NULL
+                AND (p.state NOT IN ('CONFIRMED', 'PUBLISHED')
+                     OR (p.state = 'PUBLISHED' AND EXISTS (
+                         SELECT 1 FROM relay.effect_type t
+                         WHERE t.name = p.effect_type AND t.result_topic IS NOT NULL))))))
+    ORDER BY e.available_at, e.id
+    LIMIT %(limit)s
+    FOR UPDATE OF e SKIP LOCKED
+), claimed AS (
     -- Capped by bytes as well as by count (always at least one): a few huge payloads must not
-    -- take the relay's memory. pg_column_size reads the stored size without decompressing.
-    -- The LIMIT comes first (an ordered scan of the partial index that stops at the batch), the
-    -- running sum over those rows only.
+    -- take the relay's memory. pg_column_size reads the stored size without decompressing. The
+    -- rows past the cap are unlocked when this statement commits.
     SELECT d.id FROM (
-        SELECT c.id, c.size, sum(c.size) OVER (ORDER BY c.available_at, c.id) AS running
-        FROM (
-            SELECT e.id, e.available_at, pg_column_size(e.payload) AS size
-            FROM relay.effect e
-            WHERE e.state = 'PENDING' AND e.available_at <= now()
-              AND EXISTS (SELECT 1 FROM fence)
-              AND (e.ordering_group IS NULL OR (
-                  -- A grouped effect goes only when the one before it in its group (cancelled
-                  -- ones aside) is settled: confirmed, published with no result awaited, or
-                  -- released by an operator. Settled effects never become unsettled, so an older
-                  -- snapshot can only hold an effect back, never let one jump ahead; and the
-                  -- effect before it settled only after its own predecessor did.
-                  e.group_released_at IS NULL AND NOT EXISTS (
-                      SELECT 1 FROM (
-                          SELECT p.state, p.effect_type, p.group_released_at
-                          FROM relay.effect p
-                          WHERE p.ordering_group = e.ordering_group AND p.id < e.id
-                            AND p.state <> 'CANCELLED'
-                          ORDER BY p.id DESC LIMIT 1
-                      ) p
-                      WHERE p.group_released_at IS NULL
-                        AND (p.state NOT IN ('CONFIRMED', 'PUBLISHED')
-                             OR (p.state = 'PUBLISHED' AND EXISTS (
-                                 SELECT 1 FROM relay.effect_type t
-                                 WHERE t.name = p.effect_type AND t.result_topic IS NOT NULL))))))
-            ORDER BY e.available_at, e.id
-            LIMIT %(limit)s
-        ) c
+        SELECT l.id, l.size, sum(l.size) OVER (ORDER BY l.available_at, l.id) AS running
+        FROM locked l
     ) d
     WHERE d.running - d.size < %(max_bytes)s
-), claimed AS (
-    SELECT e.id FROM relay.effect e JOIN due ON due.id = e.id
-    WHERE e.state = 'PENDING'
-    ORDER BY e.available_at, e.id
-    FOR UPDATE OF e SKIP LOCKED
 ), moved AS (
     UPDATE relay.effect AS e
     SET state = 'DISPATCHING', attempts = e.attempts + 1, owner = %(owner)s,
