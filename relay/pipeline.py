@@ -177,6 +177,7 @@ class Claimer(Stage):
     def __init__(self, settings: Settings, who: Identity, held: Held, stop: threading.Event):
         super().__init__(settings, who, held, stop)
         self.batches: queue.Queue[Claimed] = queue.Queue(maxsize=1)
+        self._taken = threading.Event()
         self.listener: psycopg.Connection[Any] | None = None
         self._quiet = len(QUIET_POLLS_S)
         self._in_hand: Claimed | None = None
@@ -198,9 +199,11 @@ class Claimer(Stage):
 
     def take(self, timeout_s: float) -> Claimed | None:
         try:
-            return self.batches.get(timeout=timeout_s)
+            batch = self.batches.get(timeout=timeout_s)
         except queue.Empty:
             return None
+        self._taken.set()
+        return batch
 
     def leftovers(self) -> list[Claimed]:
         """Batches claimed but never handed over (after the thread ended)."""
@@ -224,6 +227,14 @@ class Claimer(Stage):
             self._hand_over()
             return
         if not self.publisher_ready.wait(HANDOFF_POLL_S):
+            return
+        if self.batches.full():
+            # A batch already waits for the publisher: claim when it is taken, so that what
+            # arrives meanwhile goes out in one batch after it (at low load, a second batch
+            # claimed ahead would cost its effects a whole extra Kafka transaction of waiting).
+            self._taken.clear()
+            if self.batches.full():
+                self._taken.wait(HANDOFF_POLL_S)
             return
         conn = self.connect()
         if self.listener is None or self.listener.closed:
