@@ -190,6 +190,7 @@ class Claimer(Stage):
         if self.conn is not None and not self.conn.closed:
             return self.conn
         conn = super().connect()
+        conn.execute(query("claimer_session"))
         if self._connected_once:
             # A claim whose answer was lost with the connection left rows that nobody here will
             # publish: expire them now (held ones are still in hand), not after their lease.
