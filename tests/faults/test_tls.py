@@ -187,6 +187,7 @@ def test_a_client_without_a_trusted_certificate_is_refused(
             bootstrap_servers=mtls_broker.ssl_bootstrap_servers,
             security_protocol="SSL",
             max_block_ms=5000,
+            bootstrap_timeout_ms=5000,
             **ssl,
         )
         try:
