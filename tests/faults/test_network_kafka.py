@@ -2,7 +2,8 @@
 whose client listener is advertised at the proxy's address (so that every client, told by the
 metadata where the broker is, goes through the proxy), while the broker's own traffic has a
 listener of its own. Latency, requests sent and never answered, resets and connections cut after
-some bytes, while two ``relay run`` replicas publish a steady load of e-mails and wires."""
+some bytes, while two ``relay run`` replicas publish a steady load of e-mails and wires (the
+reconciler goes through the proxy too; the bank does not)."""
 
 from __future__ import annotations
 
@@ -32,6 +33,9 @@ def proxied_broker(toxiproxy: Toxiproxy, prefix: str) -> Iterator[tuple[LocalKaf
     finally:
         proxy.clear()
         broker.stop()
+
+
+ROUND_S = 22.0  # how long one round of _degrade lasts
 
 
 def _degrade(proxy: Proxy, rounds: int) -> None:
@@ -65,11 +69,19 @@ def test_network_faults_between_the_relay_and_kafka(
     load_profile: Profile,
 ) -> None:
     broker, proxy = proxied_broker
-    bootstrap = broker.bootstrap_servers  # the proxy's address
+    through_proxy = broker.bootstrap_servers  # what the client listener advertises
+    # The bank and the checker bootstrap on the broker's own listener, which advertises itself:
+    # the faults are between the relay (and its reconciler) and Kafka, not under the bank.
+    bootstrap = f"127.0.0.1:{broker.internal_port}"
+    assert through_proxy == f"127.0.0.1:{proxy.port}"
     with ExitStack() as stack:
-        settings, bank = scenario.prepare(database_url, bootstrap, prefix, workdir, stack)
+        settings, bank = scenario.prepare(
+            database_url, bootstrap, prefix, workdir, stack, relay_bootstrap=through_proxy
+        )
         feeder = Feeder(
-            database_url, intents(prefix, load_profile.intents, wires=True), load_profile.seconds
+            database_url,
+            intents(prefix, load_profile.intents, wires=True),
+            max(load_profile.seconds, ROUND_S * load_profile.rounds),  # load through every fault
         )
         with scenario.reconciling(settings, database_url):
             relays = scenario.start_relays(settings, workdir, 2)

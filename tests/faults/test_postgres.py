@@ -60,6 +60,9 @@ def test_postgres_restarted_mid_run(
         assert feeder.retries > 0, "no application transaction met the restarts"
 
 
+ROUND_S = 12.0  # how long one round of _degrade lasts
+
+
 def _degrade(proxy: Proxy, rounds: int) -> None:
     """Each round: latency, then connections cut a while after a request went out (``timeout``:
     nothing gets through, the connection is closed after 1.5 s), reset (TCP RST after 300 ms), and
@@ -98,7 +101,9 @@ def test_network_faults_between_the_relay_and_postgres(
             own_database, bootstrap, prefix, workdir, stack, relay_database_url=through_proxy
         )
         feeder = Feeder(
-            own_database, intents(prefix, load_profile.intents, wires=True), load_profile.seconds
+            own_database,
+            intents(prefix, load_profile.intents, wires=True),
+            max(load_profile.seconds, ROUND_S * load_profile.rounds),  # load through every fault
         )
         with scenario.reconciling(settings, through_proxy):
             relays = scenario.start_relays(settings, workdir, 2)
