@@ -22,7 +22,11 @@ Categories (the first six are the ones public Kafka fault analyses count):
 - never seen: no record at all and the effect not published (still PENDING, DISPATCHING, ...);
 - unknown / stuck: left UNKNOWN or STUCK at the end;
 - unsettled: anything else not at its end state (an e-mail not PUBLISHED, a wire or reversal not
-  CONFIRMED, REJECTED), or the bank executed a wire the outbox does not call CONFIRMED.
+  CONFIRMED, REJECTED), or the bank executed a wire the outbox does not call CONFIRMED;
+- redispatched: read_committed sees two attempts of the key because the reconciler re-dispatched
+  it after its observer said "absent" while the first attempt was still on its way to the
+  downstream (a downstream lagging past ``outcome_timeout_s``). That is the design's "absent ->
+  re-dispatched", not a Kafka-hop duplicate; counted apart, and bad unless a scenario allows it.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ CATEGORIES = (
     "unknown",
     "stuck",
     "unsettled",
+    "redispatched",
 )
 NOT_PUBLISHED = ("aborted", "not_sent", "released", "rejected")
 
@@ -146,6 +151,13 @@ def check(
             "SELECT id, operation_key, effect_type, state, business_key, published_partition,"
             " published_offset, reason FROM relay.effect"
         ).fetchall()
+        observed_absent = {
+            str(row[0])
+            for row in conn.execute(
+                "SELECT DISTINCT operation_key FROM relay.evidence WHERE kind = 'observation'"
+                " AND outcome = 'absent' AND verdict = 'applied'"
+            ).fetchall()
+        }
         attempts = conn.execute(
             "SELECT effect_id, attempt, coalesce(outcome, 'open'), verification FROM relay.attempt"
         ).fetchall()
@@ -184,8 +196,13 @@ def check(
         published = state in ("PUBLISHED", "CONFIRMED")
         if published and not reads:
             report.flag("lost", key, f"{state} at {partition}/{offset}, never read")
-        if len(reads) > 1:
+        per_attempt = Counter(r.attempt for r in reads)
+        if any(n > 1 for n in per_attempt.values()) or (
+            len(per_attempt) > 1 and key not in observed_absent
+        ):
             report.flag("duplicated", key, f"read {len(reads)} times: {reads}")
+        elif len(per_attempt) > 1:
+            report.flag("redispatched", key, f"observed absent, then read {len(reads)} times")
         for r in reads:
             if (r.effect_id, r.attempt) in unpublished:
                 report.flag("aborted_read", key, f"attempt {r.attempt} read although not published")

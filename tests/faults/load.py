@@ -108,8 +108,8 @@ class Feeder(threading.Thread):
         if conn is not None:
             conn.close()
 
-    def finish(self, timeout: float = 120.0) -> set[str]:
-        self.join(timeout)
+    def finish(self) -> set[str]:
+        self.join(self.seconds + 120.0)
         assert not self.is_alive(), "the application could not enqueue its intents"
         if self.error is not None:
             raise AssertionError(f"the application failed: {self.error!r}") from self.error
@@ -125,11 +125,14 @@ def fault_settings(
     **overrides: Any,
 ) -> Settings:
     """Settings of a fault scenario: short timers, so that every ambiguous outcome is checked and
-    settled within the scenario. The budgets of checks and observations (100 x 2 s, 30 x 2 s)
+    settled within the scenario. Results are due after 30 s: longer than the bank's consumer group
+    takes to recover from a broker fault, so that a late bank does not make the reconciler
+    re-dispatch wires it merely has not read yet (see the checker's "redispatched"). The budgets
+    of checks and observations (100 x 2 s, 30 x 2 s)
     outlast the scenario's drain (120 s): an effect the relay could not settle in time is then
     reported UNKNOWN, as it is, rather than STUCK because the test spent its budget too fast."""
     types = h.wire_types(
-        prefix, observer_url=observer_url, outcome_timeout_s=8.0, observer_timeout_s=2.0
+        prefix, observer_url=observer_url, outcome_timeout_s=30.0, observer_timeout_s=2.0
     )
     values: dict[str, Any] = {
         "effect_types": types,

@@ -11,6 +11,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psycopg
 from kafka.admin import KafkaAdminClient
 
 from relay.config import Settings
@@ -138,3 +139,18 @@ def finish(
     """Drain (every effect settled, or the time is up), then the checker's report."""
     load.drain(database_url, settings, drain_s)
     return checker.check(scenario, database_url, bootstrap, settings, committed, bank)
+
+
+def wait_flowing(database_url: str, timeout_s: float = 90.0) -> None:
+    """Before the first fault: a wire has gone the whole way (relay, bank, result, reconciler), so
+    every consumer group has joined and the fault meets a working system."""
+
+    def confirmed() -> bool:
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            row = conn.execute(
+                "SELECT count(*) FROM relay.effect"
+                " WHERE effect_type = 'wire' AND state = 'CONFIRMED'"
+            ).fetchone()
+        return row is not None and int(row[0]) > 0
+
+    support.wait_for(confirmed, timeout_s, "a first wire CONFIRMED")
