@@ -18,9 +18,10 @@ def load_profile() -> Profile:
     return profile()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def cluster() -> Iterator[KafkaCluster]:
-    """Three brokers (KRaft, each also a controller), replication factor 3, min ISR 2."""
+    """Three brokers (KRaft, each also a controller), replication factor 3, min ISR 2; stopped
+    after the module, so that they do not run (and hold ports) through the rest of the suite."""
     made = KafkaCluster(3, extra_properties={"group.initial.rebalance.delay.ms": 0})
     made.start()
     try:
@@ -29,7 +30,7 @@ def cluster() -> Iterator[KafkaCluster]:
         made.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def toxiproxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Toxiproxy]:
     server = Toxiproxy(tmp_path_factory.mktemp("toxiproxy") / "toxiproxy.log").start()
     try:

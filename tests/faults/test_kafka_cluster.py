@@ -15,8 +15,9 @@ import pytest
 
 from relay.config import Settings
 from relay.daemon import Relay
-from relay.devservices import KafkaCluster, Services
+from relay.devservices import KafkaCluster
 from tests import support
+from tests.downstream import harness as h
 from tests.faults import load, replay, scenario
 from tests.faults.load import Profile
 
@@ -42,10 +43,6 @@ class LeaderKillingRelay(Relay):
             self.cluster.node(leader).kill()
             self.victims.append(leader)
             self.killed.set()
-
-
-def _wire_keys(settings: Settings, prefix: str, profile: Profile) -> list[str]:
-    return [i.operation_key for i in load.intents(prefix, profile.intents, wires=True)]
 
 
 def test_leader_killed_mid_transaction_then_replayed(
@@ -97,8 +94,6 @@ def test_leader_killed_mid_transaction_then_replayed(
         )
         assert replayed >= len(committed) // 2, (replayed, with_compensations)
         assert support.count_states(database_url) == with_compensations
-        from tests.downstream import harness as h
-
         for key in twice:
             assert [c[1:] for c in h.children(database_url, key)] == [
                 ("wire-reversal", "CONFIRMED")
@@ -164,6 +159,3 @@ def test_broker_restarted(
     _broker_fault_scenario(
         "broker restarted", "restart", cluster, database_url, prefix, workdir, load_profile
     )
-
-
-_ = Services  # the session's services fixture starts the database the tests use
