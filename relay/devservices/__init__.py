@@ -103,10 +103,17 @@ def _stop_leftovers() -> None:
 
 
 # The servers import the helpers above from this package, so they come after them.
-from relay.devservices.kafka import LocalKafka  # noqa: E402
+from relay.devservices.kafka import KafkaCluster, LocalKafka  # noqa: E402
 from relay.devservices.postgres import LocalPostgres  # noqa: E402
 
-__all__ = ["DevServicesError", "LocalKafka", "LocalPostgres", "Services", "local_services"]
+__all__ = [
+    "DevServicesError",
+    "KafkaCluster",
+    "LocalKafka",
+    "LocalPostgres",
+    "Services",
+    "local_services",
+]
 
 
 @dataclass(frozen=True)

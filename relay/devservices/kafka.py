@@ -21,6 +21,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
@@ -169,12 +170,35 @@ def broker_properties(
     auto_create_topics: bool = True,
     extra: Mapping[str, str | int | bool] | None = None,
     sasl_port: int | None = None,
+    node_id: int = 1,
+    voters: str | None = None,
+    replication: int = 1,
+    internal_port: int | None = None,
+    ssl_port: int | None = None,
 ) -> dict[str, str]:
     """``server.properties`` for one combined broker+controller node on loopback; with
-    ``sasl_port``, a second client listener there that takes SASL/SCRAM-SHA-512 (plaintext)."""
+    ``sasl_port``, a second client listener there that takes SASL/SCRAM-SHA-512 (plaintext).
+
+    Several nodes make one cluster when they share ``voters`` (``id@host:port,...``, every node's
+    controller listener) and a cluster id; ``replication`` is then the replication factor of new
+    and internal topics, with ``min.insync.replicas`` 2 from three nodes on. ``internal_port`` puts
+    the brokers' own traffic (replication, transaction markers) on a listener of its own, so that
+    a proxy in front of the client listener (``advertised``) disturbs clients only. ``ssl_port``
+    adds an SSL listener; its keystore and truststore come in ``extra``.
+    """
     listeners = f"PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}"
     advertised_listeners = f"PLAINTEXT://{advertised or f'127.0.0.1:{port}'}"
     protocols = "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT"
+    inter_broker = "PLAINTEXT"
+    if internal_port is not None:
+        listeners += f",INTERNAL://127.0.0.1:{internal_port}"
+        advertised_listeners += f",INTERNAL://127.0.0.1:{internal_port}"
+        protocols += ",INTERNAL:PLAINTEXT"
+        inter_broker = "INTERNAL"
+    if ssl_port is not None:
+        listeners += f",SSL://127.0.0.1:{ssl_port}"
+        advertised_listeners += f",SSL://127.0.0.1:{ssl_port}"
+        protocols += ",SSL:SSL"
     sasl: dict[str, str | int | bool] = {}
     if sasl_port is not None:
         listeners += f",SASL://127.0.0.1:{sasl_port}"
@@ -186,22 +210,24 @@ def broker_properties(
                 "org.apache.kafka.common.security.scram.ScramLoginModule required;"
             ),
         }
+    min_isr = 2 if replication >= 3 else 1
     props: dict[str, str | int | bool] = {
         "process.roles": "broker,controller",
-        "node.id": 1,
-        "controller.quorum.voters": f"1@127.0.0.1:{controller_port}",
+        "node.id": node_id,
+        "controller.quorum.voters": voters or f"{node_id}@127.0.0.1:{controller_port}",
         "listeners": listeners,
         "advertised.listeners": advertised_listeners,
         "listener.security.protocol.map": protocols,
         "controller.listener.names": "CONTROLLER",
-        "inter.broker.listener.name": "PLAINTEXT",
+        "inter.broker.listener.name": inter_broker,
         "log.dirs": str(log_dir),
         "num.partitions": partitions,
         "auto.create.topics.enable": auto_create_topics,
-        "offsets.topic.replication.factor": 1,
-        "transaction.state.log.replication.factor": 1,
-        "transaction.state.log.min.isr": 1,
-        "min.insync.replicas": 1,
+        "default.replication.factor": replication,
+        "offsets.topic.replication.factor": replication,
+        "transaction.state.log.replication.factor": replication,
+        "transaction.state.log.min.isr": min_isr,
+        "min.insync.replicas": min_isr,
         "group.initial.rebalance.delay.ms": 0,
         # Fewer internal partitions: faster first consumer group and first transaction.
         "offsets.topic.num.partitions": 3,
@@ -241,6 +267,11 @@ class LocalKafka:
     or overrides broker properties (e.g. ``message.max.bytes``, ``transaction.max.timeout.ms``).
     ``scram_users`` (name -> password) adds a SASL_PLAINTEXT listener taking SCRAM-SHA-512 for
     these users, at ``sasl_bootstrap_servers``; the plaintext listener stays for everything else.
+    ``internal_listener`` gives the broker's own traffic a listener of its own (see
+    :func:`broker_properties`); ``ssl_properties`` adds an SSL listener with these settings
+    (keystore, truststore, ``ssl.client.auth``), at ``ssl_bootstrap_servers``. A node of a
+    :class:`KafkaCluster` is made by the cluster, with its ``node_id``, ``voters`` and
+    ``cluster_id``.
     """
 
     def __init__(
@@ -253,14 +284,29 @@ class LocalKafka:
         extra_properties: Mapping[str, str | int | bool] | None = None,
         start_timeout_s: float = 60.0,
         scram_users: Mapping[str, str] | None = None,
+        internal_listener: bool = False,
+        ssl_properties: Mapping[str, str | int | bool] | None = None,
+        node_id: int = 1,
+        controller_port: int | None = None,
+        voters: str | None = None,
+        cluster_id: str | None = None,
+        replication: int = 1,
     ) -> None:
         if port is None:
-            self.port, self.controller_port = free_ports(2)
+            self.port = free_ports(1)[0]
         else:
-            self.port, self.controller_port = port, free_ports(1)[0]
-        self._fixed_port = port is not None
+            self.port = port
+        self.controller_port = controller_port or free_ports(1)[0]
+        self._fixed_port = port is not None or controller_port is not None
         self.scram_users = dict(scram_users or {})
         self.sasl_port: int | None = free_ports(1)[0] if self.scram_users else None
+        self.internal_port: int | None = free_ports(1)[0] if internal_listener else None
+        self.ssl_properties = dict(ssl_properties or {})
+        self.ssl_port: int | None = free_ports(1)[0] if ssl_properties is not None else None
+        self.node_id = node_id
+        self.voters = voters
+        self.cluster_id = cluster_id
+        self.replication = replication
         self.partitions = partitions
         self.auto_create_topics = auto_create_topics
         self.advertised = advertised
@@ -278,6 +324,16 @@ class LocalKafka:
         if self.sasl_port is None:
             raise DevServicesError("this broker has no SASL listener (no scram_users)")
         return f"127.0.0.1:{self.sasl_port}"
+
+    @property
+    def ssl_bootstrap_servers(self) -> str:
+        if self.ssl_port is None:
+            raise DevServicesError("this broker has no SSL listener (no ssl_properties)")
+        return f"127.0.0.1:{self.ssl_port}"
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
 
     @property
     def pid(self) -> int:
@@ -307,8 +363,13 @@ class LocalKafka:
             advertised=self.advertised,
             partitions=self.partitions,
             auto_create_topics=self.auto_create_topics,
-            extra=self.extra_properties,
+            extra={**self.ssl_properties, **self.extra_properties},
             sasl_port=self.sasl_port,
+            node_id=self.node_id,
+            voters=self.voters,
+            replication=self.replication,
+            internal_port=self.internal_port,
+            ssl_port=self.ssl_port,
         )
 
     def start(self) -> None:
@@ -338,6 +399,10 @@ class LocalKafka:
                     self.port, self.controller_port = free_ports(2)
                     if self.sasl_port is not None:
                         self.sasl_port = free_ports(1)[0]
+                    if self.internal_port is not None:
+                        self.internal_port = free_ports(1)[0]
+                    if self.ssl_port is not None:
+                        self.ssl_port = free_ports(1)[0]
         except BaseException:
             self.stop()
             raise
@@ -369,7 +434,7 @@ class LocalKafka:
             "kafka.tools.StorageTool",
             "format",
             "-t",
-            new_cluster_id(),
+            self.cluster_id or new_cluster_id(),
             "-c",
             str(self.config_path),
             *self._scram_arguments(),
@@ -429,6 +494,40 @@ class LocalKafka:
                 return
             time.sleep(0.1)
 
+    def prepare(self) -> None:
+        """A cluster node's first step: its directory and formatted storage, not yet started."""
+        if self.root is not None:
+            raise DevServicesError("the Kafka broker is already started")
+        self.root = Path(tempfile.mkdtemp(prefix=f"relay-kafka-{self.node_id}-"))
+        track(self, self.stop)
+        self._format(find_java(), broker_jars())
+
+    def launch(self) -> None:
+        """Start the JVM on the prepared (or previously used) storage; returns at once."""
+        if self.running:
+            raise DevServicesError("the Kafka broker is already running")
+        self._launch(find_java(), broker_jars())
+
+    def wait_ready(self, timeout_s: float | None = None) -> None:
+        """Return once the broker serves metadata (in a cluster: once the quorum has formed)."""
+        try:
+            self._wait_ready(time.monotonic() + (timeout_s or self.start_timeout_s))
+        except _PortTaken:
+            raise DevServicesError(
+                f"the Kafka broker could not bind its ports:\n{tail(self.log_path)}"
+            ) from None
+
+    def restart(self, *, crash: bool = False) -> None:
+        """Stop the broker (SIGTERM, or SIGKILL with ``crash``) and start it again on the same
+        storage; returns once it serves metadata again."""
+        if crash:
+            self.kill()
+            self.process = None
+        else:
+            self._terminate()
+        self.launch()
+        self.wait_ready()
+
     def pause(self) -> None:
         """SIGSTOP: the broker keeps its sockets open and answers nothing (an ambiguous peer)."""
         os.killpg(self.pid, signal.SIGSTOP)
@@ -467,6 +566,78 @@ class LocalKafka:
                 _signal_group(process.pid, signal.SIGKILL)
                 process.wait()
         self.process = None
+
+
+class KafkaCluster:
+    """Several combined broker+controller nodes (KRaft) forming one cluster on loopback, from the
+    same cached jars as :class:`LocalKafka`: topics replicated ``replication`` times (three nodes:
+    replication factor 3, ``min.insync.replicas`` 2), for tests that kill, pause or restart one
+    node while the others carry on. ``extra_properties`` go to every node."""
+
+    def __init__(
+        self,
+        nodes: int = 3,
+        *,
+        partitions: int = 3,
+        replication: int | None = None,
+        extra_properties: Mapping[str, str | int | bool] | None = None,
+        start_timeout_s: float = 120.0,
+    ) -> None:
+        if nodes < 1:
+            raise DevServicesError("a Kafka cluster needs at least one node")
+        ports = free_ports(2 * nodes)
+        voters = ",".join(f"{i + 1}@127.0.0.1:{ports[nodes + i]}" for i in range(nodes))
+        cluster_id = new_cluster_id()
+        self.nodes = [
+            LocalKafka(
+                partitions=partitions,
+                port=ports[i],
+                controller_port=ports[nodes + i],
+                node_id=i + 1,
+                voters=voters,
+                cluster_id=cluster_id,
+                replication=replication if replication is not None else min(nodes, 3),
+                extra_properties=extra_properties,
+                start_timeout_s=start_timeout_s,
+            )
+            for i in range(nodes)
+        ]
+
+    @property
+    def bootstrap_servers(self) -> str:
+        return ",".join(node.bootstrap_servers for node in self.nodes)
+
+    def node(self, node_id: int) -> LocalKafka:
+        """The node with this broker id (1-based, as Kafka's metadata names it)."""
+        for node in self.nodes:
+            if node.node_id == node_id:
+                return node
+        raise DevServicesError(f"no node {node_id} in this cluster")
+
+    def start(self) -> None:
+        """Format every node, start them all (no node is ready before a quorum is), wait."""
+        started = time.monotonic()
+        try:
+            with ThreadPoolExecutor(max_workers=len(self.nodes)) as pool:
+                list(pool.map(lambda node: node.prepare(), self.nodes))
+            for node in self.nodes:
+                node.launch()
+            for node in self.nodes:
+                node.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        log.info(
+            "Kafka cluster of %d nodes ready on %s in %.1fs",
+            len(self.nodes),
+            self.bootstrap_servers,
+            time.monotonic() - started,
+        )
+
+    def stop(self) -> None:
+        """Stop every node (in parallel: a node alone may wait for its peers) and delete them."""
+        with ThreadPoolExecutor(max_workers=len(self.nodes)) as pool:
+            list(pool.map(lambda node: node.stop(), self.nodes))
 
 
 class _PortTaken(Exception):
