@@ -312,7 +312,7 @@ def scrape(port: int) -> str:
 
 def test_the_daemon_serves_its_metrics_on_its_own_port(rsettings: Settings, prefix: str) -> None:
     url = rsettings.require_database_url()
-    relay_port = support.free_port()
+    relay_port = support.free_port_pair()
     settings = rsettings.model_copy(
         update={"metrics_host": "127.0.0.1", "metrics_port": relay_port, "metrics_cache_s": 0.5}
     )
