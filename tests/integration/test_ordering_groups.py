@@ -202,6 +202,12 @@ def test_two_hundred_groups_from_eight_writers_two_replicas_five_kills_in_commit
             victim.wait()
             kills += 1
             victim = support.start_relay(configs["victim"], tmp_path / "victim.log")
+        # The last incarnation is up (its SIGTERM handler installed) before anything stops it.
+        support.wait_for(
+            lambda: (tmp_path / "victim.log").read_text().count("relay starting") == kills + 1,
+            60,
+            "the victim's last start",
+        )
         for w in writers:
             w.join(300)
         assert not errors, errors
