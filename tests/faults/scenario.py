@@ -141,7 +141,7 @@ def finish(
     return checker.check(scenario, database_url, bootstrap, settings, committed, bank)
 
 
-def wait_flowing(database_url: str, timeout_s: float = 90.0) -> None:
+def wait_flowing(database_url: str, timeout_s: float = 180.0) -> None:
     """Before the first fault: a wire has gone the whole way (relay, bank, result, reconciler), so
     every consumer group has joined and the fault meets a working system."""
 
@@ -153,4 +153,11 @@ def wait_flowing(database_url: str, timeout_s: float = 90.0) -> None:
             ).fetchone()
         return row is not None and int(row[0]) > 0
 
-    support.wait_for(confirmed, timeout_s, "a first wire CONFIRMED")
+    try:
+        support.wait_for(confirmed, timeout_s, "a first wire CONFIRMED")
+    except AssertionError as exc:
+        # Which hop did not flow: the states say whether the relay published, the bank
+        # answered (evidence) and the reconciler applied anything.
+        raise AssertionError(
+            f"{exc}: states {support.count_states(database_url)}; {support.diagnose(database_url)}"
+        ) from None
