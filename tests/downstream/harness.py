@@ -250,6 +250,12 @@ class Downstream:
             support.stop_process(self.proc)
             self.proc = None
 
+    def received_count(self) -> int:
+        """Records the bank has read so far (booked or not)."""
+        with sqlite3.connect(self.books_path) as db:
+            row = db.execute("SELECT count(*) FROM received").fetchone()
+        return int(row[0]) if row else 0
+
     def books(self) -> list[tuple[str, str, str | None, int | None]]:
         """(kind, operation key, business key, attempt) of every booking, in order."""
         with sqlite3.connect(self.books_path) as db:

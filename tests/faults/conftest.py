@@ -18,10 +18,12 @@ def load_profile() -> Profile:
     return profile()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def cluster() -> Iterator[KafkaCluster]:
-    """Three brokers (KRaft, each also a controller), replication factor 3, min ISR 2; stopped
-    after the module, so that they do not run (and hold ports) through the rest of the suite."""
+    """Three brokers (KRaft, each also a controller), replication factor 3, min ISR 2: a fresh
+    cluster per scenario (about 12 s), so no scenario meets the aftermath of the one before (a
+    bank that joined its group right after the leader-kill scenario consumed nothing in 3
+    minutes), and none runs (or holds ports) through the rest of the suite."""
     made = KafkaCluster(3, extra_properties={"group.initial.rebalance.delay.ms": 0})
     made.start()
     try:

@@ -141,9 +141,16 @@ def finish(
     return checker.check(scenario, database_url, bootstrap, settings, committed, bank)
 
 
-def wait_flowing(database_url: str, timeout_s: float = 180.0) -> None:
+def wait_flowing(
+    database_url: str, bank: h.Downstream | None = None, timeout_s: float = 180.0
+) -> None:
     """Before the first fault: a wire has gone the whole way (relay, bank, result, reconciler), so
-    every consumer group has joined and the fault meets a working system."""
+    every consumer group has joined and the fault meets a working system.
+
+    The test bank sometimes never starts consuming (its consumer joins, reads nothing, for
+    minutes; seen in 2 of 3 full-suite runs, cause not found, not the relay: the relays had
+    published and recorded everything). That is a broken precondition, not a finding: a bank that
+    received nothing after a minute is restarted once, on the same port."""
 
     def confirmed() -> bool:
         with psycopg.connect(database_url, autocommit=True) as conn:
@@ -154,6 +161,16 @@ def wait_flowing(database_url: str, timeout_s: float = 180.0) -> None:
         return row is not None and int(row[0]) > 0
 
     try:
+        if bank is not None:
+            try:
+                support.wait_for(confirmed, 60.0, "a first wire CONFIRMED")
+                return
+            except AssertionError:
+                if bank.received_count() > 0:
+                    raise
+                print("\nthe test bank received nothing in 60 s: restarting it", flush=True)
+                bank.stop()
+                bank.start()
         support.wait_for(confirmed, timeout_s, "a first wire CONFIRMED")
     except AssertionError as exc:
         # Which hop did not flow: the states say whether the relay published, the bank

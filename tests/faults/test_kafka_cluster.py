@@ -71,7 +71,7 @@ def test_leader_killed_mid_transaction_then_replayed(
         )
         with scenario.reconciling(settings, database_url), support.running(daemon):
             feeder.start()
-            scenario.wait_flowing(database_url)
+            scenario.wait_flowing(database_url, bank)
             for _ in range(load_profile.rounds):
                 time.sleep(2.0)  # the load flows
                 daemon.killed.clear()
@@ -125,7 +125,7 @@ def _broker_fault_scenario(
             relays = scenario.start_relays(settings, workdir, 2)
             try:
                 feeder.start()
-                scenario.wait_flowing(database_url)
+                scenario.wait_flowing(database_url, bank)
                 for round_ in range(load_profile.rounds):
                     time.sleep(2.0)
                     victim = cluster.node(

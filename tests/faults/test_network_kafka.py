@@ -87,7 +87,7 @@ def test_network_faults_between_the_relay_and_kafka(
             relays = scenario.start_relays(settings, workdir, 2)
             try:
                 feeder.start()
-                scenario.wait_flowing(database_url)
+                scenario.wait_flowing(database_url, bank)
                 time.sleep(1.0)
                 _degrade(proxy, load_profile.rounds)
                 committed = feeder.finish()

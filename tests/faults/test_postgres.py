@@ -47,7 +47,7 @@ def test_postgres_restarted_mid_run(
             relays = scenario.start_relays(settings, workdir, 2)
             try:
                 feeder.start()
-                scenario.wait_flowing(own_database)
+                scenario.wait_flowing(own_database, bank)
                 for _ in range(load_profile.rounds * 2):
                     time.sleep(2.5)
                     own_postgres.restart()
@@ -110,7 +110,7 @@ def test_network_faults_between_the_relay_and_postgres(
             relays = scenario.start_relays(settings, workdir, 2)
             try:
                 feeder.start()
-                scenario.wait_flowing(own_database)
+                scenario.wait_flowing(own_database, bank)
                 time.sleep(1.0)
                 _degrade(proxy, load_profile.rounds)
                 committed = feeder.finish()
