@@ -127,6 +127,11 @@ def _demo_settings(settings: Settings, database_url: str, bootstrap: str) -> Set
             "kafka_bootstrap_servers": bootstrap,
             "effect_types": types,
             "publish_timeout_s": min(settings.publish_timeout_s, 3.0),
+            # Records above 256 KiB are refused by the relay before sending (as the brokers'
+            # limit would): the demo's one oversized intent passes enqueue's payload limit and
+            # shows a definitive refusal at publication.
+            "max_message_bytes": min(settings.max_message_bytes, 262_144),
+            "max_request_size": min(settings.max_request_size, 262_144),
             "outage_backoff_max_s": min(settings.outage_backoff_max_s, 2.0),
             # Neither daemon serves metrics here: no port to collide with a running relay.
             "metrics_port": 0,
