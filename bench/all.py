@@ -11,7 +11,7 @@ transactional producer and the bare claim-and-mark cycle in PostgreSQL;
 (e) peak RSS of each daemon with a small and a large backlog.
 
 Writes results.md, results.json, throughput.png and latency.png into --out. Starts PostgreSQL
-and Kafka (relay.devservices) unless RELAY_DATABASE_URL / RELAY_KAFKA_BOOTSTRAP_SERVERS name
+and Kafka (relay.devtools.services) unless RELAY_DATABASE_URL / RELAY_KAFKA_BOOTSTRAP_SERVERS name
 running ones.
 """
 
@@ -30,7 +30,7 @@ from typing import Any
 from bench import commits, drain, latency, reconcile, rss
 from bench.common import server_fsync
 from bench.report import Figure, write_plots, write_results
-from relay.devservices import local_services
+from relay.devtools.services import local_services
 
 PARTS = "abcde"
 

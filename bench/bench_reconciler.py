@@ -23,8 +23,8 @@ from kafka.admin import KafkaAdminClient, NewTopic
 import relay
 from bench.common import bare_consumer_rate, start_thread
 from relay.config import Settings, load_settings
-from relay.daemon import Relay
-from relay.devservices import local_services
+from relay.devtools.services import local_services
+from relay.dispatch.daemon import Relay
 from relay.migrations import migrate, sync_effect_types
 from relay.reconciler.daemon import Reconciler
 

@@ -24,8 +24,8 @@ from kafka import KafkaProducer
 import relay
 from bench.common import PLAIN_TABLE, fresh_db, start_thread, writers
 from relay.config import Settings, load_settings
-from relay.daemon import Relay
-from relay.devservices import local_services
+from relay.devtools.services import local_services
+from relay.dispatch.daemon import Relay
 from relay.kafka_client import make_producer
 from relay.migrations import migrate, sync_effect_types
 from relay.reconciler.daemon import register_status_type

@@ -19,12 +19,12 @@ from datetime import UTC, datetime, timedelta
 from kafka.admin import KafkaAdminClient, NewTopic
 
 from relay.config import Settings, load_settings
-from relay.daemon import VERIFY_ROUND
-from relay.devservices import local_services
+from relay.devtools.services import local_services
+from relay.dispatch.daemon import VERIFY_ROUND
+from relay.dispatch.lookup import Absent, Found, Wanted, find_attempt, find_attempts, open_consumer
+from relay.dispatch.transactions import commit
 from relay.headers import dispatch_headers
 from relay.kafka_client import make_producer
-from relay.transactions import commit
-from relay.verify import Absent, Found, Wanted, find_attempt, find_attempts, open_consumer
 
 
 def _fill(settings: Settings, topic: str, records: int, seconds: float) -> list[Wanted]:

@@ -27,7 +27,7 @@ from kafka.admin import KafkaAdminClient, NewTopic
 
 import relay
 from relay.config import Settings, load_settings
-from relay.daemon import Relay
+from relay.dispatch.daemon import Relay
 from relay.migrations import migrate, sync_effect_types
 from relay.reconciler.daemon import Reconciler, register_status_type
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import psycopg
 
 from bench.common import drop_db, fresh_db, prepare, settings_for
-from relay.devservices.postgres import pg_bin_dir
+from relay.devtools.services.postgres import pg_bin_dir
 
 PAYLOAD = '{"account": "ACC1", "amount": 100, "date": "2026-11-22", "body": "' + "x" * 180 + '"}'
 KEY = "k-:client_id-:n"
@@ -87,7 +87,7 @@ def main() -> None:
     server = os.environ.get("RELAY_DATABASE_URL")
     local = None
     if server is None:
-        from relay.devservices.postgres import LocalPostgres
+        from relay.devtools.services.postgres import LocalPostgres
 
         local = LocalPostgres()
         local.start()

@@ -1,7 +1,10 @@
-"""The one error hierarchy of the relay.
+"""The one error hierarchy of the relay, the SQLSTATEs that map onto it, and how an exception is
+told in one line.
 
 Every error a caller or operator can meet derives from :class:`RelayError`, so an application can
-catch one base class and the CLI can turn any of them into one clear line.
+catch one base class and the CLI can turn any of them into one clear line. The relay's SQL
+functions raise their own SQLSTATEs; psycopg 3 (``sqlstate``), psycopg 2 (``pgcode``) and asyncpg
+(``sqlstate``) all report the same five-character code, so every driver looks it up here.
 """
 
 from __future__ import annotations
@@ -64,3 +67,36 @@ class MigrationError(RelayError):
 
 class ServiceUnavailableError(RelayError):
     """PostgreSQL or Kafka could not be reached; daemons wait these out, commands report them."""
+
+
+ERRORS: dict[str, type[RelayError]] = {
+    "RL001": UnknownEffectTypeError,
+    "RL002": InvalidIntentError,
+    "RL003": OperationKeyConflictError,
+    "RL004": EffectNotFoundError,
+    "RL005": InvalidTransitionError,
+    "RL006": PayloadTooLargeError,
+}
+# undefined function / schema / table: the relay's schema was never migrated into this database
+SCHEMA_MISSING = frozenset({"42883", "3F000", "42P01"})
+
+
+def relay_error(sqlstate: str | None, message: str) -> RelayError | None:
+    """The relay exception for a driver error's SQLSTATE, or None when it is not the relay's."""
+    if sqlstate in ERRORS:
+        return ERRORS[sqlstate](message)
+    if sqlstate in SCHEMA_MISSING:
+        return MigrationError(f"the relay schema is missing ({message}): run 'relay migrate' first")
+    return None
+
+
+def describe(exc: BaseException) -> str:
+    """One line for an exception: its class and its text, once (kafka-python repeats the name)."""
+    text = str(exc).strip()
+    name = type(exc).__name__
+    if not text or text == name:
+        return name
+    prefix = f"{name}: "
+    while text.startswith(prefix):
+        text = text.removeprefix(prefix).strip()
+    return f"{prefix}{text}" if text else name

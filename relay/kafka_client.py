@@ -10,7 +10,7 @@ from typing import Any
 from kafka import KafkaProducer
 
 from relay.config import Settings
-from relay.outcomes import describe
+from relay.errors import describe
 
 log = logging.getLogger(__name__)
 

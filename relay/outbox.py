@@ -20,9 +20,8 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 
-from relay.errors import EnqueueError, InvalidIntentError, PayloadTooLargeError
+from relay.errors import EnqueueError, InvalidIntentError, PayloadTooLargeError, relay_error
 from relay.sql import query
-from relay.sqlstates import relay_error
 from relay.states import EffectState
 
 _TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")

@@ -13,12 +13,12 @@ from relay.config import Settings
 from tests import support
 
 if TYPE_CHECKING:
-    from relay.devservices import Services
+    from relay.devtools.services import Services
 
 
 @pytest.fixture(scope="session")
 def services() -> Iterator[Services]:
-    from relay.devservices import local_services
+    from relay.devtools.services import local_services
 
     with local_services() as running:
         yield running

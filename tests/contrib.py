@@ -11,7 +11,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 import relay
 from relay.config import Settings
-from relay.daemon import Relay
+from relay.dispatch.daemon import Relay
 from relay.states import EffectState
 from tests import support
 

@@ -23,7 +23,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
 from relay.config import Settings
-from relay.daemon import Relay
+from relay.dispatch.daemon import Relay
 from relay.migrations import migrate, sync_effect_types
 
 

@@ -2,7 +2,7 @@
 
 Frameworks wrap the driver's exception (SQLAlchemy in ``.orig``, Django in ``__cause__``), and
 the drivers name the SQLSTATE differently (psycopg 3 and asyncpg ``sqlstate``, psycopg 2
-``pgcode``): the code is dug out of the chain and looked up in :mod:`relay.sqlstates`.
+``pgcode``): the code is dug out of the chain and looked up in :mod:`relay.errors`.
 """
 
 from __future__ import annotations
@@ -12,9 +12,8 @@ from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
-from relay.errors import RelayError
+from relay.errors import RelayError, relay_error
 from relay.outbox import Enqueued, Intent, _params, _result
-from relay.sqlstates import relay_error
 
 __all__ = ["Enqueued", "Intent", "intent_params", "many_params", "result", "translate_errors"]
 

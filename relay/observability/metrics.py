@@ -41,9 +41,9 @@ from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
+from relay.dispatch.outcomes import AttemptOutcome
+from relay.dispatch.publisher import PublishResult
 from relay.logs import redact
-from relay.outcomes import AttemptOutcome
-from relay.publisher import PublishResult
 from relay.sql import query
 from relay.states import ALLOWED_TRANSITIONS, EffectState
 

@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
-from relay.outcomes import describe
+from relay.errors import describe
 from relay.redaction import escape_controls, redact
 
 log = logging.getLogger(__name__)

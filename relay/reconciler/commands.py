@@ -29,7 +29,7 @@ def reconcile(ctx: click.Context) -> None:
     Any number of replicas may run at once (one Kafka consumer group, reconcile_group_id).
     Stops cleanly on SIGTERM or Ctrl-C.
     """
-    from relay.cli_support import clean_errors, run_until_signalled
+    from relay.cli.support import clean_errors, run_until_signalled
     from relay.db import warn_unless_verified_tls
     from relay.reconciler.daemon import Reconciler
 
@@ -61,7 +61,7 @@ def resolve(
     actor: str | None,
 ) -> None:
     """Decide the outcome of an UNKNOWN or STUCK effect; who and why are recorded."""
-    from relay.cli_support import clean_errors
+    from relay.cli.support import clean_errors
     from relay.reconciler.effects import operator_actor
     from relay.reconciler.resolve import Decision
     from relay.reconciler.resolve import resolve as do_resolve
@@ -103,7 +103,7 @@ def purge(ctx: click.Context, dry_run: bool, older_than: str | None) -> None:
     Nothing that is not finished (CONFIRMED, REJECTED, CANCELLED, or PUBLISHED without an awaited
     result) is ever removed. Works in small batches that never block the relay.
     """
-    from relay.cli_support import clean_errors, parse_duration
+    from relay.cli.support import clean_errors, parse_duration
     from relay.reconciler.purge import purge as do_purge
     from relay.reconciler.purge import would_purge
 

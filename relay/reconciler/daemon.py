@@ -25,9 +25,8 @@ from kafka import errors as kerr
 from relay import db, observability
 from relay.backoff import Backoff
 from relay.config import Settings
-from relay.errors import ConfigError, ServiceUnavailableError
+from relay.errors import ConfigError, ServiceUnavailableError, describe
 from relay.migrations import check_current, sync_effect_types
-from relay.outcomes import describe
 from relay.reconciler.consumer import ResultConsumer, describe_counts
 from relay.reconciler.deadlines import apply_deferred, expire_deadlines
 from relay.reconciler.effects import STATUS_EFFECT_TYPE, reconciler_actor

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.devservices import KafkaCluster, LocalPostgres
+from relay.devtools.services import KafkaCluster, LocalPostgres
 from tests.faults.load import Profile, profile
 from tests.faults.toxiproxy import Toxiproxy
 

@@ -15,7 +15,7 @@ import psycopg
 from kafka.admin import KafkaAdminClient
 
 from relay.config import Settings
-from relay.devservices import KafkaCluster
+from relay.devtools.services import KafkaCluster
 from tests import support
 from tests.downstream import harness as h
 from tests.faults import checker, load

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from relay.config import Settings
-from relay.daemon import Relay
-from relay.devservices import KafkaCluster
+from relay.devtools.services import KafkaCluster
+from relay.dispatch.daemon import Relay
 from tests import support
 from tests.downstream import harness as h
 from tests.faults import load, replay, scenario

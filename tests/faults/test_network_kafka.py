@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.devservices import LocalKafka, free_port
+from relay.devtools.services import LocalKafka, free_port
 from tests.faults import scenario
 from tests.faults.load import Feeder, Profile, intents
 from tests.faults.toxiproxy import Proxy, Toxiproxy

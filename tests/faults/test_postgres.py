@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.devservices import LocalPostgres, Services
+from relay.devtools.services import LocalPostgres, Services
 from tests import support
 from tests.faults import scenario
 from tests.faults.load import Feeder, Profile, intents

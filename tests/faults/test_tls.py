@@ -20,7 +20,7 @@ from kafka import KafkaProducer
 from kafka.errors import KafkaError
 
 import relay
-from relay.devservices import LocalKafka
+from relay.devtools.services import LocalKafka
 from tests import support
 
 pytestmark = pytest.mark.faults

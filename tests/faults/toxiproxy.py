@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
-from relay.devservices import free_port
+from relay.devtools.services import free_port
 from tests.deploy import run_script
 
 Stream = Literal["upstream", "downstream"]

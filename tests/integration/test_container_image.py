@@ -24,7 +24,7 @@ from tests import support
 from tests.deploy import ROOT, dockerfile_ports, dockerfile_user, run_script
 
 if TYPE_CHECKING:
-    from relay.devservices import Services
+    from relay.devtools.services import Services
 
 # Cold, the image fixture debootstraps a base image and builds (minutes on a loaded machine).
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]

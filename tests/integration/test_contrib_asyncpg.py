@@ -11,7 +11,7 @@ import pytest
 import relay
 from relay.config import Settings
 from relay.contrib import asyncpg as rapg
-from relay.devservices import Services
+from relay.devtools.services import Services
 from relay.states import EffectState
 from tests import contrib
 from tests.contrib import TRACEPARENT, WIRE

@@ -11,7 +11,7 @@ import psycopg
 import pytest
 
 import relay
-from relay.devservices import Services
+from relay.devtools.services import Services
 from relay.states import EffectState
 from tests import contrib, support
 from tests.contrib import TRACEPARENT, WIRE

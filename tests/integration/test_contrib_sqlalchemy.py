@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 import relay
 from relay.config import Settings
 from relay.contrib import sqlalchemy as rsa
-from relay.devservices import Services
+from relay.devtools.services import Services
 from relay.states import EffectState
 from tests import contrib
 from tests.contrib import TRACEPARENT, WIRE

@@ -22,8 +22,8 @@ import psycopg
 import pytest
 from kafka import KafkaConsumer, KafkaProducer
 
-import relay.devservices as devservices
-from relay.devservices import LocalKafka, LocalPostgres, local_services
+import relay.devtools.services as devservices
+from relay.devtools.services import LocalKafka, LocalPostgres, local_services
 
 
 def _ps() -> str:

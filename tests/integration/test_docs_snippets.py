@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.devservices import Services
+from relay.devtools.services import Services
 from tests import contrib, support
 
 ROOT = Path(__file__).resolve().parents[2]

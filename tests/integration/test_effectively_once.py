@@ -19,8 +19,8 @@ import pytest
 
 import relay
 from relay.config import Settings
-from relay.daemon import Relay
-from relay.devservices import LocalKafka, Services
+from relay.devtools.services import LocalKafka, Services
+from relay.dispatch.daemon import Relay
 from tests import support
 
 
@@ -362,10 +362,17 @@ def test_search_finds_a_record_after_the_partition_count_changed(
 
     from kafka.admin import KafkaAdminClient, NewPartitions, NewTopic
 
+    from relay.dispatch.lookup import (
+        Absent,
+        Found,
+        Wanted,
+        find_attempt,
+        find_attempts,
+        open_consumer,
+    )
+    from relay.dispatch.transactions import commit
     from relay.headers import dispatch_headers
     from relay.kafka_client import make_producer
-    from relay.transactions import commit
-    from relay.verify import Absent, Found, Wanted, find_attempt, find_attempts, open_consumer
 
     topic = f"{prefix}.grow"
     admin = KafkaAdminClient(bootstrap_servers=services.kafka_bootstrap_servers)

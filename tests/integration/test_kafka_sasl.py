@@ -15,7 +15,7 @@ from kafka import KafkaProducer
 from kafka.errors import KafkaError
 
 import relay
-from relay.devservices.kafka import LocalKafka
+from relay.devtools.services.kafka import LocalKafka
 from relay.logs import TextFormatter
 from relay.states import EffectState
 from tests import support

@@ -11,16 +11,16 @@ import psycopg
 import pytest
 
 import relay
-from relay import transactions
 from relay.config import Settings
-from relay.daemon import Relay
-from relay.devservices import Services
+from relay.devtools.services import Services
+from relay.dispatch import transactions
+from relay.dispatch.daemon import Relay
+from relay.dispatch.stage import Held, Identity
+from relay.dispatch.status_events import StatusPublisher
 from relay.errors import InvalidIntentError, UnknownEffectTypeError
 from relay.outbox import translate_errors
-from relay.pipeline import Held, Identity
 from relay.reconciler.daemon import register_status_type
 from relay.sql import query
-from relay.status_events import StatusPublisher
 from relay.story import load_story
 from tests import support
 

@@ -26,7 +26,7 @@ import psycopg
 import pytest
 
 import relay
-from relay.devservices import Services
+from relay.devtools.services import Services
 from relay.observability import alerts
 from relay.observability.promql import metric_names
 from tests import support

@@ -18,7 +18,7 @@ import pytest
 import relay
 from relay import db
 from relay.config import Settings
-from relay.devservices import Services
+from relay.devtools.services import Services
 from relay.observability.metrics import REGISTRY
 from relay.reconciler import consumer as consumer_module
 from relay.reconciler.consumer import ResultConsumer

@@ -21,12 +21,12 @@ import pytest
 
 import relay
 from relay.config import Settings
-from relay.daemon import Relay
-from relay.devservices import Services
+from relay.devtools.services import Services
+from relay.dispatch.daemon import Relay
 from relay.errors import EffectNotFoundError, InvalidTransitionError
-from relay.groups import unblock
 from relay.headers import H_ORDERING_GROUP
 from relay.reconciler.purge import purge
+from relay.reconciler.unblock import unblock
 from tests import support
 from tests.downstream import harness as h
 
@@ -103,7 +103,7 @@ def test_overlapping_transactions_of_a_group_publish_in_commit_order(
     assert [key for _, key in groups["order-2"]] == ["g-c"]
     assert sorted(r.key.decode() for r in records) == ["g-a", "g-b", "g-c", "g-free"]
     # The partition is Kafka's default partitioner applied to the group.
-    from relay.publisher import group_partition
+    from relay.dispatch.publisher import group_partition
 
     assert groups["order-1"][0][0] == group_partition("order-1", {0, 1, 2})
 

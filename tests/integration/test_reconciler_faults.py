@@ -15,11 +15,11 @@ import pytest
 
 import relay
 from relay.config import Settings
-from relay.daemon import Relay
-from relay.devservices import Services
+from relay.devtools.services import Services
+from relay.dispatch.daemon import Relay
+from relay.dispatch.publisher import ClaimedEffect, PublishResult
+from relay.dispatch.stage import Claimed
 from relay.errors import CompensationLimitError
-from relay.pipeline import Claimed
-from relay.publisher import ClaimedEffect, PublishResult
 from relay.reconciler.compensation import MAX_COMPENSATIONS
 from relay.reconciler.consumer import ResultConsumer
 from relay.reconciler.daemon import Reconciler

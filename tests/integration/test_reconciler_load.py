@@ -16,8 +16,8 @@ import pytest
 
 import relay
 from relay.config import Settings
-from relay.daemon import Relay
-from relay.devservices import Services
+from relay.devtools.services import Services
+from relay.dispatch.daemon import Relay
 from tests import support
 from tests.downstream import harness as h
 

@@ -13,8 +13,8 @@ import pytest
 
 import relay
 from relay.config import Settings
-from relay.daemon import Relay
-from relay.devservices import Services
+from relay.devtools.services import Services
+from relay.dispatch.daemon import Relay
 from relay.errors import InvalidTransitionError
 from relay.reconciler.compensation import ensure_compensations
 from relay.reconciler.effects import lock_effect

@@ -9,9 +9,9 @@ import pytest
 
 import relay
 from relay.config import Settings
-from relay.daemon import Relay
-from relay.devservices import Services
-from relay.reconciler.status import StatusFeed
+from relay.devtools.services import Services
+from relay.dispatch.daemon import Relay
+from relay.status_feed import StatusFeed
 from tests import support
 from tests.downstream import harness as h
 

@@ -12,8 +12,8 @@ import psycopg
 
 import relay
 from relay.config import Settings
-from relay.daemon import Relay
-from relay.devservices import Services
+from relay.devtools.services import Services
+from relay.dispatch.daemon import Relay
 from relay.states import EffectState
 from tests import support
 
@@ -260,7 +260,7 @@ def test_unreachable_broker_ends_attempts_unknown_and_nothing_is_resent(
 ) -> None:
     """Without Kafka transactions there is no safe check: UNKNOWN stays UNKNOWN, never PENDING.
     (With transactions, tests/integration/test_effectively_once.py shows the check.)"""
-    from relay.devservices import LocalKafka
+    from relay.devtools.services import LocalKafka
 
     broker = LocalKafka()
     broker.start()
@@ -356,7 +356,7 @@ def test_a_row_the_database_refuses_to_mark_holds_up_nothing_else(
         )
         conn.commit()
     fast = settings.model_copy(update={"lease_s": 4.0, "publish_timeout_s": 1.5})
-    with caplog.at_level("ERROR", logger="relay.pipeline"), support.running(Relay(fast)):
+    with caplog.at_level("ERROR", logger="relay.dispatch.stage"), support.running(Relay(fast)):
         support.wait_for(
             lambda: support.count_states(url) == {"PUBLISHED": 19, "DISPATCHING": 1},
             30,

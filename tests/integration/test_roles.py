@@ -12,8 +12,8 @@ from psycopg.conninfo import make_conninfo
 
 import relay
 from relay.config import Settings
-from relay.daemon import Relay
-from relay.devservices import Services
+from relay.devtools.services import Services
+from relay.dispatch.daemon import Relay
 from relay.errors import ConfigError
 from relay.roles import apply, role_names
 from tests import support

@@ -11,11 +11,11 @@ from typing import ClassVar
 
 import pytest
 
-import relay.devservices as devservices
-from relay.devservices import DevServicesError, Services, free_ports, local_services, tail
-from relay.devservices import kafka as dkafka
-from relay.devservices import postgres as dpostgres
-from relay.devservices.__main__ import export_lines
+import relay.devtools.services as devservices
+from relay.devtools.services import DevServicesError, Services, free_ports, local_services, tail
+from relay.devtools.services import kafka as dkafka
+from relay.devtools.services import postgres as dpostgres
+from relay.devtools.services.__main__ import export_lines
 
 
 def test_free_ports_are_distinct_and_bindable() -> None:

@@ -12,13 +12,13 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from relay.config import load_settings
+from relay.dispatch.outcomes import AttemptOutcome
+from relay.dispatch.publisher import ClaimedEffect, PublishResult
 from relay.errors import ConfigError
 from relay.observability import metrics, start_observability
 from relay.observability.metrics import REGISTRY
 from relay.observability.promql import metric_names
 from relay.observability.server import ObservabilityServer
-from relay.outcomes import AttemptOutcome
-from relay.publisher import ClaimedEffect, PublishResult
 
 NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
 

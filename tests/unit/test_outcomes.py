@@ -5,13 +5,13 @@ from datetime import UTC, datetime
 import pytest
 from kafka import errors as kerr
 
-from relay.headers import dispatch_headers
-from relay.outcomes import (
+from relay.dispatch.outcomes import (
     STATE_AFTER,
     AttemptOutcome,
     classify_delivery_error,
     classify_send_error,
 )
+from relay.headers import dispatch_headers
 from relay.states import EffectState
 
 
@@ -98,7 +98,7 @@ def test_optional_headers_are_absent_when_unknown() -> None:
 def test_describe_names_the_error_once() -> None:
     from kafka import errors as kerr
 
-    from relay.outcomes import describe
+    from relay.errors import describe
 
     assert describe(kerr.KafkaTimeoutError("no answer")) == "KafkaTimeoutError: no answer"
     nested = kerr.KafkaError("KafkaError: Cannot execute transactional method")

@@ -8,7 +8,7 @@ import click
 import pytest
 
 from relay.backoff import Backoff
-from relay.cli_support import parse_duration
+from relay.cli.support import parse_duration
 from relay.logs import JsonFormatter, TextFormatter, redact
 from relay.messages import MESSAGE_MODELS, ResultMessage, json_schema
 from relay.migrations import available
@@ -91,7 +91,7 @@ def test_overlapping_search_windows_merge_and_distant_ones_stay_apart() -> None:
     from datetime import UTC, datetime, timedelta
 
     from relay.config import Settings
-    from relay.verify import Wanted, _merged_windows
+    from relay.dispatch.lookup import Wanted, _merged_windows
 
     settings = Settings(publish_timeout_s=2.0, transaction_timeout_s=5.0, clock_skew_s=1.0)
     t0 = datetime(2026, 1, 1, tzinfo=UTC)

@@ -27,14 +27,14 @@ import psycopg
 from kafka import KafkaProducer
 from kafka import errors as kerr
 
-from relay import transactions
 from relay.config import Settings
+from relay.dispatch import transactions
+from relay.dispatch.lookup import Found, Wanted, find_attempts, open_consumer
+from relay.dispatch.stage import Held, Identity, Stage
+from relay.errors import describe
 from relay.headers import STATUS_EVENT_TYPE, status_headers
 from relay.kafka_client import close_quietly, make_producer
-from relay.outcomes import describe
-from relay.pipeline import Held, Identity, Stage
 from relay.sql import query
-from relay.verify import Found, Wanted, find_attempts, open_consumer
 
 log = logging.getLogger(__name__)
 

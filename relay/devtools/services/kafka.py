@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-from relay.devservices import DevServicesError, free_ports, tail, track, untrack
+from relay.devtools.services import DevServicesError, free_ports, tail, track, untrack
 
 log = logging.getLogger(__name__)
 

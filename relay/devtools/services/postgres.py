@@ -18,7 +18,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from relay.devservices import DevServicesError, free_port, tail, track, untrack
+from relay.devtools.services import DevServicesError, free_port, tail, track, untrack
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +177,7 @@ class LocalPostgres:
         if result.returncode != 0:
             raise DevServicesError(f"initdb failed:\n{(result.stderr or result.stdout).strip()}")
         with open(self.data_dir / "postgresql.conf", "a") as conf:
-            conf.write("\n# relay.devservices\n" + render_conf(self.settings()))
+            conf.write("\n# relay.devtools.services\n" + render_conf(self.settings()))
 
     def _start(self, bin_dir: Path) -> None:
         # The port goes on the command line, not in postgresql.conf, so that a port someone took

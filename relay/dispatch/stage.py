@@ -1,7 +1,7 @@
 """The relay's database stages, each on its own thread and connection: claiming ahead of the
 publisher, and recording outcomes behind it.
 
-The publisher (``relay.daemon``) only talks to Kafka. While it waits for a batch's commit, the
+The publisher (``dispatch.daemon``) only talks to Kafka. While it waits for a batch's commit, the
 claimer has the next batch claimed (its claim committed, so the attempt is durable before any
 publish) and the marker records the previous batch's outcomes in one set-based statement. The
 hand-offs are small bounded queues: at most two batches claimed ahead, two waiting to be marked.
@@ -24,9 +24,9 @@ import psycopg
 from relay import db, observability
 from relay.backoff import Backoff
 from relay.config import Settings
-from relay.errors import ServiceUnavailableError
-from relay.outcomes import STATE_AFTER, AttemptOutcome, describe
-from relay.publisher import ClaimedEffect, PublishResult
+from relay.dispatch.outcomes import STATE_AFTER, AttemptOutcome
+from relay.dispatch.publisher import ClaimedEffect, PublishResult
+from relay.errors import ServiceUnavailableError, describe
 from relay.sql import query
 from relay.states import EffectState
 

@@ -12,7 +12,7 @@ import click
 from psycopg.rows import dict_row
 
 from relay import outbox
-from relay.cli_support import (
+from relay.cli.support import (
     EXIT_FAILURE,
     EXIT_USAGE,
     clean_errors,
@@ -103,8 +103,8 @@ def run(ctx: click.Context) -> None:
     Any number of replicas may run at once; give each its own replica_id
     (RELAY_REPLICA_ID, default: the host name).
     """
-    from relay.daemon import Relay
     from relay.db import warn_unless_verified_tls
+    from relay.dispatch.daemon import Relay
 
     warn_unless_verified_tls(_settings(ctx), "run")
     run_until_signalled(Relay(_settings(ctx)))
@@ -295,8 +295,8 @@ def unblock(
     named with --skip KEY. The released effect is never published again; who and why are
     recorded as evidence on it.
     """
-    from relay.groups import unblock as do_unblock
     from relay.reconciler.effects import operator_actor
+    from relay.reconciler.unblock import unblock as do_unblock
 
     who = operator_actor(actor)
     with connect(_settings(ctx), purpose="cli") as conn:
@@ -359,7 +359,7 @@ def demo(ctx: click.Context, effects: int, keep_running: bool) -> None:
     """Start local PostgreSQL and Kafka (unless RELAY_DATABASE_URL / RELAY_KAFKA_BOOTSTRAP_SERVERS
     are set), run the relay, the reconciler and a demo bank, enqueue sample intents and show them
     move through their states."""
-    from relay.demo import run_demo
+    from relay.devtools.demo import run_demo
 
     run_demo(_settings(ctx), effects=effects, keep_running=keep_running)
 

@@ -13,6 +13,7 @@ from enum import StrEnum
 
 from kafka import errors as kerr
 
+from relay.errors import describe
 from relay.states import EffectState
 
 
@@ -55,18 +56,6 @@ _DEFINITE_BROKER_ERRORS: tuple[type[Exception], ...] = (
 class Classified:
     outcome: AttemptOutcome
     reason: str
-
-
-def describe(exc: BaseException) -> str:
-    text = str(exc).strip()
-    name = type(exc).__name__
-    if not text or text == name:
-        return name
-    # kafka-python's str() starts with the class name, sometimes twice (a wrapped message).
-    prefix = f"{name}: "
-    while text.startswith(prefix):
-        text = text.removeprefix(prefix).strip()
-    return f"{prefix}{text}" if text else name
 
 
 def classify_send_error(exc: BaseException) -> Classified:

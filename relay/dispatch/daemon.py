@@ -1,12 +1,12 @@
 """``relay run``: claim PENDING effects, publish them, record how each attempt ended.
 
-A pipeline of stages (``relay.pipeline``): the claimer commits each batch's claim before any
+A pipeline of stages (``stage.py``): the claimer commits each batch's claim before any
 publish and keeps the next batch ready; this loop publishes a batch in one Kafka transaction and
 waits for every record's own answer; the marker records the outcomes with compare-and-set on
 this replica's owner/epoch while the next batch is already in flight. Housekeeping (heartbeat,
 lease expiry, checks of ambiguous publishes) runs here between batches, and the status-event
-stage (``relay.status_events``) publishes the transitions log. Outages of PostgreSQL or Kafka are
-waited out with backoff; an ambiguous publish is recorded as UNKNOWN and never re-sent blindly.
+stage (``status_events.py``) publishes the transitions log. Outages of PostgreSQL or Kafka
+are waited out with backoff; an ambiguous publish is recorded as UNKNOWN and never re-sent blindly.
 """
 
 from __future__ import annotations
@@ -27,22 +27,22 @@ from kafka import errors as kerr
 from relay import db, observability, tracing
 from relay.backoff import Backoff
 from relay.config import Settings
-from relay.errors import RelayError, ServiceUnavailableError
-from relay.kafka_client import close_quietly, make_producer
-from relay.migrations import check_current, sync_effect_types
-from relay.outcomes import AttemptOutcome, describe
-from relay.pipeline import Claimed, Claimer, Held, Identity, Marker, expire_leases, released
-from relay.publisher import (
+from relay.dispatch.lookup import Absent, Found, Wanted, find_attempts, open_consumer
+from relay.dispatch.outcomes import AttemptOutcome
+from relay.dispatch.publisher import (
     ClaimedEffect,
     PublishResult,
     publish_batch,
     publish_batch_transactional,
 )
+from relay.dispatch.stage import Claimed, Claimer, Held, Identity, Marker, expire_leases, released
+from relay.dispatch.status_events import StatusPublisher
+from relay.dispatch.transactions import fence, transactional_id
+from relay.errors import RelayError, ServiceUnavailableError, describe
+from relay.kafka_client import close_quietly, make_producer
+from relay.migrations import check_current, sync_effect_types
 from relay.sql import query
 from relay.states import EffectState
-from relay.status_events import StatusPublisher
-from relay.transactions import fence, transactional_id
-from relay.verify import Absent, Found, Wanted, find_attempts, open_consumer
 
 log = logging.getLogger(__name__)
 
@@ -256,7 +256,7 @@ class Relay:
             self._drop_database()
 
     def _verify_due(self) -> None:
-        """Resolve UNKNOWN publishes by looking in Kafka (see relay.verify), a round at a time."""
+        """Resolve UNKNOWN publishes by looking in Kafka (see lookup.py), a round at a time."""
         assert self._conn is not None
         self._last_verify = time.monotonic()
         rows = self._conn.execute(

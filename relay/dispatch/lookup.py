@@ -20,9 +20,9 @@ from datetime import datetime
 from kafka import KafkaConsumer, TopicPartition
 
 from relay.config import Settings
+from relay.dispatch.transactions import TransactionTimeoutError
 from relay.headers import H_ATTEMPT, H_EFFECT_ID, H_TRANSITION_ID
 from relay.kafka_client import kafka_security
-from relay.transactions import TransactionTimeoutError
 
 
 @dataclass(frozen=True)

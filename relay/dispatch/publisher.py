@@ -14,15 +14,15 @@ from kafka import KafkaProducer
 from kafka import errors as kerr
 from kafka.partitioner.default import murmur2
 
-from relay import transactions
-from relay.headers import dispatch_headers
-from relay.outcomes import (
+from relay.dispatch import transactions
+from relay.dispatch.outcomes import (
     AttemptOutcome,
     Classified,
     classify_delivery_error,
     classify_send_error,
-    describe,
 )
+from relay.errors import describe
+from relay.headers import dispatch_headers
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,8 @@
-"""``python -m relay.devservices up|down|env``: local PostgreSQL and Kafka for a shell session.
+"""``python -m relay.devtools.services up|down|env``: local PostgreSQL and Kafka for a shell.
 
 ``up`` starts both, prints ``export`` lines and stays in the foreground until SIGINT/SIGTERM, then
 stops both. It records where the servers are in a state file, so that from another shell
-``eval "$(python -m relay.devservices env)"`` picks them up and ``down`` stops them.
+``eval "$(python -m relay.devtools.services env)"`` picks them up and ``down`` stops them.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from relay.devservices import DevServicesError, Services, local_services
-from relay.devservices.kafka import cache_root
+from relay.devtools.services import DevServicesError, Services, local_services
+from relay.devtools.services.kafka import cache_root
 
 
 def state_file() -> Path:
@@ -74,7 +74,7 @@ def up(fsync: bool) -> int:
                 print(export_lines(services), end="")
                 print(
                     f"# ready in {time.monotonic() - started:.1f}s; Ctrl-C or "
-                    "'python -m relay.devservices down' stops both",
+                    "'python -m relay.devtools.services down' stops both",
                     flush=True,
                 )
                 while not stop.wait(0.5):
@@ -120,7 +120,7 @@ def down(timeout_s: float = 60.0) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m relay.devservices", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m relay.devtools.services", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     start = commands.add_parser("up", help="start both and wait for Ctrl-C")
     start.add_argument(

@@ -26,8 +26,8 @@ from kafka.errors import KafkaError, TopicAlreadyExistsError
 
 from relay import outbox
 from relay.config import EffectTypeSpec, Settings
-from relay.daemon import Relay
-from relay.devservices import LocalKafka, local_services
+from relay.devtools.services import LocalKafka, local_services
+from relay.dispatch.daemon import Relay
 from relay.errors import ServiceUnavailableError
 from relay.kafka_client import kafka_security
 from relay.messages import ResultMessage, ResultOutcome
@@ -46,7 +46,7 @@ DEMO_TYPES: dict[str, dict[str, Any]] = {
         "business_key": "{account}:{amount}:{date}",
         "result_topic": "demo.wire-results",
         "outcome_timeout_s": WIRE_TIMEOUT_S,
-        "observer": {"python": "relay.demo:observe_wire", "timeout_s": 2.0},
+        "observer": {"python": "relay.devtools.demo:observe_wire", "timeout_s": 2.0},
     },
 }
 BANK_GROUP = "relay-demo-bank"

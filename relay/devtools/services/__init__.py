@@ -103,8 +103,8 @@ def _stop_leftovers() -> None:
 
 
 # The servers import the helpers above from this package, so they come after them.
-from relay.devservices.kafka import KafkaCluster, LocalKafka  # noqa: E402
-from relay.devservices.postgres import LocalPostgres  # noqa: E402
+from relay.devtools.services.kafka import KafkaCluster, LocalKafka  # noqa: E402
+from relay.devtools.services.postgres import LocalPostgres  # noqa: E402
 
 __all__ = [
     "DevServicesError",
