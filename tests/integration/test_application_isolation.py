@@ -1,0 +1,162 @@
+"""One application must not stop, reorder or confirm another's effects (issue 18), on the real
+PostgreSQL and Kafka.
+
+Several applications writing to one outbox database is a normal deployment. These tests play the
+careless or hostile one, through the SQL function any language can call, and check that the
+others' effects carry on.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+import relay
+from relay.config import Settings
+from relay.devtools.services import Services
+from relay.dispatch.daemon import Relay
+from relay.errors import InvalidIntentError
+from tests import support
+from tests.downstream import harness as h
+
+ENQUEUE = "SELECT effect_id, state, created FROM relay.enqueue(%s, %s, %s::jsonb, %s, NULL, %s)"
+
+
+def _nested_text(levels: int) -> str:
+    """A JSON object nested ``levels`` deep, as text: a Python dict that deep cannot be
+    serialised by json.dumps, and a hostile application writes text anyway."""
+    return '{"d":' * (levels - 1) + '{"leaf":1}' + "}" * (levels - 1)
+
+
+def _sql_enqueue(
+    url: str,
+    key: str,
+    payload: str,
+    *,
+    business_key: str | None = None,
+    available_at: str | dt.datetime | None = None,
+) -> tuple[Any, ...] | None:
+    with psycopg.connect(url) as conn:
+        row = conn.execute(ENQUEUE, (key, "email", payload, business_key, available_at))
+        found = row.fetchone()
+        conn.commit()
+        return found
+
+
+@pytest.mark.parametrize(
+    ("case", "payload", "extra"),
+    [
+        ("nesting 3000", _nested_text(3000), {}),
+        ("nesting 101", _nested_text(101), {}),
+        ("business key of 600 characters", '{"a": 1}', {"business_key": "b" * 600}),
+        ("empty business key", '{"a": 1}', {"business_key": ""}),
+        ("available_at infinity", '{"a": 1}', {"available_at": "infinity"}),
+        ("available_at -infinity", '{"a": 1}', {"available_at": "-infinity"}),
+    ],
+)
+def test_the_sql_function_refuses_what_the_python_api_refuses(
+    settings: Settings, case: str, payload: str, extra: dict[str, Any]
+) -> None:
+    url = settings.require_database_url()
+    with pytest.raises(psycopg.Error) as raised:
+        _sql_enqueue(url, f"k-{case}", payload, **extra)
+    assert raised.value.sqlstate == "RL002", raised.value
+    with psycopg.connect(url) as conn:
+        assert conn.execute("SELECT count(*) FROM relay.effect").fetchone() == (0,)
+
+
+def test_the_limits_are_the_same_on_both_paths(settings: Settings) -> None:
+    """100 levels pass both paths, 101 neither; a 512-character business key passes, 513 not."""
+    url = settings.require_database_url()
+    assert _sql_enqueue(url, "sql-100", _nested_text(100)) is not None
+    with psycopg.connect(url) as conn:
+        deep = json.loads(_nested_text(100))
+        assert relay.enqueue(conn, "email", "py-100", deep).created
+        with pytest.raises(InvalidIntentError):
+            relay.enqueue(conn, "email", "py-101", {"d": deep})
+        assert relay.enqueue(conn, "email", "py-bk", {"a": 1}, business_key="b" * 512).created
+        with pytest.raises(InvalidIntentError, match="business key"):
+            relay.enqueue(conn, "email", "py-bk-long", {"a": 1}, business_key="b" * 513)
+        conn.commit()
+    assert _sql_enqueue(url, "sql-bk", '{"a": 1}', business_key="b" * 512) is not None
+
+
+def test_a_time_in_the_past_does_not_jump_the_backlog(settings: Settings) -> None:
+    """An available_at in the past means due now: it cannot move ahead of effects waiting."""
+    url = settings.require_database_url()
+    _sql_enqueue(url, "waiting", '{"a": 1}')
+    _sql_enqueue(url, "year-1", '{"a": 2}', available_at="0001-01-01 00:00:00+00")
+    with psycopg.connect(url) as conn:
+        relay.enqueue(
+            conn,
+            "email",
+            "python-2000",
+            {"a": 3},
+            available_at=dt.datetime(2000, 1, 1, tzinfo=dt.UTC),
+        )
+        conn.commit()
+        rows = conn.execute(
+            "SELECT operation_key, available_at >= created_at FROM relay.effect ORDER BY id"
+        ).fetchall()
+    assert rows == [("waiting", True), ("year-1", True), ("python-2000", True)]
+
+
+def test_an_undecodable_payload_stops_no_one(
+    database_url: str,
+    services: Services,
+    prefix: str,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """A row written before the SQL limits (here: planted by the superuser) whose payload nests
+    3,000 deep: results for it and for other effects in the same batch are applied, it can be
+    shown and resolved, and the reconciler goes on."""
+    h.isolate_from_environment(monkeypatch)
+    settings = h.reconciler_settings(database_url, services.kafka_bootstrap_servers, prefix)
+    url = settings.require_database_url()
+    keys = ["deep-commit", "victim", "deep-unknown"]
+    with psycopg.connect(url) as conn:
+        for i, key in enumerate(keys):
+            relay.enqueue(conn, "wire", key, {**h.WIRE, "amount": 100 + i})
+        conn.commit()
+        conn.execute(
+            "UPDATE relay.effect SET payload = %s::jsonb WHERE operation_key LIKE 'deep-%%'",
+            (_nested_text(3000),),
+        )
+        conn.commit()
+    topic = f"{prefix}.wire-results"
+    with support.running(Relay(settings)), h.running_reconciler(settings):
+        support.wait_for(
+            lambda: set(h.states(url, keys).values()) == {"PUBLISHED"}, 60, "publication"
+        )
+        h.produce(
+            services.kafka_bootstrap_servers,
+            topic,
+            [
+                h.result("deep-commit", external_id="d-1"),
+                h.result("victim", external_id="v-1"),
+                h.result("deep-unknown", "unknown"),
+            ],
+        )
+        support.wait_for(
+            lambda: h.states(url, keys[:2]) == {"deep-commit": "CONFIRMED", "victim": "CONFIRMED"},
+            60,
+            "both results applied",
+        )
+        # No observer is declared for wires: UNKNOWN goes STUCK for a person, undecoded.
+        support.wait_for(lambda: h.state(url, "deep-unknown") == "STUCK", 60, "STUCK")
+    assert h.verdicts(url) == {"applied": 3}
+    config = support.write_config(tmp_path / "relay.toml", settings)
+    shown = support.run_cli(config, "show", "deep-unknown")
+    assert shown.returncode == 0, shown.stderr
+    assert "STUCK" in shown.stdout and "cannot be decoded" in shown.stdout
+    resolved = support.run_cli(
+        config, "resolve", "deep-unknown", "--reject", "--reason", "bank says no such wire"
+    )
+    assert resolved.returncode == 0, resolved.stderr
+    assert h.state(url, "deep-unknown") == "REJECTED"
