@@ -355,6 +355,29 @@ class Settings(BaseSettings):
                 )
         return self
 
+    @model_validator(mode="after")
+    def _topics_apart(self) -> Settings:
+        """A dispatch topic that is also a result or the status topic would let an application
+        write results (or status events) through the outbox itself, confirming another's effect."""
+        results = {s.result_topic: s.name for s in self.effect_types.values() if s.result_topic}
+        for spec in self.effect_types.values():
+            if spec.topic in results:
+                raise EffectTypeError(
+                    f"effect type {spec.name!r} publishes to {spec.topic!r}, the result topic of "
+                    f"effect type {results[spec.topic]!r}: dispatch and result topics must differ"
+                )
+            if spec.topic == self.status_topic:
+                raise EffectTypeError(
+                    f"effect type {spec.name!r} publishes to {spec.topic!r}, the status topic "
+                    "(status_topic): dispatch topics must differ from it"
+                )
+        if self.status_topic in results:
+            raise EffectTypeError(
+                f"status_topic {self.status_topic!r} is the result topic of effect type "
+                f"{results[self.status_topic]!r}: they must differ"
+            )
+        return self
+
     @classmethod
     def settings_customise_sources(
         cls,

@@ -87,6 +87,37 @@ def test_compensation_must_be_declared() -> None:
 
 
 @pytest.mark.parametrize(
+    ("types", "extra", "message"),
+    [
+        (
+            {
+                "wire": {"topic": "wires", "idempotent": True, "result_topic": "results"},
+                "fake": {"topic": "results", "idempotent": True},
+            },
+            {},
+            "'fake' publishes to 'results', the result topic of effect type 'wire'",
+        ),
+        (
+            {"fake": {"topic": "relay.status", "idempotent": True}},
+            {},
+            "'fake' publishes to 'relay.status', the status topic",
+        ),
+        (
+            {"wire": {"topic": "wires", "idempotent": True, "result_topic": "st"}},
+            {"status_topic": "st"},
+            "status_topic 'st' is the result topic of effect type 'wire'",
+        ),
+    ],
+)
+def test_dispatch_result_and_status_topics_are_apart(
+    types: dict[str, dict[str, object]], extra: dict[str, object], message: str
+) -> None:
+    """Issue 18 item 4: no application may write results or status events through the outbox."""
+    with pytest.raises(EffectTypeError, match=message):
+        load_settings(None, effect_types=types, **extra)
+
+
+@pytest.mark.parametrize(
     ("spec", "message"),
     [
         ({"topic": "bad topic!", "idempotent": True}, "legal Kafka topic"),
