@@ -160,3 +160,31 @@ def test_an_undecodable_payload_stops_no_one(
     )
     assert resolved.returncode == 0, resolved.stderr
     assert h.state(url, "deep-unknown") == "REJECTED"
+
+
+def test_long_keys_get_distinct_compensation_keys(
+    database_url: str, services: Services, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 18 item 8a: two 512-character keys sharing 499 characters, each compensated."""
+    h.isolate_from_environment(monkeypatch)
+    settings = h.reconciler_settings(database_url, services.kafka_bootstrap_servers, prefix)
+    url = settings.require_database_url()
+    parents = ["p" * 499 + "a" * 13, "p" * 499 + "b" * 13, "short"]
+    with psycopg.connect(url) as conn:
+        ids = [
+            relay.enqueue(conn, "wire", key, {**h.WIRE, "amount": i}).effect_id
+            for i, key in enumerate(parents)
+        ]
+        keys = []
+        for parent_id in ids:
+            row = conn.execute(
+                "SELECT operation_key, created FROM relay.enqueue_compensation("
+                "%s, 0, 'wire-reversal', %s::jsonb, 'test', 'test')",
+                (parent_id, json.dumps({**h.WIRE, "compensates": parent_id})),
+            ).fetchone()
+            assert row is not None and row[1] is True
+            keys.append(row[0])
+        conn.commit()
+    assert len(set(keys)) == 3
+    assert keys[2] == "short#compensation"
+    assert all(len(k) <= 512 and k.endswith("#compensation") for k in keys)

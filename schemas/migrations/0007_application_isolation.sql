@@ -6,7 +6,11 @@
 -- 1 to 512 characters, available_at is finite, and a time in the past means "due now" (it is
 -- stored as the enqueue's time, so no application can move ahead of effects already waiting).
 --
--- Upgrade: `relay migrate` while relays run is safe; the signature is unchanged, so the grants
+-- A compensation's key was its parent's cut to fit 512 characters: two long keys sharing their
+-- first 499 characters got one compensation key, and the second compensation was refused. A key
+-- that must be cut now ends with a digest of the whole parent key.
+--
+-- Upgrade: `relay migrate` while relays run is safe; the signatures are unchanged, so the grants
 -- made by `relay roles` stay as they are. Rows written before this migration are not rewritten:
 -- the reconciler no longer decodes payloads to apply a result, and sets aside one it cannot
 -- decode with a reason.
@@ -143,5 +147,71 @@ BEGIN
     effect_id := v_existing.id;
     state := v_existing.state;
     created := false;
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION relay.enqueue_compensation(
+    p_parent_id   bigint,
+    p_index       integer,
+    p_effect_type text,
+    p_payload     jsonb,
+    p_reason      text,
+    p_actor       text
+) RETURNS TABLE (effect_id bigint, operation_key text, created boolean)
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+#variable_conflict use_column
+DECLARE
+    v_suffix   text := CASE WHEN p_index = 0 THEN '#compensation'
+                            ELSE '#compensation-' || (p_index + 1) END;
+    v_key      text;
+    v_type     relay.effect_type%ROWTYPE;
+    v_parent   relay.effect%ROWTYPE;
+    v_id       bigint;
+BEGIN
+    SELECT * INTO v_parent FROM relay.effect e WHERE e.id = p_parent_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'no effect has id %', p_parent_id USING ERRCODE = 'RL004';
+    END IF;
+    v_key := v_parent.operation_key || v_suffix;
+    IF length(v_key) > 512 THEN
+        -- Cut to fit, with a digest of the whole parent key: distinct parents, distinct keys.
+        v_key := left(v_parent.operation_key, 512 - length(v_suffix) - 17) || '~'
+                 || left(md5(v_parent.operation_key), 16) || v_suffix;
+    END IF;
+    SELECT * INTO v_type FROM relay.effect_type t WHERE t.name = p_effect_type;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'effect type % is not declared', quote_literal(p_effect_type)
+            USING ERRCODE = 'RL001';
+    END IF;
+    INSERT INTO relay.effect AS e (operation_key, effect_type, topic, payload, business_key,
+                                   traceparent, parent_effect_id)
+    VALUES (v_key, p_effect_type, v_type.topic, p_payload,
+            CASE WHEN v_type.business_key IS NOT NULL
+                 THEN relay.business_key(v_type.business_key, p_payload, v_key) END,
+            v_parent.traceparent, p_parent_id)
+    ON CONFLICT ON CONSTRAINT effect_operation_key_unique DO NOTHING
+    RETURNING e.id INTO v_id;
+    IF v_id IS NULL THEN
+        SELECT e.id INTO v_id FROM relay.effect e
+        WHERE e.operation_key = v_key AND e.parent_effect_id = p_parent_id
+          AND e.effect_type = p_effect_type;
+        IF v_id IS NULL THEN
+            RAISE EXCEPTION 'operation key % already names another intent', quote_literal(v_key)
+                USING ERRCODE = 'RL003';
+        END IF;
+        RETURN QUERY SELECT v_id, v_key, false;
+        RETURN;
+    END IF;
+    INSERT INTO relay.transition (effect_id, from_state, to_state, reason, actor, attempt,
+                                  status_pending)
+    SELECT v_id, NULL, 'PENDING', p_reason, p_actor, 0, c.status_events
+    FROM relay.reconciler_config c;
+    IF (SELECT d.armed_until > now() FROM relay.doorbell d) THEN
+        PERFORM pg_notify('relay_doorbell', '');
+    END IF;
+    RETURN QUERY SELECT v_id, v_key, true;
 END
 $fn$;
