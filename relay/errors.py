@@ -61,6 +61,11 @@ class InvalidTransitionError(RelayError):
     """The requested change is not allowed from the effect's current state."""
 
 
+class NotPermittedError(RelayError):
+    """The caller may not change this effect: an application cancels only the effects its own
+    login enqueued, and never one the relay made (a compensation)."""
+
+
 class MigrationError(RelayError):
     """The database schema is missing, older or newer than this code, or a migration failed."""
 
@@ -76,6 +81,7 @@ ERRORS: dict[str, type[RelayError]] = {
     "RL004": EffectNotFoundError,
     "RL005": InvalidTransitionError,
     "RL006": PayloadTooLargeError,
+    "RL007": NotPermittedError,
 }
 # undefined function / schema / table: the relay's schema was never migrated into this database
 SCHEMA_MISSING = frozenset({"42883", "3F000", "42P01"})

@@ -10,10 +10,18 @@
 -- first 499 characters got one compensation key, and the second compensation was refused. A key
 -- that must be cut now ends with a digest of the whole parent key.
 --
+-- Applications cancelled anyone's effects, the relay's compensations included, under whatever
+-- actor they named. An effect now records the login that enqueued it (`enqueued_by`, NULL for
+-- the relay's own and for rows from before this migration); `relay.cancel` lets a caller without
+-- UPDATE on relay.effect (an application) cancel only effects it enqueued, never a relay-made
+-- one, and every transition it writes names the caller's login after the actor it was given.
+--
 -- Upgrade: `relay migrate` while relays run is safe; the signatures are unchanged, so the grants
 -- made by `relay roles` stay as they are. Rows written before this migration are not rewritten:
 -- the reconciler no longer decodes payloads to apply a result, and sets aside one it cannot
 -- decode with a reason.
+
+ALTER TABLE relay.effect ADD COLUMN enqueued_by text;
 
 CREATE OR REPLACE FUNCTION relay.enqueue(
     p_operation_key  text,
@@ -121,10 +129,11 @@ BEGIN
     END IF;
 
     INSERT INTO relay.effect AS e (operation_key, effect_type, topic, payload, business_key,
-                                   traceparent, available_at, ordering_group, message_key)
+                                   traceparent, available_at, ordering_group, message_key,
+                                   enqueued_by)
     VALUES (p_operation_key, p_effect_type, v_topic, p_payload, v_key, p_traceparent,
             greatest(coalesce(p_available_at, now()), now()), p_ordering_group,
-            CASE WHEN v_by_group THEN p_ordering_group END)
+            CASE WHEN v_by_group THEN p_ordering_group END, session_user)
     ON CONFLICT ON CONSTRAINT effect_operation_key_unique DO NOTHING
     RETURNING e.id INTO effect_id;
 
@@ -213,5 +222,54 @@ BEGIN
         PERFORM pg_notify('relay_doorbell', '');
     END IF;
     RETURN QUERY SELECT v_id, v_key, true;
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION relay.cancel(p_operation_key text, p_reason text DEFAULT 'cancelled',
+                                        p_actor text DEFAULT 'application')
+RETURNS text
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    v_effect   relay.effect%ROWTYPE;
+    v_status   boolean := (SELECT c.status_events FROM relay.reconciler_config c);
+    -- Operators, daemons and the owner may change any effect; applications may not.
+    v_operator boolean := has_table_privilege(session_user, 'relay.effect', 'UPDATE');
+    v_actor    text := format('%s [login %s]', p_actor, session_user);
+BEGIN
+    SELECT * INTO v_effect FROM relay.effect e WHERE e.operation_key = p_operation_key FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'no effect has operation key %', quote_literal(p_operation_key)
+            USING ERRCODE = 'RL004';
+    END IF;
+    IF NOT v_operator AND (v_effect.parent_effect_id IS NOT NULL
+                           OR starts_with(v_effect.effect_type, 'relay.')) THEN
+        RAISE EXCEPTION 'effect % was made by the relay: only an operator can cancel it',
+            quote_literal(p_operation_key) USING ERRCODE = 'RL007';
+    END IF;
+    IF NOT v_operator AND v_effect.enqueued_by IS DISTINCT FROM session_user THEN
+        RAISE EXCEPTION 'effect % was not enqueued by login %: an application cancels only its own effects',
+            quote_literal(p_operation_key), session_user USING ERRCODE = 'RL007';
+    END IF;
+    IF v_effect.state <> 'PENDING' THEN
+        RAISE EXCEPTION 'effect % is %, only a PENDING effect can be cancelled',
+            quote_literal(p_operation_key), v_effect.state USING ERRCODE = 'RL005';
+    END IF;
+    UPDATE relay.effect SET state = 'CANCELLED', reason = p_reason, updated_at = now()
+    WHERE id = v_effect.id;
+    IF v_effect.attempts = 0 AND v_effect.parent_effect_id IS NULL
+       AND v_effect.created_at >= (SELECT m.applied_at FROM relay.schema_migration m
+                                   WHERE m.version = 4) THEN
+        INSERT INTO relay.transition (effect_id, from_state, to_state, reason, actor, attempt,
+                                      at, status_pending)
+        VALUES (v_effect.id, NULL, 'PENDING', 'enqueued', 'application', 0,
+                v_effect.created_at, v_status);
+    END IF;
+    INSERT INTO relay.transition (effect_id, from_state, to_state, reason, actor, attempt,
+                                  status_pending)
+    VALUES (v_effect.id, 'PENDING', 'CANCELLED', p_reason, v_actor, v_effect.attempts, v_status);
+    RETURN 'CANCELLED';
 END
 $fn$;

@@ -10,17 +10,20 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
+from psycopg.conninfo import make_conninfo
 
 import relay
 from relay.config import Settings
 from relay.devtools.services import Services
 from relay.dispatch.daemon import Relay
-from relay.errors import InvalidIntentError
+from relay.errors import InvalidIntentError, NotPermittedError
+from relay.roles import apply, role_names
 from tests import support
 from tests.downstream import harness as h
 
@@ -188,3 +191,81 @@ def test_long_keys_get_distinct_compensation_keys(
     assert len(set(keys)) == 3
     assert keys[2] == "short#compensation"
     assert all(len(k) <= 512 and k.endswith("#compensation") for k in keys)
+
+
+@pytest.fixture
+def two_apps(settings: Settings, prefix: str) -> Iterator[dict[str, str]]:
+    """Two application logins and an operator login (cluster-wide roles, dropped after)."""
+    url = settings.require_database_url()
+    names = role_names(f"{prefix.lower()}_")
+    logins = {"app_a": names["application"], "app_b": names["application"]}
+    logins["operator"] = names["operator"]
+    with psycopg.connect(url, autocommit=True) as conn:
+        apply(conn, f"{prefix.lower()}_")
+        for login, role in logins.items():
+            conn.execute(f'CREATE ROLE "{prefix.lower()}_login_{login}" LOGIN IN ROLE "{role}"')
+    try:
+        yield {
+            login: make_conninfo(url, user=f"{prefix.lower()}_login_{login}") for login in logins
+        }
+    finally:
+        with psycopg.connect(url, autocommit=True) as conn:
+            for name in [f"{prefix.lower()}_login_{login}" for login in logins] + list(
+                names.values()
+            ):
+                conn.execute(f'DROP OWNED BY "{name}"')
+                conn.execute(f'DROP ROLE "{name}"')
+
+
+def _cancel_actor(url: str, key: str) -> str:
+    with psycopg.connect(url) as conn:
+        row = conn.execute(
+            "SELECT t.actor FROM relay.transition t JOIN relay.effect e ON e.id = t.effect_id"
+            " WHERE e.operation_key = %s AND t.to_state = 'CANCELLED'",
+            (key,),
+        ).fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+def test_an_application_cancels_only_its_own_effects(
+    settings: Settings, two_apps: dict[str, str], prefix: str
+) -> None:
+    """Issue 18 item 3: not another application's effect, not the relay's compensation; the
+    login is recorded whatever actor the caller names."""
+    url = settings.require_database_url()
+    with psycopg.connect(two_apps["app_a"], autocommit=True) as a:
+        relay.enqueue(a, "email", "a-1", {"to": "a"})
+        relay.enqueue(a, "email", "a-2", {"to": "a"})
+        parent = relay.enqueue(a, "email", "a-parent", {"to": "a"})
+    with psycopg.connect(url, autocommit=True) as owner:
+        owner.execute(
+            "SELECT * FROM relay.enqueue_compensation(%s, 0, 'email', '{}', 'test', 'test')",
+            (parent.effect_id,),
+        )
+    with psycopg.connect(two_apps["app_b"], autocommit=True) as b:
+        relay.enqueue(b, "email", "b-1", {"to": "b"})
+        with pytest.raises(NotPermittedError, match="only its own effects"):
+            relay.cancel(b, "a-1", actor="operator:alice")
+        relay.cancel(b, "b-1", actor="operator:alice")
+    with psycopg.connect(two_apps["app_a"], autocommit=True) as a:
+        with pytest.raises(NotPermittedError, match="made by the relay"):
+            relay.cancel(a, "a-parent#compensation")
+        relay.cancel(a, "a-1")
+    with psycopg.connect(two_apps["operator"], autocommit=True) as op:
+        relay.cancel(op, "a-2", actor="operator:alice")
+    with psycopg.connect(url) as conn:
+        states = dict(
+            conn.execute("SELECT operation_key, state FROM relay.effect").fetchall()  # type: ignore[arg-type]
+        )
+    assert states == {
+        "a-1": "CANCELLED",
+        "a-2": "CANCELLED",
+        "a-parent": "PENDING",
+        "a-parent#compensation": "PENDING",
+        "b-1": "CANCELLED",
+    }
+    login = prefix.lower()
+    assert _cancel_actor(url, "b-1") == f"operator:alice [login {login}_login_app_b]"
+    assert _cancel_actor(url, "a-1").endswith(f"[login {login}_login_app_a]")
+    assert _cancel_actor(url, "a-2") == f"operator:alice [login {login}_login_operator]"
