@@ -28,15 +28,22 @@ def _extras(record: logging.LogRecord) -> dict[str, Any]:
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         stamp = datetime.fromtimestamp(record.created, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-        extras = " ".join(f"{k}={v}" for k, v in _extras(record).items())
-        line = f"{stamp} {record.levelname:<7} {record.name}: {record.getMessage()}"
+        # Each part is redacted on its own: hostile text in one part (a key holding
+        # "password='") can mask the rest of that part, never the line's other fields.
+        extras = " ".join(
+            f"{_clean(str(k))}={_clean(str(v))}" for k, v in _extras(record).items()
+        )
+        line = f"{stamp} {record.levelname:<7} {record.name}: {_clean(record.getMessage())}"
         if extras:
             line = f"{line} [{extras}]"
-        line = escape_controls(redact(line))
         if record.exc_info:
             trace = redact(self.formatException(record.exc_info))
             line = f"{line}\n{escape_controls(trace, keep_newlines=True)}"
         return line
+
+
+def _clean(text: str) -> str:
+    return escape_controls(redact(text))
 
 
 class JsonFormatter(logging.Formatter):
