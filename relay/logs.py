@@ -30,9 +30,7 @@ class TextFormatter(logging.Formatter):
         stamp = datetime.fromtimestamp(record.created, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         # Each part is redacted on its own: hostile text in one part (a key holding
         # "password='") can mask the rest of that part, never the line's other fields.
-        extras = " ".join(
-            f"{_clean(str(k))}={_clean(str(v))}" for k, v in _extras(record).items()
-        )
+        extras = " ".join(f"{_clean(str(k))}={_clean(str(v))}" for k, v in _extras(record).items())
         line = f"{stamp} {record.levelname:<7} {record.name}: {_clean(record.getMessage())}"
         if extras:
             line = f"{line} [{extras}]"

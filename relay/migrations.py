@@ -3,16 +3,20 @@
 Files are ``schemas/migrations/NNNN_name.sql``. All pending files are applied in one transaction
 under an advisory lock, so running migrate twice, or from two processes at once, is safe. Each
 applied file's checksum is recorded: an edited, already-applied migration is reported, not re-run.
+Locks are taken with a timeout and the whole try is retried: a long read elsewhere must not make
+every enqueue and claim queue behind the migration's lock request.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
+import psycopg.errors
 
 from relay.config import Settings
 from relay.errors import MigrationError
@@ -21,6 +25,9 @@ from relay.sql import query
 _FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 # An arbitrary constant: the key of the advisory lock that serialises migrations.
 _LOCK_KEY = 0x72656C6179
+LOCK_TIMEOUT_S = 5.0
+"""How long one try of a migration waits for a table lock before it gives up and rolls back."""
+LOCK_TRIES = 5
 
 
 @dataclass(frozen=True)
@@ -65,11 +72,42 @@ def _applied(conn: psycopg.Connection[tuple[object, ...]]) -> dict[int, str]:
     return {int(str(v)): str(c) for v, c in rows}
 
 
-def migrate(conn: psycopg.Connection[tuple[object, ...]]) -> list[Migration]:
-    """Apply every pending migration; return the ones applied by this call."""
+def migrate(
+    conn: psycopg.Connection[tuple[object, ...]],
+    *,
+    target: int | None = None,
+    lock_timeout_s: float = LOCK_TIMEOUT_S,
+    tries: int = LOCK_TRIES,
+) -> list[Migration]:
+    """Apply every pending migration (up to ``target``); return the ones applied by this call.
+
+    A migration that alters a table waits for every reader of it, and while it waits every
+    writer queues behind it: each try gives up after ``lock_timeout_s`` (everything it did is
+    rolled back, so the queue drains), and the next try comes after a pause.
+    """
+    for attempt in range(1, tries + 1):
+        try:
+            return _migrate_once(conn, target, lock_timeout_s)
+        except psycopg.errors.LockNotAvailable:
+            if attempt == tries:
+                break
+            time.sleep(min(2.0 ** (attempt - 1), 10.0))
+    raise MigrationError(
+        f"could not take the locks the migration needs within {lock_timeout_s:g}s, {tries} "
+        "times: a long transaction holds the relay's tables (see pg_stat_activity); nothing "
+        "was changed, run 'relay migrate' again when it has ended"
+    )
+
+
+def _migrate_once(
+    conn: psycopg.Connection[tuple[object, ...]], target: int | None, lock_timeout_s: float
+) -> list[Migration]:
     applied_now: list[Migration] = []
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
+        conn.execute(
+            "SELECT set_config('lock_timeout', %s, true)", (f"{int(lock_timeout_s * 1000)}ms",)
+        )
         conn.execute("CREATE SCHEMA IF NOT EXISTS relay")
         conn.execute(
             "CREATE TABLE IF NOT EXISTS relay.schema_migration ("
@@ -78,6 +116,8 @@ def migrate(conn: psycopg.Connection[tuple[object, ...]]) -> list[Migration]:
         )
         done = _applied(conn)
         for migration in available():
+            if target is not None and migration.version > target:
+                break
             if migration.version in done:
                 if done[migration.version] != migration.checksum:
                     raise MigrationError(
@@ -87,6 +127,8 @@ def migrate(conn: psycopg.Connection[tuple[object, ...]]) -> list[Migration]:
                 continue
             try:
                 conn.execute(migration.sql.encode())
+            except psycopg.errors.LockNotAvailable:
+                raise
             except psycopg.Error as exc:
                 raise MigrationError(
                     f"migration {migration.version:04d}_{migration.name} failed: {exc}"
