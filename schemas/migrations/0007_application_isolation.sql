@@ -16,6 +16,8 @@
 -- UPDATE on relay.effect (an application) cancel only effects it enqueued, never a relay-made
 -- one, and every transition it writes names the caller's login after the actor it was given.
 --
+-- Evidence names the login that wrote it: the database sets `db_role`, whatever the writer says.
+--
 -- Upgrade: `relay migrate` while relays run is safe; the signatures are unchanged, so the grants
 -- made by `relay roles` stay as they are. Rows written before this migration are not rewritten:
 -- the reconciler no longer decodes payloads to apply a result, and sets aside one it cannot
@@ -273,3 +275,15 @@ BEGIN
     RETURN 'CANCELLED';
 END
 $fn$;
+
+CREATE FUNCTION relay.evidence_login() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    NEW.db_role := session_user;
+    RETURN NEW;
+END
+$fn$;
+CREATE TRIGGER evidence_login BEFORE INSERT ON relay.evidence
+    FOR EACH ROW EXECUTE FUNCTION relay.evidence_login();

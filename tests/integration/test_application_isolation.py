@@ -268,3 +268,17 @@ def test_an_application_cancels_only_its_own_effects(
     assert _cancel_actor(url, "b-1") == f"operator:alice [login {login}_login_app_b]"
     assert _cancel_actor(url, "a-1").endswith(f"[login {login}_login_app_a]")
     assert _cancel_actor(url, "a-2") == f"operator:alice [login {login}_login_operator]"
+
+
+def test_evidence_names_the_login_that_wrote_it(
+    settings: Settings, two_apps: dict[str, str]
+) -> None:
+    """Issue 18 item 8d: an operator cannot record evidence under a made-up login."""
+    with psycopg.connect(two_apps["operator"], autocommit=True) as op:
+        op.execute(
+            "INSERT INTO relay.evidence (kind, verdict, actor, db_role)"
+            " VALUES ('operator', 'applied', 'operator:alice', 'somebody_else')"
+        )
+        row = op.execute("SELECT db_role FROM relay.evidence").fetchone()
+        login = op.execute("SELECT session_user").fetchone()
+    assert row is not None and login is not None and row[0] == login[0]
