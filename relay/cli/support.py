@@ -1,5 +1,6 @@
-"""What every command shares: durations, one-line errors with exit codes, running a daemon
-until a signal. Below ``relay.cli`` and the commands that live elsewhere (demo, reconciler)."""
+"""What every command shares: the settings, JSON output, durations, one-line errors with exit
+codes, running a daemon until a signal. Below ``relay.cli``, its command modules and the commands
+that live elsewhere (reconciler)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,13 @@ import re
 import signal
 import sys
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any, NoReturn, Protocol, TypeVar, cast
 
 import click
 import psycopg
 
+from relay.config import Settings
 from relay.errors import RelayError, ServiceUnavailableError
 from relay.logs import redact
 from relay.redaction import escape_controls
@@ -24,6 +27,18 @@ EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 3
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?$")
 _UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+def settings_of(ctx: click.Context) -> Settings:
+    """The settings the ``relay`` group loaded for this invocation."""
+    return cast(Settings, ctx.obj["settings"])
+
+
+def json_default(value: Any) -> Any:
+    """``json.dumps``'s fallback for what rows hold: timestamps in ISO 8601, the rest as text."""
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return str(value)
 
 
 def parse_duration(text: str) -> float:

@@ -381,3 +381,23 @@ FROM unnest(%(ids)s::bigint[], %(effect_ids)s::bigint[], %(verdicts)s::text[],
             %(reasons)s::text[], %(attempts)s::int[])
     AS f(id, effect_id, verdict, reason, attempt)
 WHERE v.id = f.id;
+
+-- name: group_blocker
+-- What parks a group: its latest effect that is REJECTED, UNKNOWN or STUCK and not released,
+-- locked for `relay unblock`; with how many effects wait behind it.
+SELECT b.id, b.operation_key, b.state, b.reason, b.attempts,
+       (SELECT count(*) FROM relay.effect w
+        WHERE w.ordering_group = b.ordering_group AND w.id > b.id AND w.state = 'PENDING')
+           AS waiting
+FROM relay.effect b
+WHERE b.ordering_group = %(group)s AND b.group_released_at IS NULL
+  AND b.state IN ('REJECTED', 'UNKNOWN', 'STUCK')
+ORDER BY b.id DESC LIMIT 1
+FOR UPDATE OF b;
+
+-- name: release_group
+-- The group goes on without this effect (never claimed again), and a waiting relay is woken.
+WITH released AS (
+    UPDATE relay.effect SET group_released_at = now() WHERE id = %(id)s RETURNING id
+)
+SELECT pg_notify('relay_doorbell', '') FROM released;

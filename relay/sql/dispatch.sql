@@ -1,139 +1,4 @@
--- Every query the relay runs, by name. Loaded by relay.sql; parameters use psycopg's %(name)s.
-
--- name: sync_effect_type
-INSERT INTO relay.effect_type AS t (name, topic, idempotent, business_key, result_topic,
-                                    outcome_timeout_s, has_observer, compensation, max_attempts,
-                                    key_by_group)
-VALUES (%(name)s, %(topic)s, %(idempotent)s, %(business_key)s, %(result_topic)s,
-        %(outcome_timeout_s)s, %(has_observer)s, %(compensation)s, %(max_attempts)s,
-        %(key_by_group)s)
-ON CONFLICT (name) DO UPDATE SET
-    topic = excluded.topic, idempotent = excluded.idempotent,
-    business_key = excluded.business_key, result_topic = excluded.result_topic,
-    outcome_timeout_s = excluded.outcome_timeout_s, has_observer = excluded.has_observer,
-    compensation = excluded.compensation, max_attempts = excluded.max_attempts,
-    key_by_group = excluded.key_by_group, updated_at = now()
-WHERE (t.topic, t.idempotent, t.business_key, t.result_topic, t.outcome_timeout_s,
-       t.has_observer, t.compensation, t.max_attempts, t.key_by_group)
-      IS DISTINCT FROM
-      (excluded.topic, excluded.idempotent, excluded.business_key, excluded.result_topic,
-       excluded.outcome_timeout_s, excluded.has_observer, excluded.compensation,
-       excluded.max_attempts, excluded.key_by_group);
-
--- name: sync_limits
-UPDATE relay.limits SET max_payload_bytes = %(max_payload_bytes)s
-WHERE max_payload_bytes <> %(max_payload_bytes)s;
-
--- name: enqueue
-SELECT effect_id, state, created
-FROM relay.enqueue(%(operation_key)s, %(effect_type)s, %(payload)s::jsonb, %(business_key)s,
-                   %(traceparent)s, %(available_at)s, %(ordering_group)s);
-
--- name: cancel
-SELECT relay.cancel(%(operation_key)s, %(reason)s, %(actor)s);
-
--- name: get_effect
-SELECT id, operation_key, effect_type, topic, payload, business_key, traceparent, state,
-       attempts, available_at, created_at, updated_at, owner, owner_epoch, lease_until, reason,
-       published_partition, published_offset, published_at, outcome_deadline, ordering_group,
-       group_released_at
-FROM relay.effect WHERE operation_key = %(operation_key)s;
-
--- name: get_attempts
--- An attempt's row is written when its outcome is known; one in flight is read off its effect.
-SELECT attempt, replica_id, replica_epoch, started_at, ended_at, outcome, reason, partition,
-       "offset", verification, verified_at
-FROM relay.attempt WHERE effect_id = %(effect_id)s
-UNION ALL
-SELECT e.attempts, e.owner, e.owner_epoch, e.claimed_at, NULL, NULL, 'in flight', NULL, NULL,
-       NULL, NULL
-FROM relay.effect e
-WHERE e.id = %(effect_id)s AND e.state = 'DISPATCHING' AND e.claimed_at IS NOT NULL
-  AND NOT EXISTS (SELECT 1 FROM relay.attempt a
-                  WHERE a.effect_id = e.id AND a.attempt = e.attempts)
-ORDER BY 1
--- name: get_transitions
--- The log (relay.transition_log: rows and the transitions they imply), with what is implied but
--- not written yet: an effect never claimed shows its enqueue, and a claim in flight shows itself
--- (both are written when the relay records the outcome).
-SELECT from_state, to_state, reason, actor, attempt, at FROM (
-    SELECT l.transition_id AS id, l.part, l.from_state, l.to_state, l.reason, l.actor,
-           l.attempt, l.at
-    FROM relay.transition_log l WHERE l.effect_id = %(effect_id)s
-    UNION ALL
-    SELECT 0, 0, NULL, 'PENDING', 'enqueued', 'application', 0, e.created_at
-    FROM relay.effect e
-    WHERE e.id = %(effect_id)s
-      AND NOT EXISTS (SELECT 1 FROM relay.transition t WHERE t.effect_id = e.id)
-    UNION ALL
-    SELECT 9223372036854775807, 0, 'PENDING', 'DISPATCHING',
-           'claimed for publication (in flight)', e.owner, e.attempts, e.claimed_at
-    FROM relay.effect e
-    WHERE e.id = %(effect_id)s AND e.state = 'DISPATCHING' AND e.claimed_at IS NOT NULL
-      AND NOT EXISTS (SELECT 1 FROM relay.attempt a
-                      WHERE a.effect_id = e.id AND a.attempt = e.attempts)
-) story ORDER BY id, part
--- name: list_effects
--- A PENDING effect of a group that waits behind a REJECTED, UNKNOWN or STUCK one (the latest of
--- its group, not released) is listed as PARKED, with the effect it waits for.
-SELECT e.operation_key, e.effect_type,
-       CASE WHEN b.operation_key IS NOT NULL THEN 'PARKED' ELSE e.state END AS state,
-       e.attempts, e.updated_at,
-       CASE WHEN b.operation_key IS NOT NULL
-            THEN format('parked behind %%s (%%s) in group %%s', b.operation_key, b.state,
-                        e.ordering_group)
-            ELSE e.reason END AS reason,
-       e.ordering_group
-FROM relay.effect e
-LEFT JOIN LATERAL (
-    SELECT p.operation_key, p.state FROM relay.effect p
-    WHERE e.state = 'PENDING' AND e.ordering_group IS NOT NULL
-      AND p.ordering_group = e.ordering_group AND p.id < e.id AND p.group_released_at IS NULL
-      AND p.state IN ('REJECTED', 'UNKNOWN', 'STUCK')
-    ORDER BY p.id DESC LIMIT 1
-) b ON true
-WHERE (%(state)s::text IS NULL OR e.state = %(state)s
-       OR (%(state)s = 'PARKED' AND e.state = 'PENDING' AND e.ordering_group IS NOT NULL))
-  AND (%(state)s::text IS DISTINCT FROM 'PARKED' OR b.operation_key IS NOT NULL)
-  AND (%(effect_type)s::text IS NULL OR e.effect_type = %(effect_type)s)
-  AND (%(group)s::text IS NULL OR e.ordering_group = %(group)s)
-  AND (%(older_than_s)s::float8 IS NULL
-       OR e.updated_at <= now() - make_interval(secs => %(older_than_s)s))
-ORDER BY e.updated_at, e.id
-LIMIT %(limit)s;
-
--- name: group_blocker
--- What parks a group: its latest effect that is REJECTED, UNKNOWN or STUCK and not released,
--- locked for `relay unblock`; with how many effects wait behind it.
-SELECT b.id, b.operation_key, b.state, b.reason, b.attempts,
-       (SELECT count(*) FROM relay.effect w
-        WHERE w.ordering_group = b.ordering_group AND w.id > b.id AND w.state = 'PENDING')
-           AS waiting
-FROM relay.effect b
-WHERE b.ordering_group = %(group)s AND b.group_released_at IS NULL
-  AND b.state IN ('REJECTED', 'UNKNOWN', 'STUCK')
-ORDER BY b.id DESC LIMIT 1
-FOR UPDATE OF b;
-
--- name: release_group
--- The group goes on without this effect (never claimed again), and a waiting relay is woken.
-WITH released AS (
-    UPDATE relay.effect SET group_released_at = now() WHERE id = %(id)s RETURNING id
-)
-SELECT pg_notify('relay_doorbell', '') FROM released;
-
--- name: parked_behind
--- The effect a PENDING effect of a group waits for, if its group is parked (see list_effects).
-SELECT p.operation_key, p.state, p.reason FROM relay.effect e, relay.effect p
-WHERE e.id = %(effect_id)s AND e.state = 'PENDING' AND e.ordering_group IS NOT NULL
-  AND p.ordering_group = e.ordering_group AND p.id < e.id AND p.group_released_at IS NULL
-  AND p.state IN ('REJECTED', 'UNKNOWN', 'STUCK')
-ORDER BY p.id DESC LIMIT 1;
-
--- name: stats
-SELECT effect_type, state, count(*) AS effects,
-       extract(epoch FROM now() - min(updated_at))::float8 AS oldest_age_s
-FROM relay.effect GROUP BY effect_type, state ORDER BY effect_type, state;
+-- The relay's run: replicas, claims, outcomes, leases, verification, doorbell, status events.
 
 -- name: register_replica
 -- A new incarnation of a replica takes the next epoch; the old one is fenced from then on.
@@ -153,6 +18,7 @@ WHERE replica_id = %(replica_id)s AND epoch = %(epoch)s;
 -- 100,000, growing with the backlog). The claimer's own connection forbids those plans.
 SET enable_bitmapscan = off;
 SET enable_seqscan = off;
+
 -- name: claim_batch
 -- Claim due PENDING effects: the claim (attempt number, owner, epoch, lease, claimed_at) is on
 -- the effect row and committed before any publish; the attempt's own row and the transitions are
@@ -213,6 +79,7 @@ WITH fence AS (
 SELECT id, operation_key, message_key, effect_type, topic, payload::text AS payload,
        business_key, traceparent, attempts, created_at, ordering_group
 FROM moved ORDER BY id
+
 -- name: is_fenced
 SELECT NOT EXISTS (
     SELECT 1 FROM relay.replica WHERE replica_id = %(owner)s AND epoch = %(epoch)s
@@ -284,6 +151,7 @@ WITH outcome AS (
     ORDER BY m.id
 )
 SELECT id FROM moved
+
 -- name: expire_leases
 -- An effect left DISPATCHING past its lease (its replica died or hangs) may or may not be in
 -- Kafka: it becomes UNKNOWN, never PENDING, and its attempt and transition are written as
@@ -335,13 +203,16 @@ WITH expired AS (
     ORDER BY m.id
 )
 SELECT count(*) AS expired FROM moved
+
 -- name: arm_doorbell
 -- Armed for a short while only, and re-armed by the waiting relay: when the last idle relay
 -- dies, writers stop sending a NOTIFY per enqueue soon after.
 UPDATE relay.doorbell SET armed = true,
     armed_until = now() + make_interval(secs => %(armed_for_s)s)
+
 -- name: disarm_doorbell
 UPDATE relay.doorbell SET armed = false, armed_until = NULL WHERE armed_until IS NOT NULL
+
 -- name: listen_doorbell
 LISTEN relay_doorbell;
 

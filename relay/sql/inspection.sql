@@ -1,0 +1,79 @@
+-- What operators read: effects listed and counted (relay list, stats), one effect's story.
+
+-- name: list_effects
+-- A PENDING effect of a group that waits behind a REJECTED, UNKNOWN or STUCK one (the latest of
+-- its group, not released) is listed as PARKED, with the effect it waits for.
+SELECT e.operation_key, e.effect_type,
+       CASE WHEN b.operation_key IS NOT NULL THEN 'PARKED' ELSE e.state END AS state,
+       e.attempts, e.updated_at,
+       CASE WHEN b.operation_key IS NOT NULL
+            THEN format('parked behind %%s (%%s) in group %%s', b.operation_key, b.state,
+                        e.ordering_group)
+            ELSE e.reason END AS reason,
+       e.ordering_group
+FROM relay.effect e
+LEFT JOIN LATERAL (
+    SELECT p.operation_key, p.state FROM relay.effect p
+    WHERE e.state = 'PENDING' AND e.ordering_group IS NOT NULL
+      AND p.ordering_group = e.ordering_group AND p.id < e.id AND p.group_released_at IS NULL
+      AND p.state IN ('REJECTED', 'UNKNOWN', 'STUCK')
+    ORDER BY p.id DESC LIMIT 1
+) b ON true
+WHERE (%(state)s::text IS NULL OR e.state = %(state)s
+       OR (%(state)s = 'PARKED' AND e.state = 'PENDING' AND e.ordering_group IS NOT NULL))
+  AND (%(state)s::text IS DISTINCT FROM 'PARKED' OR b.operation_key IS NOT NULL)
+  AND (%(effect_type)s::text IS NULL OR e.effect_type = %(effect_type)s)
+  AND (%(group)s::text IS NULL OR e.ordering_group = %(group)s)
+  AND (%(older_than_s)s::float8 IS NULL
+       OR e.updated_at <= now() - make_interval(secs => %(older_than_s)s))
+ORDER BY e.updated_at, e.id
+LIMIT %(limit)s;
+
+-- name: stats
+SELECT effect_type, state, count(*) AS effects,
+       extract(epoch FROM now() - min(updated_at))::float8 AS oldest_age_s
+FROM relay.effect GROUP BY effect_type, state ORDER BY effect_type, state;
+
+-- name: parked_behind
+-- The effect a PENDING effect of a group waits for, if its group is parked (see list_effects).
+SELECT p.operation_key, p.state, p.reason FROM relay.effect e, relay.effect p
+WHERE e.id = %(effect_id)s AND e.state = 'PENDING' AND e.ordering_group IS NOT NULL
+  AND p.ordering_group = e.ordering_group AND p.id < e.id AND p.group_released_at IS NULL
+  AND p.state IN ('REJECTED', 'UNKNOWN', 'STUCK')
+ORDER BY p.id DESC LIMIT 1;
+
+-- name: get_attempts
+-- An attempt's row is written when its outcome is known; one in flight is read off its effect.
+SELECT attempt, replica_id, replica_epoch, started_at, ended_at, outcome, reason, partition,
+       "offset", verification, verified_at
+FROM relay.attempt WHERE effect_id = %(effect_id)s
+UNION ALL
+SELECT e.attempts, e.owner, e.owner_epoch, e.claimed_at, NULL, NULL, 'in flight', NULL, NULL,
+       NULL, NULL
+FROM relay.effect e
+WHERE e.id = %(effect_id)s AND e.state = 'DISPATCHING' AND e.claimed_at IS NOT NULL
+  AND NOT EXISTS (SELECT 1 FROM relay.attempt a
+                  WHERE a.effect_id = e.id AND a.attempt = e.attempts)
+ORDER BY 1
+
+-- name: get_transitions
+-- The log (relay.transition_log: rows and the transitions they imply), with what is implied but
+-- not written yet: an effect never claimed shows its enqueue, and a claim in flight shows itself
+-- (both are written when the relay records the outcome).
+SELECT from_state, to_state, reason, actor, attempt, at FROM (
+    SELECT l.transition_id AS id, l.part, l.from_state, l.to_state, l.reason, l.actor,
+           l.attempt, l.at
+    FROM relay.transition_log l WHERE l.effect_id = %(effect_id)s
+    UNION ALL
+    SELECT 0, 0, NULL, 'PENDING', 'enqueued', 'application', 0, e.created_at
+    FROM relay.effect e
+    WHERE e.id = %(effect_id)s
+      AND NOT EXISTS (SELECT 1 FROM relay.transition t WHERE t.effect_id = e.id)
+    UNION ALL
+    SELECT 9223372036854775807, 0, 'PENDING', 'DISPATCHING',
+           'claimed for publication (in flight)', e.owner, e.attempts, e.claimed_at
+    FROM relay.effect e
+    WHERE e.id = %(effect_id)s AND e.state = 'DISPATCHING' AND e.claimed_at IS NOT NULL
+      AND NOT EXISTS (SELECT 1 FROM relay.attempt a
+                      WHERE a.effect_id = e.id AND a.attempt = e.attempts)
+) story ORDER BY id, part

@@ -1,0 +1,40 @@
+-- What the application runs (enqueue, cancel, get_effect); the types and limits enqueue checks.
+
+-- name: sync_effect_type
+INSERT INTO relay.effect_type AS t (name, topic, idempotent, business_key, result_topic,
+                                    outcome_timeout_s, has_observer, compensation, max_attempts,
+                                    key_by_group)
+VALUES (%(name)s, %(topic)s, %(idempotent)s, %(business_key)s, %(result_topic)s,
+        %(outcome_timeout_s)s, %(has_observer)s, %(compensation)s, %(max_attempts)s,
+        %(key_by_group)s)
+ON CONFLICT (name) DO UPDATE SET
+    topic = excluded.topic, idempotent = excluded.idempotent,
+    business_key = excluded.business_key, result_topic = excluded.result_topic,
+    outcome_timeout_s = excluded.outcome_timeout_s, has_observer = excluded.has_observer,
+    compensation = excluded.compensation, max_attempts = excluded.max_attempts,
+    key_by_group = excluded.key_by_group, updated_at = now()
+WHERE (t.topic, t.idempotent, t.business_key, t.result_topic, t.outcome_timeout_s,
+       t.has_observer, t.compensation, t.max_attempts, t.key_by_group)
+      IS DISTINCT FROM
+      (excluded.topic, excluded.idempotent, excluded.business_key, excluded.result_topic,
+       excluded.outcome_timeout_s, excluded.has_observer, excluded.compensation,
+       excluded.max_attempts, excluded.key_by_group);
+
+-- name: sync_limits
+UPDATE relay.limits SET max_payload_bytes = %(max_payload_bytes)s
+WHERE max_payload_bytes <> %(max_payload_bytes)s;
+
+-- name: enqueue
+SELECT effect_id, state, created
+FROM relay.enqueue(%(operation_key)s, %(effect_type)s, %(payload)s::jsonb, %(business_key)s,
+                   %(traceparent)s, %(available_at)s, %(ordering_group)s);
+
+-- name: cancel
+SELECT relay.cancel(%(operation_key)s, %(reason)s, %(actor)s);
+
+-- name: get_effect
+SELECT id, operation_key, effect_type, topic, payload, business_key, traceparent, state,
+       attempts, available_at, created_at, updated_at, owner, owner_epoch, lease_until, reason,
+       published_partition, published_offset, published_at, outcome_deadline, ordering_group,
+       group_released_at
+FROM relay.effect WHERE operation_key = %(operation_key)s;

@@ -1,0 +1,523 @@
+-- The relay schema as schemas/migrations/0001..0006 leave it: a reference to read, applied by
+-- nothing (`relay migrate` applies the migrations). tests/integration/test_schema.py checks
+-- that the migrations reach exactly this. Columns are in their table's physical order;
+-- function bodies are the migrations' text.
+
+CREATE SCHEMA relay;
+
+-- Tables ------------------------------------------------------------------------------------
+
+-- Declared effect types, synced from the config by `relay migrate` (never deleted).
+CREATE TABLE relay.effect_type (
+    name               text PRIMARY KEY,
+    topic              text NOT NULL,
+    idempotent         boolean NOT NULL,
+    -- Template like '{account}:{date}', filled by relay.business_key.
+    business_key       text,
+    result_topic       text,
+    outcome_timeout_s  double precision NOT NULL,
+    has_observer       boolean NOT NULL DEFAULT false,
+    compensation       text,
+    max_attempts       integer NOT NULL DEFAULT 5,
+    updated_at         timestamptz NOT NULL DEFAULT now(),
+    -- Records keyed by the ordering group instead of the operation key.
+    key_by_group       boolean NOT NULL DEFAULT false,
+    -- An UNKNOWN outcome of a non-idempotent effect must be resolvable somehow.
+    CONSTRAINT effect_type_resolvable
+        CHECK (idempotent OR business_key IS NOT NULL OR has_observer OR compensation IS NOT NULL)
+);
+
+-- The outbox: one row per intent, written by relay.enqueue in the application's transaction.
+-- No foreign key to effect_type: relay.enqueue checks the type (a key would lock its row).
+CREATE TABLE relay.effect (
+    id                  bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    operation_key       text NOT NULL,
+    effect_type         text NOT NULL,
+    topic               text NOT NULL,
+    payload             jsonb NOT NULL,
+    business_key        text,
+    traceparent         text,
+    state               text NOT NULL DEFAULT 'PENDING',
+    attempts            integer NOT NULL DEFAULT 0,
+    available_at        timestamptz NOT NULL DEFAULT now(),
+    created_at          timestamptz NOT NULL DEFAULT now(),
+    updated_at          timestamptz NOT NULL DEFAULT now(),
+    -- The claim of a DISPATCHING (or verifying) effect: compare-and-set on (owner, owner_epoch).
+    owner               text,
+    owner_epoch         bigint,
+    lease_until         timestamptz,
+    reason              text,
+    -- Where the last publication landed, and until when its downstream result is awaited.
+    published_partition integer,
+    published_offset    bigint,
+    published_at        timestamptz,
+    outcome_deadline    timestamptz,
+    -- A compensation's effect.
+    parent_effect_id    bigint REFERENCES relay.effect (id),
+    -- The reconciler's: the downstream's id of the execution, the observation queue.
+    external_id         text,
+    observe_at          timestamptz,
+    observe_tries       integer NOT NULL DEFAULT 0,
+    -- The Kafka key when it is not the operation key (status effects, key_by_group).
+    message_key         text,
+    -- The relay's own checks of ambiguous publishes in Kafka.
+    verify_at           timestamptz,
+    verify_tries        integer NOT NULL DEFAULT 0,
+    -- When the current attempt was claimed (its attempt row is written with its outcome).
+    claimed_at          timestamptz,
+    -- Ordering groups; group_released_at is set by `relay unblock`.
+    ordering_group      text,
+    group_released_at   timestamptz,
+    CONSTRAINT effect_operation_key_unique UNIQUE (operation_key),
+    CONSTRAINT effect_operation_key_nonempty CHECK (length(operation_key) BETWEEN 1 AND 512),
+    CONSTRAINT effect_payload_object CHECK (jsonb_typeof(payload) = 'object'),
+    CONSTRAINT effect_state_valid CHECK (state IN ('PENDING', 'DISPATCHING', 'PUBLISHED',
+        'CONFIRMED', 'REJECTED', 'UNKNOWN', 'STUCK', 'CANCELLED')),
+    CONSTRAINT effect_ordering_group_length
+        CHECK (ordering_group IS NULL OR length(ordering_group) BETWEEN 1 AND 512)
+);
+-- The claim: an ordered scan of this partial index, however large the table grows.
+CREATE INDEX effect_pending_idx ON relay.effect (available_at, id) WHERE state = 'PENDING';
+-- Every state but PENDING (so an enqueue adds no entry): leases, work lists, metrics.
+CREATE INDEX effect_state_idx ON relay.effect (state, updated_at) INCLUDE (effect_type)
+    WHERE state <> 'PENDING';
+-- The deadline sweep, the observation queue, the relay's verification queue, compensations.
+CREATE INDEX effect_deadline_idx ON relay.effect (outcome_deadline)
+    WHERE state = 'PUBLISHED' AND outcome_deadline IS NOT NULL;
+CREATE INDEX effect_observe_idx ON relay.effect (observe_at)
+    WHERE state = 'UNKNOWN' AND published_offset IS NOT NULL;
+CREATE INDEX effect_verify_idx ON relay.effect (verify_at)
+    WHERE state = 'UNKNOWN' AND published_offset IS NULL;
+CREATE INDEX effect_parent_idx ON relay.effect (parent_effect_id)
+    WHERE parent_effect_id IS NOT NULL;
+-- The effect before this one in its group; the effects that park their group.
+CREATE INDEX effect_group_idx ON relay.effect (ordering_group, id)
+    WHERE ordering_group IS NOT NULL;
+CREATE INDEX effect_group_blocker_idx ON relay.effect (ordering_group, id)
+    WHERE ordering_group IS NOT NULL AND group_released_at IS NULL
+      AND state IN ('REJECTED', 'UNKNOWN', 'STUCK');
+
+-- One row per attempt, written with its outcome. Attempts, transitions and evidence have no
+-- foreign key to their effect: only the relay's statements write them, about locked effects,
+-- and `relay purge` deletes them with it.
+CREATE TABLE relay.attempt (
+    effect_id     bigint NOT NULL,
+    attempt       integer NOT NULL,
+    replica_id    text NOT NULL,
+    replica_epoch bigint NOT NULL,
+    started_at    timestamptz NOT NULL DEFAULT now(),
+    ended_at      timestamptz,
+    -- NULL while in flight (claims made before 0004).
+    outcome       text,
+    reason        text,
+    partition     integer,
+    "offset"      bigint,
+    verification  text,
+    verified_at   timestamptz,
+    PRIMARY KEY (effect_id, attempt),
+    CONSTRAINT attempt_outcome_valid
+        CHECK (outcome IN ('acked', 'rejected', 'unknown', 'not_sent', 'released', 'aborted'))
+);
+
+-- The transitions log; one row may imply the enqueue and the claim before it (transition_log).
+CREATE TABLE relay.transition (
+    id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    effect_id       bigint NOT NULL,
+    from_state      text,
+    to_state        text NOT NULL,
+    reason          text NOT NULL,
+    actor           text NOT NULL,
+    attempt         integer NOT NULL,
+    at              timestamptz NOT NULL DEFAULT now(),
+    -- Its status event is still to be published (status events on).
+    status_pending  boolean NOT NULL DEFAULT false,
+    implied_enqueue boolean NOT NULL DEFAULT false,
+    implied_claim   boolean NOT NULL DEFAULT false
+);
+CREATE INDEX transition_effect_idx ON relay.transition (effect_id, id);
+CREATE INDEX transition_status_idx ON relay.transition (id) WHERE status_pending;
+
+-- Downstream results, observer answers and operators' decisions, kept whatever their verdict.
+CREATE TABLE relay.evidence (
+    id             bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    kind           text NOT NULL,
+    effect_id      bigint,
+    operation_key  text,
+    topic          text,
+    partition      integer,
+    "offset"       bigint,
+    outcome        text,
+    external_id    text,
+    observed_count integer,
+    detail         text,
+    raw            bytea,
+    raw_size       integer,
+    attempt        integer,
+    verdict        text NOT NULL,
+    reason         text,
+    actor          text NOT NULL,
+    received_at    timestamptz NOT NULL DEFAULT now(),
+    applied_at     timestamptz,
+    -- Who really decided: the database login and an operator's OS user.
+    db_role        text DEFAULT session_user,
+    os_user        text,
+    CONSTRAINT evidence_kind_valid CHECK (kind IN ('result', 'observation', 'operator')),
+    CONSTRAINT evidence_verdict_valid CHECK (verdict IN (
+        'applied', 'repeated', 'deferred', 'ignored', 'malformed', 'orphaned', 'conflicting',
+        'late', 'failed')),
+    -- One row per Kafka record: a redelivery is a no-op.
+    CONSTRAINT evidence_record_unique UNIQUE (topic, partition, "offset")
+);
+CREATE INDEX evidence_effect_idx ON relay.evidence (effect_id, id);
+CREATE INDEX evidence_deferred_idx ON relay.evidence (id) WHERE verdict = 'deferred';
+CREATE INDEX evidence_unattached_idx ON relay.evidence (received_at) WHERE effect_id IS NULL;
+
+-- Keys of purged effects, refused by relay.enqueue for the dedupe window.
+CREATE TABLE relay.purged_key (
+    operation_key text PRIMARY KEY,
+    effect_id     bigint NOT NULL,
+    effect_type   text NOT NULL,
+    final_state   text NOT NULL,
+    purged_at     timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX purged_key_at_idx ON relay.purged_key (purged_at);
+
+-- One row per relay replica: the epoch grows at every start and fences the one before.
+CREATE TABLE relay.replica (
+    replica_id   text PRIMARY KEY,
+    epoch        bigint NOT NULL,
+    started_at   timestamptz NOT NULL DEFAULT now(),
+    heartbeat_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- One-row tables (id is always true).
+
+-- Armed by an idle relay for a while: only then does an enqueue send a NOTIFY.
+CREATE TABLE relay.doorbell (
+    id          boolean PRIMARY KEY DEFAULT true CHECK (id),
+    armed       boolean NOT NULL DEFAULT false,
+    armed_until timestamptz
+);
+INSERT INTO relay.doorbell (id, armed) VALUES (true, false);
+
+-- The replica publishing status events, and what it handed to Kafka before recording it.
+CREATE TABLE relay.status_publisher (
+    id          boolean PRIMARY KEY DEFAULT true CHECK (id),
+    owner       text,
+    owner_epoch bigint,
+    lease_until timestamptz,
+    inflight    bigint[] NOT NULL DEFAULT '{}',
+    inflight_at timestamptz
+);
+INSERT INTO relay.status_publisher (id) VALUES (true);
+
+-- Status events on or off, set by `relay reconcile` (status_effect_type: status effects of 0002).
+CREATE TABLE relay.reconciler_config (
+    id                 boolean PRIMARY KEY DEFAULT true CHECK (id),
+    status_effect_type text REFERENCES relay.effect_type (name),
+    status_events      boolean NOT NULL DEFAULT false
+);
+INSERT INTO relay.reconciler_config (id) VALUES (true);
+
+-- Limits every caller of relay.enqueue meets, synced from the settings.
+CREATE TABLE relay.limits (
+    id                boolean PRIMARY KEY DEFAULT true CHECK (id),
+    max_payload_bytes integer NOT NULL DEFAULT 1000000
+);
+INSERT INTO relay.limits (id) VALUES (true);
+
+-- The applied migrations (created by relay.migrations, one row per file).
+CREATE TABLE relay.schema_migration (
+    version    integer PRIMARY KEY,
+    name       text NOT NULL,
+    checksum   text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- Views --------------------------------------------------------------------------------------
+
+-- The whole transitions log in order (transition_id, part): part 0 the implied enqueue, 1 the
+-- implied claim, 2 the row itself.
+CREATE VIEW relay.transition_log AS
+SELECT t.id AS transition_id, 0 AS part, t.effect_id, NULL::text AS from_state,
+       'PENDING'::text AS to_state, 'enqueued'::text AS reason, 'application'::text AS actor,
+       0 AS attempt, e.created_at AS at, t.status_pending
+FROM relay.transition t JOIN relay.effect e ON e.id = t.effect_id
+WHERE t.implied_enqueue
+UNION ALL
+SELECT t.id, 1, t.effect_id, 'PENDING', 'DISPATCHING', 'claimed for publication', a.replica_id,
+       t.attempt, a.started_at, t.status_pending
+FROM relay.transition t
+JOIN relay.attempt a ON a.effect_id = t.effect_id AND a.attempt = t.attempt
+WHERE t.implied_claim
+UNION ALL
+SELECT t.id, 2, t.effect_id, t.from_state, t.to_state, t.reason, t.actor, t.attempt, t.at,
+       t.status_pending
+FROM relay.transition t;
+
+-- Functions ----------------------------------------------------------------------------------
+
+-- A business key from its template, each field's value escaped so distinct values give
+-- distinct keys.
+CREATE FUNCTION relay.business_key(p_template text, p_payload jsonb, p_operation_key text)
+RETURNS text
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    v_literal text := regexp_replace(p_template, '\{[A-Za-z0-9_]+\}', '', 'g') || '%';
+    v_out     text := '';
+    v_part    text[];
+    v_value   text;
+BEGIN
+    FOR v_part IN SELECT regexp_matches(p_template, '\{([A-Za-z0-9_]+)\}|([^{]+|\{)', 'g') LOOP
+        IF v_part[1] IS NULL THEN
+            v_out := v_out || v_part[2];
+            CONTINUE;
+        END IF;
+        v_value := p_payload ->> v_part[1];
+        IF v_value IS NULL THEN
+            RAISE EXCEPTION 'payload of % lacks field % needed by the business key %',
+                p_operation_key, quote_literal(v_part[1]), quote_literal(p_template)
+                USING ERRCODE = 'RL002';
+        END IF;
+        IF translate(v_value, v_literal, '') <> v_value THEN
+            SELECT string_agg(
+                       CASE WHEN strpos(v_literal, s.c) > 0
+                            THEN (SELECT string_agg('%' || lpad(upper(to_hex(get_byte(b.v, i))), 2, '0'), ''
+                                                    ORDER BY i)
+                                  FROM (SELECT convert_to(s.c, 'UTF8') AS v) b,
+                                       generate_series(0, length(b.v) - 1) AS i)
+                            ELSE s.c END,
+                       '' ORDER BY s.n)
+            INTO v_value
+            FROM regexp_split_to_table(v_value, '') WITH ORDINALITY AS s(c, n);
+        END IF;
+        v_out := v_out || v_value;
+    END LOOP;
+    RETURN v_out;
+END
+$fn$;
+
+-- The one write of an enqueue, called in the application's transaction. SECURITY DEFINER: an
+-- application role needs EXECUTE on it and nothing on the tables. Raises RL001..RL006.
+CREATE FUNCTION relay.enqueue(
+    p_operation_key  text,
+    p_effect_type    text,
+    p_payload        jsonb,
+    p_business_key   text DEFAULT NULL,
+    p_traceparent    text DEFAULT NULL,
+    p_available_at   timestamptz DEFAULT NULL,
+    p_ordering_group text DEFAULT NULL,
+    OUT effect_id    bigint,
+    OUT state        text,
+    OUT created      boolean
+)
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+SET jit = off
+AS $fn$
+#variable_conflict use_column
+DECLARE
+    v_topic    text;
+    v_template text;
+    v_by_group boolean;
+    v_limit    integer;
+    v_ring     boolean;
+    v_purged   boolean;
+    v_key      text := p_business_key;
+    v_existing relay.effect%ROWTYPE;
+    v_gone     relay.purged_key%ROWTYPE;
+BEGIN
+    IF p_operation_key IS NULL OR length(p_operation_key) = 0 OR length(p_operation_key) > 512 THEN
+        RAISE EXCEPTION 'operation key must be 1 to 512 characters' USING ERRCODE = 'RL002';
+    END IF;
+    IF strpos(p_operation_key, '#compensation') > 0
+       AND p_operation_key ~ '#compensation(-[0-9]+)?$' THEN
+        RAISE EXCEPTION 'operation key % is reserved for the relay''s own compensations',
+            quote_literal(p_operation_key) USING ERRCODE = 'RL002';
+    END IF;
+    IF p_ordering_group IS NOT NULL
+       AND (length(p_ordering_group) = 0 OR length(p_ordering_group) > 512) THEN
+        RAISE EXCEPTION 'ordering group of % must be 1 to 512 characters', p_operation_key
+            USING ERRCODE = 'RL002';
+    END IF;
+    IF p_payload IS NULL OR jsonb_typeof(p_payload) <> 'object' THEN
+        RAISE EXCEPTION 'payload of % must be a JSON object', p_operation_key
+            USING ERRCODE = 'RL002';
+    END IF;
+    IF p_traceparent IS NOT NULL
+       AND p_traceparent !~ '^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$' THEN
+        RAISE EXCEPTION 'traceparent of % is not a W3C traceparent', p_operation_key
+            USING ERRCODE = 'RL002';
+    END IF;
+    IF starts_with(p_effect_type, 'relay.') THEN
+        RAISE EXCEPTION 'effect type % is reserved for the relay', quote_literal(p_effect_type)
+            USING ERRCODE = 'RL001';
+    END IF;
+    -- What the database knows, in one statement: the type, the limits, the doorbell (one row
+    -- each) and whether the key was purged.
+    SELECT t.topic, t.business_key, t.key_by_group, l.max_payload_bytes,
+           coalesce(d.armed_until > now(), false),
+           EXISTS (SELECT 1 FROM relay.purged_key k WHERE k.operation_key = p_operation_key)
+    INTO v_topic, v_template, v_by_group, v_limit, v_ring, v_purged
+    FROM relay.limits l
+    LEFT JOIN relay.doorbell d ON true
+    LEFT JOIN relay.effect_type t ON t.name = p_effect_type;
+    IF v_topic IS NULL THEN
+        RAISE EXCEPTION 'effect type % is not declared', quote_literal(p_effect_type)
+            USING ERRCODE = 'RL001',
+                  HINT = 'declare it in the config file and run relay migrate';
+    END IF;
+    IF pg_column_size(p_payload) * 6 > v_limit AND octet_length(p_payload::text) > v_limit THEN
+        RAISE EXCEPTION 'payload of % is % bytes of JSON, more than max_payload_bytes (%)',
+            p_operation_key, octet_length(p_payload::text), v_limit USING ERRCODE = 'RL006';
+    END IF;
+    IF v_purged THEN
+        SELECT * INTO v_gone FROM relay.purged_key k WHERE k.operation_key = p_operation_key;
+        RAISE EXCEPTION 'operation key % named effect % (type %, %), purged at %: not used again within the dedupe window',
+            quote_literal(p_operation_key), v_gone.effect_id, quote_literal(v_gone.effect_type),
+            v_gone.final_state, v_gone.purged_at USING ERRCODE = 'RL003';
+    END IF;
+    IF v_key IS NULL AND v_template IS NOT NULL THEN
+        v_key := relay.business_key(v_template, p_payload, p_operation_key);
+    END IF;
+    IF p_ordering_group IS NOT NULL THEN
+        -- Commit order is publication order: the lock is held until this transaction ends, so
+        -- the next enqueue of the group takes its id (the order the relay follows) only after
+        -- this one is committed or rolled back.
+        PERFORM pg_advisory_xact_lock(1380273218, hashtext(p_ordering_group));
+    END IF;
+
+    INSERT INTO relay.effect AS e (operation_key, effect_type, topic, payload, business_key,
+                                   traceparent, available_at, ordering_group, message_key)
+    VALUES (p_operation_key, p_effect_type, v_topic, p_payload, v_key, p_traceparent,
+            coalesce(p_available_at, now()), p_ordering_group,
+            CASE WHEN v_by_group THEN p_ordering_group END)
+    ON CONFLICT ON CONSTRAINT effect_operation_key_unique DO NOTHING
+    RETURNING e.id INTO effect_id;
+
+    IF effect_id IS NOT NULL THEN
+        IF v_ring THEN
+            PERFORM pg_notify('relay_doorbell', '');
+        END IF;
+        state := 'PENDING';
+        created := true;
+        RETURN;
+    END IF;
+
+    SELECT * INTO v_existing FROM relay.effect e WHERE e.operation_key = p_operation_key;
+    IF v_existing.effect_type <> p_effect_type OR v_existing.payload <> p_payload
+       OR v_existing.ordering_group IS DISTINCT FROM p_ordering_group THEN
+        RAISE EXCEPTION 'operation key % already names another intent (effect %, type %)',
+            quote_literal(p_operation_key), v_existing.id, quote_literal(v_existing.effect_type)
+            USING ERRCODE = 'RL003';
+    END IF;
+    effect_id := v_existing.id;
+    state := v_existing.state;
+    created := false;
+END
+$fn$;
+
+-- Withdraw an intent no attempt has touched yet.
+CREATE FUNCTION relay.cancel(p_operation_key text, p_reason text DEFAULT 'cancelled',
+                             p_actor text DEFAULT 'application')
+RETURNS text
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    v_effect relay.effect%ROWTYPE;
+    v_status boolean := (SELECT c.status_events FROM relay.reconciler_config c);
+BEGIN
+    SELECT * INTO v_effect FROM relay.effect e WHERE e.operation_key = p_operation_key FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'no effect has operation key %', quote_literal(p_operation_key)
+            USING ERRCODE = 'RL004';
+    END IF;
+    IF v_effect.state <> 'PENDING' THEN
+        RAISE EXCEPTION 'effect % is %, only a PENDING effect can be cancelled',
+            quote_literal(p_operation_key), v_effect.state USING ERRCODE = 'RL005';
+    END IF;
+    UPDATE relay.effect SET state = 'CANCELLED', reason = p_reason, updated_at = now()
+    WHERE id = v_effect.id;
+    IF v_effect.attempts = 0 AND v_effect.parent_effect_id IS NULL
+       AND v_effect.created_at >= (SELECT m.applied_at FROM relay.schema_migration m
+                                   WHERE m.version = 4) THEN
+        INSERT INTO relay.transition (effect_id, from_state, to_state, reason, actor, attempt,
+                                      at, status_pending)
+        VALUES (v_effect.id, NULL, 'PENDING', 'enqueued', 'application', 0,
+                v_effect.created_at, v_status);
+    END IF;
+    INSERT INTO relay.transition (effect_id, from_state, to_state, reason, actor, attempt,
+                                  status_pending)
+    VALUES (v_effect.id, 'PENDING', 'CANCELLED', p_reason, p_actor, v_effect.attempts, v_status);
+    RETURN 'CANCELLED';
+END
+$fn$;
+
+-- A compensation of an effect (reconciler or operator), keyed KEY#compensation[-N].
+CREATE FUNCTION relay.enqueue_compensation(
+    p_parent_id   bigint,
+    p_index       integer,
+    p_effect_type text,
+    p_payload     jsonb,
+    p_reason      text,
+    p_actor       text
+) RETURNS TABLE (effect_id bigint, operation_key text, created boolean)
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+#variable_conflict use_column
+DECLARE
+    v_suffix   text := CASE WHEN p_index = 0 THEN '#compensation'
+                            ELSE '#compensation-' || (p_index + 1) END;
+    v_key      text;
+    v_type     relay.effect_type%ROWTYPE;
+    v_parent   relay.effect%ROWTYPE;
+    v_id       bigint;
+BEGIN
+    SELECT * INTO v_parent FROM relay.effect e WHERE e.id = p_parent_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'no effect has id %', p_parent_id USING ERRCODE = 'RL004';
+    END IF;
+    v_key := left(v_parent.operation_key, 512 - length(v_suffix)) || v_suffix;
+    SELECT * INTO v_type FROM relay.effect_type t WHERE t.name = p_effect_type;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'effect type % is not declared', quote_literal(p_effect_type)
+            USING ERRCODE = 'RL001';
+    END IF;
+    INSERT INTO relay.effect AS e (operation_key, effect_type, topic, payload, business_key,
+                                   traceparent, parent_effect_id)
+    VALUES (v_key, p_effect_type, v_type.topic, p_payload,
+            CASE WHEN v_type.business_key IS NOT NULL
+                 THEN relay.business_key(v_type.business_key, p_payload, v_key) END,
+            v_parent.traceparent, p_parent_id)
+    ON CONFLICT ON CONSTRAINT effect_operation_key_unique DO NOTHING
+    RETURNING e.id INTO v_id;
+    IF v_id IS NULL THEN
+        SELECT e.id INTO v_id FROM relay.effect e
+        WHERE e.operation_key = v_key AND e.parent_effect_id = p_parent_id
+          AND e.effect_type = p_effect_type;
+        IF v_id IS NULL THEN
+            RAISE EXCEPTION 'operation key % already names another intent', quote_literal(v_key)
+                USING ERRCODE = 'RL003';
+        END IF;
+        RETURN QUERY SELECT v_id, v_key, false;
+        RETURN;
+    END IF;
+    INSERT INTO relay.transition (effect_id, from_state, to_state, reason, actor, attempt,
+                                  status_pending)
+    SELECT v_id, NULL, 'PENDING', p_reason, p_actor, 0, c.status_events
+    FROM relay.reconciler_config c;
+    IF (SELECT d.armed_until > now() FROM relay.doorbell d) THEN
+        PERFORM pg_notify('relay_doorbell', '');
+    END IF;
+    RETURN QUERY SELECT v_id, v_key, true;
+END
+$fn$;
+REVOKE ALL ON FUNCTION relay.enqueue_compensation(bigint, integer, text, jsonb, text, text)
+    FROM PUBLIC;
