@@ -1,4 +1,4 @@
--- The relay schema as schemas/migrations/0001..0006 leave it: a reference to read, applied by
+-- The relay schema as schemas/migrations/0001..0007 leave it: a reference to read, applied by
 -- nothing (`relay migrate` applies the migrations). tests/integration/test_schema.py checks
 -- that the migrations reach exactly this. Columns are in their table's physical order;
 -- function bodies are the migrations' text.
@@ -68,6 +68,8 @@ CREATE TABLE relay.effect (
     -- Ordering groups; group_released_at is set by `relay unblock`.
     ordering_group      text,
     group_released_at   timestamptz,
+    -- The login that enqueued it (session_user in relay.enqueue); NULL for the relay's own.
+    enqueued_by         text,
     CONSTRAINT effect_operation_key_unique UNIQUE (operation_key),
     CONSTRAINT effect_operation_key_nonempty CHECK (length(operation_key) BETWEEN 1 AND 512),
     CONSTRAINT effect_payload_object CHECK (jsonb_typeof(payload) = 'object'),
@@ -347,6 +349,22 @@ BEGIN
         RAISE EXCEPTION 'payload of % must be a JSON object', p_operation_key
             USING ERRCODE = 'RL002';
     END IF;
+    -- A container at level 100 means nesting deeper than the Python API accepts (objects and
+    -- arrays at levels 0 to 99): such a document cannot be decoded by the daemons' JSON parsers.
+    IF jsonb_path_exists(p_payload,
+                         'strict $.**{100} ? (@.type() == "object" || @.type() == "array")') THEN
+        RAISE EXCEPTION 'payload of % nests deeper than 100 levels', p_operation_key
+            USING ERRCODE = 'RL002';
+    END IF;
+    IF p_business_key IS NOT NULL
+       AND (length(p_business_key) = 0 OR length(p_business_key) > 512) THEN
+        RAISE EXCEPTION 'business key of % must be 1 to 512 characters', p_operation_key
+            USING ERRCODE = 'RL002';
+    END IF;
+    IF p_available_at IS NOT NULL AND NOT isfinite(p_available_at) THEN
+        RAISE EXCEPTION 'available_at of % must be a finite time, not %', p_operation_key,
+            p_available_at USING ERRCODE = 'RL002';
+    END IF;
     IF p_traceparent IS NOT NULL
        AND p_traceparent !~ '^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$' THEN
         RAISE EXCEPTION 'traceparent of % is not a W3C traceparent', p_operation_key
@@ -391,10 +409,11 @@ BEGIN
     END IF;
 
     INSERT INTO relay.effect AS e (operation_key, effect_type, topic, payload, business_key,
-                                   traceparent, available_at, ordering_group, message_key)
+                                   traceparent, available_at, ordering_group, message_key,
+                                   enqueued_by)
     VALUES (p_operation_key, p_effect_type, v_topic, p_payload, v_key, p_traceparent,
-            coalesce(p_available_at, now()), p_ordering_group,
-            CASE WHEN v_by_group THEN p_ordering_group END)
+            greatest(coalesce(p_available_at, now()), now()), p_ordering_group,
+            CASE WHEN v_by_group THEN p_ordering_group END, session_user)
     ON CONFLICT ON CONSTRAINT effect_operation_key_unique DO NOTHING
     RETURNING e.id INTO effect_id;
 
@@ -422,20 +441,32 @@ $fn$;
 
 -- Withdraw an intent no attempt has touched yet.
 CREATE FUNCTION relay.cancel(p_operation_key text, p_reason text DEFAULT 'cancelled',
-                             p_actor text DEFAULT 'application')
+                                        p_actor text DEFAULT 'application')
 RETURNS text
 LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
-    v_effect relay.effect%ROWTYPE;
-    v_status boolean := (SELECT c.status_events FROM relay.reconciler_config c);
+    v_effect   relay.effect%ROWTYPE;
+    v_status   boolean := (SELECT c.status_events FROM relay.reconciler_config c);
+    -- Operators, daemons and the owner may change any effect; applications may not.
+    v_operator boolean := has_table_privilege(session_user, 'relay.effect', 'UPDATE');
+    v_actor    text := format('%s [login %s]', p_actor, session_user);
 BEGIN
     SELECT * INTO v_effect FROM relay.effect e WHERE e.operation_key = p_operation_key FOR UPDATE;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'no effect has operation key %', quote_literal(p_operation_key)
             USING ERRCODE = 'RL004';
+    END IF;
+    IF NOT v_operator AND (v_effect.parent_effect_id IS NOT NULL
+                           OR starts_with(v_effect.effect_type, 'relay.')) THEN
+        RAISE EXCEPTION 'effect % was made by the relay: only an operator can cancel it',
+            quote_literal(p_operation_key) USING ERRCODE = 'RL007';
+    END IF;
+    IF NOT v_operator AND v_effect.enqueued_by IS DISTINCT FROM session_user THEN
+        RAISE EXCEPTION 'effect % was not enqueued by login %: an application cancels only its own effects',
+            quote_literal(p_operation_key), session_user USING ERRCODE = 'RL007';
     END IF;
     IF v_effect.state <> 'PENDING' THEN
         RAISE EXCEPTION 'effect % is %, only a PENDING effect can be cancelled',
@@ -453,7 +484,7 @@ BEGIN
     END IF;
     INSERT INTO relay.transition (effect_id, from_state, to_state, reason, actor, attempt,
                                   status_pending)
-    VALUES (v_effect.id, 'PENDING', 'CANCELLED', p_reason, p_actor, v_effect.attempts, v_status);
+    VALUES (v_effect.id, 'PENDING', 'CANCELLED', p_reason, v_actor, v_effect.attempts, v_status);
     RETURN 'CANCELLED';
 END
 $fn$;
@@ -484,7 +515,12 @@ BEGIN
     IF NOT FOUND THEN
         RAISE EXCEPTION 'no effect has id %', p_parent_id USING ERRCODE = 'RL004';
     END IF;
-    v_key := left(v_parent.operation_key, 512 - length(v_suffix)) || v_suffix;
+    v_key := v_parent.operation_key || v_suffix;
+    IF length(v_key) > 512 THEN
+        -- Cut to fit, with a digest of the whole parent key: distinct parents, distinct keys.
+        v_key := left(v_parent.operation_key, 512 - length(v_suffix) - 17) || '~'
+                 || left(md5(v_parent.operation_key), 16) || v_suffix;
+    END IF;
     SELECT * INTO v_type FROM relay.effect_type t WHERE t.name = p_effect_type;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'effect type % is not declared', quote_literal(p_effect_type)
@@ -521,3 +557,16 @@ END
 $fn$;
 REVOKE ALL ON FUNCTION relay.enqueue_compensation(bigint, integer, text, jsonb, text, text)
     FROM PUBLIC;
+
+-- The database, not the writer, names the login that recorded a piece of evidence.
+CREATE FUNCTION relay.evidence_login() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    NEW.db_role := session_user;
+    RETURN NEW;
+END
+$fn$;
+CREATE TRIGGER evidence_login BEFORE INSERT ON relay.evidence
+    FOR EACH ROW EXECUTE FUNCTION relay.evidence_login();
