@@ -8,12 +8,13 @@ leave as the relay's own exceptions; checks that need no database run first and 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Protocol
 
-from relay.contrib._driver import intent_params, many_params, result, translate_errors
-from relay.outbox import Enqueued, Intent
+from relay import connector
+from relay.connector import Params, Row
+from relay.intents import Enqueued, Intent
 from relay.sql import query
 
 __all__ = ["enqueue", "enqueue_many"]
@@ -25,7 +26,8 @@ class Fetcher(Protocol):
     async def fetchrow(self, query: str, *args: Any, timeout: float | None = None) -> Any: ...
 
 
-def _args(params: Mapping[str, Any]) -> tuple[Any, ...]:
+def _args(params: Params) -> tuple[Any, ...]:
+    """The parameters in the order of ``enqueue_numbered``'s ``$1...$7``."""
     return (
         params["operation_key"],
         params["effect_type"],
@@ -35,6 +37,23 @@ def _args(params: Mapping[str, Any]) -> tuple[Any, ...]:
         params["available_at"],
         params["ordering_group"],
     )
+
+
+class _Asyncpg:
+    """:class:`relay.connector.AsyncConnector` on an asyncpg connection; only ``enqueue`` is
+    offered here, in asyncpg's numbered style (one prepared statement, reused)."""
+
+    def __init__(self, conn: Fetcher) -> None:
+        self.conn = conn
+
+    async def execute_one(self, query_name: str, params: Params) -> Row | None:
+        if query_name != "enqueue":  # pragma: no cover - the connector asks for nothing else
+            raise NotImplementedError(f"relay.contrib.asyncpg does not run {query_name!r}")
+        row: Row | None = await self.conn.fetchrow(query("enqueue_numbered"), *_args(params))
+        return row  # an asyncpg Record: read by column name like a mapping
+
+    async def execute_many(self, query_name: str, params: Sequence[Params]) -> list[Row | None]:
+        return [await self.execute_one(query_name, p) for p in params]
 
 
 async def enqueue(
@@ -49,25 +68,12 @@ async def enqueue(
     ordering_group: str | None = None,
 ) -> Enqueued:
     """:func:`relay.enqueue` on an asyncpg connection."""
-    params = intent_params(
-        effect_type,
-        operation_key,
-        payload,
-        business_key,
-        traceparent,
-        available_at,
-        ordering_group,
+    intent = Intent(
+        effect_type, operation_key, payload, business_key, traceparent, available_at, ordering_group
     )
-    with translate_errors():
-        row = await conn.fetchrow(query("enqueue_numbered"), *_args(params))
-    return result(operation_key, row)
+    return await connector.enqueue_async(_Asyncpg(conn), intent)
 
 
 async def enqueue_many(conn: Fetcher, intents: Iterable[Intent]) -> list[Enqueued]:
     """Every intent checked first, then written in order (one prepared statement, reused)."""
-    checked = many_params(intents)
-    out: list[Enqueued] = []
-    with translate_errors():
-        for key, params in checked:
-            out.append(result(key, await conn.fetchrow(query("enqueue_numbered"), *_args(params))))
-    return out
+    return await connector.enqueue_many_async(_Asyncpg(conn), intents)

@@ -16,21 +16,23 @@ the effect types) on an Alembic connection, so an Alembic revision can include t
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
 import psycopg
 from sqlalchemy import DateTime, Engine, Text, TextClause, bindparam, text
+from sqlalchemy import Row as SARow
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm import Session
 
+from relay import connector
 from relay.config import Settings
-from relay.contrib._driver import intent_params, many_params, result, translate_errors
+from relay.connector import Params, Row
 from relay.errors import MigrationError
+from relay.intents import Enqueued, Intent
 from relay.migrations import migrate, sync_effect_types
-from relay.outbox import Enqueued, Intent
 from relay.sql import query
 
 __all__ = [
@@ -45,7 +47,10 @@ SyncTarget = Session | Connection
 AsyncTarget = AsyncSession | AsyncConnection
 
 
-def _statement() -> TextClause:
+def _statement(query_name: str) -> TextClause:
+    """The query in SQLAlchemy's named style; only ``enqueue`` is offered here."""
+    if query_name != "enqueue":  # pragma: no cover - the connector asks for nothing else
+        raise NotImplementedError(f"relay.contrib.sqlalchemy does not run {query_name!r}")
     # Typed binds: a NULL business key, traceparent or available_at is still sent with a type.
     return text(query("enqueue_named")).bindparams(
         bindparam("operation_key", type_=Text()),
@@ -56,6 +61,40 @@ def _statement() -> TextClause:
         bindparam("available_at", type_=DateTime(timezone=True)),
         bindparam("ordering_group", type_=Text()),
     )
+
+
+def _row(row: SARow[Any] | None) -> Row | None:
+    return None if row is None else row._asdict()
+
+
+class _Session:
+    """:class:`relay.connector.Connector` on a ``Session`` or ``Connection``."""
+
+    def __init__(self, session: SyncTarget) -> None:
+        self.session = session
+
+    def execute_one(self, query_name: str, params: Params) -> Row | None:
+        return _row(self.session.execute(_statement(query_name), params).one_or_none())
+
+    def execute_many(self, query_name: str, params: Sequence[Params]) -> list[Row | None]:
+        """One statement each, in order."""
+        statement = _statement(query_name)
+        return [_row(self.session.execute(statement, p).one_or_none()) for p in params]
+
+
+class _AsyncSession:
+    """:class:`relay.connector.AsyncConnector` on an ``AsyncSession`` or ``AsyncConnection``."""
+
+    def __init__(self, session: AsyncTarget) -> None:
+        self.session = session
+
+    async def execute_one(self, query_name: str, params: Params) -> Row | None:
+        result = await self.session.execute(_statement(query_name), params)
+        return _row(result.one_or_none())
+
+    async def execute_many(self, query_name: str, params: Sequence[Params]) -> list[Row | None]:
+        statement = _statement(query_name)
+        return [_row((await self.session.execute(statement, p)).one_or_none()) for p in params]
 
 
 def enqueue(
@@ -70,29 +109,15 @@ def enqueue(
     ordering_group: str | None = None,
 ) -> Enqueued:
     """:func:`relay.enqueue` in the session's current transaction."""
-    params = intent_params(
-        effect_type,
-        operation_key,
-        payload,
-        business_key,
-        traceparent,
-        available_at,
-        ordering_group,
+    intent = Intent(
+        effect_type, operation_key, payload, business_key, traceparent, available_at, ordering_group
     )
-    with translate_errors():
-        row = session.execute(_statement(), params).one_or_none()
-    return result(operation_key, row)
+    return connector.enqueue(_Session(session), intent)
 
 
 def enqueue_many(session: SyncTarget, intents: Iterable[Intent]) -> list[Enqueued]:
     """Every intent checked first, then written in order (one statement each)."""
-    checked = many_params(intents)
-    statement = _statement()
-    out: list[Enqueued] = []
-    with translate_errors():
-        for key, params in checked:
-            out.append(result(key, session.execute(statement, params).one_or_none()))
-    return out
+    return connector.enqueue_many(_Session(session), intents)
 
 
 async def enqueue_async(
@@ -107,28 +132,14 @@ async def enqueue_async(
     ordering_group: str | None = None,
 ) -> Enqueued:
     """:func:`enqueue` for an ``AsyncSession`` or ``AsyncConnection``."""
-    params = intent_params(
-        effect_type,
-        operation_key,
-        payload,
-        business_key,
-        traceparent,
-        available_at,
-        ordering_group,
+    intent = Intent(
+        effect_type, operation_key, payload, business_key, traceparent, available_at, ordering_group
     )
-    with translate_errors():
-        row = (await session.execute(_statement(), params)).one_or_none()
-    return result(operation_key, row)
+    return await connector.enqueue_async(_AsyncSession(session), intent)
 
 
 async def enqueue_many_async(session: AsyncTarget, intents: Iterable[Intent]) -> list[Enqueued]:
-    checked = many_params(intents)
-    statement = _statement()
-    out: list[Enqueued] = []
-    with translate_errors():
-        for key, params in checked:
-            out.append(result(key, (await session.execute(statement, params)).one_or_none()))
-    return out
+    return await connector.enqueue_many_async(_AsyncSession(session), intents)
 
 
 def run_relay_migrations(bind: Connection | Engine, settings: Settings | None = None) -> int:

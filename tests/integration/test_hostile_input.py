@@ -20,7 +20,7 @@ import pytest
 import relay
 from relay.config import Settings
 from relay.errors import InvalidIntentError, PayloadTooLargeError
-from relay.outbox import MAX_PAYLOAD_DEPTH
+from relay.intents import MAX_PAYLOAD_DEPTH
 from tests import support
 
 TRACE = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"

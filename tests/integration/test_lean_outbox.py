@@ -18,7 +18,7 @@ from relay.dispatch.daemon import Relay
 from relay.dispatch.stage import Held, Identity
 from relay.dispatch.status_events import StatusPublisher
 from relay.errors import InvalidIntentError, UnknownEffectTypeError
-from relay.outbox import translate_errors
+from relay.intents import translate_errors
 from relay.reconciler.daemon import register_status_type
 from relay.sql import query
 from relay.story import load_story

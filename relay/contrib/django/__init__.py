@@ -7,15 +7,44 @@ block Django is in autocommit mode and the intent is committed at once.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from relay.contrib._driver import intent_params, many_params, result, translate_errors
-from relay.outbox import Enqueued, Intent
+from relay import connector
+from relay.connector import Params, Row
+from relay.intents import Enqueued, Intent
 from relay.sql import query
 
 __all__ = ["enqueue", "enqueue_many"]
+
+
+def _row(cur: Any) -> Row | None:
+    """The cursor's next row by column name (Django's cursors return tuples)."""
+    row = cur.fetchone()
+    return None if row is None else dict(zip([c[0] for c in cur.description], row, strict=True))
+
+
+class _Django:
+    """:class:`relay.connector.Connector` on ``connections[using]``, in its current transaction;
+    psycopg 3 and psycopg 2 both take the queries' ``%(name)s`` placeholders."""
+
+    def __init__(self, using: str) -> None:
+        self.using = using
+
+    def execute_one(self, query_name: str, params: Params) -> Row | None:
+        return self.execute_many(query_name, [params])[0]
+
+    def execute_many(self, query_name: str, params: Sequence[Params]) -> list[Row | None]:
+        """In order, on one cursor."""
+        from django.db import connections
+
+        rows: list[Row | None] = []
+        with connections[self.using].cursor() as cur:
+            for p in params:
+                cur.execute(query(query_name), p)
+                rows.append(_row(cur))
+        return rows
 
 
 def enqueue(
@@ -30,30 +59,12 @@ def enqueue(
     using: str = "default",
 ) -> Enqueued:
     """:func:`relay.enqueue` on ``connections[using]``, in its current transaction."""
-    from django.db import connections
-
-    params = intent_params(
-        effect_type,
-        operation_key,
-        payload,
-        business_key,
-        traceparent,
-        available_at,
-        ordering_group,
+    intent = Intent(
+        effect_type, operation_key, payload, business_key, traceparent, available_at, ordering_group
     )
-    with translate_errors(), connections[using].cursor() as cur:
-        cur.execute(query("enqueue"), params)
-        return result(operation_key, cur.fetchone())
+    return connector.enqueue(_Django(using), intent)
 
 
 def enqueue_many(intents: Iterable[Intent], *, using: str = "default") -> list[Enqueued]:
     """Every intent checked first, then written in order on one cursor."""
-    from django.db import connections
-
-    checked = many_params(intents)
-    out: list[Enqueued] = []
-    with translate_errors(), connections[using].cursor() as cur:
-        for key, params in checked:
-            cur.execute(query("enqueue"), params)
-            out.append(result(key, cur.fetchone()))
-    return out
+    return connector.enqueue_many(_Django(using), intents)
