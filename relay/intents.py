@@ -153,8 +153,10 @@ def intent_params(intent: Intent, max_payload_bytes: int = MAX_PAYLOAD_BYTES) ->
         raise InvalidIntentError(f"intent {key!r}: effect type must be a non-empty string")
     _check_text(key, "effect type", intent.effect_type)
     if intent.business_key is not None:
-        if not isinstance(intent.business_key, str):
-            raise InvalidIntentError(f"intent {key!r}: business key must be a string")
+        if not isinstance(intent.business_key, str) or not 1 <= len(intent.business_key) <= 512:
+            raise InvalidIntentError(
+                f"intent {key!r}: business key must be a string of 1 to 512 characters"
+            )
         _check_text(key, "business key", intent.business_key)
     group = intent.ordering_group
     if group is not None:

@@ -83,6 +83,8 @@ def test_a_key_of_512_characters_is_accepted() -> None:
         ({"effect_type": None}, "effect type"),
         ({"effect_type": "e\x00"}, "effect type contains a NUL"),
         ({"business_key": 5}, "business key must be a string"),
+        ({"business_key": ""}, "business key must be a string of 1 to 512"),
+        ({"business_key": "b" * 513}, "business key must be a string of 1 to 512"),
         ({"business_key": "b\udfff"}, "business key contains a lone surrogate"),
         ({"ordering_group": ""}, "ordering group"),
         ({"ordering_group": "g" * 513}, "ordering group"),
