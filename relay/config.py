@@ -276,8 +276,8 @@ class Settings(BaseSettings):
     redispatch_backoff_max_s: float = Field(default=300.0, ge=0)
     status_events: bool = Field(
         default=True,
-        description="Emit a status event (on status_topic, through the outbox) for every "
-        "transition; registered by `relay reconcile` at start.",
+        description="Emit a status event (on status_topic, published by the relay from the "
+        "transitions log) for every transition; registered by `relay reconcile` at start.",
     )
     retention_s: float = Field(
         default=30 * 86400.0,

@@ -1,11 +1,12 @@
 """Status events for applications: one per transition, typed, filtered by effect type.
 
-The events are written to the outbox in the same transaction as the transition they describe
-(a trigger on ``relay.transition``, enabled by ``relay reconcile``), and published by the relay
-like any other effect: they are never lost, and they are read ``read_committed``. Their Kafka key
-is the operation key of the effect they report on, so one effect's events share a partition;
-several relay replicas may still publish two of them out of order, so order by ``at`` when it
-matters.
+The events are made from the transitions log: a transition written while status events are on
+(switched by ``relay reconcile`` at start) is marked pending in the same transaction, and the
+relay's status-event stage (:mod:`relay.dispatch.status_events`) publishes the pending ones in
+log order, transitions they imply (the enqueue, the claim) included, in Kafka transactions: they
+are never lost nor published twice, and are read ``read_committed``. Their Kafka key is the
+operation key of the effect they report on, so one effect's events share a partition, and one
+publisher at a time keeps them in the order of its transitions.
 
 Example::
 

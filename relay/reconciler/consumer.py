@@ -1,10 +1,13 @@
-"""Downstream results: stored as evidence, then applied to their effect, in one transaction.
+"""The Kafka side of the downstream results: read, stored as evidence, offsets committed after.
 
 Each Kafka record becomes one evidence row, unique by (topic, partition, offset), so a record
 delivered again after a crash, a rebalance or a failed offset commit is recognised and not applied
 twice. Offsets are committed to Kafka only after the database transaction that used them, so no
-record is lost either. What cannot be applied (malformed, orphaned, conflicting, late) is kept
-with the reason, counted, and the consumer moves on.
+record is lost either; a batch that fails is read again from its first offsets, or, when one
+record breaks it, applied record by record with that one kept as failed. What a result does to
+its effect is decided in :mod:`relay.reconciler.results`, in the same transaction. What cannot
+be applied (malformed, orphaned, conflicting, late) is kept with the reason, counted, and the
+consumer moves on.
 """
 
 from __future__ import annotations
@@ -13,39 +16,26 @@ import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import psycopg
 from kafka import KafkaConsumer, TopicPartition
 from kafka import errors as kerr
 from kafka.structs import OffsetAndMetadata
-from psycopg.rows import dict_row
 from pydantic import ValidationError
 
-from relay import observability, tracing
+from relay import observability
 from relay.config import Settings
-from relay.errors import RelayError
 from relay.kafka_client import kafka_security
-from relay.messages import ResultMessage, ResultOutcome
-from relay.reconciler.compensation import ensure_compensations
-from relay.reconciler.effects import LockedEffect, clean_text, lock_effect, move
+from relay.messages import ResultMessage
+from relay.reconciler.effects import clean_text
+from relay.reconciler.results import StoredResult, apply_results
 from relay.sql import query
-from relay.states import EffectState
 
 log = logging.getLogger(__name__)
 
 RAW_LIMIT = 65_536
-QUARANTINED = frozenset({"malformed", "orphaned", "conflicting", "late"})
-
-
-@dataclass(frozen=True)
-class Verdict:
-    verdict: str
-    reason: str
-    effect_id: int | None = None
-    attempt: int | None = None
 
 
 def parse(value: bytes | None) -> ResultMessage | str:
@@ -60,256 +50,6 @@ def parse(value: bytes | None) -> ResultMessage | str:
         return f"not a result message: {where}: {first['msg']} ({exc.error_count()} problems)"
     except (ValueError, UnicodeDecodeError) as exc:
         return f"not JSON: {exc}"
-
-
-@dataclass(frozen=True)
-class Move:
-    """A state change a result calls for; written at once, or with the rest of its batch."""
-
-    effect_id: int
-    from_state: EffectState
-    to_state: EffectState
-    reason: str
-    external_id: str | None = None
-
-
-@dataclass
-class ResultBatch:
-    """What a batch of results knows without asking again: its effects, locked up front (and
-    kept up to date as its results move them), which have a result waiting (deferred), and the
-    moves to write together."""
-
-    effects: dict[str, LockedEffect]
-    deferred: set[int]
-    moves: list[Move] = field(default_factory=list)
-
-    @classmethod
-    def lock(cls, conn: psycopg.Connection[Any], keys: Sequence[str]) -> ResultBatch:
-        with conn.cursor(row_factory=dict_row) as cur:
-            cur.execute(query("lock_effects"), {"keys": list(keys)})
-            effects = {
-                row["operation_key"]: LockedEffect(**{**row, "state": EffectState(row["state"])})
-                for row in cur.fetchall()
-            }
-        ids = [e.id for e in effects.values()]
-        rows = conn.execute(query("effects_with_deferred"), {"ids": ids}).fetchall()
-        return cls(effects, {int(r[0]) for r in rows})
-
-    def add_move(self, m: Move) -> None:
-        self.moves.append(m)
-        for key, effect in self.effects.items():
-            if effect.id == m.effect_id:
-                self.effects[key] = replace(
-                    effect, state=m.to_state, external_id=m.external_id or effect.external_id
-                )
-                return
-
-    def reload(self, conn: psycopg.Connection[Any], operation_key: str) -> None:
-        effect = lock_effect(conn, operation_key)
-        if effect is not None:
-            self.effects[operation_key] = effect
-
-    def flush(self, conn: psycopg.Connection[Any], actor: str) -> None:
-        """Write the collected moves, one statement per wave (an effect moved twice in one batch
-        has its second move in the second wave)."""
-        waves: list[list[Move]] = []
-        for m in self.moves:
-            for wave in waves:
-                if all(w.effect_id != m.effect_id for w in wave):
-                    wave.append(m)
-                    break
-            else:
-                waves.append([m])
-        self.moves = []
-        for wave in waves:
-            rows = conn.execute(
-                query("move_effects"),
-                {
-                    "ids": [m.effect_id for m in wave],
-                    "from_states": [m.from_state.value for m in wave],
-                    "to_states": [m.to_state.value for m in wave],
-                    "reasons": [m.reason for m in wave],
-                    "external_ids": [m.external_id for m in wave],
-                    "actor": actor,
-                },
-            ).fetchall()
-            for _, from_state, to_state in rows:
-                observability.record_transition(str(from_state), str(to_state))
-
-
-def apply_result(
-    conn: psycopg.Connection[Any],
-    settings: Settings,
-    message: ResultMessage,
-    actor: str,
-    evidence_id: int,
-    batch: ResultBatch | None = None,
-) -> Verdict:
-    """Move the result's effect as the design says; in the caller's transaction.
-
-    A result that an earlier deferred result of the same effect still waits before is deferred
-    too: the downstream's results of one effect are applied in the order they arrived. With a
-    ``batch``, the effect comes from it and the move is collected for it."""
-    if batch is not None:
-        effect = batch.effects.get(message.operation_key)
-    else:
-        effect = lock_effect(conn, message.operation_key)
-    if effect is None:
-        return Verdict("orphaned", "no effect has this operation key")
-    ref = tracing.EffectRef(effect.operation_key, effect.id, effect.traceparent)
-    outcome = {"relay.result.outcome": message.outcome.value}
-    with tracing.span("relay.apply_result", [ref], outcome, kind="CONSUMER") as span:
-        found = _decide(conn, settings, effect, message, actor, evidence_id, batch)
-        span.set_attribute("relay.verdict", found.verdict)
-        return found
-
-
-def _decide(
-    conn: psycopg.Connection[Any],
-    settings: Settings,
-    effect: LockedEffect,
-    message: ResultMessage,
-    actor: str,
-    evidence_id: int,
-    batch: ResultBatch | None,
-) -> Verdict:
-    if batch is not None:
-        if effect.id in batch.deferred:
-            return _waits_behind(effect)
-        found = _apply(conn, settings, effect, message, actor, batch.add_move)
-        if found.verdict == "deferred":
-            batch.deferred.add(effect.id)
-        return found
-    row = conn.execute(
-        query("earlier_deferred"), {"effect_id": effect.id, "evidence_id": evidence_id}
-    ).fetchone()
-    if row is not None and row[0]:
-        return _waits_behind(effect)
-
-    def now(m: Move) -> None:
-        move(
-            conn,
-            m.effect_id,
-            m.from_state,
-            m.to_state,
-            reason=m.reason,
-            actor=actor,
-            external_id=m.external_id,
-        )
-
-    return _apply(conn, settings, effect, message, actor, now)
-
-
-def _waits_behind(effect: LockedEffect) -> Verdict:
-    return Verdict(
-        "deferred",
-        "an earlier result of this effect waits to be applied first",
-        effect.id,
-        effect.attempts,
-    )
-
-
-def _apply(
-    conn: psycopg.Connection[Any],
-    settings: Settings,
-    effect: LockedEffect,
-    message: ResultMessage,
-    actor: str,
-    mover: Callable[[Move], None],
-) -> Verdict:
-    state, outcome = effect.state, message.outcome
-    ext = clean_text(message.external_id, 512)
-
-    def verdict(name: str, reason: str) -> Verdict:
-        return Verdict(name, reason, effect.id, effect.attempts)
-
-    if state is EffectState.DISPATCHING:
-        return verdict("deferred", "the relay has not recorded the publication yet")
-    if state is EffectState.PENDING and effect.attempts == 0:
-        return verdict("orphaned", "the effect was never attempted")
-    if state is EffectState.CONFIRMED:
-        if outcome is not ResultOutcome.COMMITTED:
-            return verdict("late", f"'{outcome.value}' for an effect already CONFIRMED")
-        if ext is not None and effect.external_id is None:
-            conn.execute(query("adopt_external_id"), {"id": effect.id, "external_id": ext})
-            return verdict("repeated", f"confirms the CONFIRMED effect; external id {ext}")
-        if ext is None or ext == effect.external_id:
-            return verdict("repeated", "the same commit reported again")
-        return verdict(
-            "conflicting",
-            f"a second commit (external id {ext}) of an effect CONFIRMED as "
-            f"{effect.external_id}: the extra execution is compensated",
-        )
-    if state is EffectState.REJECTED and outcome is ResultOutcome.COMMITTED:
-        # REJECTED told the application "this did not happen"; the downstream now says it did.
-        why = (
-            "downstream committed" + (f" as {ext}" if ext else "") + " an effect recorded "
-            "REJECTED: it may have happened after all; a person decides"
-        )
-        mover(Move(effect.id, state, EffectState.STUCK, why, ext))
-        return verdict("conflicting", why)
-    if state in (EffectState.REJECTED, EffectState.CANCELLED):
-        return verdict("late", f"'{outcome.value}' for an effect already {state.value}")
-    if state is EffectState.STUCK and effect.external_id is not None:
-        # Only an extra execution that could not be compensated leaves a confirmed effect STUCK:
-        # a person is undoing it, so nothing more happens automatically (nor is it CONFIRMED).
-        if outcome is not ResultOutcome.COMMITTED:
-            return verdict(
-                "late", f"'{outcome.value}' for an effect confirmed as {effect.external_id}"
-            )
-        if ext is None or ext == effect.external_id:
-            return verdict("repeated", "the same commit reported again")
-        return verdict(
-            "conflicting",
-            f"another commit (external id {ext}) of an effect STUCK after an extra execution: "
-            "a person decides",
-        )
-
-    detail = f": {message.detail}" if message.detail else ""
-    if outcome is ResultOutcome.COMMITTED:
-        why = "downstream committed" + (f" as {ext}" if ext else "") + detail
-        mover(Move(effect.id, state, EffectState.CONFIRMED, why, ext))
-        return verdict("applied", why)
-    if outcome is ResultOutcome.REJECTED:
-        why = f"downstream rejected{detail}"
-        mover(Move(effect.id, state, EffectState.REJECTED, why))
-        return verdict("applied", why)
-    if state is EffectState.PUBLISHED:
-        why = f"downstream does not know the outcome{detail}"
-        mover(Move(effect.id, state, EffectState.UNKNOWN, why))
-        return verdict("applied", why)
-    return verdict("ignored", f"'unknown' adds nothing to an effect already {state.value}")
-
-
-def compensate_conflict(
-    conn: psycopg.Connection[Any],
-    settings: Settings,
-    operation_key: str,
-    actor: str,
-    why: str,
-) -> str:
-    """After a conflicting commit was recorded: create its compensation, or, when none can be
-    made, move the effect to STUCK for a person; returns the reason for the evidence.
-
-    The compensations are made in a savepoint: a refused enqueue (a business-key field missing,
-    the key taken by another intent, too many) is a database error that would otherwise abort
-    the whole batch, and the same record would fail again at every redelivery.
-    """
-    effect = lock_effect(conn, operation_key)
-    assert effect is not None
-    if effect.state is not EffectState.CONFIRMED:
-        return why
-    try:
-        with observability.deferred(), conn.transaction():
-            made = ensure_compensations(conn, settings, effect, actor=actor, why=why)
-    except RelayError as exc:
-        reason = clean_text(f"{why}; but it cannot be compensated: {exc}: a person must undo it")
-        assert reason is not None
-        log.error("an extra execution cannot be compensated: %s", exc, extra={"key": operation_key})
-        move(conn, effect.id, effect.state, EffectState.STUCK, reason=reason, actor=actor)
-        return reason
-    observability.record_transition(None, EffectState.PENDING.value, len(made))
-    return f"{why}: {', '.join(made)}" if made else f"{why} (compensation exists already)"
 
 
 class ResultConsumer:
@@ -395,7 +135,7 @@ class ResultConsumer:
                 for r in records:
                     try:
                         with observability.deferred(), conn.transaction():
-                            verdicts.append(self._record(conn, r))
+                            verdicts.extend(self._apply_set(conn, [r]))
                     except (psycopg.OperationalError, psycopg.errors.DeadlockDetected):
                         raise
                     except psycopg.Error as one:
@@ -403,9 +143,9 @@ class ResultConsumer:
             return verdicts
 
     def _apply_set(self, conn: psycopg.Connection[Any], records: Sequence[Any]) -> list[str]:
-        """The batch in a few statements: its evidence rows inserted together, its effects locked
-        together, each result decided in arrival order, the moves and verdicts written together.
-        (A conflicting result, rare, writes what came before it and is compensated at once.)"""
+        """Records as evidence rows, inserted together (a malformed record is kept with why, a
+        redelivered one is recognised by its offset); then the new results applied together by
+        :func:`~relay.reconciler.results.apply_results`. Returns the verdicts in record order."""
         parsed = [parse(r.value) for r in records]
         columns: dict[str, list[Any]] = {
             name: []
@@ -444,133 +184,20 @@ class ResultConsumer:
             query("insert_results_evidence"), {**columns, "actor": self.actor}
         ).fetchall()
         new = {(str(t), int(p), int(o)): int(i) for i, t, p, o in inserted}
-        keys = {
-            m.operation_key
-            for m in parsed
-            if isinstance(m, ResultMessage) and "\x00" not in m.operation_key
-        }
-        batch = ResultBatch.lock(conn, sorted(keys))
-        verdicts: list[str] = []
-        finished: list[tuple[int, int | None, str, str, int | None]] = []
+        verdicts: list[str | None] = []
+        stored: list[StoredResult] = []
         for record, message in zip(records, parsed, strict=True):
             evidence_id = new.get((record.topic, record.partition, record.offset))
             if evidence_id is None:
                 verdicts.append("redelivered")
-                continue
-            if isinstance(message, str):
+            elif isinstance(message, str):
                 observability.record_quarantined("malformed")
                 verdicts.append("malformed")
-                continue
-            if "\x00" in message.operation_key:
-                found = Verdict("orphaned", "no effect has this operation key")
             else:
-                found = apply_result(conn, self.settings, message, self.actor, evidence_id, batch)
-            finished.append(
-                (evidence_id, found.effect_id, found.verdict, found.reason, found.attempt)
-            )
-            if found.verdict == "conflicting":
-                # The compensation counts the evidence: write everything so far first.
-                batch.flush(conn, self.actor)
-                _finish(conn, finished)
-                finished = []
-                reason = compensate_conflict(
-                    conn, self.settings, message.operation_key, self.actor, found.reason
-                )
-                _finish(
-                    conn, [(evidence_id, found.effect_id, "conflicting", reason, found.attempt)]
-                )
-                batch.reload(conn, message.operation_key)
-            if found.verdict == "applied":
-                observability.record_result(message.outcome.value)
-            elif found.verdict in QUARANTINED:
-                observability.record_quarantined(found.verdict)
-            verdicts.append(found.verdict)
-        batch.flush(conn, self.actor)
-        _finish(conn, finished)
-        return verdicts
-
-    def _record(self, conn: psycopg.Connection[Any], record: Any) -> str:
-        parsed = parse(record.value)
-        key = clean_text(record.key.decode("utf-8", "replace") if record.key else None, 512)
-        raw = bytes(record.value[:RAW_LIMIT]) if record.value is not None else None
-        base = {
-            "topic": record.topic,
-            "partition": record.partition,
-            "offset": record.offset,
-            "raw": raw,
-            "raw_size": len(record.value) if record.value is not None else None,
-            "actor": self.actor,
-        }
-        if isinstance(parsed, str):
-            row = conn.execute(
-                query("insert_result_evidence"),
-                {
-                    **base,
-                    "operation_key": key,
-                    "outcome": None,
-                    "external_id": None,
-                    "detail": None,
-                    "verdict": "malformed",
-                    "reason": clean_text(parsed),
-                },
-            ).fetchone()
-            if row is None:
-                return "redelivered"
-            observability.record_quarantined("malformed")
-            return "malformed"
-        row = conn.execute(
-            query("insert_result_evidence"),
-            {
-                **base,
-                "operation_key": clean_text(parsed.operation_key, 512),
-                "outcome": parsed.outcome.value,
-                "external_id": clean_text(parsed.external_id, 512),
-                "detail": clean_text(parsed.detail),
-                "verdict": "failed",
-                "reason": "being applied",
-            },
-        ).fetchone()
-        if row is None:
-            return "redelivered"
-        return self.settle(conn, int(row[0]), parsed)
-
-    def settle(
-        self, conn: psycopg.Connection[Any], evidence_id: int, message: ResultMessage
-    ) -> str:
-        """Apply one stored result and record the verdict on its evidence row."""
-        if "\x00" in message.operation_key:
-            found = Verdict("orphaned", "no effect has this operation key")
-        else:
-            found = apply_result(conn, self.settings, message, self.actor, evidence_id)
-        reason = found.reason
-        conn.execute(
-            query("finish_evidence"),
-            {
-                "id": evidence_id,
-                "effect_id": found.effect_id,
-                "verdict": found.verdict,
-                "reason": reason,
-                "attempt": found.attempt,
-            },
-        )
-        if found.verdict == "conflicting":
-            reason = compensate_conflict(
-                conn, self.settings, message.operation_key, self.actor, found.reason
-            )
-            conn.execute(
-                query("finish_evidence"),
-                {
-                    **{"id": evidence_id, "effect_id": found.effect_id},
-                    "verdict": "conflicting",
-                    "reason": reason,
-                    "attempt": found.attempt,
-                },
-            )
-        if found.verdict == "applied":
-            observability.record_result(message.outcome.value)
-        elif found.verdict in QUARANTINED:
-            observability.record_quarantined(found.verdict)
-        return found.verdict
+                stored.append(StoredResult(evidence_id, message))
+                verdicts.append(None)  # decided below, with the others
+        applied = iter(apply_results(conn, self.settings, self.actor, stored))
+        return [v if v is not None else next(applied).verdict for v in verdicts]
 
     def _failed(self, conn: psycopg.Connection[Any], record: Any, exc: psycopg.Error) -> str:
         why = clean_text(f"could not be applied: {type(exc).__name__}: {exc}")
@@ -639,25 +266,6 @@ class ResultConsumer:
             position = self._consumer.position(tp)
             lag[tp.topic] += max(0, ends.get(tp, position) - position)
         return dict(lag)
-
-
-def _finish(
-    conn: psycopg.Connection[Any], rows: Sequence[tuple[int, int | None, str, str, int | None]]
-) -> None:
-    """Record the verdicts of stored results, in one statement."""
-    if not rows:
-        return
-    ids, effect_ids, names, reasons, attempts = zip(*rows, strict=True)
-    conn.execute(
-        query("finish_evidences"),
-        {
-            "ids": list(ids),
-            "effect_ids": list(effect_ids),
-            "verdicts": list(names),
-            "reasons": list(reasons),
-            "attempts": list(attempts),
-        },
-    )
 
 
 def describe_counts(counts: Mapping[str, int]) -> str:

@@ -200,7 +200,7 @@ class Reconciler:
             self.expired += expired
             if expired < 500:
                 break
-        while not self.stopping and apply_deferred(conn, self.settings, self.results) >= 200:
+        while not self.stopping and apply_deferred(conn, self.settings, self.actor) >= 200:
             pass
         if not self.stopping:
             self.answers.update(self.observations.run_due(conn))

@@ -10,7 +10,7 @@ import psycopg
 from relay import observability
 from relay.config import Settings
 from relay.messages import ResultMessage, ResultOutcome
-from relay.reconciler.consumer import ResultConsumer
+from relay.reconciler.results import StoredResult, apply_results
 from relay.sql import query
 
 
@@ -23,17 +23,23 @@ def expire_deadlines(conn: psycopg.Connection[Any], actor: str, limit: int = 500
 
 
 def apply_deferred(
-    conn: psycopg.Connection[Any], settings: Settings, consumer: ResultConsumer, limit: int = 200
+    conn: psycopg.Connection[Any], settings: Settings, actor: str, limit: int = 200
 ) -> int:
-    """Apply the results that waited for the relay to record their effect's publication."""
+    """Apply the results that waited for the relay to record their effect's publication, as the
+    consumer applies a batch (in arrival order: a result still waits behind an earlier one)."""
     with observability.deferred(), conn.transaction():
         rows = conn.execute(query("claim_deferred_evidence"), {"limit": limit}).fetchall()
-        for evidence_id, key, _topic, _partition, _offset, outcome, external_id, detail in rows:
-            message = ResultMessage(
-                operation_key=key,
-                outcome=ResultOutcome(outcome),
-                external_id=external_id,
-                detail=detail,
+        stored = [
+            StoredResult(
+                int(evidence_id),
+                ResultMessage(
+                    operation_key=key,
+                    outcome=ResultOutcome(outcome),
+                    external_id=external_id,
+                    detail=detail,
+                ),
             )
-            consumer.settle(conn, int(evidence_id), message)
+            for evidence_id, key, _topic, _partition, _offset, outcome, external_id, detail in rows
+        ]
+        apply_results(conn, settings, actor, stored)
     return len(rows)

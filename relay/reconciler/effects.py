@@ -63,7 +63,7 @@ def move(
     external_id: str | None = None,
     delay_s: float = 0.0,
 ) -> bool:
-    """Compare-and-set the state and append the transition (the status event follows by trigger).
+    """Compare-and-set the state and append the transition (its status event is made from it).
 
     Returns False when the effect was no longer in ``from_state`` (or at ``attempt``). Every move
     written is counted here, the one place all of the reconciler's moves pass through.

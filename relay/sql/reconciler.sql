@@ -119,13 +119,6 @@ ORDER BY v.id
 LIMIT %(limit)s
 FOR UPDATE OF v SKIP LOCKED;
 
--- name: earlier_deferred
--- Does an earlier result of this effect still wait (deferred)? Then this one waits behind it.
-SELECT EXISTS (
-    SELECT 1 FROM relay.evidence
-    WHERE effect_id = %(effect_id)s AND id < %(evidence_id)s AND verdict = 'deferred'
-) AS waiting;
-
 -- name: claim_observations
 -- UNKNOWN effects whose observation is due. Those whose publication is known; and, when the
 -- relay cannot check its own ambiguous publishes in Kafka (unpublished: kafka_transactions is
@@ -342,9 +335,12 @@ ORDER BY id
 FOR UPDATE;
 
 -- name: effects_with_deferred
--- Which of these effects have a result still waiting (deferred): later results wait behind it.
-SELECT DISTINCT effect_id FROM relay.evidence
-WHERE verdict = 'deferred' AND effect_id = ANY(%(ids)s::bigint[]);
+-- Which of these effects have a result still waiting (deferred), other than the results being
+-- applied, and the first of them: a later result of the effect waits behind it.
+SELECT effect_id, min(id) AS first_id FROM relay.evidence
+WHERE verdict = 'deferred' AND effect_id = ANY(%(ids)s::bigint[])
+  AND id <> ALL(%(applying)s::bigint[])
+GROUP BY effect_id;
 
 -- name: move_effects
 -- move_effect for many effects at once (never to PENDING): compare-and-set on the state, with

@@ -20,7 +20,7 @@ from relay import db
 from relay.config import Settings
 from relay.devtools.services import Services
 from relay.observability.metrics import REGISTRY
-from relay.reconciler import consumer as consumer_module
+from relay.reconciler import results as results_module
 from relay.reconciler.consumer import ResultConsumer
 from relay.reconciler.deadlines import apply_deferred, expire_deadlines
 from relay.reconciler.observation import Observations
@@ -185,7 +185,7 @@ def test_results_count_outcomes_quarantine_and_moves_and_the_lag_is_exact(
     # The relay records the publication of r-early; the timers apply the result that waited.
     with psycopg.connect(url, autocommit=True) as other:
         other.execute("UPDATE relay.effect SET state = 'PUBLISHED' WHERE operation_key = 'r-early'")
-    assert apply_deferred(conn, rsettings, results) == 1
+    assert apply_deferred(conn, rsettings, results.actor) == 1
 
     assert counts.delta() == {
         ("results", "committed"): 4,  # r-commit, r-stuck, r-twice's first, r-early
@@ -219,17 +219,15 @@ def test_a_batch_rolled_back_counts_nothing_and_a_failed_record_is_quarantined(
     make_effect(url, "b-boom", "PUBLISHED")
     results = ResultConsumer(rsettings, ACTOR)
     batch = [_record(0, "b-fine"), _record(1, "b-boom")]
-    real_apply = consumer_module.apply_result
+    real_decide = results_module.decide
     failure: list[psycopg.Error] = []
 
-    def apply_result(
-        c: Any, s: Settings, message: Any, actor: str, evidence_id: int, batch: Any = None
-    ) -> Any:
+    def decide(effect: Any, message: Any, **kwargs: Any) -> Any:
         if message.operation_key == "b-boom":
             raise failure[0]
-        return real_apply(c, s, message, actor, evidence_id, batch)
+        return real_decide(effect, message, **kwargs)
 
-    monkeypatch.setattr(consumer_module, "apply_result", apply_result)
+    monkeypatch.setattr(results_module, "decide", decide)
     counts = Counts()
 
     # The connection broke mid-batch: nothing of it is recorded; it is read again later.

@@ -528,7 +528,7 @@ def test_a_result_behind_a_deferred_one_waits_for_it(
             h.produce(services.kafka_bootstrap_servers, topic, [h.result("d-1", external_id="x-1")])
             read(2)
             assert h.state(url, "d-1") == "PUBLISHED"
-            assert apply_deferred(conn, rsettings, results) == 2
+            assert apply_deferred(conn, rsettings, results.actor) == 2
     finally:
         results.close()
     # In arrival order: rejected, then a commit that contradicts it, which a person must settle.

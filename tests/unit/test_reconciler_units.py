@@ -1,4 +1,5 @@
-"""The reconciler's pure parts: result parsing, observers' answers, keys, commands."""
+"""The reconciler's pure parts: observers' answers, keys, commands (results: test_results.py,
+test_consumer.py)."""
 
 from __future__ import annotations
 
@@ -10,25 +11,13 @@ from click.testing import CliRunner
 from relay.cli import main
 from relay.config import load_settings
 from relay.errors import ConfigError
-from relay.messages import ResultOutcome
 from relay.observability import ObservabilityServer
-from relay.reconciler.consumer import parse
 from relay.reconciler.daemon import Reconciler
 from relay.reconciler.effects import clean_text, operator_actor
 from relay.reconciler.observers import HttpObserver, Observation, ObservedEffect, PythonObserver
 from relay.sql import names
 from relay.states import EffectState, is_allowed
 from tests import support
-
-
-def test_results_parse_or_say_why_not() -> None:
-    ok = parse(b'{"operation_key": "k", "outcome": "committed", "external_id": "x"}')
-    assert not isinstance(ok, str) and ok.outcome is ResultOutcome.COMMITTED
-    assert parse(None) == "empty record (a tombstone)"
-    for junk in (b"\xff\xfe", b"{", b"[]", b'{"operation_key": "k", "outcome": "maybe"}'):
-        assert isinstance(parse(junk), str), junk
-    extra = parse(b'{"operation_key": "k", "outcome": "rejected", "surprise": 1}')
-    assert isinstance(extra, str) and "surprise" in extra
 
 
 def test_observer_urls_quote_the_keys() -> None:

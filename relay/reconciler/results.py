@@ -1,0 +1,346 @@
+"""What a downstream result does to its effect: pure rules, and one way of writing what they say.
+
+The rules (:func:`decide`) take the effect as locked (or none), the result, and whether an
+earlier result of the same effect still waits, and return a :class:`Decision`: the verdict kept
+on the evidence row and what to write for it (a :class:`Move`, or the downstream's id of a
+CONFIRMED effect's execution), as data. :func:`apply_results` is the only route from stored
+results to state changes, for a batch of records as for one (a record retried alone, a result
+that waited): it locks the effects up front, decides in arrival order on its own up-to-date copy
+of each effect, and writes the moves and verdicts together. A second execution (another commit
+of a CONFIRMED effect) is compensated at once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+
+from relay import observability, tracing
+from relay.config import Settings
+from relay.errors import RelayError
+from relay.messages import ResultMessage, ResultOutcome
+from relay.reconciler.compensation import ensure_compensations
+from relay.reconciler.effects import LockedEffect, clean_text, lock_effect, move
+from relay.sql import query
+from relay.states import EffectState
+
+log = logging.getLogger(__name__)
+
+QUARANTINED = frozenset({"malformed", "orphaned", "conflicting", "late"})
+ORPHANED = "no effect has this operation key"
+WAITS_BEHIND = "an earlier result of this effect waits to be applied first"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What became of a result, as its evidence row keeps it."""
+
+    verdict: str
+    reason: str
+    effect_id: int | None = None
+    attempt: int | None = None
+
+
+@dataclass(frozen=True)
+class Move:
+    """A state change a result calls for: compare-and-set on ``from_state``."""
+
+    effect_id: int
+    from_state: EffectState
+    to_state: EffectState
+    reason: str
+    external_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A rule's answer: the verdict, and what to write for it (at most one of a move and an
+    external id the CONFIRMED effect adopts)."""
+
+    verdict: Verdict
+    move: Move | None = None
+    adopt_external_id: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.verdict.verdict
+
+
+def decide(
+    effect: LockedEffect | None, message: ResultMessage, *, waits_behind: bool = False
+) -> Decision:
+    """What ``message`` does to ``effect`` in its state; pure.
+
+    ``waits_behind``: an earlier result of the effect is still deferred, so this one is deferred
+    too (the downstream's results of one effect are applied in the order they arrived).
+    """
+    if effect is None:
+        return Decision(Verdict("orphaned", ORPHANED))
+    state, outcome = effect.state, message.outcome
+    ext = clean_text(message.external_id, 512)
+
+    def verdict(name: str, reason: str) -> Decision:
+        return Decision(Verdict(name, reason, effect.id, effect.attempts))
+
+    def moved(
+        to_state: EffectState, name: str, reason: str, external_id: str | None = None
+    ) -> Decision:
+        step = Move(effect.id, state, to_state, reason, external_id)
+        return Decision(Verdict(name, reason, effect.id, effect.attempts), step)
+
+    if waits_behind:
+        return verdict("deferred", WAITS_BEHIND)
+    if state is EffectState.DISPATCHING:
+        return verdict("deferred", "the relay has not recorded the publication yet")
+    if state is EffectState.PENDING and effect.attempts == 0:
+        return verdict("orphaned", "the effect was never attempted")
+    if state is EffectState.CONFIRMED:
+        if outcome is not ResultOutcome.COMMITTED:
+            return verdict("late", f"'{outcome.value}' for an effect already CONFIRMED")
+        if ext is not None and effect.external_id is None:
+            why = f"confirms the CONFIRMED effect; external id {ext}"
+            return replace(verdict("repeated", why), adopt_external_id=ext)
+        if ext is None or ext == effect.external_id:
+            return verdict("repeated", "the same commit reported again")
+        return verdict(
+            "conflicting",
+            f"a second commit (external id {ext}) of an effect CONFIRMED as "
+            f"{effect.external_id}: the extra execution is compensated",
+        )
+    if state is EffectState.REJECTED and outcome is ResultOutcome.COMMITTED:
+        # REJECTED told the application "this did not happen"; the downstream now says it did.
+        why = (
+            "downstream committed" + (f" as {ext}" if ext else "") + " an effect recorded "
+            "REJECTED: it may have happened after all; a person decides"
+        )
+        return moved(EffectState.STUCK, "conflicting", why, ext)
+    if state in (EffectState.REJECTED, EffectState.CANCELLED):
+        return verdict("late", f"'{outcome.value}' for an effect already {state.value}")
+    if state is EffectState.STUCK and effect.external_id is not None:
+        # Only an extra execution that could not be compensated leaves a confirmed effect STUCK:
+        # a person is undoing it, so nothing more happens automatically (nor is it CONFIRMED).
+        if outcome is not ResultOutcome.COMMITTED:
+            return verdict(
+                "late", f"'{outcome.value}' for an effect confirmed as {effect.external_id}"
+            )
+        if ext is None or ext == effect.external_id:
+            return verdict("repeated", "the same commit reported again")
+        return verdict(
+            "conflicting",
+            f"another commit (external id {ext}) of an effect STUCK after an extra execution: "
+            "a person decides",
+        )
+
+    detail = f": {message.detail}" if message.detail else ""
+    if outcome is ResultOutcome.COMMITTED:
+        why = "downstream committed" + (f" as {ext}" if ext else "") + detail
+        return moved(EffectState.CONFIRMED, "applied", why, ext)
+    if outcome is ResultOutcome.REJECTED:
+        return moved(EffectState.REJECTED, "applied", f"downstream rejected{detail}")
+    if state is EffectState.PUBLISHED:
+        why = f"downstream does not know the outcome{detail}"
+        return moved(EffectState.UNKNOWN, "applied", why)
+    return verdict("ignored", f"'unknown' adds nothing to an effect already {state.value}")
+
+
+@dataclass(frozen=True)
+class StoredResult:
+    """A result whose evidence row is written; its verdict is still to come."""
+
+    evidence_id: int
+    message: ResultMessage
+
+
+def apply_results(
+    conn: psycopg.Connection[Any], settings: Settings, actor: str, stored: Sequence[StoredResult]
+) -> list[Verdict]:
+    """Decide ``stored`` in arrival order and write the moves and verdicts, in the caller's
+    transaction; returns the verdicts (also written on the evidence rows).
+
+    A result waits behind (is deferred after) an earlier result of its effect that still waits:
+    one stored before and not among ``stored``, or one deferred in this call. A conflicting
+    result writes what came before it and is compensated at once.
+    """
+    if not stored:
+        return []
+    writer = _Writer.lock(conn, stored)
+    verdicts: list[Verdict] = []
+    for item in stored:
+        decision = writer.decide(item)
+        writer.add(item.evidence_id, decision)
+        found = decision.verdict
+        if found.verdict == "conflicting":
+            # The compensation counts the evidence: write everything so far first.
+            key = item.message.operation_key
+            writer.write(conn, actor)
+            reason = compensate_conflict(conn, settings, key, actor, found.reason)
+            found = replace(found, reason=reason)
+            writer.add(item.evidence_id, Decision(found))
+            writer.reload(conn, key)
+        if found.verdict == "applied":
+            observability.record_result(item.message.outcome.value)
+        elif found.verdict in QUARANTINED:
+            observability.record_quarantined(found.verdict)
+        verdicts.append(found)
+    writer.write(conn, actor)
+    return verdicts
+
+
+@dataclass
+class _Writer:
+    """What :func:`apply_results` knows without asking again: its effects, locked up front and
+    kept up to date as its decisions change them; which effects have a result waiting; and what
+    to write together."""
+
+    effects: dict[str, LockedEffect]
+    waiting: dict[int, int]  # effect id -> its first deferred evidence id outside this call
+    deferred: set[int] = field(default_factory=set)  # effects deferred during this call
+    moves: list[Move] = field(default_factory=list)
+    adopted: list[tuple[int, str]] = field(default_factory=list)
+    finished: list[tuple[int, Verdict]] = field(default_factory=list)
+
+    @classmethod
+    def lock(cls, conn: psycopg.Connection[Any], stored: Sequence[StoredResult]) -> _Writer:
+        # A key with NUL cannot be sent to PostgreSQL, nor be any effect's: orphaned.
+        keys = sorted(
+            {s.message.operation_key for s in stored if "\x00" not in s.message.operation_key}
+        )
+        with conn.cursor(row_factory=dict_row) as cur:
+            cur.execute(query("lock_effects"), {"keys": keys})
+            effects = {
+                row["operation_key"]: LockedEffect(**{**row, "state": EffectState(row["state"])})
+                for row in cur.fetchall()
+            }
+        rows = conn.execute(
+            query("effects_with_deferred"),
+            {
+                "ids": [e.id for e in effects.values()],
+                "applying": [s.evidence_id for s in stored],
+            },
+        ).fetchall()
+        return cls(effects, {int(r[0]): int(r[1]) for r in rows})
+
+    def decide(self, item: StoredResult) -> Decision:
+        effect = self.effects.get(item.message.operation_key)
+        if effect is None:
+            return decide(None, item.message)
+        waits = (
+            effect.id in self.deferred
+            or self.waiting.get(effect.id, item.evidence_id) < item.evidence_id
+        )
+        ref = tracing.EffectRef(effect.operation_key, effect.id, effect.traceparent)
+        outcome = {"relay.result.outcome": item.message.outcome.value}
+        with tracing.span("relay.apply_result", [ref], outcome, kind="CONSUMER") as span:
+            decision = decide(effect, item.message, waits_behind=waits)
+            span.set_attribute("relay.verdict", decision.name)
+        return decision
+
+    def add(self, evidence_id: int, decision: Decision) -> None:
+        """Collect what ``decision`` writes, and apply it to this call's copy of its effect."""
+        found = decision.verdict
+        self.finished.append((evidence_id, found))
+        if found.effect_id is None:
+            return
+        if found.verdict == "deferred":
+            self.deferred.add(found.effect_id)
+        if decision.move is not None:
+            m = decision.move
+            self.moves.append(m)
+            self._change(m.effect_id, state=m.to_state, external_id=m.external_id)
+        if decision.adopt_external_id is not None:
+            self.adopted.append((found.effect_id, decision.adopt_external_id))
+            self._change(found.effect_id, external_id=decision.adopt_external_id)
+
+    def _change(
+        self, effect_id: int, *, state: EffectState | None = None, external_id: str | None
+    ) -> None:
+        for key, effect in self.effects.items():
+            if effect.id == effect_id:
+                self.effects[key] = replace(
+                    effect,
+                    state=effect.state if state is None else state,
+                    external_id=external_id or effect.external_id,
+                )
+                return
+
+    def reload(self, conn: psycopg.Connection[Any], operation_key: str) -> None:
+        effect = lock_effect(conn, operation_key)
+        if effect is not None:
+            self.effects[operation_key] = effect
+
+    def write(self, conn: psycopg.Connection[Any], actor: str) -> None:
+        """Write what was collected: the moves one statement per wave (an effect moved twice
+        has its second move in the second wave), the adopted ids, the verdicts in one."""
+        waves: list[list[Move]] = []
+        for m in self.moves:
+            for wave in waves:
+                if all(w.effect_id != m.effect_id for w in wave):
+                    wave.append(m)
+                    break
+            else:
+                waves.append([m])
+        for wave in waves:
+            rows = conn.execute(
+                query("move_effects"),
+                {
+                    "ids": [m.effect_id for m in wave],
+                    "from_states": [m.from_state.value for m in wave],
+                    "to_states": [m.to_state.value for m in wave],
+                    "reasons": [m.reason for m in wave],
+                    "external_ids": [m.external_id for m in wave],
+                    "actor": actor,
+                },
+            ).fetchall()
+            for _, from_state, to_state in rows:
+                observability.record_transition(str(from_state), str(to_state))
+        for effect_id, external_id in self.adopted:
+            conn.execute(query("adopt_external_id"), {"id": effect_id, "external_id": external_id})
+        if self.finished:
+            ids, verdicts = zip(*self.finished, strict=True)
+            conn.execute(
+                query("finish_evidences"),
+                {
+                    "ids": list(ids),
+                    "effect_ids": [v.effect_id for v in verdicts],
+                    "verdicts": [v.verdict for v in verdicts],
+                    "reasons": [v.reason for v in verdicts],
+                    "attempts": [v.attempt for v in verdicts],
+                },
+            )
+        self.moves, self.adopted, self.finished = [], [], []
+
+
+def compensate_conflict(
+    conn: psycopg.Connection[Any],
+    settings: Settings,
+    operation_key: str,
+    actor: str,
+    why: str,
+) -> str:
+    """After a conflicting commit was recorded: create its compensation, or, when none can be
+    made, move the effect to STUCK for a person; returns the reason for the evidence.
+
+    The compensations are made in a savepoint: a refused enqueue (a business-key field missing,
+    the key taken by another intent, too many) is a database error that would otherwise abort
+    the whole batch, and the same record would fail again at every redelivery.
+    """
+    effect = lock_effect(conn, operation_key)
+    assert effect is not None
+    if effect.state is not EffectState.CONFIRMED:
+        return why
+    try:
+        with observability.deferred(), conn.transaction():
+            made = ensure_compensations(conn, settings, effect, actor=actor, why=why)
+    except RelayError as exc:
+        reason = clean_text(f"{why}; but it cannot be compensated: {exc}: a person must undo it")
+        assert reason is not None
+        log.error("an extra execution cannot be compensated: %s", exc, extra={"key": operation_key})
+        move(conn, effect.id, effect.state, EffectState.STUCK, reason=reason, actor=actor)
+        return reason
+    observability.record_transition(None, EffectState.PENDING.value, len(made))
+    return f"{why}: {', '.join(made)}" if made else f"{why} (compensation exists already)"
