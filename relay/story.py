@@ -8,6 +8,7 @@ from typing import Any
 
 import psycopg
 from psycopg.rows import dict_row
+from psycopg.types.string import TextLoader
 
 from relay.sql import query
 
@@ -15,6 +16,8 @@ from relay.sql import query
 def load_story(conn: psycopg.Connection[Any], operation_key: str) -> dict[str, Any] | None:
     """One effect with its attempts, evidence and transitions, each in order; None if unknown."""
     with conn.cursor(row_factory=dict_row) as cur:
+        # The payload as text: one that nests too deep to decode must still be shown.
+        cur.adapters.register_loader("jsonb", TextLoader)
         cur.execute(query("get_effect"), {"operation_key": operation_key})
         effect = cur.fetchone()
         if effect is None:
@@ -66,7 +69,7 @@ def story_lines(story: dict[str, Any]) -> list[str]:
         )
     if effect["outcome_deadline"] is not None:
         lines.append(f"  {'result due':<13} {effect['outcome_deadline']:%Y-%m-%d %H:%M:%S%z}")
-    lines.append(f"  {'payload':<13} {json.dumps(effect['payload'])}")
+    lines.append(f"  {'payload':<13} {shown_payload(effect['payload'])}")
     lines.append("attempts:")
     for a in story["attempts"]:
         where = f" p{a['partition']}@{a['offset']}" if a["offset"] is not None else ""
@@ -108,3 +111,15 @@ def story_lines(story: dict[str, Any]) -> list[str]:
             f" by {t['actor']}: {t['reason']}"
         )
     return lines
+
+
+def shown_payload(text: str, limit: int = 200) -> str:
+    """The payload as JSON, or, when it cannot be decoded (a row from before the enqueue limits),
+    why not and its start: the story must be told whatever the payload holds."""
+    try:
+        return json.dumps(json.loads(text))
+    except (RecursionError, ValueError) as exc:
+        return (
+            f"(cannot be decoded: {type(exc).__name__}; {len(text)} characters) "
+            f"{text[:limit]}{'...' if len(text) > limit else ''}"
+        )

@@ -3,9 +3,11 @@
 A compensation has its own operation key derived from the original (``KEY#compensation``, then
 ``KEY#compensation-2``...; made by the SQL function ``relay.enqueue_compensation``, and refused
 to applications), its own topic and lifecycle, and ``parent_effect_id`` pointing at the effect
-it undoes. How many are needed is computed from the evidence (distinct committed external ids,
-the largest count an observer reported), never from how often we were asked, so a replayed
-result or a repeated observation never creates a second compensation for the same extra.
+it undoes; its payload is the original's plus ``compensates`` and ``compensation`` (built in
+SQL, so no payload is ever decoded here). How many are needed is computed from the evidence
+(distinct committed external ids, the largest count an observer reported), never from how often
+we were asked, so a replayed result or a repeated observation never creates a second
+compensation for the same extra.
 
 At most ``MAX_COMPENSATIONS`` are made per effect: an observer answering "a billion executions"
 must not enqueue a billion effects in one transaction; above it a person decides.
@@ -13,7 +15,6 @@ must not enqueue a billion effects in one transaction; above it a person decides
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import psycopg
@@ -25,12 +26,6 @@ from relay.reconciler.effects import LockedEffect
 from relay.sql import query
 
 MAX_COMPENSATIONS = 10
-
-
-def compensation_payload(effect: LockedEffect, index: int) -> dict[str, Any]:
-    """The original payload (so the compensation type's business key can be computed from the
-    same fields) plus what it compensates; deterministic, so a re-enqueue is a no-op."""
-    return {**effect.payload, "compensates": effect.operation_key, "compensation": index + 1}
 
 
 def ensure_compensations(
@@ -70,7 +65,6 @@ def ensure_compensations(
                     "parent_id": effect.id,
                     "index": index,
                     "effect_type": spec.compensation,
-                    "payload": json.dumps(compensation_payload(effect, index)),
                     "reason": f"compensation {index + 1} of {effect.operation_key}: {why}",
                     "actor": actor,
                 },

@@ -28,7 +28,8 @@ def operator_actor(explicit: str | None = None) -> str:
 
 @dataclass(frozen=True)
 class LockedEffect:
-    """An effect row locked ``FOR UPDATE`` by the current transaction."""
+    """An effect row locked ``FOR UPDATE`` by the current transaction. Without its payload: no
+    decision about an effect needs it, and one that cannot be decoded must not stop any."""
 
     id: int
     operation_key: str
@@ -36,7 +37,6 @@ class LockedEffect:
     state: EffectState
     attempts: int
     external_id: str | None
-    payload: dict[str, Any]
     business_key: str | None
     published_offset: int | None
     traceparent: str | None = None  # the request's trace, for the reconciler's spans

@@ -22,6 +22,7 @@ passed since they became UNKNOWN (the downstream may still be reading the record
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections import Counter
@@ -124,10 +125,14 @@ class Observations:
                 why = "no observer declared"
                 calls.append((row, Observation("inconclusive", detail=why), 0.0))
                 continue
+            payload = decoded_payload(row[3])
+            if isinstance(payload, str):
+                calls.append((row, Observation("inconclusive", detail=payload), 0.0))
+                continue
             effect = ObservedEffect(
                 operation_key=row[1],
                 effect_type=row[2],
-                payload=dict(row[3]),
+                payload=payload,
                 business_key=row[4],
                 attempts=int(row[5]),
             )
@@ -180,7 +185,7 @@ class Observations:
         failed: bool = False,
     ) -> None:
         """Apply one answer in its own transaction; counted (moves included) once it commits."""
-        effect_id, key, effect_type, payload, business_key, attempts, tries, lease = row[:8]
+        effect_id, key, effect_type, _, business_key, attempts, tries, lease = row[:8]
         unpublished = len(row) > 8 and bool(row[8])
         spec = self.settings.effect_type(effect_type)
         with ExitStack() as traced, observability.deferred(), conn.transaction():
@@ -226,9 +231,8 @@ class Observations:
                 )
             elif observation.answer == "duplicate" and target is EffectState.CONFIRMED:
                 effect = LockedEffect(
-                    effect_id, key, effect_type, target, attempts, None, dict(payload),
-                    business_key, None,
-                )  # fmt: skip
+                    effect_id, key, effect_type, target, attempts, None, business_key, None
+                )
                 reason = self._compensate(conn, effect, reason, count or 2)
             else:
                 move(
@@ -317,3 +321,16 @@ class Observations:
             )
         delay = min(s.observe_backoff_max_s, s.observe_backoff_s * 2 ** (tries - 1))
         return UNKNOWN, f"observation {tries} inconclusive ({detail}); asking again", delay
+
+
+def decoded_payload(text: str) -> dict[str, Any] | str:
+    """The payload for an observer, or why it cannot be had: a row written before the enqueue
+    limits (or by hand) may nest deeper than the parser goes, and must not stop the round."""
+    try:
+        value = json.loads(text)
+    except (RecursionError, ValueError) as exc:
+        return (
+            f"the payload cannot be decoded ({type(exc).__name__}, {len(text)} characters): "
+            "the observer was not asked; a person decides"
+        )
+    return value if isinstance(value, dict) else "the payload is not a JSON object"

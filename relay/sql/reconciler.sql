@@ -29,7 +29,7 @@ WHERE id = %(id)s;
 
 -- name: lock_effect
 -- The effect a result or a decision is about, locked until the transaction ends.
-SELECT id, operation_key, effect_type, state, attempts, external_id, payload, business_key,
+SELECT id, operation_key, effect_type, state, attempts, external_id, business_key,
        published_offset, traceparent
 FROM relay.effect WHERE operation_key = %(operation_key)s
 FOR UPDATE;
@@ -79,9 +79,16 @@ SELECT
     (SELECT count(*) FROM relay.effect c WHERE c.parent_effect_id = %(id)s)::int AS existing;
 
 -- name: enqueue_compensation
-SELECT effect_id, operation_key, created
-FROM relay.enqueue_compensation(%(parent_id)s, %(index)s, %(effect_type)s, %(payload)s::jsonb,
-                                %(reason)s, %(actor)s);
+-- The compensation's payload is its parent's with two fields added, built here: the reconciler
+-- never decodes a payload (one it could not decode must not stop a decision).
+SELECT c.effect_id, c.operation_key, c.created
+FROM relay.effect p,
+     relay.enqueue_compensation(
+         %(parent_id)s, %(index)s, %(effect_type)s,
+         p.payload || jsonb_build_object('compensates', p.operation_key,
+                                         'compensation', %(index)s::int + 1),
+         %(reason)s, %(actor)s) AS c
+WHERE p.id = %(parent_id)s;
 
 -- name: expire_deadlines
 -- PUBLISHED effects whose downstream result did not come in time: nobody knows whether they took
@@ -140,7 +147,7 @@ WITH due AS (
 )
 UPDATE relay.effect AS e SET observe_at = now() + make_interval(secs => %(lease_s)s)
 FROM due WHERE e.id = due.id
-RETURNING e.id, e.operation_key, e.effect_type, e.payload, e.business_key, e.attempts,
+RETURNING e.id, e.operation_key, e.effect_type, e.payload::text, e.business_key, e.attempts,
           e.observe_tries, e.observe_at, e.published_offset IS NULL AS unpublished;
 
 -- name: lock_observed
@@ -328,7 +335,7 @@ RETURNING id, topic, partition, "offset";
 -- name: lock_effects
 -- The effects a batch of results is about, locked until the transaction ends (in id order, so
 -- two replicas never wait on each other in a circle).
-SELECT id, operation_key, effect_type, state, attempts, external_id, payload, business_key,
+SELECT id, operation_key, effect_type, state, attempts, external_id, business_key,
        published_offset, traceparent
 FROM relay.effect WHERE operation_key = ANY(%(keys)s::text[])
 ORDER BY id

@@ -31,7 +31,6 @@ def effect(state: EffectState, attempts: int = 1, external_id: str | None = None
         state=state,
         attempts=attempts,
         external_id=external_id,
-        payload={},
         business_key=None,
         published_offset=3,
     )
