@@ -255,6 +255,12 @@ class Settings(BaseSettings):
     reconcile_batch_size: int = Field(
         default=500, ge=1, le=10_000, description="Result records applied per database commit."
     )
+    reconcile_stall_rounds: int = Field(
+        default=5,
+        ge=1,
+        description="Consecutive failed rounds of the result consumer or of the timers after "
+        "which the reconciler reports itself not ready (/readyz 503) until a round succeeds",
+    )
     reconcile_interval_s: float = Field(
         default=1.0,
         gt=0,

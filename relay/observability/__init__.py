@@ -24,6 +24,7 @@ from relay.observability.metrics import (
     record_transition,
     record_verification,
     set_consumer_lag,
+    set_failed_rounds,
 )
 from relay.observability.server import Check, ObservabilityServer
 
@@ -108,6 +109,7 @@ __all__ = [
     "record_transition",
     "record_verification",
     "set_consumer_lag",
+    "set_failed_rounds",
     "start_observability",
     "stop_observability",
 ]

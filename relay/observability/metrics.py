@@ -63,6 +63,7 @@ RESULT_OUTCOMES = ("committed", "rejected", "unknown")
 QUARANTINE_REASONS = ("malformed", "orphaned", "conflicting", "late", "failed")
 VERIFICATION_RESULTS = ("found", "absent", "unreachable", "stuck")
 DAEMONS = ("relay", "reconciler")
+LOOPS = ("results", "timers")
 
 # Enqueue to Kafka ack: from milliseconds (idle relay woken by the doorbell) to many minutes
 # (outage backlog, scheduled retries).
@@ -123,6 +124,13 @@ CONSUMER_LAG = Gauge(
     "relay_reconciler_consumer_lag_records",
     "Result records not yet consumed by this reconciler replica, over its assigned partitions.",
     ["topic"],
+    registry=REGISTRY,
+)
+FAILED_ROUNDS = Gauge(
+    "relay_reconciler_failed_rounds",
+    "Rounds in a row that failed, per loop of this reconciler replica (results: the result "
+    "consumer; timers: deadlines, deferred results, observations); 0 once a round succeeds.",
+    ["loop"],
     registry=REGISTRY,
 )
 
@@ -188,6 +196,8 @@ def _init_reconciler_series() -> None:
         RESULTS.labels(outcome)
     for reason in QUARANTINE_REASONS:
         QUARANTINED.labels(reason)
+    for loop in LOOPS:
+        FAILED_ROUNDS.labels(loop).set(0)
 
 
 _init_relay_series()
@@ -276,6 +286,10 @@ def record_result(outcome: str) -> None:
 def record_quarantined(reason: str) -> None:
     """A result record kept as evidence but not applied (its verdict is the reason)."""
     _inc(QUARANTINED.labels(_bounded(reason, QUARANTINE_REASONS)))
+
+
+def set_failed_rounds(loop: str, rounds: int) -> None:
+    FAILED_ROUNDS.labels(_bounded(loop, LOOPS)).set(rounds)
 
 
 def set_consumer_lag(lag_by_topic: Mapping[str, int]) -> None:

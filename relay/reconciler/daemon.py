@@ -6,7 +6,9 @@ change is a short transaction with ``FOR UPDATE SKIP LOCKED`` or a compare-and-s
 of replicas can run; the consumer group shares the result partitions among them.
 
 Neither loop may end on an error nobody foresaw: it is logged with its traceback and the loop goes
-on after a backoff (a result batch is read again). Should the timers thread die anyway,
+on after a backoff (a result batch is read again). A loop that fails ``reconcile_stall_rounds``
+rounds in a row makes ``/readyz`` answer 503 and shows in ``relay_reconciler_failed_rounds``: a
+consumer stuck on one batch must not look healthy. Should the timers thread die anyway,
 ``/healthz`` says so (503), so that the process is restarted.
 """
 
@@ -27,6 +29,7 @@ from relay.backoff import Backoff
 from relay.config import Settings
 from relay.errors import ConfigError, ServiceUnavailableError, describe
 from relay.migrations import check_current, sync_effect_types
+from relay.observability.checks import standard_checks
 from relay.reconciler.consumer import ResultConsumer, describe_counts
 from relay.reconciler.deadlines import apply_deferred, expire_deadlines
 from relay.reconciler.effects import STATUS_EFFECT_TYPE, reconciler_actor
@@ -56,6 +59,7 @@ class Reconciler:
         self.expired = 0
         self.ready = threading.Event()
         self._timers_thread: threading.Thread | None = None
+        self.failed_rounds: dict[str, int] = {"results": 0, "timers": 0}
 
     def stop(self) -> None:
         self._stop.set()
@@ -71,9 +75,28 @@ class Reconciler:
             return
         raise RuntimeError("the timers thread died: deadlines and observations stopped")
 
+    def advancing(self) -> None:
+        """Readiness check: raises while a loop has failed ``reconcile_stall_rounds`` rounds in
+        a row (a batch that fails every time, a sweep that cannot finish)."""
+        stalled = [
+            f"{loop} failed {n} rounds in a row"
+            for loop, n in self.failed_rounds.items()
+            if n >= self.settings.reconcile_stall_rounds
+        ]
+        if stalled:
+            raise RuntimeError("; ".join(stalled))
+
+    def _round(self, loop: str, ok: bool) -> None:
+        self.failed_rounds[loop] = 0 if ok else self.failed_rounds[loop] + 1
+        observability.set_failed_rounds(loop, self.failed_rounds[loop])
+
     def run(self) -> None:
+        checks = {**standard_checks(self.settings), "progress": self.advancing}
         metrics = observability.start_observability(
-            self.settings, daemon="reconciler", liveness={"timers": self.timers_alive}
+            self.settings,
+            daemon="reconciler",
+            checks=checks,
+            liveness={"timers": self.timers_alive},
         )
         timers = threading.Thread(target=self._timers, name="reconciler-timers", daemon=True)
         self._timers_thread = timers
@@ -134,6 +157,8 @@ class Reconciler:
                         last_lag = time.monotonic()
                         observability.set_consumer_lag(self.results.lag())
                     backoff.reset()
+                    self._round("results", ok=True)
+                    continue
                 except (psycopg.OperationalError, ServiceUnavailableError) as exc:
                     _drop(conn)
                     conn = None
@@ -154,6 +179,7 @@ class Reconciler:
                     _drop(conn)
                     conn = None
                     self._wait(backoff.next_delay(), f"unexpected error: {describe(exc)}")
+                self._round("results", ok=False)
         finally:
             self.results.close()
             _drop(conn)
@@ -175,7 +201,9 @@ class Reconciler:
                         conn = db.connect(self.settings, purpose="reconciler-timers")
                     self.sweep(conn)
                     backoff.reset()
+                    self._round("timers", ok=True)
                     self._stop.wait(self.settings.reconcile_interval_s)
+                    continue
                 except (psycopg.OperationalError, ServiceUnavailableError) as exc:
                     _drop(conn)
                     conn = None
@@ -190,6 +218,7 @@ class Reconciler:
                     _drop(conn)
                     conn = None
                     self._wait(backoff.next_delay(), f"unexpected error: {describe(exc)}")
+                self._round("timers", ok=False)
         finally:
             _drop(conn)
 

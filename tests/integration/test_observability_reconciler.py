@@ -7,6 +7,7 @@ The counters are process-wide, so each test compares them before and after what 
 from __future__ import annotations
 
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from types import SimpleNamespace
@@ -334,3 +335,49 @@ def test_the_daemon_serves_its_metrics_on_its_own_port(rsettings: Settings, pref
             "the deadline to pass, counted",
         )
     assert h.state(url, "d-late") in ("UNKNOWN", "STUCK")
+
+
+def test_a_loop_that_fails_every_round_is_not_ready(
+    rsettings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 18 item 1: a consumer stuck on one batch showed /readyz 200 and a lag of 0. After
+    reconcile_stall_rounds failed rounds in a row /readyz answers 503 and the gauge shows them;
+    a round that succeeds makes it ready again."""
+    port = support.free_port()
+    settings = rsettings.model_copy(
+        update={
+            "metrics_host": "127.0.0.1",
+            "reconcile_metrics_port": port,
+            "outage_backoff_max_s": 0.2,
+            "reconcile_stall_rounds": 3,
+        }
+    )
+    broken = [True]
+    real_poll = ResultConsumer.poll_once
+
+    def poll_once(self: ResultConsumer, conn: Any, timeout_s: float) -> int:
+        if broken[0]:
+            raise RecursionError("a batch nobody can apply")
+        return real_poll(self, conn, timeout_s)
+
+    monkeypatch.setattr(ResultConsumer, "poll_once", poll_once)
+
+    def ready() -> int:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as answer:
+                return int(answer.status)
+        except urllib.error.HTTPError as refused:
+            return int(refused.code)
+        except OSError:
+            return 0
+
+    with h.running_reconciler(settings):
+        support.wait_for(lambda: ready() == 503, 30, "/readyz to say not ready")
+        failed = 'relay_reconciler_failed_rounds{loop="results"}'
+        body = scrape(port)
+        line = next(x for x in body.splitlines() if x.startswith(failed))
+        assert float(line.split()[-1]) >= 3
+        assert 'relay_reconciler_failed_rounds{loop="timers"} 0.0' in body
+        broken[0] = False
+        support.wait_for(lambda: ready() == 200, 30, "/readyz to say ready again")
+        assert f"{failed} 0.0" in scrape(port)
