@@ -116,6 +116,7 @@ def test_every_object_is_valid_kubernetes(
         "ConfigMap",
         "Service",
         "PodDisruptionBudget",
+        "NetworkPolicy",
         "ServiceMonitor",
         "PrometheusRule",
     } <= kinds
@@ -300,6 +301,28 @@ def test_scrape_jobs_are_named_as_the_rules_expect(full: list[dict[str, Any]]) -
         assert [p["name"] for p in svc["spec"]["ports"]] == [port]
 
 
+def test_the_network_policy_opens_only_the_metrics_port_to_prometheus(
+    full: list[dict[str, Any]],
+) -> None:
+    """Issue 18, item 5: only Prometheus (and the kubelet, from the node) reaches the endpoints,
+    so nobody else can hold them busy; every pod of the chart is covered."""
+    policy = by_kind(full, "NetworkPolicy")[0]["spec"]
+    assert policy["policyTypes"] == ["Ingress"]
+    selector = policy["podSelector"]["matchLabels"]
+    for workload in by_kind(full, "StatefulSet") + by_kind(full, "Deployment"):
+        assert selector.items() <= workload["spec"]["template"]["metadata"]["labels"].items()
+        ports = [p["name"] for c in pod_spec(workload)["containers"] for p in c.get("ports", [])]
+        assert ports == ["metrics"]
+    [rule] = policy["ingress"]
+    assert rule["ports"] == [{"port": "metrics", "protocol": "TCP"}]
+    assert rule["from"] == [
+        {
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
+            "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}},
+        }
+    ]
+
+
 def test_the_dashboard_is_ops_grafana_relay_dashboard(full: list[dict[str, Any]]) -> None:
     assert (CHART / "files" / "relay-dashboard.json").read_bytes() == DASHBOARD.read_bytes(), (
         "helm/outbox-relay/files/relay-dashboard.json differs: "
@@ -313,6 +336,7 @@ def test_the_dashboard_is_ops_grafana_relay_dashboard(full: list[dict[str, Any]]
 def test_optional_parts_are_off_by_default(defaults: list[dict[str, Any]]) -> None:
     kinds = [obj["kind"] for obj in defaults]
     assert "ServiceMonitor" not in kinds and "PrometheusRule" not in kinds
+    assert "NetworkPolicy" not in kinds
     assert not [c for c in by_kind(defaults, "ConfigMap") if "dashboard" in c["metadata"]["name"]]
     container = pod_spec(one(defaults, "StatefulSet", "relay"))["containers"][0]
     assert "RELAY_KAFKA_SASL_PASSWORD" not in env_of(container)
