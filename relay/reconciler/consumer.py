@@ -194,7 +194,7 @@ class ResultConsumer:
                 observability.record_quarantined("malformed")
                 verdicts.append("malformed")
             else:
-                stored.append(StoredResult(evidence_id, message))
+                stored.append(StoredResult(evidence_id, message, record.topic))
                 verdicts.append(None)  # decided below, with the others
         applied = iter(apply_results(conn, self.settings, self.actor, stored))
         return [v if v is not None else next(applied).verdict for v in verdicts]

@@ -38,8 +38,9 @@ def apply_deferred(
                     external_id=external_id,
                     detail=detail,
                 ),
+                topic,
             )
-            for evidence_id, key, _topic, _partition, _offset, outcome, external_id, detail in rows
+            for evidence_id, key, topic, _partition, _offset, outcome, external_id, detail in rows
         ]
         apply_results(conn, settings, actor, stored)
     return len(rows)

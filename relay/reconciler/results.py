@@ -31,7 +31,7 @@ from relay.states import EffectState
 
 log = logging.getLogger(__name__)
 
-QUARANTINED = frozenset({"malformed", "orphaned", "conflicting", "late"})
+QUARANTINED = frozenset({"malformed", "orphaned", "conflicting", "late", "misrouted"})
 ORPHANED = "no effect has this operation key"
 WAITS_BEHIND = "an earlier result of this effect waits to be applied first"
 
@@ -69,6 +69,16 @@ class Decision:
     @property
     def name(self) -> str:
         return self.verdict.verdict
+
+
+def misrouting(effect: LockedEffect, result_topic: str | None, topic: str) -> Decision | None:
+    """A result changes an effect only when it arrives on its type's result topic: one topic's
+    producers must not confirm (or reject) another type's effects. None when it is in place."""
+    if topic == result_topic:
+        return None
+    expected = f"its result topic {result_topic!r}" if result_topic else "no result topic"
+    why = f"arrived on {topic!r}, but effect type {effect.effect_type!r} has {expected}"
+    return Decision(Verdict("misrouted", why, effect.id, effect.attempts))
 
 
 def decide(
@@ -154,6 +164,7 @@ class StoredResult:
 
     evidence_id: int
     message: ResultMessage
+    topic: str | None = None  # where it arrived; None: not from Kafka (not checked)
 
 
 def apply_results(
@@ -168,7 +179,7 @@ def apply_results(
     """
     if not stored:
         return []
-    writer = _Writer.lock(conn, stored)
+    writer = _Writer.lock(conn, settings, stored)
     verdicts: list[Verdict] = []
     for item in stored:
         decision = writer.decide(item)
@@ -197,6 +208,7 @@ class _Writer:
     kept up to date as its decisions change them; which effects have a result waiting; and what
     to write together."""
 
+    settings: Settings
     effects: dict[str, LockedEffect]
     waiting: dict[int, int]  # effect id -> its first deferred evidence id outside this call
     deferred: set[int] = field(default_factory=set)  # effects deferred during this call
@@ -205,7 +217,9 @@ class _Writer:
     finished: list[tuple[int, Verdict]] = field(default_factory=list)
 
     @classmethod
-    def lock(cls, conn: psycopg.Connection[Any], stored: Sequence[StoredResult]) -> _Writer:
+    def lock(
+        cls, conn: psycopg.Connection[Any], settings: Settings, stored: Sequence[StoredResult]
+    ) -> _Writer:
         # A key with NUL cannot be sent to PostgreSQL, nor be any effect's: orphaned.
         keys = sorted(
             {s.message.operation_key for s in stored if "\x00" not in s.message.operation_key}
@@ -223,12 +237,17 @@ class _Writer:
                 "applying": [s.evidence_id for s in stored],
             },
         ).fetchall()
-        return cls(effects, {int(r[0]): int(r[1]) for r in rows})
+        return cls(settings, effects, {int(r[0]): int(r[1]) for r in rows})
 
     def decide(self, item: StoredResult) -> Decision:
         effect = self.effects.get(item.message.operation_key)
         if effect is None:
             return decide(None, item.message)
+        spec = self.settings.effect_type(effect.effect_type)
+        if item.topic is not None and spec is not None:
+            misrouted = misrouting(effect, spec.result_topic, item.topic)
+            if misrouted is not None:
+                return misrouted
         waits = (
             effect.id in self.deferred
             or self.waiting.get(effect.id, item.evidence_id) < item.evidence_id

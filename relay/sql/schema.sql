@@ -166,7 +166,7 @@ CREATE TABLE relay.evidence (
     CONSTRAINT evidence_kind_valid CHECK (kind IN ('result', 'observation', 'operator')),
     CONSTRAINT evidence_verdict_valid CHECK (verdict IN (
         'applied', 'repeated', 'deferred', 'ignored', 'malformed', 'orphaned', 'conflicting',
-        'late', 'failed')),
+        'late', 'failed', 'misrouted')),
     -- One row per Kafka record: a redelivery is a no-op.
     CONSTRAINT evidence_record_unique UNIQUE (topic, partition, "offset")
 );

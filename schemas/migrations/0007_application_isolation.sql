@@ -17,6 +17,7 @@
 -- one, and every transition it writes names the caller's login after the actor it was given.
 --
 -- Evidence names the login that wrote it: the database sets `db_role`, whatever the writer says.
+-- A result that arrives on another type's result topic is kept with the verdict 'misrouted'.
 --
 -- Upgrade: `relay migrate` while relays run is safe; the signatures are unchanged, so the grants
 -- made by `relay roles` stay as they are. Rows written before this migration are not rewritten:
@@ -287,3 +288,8 @@ END
 $fn$;
 CREATE TRIGGER evidence_login BEFORE INSERT ON relay.evidence
     FOR EACH ROW EXECUTE FUNCTION relay.evidence_login();
+
+ALTER TABLE relay.evidence DROP CONSTRAINT evidence_verdict_valid,
+    ADD CONSTRAINT evidence_verdict_valid CHECK (verdict IN (
+        'applied', 'repeated', 'deferred', 'ignored', 'malformed', 'orphaned', 'conflicting',
+        'late', 'failed', 'misrouted'));

@@ -282,3 +282,43 @@ def test_evidence_names_the_login_that_wrote_it(
         row = op.execute("SELECT db_role FROM relay.evidence").fetchone()
         login = op.execute("SELECT session_user").fetchone()
     assert row is not None and login is not None and row[0] == login[0]
+
+
+def test_a_result_counts_only_on_its_types_result_topic(
+    database_url: str, services: Services, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 18 item 4: a result on the result topic of type `ship` confirmed a `wire`, and a
+    "rejected" there turned a fire-and-forget effect REJECTED. Now both are quarantined as
+    misrouted and counted; the right topic still applies."""
+    h.isolate_from_environment(monkeypatch)
+    types = h.wire_types(prefix)
+    types["ship"] = {
+        "topic": f"{prefix}.ships",
+        "idempotent": True,
+        "result_topic": f"{prefix}.ship-results",
+    }
+    settings = h.reconciler_settings(
+        database_url, services.kafka_bootstrap_servers, prefix, effect_types=types
+    )
+    url = settings.require_database_url()
+    with psycopg.connect(url) as conn:
+        relay.enqueue(conn, "wire", "w-1", h.WIRE)
+        relay.enqueue(conn, "email", "e-1", {"to": "a@example.org"})
+        conn.commit()
+    bootstrap = services.kafka_bootstrap_servers
+    with support.running(Relay(settings)), h.running_reconciler(settings):
+        support.wait_for(
+            lambda: h.states(url, ["w-1", "e-1"]) == {"w-1": "PUBLISHED", "e-1": "PUBLISHED"},
+            60,
+            "publication",
+        )
+        h.produce(
+            bootstrap,
+            f"{prefix}.ship-results",
+            [h.result("w-1", external_id="forged"), h.result("e-1", "rejected")],
+        )
+        support.wait_for(lambda: h.verdicts(url).get("misrouted") == 2, 60, "two misrouted")
+        assert h.states(url, ["w-1", "e-1"]) == {"w-1": "PUBLISHED", "e-1": "PUBLISHED"}
+        h.produce(bootstrap, f"{prefix}.wire-results", [h.result("w-1", external_id="b-1")])
+        support.wait_for(lambda: h.state(url, "w-1") == "CONFIRMED", 60, "the real result")
+    assert h.verdicts(url) == {"misrouted": 2, "applied": 1}

@@ -12,7 +12,7 @@ import pytest
 
 from relay.messages import ResultMessage, ResultOutcome
 from relay.reconciler.effects import LockedEffect
-from relay.reconciler.results import QUARANTINED, Decision, Move, Verdict, decide
+from relay.reconciler.results import QUARANTINED, Decision, Move, Verdict, decide, misrouting
 from relay.states import EffectState, is_allowed
 
 S = EffectState
@@ -165,3 +165,19 @@ def test_every_move_is_one_the_design_allows() -> None:
                 assert found.name in {"applied", "conflicting"}
             if found.name in QUARANTINED - {"conflicting"} or found.name == "deferred":
                 assert found.move is None and found.adopt_external_id is None
+
+
+def test_a_result_on_another_types_topic_is_misrouted() -> None:
+    wire = effect(S.PUBLISHED)
+    assert misrouting(wire, "wire-results", "wire-results") is None
+    found = misrouting(wire, "wire-results", "ship-results")
+    assert found is not None and found.move is None
+    assert found.verdict == Verdict(
+        "misrouted",
+        "arrived on 'ship-results', but effect type 'wire' has its result topic 'wire-results'",
+        7,
+        1,
+    )
+    fire_and_forget = misrouting(wire, None, "ship-results")
+    assert fire_and_forget is not None and "has no result topic" in fire_and_forget.verdict.reason
+    assert "misrouted" in QUARANTINED
