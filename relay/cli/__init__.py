@@ -13,14 +13,14 @@ from typing import Any
 import click
 
 from relay.cli import daemons, effects, operations
-from relay.cli.support import EXIT_USAGE, fail
+from relay.cli.support import EXIT_CODES_HELP, EXIT_USAGE, fail
 from relay.config import load_settings
 from relay.errors import RelayError
 from relay.logs import configure
 from relay.reconciler.commands import register as _register_reconciler
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES_HELP)
 @click.option(
     "--config",
     "config_path",

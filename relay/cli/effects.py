@@ -9,15 +9,13 @@ import click
 
 from relay import inspection, outbox
 from relay.cli.support import (
-    EXIT_FAILURE,
     clean_errors,
-    fail,
     json_default,
     parse_duration,
     settings_of,
 )
 from relay.db import connect
-from relay.errors import InvalidIntentError
+from relay.errors import EffectNotFoundError, InvalidIntentError
 from relay.redaction import escape_controls
 from relay.states import EffectState
 from relay.story import load_story, story_lines
@@ -104,7 +102,7 @@ def show(ctx: click.Context, operation_key: str, as_json: bool) -> None:
     with connect(settings_of(ctx), purpose="cli") as conn:
         story = load_story(conn, operation_key)
     if story is None:
-        fail(f"no effect has operation key {operation_key!r}", EXIT_FAILURE)
+        raise EffectNotFoundError(f"no effect has operation key {operation_key!r}")
     if as_json:
         click.echo(json.dumps(story, default=json_default, indent=2))
         return

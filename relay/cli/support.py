@@ -1,6 +1,17 @@
 """What every command shares: the settings, JSON output, durations, one-line errors with exit
 codes, running a daemon until a signal. Below ``relay.cli``, its command modules and the commands
-that live elsewhere (reconciler)."""
+that live elsewhere (reconciler).
+
+The exit-code contract, the same for every command (README, ``relay --help``):
+
+0  done (a daemon stopped by SIGTERM or Ctrl-C included).
+1  unexpected error: a bug, named by its type on one line (the traceback goes to the log at
+   DEBUG); and ``relay schemas --check`` when the files are stale, as ``diff`` does.
+2  refused: bad usage, configuration or input; no such effect; not permitted (the login lacks
+   a right: the line names the role to run the command with); a state that does not allow the
+   change; a schema older than the code.
+3  unavailable: PostgreSQL or Kafka could not be reached; trying again later may succeed.
+"""
 
 from __future__ import annotations
 
@@ -22,9 +33,40 @@ from relay.logs import redact
 from relay.redaction import escape_controls
 
 F = TypeVar("F", bound=Callable[..., Any])
+EXIT_OK = 0
 EXIT_FAILURE = 1
+"""Unexpected: a bug (or ``relay schemas --check`` finding stale files)."""
 EXIT_USAGE = 2
+"""Refused: usage, configuration, input, not found, not permitted, invalid transition."""
+EXIT_REFUSED = EXIT_USAGE
 EXIT_UNAVAILABLE = 3
+"""PostgreSQL or Kafka unreachable."""
+
+EXIT_CODES_HELP = """\b
+Exit codes (every command):
+  0  done
+  1  unexpected error (a bug; the traceback is logged at DEBUG),
+     or `relay schemas --check` found stale files
+  2  refused: bad usage, configuration or input; no such effect;
+     permission denied (the message names the role to use);
+     a state that does not allow the change; schema not migrated
+  3  PostgreSQL or Kafka unreachable: try again later"""
+
+# The role each command needs (docs/security.md): named when the database refuses a right.
+ROLE_OF_COMMAND = {
+    "migrate": "schema owner",
+    "roles": "schema owner",
+    "run": "relay",
+    "reconcile": "reconciler",
+    "enqueue": "application",
+    "cancel": "operator",
+    "show": "operator",
+    "list": "operator",
+    "stats": "operator",
+    "resolve": "operator",
+    "unblock": "operator",
+    "purge": "operator",
+}
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?$")
 _UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 
@@ -60,6 +102,24 @@ def fail(message: str, code: int) -> NoReturn:
     sys.exit(code)
 
 
+def permission_message(exc: BaseException) -> str:
+    """'permission denied for table attempt; run 'relay purge' with the operator role ...'."""
+    what = _first_line(exc)
+    if not what.lower().startswith("permission denied"):
+        what = f"permission denied: {what}"
+    ctx = click.get_current_context(silent=True)
+    command = ctx.info_name if ctx is not None else None
+    kind = ROLE_OF_COMMAND.get(command or "")
+    if kind == "schema owner":
+        return f"{what}; run 'relay {command}' as the owner of the relay schema (docs/security.md)"
+    if kind is not None:
+        return (
+            f"{what}; run 'relay {command}' with the {kind} role (relay_{kind} unless "
+            "'relay roles --prefix' named it otherwise; docs/security.md)"
+        )
+    return f"{what}; this login lacks a right the command needs (docs/security.md)"
+
+
 def clean_errors(func: F) -> F:
     """Turn the relay's errors and unreachable services into one line on stderr and an exit code."""
 
@@ -70,12 +130,20 @@ def clean_errors(func: F) -> F:
         except ServiceUnavailableError as exc:
             fail(_first_line(exc), EXIT_UNAVAILABLE)
         except RelayError as exc:
-            fail(str(exc), EXIT_USAGE)
+            fail(str(exc), EXIT_REFUSED)
+        except psycopg.errors.InsufficientPrivilege as exc:
+            fail(permission_message(exc), EXIT_REFUSED)
         except psycopg.OperationalError as exc:
+            if "permission denied" in str(exc):  # at connect: no CONNECT on the database
+                fail(permission_message(exc), EXIT_REFUSED)
             fail(f"PostgreSQL unavailable: {_first_line(exc)}", EXIT_UNAVAILABLE)
-        except (psycopg.errors.UndefinedTable, psycopg.errors.InvalidSchemaName) as exc:
+        except (
+            psycopg.errors.UndefinedTable,
+            psycopg.errors.UndefinedFunction,
+            psycopg.errors.InvalidSchemaName,
+        ) as exc:
             # A database the code is newer than: say what to do rather than print a traceback.
-            fail(f"{_first_line(exc)}: run 'relay migrate'", EXIT_USAGE)
+            fail(f"{_first_line(exc)}: run 'relay migrate'", EXIT_REFUSED)
         except click.exceptions.ClickException:
             raise
         except Exception as exc:

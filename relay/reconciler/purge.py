@@ -9,6 +9,10 @@ extra execution. Each batch is its own short transaction that skips rows somebod
 families they belong to), so the purge never blocks enqueue, dispatch or the reconciler. The
 keys of purged effects are remembered for ``dedupe_window_s`` (``relay.purged_key``): an
 application retrying an old intent is refused (OperationKeyConflictError), never published again.
+
+Each batch is a call of a ``SECURITY DEFINER`` function owned by the schema owner
+(``relay.purge_batch``, ``relay.purge_unattached_evidence``, ``relay.purge_forgotten_keys``:
+migration 0008), so ``relay purge`` runs under the operator role, which may delete no row itself.
 """
 
 from __future__ import annotations

@@ -209,106 +209,30 @@ SELECT (SELECT count(*) FROM gone)::bigint AS effects,
            AS evidence;
 
 -- name: purge_batch
--- One small batch of whole families past retention: an effect goes only together with every
--- compensation under it, in this one statement, and only when all of them are finished
--- (CONFIRMED, REJECTED, CANCELLED, or PUBLISHED with no result awaited: outcome_deadline is set
--- at publication when the type then had a result topic) and past retention. A compensation never
--- goes alone while its parent exists, so compensation_needs always counts it. Attempts,
--- transitions and evidence go with the effects, in the same statement. Rows locked by anyone are
--- skipped, and a family with any member locked waits for a later run, so the purge never waits
--- on the relay or on writers. (A compensation committed while this statement runs is not seen:
--- the foreign key on parent_effect_id then fails the batch, rolled back, never orphaned.)
-WITH RECURSIVE blocked(id) AS (
-    -- Every effect above a compensation that is unfinished or within retention, up to the top
-    -- of its family: compensations are few, so this is small.
-    SELECT c.parent_effect_id FROM relay.effect c
-    WHERE c.parent_effect_id IS NOT NULL
-      AND (c.updated_at >= now() - make_interval(secs => %(retention_s)s)
-           OR NOT (c.state IN ('CONFIRMED', 'REJECTED', 'CANCELLED')
-                   OR (c.state = 'PUBLISHED' AND c.outcome_deadline IS NULL)))
-    UNION
-    SELECT p.parent_effect_id FROM relay.effect p JOIN blocked b ON p.id = b.id
-    WHERE p.parent_effect_id IS NOT NULL
-), root AS MATERIALIZED (
-    -- The top effects of whole families to take, locked: a compensation is only ever attached
-    -- while its parent is locked, so none can be added to a family while it is taken.
-    SELECT r.id FROM relay.effect r
-    WHERE r.parent_effect_id IS NULL
-      AND r.updated_at < now() - make_interval(secs => %(retention_s)s)
-      AND (r.state IN ('CONFIRMED', 'REJECTED', 'CANCELLED')
-           OR (r.state = 'PUBLISHED' AND r.outcome_deadline IS NULL))
-      AND NOT EXISTS (SELECT 1 FROM blocked b WHERE b.id = r.id)
-      -- Its status events are published first: they would go with its transitions.
-      AND NOT EXISTS (SELECT 1 FROM relay.transition t WHERE t.effect_id = r.id AND t.status_pending)
-      -- A REJECTED effect parks its ordering group until `relay unblock` releases it.
-      AND NOT (r.state = 'REJECTED' AND r.ordering_group IS NOT NULL
-               AND r.group_released_at IS NULL)
-    ORDER BY r.updated_at
-    LIMIT %(limit)s
-    FOR UPDATE OF r SKIP LOCKED
-), family(id, root_id) AS (
-    SELECT id, id FROM root
-    UNION
-    SELECT c.id, f.root_id FROM relay.effect c JOIN family f ON c.parent_effect_id = f.id
-), held AS MATERIALIZED (
-    -- The compensations of those families, locked (rechecked if they changed meanwhile).
-    SELECT c.id FROM relay.effect c
-    WHERE c.id IN (SELECT f.id FROM family f WHERE f.id <> f.root_id)
-      AND c.updated_at < now() - make_interval(secs => %(retention_s)s)
-      AND (c.state IN ('CONFIRMED', 'REJECTED', 'CANCELLED')
-           OR (c.state = 'PUBLISHED' AND c.outcome_deadline IS NULL))
-      AND NOT EXISTS (SELECT 1 FROM relay.transition t WHERE t.effect_id = c.id AND t.status_pending)
-    FOR UPDATE OF c SKIP LOCKED
-), whole AS (
-    -- Families none of whose compensations was skipped.
-    SELECT f.id FROM family f
-    WHERE NOT EXISTS (
-        SELECT 1 FROM family m
-        WHERE m.root_id = f.root_id AND m.id <> m.root_id
-          AND NOT EXISTS (SELECT 1 FROM held h WHERE h.id = m.id)
-    )
-), gone AS (
-    DELETE FROM relay.effect e WHERE e.id = ANY (ARRAY(SELECT w.id FROM whole w))
-    RETURNING e.id, e.operation_key, e.effect_type, e.state
-), gone_attempts AS (
-    DELETE FROM relay.attempt a WHERE a.effect_id IN (SELECT g.id FROM gone g)
-), gone_transitions AS (
-    DELETE FROM relay.transition t WHERE t.effect_id IN (SELECT g.id FROM gone g)
-), gone_evidence AS (
-    DELETE FROM relay.evidence v WHERE v.effect_id IN (SELECT g.id FROM gone g)
-), remembered AS (
-    -- Their keys stay taken for the dedupe window: a retried old intent is refused, not sent.
-    INSERT INTO relay.purged_key (operation_key, effect_id, effect_type, final_state)
-    SELECT operation_key, id, effect_type, state FROM gone
-    ON CONFLICT (operation_key) DO UPDATE
-        SET effect_id = excluded.effect_id, effect_type = excluded.effect_type,
-            final_state = excluded.final_state, purged_at = now()
-)
-SELECT id FROM gone;
+-- One small batch of whole families: an effect goes only together with every compensation under
+-- it, in one statement, and only when all of them are finished (CONFIRMED, REJECTED, CANCELLED,
+-- or PUBLISHED with no result awaited: outcome_deadline is set at publication when the type then
+-- had a result topic) and past retention. A compensation never goes alone while its parent
+-- exists, so compensation_needs always counts it. Attempts, transitions and evidence go with the
+-- effects, in the same statement. Rows locked by anyone are skipped, and a family with any member
+-- locked waits for a later run, so the purge never waits on the relay or on writers. (A
+-- compensation committed while this statement runs is not seen: the foreign key on
+-- parent_effect_id then fails the batch, rolled back, never orphaned.) The statement is
+-- relay.purge_batch (schemas/migrations/0008_purge_function.sql), SECURITY DEFINER: the operator
+-- role purges without any right to delete rows.
+SELECT id FROM relay.purge_batch(%(retention_s)s::double precision, %(limit)s::integer) AS id;
 
 -- name: purge_forgotten_keys
--- Keys of purged effects past the dedupe window may be used again.
-WITH old AS (
-    SELECT operation_key FROM relay.purged_key
-    WHERE purged_at < now() - make_interval(secs => %(dedupe_window_s)s)
-    ORDER BY purged_at
-    LIMIT %(limit)s
-    FOR UPDATE SKIP LOCKED
-)
-DELETE FROM relay.purged_key k USING old WHERE k.operation_key = old.operation_key
-RETURNING k.operation_key;
+-- Keys of purged effects past the dedupe window may be used again (relay.purge_forgotten_keys).
+SELECT operation_key
+FROM relay.purge_forgotten_keys(%(dedupe_window_s)s::double precision, %(limit)s::integer)
+    AS operation_key;
 
 -- name: purge_unattached_evidence
--- Malformed and orphaned results past retention (they belong to no effect).
-WITH gone AS (
-    SELECT id FROM relay.evidence
-    WHERE effect_id IS NULL AND received_at < now() - make_interval(secs => %(retention_s)s)
-    ORDER BY received_at
-    LIMIT %(limit)s
-    FOR UPDATE SKIP LOCKED
-)
-DELETE FROM relay.evidence v USING gone WHERE v.id = gone.id
-RETURNING v.id;
+-- Malformed and orphaned results past retention, which belong to no effect
+-- (relay.purge_unattached_evidence).
+SELECT id
+FROM relay.purge_unattached_evidence(%(retention_s)s::double precision, %(limit)s::integer) AS id;
 
 -- name: adopt_external_id
 -- A CONFIRMED effect (by observation or an operator) learns the downstream's id of its execution.

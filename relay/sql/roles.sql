@@ -1,12 +1,35 @@
 -- The role split: one NOLOGIN role per kind of process, printed or applied by `relay roles`.
 -- Run as the owner of the relay schema (whoever ran `relay migrate`); then give each login its
--- role (GRANT <prefix>application TO app_user). The placeholders are quoted identifiers.
+-- role (GRANT <prefix>application TO app_user). The placeholders are quoted identifiers ({x})
+-- and the same names as string literals ({x_name}).
+--
+-- A role is created only when it is missing: creating one needs CREATEROLE, and on PostgreSQL
+-- 15 and older a CREATEROLE role can make itself a member of any non-superuser role
+-- (pg_execute_server_program among them). Create the roles once as an administrator; the owner
+-- then applies the grants without CREATEROLE (docs/security.md).
+
+-- name: missing_roles
+SELECT r.name FROM unnest(%(names)s::text[]) AS r(name)
+WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles p WHERE p.rolname = r.name)
+ORDER BY r.name;
 
 -- name: role_grants
-DO $$ BEGIN CREATE ROLE {application} NOLOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$;
-DO $$ BEGIN CREATE ROLE {relay} NOLOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$;
-DO $$ BEGIN CREATE ROLE {reconciler} NOLOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$;
-DO $$ BEGIN CREATE ROLE {operator} NOLOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$;
+DO $$
+DECLARE
+    r text;
+BEGIN
+    FOREACH r IN ARRAY ARRAY[{application_name}, {relay_name}, {reconciler_name},
+                             {operator_name}]::text[] LOOP
+        IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = r) THEN
+            BEGIN
+                EXECUTE format('CREATE ROLE %I NOLOGIN', r);
+            EXCEPTION WHEN duplicate_object THEN
+                NULL;  -- created meanwhile by a concurrent run
+            END;
+        END IF;
+    END LOOP;
+END
+$$;
 
 GRANT USAGE ON SCHEMA relay TO {application}, {relay}, {reconciler}, {operator};
 
@@ -35,7 +58,18 @@ GRANT INSERT, UPDATE ON relay.evidence, relay.transition TO {reconciler};
 GRANT EXECUTE ON FUNCTION relay.enqueue_compensation(bigint, integer, text, jsonb, text, text)
     TO {reconciler}, {operator};
 
--- Operators: `relay resolve` (moves, evidence, compensations), `relay cancel`, `relay purge`.
-GRANT UPDATE, DELETE ON relay.effect TO {operator};
-GRANT INSERT, UPDATE, DELETE ON relay.evidence, relay.purged_key TO {operator};
+-- Operators: `relay resolve` and `relay unblock` (moves, evidence, compensations), `relay
+-- cancel`, and `relay purge` through its SECURITY DEFINER functions (no right to delete rows).
+GRANT UPDATE ON relay.effect TO {operator};
+GRANT INSERT ON relay.evidence TO {operator};
 GRANT INSERT, UPDATE ON relay.transition TO {operator};
+GRANT EXECUTE ON FUNCTION relay.purge_batch(double precision, integer),
+    relay.purge_unattached_evidence(double precision, integer),
+    relay.purge_forgotten_keys(double precision, integer) TO {operator};
+
+-- Rights earlier versions of this script granted that no command needs: evidence is
+-- append-only for every role but the owner (the reconciler records a result's verdict on it).
+REVOKE DELETE ON relay.effect FROM {operator};
+REVOKE INSERT, UPDATE, DELETE ON relay.purged_key FROM {operator};
+REVOKE DELETE ON relay.evidence FROM {application}, {relay}, {reconciler}, {operator};
+REVOKE UPDATE ON relay.evidence FROM {application}, {relay}, {operator};

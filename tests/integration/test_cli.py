@@ -5,7 +5,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg.conninfo import make_conninfo
 
 from relay.config import Settings
 from tests import support
@@ -79,7 +84,7 @@ def test_bad_input_gets_one_clear_line(settings: Settings, tmp_path: Path) -> No
     assert_one_line_error(
         relay_cli(config, "enqueue", "email", "t", "{}", "--traceparent", "xyz"), 2, "traceparent"
     )
-    assert_one_line_error(relay_cli(config, "show", "missing"), 1, "no effect has operation key")
+    assert_one_line_error(relay_cli(config, "show", "missing"), 2, "no effect has operation key")
     assert_one_line_error(relay_cli(config, "list", "--state", "BOGUS"), 2, "Invalid value")
     assert_one_line_error(relay_cli(config, "list", "--older-than", "soon"), 2, "not a duration")
 
@@ -110,3 +115,68 @@ def test_migrate_is_safe_to_rerun(database_url: str, tmp_path: Path, prefix: str
     assert "applied 0001_initial" in first.stdout
     second = relay_cli(config, "migrate")
     assert "schema is up to date" in second.stdout
+
+
+# --- One exit-code contract (issue 18, item 8g) -----------------------------------------------
+# 0 done; 1 unexpected (a bug); 2 refused: usage, configuration, input, not found, not permitted,
+# invalid transition, schema not migrated; 3 PostgreSQL or Kafka unreachable.
+
+
+def test_a_missing_key_is_the_same_refusal_in_every_command(
+    settings: Settings, tmp_path: Path
+) -> None:
+    config = support.write_config(tmp_path / "relay.toml", settings)
+    missing = "no effect has operation key 'missing'"
+    for args in (
+        ("show", "missing"),
+        ("show", "missing", "--json"),
+        ("cancel", "missing"),
+        ("resolve", "missing", "--confirm", "--reason", "r"),
+    ):
+        assert_one_line_error(relay_cli(config, *args), 2, missing)
+    assert_one_line_error(relay_cli(config, "unblock", "nogroup", "--reason", "r"), 2, "nogroup")
+
+
+@pytest.fixture
+def nobody(settings: Settings, prefix: str) -> Iterator[str]:
+    """The URL of a login with no right in the relay schema (roles are cluster-wide: named after
+    this test, dropped after)."""
+    url = settings.require_database_url()
+    name = f"{prefix.lower()}_nobody"
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f'CREATE ROLE "{name}" LOGIN')
+    try:
+        yield make_conninfo(url, user=name)
+    finally:
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(f'DROP OWNED BY "{name}"')
+            conn.execute(f'DROP ROLE "{name}"')
+
+
+def test_a_permission_error_names_the_role_to_use(
+    settings: Settings, nobody: str, tmp_path: Path
+) -> None:
+    as_nobody = settings.model_copy(update={"database_url": nobody})
+    config = support.write_config(tmp_path / "relay.toml", as_nobody)
+    for args, role in (
+        (("stats",), "with the operator role"),
+        (("list",), "with the operator role"),
+        (("show", "k"), "with the operator role"),
+        (("purge", "--older-than", "1d"), "with the operator role"),
+        (("cancel", "k"), "with the operator role"),
+        (("resolve", "k", "--reject", "--reason", "r"), "with the operator role"),
+        (("unblock", "g", "--reason", "r"), "with the operator role"),
+        (("migrate",), "as the owner of the relay schema"),
+    ):
+        result = relay_cli(config, *args)
+        assert_one_line_error(result, 2, "error: permission denied")
+        assert f"run 'relay {args[0]}' {role}" in result.stderr, result.stderr
+        assert "unexpected" not in result.stderr and len(result.stderr.splitlines()) == 1
+
+
+def test_the_exit_codes_are_in_the_help() -> None:
+    shown = relay_cli(None, "--help")
+    assert shown.returncode == 0
+    text = " ".join(shown.stdout.split())
+    for line in ("0 done", "1 unexpected error", "2 refused", "3 PostgreSQL or Kafka unreachable"):
+        assert line in text, shown.stdout

@@ -4,11 +4,13 @@ relay and reconciler roles do their whole job with the rights they are given."""
 from __future__ import annotations
 
 import json
+import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import psycopg
 import pytest
-from psycopg.conninfo import make_conninfo
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 import relay
 from relay.config import Settings
@@ -112,3 +114,209 @@ def test_role_prefixes_are_checked(rsettings: Settings) -> None:
     for bad in ("Relay", "x; DROP", "a" * 50, ""):
         with pytest.raises(ConfigError):
             role_names(bad)
+
+
+# --- Every documented command under exactly its role (issue 18, item 6) ----------------------
+
+
+@pytest.fixture
+def owner_setup(services: Services, prefix: str) -> Iterator[dict[str, str]]:
+    """A fresh database whose relay schema belongs to a plain login (no superuser, no
+    CREATEROLE), the four roles created beforehand by an administrator (without any grant), and
+    a login of each kind. Returns the URL of each login, ``owner`` included."""
+    server = services.database_url
+    url = support.create_database(server)
+    role_prefix = f"{prefix.lower()}_"
+    names = role_names(role_prefix)
+    owner = f"{role_prefix}owner"
+    dbname = conninfo_to_dict(url)["dbname"]
+    with psycopg.connect(server, autocommit=True) as conn:
+        conn.execute(f'CREATE ROLE "{owner}" LOGIN NOCREATEROLE NOSUPERUSER')
+        conn.execute(f'GRANT CREATE ON DATABASE "{dbname}" TO "{owner}"')
+        for role in names.values():
+            conn.execute(f'CREATE ROLE "{role}" NOLOGIN')
+            conn.execute(f'CREATE ROLE "{role}_login" LOGIN IN ROLE "{role}"')
+    try:
+        logins = {kind: make_conninfo(url, user=f"{role}_login") for kind, role in names.items()}
+        yield {**logins, "owner": make_conninfo(url, user=owner), "prefix": role_prefix}
+    finally:
+        support.drop_database(url)
+        with psycopg.connect(server, autocommit=True) as conn:
+            for name in [*(f"{r}_login" for r in names.values()), *names.values(), owner]:
+                conn.execute(f'DROP ROLE IF EXISTS "{name}"')
+
+
+def _settings_as(url: str, services: Services, prefix: str) -> Settings:
+    """The reconciler tests' settings (short timers), plus a type whose result never comes in
+    time (1 s, and no observer: it ends STUCK), against ``url``; the database is not touched."""
+    types = h.wire_types(prefix)
+    types["slow"] = {
+        "topic": f"{prefix}.slow",
+        "idempotent": True,
+        "result_topic": f"{prefix}.wire-results",
+        "outcome_timeout_s": 1,
+    }
+    return support.make_settings(
+        url,
+        services.kafka_bootstrap_servers,
+        prefix,
+        effect_types=types,
+        reconcile_group_id=f"{prefix}-reconciler",
+        reconcile_interval_s=0.2,
+        observe_backoff_s=0.2,
+        observe_backoff_max_s=1.0,
+        observe_max_tries=3,
+        status_topic=f"{prefix}.status",
+        poll_interval_s=0.2,
+    )
+
+
+def _ok(result: subprocess.CompletedProcess[str], what: str) -> str:
+    assert result.returncode == 0, f"{what}: exit {result.returncode}\n{result.stderr}"
+    return result.stdout
+
+
+def test_roles_apply_needs_no_createrole_when_the_roles_exist(
+    owner_setup: dict[str, str], services: Services, prefix: str, tmp_path: Path
+) -> None:
+    as_owner = support.write_config(
+        tmp_path / "owner.toml", _settings_as(owner_setup["owner"], services, prefix)
+    )
+    _ok(support.run_cli(as_owner, "migrate"), "migrate as the owner")
+    applied = support.run_cli(as_owner, "roles", "--apply", "--prefix", owner_setup["prefix"])
+    _ok(applied, "roles --apply as an owner without CREATEROLE")
+    assert f"{owner_setup['prefix']}operator" in applied.stdout
+    # Applying again changes nothing and still needs nothing more.
+    _ok(support.run_cli(as_owner, "roles", "--apply", "--prefix", owner_setup["prefix"]), "again")
+
+
+def test_a_missing_role_still_needs_createrole(
+    owner_setup: dict[str, str], services: Services, prefix: str, tmp_path: Path
+) -> None:
+    as_owner = support.write_config(
+        tmp_path / "owner.toml", _settings_as(owner_setup["owner"], services, prefix)
+    )
+    _ok(support.run_cli(as_owner, "migrate"), "migrate as the owner")
+    refused = support.run_cli(as_owner, "roles", "--apply", "--prefix", f"{prefix.lower()}_x_")
+    assert refused.returncode == 2, refused.stderr
+    assert refused.stderr.startswith("error: permission denied"), refused.stderr
+    assert "CREATEROLE" in refused.stderr
+
+
+def test_every_documented_command_runs_under_exactly_its_role(
+    owner_setup: dict[str, str], services: Services, prefix: str, tmp_path: Path
+) -> None:
+    """migrate (owner); run (relay); reconcile (reconciler); purge, resolve, cancel, unblock,
+    list, show, stats (operator): each succeeds and does its job under its own login."""
+    bootstrap = services.kafka_bootstrap_servers
+    as_kind = {
+        kind: _settings_as(owner_setup[kind], services, prefix)
+        for kind in ("owner", "relay", "reconciler", "operator")
+    }
+    topics = {s.topic for s in as_kind["owner"].effect_types.values()}
+    topics |= {s.result_topic for s in as_kind["owner"].effect_types.values() if s.result_topic}
+    h.create_topics(bootstrap, sorted(topics | {as_kind["owner"].status_topic}))
+    owner_cfg = support.write_config(tmp_path / "owner.toml", as_kind["owner"])
+    operator_cfg = support.write_config(tmp_path / "operator.toml", as_kind["operator"])
+
+    def operator(*args: str) -> str:
+        return _ok(support.run_cli(operator_cfg, *args), f"relay {' '.join(args)} as operator")
+
+    assert "applied" in _ok(support.run_cli(owner_cfg, "migrate"), "migrate as the owner")
+    _ok(support.run_cli(owner_cfg, "roles", "--apply", "--prefix", owner_setup["prefix"]), "roles")
+    url = owner_setup["owner"]  # reading the books as the owner
+
+    with psycopg.connect(owner_setup["application"], autocommit=True) as app:
+        relay.enqueue(app, "wire", "done-1", WIRE)
+        relay.enqueue(app, "wire", "gone-1", {**WIRE, "amount": 2})
+        relay.enqueue(app, "wire", "rej-1", {**WIRE, "amount": 3}, ordering_group="g1")
+        relay.enqueue(app, "wire", "late-1", {**WIRE, "amount": 4}, ordering_group="g1")
+        relay.enqueue(app, "slow", "slow-1", {"n": 1})
+    # cancel: before any relay runs, so gone-1 is still PENDING.
+    assert "cancelled: gone-1" in operator("cancel", "gone-1", "--reason", "not wanted")
+
+    with (
+        support.running(Relay(as_kind["relay"])),
+        h.running_reconciler(as_kind["reconciler"]),
+    ):
+        published = ("done-1", "rej-1")
+        support.wait_for(
+            lambda: h.states(url, published) == dict.fromkeys(published, "PUBLISHED"),
+            60,
+            "publication",
+        )
+        h.produce(
+            bootstrap,
+            f"{prefix}.wire-results",
+            [h.result("done-1", external_id="bank-1"), h.result("rej-1", outcome="rejected")],
+        )
+        support.wait_for(lambda: h.state(url, "done-1") == "CONFIRMED", 60, "confirmation")
+        support.wait_for(lambda: h.state(url, "rej-1") == "REJECTED", 60, "rejection")
+        # No result within 1 s: UNKNOWN, and STUCK at once (no observer): a person decides.
+        support.wait_for(lambda: h.state(url, "slow-1") == "STUCK", 60, "slow-1 STUCK")
+
+        listed = operator("list", "--state", "PARKED")
+        assert "late-1" in listed
+        assert "CONFIRMED" in operator("show", "done-1")
+        assert "wire" in operator("stats")
+        resolved = operator("resolve", "slow-1", "--reject", "--reason", "never ran")
+        assert "slow-1: REJECTED" in resolved
+        unblocked = operator("unblock", "g1", "--reason", "bad account")
+        assert "released from rej-1" in unblocked
+        support.wait_for(lambda: h.state(url, "late-1") == "PUBLISHED", 60, "late-1 published")
+        support.wait_for(lambda: support.status_backlog(url) == 0, 60, "status events sent")
+
+    removed = operator("purge", "--older-than", "0s")
+    assert "removed" in removed
+    left = {key: h.state(url, key) for key in ("done-1", "gone-1", "slow-1", "rej-1", "late-1")}
+    # Finished effects are gone (None), with their attempts, transitions and evidence; the one
+    # awaiting its result stays.
+    assert left == {
+        "done-1": None,
+        "gone-1": None,
+        "slow-1": None,
+        "rej-1": None,
+        "late-1": "PUBLISHED",
+    }, removed
+    with psycopg.connect(url) as conn:
+        kept = conn.execute(
+            "SELECT (SELECT count(*) FROM relay.attempt), (SELECT count(*) FROM relay.evidence),"
+            " (SELECT count(*) FROM relay.purged_key)"
+        ).fetchone()
+    assert kept is not None and kept[2] == 4
+
+
+def test_evidence_is_append_only_for_every_role_but_the_owner(
+    owner_setup: dict[str, str], services: Services, prefix: str, tmp_path: Path
+) -> None:
+    as_owner = support.write_config(
+        tmp_path / "owner.toml", _settings_as(owner_setup["owner"], services, prefix)
+    )
+    _ok(support.run_cli(as_owner, "migrate"), "migrate")
+    _ok(support.run_cli(as_owner, "roles", "--apply", "--prefix", owner_setup["prefix"]), "roles")
+    with psycopg.connect(owner_setup["owner"], autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO relay.evidence (kind, verdict, actor) VALUES ('result', 'orphaned', 'z')"
+        )
+    allowed: list[str] = []
+    for kind in ("application", "relay", "reconciler", "operator"):
+        statements = ["DELETE FROM relay.evidence"]
+        if kind != "reconciler":  # it records the verdict of a result it applies
+            statements.append("UPDATE relay.evidence SET actor = 'someone else'")
+        with psycopg.connect(owner_setup[kind], autocommit=True) as conn:
+            for statement in statements:
+                try:
+                    conn.execute(statement)
+                    allowed.append(f"{kind}: {statement}")
+                except psycopg.errors.InsufficientPrivilege:
+                    pass
+    assert allowed == [], "evidence is not append-only"
+    # The purge's functions: the operator's (and the owner's) only.
+    for kind in ("application", "relay", "reconciler"):
+        with (
+            psycopg.connect(owner_setup[kind], autocommit=True) as conn,
+            pytest.raises(psycopg.errors.InsufficientPrivilege),
+        ):
+            conn.execute("SELECT * FROM relay.purge_batch(0, 10)")
+    with psycopg.connect(owner_setup["operator"], autocommit=True) as conn:
+        assert conn.execute("SELECT * FROM relay.purge_batch(0, 10)").fetchall() == []

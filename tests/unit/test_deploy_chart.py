@@ -213,6 +213,41 @@ def test_secrets_come_from_existing_secrets_only(full: list[dict[str, Any]]) -> 
     assert not by_kind(full, "Secret")
 
 
+def test_each_workload_logs_in_with_its_own_database_secret() -> None:
+    """The role split (docs/security.md): migrate as the schema owner, the relay and the
+    reconciler each under its own role, from a Secret (and key) of its own."""
+    per_role = render(
+        "-f",
+        FULL,
+        "--set",
+        "database.migrate.existingSecret=relay-db-owner",
+        "--set",
+        "database.relay.existingSecret=relay-db-relay",
+        "--set",
+        "database.relay.urlKey=url",
+        "--set",
+        "database.reconciler.existingSecret=relay-db-reconciler",
+    )
+    expected = {
+        ("Job", "migrate"): {"name": "relay-db-owner", "key": "database-url"},
+        ("StatefulSet", "relay"): {"name": "relay-db-relay", "key": "url"},
+        ("Deployment", "reconciler"): {"name": "relay-db-reconciler", "key": "database-url"},
+    }
+    for (kind, component), ref in expected.items():
+        container = pod_spec(one(per_role, kind, component))["containers"][0]
+        assert env_of(container)["RELAY_DATABASE_URL"]["valueFrom"]["secretKeyRef"] == ref
+    # Unset, a workload falls back to database.existingSecret (one login for all, as before).
+    partly = render("-f", FULL, "--set", "database.relay.existingSecret=relay-db-relay")
+    shared = {"name": "relay-database", "key": "database-url"}
+    for kind, component in (("Job", "migrate"), ("Deployment", "reconciler")):
+        container = pod_spec(one(partly, kind, component))["containers"][0]
+        assert env_of(container)["RELAY_DATABASE_URL"]["valueFrom"]["secretKeyRef"] == shared
+    relay_pod = pod_spec(one(partly, "StatefulSet", "relay"))["containers"][0]
+    assert env_of(relay_pod)["RELAY_DATABASE_URL"]["valueFrom"]["secretKeyRef"]["name"] == (
+        "relay-db-relay"
+    )
+
+
 def test_the_rendered_config_is_valid_for_the_relay(
     full: list[dict[str, Any]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -369,6 +404,8 @@ def test_schema_effect_types_cover_every_field_of_an_effect_type() -> None:
         (["--set", "config.database_url=postgresql://u:p@db/x"], "database_url"),
         (["--set", "kafka.sasl.mechanism=SCRAM"], "mechanism"),
         (["--set", "database.existingSecret="], "existingSecret"),
+        (["--set", "database.relay.existingSecret=Not_A_Name"], "existingSecret"),
+        (["--set", "database.owner.existingSecret=x"], "owner"),
         (["--set", "effectTypes.wire.topic=payments.wires"], "effectTypes"),
         (["--set", "image.pullPolicy=Sometimes"], "pullPolicy"),
         (["--set", "config.batch_size=0"], "batch_size"),

@@ -91,41 +91,45 @@ capabilities:
   drop: ["ALL"]
 {{- end -}}
 
-{{/* Environment every container shares: the config file, the secrets, and the metrics address. */}}
+{{/* Environment every container shares: the config file, the secrets, and the metrics address.
+Called with (dict "root" $ "workload" "migrate"|"relay"|"reconciler"): each workload logs in to
+PostgreSQL with its own Secret (database.<workload>), else with database.existingSecret. */}}
 {{- define "outbox-relay.env" -}}
+{{- $db := .root.Values.database -}}
+{{- $own := default dict (index $db .workload) -}}
 - name: RELAY_CONFIG
   value: /etc/relay/config/relay.toml
 - name: RELAY_DATABASE_URL
   valueFrom:
     secretKeyRef:
-      name: {{ required "database.existingSecret: name the Secret holding the PostgreSQL URL" .Values.database.existingSecret | quote }}
-      key: {{ .Values.database.urlKey | quote }}
-{{- if .Values.kafka.sasl.enabled }}
+      name: {{ required (printf "database.%s.existingSecret or database.existingSecret: name the Secret holding the PostgreSQL URL" .workload) (default $db.existingSecret $own.existingSecret) | quote }}
+      key: {{ default $db.urlKey $own.urlKey | quote }}
+{{- if .root.Values.kafka.sasl.enabled }}
 - name: RELAY_KAFKA_SASL_USERNAME
   valueFrom:
     secretKeyRef:
-      name: {{ required "kafka.sasl.existingSecret: name the Secret holding the SASL credentials" .Values.kafka.sasl.existingSecret | quote }}
-      key: {{ .Values.kafka.sasl.usernameKey | quote }}
+      name: {{ required "kafka.sasl.existingSecret: name the Secret holding the SASL credentials" .root.Values.kafka.sasl.existingSecret | quote }}
+      key: {{ .root.Values.kafka.sasl.usernameKey | quote }}
 - name: RELAY_KAFKA_SASL_PASSWORD
   valueFrom:
     secretKeyRef:
-      name: {{ .Values.kafka.sasl.existingSecret | quote }}
-      key: {{ .Values.kafka.sasl.passwordKey | quote }}
+      name: {{ .root.Values.kafka.sasl.existingSecret | quote }}
+      key: {{ .root.Values.kafka.sasl.passwordKey | quote }}
 {{- end }}
-{{- if .Values.kafka.tls.enabled }}
+{{- if .root.Values.kafka.tls.enabled }}
 - name: RELAY_KAFKA_SSL_CAFILE
-  value: /etc/relay/kafka-ca/{{ .Values.kafka.tls.caKey }}
-{{- if .Values.kafka.tls.clientSecret }}
+  value: /etc/relay/kafka-ca/{{ .root.Values.kafka.tls.caKey }}
+{{- if .root.Values.kafka.tls.clientSecret }}
 - name: RELAY_KAFKA_SSL_CERTFILE
   value: /etc/relay/kafka-client/tls.crt
 - name: RELAY_KAFKA_SSL_KEYFILE
   value: /etc/relay/kafka-client/tls.key
-{{- if .Values.kafka.tls.clientKeyPasswordKey }}
+{{- if .root.Values.kafka.tls.clientKeyPasswordKey }}
 - name: RELAY_KAFKA_SSL_PASSWORD
   valueFrom:
     secretKeyRef:
-      name: {{ .Values.kafka.tls.clientSecret | quote }}
-      key: {{ .Values.kafka.tls.clientKeyPasswordKey | quote }}
+      name: {{ .root.Values.kafka.tls.clientSecret | quote }}
+      key: {{ .root.Values.kafka.tls.clientKeyPasswordKey | quote }}
 {{- end }}
 {{- end }}
 {{- end }}
@@ -133,9 +137,9 @@ capabilities:
 - name: RELAY_METRICS_HOST
   value: "0.0.0.0"
 - name: RELAY_METRICS_PORT
-  value: {{ .Values.metrics.relayPort | quote }}
+  value: {{ .root.Values.metrics.relayPort | quote }}
 - name: RELAY_RECONCILE_METRICS_PORT
-  value: {{ .Values.metrics.reconcilerPort | quote }}
+  value: {{ .root.Values.metrics.reconcilerPort | quote }}
 {{- end -}}
 
 {{- define "outbox-relay.volumeMounts" -}}
