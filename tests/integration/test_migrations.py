@@ -18,10 +18,11 @@ from tests import support
 def test_a_long_reader_delays_enqueues_by_one_lock_timeout_at_most(
     database_url: str, services: Services, prefix: str
 ) -> None:
-    last = available()[-1].version
+    # 0007 alters relay.effect: the reader's lock stands in its way.
+    before = next(m.version for m in available() if m.name == "application_isolation") - 1
     settings = support.make_settings(database_url, services.kafka_bootstrap_servers, prefix)
     with psycopg.connect(database_url, autocommit=True) as conn:
-        migrate(conn, target=last - 1)
+        migrate(conn, target=before)
         sync_effect_types(conn, settings)
     reader = psycopg.connect(database_url)
     reader.execute("SELECT count(*) FROM relay.effect")  # holds its lock until it ends
@@ -49,4 +50,4 @@ def test_a_long_reader_delays_enqueues_by_one_lock_timeout_at_most(
     reader.close()
     with psycopg.connect(database_url, autocommit=True) as conn:
         applied = migrate(conn, lock_timeout_s=0.5, tries=3)
-        assert [m.version for m in applied] == [last]
+        assert [m.version for m in applied] == [m.version for m in available()][before:]
