@@ -20,9 +20,9 @@ from kafka.admin import KafkaAdminClient, NewTopic
 
 from relay.config import Settings, load_settings
 from relay.devtools.services import local_services
-from relay.dispatch.daemon import VERIFY_ROUND
 from relay.dispatch.lookup import Absent, Found, Wanted, find_attempt, find_attempts, open_consumer
 from relay.dispatch.transactions import commit
+from relay.dispatch.verifier import VERIFY_ROUND
 from relay.headers import dispatch_headers
 from relay.kafka_client import make_producer
 

@@ -1,11 +1,12 @@
 """``relay run``: claim PENDING effects, publish them, record how each attempt ended.
 
-A pipeline of stages (``stage.py``): the claimer commits each batch's claim before any
-publish and keeps the next batch ready; this loop publishes a batch in one Kafka transaction and
-waits for every record's own answer; the marker records the outcomes with compare-and-set on
-this replica's owner/epoch while the next batch is already in flight. Housekeeping (heartbeat,
-lease expiry, checks of ambiguous publishes) runs here between batches, and the status-event
-stage (``status_events.py``) publishes the transitions log. Outages of PostgreSQL or Kafka
+A pipeline of stages (``stage.py``): the claimer (``claimer.py``) commits each batch's claim
+before any publish and keeps the next batch ready; this loop publishes a batch in one Kafka
+transaction and waits for every record's own answer; the marker (``marker.py``) records the
+outcomes with compare-and-set on this replica's owner/epoch while the next batch is already in
+flight. Housekeeping (heartbeat, lease expiry, and the verifier's rounds, ``verifier.py``, which
+check ambiguous publishes) runs here between batches, and the status-event stage
+(``status_events.py``) publishes the transitions log. Outages of PostgreSQL or Kafka
 are waited out with backoff; an ambiguous publish is recorded as UNKNOWN and never re-sent blindly.
 """
 
@@ -17,8 +18,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
-from datetime import datetime
-from typing import Any, NamedTuple
+from typing import Any
 
 import psycopg
 from kafka import KafkaProducer
@@ -27,47 +27,33 @@ from kafka import errors as kerr
 from relay import db, observability, tracing
 from relay.backoff import Backoff
 from relay.config import Settings
-from relay.dispatch.lookup import Absent, Found, Wanted, find_attempts, open_consumer
+from relay.dispatch.claimer import Claimer
+from relay.dispatch.marker import Marker
 from relay.dispatch.outcomes import AttemptOutcome
 from relay.dispatch.publisher import (
     ClaimedEffect,
     PublishResult,
+    ack_latencies_s,
     publish_batch,
     publish_batch_transactional,
 )
-from relay.dispatch.stage import Claimed, Claimer, Held, Identity, Marker, expire_leases, released
+from relay.dispatch.stage import Claimed, Held, Identity, expire_leases, released
 from relay.dispatch.status_events import StatusPublisher
-from relay.dispatch.transactions import fence, transactional_id
+from relay.dispatch.transactions import transactional_id
+from relay.dispatch.verifier import Verifier
 from relay.errors import RelayError, ServiceUnavailableError, describe
 from relay.kafka_client import close_quietly, make_producer
 from relay.migrations import check_current, sync_effect_types
 from relay.sql import query
-from relay.states import EffectState
 
 log = logging.getLogger(__name__)
 
 HEARTBEAT_EVERY_S = 5.0
-VERIFY_EVERY_S = 1.0
-VERIFY_ROUND = 200  # UNKNOWN publishes checked per round, with one read of their window
 TAKE_WAIT_S = 0.1  # longest wait for the next claimed batch before housekeeping runs again
 
 
 class ReplicaFencedError(RelayError):
     """Another process registered this replica id after us: we must stop touching the outbox."""
-
-
-class _Check(NamedTuple):
-    """An UNKNOWN attempt claimed for a check (columns of claim_verifications)."""
-
-    effect_id: int
-    key: str
-    message_key: str
-    topic: str
-    attempt: int
-    tries: int
-    replica: str
-    replica_epoch: int
-    started_at: datetime
 
 
 class Relay:
@@ -82,12 +68,12 @@ class Relay:
         self._producer: KafkaProducer | None = None
         self._last_heartbeat = 0.0
         self._last_expiry = 0.0
-        self._last_verify = 0.0
         self._held = Held()
         self._stages_stop = threading.Event()
         self._claimer: Claimer | None = None
         self._marker: Marker | None = None
         self._status: StatusPublisher | None = None
+        self._verifier: Verifier | None = None
         self.published_total = 0
         self.outcomes: Counter[str] = Counter()
 
@@ -164,6 +150,9 @@ class Relay:
     def _start_stages(self) -> None:
         who = Identity(self.replica_id, self.epoch)
         stop = self._stages_stop
+        self._verifier = Verifier(
+            self.settings, who, producer_ready=lambda: self._producer is not None, stop=self._stop
+        )
         self._claimer = Claimer(self.settings, who, self._held, stop)
         self._marker = Marker(self.settings, who, self._held, stop)
         self._status = StatusPublisher(self.settings, who, self._held, stop)
@@ -234,7 +223,7 @@ class Relay:
             self._heartbeat()
         if now - self._last_expiry >= min(5.0, self.settings.lease_s / 4):
             self._expire_leases()
-        if self.settings.kafka_transactions and now - self._last_verify >= VERIFY_EVERY_S:
+        if self.settings.kafka_transactions:
             self._verify_due()
         assert self._claimer is not None
         batch = self._claimer.take(TAKE_WAIT_S)
@@ -246,7 +235,7 @@ class Relay:
         so that their budget runs out and they go STUCK instead of waiting unseen forever."""
         if not self.settings.kafka_transactions or self.stopping:
             return
-        if time.monotonic() - self._last_verify < VERIFY_EVERY_S:
+        if self._verifier is not None and not self._verifier.due():
             return
         try:
             self._ensure_connected()
@@ -256,152 +245,10 @@ class Relay:
             self._drop_database()
 
     def _verify_due(self) -> None:
-        """Resolve UNKNOWN publishes by looking in Kafka (see lookup.py), a round at a time."""
-        assert self._conn is not None
-        self._last_verify = time.monotonic()
-        rows = self._conn.execute(
-            query("claim_verifications"),
-            {
-                "owner": self.replica_id,
-                "epoch": self.epoch,
-                "lease_s": self.settings.lease_s,
-                "limit": VERIFY_ROUND,
-            },
-        ).fetchall()
-        if not rows:
-            return
-        checks = [_Check(*row) for row in rows]
-        refs = [tracing.EffectRef(c.key, c.effect_id) for c in checks] if tracing.enabled() else []
-        with tracing.span("relay.verification_round", refs) as span:
-            answers = self._check_round(checks)
-            span.set_attribute("relay.found", sum(isinstance(a, Found) for a in answers.values()))
-        for check in checks:
-            self._finish_check(check, answers[check.effect_id])
-        if len(rows) == VERIFY_ROUND:
-            self._last_verify = 0.0  # more are due: the next cycle goes on at once
-
-    def _check_round(self, checks: Sequence[_Check]) -> dict[int, Found | Absent | str]:
-        """A verdict per effect, or why Kafka could not be asked (after one such failure the
-        rest of the round is rescheduled at once instead of each waiting out its timeout)."""
-        if self.stopping:
-            return {c.effect_id: "the relay is stopping" for c in checks}
-        try:
-            consumer = open_consumer(self.settings)
-        except kerr.KafkaError as exc:
-            return {c.effect_id: describe(exc) for c in checks}
-        answers: dict[int, Found | Absent | str] = {}
-        down: str | None = None
-        try:
-            ready: list[_Check] = []
-            for replica in sorted({c.replica for c in checks}):
-                theirs = [c for c in checks if c.replica == replica]
-                why = down or self._fence_for_check(replica)
-                if why is None:
-                    ready.extend(theirs)
-                    continue
-                answers.update((c.effect_id, why) for c in theirs)
-                if replica != self.replica_id:
-                    down = why
-            by_topic: dict[str, list[_Check]] = {}
-            for c in ready:
-                by_topic.setdefault(c.topic, []).append(c)
-            for topic, group in by_topic.items():
-                wanted = {
-                    Wanted(c.message_key, c.effect_id, c.attempt, c.started_at): c for c in group
-                }
-                if down is None:
-                    try:
-                        found = find_attempts(
-                            consumer,
-                            self.settings,
-                            topic,
-                            list(wanted),
-                            self.settings.publish_timeout_s,
-                        )
-                    except (kerr.KafkaError, OSError) as exc:
-                        down = describe(exc)
-                    else:
-                        answers.update((c.effect_id, found[w]) for w, c in wanted.items())
-                        continue
-                answers.update((c.effect_id, down) for c in group)
-        finally:
-            consumer.close()
-        return answers
-
-    def _fence_for_check(self, replica: str) -> str | None:
-        """Make sure the producer that made these attempts can no longer commit; or say why not.
-
-        Our own initialised producer fenced our earlier ones. Another replica's is fenced here,
-        or its open transaction could commit after we looked."""
-        if replica == self.replica_id:
-            return (
-                None
-                if self._producer is not None
-                else ("this replica's producer is not initialised yet")
-            )
-        try:
-            fence(self.settings, replica)
-        except (kerr.KafkaError, OSError) as exc:
-            return describe(exc)
-        return None
-
-    def _finish_check(self, check: _Check, answer: Found | Absent | str) -> None:
-        """Record the check: PUBLISHED, PENDING (absent), or UNKNOWN again and later STUCK."""
-        assert self._conn is not None
-        key, effect_id, attempt, tries = check.key, check.effect_id, check.attempt, check.tries
-        base = {
-            "id": effect_id,
-            "attempt": attempt,
-            "owner": self.replica_id,
-            "epoch": self.epoch,
-            "partition": None,
-            "offset": None,
-            "retry_in_s": 0.0,
-        }
-        if isinstance(answer, str):
-            give_up = tries + 1 >= self.settings.verify_max_tries
-            retry_in = min(self.settings.verify_backoff_max_s, 2.0 * 2 ** min(tries, 16))
-            why = f"check {tries + 1} of attempt {attempt} could not be made: {answer}"
-            params = {
-                **base,
-                "state": EffectState.STUCK.value if give_up else EffectState.UNKNOWN.value,
-                "reason": (f"{why}; {tries + 1} checks failed, a person decides")
-                if give_up
-                else why,
-                "verification": why,
-                "retry_in_s": retry_in,
-            }
-            log.warning(why, extra={"operation_key": key, "effect_id": effect_id})
-        else:
-            if isinstance(answer, Found):
-                found = f"found at partition {answer.partition} offset {answer.offset}"
-                params = {
-                    **base,
-                    "state": EffectState.PUBLISHED.value,
-                    "reason": f"verified in Kafka: attempt {attempt} {found}",
-                    "verification": found,
-                    "partition": answer.partition,
-                    "offset": answer.offset,
-                }
-            else:
-                absent = (
-                    f"absent: not among {answer.scanned} committed records of the attempt's "
-                    f"window in {answer.partitions} partitions, after fencing its producer"
-                )
-                params = {
-                    **base,
-                    "state": EffectState.PENDING.value,
-                    "reason": f"verified absent from Kafka; attempt {attempt} published "
-                    "nothing, a new attempt may be made",
-                    "verification": absent,
-                }
-            log.info(
-                "verified an ambiguous publish: %s",
-                params["verification"],
-                extra={"operation_key": key, "effect_id": effect_id, "attempt": attempt},
-            )
-        moved = self._conn.execute(query("finish_verification"), params).fetchone()
-        observability.record_verification(str(params["state"]), int(moved[0]) if moved else 0)
+        """A round of the verifier, when one is due."""
+        assert self._conn is not None and self._verifier is not None
+        if self._verifier.due():
+            self._verifier.run_once(self._conn)
 
     def _heartbeat(self) -> None:
         assert self._conn is not None
@@ -482,7 +329,7 @@ class Relay:
             # After an error in flight the producer's sequence state cannot be trusted (and
             # kafka-python may have put it in a fatal state): start a new one, with a new epoch.
             self._drop_producer()
-        observability.record_publish(results)
+        observability.record_publish(counts, ack_latencies_s(results))
 
     def _submit_outcomes(self, results: Sequence[PublishResult], claimed_at: float) -> None:
         """Hand the outcomes to the marker (a seam for tests that lose them on purpose)."""

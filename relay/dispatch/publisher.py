@@ -1,4 +1,8 @@
-"""The Kafka side of the relay: one producer, and one batch published with every future checked."""
+"""The Kafka side of the relay: one producer, and one batch published with every future checked.
+
+What a claimed effect becomes in Kafka (topic, key, value, headers, partition) is decided by
+:func:`build_record`, a pure function; sending it and classifying each answer is the rest.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from kafka import KafkaProducer
@@ -70,6 +74,58 @@ def estimated_record_size(key: bytes, value: bytes, headers: list[tuple[str, byt
     return 61 + 21 + len(key) + len(value) + header_bytes
 
 
+@dataclass(frozen=True)
+class Record:
+    """A dispatch message as it goes to Kafka."""
+
+    topic: str
+    key: bytes
+    value: bytes
+    headers: list[tuple[str, bytes]]
+    partition: int | None = None  # None: the producer's partitioner picks one from the key
+
+    def estimated_size(self) -> int:
+        return estimated_record_size(self.key, self.value, self.headers)
+
+
+def build_record(
+    effect: ClaimedEffect, *, source: str, partitions: set[int] | None = None
+) -> Record:
+    """The record of one attempt: key = the message key, value = the payload, CloudEvents and
+    relay headers. ``partitions`` (the topic's) matter only for an effect of an ordering group:
+    its record goes to the group's partition (without them, the partitioner picks one)."""
+    headers = dispatch_headers(
+        effect_id=effect.id,
+        effect_type=effect.effect_type,
+        attempt=effect.attempt,
+        created_at=effect.created_at,
+        source=source,
+        business_key=effect.business_key,
+        traceparent=effect.traceparent,
+        ordering_group=effect.ordering_group,
+    )
+    partition = None
+    if effect.ordering_group is not None:
+        partition = group_partition(effect.ordering_group, partitions)
+    return Record(
+        effect.topic, effect.message_key.encode(), effect.payload.encode(), headers, partition
+    )
+
+
+def ack_latencies_s(results: Sequence[PublishResult], now: datetime | None = None) -> list[float]:
+    """Seconds from enqueue (the effect's created_at, database clock) to now, per acked attempt;
+    negative when the database's clock runs ahead of ours."""
+    now = now or datetime.now(UTC)
+    latencies = []
+    for result in results:
+        if result.outcome is AttemptOutcome.ACKED:
+            created = result.effect.created_at
+            if created.tzinfo is None:  # the column is timestamptz; be safe with naive values
+                created = created.replace(tzinfo=UTC)
+            latencies.append((now - created).total_seconds())
+    return latencies
+
+
 def _send_all(
     producer: KafkaProducer,
     batch: Sequence[ClaimedEffect],
@@ -90,18 +146,8 @@ def _send_all(
             verdict = unavailable[effect.topic]
             results[index] = PublishResult(effect, verdict.outcome, verdict.reason)
             continue
-        headers = dispatch_headers(
-            effect_id=effect.id,
-            effect_type=effect.effect_type,
-            attempt=effect.attempt,
-            created_at=effect.created_at,
-            source=source,
-            business_key=effect.business_key,
-            traceparent=effect.traceparent,
-            ordering_group=effect.ordering_group,
-        )
-        key, value = effect.message_key.encode(), effect.payload.encode()
-        size = estimated_record_size(key, value, headers)
+        record = build_record(effect, source=source)
+        size = record.estimated_size()
         if size > limit_bytes:
             reason = (
                 f"refused by the relay: a record of about {size} bytes exceeds the limit of "
@@ -110,13 +156,16 @@ def _send_all(
             results[index] = PublishResult(effect, AttemptOutcome.REJECTED, reason)
             continue
         try:
-            partition = None
             if effect.ordering_group is not None:
-                partition = group_partition(
-                    effect.ordering_group, producer.partitions_for(effect.topic)
-                )
+                # Asked only for a record that will be sent: the topic's metadata can take a while.
+                partitions = producer.partitions_for(effect.topic)
+                record = build_record(effect, source=source, partitions=partitions)
             future = producer.send(
-                effect.topic, key=key, value=value, headers=headers, partition=partition
+                record.topic,
+                key=record.key,
+                value=record.value,
+                headers=record.headers,
+                partition=record.partition,
             )
         except Exception as exc:  # noqa: BLE001 - every send error is classified, none escapes
             verdict = classify_send_error(exc)

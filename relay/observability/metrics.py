@@ -8,8 +8,9 @@ Two kinds of numbers, kept apart on purpose:
   database at scrape time by :class:`OutboxCollector`, so every replica reports the *same* number.
   Never ``sum`` them over replicas: take ``max`` (the alert rules do).
 
-Label values are bounded: states and outcomes come from enums, effect types and topics from the
-configuration; anything else is counted as ``other``.
+Label values are bounded: states, attempt outcomes and answers are the known names listed here,
+effect types and topics come from the configuration; anything else is counted as ``other``. The
+daemons hand over plain counts and names: this package knows nothing of their types.
 
 Counts about database work are true only once that work commits: code that records inside a
 transaction wraps it in :func:`deferred`, so a rolled-back batch (read again later) is not counted
@@ -21,10 +22,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
-from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -41,8 +41,6 @@ from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
-from relay.dispatch.outcomes import AttemptOutcome
-from relay.dispatch.publisher import PublishResult
 from relay.logs import redact
 from relay.sql import query
 from relay.states import ALLOWED_TRANSITIONS, EffectState
@@ -58,6 +56,8 @@ PlatformCollector(registry=REGISTRY)
 GCCollector(registry=REGISTRY)
 
 OTHER = "other"
+# How a publish attempt ended: the values of relay.dispatch.outcomes.AttemptOutcome.
+ATTEMPT_OUTCOMES = ("acked", "rejected", "unknown", "not_sent", "released", "aborted")
 OBSERVATION_ANSWERS = ("present", "absent", "duplicate", "inconclusive", "error")
 RESULT_OUTCOMES = ("committed", "rejected", "unknown")
 QUARANTINE_REASONS = ("malformed", "orphaned", "conflicting", "late", "misrouted", "failed")
@@ -178,8 +178,8 @@ def _bounded(value: str, allowed: Iterable[str]) -> str:
 
 def _init_relay_series() -> None:
     """Create every relay series at 0, so ``rate()`` and ``increase()`` see the first event."""
-    for outcome in AttemptOutcome:
-        ATTEMPTS.labels(outcome.value)
+    for outcome in ATTEMPT_OUTCOMES:
+        ATTEMPTS.labels(outcome)
     for source, targets in ALLOWED_TRANSITIONS.items():
         for target in targets:
             TRANSITIONS.labels(source.value, target.value)
@@ -222,27 +222,22 @@ def prepare(daemon: str) -> None:
 # -- recording functions the daemons call -------------------------------------------------------
 
 
-def record_publish(results: Sequence[PublishResult], now: datetime | None = None) -> None:
-    """One published batch: how each attempt ended, and enqueue-to-ack latency of the acked."""
-    now = now or datetime.now(UTC)
-    for result in results:
-        ATTEMPTS.labels(result.outcome.value).inc()
-        if result.outcome is AttemptOutcome.ACKED:
-            created = result.effect.created_at
-            if created.tzinfo is None:  # the column is timestamptz; be safe with naive values
-                created = created.replace(tzinfo=UTC)
-            # Clocks of the database and this host may differ: never observe a negative time.
-            PUBLISH_LATENCY.observe(max(0.0, (now - created).total_seconds()))
+def record_publish(outcomes: Mapping[str, int], ack_latencies_s: Iterable[float] = ()) -> None:
+    """One published batch: its attempts by how they ended (outcome -> count), and the
+    enqueue-to-ack latency of each acked one (a negative one, the database's clock ahead of ours,
+    counts as 0)."""
+    for outcome, count in outcomes.items():
+        if count > 0:
+            ATTEMPTS.labels(_bounded(str(outcome), ATTEMPT_OUTCOMES)).inc(count)
+    for seconds in ack_latencies_s:
+        PUBLISH_LATENCY.observe(max(0.0, seconds))
 
 
-def record_marked(
-    results: Sequence[PublishResult], states: Sequence[str], marked_ids: Iterable[int]
-) -> None:
-    """Transitions that the outcome marking really wrote (compare-and-set may skip some)."""
-    done = set(marked_ids)
-    for result, state in zip(results, states, strict=True):
-        if result.effect.id in done:
-            record_transition(EffectState.DISPATCHING.value, state)
+def record_marked(states: Mapping[str, int]) -> None:
+    """Transitions from DISPATCHING that the outcome marking really wrote, by state -> count
+    (compare-and-set may skip some rows: they are not in the count)."""
+    for state, count in states.items():
+        record_transition(EffectState.DISPATCHING.value, state, count)
 
 
 def record_transition(from_state: str | None, to_state: str, count: int = 1) -> None:

@@ -356,7 +356,7 @@ def test_a_row_the_database_refuses_to_mark_holds_up_nothing_else(
         )
         conn.commit()
     fast = settings.model_copy(update={"lease_s": 4.0, "publish_timeout_s": 1.5})
-    with caplog.at_level("ERROR", logger="relay.dispatch.stage"), support.running(Relay(fast)):
+    with caplog.at_level("ERROR", logger="relay.dispatch.marker"), support.running(Relay(fast)):
         support.wait_for(
             lambda: support.count_states(url) == {"PUBLISHED": 19, "DISPATCHING": 1},
             30,

@@ -104,3 +104,10 @@ def test_describe_names_the_error_once() -> None:
     nested = kerr.KafkaError("KafkaError: Cannot execute transactional method")
     assert describe(nested) == "KafkaError: Cannot execute transactional method"
     assert describe(ValueError()) == "ValueError"
+
+
+def test_every_attempt_outcome_has_its_metric_series() -> None:
+    """Observability names the outcomes itself (it imports nothing from dispatch): same names."""
+    from relay.observability.metrics import ATTEMPT_OUTCOMES
+
+    assert sorted(ATTEMPT_OUTCOMES) == sorted(o.value for o in AttemptOutcome)

@@ -1,0 +1,158 @@
+"""The claimer stage: claims batches ahead of the publisher, and waits cheaply when there is
+nothing to claim (short polls after work, then the doorbell).
+
+Each claim commits before the batch is handed over, so an attempt is durable before any publish.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+from typing import Any
+
+import psycopg
+
+from relay import db, observability
+from relay.config import Settings
+from relay.dispatch.publisher import ClaimedEffect
+from relay.dispatch.stage import HANDOFF_POLL_S, Claimed, Held, Identity, Stage, expire_leases
+from relay.sql import query
+
+# Short polls after the last work seen, before the relay arms the doorbell (150 ms in all).
+QUIET_POLLS_S = (0.002, 0.005, 0.01, 0.02, 0.04, 0.08)
+
+
+class Claimer(Stage):
+    """Claims batches ahead of the publisher; when there is nothing to claim, waits without
+    taxing the writers.
+
+    Right after work it polls the partial index at short, growing intervals: under steady load
+    new intents arrive within them and no writer pays for a NOTIFY. Only after a quiet spell does
+    it arm the doorbell (for a short while, re-armed at every wait, so it lapses when this relay
+    dies), look once more (closing the race with a commit that read the doorbell before it was
+    armed), then wait for a ring or the poll interval."""
+
+    name = "claimer"
+
+    def __init__(self, settings: Settings, who: Identity, held: Held, stop: threading.Event):
+        super().__init__(settings, who, held, stop)
+        self.batches: queue.Queue[Claimed] = queue.Queue(maxsize=1)
+        self._taken = threading.Event()
+        self.listener: psycopg.Connection[Any] | None = None
+        self._quiet = len(QUIET_POLLS_S)
+        self._in_hand: Claimed | None = None
+        self._connected_once = False
+        # Set by the publisher while it has a Kafka producer: nothing is claimed before, so no
+        # lease runs out while Kafka cannot be reached.
+        self.publisher_ready = threading.Event()
+
+    def connect(self) -> psycopg.Connection[Any]:
+        if self.conn is not None and not self.conn.closed:
+            return self.conn
+        conn = super().connect()
+        conn.execute(query("claimer_session"))
+        if self._connected_once:
+            # A claim whose answer was lost with the connection left rows that nobody here will
+            # publish: expire them now (held ones are still in hand), not after their lease.
+            expire_leases(conn, self.who, self.held, all_own=True)
+        self._connected_once = True
+        return conn
+
+    def take(self, timeout_s: float) -> Claimed | None:
+        try:
+            batch = self.batches.get(timeout=timeout_s)
+        except queue.Empty:
+            return None
+        self._taken.set()
+        return batch
+
+    def leftovers(self) -> list[Claimed]:
+        """Batches claimed but never handed over (after the thread ended)."""
+        left = [self._in_hand] if self._in_hand is not None else []
+        self._in_hand = None
+        while True:
+            try:
+                left.append(self.batches.get_nowait())
+            except queue.Empty:
+                return left
+
+    def drop(self) -> None:
+        super().drop()
+        if self.listener is not None:
+            with contextlib.suppress(psycopg.Error):
+                self.listener.close()
+        self.listener = None
+
+    def step(self) -> None:
+        if self._in_hand is not None:
+            self._hand_over()
+            return
+        if not self.publisher_ready.wait(HANDOFF_POLL_S):
+            return
+        if self.batches.full():
+            # A batch already waits for the publisher: claim when it is taken, so that what
+            # arrives meanwhile goes out in one batch after it (at low load, a second batch
+            # claimed ahead would cost its effects a whole extra Kafka transaction of waiting).
+            self._taken.clear()
+            if self.batches.full():
+                self._taken.wait(HANDOFF_POLL_S)
+            return
+        conn = self.connect()
+        if self.listener is None or self.listener.closed:
+            self.listener = db.connect(self.settings, purpose=f"doorbell-{self.who.replica_id}")
+            self.listener.execute(query("listen_doorbell"))
+            self._quiet = len(QUIET_POLLS_S)  # a new listener may have missed a ring: look now
+        if self._claim(conn):
+            return
+        self._idle(conn)
+
+    def _claim(self, conn: psycopg.Connection[Any]) -> bool:
+        rows = conn.execute(
+            query("claim_batch"),
+            {
+                "owner": self.who.replica_id,
+                "epoch": self.who.epoch,
+                "limit": self.settings.batch_size,
+                "max_bytes": self.settings.max_claim_bytes,
+                "lease_s": self.settings.lease_s,
+            },
+        ).fetchall()
+        if not rows:
+            return False
+        effects = [ClaimedEffect(*row) for row in rows]
+        self.held.add(e.id for e in effects)
+        observability.record_transition("PENDING", "DISPATCHING", len(effects))
+        self._quiet = 0
+        self._in_hand = Claimed(effects)
+        self._hand_over()
+        return True
+
+    def _hand_over(self) -> None:
+        assert self._in_hand is not None
+        while not self.stop.is_set():
+            try:
+                self.batches.put(self._in_hand, timeout=HANDOFF_POLL_S)
+            except queue.Full:
+                continue
+            self._in_hand = None
+            return
+
+    def _idle(self, conn: psycopg.Connection[Any]) -> None:
+        assert self.listener is not None
+        if self._quiet < len(QUIET_POLLS_S):
+            delay = QUIET_POLLS_S[self._quiet]
+            self._quiet += 1
+            self.stop.wait(delay)
+            return
+        armed_for = self.settings.poll_interval_s * 2 + 1.0
+        self.listener.execute(query("arm_doorbell"), {"armed_for_s": armed_for})
+        if self._claim(conn):
+            self.listener.execute(query("disarm_doorbell"))
+            return
+        rang = False
+        for _ in self.listener.notifies(timeout=self.settings.poll_interval_s, stop_after=1):
+            rang = True
+        if rang or self.stop.is_set():
+            self.listener.execute(query("disarm_doorbell"))
+            self._quiet = 0

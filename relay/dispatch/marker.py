@@ -1,0 +1,184 @@
+"""The marker stage: records how each attempt of a batch ended, behind the publisher.
+
+Its decisions (the state after an outcome, the reason recorded, when retries give up, how long a
+provably unsent effect waits) are plain functions below, so they can be checked without a
+database; the stage itself only writes them, one set-based statement per batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import psycopg
+
+from relay import observability
+from relay.config import Settings
+from relay.dispatch.outcomes import STATE_AFTER
+from relay.dispatch.publisher import PublishResult
+from relay.dispatch.stage import HANDOFF_POLL_S, Held, Identity, Stage
+from relay.errors import describe
+from relay.sql import query
+from relay.states import EffectState
+
+log = logging.getLogger(__name__)
+
+
+class Marker(Stage):
+    """Records how each attempt of a batch ended, in one statement per batch.
+
+    A database outage is waited out until the batch's lease would end (compare-and-set makes
+    retries safe); after that the lease expiry makes the attempts UNKNOWN."""
+
+    name = "marker"
+
+    def __init__(
+        self,
+        settings: Settings,
+        who: Identity,
+        held: Held,
+        stop: threading.Event,
+        on_marked: Callable[[Sequence[PublishResult]], None] | None = None,
+    ):
+        super().__init__(settings, who, held, stop)
+        self.inbox: queue.Queue[tuple[Sequence[PublishResult], float]] = queue.Queue(maxsize=2)
+        self._closing = threading.Event()
+        self._current: tuple[Sequence[PublishResult], float] | None = None
+        self._on_marked = on_marked
+
+    def submit(self, results: Sequence[PublishResult], claimed_at: float) -> None:
+        """Blocks while two batches already wait: the publisher cannot run far ahead."""
+        if results:
+            self.inbox.put((results, claimed_at))
+
+    def close(self, timeout_s: float) -> None:
+        """Mark everything submitted, then end the thread."""
+        self._closing.set()
+        self.thread.join(timeout_s)
+
+    def finished(self) -> bool:
+        return self._closing.is_set() and self._current is None and self.inbox.empty()
+
+    def pause(self, delay: float, why: str) -> None:
+        log.warning("%s stage: %s; retrying in %.1fs", self.name, why, delay)
+        time.sleep(delay)  # outcomes in hand are recorded even while stopping
+
+    def step(self) -> None:
+        if self._current is None:
+            try:
+                self._current = self.inbox.get(timeout=HANDOFF_POLL_S)
+            except queue.Empty:
+                return
+        results, claimed_at = self._current
+        if time.monotonic() - claimed_at > self.settings.lease_s:
+            log.error(
+                "could not record %d outcomes before the lease ran out; they will be "
+                "resolved as UNKNOWN",
+                len(results),
+            )
+        else:
+            self._mark(self.connect(), results)
+        self.held.discard(r.effect.id for r in results)
+        self._current = None
+
+    def _mark(self, conn: psycopg.Connection[Any], results: Sequence[PublishResult]) -> None:
+        """One statement for the batch. A row the database refuses (a value it cannot store, a
+        constraint an operator added) must not keep the others unrecorded: the batch is split
+        until the refused row stands alone; it is left to its lease expiry (UNKNOWN, then
+        verified) and the rest are recorded."""
+        try:
+            self._mark_set(conn, results)
+        except (psycopg.DataError, psycopg.IntegrityError) as exc:
+            if len(results) == 1:
+                r = results[0]
+                log.error(
+                    "the outcome of this attempt could not be recorded; its lease expiry will "
+                    "make it UNKNOWN, to be verified",
+                    extra={
+                        "operation_key": r.effect.operation_key,
+                        "effect_id": r.effect.id,
+                        "attempt": r.effect.attempt,
+                        "outcome": r.outcome.value,
+                        "reason": describe(exc),
+                    },
+                )
+                return
+            half = len(results) // 2
+            self._mark(conn, results[:half])
+            self._mark(conn, results[half:])
+
+    def _mark_set(self, conn: psycopg.Connection[Any], results: Sequence[PublishResult]) -> None:
+        states = [state_after(self.settings, r).value for r in results]
+        params = {
+            "owner": self.who.replica_id,
+            "epoch": self.who.epoch,
+            "ids": [r.effect.id for r in results],
+            "attempts": [r.effect.attempt for r in results],
+            "states": states,
+            "outcomes": [r.outcome.value for r in results],
+            "reasons": [reason_of(self.settings, r) for r in results],
+            "partitions": [r.partition for r in results],
+            "offsets": [r.offset for r in results],
+            "delays_s": [not_sent_delay(self.settings, r) for r in results],
+        }
+        marked = conn.execute(query("mark_outcomes"), params).fetchall()
+        observability.record_marked(written(results, states, [row[0] for row in marked]))
+        if len(marked) != len(results):
+            log.warning(
+                "some outcomes were not recorded: the lease was lost or the replica fenced",
+                extra={"expected": len(results), "recorded": len(marked)},
+            )
+        if self._on_marked is not None:
+            self._on_marked(results)
+
+
+def written(
+    results: Sequence[PublishResult], states: Sequence[str], marked_ids: Iterable[int]
+) -> Counter[str]:
+    """The states the marking really wrote, by count (compare-and-set may skip some rows)."""
+    done = set(marked_ids)
+    return Counter(
+        state for result, state in zip(results, states, strict=True) if result.effect.id in done
+    )
+
+
+def gave_up(settings: Settings, result: PublishResult) -> bool:
+    """Attempts that provably published nothing are retried, but not forever."""
+    retriable = STATE_AFTER[result.outcome] is EffectState.PENDING
+    return retriable and result.suspect and result.effect.attempt >= settings.max_publish_attempts
+
+
+def state_after(settings: Settings, result: PublishResult) -> EffectState:
+    """The effect's state once this attempt's outcome is recorded."""
+    return EffectState.REJECTED if gave_up(settings, result) else STATE_AFTER[result.outcome]
+
+
+def reason_of(settings: Settings, result: PublishResult) -> str | None:
+    """The reason recorded with the outcome (a broker's words can hold what text cannot)."""
+    reason = result.reason
+    if gave_up(settings, result):
+        reason = (
+            f"gave up after {result.effect.attempt} attempts that published nothing; last: {reason}"
+        )
+    return None if reason is None else reason.replace("\x00", "\ufffd")
+
+
+def not_sent_delay(
+    settings: Settings,
+    result: PublishResult,
+    jitter: Callable[[float, float], float] = random.uniform,
+) -> float:
+    """Seconds before a provably unsent effect may go again (0: at once)."""
+    if STATE_AFTER[result.outcome] is not EffectState.PENDING or not result.suspect:
+        # An innocent record of an aborted transaction goes again at once; the suspects wait
+        # (with jitter), so the next batch is not poisoned by the same record.
+        return 0.0
+    exponent = min(result.effect.attempt - 1, 20)
+    cap = settings.not_sent_backoff_max_s
+    return float(min(cap, settings.not_sent_backoff_s * 2**exponent)) * jitter(0.5, 1.5)

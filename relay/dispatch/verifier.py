@@ -1,0 +1,241 @@
+"""The check of ambiguous publishes: every UNKNOWN attempt is looked up in Kafka before anything
+is sent again.
+
+A maintenance service of the relay: the daemon calls :meth:`Verifier.run_once` between batches
+(and while Kafka cannot be reached, so that failed checks are counted and end STUCK instead of
+waiting unseen). One round claims up to ``VERIFY_ROUND`` due UNKNOWN attempts, fences the
+producers that made them, reads their windows once (``lookup.py``) and records each verdict:
+PUBLISHED (found), PENDING (absent: a new attempt may be made), or UNKNOWN again, STUCK once its
+checks are spent.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, NamedTuple
+
+import psycopg
+from kafka import errors as kerr
+
+from relay import observability, tracing
+from relay.config import Settings
+from relay.dispatch.lookup import Absent, Found, Wanted, find_attempts, open_consumer
+from relay.dispatch.stage import Identity
+from relay.dispatch.transactions import fence
+from relay.errors import describe
+from relay.sql import query
+from relay.states import EffectState
+
+log = logging.getLogger(__name__)
+
+VERIFY_EVERY_S = 1.0
+VERIFY_ROUND = 200  # UNKNOWN publishes checked per round, with one read of their window
+
+
+class _Check(NamedTuple):
+    """An UNKNOWN attempt claimed for a check (columns of claim_verifications)."""
+
+    effect_id: int
+    key: str
+    message_key: str
+    topic: str
+    attempt: int
+    tries: int
+    replica: str
+    replica_epoch: int
+    started_at: datetime
+
+
+@dataclass(frozen=True)
+class Checked:
+    """What one round did: attempts checked, found in Kafka, found absent, checks that could not
+    be made (the attempt stays UNKNOWN, or goes STUCK when its checks are spent)."""
+
+    checked: int = 0
+    found: int = 0
+    absent: int = 0
+    failed: int = 0
+
+
+class Verifier:
+    """Resolves this relay's share of UNKNOWN publishes by looking in Kafka, a round at a time.
+
+    ``producer_ready`` says whether this replica's transactional producer is initialised (which
+    fenced its earlier ones: only then can its own attempts be checked)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        who: Identity,
+        *,
+        producer_ready: Callable[[], bool],
+        stop: threading.Event,
+    ) -> None:
+        self.settings = settings
+        self.who = who
+        self._producer_ready = producer_ready
+        self._stop = stop
+        self._last_run = 0.0
+
+    def due(self) -> bool:
+        return time.monotonic() - self._last_run >= VERIFY_EVERY_S
+
+    def run_once(self, conn: psycopg.Connection[Any]) -> Checked:
+        """One round: claim due UNKNOWN attempts, look for them, record each verdict."""
+        self._last_run = time.monotonic()
+        rows = conn.execute(
+            query("claim_verifications"),
+            {
+                "owner": self.who.replica_id,
+                "epoch": self.who.epoch,
+                "lease_s": self.settings.lease_s,
+                "limit": VERIFY_ROUND,
+            },
+        ).fetchall()
+        if not rows:
+            return Checked()
+        checks = [_Check(*row) for row in rows]
+        refs = [tracing.EffectRef(c.key, c.effect_id) for c in checks] if tracing.enabled() else []
+        with tracing.span("relay.verification_round", refs) as span:
+            answers = self._check_round(checks)
+            span.set_attribute("relay.found", sum(isinstance(a, Found) for a in answers.values()))
+        for check in checks:
+            self._finish_check(conn, check, answers[check.effect_id])
+        if len(rows) == VERIFY_ROUND:
+            self._last_run = 0.0  # more are due: the next cycle goes on at once
+        verdicts = list(answers.values())
+        return Checked(
+            checked=len(checks),
+            found=sum(isinstance(a, Found) for a in verdicts),
+            absent=sum(isinstance(a, Absent) for a in verdicts),
+            failed=sum(isinstance(a, str) for a in verdicts),
+        )
+
+    def _check_round(self, checks: Sequence[_Check]) -> dict[int, Found | Absent | str]:
+        """A verdict per effect, or why Kafka could not be asked (after one such failure the
+        rest of the round is rescheduled at once instead of each waiting out its timeout)."""
+        if self._stop.is_set():
+            return {c.effect_id: "the relay is stopping" for c in checks}
+        try:
+            consumer = open_consumer(self.settings)
+        except kerr.KafkaError as exc:
+            return {c.effect_id: describe(exc) for c in checks}
+        answers: dict[int, Found | Absent | str] = {}
+        down: str | None = None
+        try:
+            ready: list[_Check] = []
+            for replica in sorted({c.replica for c in checks}):
+                theirs = [c for c in checks if c.replica == replica]
+                why = down or self._fence_for_check(replica)
+                if why is None:
+                    ready.extend(theirs)
+                    continue
+                answers.update((c.effect_id, why) for c in theirs)
+                if replica != self.who.replica_id:
+                    down = why
+            by_topic: dict[str, list[_Check]] = {}
+            for c in ready:
+                by_topic.setdefault(c.topic, []).append(c)
+            for topic, group in by_topic.items():
+                wanted = {
+                    Wanted(c.message_key, c.effect_id, c.attempt, c.started_at): c for c in group
+                }
+                if down is None:
+                    try:
+                        found = find_attempts(
+                            consumer,
+                            self.settings,
+                            topic,
+                            list(wanted),
+                            self.settings.publish_timeout_s,
+                        )
+                    except (kerr.KafkaError, OSError) as exc:
+                        down = describe(exc)
+                    else:
+                        answers.update((c.effect_id, found[w]) for w, c in wanted.items())
+                        continue
+                answers.update((c.effect_id, down) for c in group)
+        finally:
+            consumer.close()
+        return answers
+
+    def _fence_for_check(self, replica: str) -> str | None:
+        """Make sure the producer that made these attempts can no longer commit; or say why not.
+
+        Our own initialised producer fenced our earlier ones. Another replica's is fenced here,
+        or its open transaction could commit after we looked."""
+        if replica == self.who.replica_id:
+            return (
+                None
+                if self._producer_ready()
+                else ("this replica's producer is not initialised yet")
+            )
+        try:
+            fence(self.settings, replica)
+        except (kerr.KafkaError, OSError) as exc:
+            return describe(exc)
+        return None
+
+    def _finish_check(
+        self, conn: psycopg.Connection[Any], check: _Check, answer: Found | Absent | str
+    ) -> None:
+        """Record the check: PUBLISHED, PENDING (absent), or UNKNOWN again and later STUCK."""
+        key, effect_id, attempt, tries = check.key, check.effect_id, check.attempt, check.tries
+        base = {
+            "id": effect_id,
+            "attempt": attempt,
+            "owner": self.who.replica_id,
+            "epoch": self.who.epoch,
+            "partition": None,
+            "offset": None,
+            "retry_in_s": 0.0,
+        }
+        if isinstance(answer, str):
+            give_up = tries + 1 >= self.settings.verify_max_tries
+            retry_in = min(self.settings.verify_backoff_max_s, 2.0 * 2 ** min(tries, 16))
+            why = f"check {tries + 1} of attempt {attempt} could not be made: {answer}"
+            params = {
+                **base,
+                "state": EffectState.STUCK.value if give_up else EffectState.UNKNOWN.value,
+                "reason": (f"{why}; {tries + 1} checks failed, a person decides")
+                if give_up
+                else why,
+                "verification": why,
+                "retry_in_s": retry_in,
+            }
+            log.warning(why, extra={"operation_key": key, "effect_id": effect_id})
+        else:
+            if isinstance(answer, Found):
+                found = f"found at partition {answer.partition} offset {answer.offset}"
+                params = {
+                    **base,
+                    "state": EffectState.PUBLISHED.value,
+                    "reason": f"verified in Kafka: attempt {attempt} {found}",
+                    "verification": found,
+                    "partition": answer.partition,
+                    "offset": answer.offset,
+                }
+            else:
+                absent = (
+                    f"absent: not among {answer.scanned} committed records of the attempt's "
+                    f"window in {answer.partitions} partitions, after fencing its producer"
+                )
+                params = {
+                    **base,
+                    "state": EffectState.PENDING.value,
+                    "reason": f"verified absent from Kafka; attempt {attempt} published "
+                    "nothing, a new attempt may be made",
+                    "verification": absent,
+                }
+            log.info(
+                "verified an ambiguous publish: %s",
+                params["verification"],
+                extra={"operation_key": key, "effect_id": effect_id, "attempt": attempt},
+            )
+        moved = conn.execute(query("finish_verification"), params).fetchone()
+        observability.record_verification(str(params["state"]), int(moved[0]) if moved else 0)
