@@ -139,3 +139,9 @@ def test_database_url_is_required_when_used() -> None:
 def test_lease_must_outlast_a_batch() -> None:
     with pytest.raises(ConfigError, match=r"lease_s \(10\) must exceed 2 x publish_timeout_s"):
         load_settings(None, lease_s=10, publish_timeout_s=6)
+
+
+def test_reconciler_settings_have_safe_defaults() -> None:
+    settings = load_settings(None)
+    assert settings.status_events and settings.retention_s == 30 * 86400
+    assert settings.reconcile_group_id == "relay-reconciler"
