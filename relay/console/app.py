@@ -516,6 +516,7 @@ def build_app(settings: Settings, guard: Guard, pool: ConnectionPool[Any]) -> St
     routes = [
         Route("/static/console.css", css),
         Route("/healthz", healthz),
+        Route("/favicon.ico", lambda request: Response(status_code=204)),
         route("/", console.overview),
         route("/effects", console.effects),
         route("/groups", console.groups),

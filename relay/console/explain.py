@@ -99,11 +99,14 @@ def _unknown(settings: Settings, s: dict[str, Any], now: datetime, out: Outlook)
         if settings.kafka_transactions:
             _verify(settings, s, now, out)
             return
-    elif s["outcome_deadline"] is not None:
-        out.checked.append(
-            f"It was published; the downstream's result was due {when(s['outcome_deadline'], now)}"
-            " and did not come."
+    else:
+        awaited = (
+            f" the downstream's result, awaited on {s['result_topic']} for "
+            f"{duration(float(s['outcome_timeout_s'] or 0))} (outcome_timeout_s), did not come"
+            if s["result_topic"]
+            else " whether the downstream acted on it is not known"
         )
+        out.checked.append(f"It was published to Kafka (see the attempts);{awaited}.")
     _observe(settings, s, now, out)
 
 

@@ -218,13 +218,11 @@ def groups_list(
 
 
 def _facts(pairs: list[tuple[str, object]]) -> Html:
-    return table(
-        ["", ""],
-        (
-            [fmt("<strong>{}</strong>", k), v if isinstance(v, Html) else fmt("{}", v)]
-            for k, v in pairs
-        ),
+    body = join(
+        fmt("<tr><th>{}</th><td>{}</td></tr>", k, v if isinstance(v, Html) else fmt("{}", v))
+        for k, v in pairs
     )
+    return fmt('<table class="facts"><tbody>{}</tbody></table>', body)
 
 
 def story(

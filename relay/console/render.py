@@ -68,6 +68,7 @@ table { border-collapse: collapse; width: 100%; margin: .5em 0 1.5em; background
 th, td { border: 1px solid #ccc; padding: .3em .5em; text-align: left; vertical-align: top;
          font-size: .92em; }
 th { background: #eef; }
+table.facts th { width: 12em; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
 code, pre, .key { font-family: ui-monospace, monospace; word-break: break-all; }
 pre { white-space: pre-wrap; background: #fff; border: 1px solid #ccc; padding: .5em; }
