@@ -279,6 +279,7 @@ class Console:
             effect_type=ctx.param("type"),
             group=ctx.param("group"),
             key=ctx.param("key"),
+            key_part=ctx.param("key_part"),
             error=ctx.param("error"),
             older_than=older,
             older_than_s=parse_age(older),

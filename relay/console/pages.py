@@ -43,7 +43,7 @@ def _alerts(alerts: dict[str, float], stats: list[dict[str, Any]]) -> Html:
         ("RelayStuckEffects", f"{stuck} STUCK", stuck > 0, "/effects?state=STUCK"),
         (
             "RelayOrderingGroupsParked",
-            f"{parked} parked group(s), {int(alerts.get('parked_effects', 0))} effect(s) held back",
+            f"{parked} parked group(s)",
             parked > 0,
             "/groups",
         ),
@@ -97,7 +97,9 @@ def overview(data: dict[str, Any]) -> Html:
     ]
     counts = table(["effect type", "state", "effects", "oldest change"], rows)
     return fmt(
-        '{}<h2>Effects by type and state</h2>{}<p><a href="/">Refresh</a> to see new ones.</p>',
+        "{}<h2>Effects by type and state</h2><p>Finished effects (CONFIRMED, CANCELLED) are not "
+        "counted here (<code>relay stats</code> counts them).</p>{}"
+        '<p><a href="/">Refresh</a> to see new ones.</p>',
         _alerts(data["alerts"], stats),
         counts if stats else fmt("<p>No effects.</p>"),
     )
@@ -126,7 +128,8 @@ def _filters_form(action: str, f: Filters, types: list[str], states: tuple[str, 
         '<form class="filters" method="get" action="{}">'
         '<label>state<select name="state">{}</select></label>'
         '<label>type<select name="type">{}</select></label>'
-        '<label>key contains<input name="key" value="{}"></label>'
+        '<label>operation key<input name="key" value="{}"></label>'
+        '<label>key contains<input name="key_part" value="{}"></label>'
         '<label>ordering group<input name="group" value="{}"></label>'
         '<label>unchanged for (15m, 2h, 1d)<input name="older_than" value="{}" size="6"></label>'
         '<label>error class (reason contains)<input name="error" value="{}"></label>'
@@ -135,6 +138,7 @@ def _filters_form(action: str, f: Filters, types: list[str], states: tuple[str, 
         state_options,
         type_options,
         f.key or "",
+        f.key_part or "",
         f.group or "",
         f.older_than or "",
         f.error or "",

@@ -9,7 +9,6 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 
-from relay import inspection
 from relay.sql import query
 from relay.story import load_story
 
@@ -35,6 +34,7 @@ class Filters:
     effect_type: str | None = None
     group: str | None = None
     key: str | None = None
+    key_part: str | None = None
     error: str | None = None
     older_than: str | None = None  # as typed: 15m, 2h; parsed to older_than_s
     older_than_s: float | None = None
@@ -46,6 +46,7 @@ class Filters:
             "effect_type": self.effect_type,
             "group": self.group,
             "key": self.key,
+            "key_part": self.key_part,
             "error": self.error,
             "older_than_s": self.older_than_s,
             "after": self.after,
@@ -59,6 +60,7 @@ class Filters:
             "type": self.effect_type,
             "group": self.group,
             "key": self.key,
+            "key_part": self.key_part,
             "error": self.error,
             "older_than": self.older_than,
             "after": str(self.after) if self.after else None,
@@ -68,17 +70,14 @@ class Filters:
 
 
 def overview(conn: psycopg.Connection[Any]) -> dict[str, Any]:
-    """Counts and oldest ages by type and state, and the values the alerts watch."""
+    """Counts and oldest ages by type and state (but the finished ones), and what the alerts
+    watch."""
     with conn.cursor(row_factory=dict_row) as cur:
-        cur.execute(query("observability_snapshot"))
-        snapshot = cur.fetchall()
-    alerts: dict[str, float] = {}
-    for row in snapshot:
-        if row["kind"] == "oldest_age":
-            alerts[f"oldest_{row['state'].lower()}_age_s"] = float(row["value"])
-        elif row["kind"] in ("parked", "parked_effects"):
-            alerts[row["kind"]] = float(row["value"])
-    return {"stats": inspection.stats(conn), "alerts": alerts}
+        cur.execute(query("console_overview"))
+        stats = cur.fetchall()
+        cur.execute(query("console_alerts"))
+        alerts = cur.fetchone() or {}
+    return {"stats": stats, "alerts": alerts}
 
 
 def page(

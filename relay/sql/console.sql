@@ -1,9 +1,49 @@
 -- What the operator console (relay console) reads and records. Lists are paged by id (keyset:
 -- WHERE id > the last one shown), never by OFFSET, so a page costs the same at any depth.
 
+-- name: console_overview
+-- Effects by type and state with the age of the oldest change, for every state but the finished
+-- CONFIRMED and CANCELLED (counting those would read the whole table: relay stats does). Read
+-- from the state index and the claim's partial index.
+SELECT effect_type, state, count(*) AS effects,
+       extract(epoch FROM now() - min(updated_at))::float8 AS oldest_age_s
+FROM relay.effect
+WHERE state IN ('DISPATCHING', 'PUBLISHED', 'REJECTED', 'UNKNOWN', 'STUCK')
+GROUP BY effect_type, state
+UNION ALL
+SELECT effect_type, 'PENDING', count(*), extract(epoch FROM now() - min(updated_at))::float8
+FROM relay.effect WHERE state = 'PENDING'
+GROUP BY effect_type
+ORDER BY 1, 2;
+
+-- name: console_alerts
+-- What the alerts of relay/observability/alerts.py watch, as relay_* gauges report it: the
+-- oldest due PENDING, the oldest UNKNOWN (since its last transition into UNKNOWN), and the
+-- parked groups with the effects they hold back.
+SELECT
+    (SELECT coalesce(extract(epoch FROM now() - min(available_at)), 0)::float8
+     FROM relay.effect WHERE state = 'PENDING' AND available_at <= now()) AS oldest_pending_age_s,
+    (SELECT coalesce(extract(epoch FROM now() - min(coalesce(
+                (SELECT max(t.at) FROM relay.transition t
+                 WHERE t.effect_id = e.id AND t.to_state = e.state),
+                e.updated_at))), 0)::float8
+     FROM relay.effect e WHERE e.state = 'UNKNOWN') AS oldest_unknown_age_s,
+    (SELECT count(*) FROM (
+        SELECT DISTINCT ON (x.ordering_group) x.ordering_group, x.id
+        FROM relay.effect x
+        WHERE x.ordering_group IS NOT NULL AND x.group_released_at IS NULL
+          AND x.state IN ('REJECTED', 'UNKNOWN', 'STUCK')
+        ORDER BY x.ordering_group, x.id DESC
+    ) b WHERE EXISTS (SELECT 1 FROM relay.effect w
+                      WHERE w.ordering_group = b.ordering_group AND w.id > b.id
+                        AND w.state = 'PENDING'))::float8 AS parked;
+
 -- name: console_effects
--- Effects filtered as the console's list asks; every filter is optional. key and error match
--- anywhere in the operation key and in the reason (case-insensitive for the reason).
+-- Effects filtered as the console's list asks; every filter is optional. key is the whole
+-- operation key (the unique index finds it); key_part and error match anywhere in the operation
+-- key and in the reason (case-insensitive for the reason), among the effects the other filters
+-- leave (the console asks for a state with them). effect_attention_idx keeps a list of UNKNOWN,
+-- STUCK or REJECTED effects an ordered scan of those alone, however many others there are.
 SELECT e.id, e.operation_key, e.effect_type, e.state, e.attempts, e.updated_at, e.reason,
        e.ordering_group, extract(epoch FROM now() - e.updated_at)::float8 AS age_s
 FROM relay.effect e
@@ -11,7 +51,8 @@ WHERE e.id > %(after)s
   AND (%(state)s::text IS NULL OR e.state = %(state)s)
   AND (%(effect_type)s::text IS NULL OR e.effect_type = %(effect_type)s)
   AND (%(group)s::text IS NULL OR e.ordering_group = %(group)s)
-  AND (%(key)s::text IS NULL OR strpos(e.operation_key, %(key)s) > 0)
+  AND (%(key)s::text IS NULL OR e.operation_key = %(key)s)
+  AND (%(key_part)s::text IS NULL OR strpos(e.operation_key, %(key_part)s) > 0)
   AND (%(error)s::text IS NULL OR strpos(lower(e.reason), lower(%(error)s)) > 0)
   AND (%(older_than_s)s::float8 IS NULL
        OR e.updated_at <= now() - make_interval(secs => %(older_than_s)s))
@@ -39,7 +80,8 @@ WHERE b.id > %(after)s AND w.waiting > 0
   AND (%(state)s::text IS NULL OR b.state = %(state)s)
   AND (%(effect_type)s::text IS NULL OR b.effect_type = %(effect_type)s)
   AND (%(group)s::text IS NULL OR b.ordering_group = %(group)s)
-  AND (%(key)s::text IS NULL OR strpos(b.operation_key, %(key)s) > 0)
+  AND (%(key)s::text IS NULL OR b.operation_key = %(key)s)
+  AND (%(key_part)s::text IS NULL OR strpos(b.operation_key, %(key_part)s) > 0)
   AND (%(error)s::text IS NULL OR strpos(lower(b.reason), lower(%(error)s)) > 0)
   AND (%(older_than_s)s::float8 IS NULL
        OR b.updated_at <= now() - make_interval(secs => %(older_than_s)s))

@@ -98,6 +98,10 @@ CREATE INDEX effect_group_idx ON relay.effect (ordering_group, id)
 CREATE INDEX effect_group_blocker_idx ON relay.effect (ordering_group, id)
     WHERE ordering_group IS NOT NULL AND group_released_at IS NULL
       AND state IN ('REJECTED', 'UNKNOWN', 'STUCK');
+-- The console's lists of what needs a person, in id order: only effects in these states have an
+-- entry, so the relay's own transitions (PENDING to CONFIRMED) never write to it.
+CREATE INDEX effect_attention_idx ON relay.effect (state, id)
+    WHERE state IN ('UNKNOWN', 'STUCK', 'REJECTED');
 
 -- One row per attempt, written with its outcome. Attempts, transitions and evidence have no
 -- foreign key to their effect: only the relay's statements write them, about locked effects,

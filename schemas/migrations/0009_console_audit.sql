@@ -26,6 +26,11 @@ CREATE TABLE relay.console_audit (
 );
 CREATE INDEX console_audit_key_idx ON relay.console_audit (operation_key, id);
 
+-- The console's lists of what needs a person, in id order: only effects in these states have an
+-- entry, so the relay's own transitions (PENDING to CONFIRMED) never write to it.
+CREATE INDEX effect_attention_idx ON relay.effect (state, id)
+    WHERE state IN ('UNKNOWN', 'STUCK', 'REJECTED');
+
 CREATE FUNCTION relay.console_audit_append_only() RETURNS trigger
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
