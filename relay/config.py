@@ -8,13 +8,14 @@ reported with the name of the setting (and of the variable that overrides it).
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import socket
 import tomllib
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -26,7 +27,12 @@ from pydantic import (
     model_validator,
 )
 from pydantic.fields import FieldInfo
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 from relay.errors import ConfigError, EffectTypeError
 from relay.redaction import register_dsn, register_secret
@@ -304,6 +310,74 @@ class Settings(BaseSettings):
         description="Effects (each with its compensations) deleted per short purge transaction.",
     )
 
+    console_host: str = Field(
+        default="127.0.0.1",
+        description="Address `relay console` listens on; loopback unless set.",
+    )
+    console_port: int = Field(default=8400, ge=1, le=65535, description="Port of the console.")
+    console_auth: Literal["login", "proxy"] = Field(
+        default="login",
+        description="login: the console's own sign-in against console_users_file; proxy: an "
+        "authenticating proxy names the user in console_proxy_header.",
+    )
+    console_users_file: str | None = Field(
+        default=None,
+        description="File of 'name:right:hash' lines (right viewer or operator; hash from "
+        "`relay console --hash-password NAME`), e.g. a mounted Secret. Login mode only.",
+    )
+    console_proxy_header: str = Field(
+        default="X-Forwarded-User",
+        min_length=1,
+        description="Header naming the signed-in user (proxy mode), trusted only from "
+        "console_proxy_addresses.",
+    )
+    console_proxy_addresses: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Addresses or networks (CIDR) of the authenticating proxies, comma-separated "
+        "in the variable; required in proxy mode. From anyone else the header is ignored.",
+    )
+    console_operators: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Proxy mode: the users (as the header names them) with the operator right; "
+        "everyone else the proxy lets in is a viewer.",
+    )
+    console_read_only: bool = Field(
+        default=False, description="Offer and accept no decision, whoever asks."
+    )
+    console_cookie_secure: bool = Field(
+        default=False,
+        description="Mark the session cookie Secure (the browser reaches the console over "
+        "https through a TLS-terminating proxy); it is Secure anyway on a request made over https.",
+    )
+    console_session_s: float = Field(
+        default=8 * 3600.0, gt=0, description="How long a sign-in (and its CSRF token) lasts."
+    )
+    console_secret: SecretStr | None = Field(
+        default=None,
+        description="Key that signs session cookies and CSRF tokens, so that replicas and "
+        "restarts accept each other's; unset: a random key per process.",
+    )
+    console_page_size: int = Field(
+        default=50, ge=1, le=1000, description="Rows per page of the console's lists."
+    )
+
+    @field_validator("console_proxy_addresses", "console_operators", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("console_proxy_addresses")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for item in value:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(f"{item!r} is not an IP address or network") from None
+        return value
+
     @field_validator("database_url")
     @classmethod
     def _parsable_database_url(cls, value: str | None) -> str | None:
@@ -313,7 +387,7 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _register_secrets(self) -> Settings:
         """Every password this process holds is masked in everything it prints."""
-        for secret in (self.kafka_sasl_password, self.kafka_ssl_password):
+        for secret in (self.kafka_sasl_password, self.kafka_ssl_password, self.console_secret):
             if secret is not None:
                 register_secret(secret.get_secret_value())
         return self

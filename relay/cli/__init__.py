@@ -1,7 +1,8 @@
 """The ``relay`` command: a thin layer over the library. Errors are one line and a non-zero exit.
 
 The group and its options are here; the commands are in ``effects`` (enqueue, cancel, show, list,
-stats), ``operations`` (migrate, roles, unblock, schemas), ``daemons`` (run, demo) and
+stats), ``operations`` (migrate, roles, unblock, schemas), ``daemons`` (run, demo), ``console``
+(the operator console) and
 ``relay.reconciler.commands`` (reconcile, resolve, purge). None of them holds SQL.
 """
 
@@ -12,7 +13,7 @@ from typing import Any
 
 import click
 
-from relay.cli import daemons, effects, operations
+from relay.cli import console, daemons, effects, operations
 from relay.cli.support import EXIT_CODES_HELP, EXIT_USAGE, fail
 from relay.config import load_settings
 from relay.errors import RelayError
@@ -56,6 +57,6 @@ def main(
     ctx.obj = {"settings": settings}
 
 
-for _command in (*effects.COMMANDS, *operations.COMMANDS, *daemons.COMMANDS):
+for _command in (*effects.COMMANDS, *operations.COMMANDS, *daemons.COMMANDS, *console.COMMANDS):
     main.add_command(_command)
 _register_reconciler(main)

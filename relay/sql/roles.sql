@@ -66,6 +66,9 @@ GRANT INSERT, UPDATE ON relay.transition TO {operator};
 GRANT EXECUTE ON FUNCTION relay.purge_batch(double precision, integer),
     relay.purge_unattached_evidence(double precision, integer),
     relay.purge_forgotten_keys(double precision, integer) TO {operator};
+-- `relay console` runs as an operator login: it records every decision, refused ones too, in its
+-- append-only audit (a trigger refuses UPDATE and DELETE to everyone).
+GRANT INSERT ON relay.console_audit TO {operator};
 
 -- Rights earlier versions of this script granted that no command needs: evidence is
 -- append-only for every role but the owner (the reconciler records a result's verdict on it).

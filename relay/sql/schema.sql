@@ -1,4 +1,4 @@
--- The relay schema as schemas/migrations/0001..0008 leave it: a reference to read, applied by
+-- The relay schema as schemas/migrations/0001..0009 leave it: a reference to read, applied by
 -- nothing (`relay migrate` applies the migrations). tests/integration/test_schema.py checks
 -- that the migrations reach exactly this. Columns are in their table's physical order;
 -- function bodies are the migrations' text.
@@ -98,6 +98,10 @@ CREATE INDEX effect_group_idx ON relay.effect (ordering_group, id)
 CREATE INDEX effect_group_blocker_idx ON relay.effect (ordering_group, id)
     WHERE ordering_group IS NOT NULL AND group_released_at IS NULL
       AND state IN ('REJECTED', 'UNKNOWN', 'STUCK');
+-- The console's lists of what needs a person, in id order: only effects in these states have an
+-- entry, so the relay's own transitions (PENDING to CONFIRMED) never write to it.
+CREATE INDEX effect_attention_idx ON relay.effect (state, id)
+    WHERE state IN ('UNKNOWN', 'STUCK', 'REJECTED');
 
 -- One row per attempt, written with its outcome. Attempts, transitions and evidence have no
 -- foreign key to their effect: only the relay's statements write them, about locked effects,
@@ -191,6 +195,31 @@ CREATE TABLE relay.replica (
     started_at   timestamptz NOT NULL DEFAULT now(),
     heartbeat_at timestamptz NOT NULL DEFAULT now()
 );
+
+-- Decisions asked for in the operator console, applied or refused (append-only: see below).
+CREATE TABLE relay.console_audit (
+    id             bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    at             timestamptz NOT NULL DEFAULT now(),
+    -- The identity the console established (its own sign-in, or the proxy's header).
+    actor          text NOT NULL,
+    auth           text NOT NULL,
+    access         text NOT NULL,
+    client_address text,
+    action         text NOT NULL,
+    operation_key  text,
+    ordering_group text,
+    -- What the operator's page showed: state, updated_at, attempts (or the group's blocker).
+    seen           jsonb NOT NULL DEFAULT '{}',
+    reason         text,
+    outcome        text NOT NULL,
+    -- Refused: why, and what changed meanwhile; applied: what it did.
+    detail         text,
+    -- The login that wrote the row, set by the database.
+    db_role        text DEFAULT session_user,
+    CONSTRAINT console_audit_outcome_valid CHECK (outcome IN ('applied', 'refused')),
+    CONSTRAINT console_audit_access_valid CHECK (access IN ('none', 'viewer', 'operator'))
+);
+CREATE INDEX console_audit_key_idx ON relay.console_audit (operation_key, id);
 
 -- One-row tables (id is always true).
 
@@ -718,3 +747,20 @@ $fn$;
 REVOKE ALL ON FUNCTION relay.purge_batch(double precision, integer),
     relay.purge_unattached_evidence(double precision, integer),
     relay.purge_forgotten_keys(double precision, integer) FROM PUBLIC;
+
+-- The console's audit is append-only, and the database names the login that wrote each row.
+CREATE FUNCTION relay.console_audit_append_only() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    RAISE EXCEPTION 'relay.console_audit is append-only: % refused', TG_OP
+        USING ERRCODE = 'insufficient_privilege';
+END
+$fn$;
+CREATE TRIGGER console_audit_append_only BEFORE UPDATE OR DELETE ON relay.console_audit
+    FOR EACH ROW EXECUTE FUNCTION relay.console_audit_append_only();
+CREATE TRIGGER console_audit_no_truncate BEFORE TRUNCATE ON relay.console_audit
+    FOR EACH STATEMENT EXECUTE FUNCTION relay.console_audit_append_only();
+CREATE TRIGGER console_audit_login BEFORE INSERT ON relay.console_audit
+    FOR EACH ROW EXECUTE FUNCTION relay.evidence_login();

@@ -320,3 +320,20 @@ def test_evidence_is_append_only_for_every_role_but_the_owner(
             conn.execute("SELECT * FROM relay.purge_batch(0, 10)")
     with psycopg.connect(owner_setup["operator"], autocommit=True) as conn:
         assert conn.execute("SELECT * FROM relay.purge_batch(0, 10)").fetchall() == []
+
+
+def test_the_operator_role_may_write_the_console_audit(logins: dict[str, str]) -> None:
+    """`relay console` runs as an operator login and audits every decision; nobody rewrites it."""
+    row = (
+        "INSERT INTO relay.console_audit (actor, auth, access, action, outcome)"
+        " VALUES ('alice', 'login', 'operator', 'resolve', 'applied')"
+    )
+    with psycopg.connect(logins["operator"], autocommit=True) as op:
+        op.execute(row)
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            op.execute("DELETE FROM relay.console_audit")
+    with (
+        psycopg.connect(logins["application"], autocommit=True) as app,
+        pytest.raises(psycopg.errors.InsufficientPrivilege),
+    ):
+        app.execute(row)
