@@ -27,5 +27,3 @@ if [ ${#missing[@]} -gt 0 ]; then
   echo "[bootstrap] installing ${missing[*]} from Debian's packages" >&2
   apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >&2
 fi
-# The console's browser tests drive Debian's Chromium.
-bash scripts/install-browser.sh || echo "[bootstrap] no Chromium: tests/browser will try again" >&2

@@ -4,6 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/bootstrap.sh
+# The console's browser tests drive Debian's Chromium (only the suite needs it, not the demo).
+bash scripts/install-browser.sh || echo "[test] no Chromium: tests/browser will try again" >&2
 .venv/bin/ruff check .
 .venv/bin/ruff format --check . >/dev/null || { .venv/bin/ruff format --diff . | head -40; exit 1; }
 .venv/bin/mypy
