@@ -49,3 +49,6 @@ CREATE TABLE relay.tick (
     at         timestamptz NOT NULL DEFAULT clock_timestamp(),
     intake_seq bigint NOT NULL
 );
+-- Tick 0, "the beginning": its snapshot sees no transaction, so the pair (0, b) holds every row
+-- committed before tick b, however old. A reader starts there.
+INSERT INTO relay.tick (id, snap, at, intake_seq) VALUES (0, '1:1:', 'epoch', 0);
