@@ -114,9 +114,5 @@ def read_batch(
     ).fetchall()
     if not found:
         return Batch(position.tick_from, None, position.after_id, limit, ())
-    rows = tuple(
-        IntakeRow._make((*row[2:11], int(row[11])))
-        for row in found
-        if row[2] is not None
-    )
+    rows = tuple(IntakeRow._make((*row[2:11], int(row[11]))) for row in found if row[2] is not None)
     return Batch(int(found[0][0]), int(found[0][1]), position.after_id, limit, rows)

@@ -129,4 +129,4 @@ class Ticker:
         stored = stored_id is not None
         assert stored == (reason in STORING), (reason, stored_id)
         tick_id = stored_id if stored else last_id
-        return Ticked(stored=stored, reason=reason, tick_id=None if tick_id is None else int(tick_id))
+        return Ticked(stored, reason, None if tick_id is None else int(tick_id))
