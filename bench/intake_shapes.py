@@ -41,6 +41,7 @@ from bench import kafka_ceiling
 from bench.common import drop_db, fresh_db, prepare, server_fsync, settings_for
 from relay.devtools.services import local_services
 from relay.devtools.services.postgres import pg_bin_dir
+from relay.dispatch import ticker as relay_ticker
 
 # The payload of bench/enqueue_cost.py: 256 bytes of JSON, the same for every shape.
 PAYLOAD = '{"account": "ACC1", "amount": 100, "date": "2026-11-22", "body": "' + "x" * 180 + '"}'
@@ -50,6 +51,9 @@ TICK_LOCK = 1380273219  # the ticker's advisory lock (relay.enqueue's groups use
 # -- the shapes ------------------------------------------------------------------------------------
 
 SETUP = """
+-- Migration 0010 made the real intake and ticks; the bench keeps its own shapes of §1 (the same
+-- columns as the real intake), so that its figures stay comparable with the design's.
+DROP TABLE relay.intake, relay.tick;
 CREATE TABLE public.bench_plain (
     id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, k text NOT NULL, payload jsonb NOT NULL);
 
@@ -457,6 +461,40 @@ def drain(owner_url: str, app_url: str, rows: int) -> dict[str, float]:
     return figures
 
 
+def ticker_cost(url: str, seconds: float = 5.0) -> None:
+    """The real ticker (relay/dispatch/ticker.py, on a freshly migrated database) asked every
+    5 ms for ``seconds`` while nothing is written and while one writer inserts a row every
+    5 ms: its backend's CPU per call, and how many calls stored a tick."""
+    with psycopg.connect(url, autocommit=True) as conn, psycopg.connect(url, autocommit=True) as w:
+        pid = int(str(conn.execute("SELECT pg_backend_pid()").fetchone()[0]))  # type: ignore[index]
+        ticker = relay_ticker.Ticker()
+        for label, writing in (("idle", False), ("one row per 5 ms", True)):
+            calls = stored = n = 0
+            before, deadline = proc_cpu_s(pid), time.monotonic() + seconds
+            while time.monotonic() < deadline:
+                if writing:
+                    n += 1
+                    w.execute(
+                        "INSERT INTO relay.intake (operation_key, effect_type, payload)"
+                        " VALUES (%s, 'bench', '{}')",
+                        (f"tick-{label}-{n}",),
+                    )
+                stored += ticker.run_once(conn).stored
+                calls += 1
+                time.sleep(relay_ticker.TICK_EVERY_S)
+            after = proc_cpu_s(pid)
+            cpu = (
+                "n/a"
+                if before is None or after is None
+                else f"{(after - before) * 1e6 / calls:.0f} us"
+            )
+            print(
+                f"  ticker, {label}: {calls:,} calls, {stored:,} ticks stored, "
+                f"{cpu} PostgreSQL CPU/call",
+                flush=True,
+            )
+
+
 # -- main ------------------------------------------------------------------------------------------
 
 
@@ -490,6 +528,13 @@ def main() -> None:
             commit_rates(url, app_url, args.clients, args.seconds)
             print(f"\n2. drain of {args.rows:,} intake rows between ticks")
             drain(url, app_url, args.rows)
+        finally:
+            drop_db(server, url)
+        url = fresh_db(server)
+        try:
+            prepare(settings_for(url, "127.0.0.1:9", "bench", database_url=url))
+            print("\n2b. the ticker (relay/dispatch/ticker.py) at up to 200 calls/s")
+            ticker_cost(url)
         finally:
             drop_db(server, url)
             with psycopg.connect(server, autocommit=True) as conn:

@@ -70,6 +70,11 @@ class MigrationError(RelayError):
     """The database schema is missing, older or newer than this code, or a migration failed."""
 
 
+class TickerError(RelayError):
+    """The ticker refused a snapshot older than the last tick's: ticks must never go backwards,
+    and one that would means the database is not the server the ticks were taken on."""
+
+
 class ServiceUnavailableError(RelayError):
     """PostgreSQL or Kafka could not be reached; daemons wait these out, commands report them."""
 

@@ -10,6 +10,7 @@ every enqueue and claim queue behind the migration's lock request.
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import time
 from dataclasses import dataclass
@@ -17,14 +18,18 @@ from pathlib import Path
 
 import psycopg
 import psycopg.errors
+from psycopg import sql
 
 from relay.config import Settings
 from relay.errors import MigrationError
 from relay.sql import query
 
+log = logging.getLogger(__name__)
 _FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 # An arbitrary constant: the key of the advisory lock that serialises migrations.
 _LOCK_KEY = 0x72656C6179
+ENUM_LABEL_MAX = 63
+"""Bytes in an enum label (NAMEDATALEN - 1): a longer type name cannot enter the intake's enum."""
 LOCK_TIMEOUT_S = 5.0
 """How long one try of a migration waits for a table lock before it gives up and rolls back."""
 LOCK_TRIES = 5
@@ -151,10 +156,19 @@ def check_current(conn: psycopg.Connection[tuple[object, ...]]) -> None:
 
 
 def sync_effect_types(conn: psycopg.Connection[tuple[object, ...]], settings: Settings) -> int:
-    """Write the declared effect types into ``relay.effect_type``, and the limits into
-    ``relay.limits``, where enqueue validates intents."""
+    """Write the declared effect types into ``relay.effect_type`` and the intake's enum
+    (``relay.effect_type_name``), and the limits into ``relay.limits``, where enqueue validates
+    intents.
+
+    ``ALTER TYPE ... ADD VALUE`` may run in a transaction block since PostgreSQL 12, but the new
+    value may not be used before that transaction commits ("unsafe use of new value"): nothing
+    here uses it, and on a connection in autocommit mode (as ``relay migrate`` uses) this
+    transaction commits before anyone can. Values are added only when missing, and only by the
+    type's owner: the daemons run this too, as roles that may not alter the type.
+    """
     changed = 0
     with conn.transaction():
+        _sync_type_names(conn, [spec.name for spec in settings.effect_types.values()])
         for spec in settings.effect_types.values():
             cur = conn.execute(
                 query("sync_effect_type"),
@@ -174,3 +188,27 @@ def sync_effect_types(conn: psycopg.Connection[tuple[object, ...]], settings: Se
             changed += cur.rowcount
         conn.execute(query("sync_limits"), {"max_payload_bytes": settings.max_payload_bytes})
     return changed
+
+
+def _sync_type_names(conn: psycopg.Connection[tuple[object, ...]], names: list[str]) -> int:
+    """Add the declared types the enum lacks; returns how many were added."""
+    rows = conn.execute(query("missing_effect_type_names"), {"names": names}).fetchall()
+    added = 0
+    for name, may_add in rows:
+        if len(str(name).encode()) > ENUM_LABEL_MAX:
+            log.warning(
+                "effect type %s is longer than %d bytes: it cannot be written to the intake",
+                name,
+                ENUM_LABEL_MAX,
+            )
+        elif not may_add:
+            log.warning(
+                "effect type %s is not in relay.effect_type_name and this login may not add "
+                "it: run 'relay migrate' as the schema owner",
+                name,
+            )
+        else:
+            statement = sql.SQL(query("add_effect_type_name")).format(name=sql.Literal(name))
+            conn.execute(statement)
+            added += 1
+    return added

@@ -38,3 +38,17 @@ SELECT id, operation_key, effect_type, topic, payload, business_key, traceparent
        published_partition, published_offset, published_at, outcome_deadline, ordering_group,
        group_released_at
 FROM relay.effect WHERE operation_key = %(operation_key)s;
+
+-- name: missing_effect_type_names
+-- Declared types the intake's enum lacks (none before migration 0010), and whether this login
+-- may add them (only the type's owner may: the daemons sync as roles that do not own it).
+SELECT n.name, pg_has_role(t.typowner, 'USAGE') AS may_add
+FROM unnest(%(names)s::text[]) AS n(name)
+JOIN pg_type t ON t.oid = to_regtype('relay.effect_type_name')
+WHERE NOT starts_with(n.name, 'relay.')
+  AND NOT EXISTS (SELECT 1 FROM pg_enum e WHERE e.enumtypid = t.oid AND e.enumlabel = n.name)
+ORDER BY n.name;
+
+-- name: add_effect_type_name
+-- A utility statement takes no parameters: {name} is composed as a literal (psycopg.sql).
+ALTER TYPE relay.effect_type_name ADD VALUE IF NOT EXISTS {name};

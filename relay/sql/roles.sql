@@ -40,6 +40,11 @@ REVOKE EXECUTE ON FUNCTION relay.enqueue(text, text, jsonb, text, text, timestam
 GRANT EXECUTE ON FUNCTION relay.enqueue(text, text, jsonb, text, text, timestamptz, text),
     relay.cancel(text, text, text) TO {application}, {operator};
 GRANT SELECT ON relay.effect TO {application};
+-- The intake (issue 19): a plain INSERT of the application's own columns, nothing else. It
+-- cannot set an id, a txid or who enqueued, cannot read, update or delete a row (not even its
+-- own), and the enum refuses relay-made and undeclared types.
+GRANT INSERT (operation_key, effect_type, payload, business_key, traceparent, available_at,
+              ordering_group) ON relay.intake TO {application};
 
 -- Every daemon and operator reads the outbox, its declared types and its schema version.
 GRANT SELECT ON ALL TABLES IN SCHEMA relay TO {relay}, {reconciler}, {operator};
@@ -51,6 +56,10 @@ GRANT UPDATE ON relay.limits TO {relay}, {reconciler};
 -- doorbell and the status-event lease; checks its own ambiguous publishes.
 GRANT UPDATE ON relay.effect, relay.doorbell, relay.status_publisher TO {relay};
 GRANT INSERT, UPDATE ON relay.attempt, relay.transition, relay.replica TO {relay};
+-- The ticker stores ticks and deletes those no reader needs; DELETE is also what lets it take its
+-- lock (LOCK TABLE relay.tick IN SHARE ROW EXCLUSIVE MODE needs UPDATE, DELETE or TRUNCATE), a
+-- lock no application, reconciler or operator role can take (relay/dispatch/ticker.py).
+GRANT INSERT, DELETE ON relay.tick TO {relay};
 
 -- The reconciler: evidence, moves, compensations, the status-event switch.
 GRANT UPDATE ON relay.effect, relay.reconciler_config, relay.attempt TO {reconciler};

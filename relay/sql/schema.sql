@@ -1,4 +1,4 @@
--- The relay schema as schemas/migrations/0001..0009 leave it: a reference to read, applied by
+-- The relay schema as schemas/migrations/0001..0010 leave it: a reference to read, applied by
 -- nothing (`relay migrate` applies the migrations). tests/integration/test_schema.py checks
 -- that the migrations reach exactly this. Columns are in their table's physical order;
 -- function bodies are the migrations' text.
@@ -264,6 +264,39 @@ CREATE TABLE relay.schema_migration (
     checksum   text NOT NULL,
     applied_at timestamptz NOT NULL DEFAULT now()
 );
+
+-- The intake (0010, docs/design/intake.md §2): the application only inserts; the relay reads it
+-- between ticks. The enum holds the declared types (added by `relay migrate`, never `relay.*`):
+-- an undeclared type fails at insert with no lookup. The ids start after relay.effect's.
+CREATE TYPE relay.effect_type_name AS ENUM ();
+
+CREATE TABLE relay.intake (
+    id             bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    operation_key  text NOT NULL,
+    effect_type    relay.effect_type_name NOT NULL,
+    payload        jsonb NOT NULL,
+    business_key   text,
+    traceparent    text,
+    available_at   timestamptz,
+    ordering_group text,
+    enqueued_by    text NOT NULL DEFAULT session_user,
+    -- The top-level xid (xmin is a subtransaction's inside a SAVEPOINT): what snapshots speak of.
+    txid           xid8 NOT NULL DEFAULT pg_current_xact_id(),
+    CONSTRAINT intake_operation_key_unique UNIQUE (operation_key)
+);
+CREATE INDEX intake_read_idx ON relay.intake (txid);
+REVOKE ALL ON relay.intake FROM PUBLIC;
+
+-- Stored snapshots: a batch is the intake rows visible in one tick and not in an earlier one.
+CREATE TABLE relay.tick (
+    id         bigint PRIMARY KEY,
+    snap       pg_snapshot NOT NULL,
+    at         timestamptz NOT NULL DEFAULT clock_timestamp(),
+    intake_seq bigint NOT NULL
+);
+-- Tick 0, "the beginning": its snapshot sees no transaction, so the pair (0, b) holds every row
+-- committed before tick b, however old. A reader starts there.
+INSERT INTO relay.tick (id, snap, at, intake_seq) VALUES (0, '1:1:', 'epoch', 0);
 
 -- Views --------------------------------------------------------------------------------------
 

@@ -114,6 +114,9 @@ class LocalPostgres:
             "listen_addresses": "127.0.0.1",
             "unix_socket_directories": str(self.root),
             "max_connections": 200,
+            # PREPARE TRANSACTION is off by default (0); the intake's tests need it (a prepared
+            # transaction stays in every snapshot until COMMIT PREPARED: docs/design/intake.md).
+            "max_prepared_transactions": 10,
             "fsync": self.fsync,
             **self.extra_settings,
         }
