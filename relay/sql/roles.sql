@@ -42,7 +42,9 @@ GRANT EXECUTE ON FUNCTION relay.enqueue(text, text, jsonb, text, text, timestamp
 GRANT SELECT ON relay.effect TO {application};
 -- The intake (issue 19): a plain INSERT of the application's own columns, nothing else. It
 -- cannot set an id, a txid or who enqueued, cannot read, update or delete a row (not even its
--- own), and the enum refuses relay-made and undeclared types.
+-- own), and the enum refuses relay-made and undeclared types. NOT READ BY `relay run` YET (the
+-- redesign's slice 3 wires it): until then a row written there is never published; enqueue
+-- through relay.enqueue.
 GRANT INSERT (operation_key, effect_type, payload, business_key, traceparent, available_at,
               ordering_group) ON relay.intake TO {application};
 
