@@ -272,8 +272,8 @@ def test_the_rendered_config_is_valid_for_the_relay(
     assert settings.kafka_bootstrap_servers.count(",") == 2
     assert settings.batch_size == 200 and settings.lease_s == 60
     assert settings.metrics_host == "0.0.0.0"
-    assert sorted(settings.effect_types) == ["email", "wire", "wire_reversal"]
-    assert settings.effect_types["wire"].compensation == "wire_reversal"
+    assert sorted(settings.effect_types) == ["email", "wire", "wire-reversal"]
+    assert settings.effect_types["wire"].compensation == "wire-reversal"
     assert settings.effect_types["wire"].observer is not None
 
 
@@ -426,7 +426,7 @@ def test_the_schema_refuses_wrong_values(args: list[str], complaint: str) -> Non
 def test_notes_name_the_replica_ids_and_the_effect_types() -> None:
     for extra, replica, types in [
         ([], "payments-<pod name>", "none (set effectTypes)"),
-        (["-f", FULL], "prod-eu1-<pod name>", "email, wire, wire_reversal"),
+        (["-f", FULL], "prod-eu1-<pod name>", "email, wire, wire-reversal"),
     ]:
         done = helm("install", "orders", str(CHART), "-n", "payments", "--dry-run=client", *extra)
         assert done.returncode == 0, done.stderr
