@@ -12,6 +12,10 @@
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 
 FROM ${BASE_IMAGE} AS build
+# The extras installed with the relay: otel (spans, docs/tracing.md) and compression (lz4 and zstd
+# for kafka_compression_type). --build-arg EXTRAS= leaves both out; sqlalchemy, django and asyncpg
+# belong in the application's environment, not in the relay's image.
+ARG EXTRAS=otel,compression
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PYTHONDONTWRITEBYTECODE=1
 # .dockerignore lets in only pyproject.toml, README.md, relay/ and schemas/.
 COPY . /src/
@@ -20,22 +24,27 @@ RUN --mount=type=secret,id=pip_ca \
     if [ -s /run/secrets/pip_ca ]; then export PIP_CERT=/run/secrets/pip_ca; fi; \
     python3 -m venv /opt/relay; \
     /opt/relay/bin/pip wheel --no-deps --wheel-dir /wheels .; \
-    /opt/relay/bin/pip install /wheels/outbox_relay-*.whl; \
+    wheel="$(echo /wheels/outbox_relay-*.whl)"; \
+    /opt/relay/bin/pip install "${wheel}${EXTRAS:+[$EXTRAS]}"; \
     /opt/relay/bin/python -m compileall -q /opt/relay/lib; \
     /opt/relay/bin/pip uninstall -y pip setuptools >/dev/null 2>&1 || true; \
     rm -f /opt/relay/bin/pip /opt/relay/bin/pip3* /opt/relay/bin/Activate.ps1; \
-    /opt/relay/bin/relay --help >/dev/null
+    /opt/relay/bin/relay --help >/dev/null; \
+    case ",$EXTRAS," in *,otel,*) /opt/relay/bin/python -c "import opentelemetry.trace";; esac; \
+    case ",$EXTRAS," in *,compression,*) /opt/relay/bin/python -c "import lz4.frame, zstandard";; esac
 
 FROM ${BASE_IMAGE}
 ARG VERSION=0.1.0
 ARG REVISION=unknown
 ARG BASE_IMAGE
+ARG EXTRAS=otel,compression
 LABEL org.opencontainers.image.title="outbox-relay" \
       org.opencontainers.image.description="Transactional outbox relay for PostgreSQL and Apache Kafka with a durable UNKNOWN state" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.revision="${REVISION}" \
       org.opencontainers.image.licenses="Apache-2.0" \
-      org.opencontainers.image.base.name="${BASE_IMAGE}"
+      org.opencontainers.image.base.name="${BASE_IMAGE}" \
+      org.outbox-relay.extras="${EXTRAS}"
 COPY --from=build /opt/relay /opt/relay
 # A numeric user (Kubernetes' runAsNonRoot can check a number, not a name), listed in /etc/passwd
 # so that tools asking for the user's name get one; no home directory, no shell.

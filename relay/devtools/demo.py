@@ -5,17 +5,25 @@ RELAY_KAFKA_BOOTSTRAP_SERVERS name existing ones, runs the relay, the reconciler
 stand-in bank in this process, writes intents the way an application would (one transaction
 rolled back, to show it leaves nothing), and prints the effects' states as they move until every
 one has ended: emails are done when Kafka has them, wires when the bank has answered.
+
+The terminal tells the story, act by act, each ending with what happened and why it matters;
+the daemons' own log lines go to a file the demo names (only WARNING and up, each kind once,
+reach the terminal). It ends with every effect's path through its states and what to try next.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import re
+import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
+from datetime import datetime
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import click
@@ -39,6 +47,9 @@ from relay.sql import query
 from relay.story import load_story, story_lines
 
 WIRE_TIMEOUT_S = 5.0
+# How long the demo bank takes to search its books when the observer asks: a real downstream
+# takes a while too, and it keeps act 3's UNKNOWN on screen long enough to be seen.
+BOOKS_SEARCH_S = 1.0
 DEMO_TYPES: dict[str, dict[str, Any]] = {
     "demo.email": {"topic": "demo.emails", "idempotent": True},
     "demo.wire": {
@@ -57,6 +68,7 @@ BOOKS: dict[str, str] = {}
 
 def observe_wire(effect: ObservedEffect) -> Observation:
     """The demo wire's observer: ask the bank's books instead of sending the wire again."""
+    time.sleep(BOOKS_SEARCH_S)
     reference = BOOKS.get(effect.operation_key)
     if reference is None:
         return Observation("absent", detail="not in the bank's books")
@@ -163,10 +175,63 @@ def _in_thread(
     return thread
 
 
+class _OncePerKind(logging.Filter):
+    """The terminal's filter: WARNING and up from the relay's own loggers, each kind of line once
+    (the same message template from the same logger), the rest counted; the log file has all."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[tuple[str, str]] = set()
+        self.held = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING or record.name.startswith("kafka"):
+            return False  # kafka-python narrates every lost connection; the file has it
+        kind = (record.name, str(record.msg))
+        if kind in self.seen:
+            self.held += 1
+            return False
+        self.seen.add(kind)
+        return True
+
+
+@contextlib.contextmanager
+def _daemon_logs(path: Path) -> Iterator[_OncePerKind]:
+    """Send every log line to ``path``; leave the terminal WARNING and up, each kind once."""
+    root = logging.getLogger()
+    terminal = [h for h in root.handlers if isinstance(h, logging.StreamHandler)]
+    once = _OncePerKind()
+    to_file = logging.FileHandler(path, encoding="utf-8")
+    to_file.setFormatter(terminal[0].formatter if terminal else logging.Formatter())
+    for handler in terminal:
+        handler.addFilter(once)
+    root.addHandler(to_file)
+    kafka = logging.getLogger("kafka")
+    kafka_level = kafka.level
+    # kafka-python's connection errors go to the file, never its DEBUG (its whole configuration).
+    kafka.setLevel(max(logging.WARNING, kafka.getEffectiveLevel()))
+    try:
+        yield once
+    finally:
+        kafka.setLevel(kafka_level)
+        root.removeHandler(to_file)
+        to_file.close()
+        for handler in terminal:
+            handler.removeFilter(once)
+
+
+def _act_end(*lines: str) -> None:
+    """What happened in an act, and why it matters."""
+    click.echo("")
+    for line in lines:
+        click.echo(f"  > {line}")
+
+
 def run_demo(settings: Settings, *, effects: int, keep_running: bool) -> None:
-    # kafka-python narrates every lost connection at ERROR; the relay's own lines say what matters.
-    logging.getLogger("kafka").setLevel(logging.CRITICAL)
-    with ExitStack() as stack:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    log_path = Path(tempfile.gettempdir()) / f"relay-demo-{stamp}.log"
+    click.echo(f"the daemons' logs: {log_path} (WARNING and up here too, each kind once)")
+    with _daemon_logs(log_path) as once, ExitStack() as stack:
         click.echo("starting services (a throwaway PostgreSQL and Kafka unless configured) ...")
         started = time.monotonic()
         services = stack.enter_context(local_services(fsync=True))
@@ -204,6 +269,15 @@ def run_demo(settings: Settings, *, effects: int, keep_running: bool) -> None:
         _watch(url, keys)
         click.echo("")
         _show_one(url, keys[1] if effects > 1 else keys[0])
+        _act_end(
+            "The rolled-back transaction left nothing: an intent exists only if the application's",
+            "  transaction commits. Every other intent was published once, in one Kafka",
+            "  transaction; each wire became CONFIRMED only when the bank's result said so.",
+            f"One e-mail ({keys[-1]}) was REJECTED: its record is larger than the brokers",
+            "  accept, so the relay refused it before sending (a definite 'no', reason kept in",
+            "  'relay show'); it held up nothing else. REJECTED is certain; UNKNOWN is not.",
+        )
+        all_keys = list(keys)
         if services.local_kafka is not None and cfg.kafka_transactions:
             click.echo(
                 "\nact 2: the broker freezes while a batch is in flight (SIGSTOP): the publish "
@@ -211,8 +285,21 @@ def run_demo(settings: Settings, *, effects: int, keep_running: bool) -> None:
                 "fences the old producer,\nreads the partitions back (read_committed) and decides"
             )
             frozen = _freeze_mid_publish(url, services.local_kafka, run_id)
+            all_keys += frozen
             click.echo("")
-            _show_one(url, frozen)
+            _show_one(url, frozen[0])
+            _act_end(
+                "The broker stopped answering mid-transaction: nobody could say whether the five",
+                "  records were in the log, so they became UNKNOWN, not failed and not retried.",
+                "Once Kafka answered, the relay fenced the producer that made the attempt (it can",
+                "  commit nothing any more) and read the partitions back: absent, so a new",
+                "  attempt was made. That check is what keeps a timeout from becoming a",
+                "  duplicate e-mail or a lost one.",
+            )
+        else:
+            click.echo(
+                "\n(act 2, a frozen broker, needs the demo's own Kafka with transactions: skipped)"
+            )
         click.echo(
             f"\nact 3: the bank books a wire but its result is lost: after {WIRE_TIMEOUT_S:g}s "
             "without a result\nthe reconciler makes it UNKNOWN and asks the bank's books (the "
@@ -224,9 +311,25 @@ def run_demo(settings: Settings, *, effects: int, keep_running: bool) -> None:
             wire = {"account": "ACC999", "amount": 999, "date": "2026-11-22"}
             outbox.enqueue(conn, "demo.wire", lost, wire)
             conn.commit()
+        all_keys.append(lost)
         _watch(url, [lost], until=lambda p: p.states.get("CONFIRMED") == 1)
         click.echo("")
         _show_one(url, lost)
+        _act_end(
+            f"The wire was published and booked, but no result came within {WIRE_TIMEOUT_S:g}s:",
+            "  the reconciler made it UNKNOWN (the money may or may not have moved) and asked",
+            "  the type's observer, the bank's books, by business key. Found there: CONFIRMED.",
+            "Sending it again would have wired the money twice; with no observer it would have",
+            "  gone STUCK for a person ('relay resolve'). docs/unknown.md has every case.",
+        )
+        _summary(url, all_keys)
+        if once.held:
+            click.echo(f"\n({once.held} more warnings like those above are in {log_path})")
+        click.echo(
+            "\nwhat next: 'bash scripts/demo.sh --keep-running', then 'relay show KEY' and "
+            "'relay enqueue demo.wire KEY JSON';\n  docs/getting-started.md on your own "
+            f"servers; docs/unknown.md for UNKNOWN; the daemons' logs: {log_path}"
+        )
         if keep_running:
             click.echo(
                 "\nrelay, reconciler and demo bank still running; enqueue more with "
@@ -262,7 +365,7 @@ def _write_intents(url: str, run_id: str, effects: int, max_request_size: int) -
     return keys
 
 
-def _freeze_mid_publish(url: str, broker: LocalKafka, run_id: str) -> str:
+def _freeze_mid_publish(url: str, broker: LocalKafka, run_id: str) -> list[str]:
     keys = [f"demo-{run_id}-frozen-{i}" for i in range(5)]
     # Freeze an idle relay: status events of act 1 still on their way would take the hit instead.
     deadline = time.monotonic() + 30.0
@@ -274,12 +377,13 @@ def _freeze_mid_publish(url: str, broker: LocalKafka, run_id: str) -> str:
             for key in keys:
                 outbox.enqueue(conn, "demo.email", key, {"to": f"{key}@example.com"})
             conn.commit()
-        _watch(url, keys, until=lambda p: p.states.get("UNKNOWN") == len(keys))
-        click.echo("  ... the broker answers again")
+        started = time.monotonic()
+        _watch(url, keys, until=lambda p: p.states.get("UNKNOWN") == len(keys), started=started)
+        click.echo(f"  t+{time.monotonic() - started:5.2f}s  ... the broker answers again")
     finally:
         broker.resume()
-    _watch(url, keys, timeout_s=120.0)
-    return keys[0]
+    _watch(url, keys, timeout_s=120.0, started=started)
+    return keys
 
 
 def _in_flight(url: str) -> int:
@@ -309,11 +413,14 @@ def _watch(
     keys: list[str],
     timeout_s: float = 60.0,
     until: Callable[[Progress], bool] = _settled,
+    started: float | None = None,
 ) -> None:
-    """Print the keys' state counts each time they change, until ``until`` holds."""
-    started = time.monotonic()
+    """Print the keys' state counts each time they change, until ``until`` holds; times count
+    from ``started`` (default: now), so one act keeps one clock."""
+    began = time.monotonic()
+    started = began if started is None else started
     last: dict[str, int] = {}
-    while time.monotonic() - started < timeout_s:
+    while time.monotonic() - began < timeout_s:
         progress = _progress(url, keys)
         if progress.states != last:
             line = "  ".join(f"{s}={n}" for s, n in sorted(progress.states.items()))
@@ -329,5 +436,60 @@ def _show_one(url: str, key: str) -> None:
     with psycopg.connect(url, autocommit=True) as conn:
         story = load_story(conn, key)
     if story is not None:
-        click.echo(f"the story of {key}, as 'relay show {key}' tells it:")
-        click.echo("\n".join(f"  {line}" for line in story_lines(story)))
+        click.echo(f"the story of {key}, as 'relay show {key}' tells it (reasons shortened):")
+        click.echo("\n".join(f"  {line}" for line in _once_each(story_lines(story))))
+
+
+# A Kafka error wrapped in Kafka errors: "KafkaError: Cannot execute ...: KafkaError: Could not
+# ...: [Error 7] RequestTimedOutError: ...". The innermost error says what happened.
+_NESTED = re.compile(r"(?:KafkaError: [^\[]*?: )+(?=\[Error)")
+_REASON = re.compile(r"^(?P<head>.*?(?:-> [a-z_]+(?: p\d+@\d+)?: | by [^:]+: ))(?P<reason>.+)$")
+
+
+def _shorten(reason: str) -> str:
+    return _NESTED.sub("... ", reason)
+
+
+def _once_each(lines: list[str]) -> list[str]:
+    """The story's lines with nested Kafka errors cut to their innermost one, and a long reason
+    already shown replaced by a pointer ('relay show' prints them in full)."""
+    shown: set[str] = set()
+    out: list[str] = []
+    for line in lines:
+        m = _REASON.match(line)
+        if m is None:
+            out.append(_shorten(line))
+            continue
+        reason = _shorten(m["reason"])
+        if len(reason) > 60 and reason in shown:
+            reason = "(the reason above)"
+        shown.add(reason)
+        out.append(m["head"] + reason)
+    return out
+
+
+def _summary(url: str, keys: list[str]) -> None:
+    """Each effect's path through its states, from its transitions; alike paths together."""
+    paths: dict[tuple[str, tuple[str, ...]], list[tuple[str, float]]] = {}
+    with psycopg.connect(url, autocommit=True) as conn:
+        for key in keys:
+            story = load_story(conn, key)
+            if story is None:
+                continue
+            steps = [t["to_state"] for t in story["transitions"]]
+            unknown_s = 0.0
+            times = [t["at"] for t in story["transitions"]] + [None]
+            for step, at, after in zip(steps, times, times[1:], strict=False):
+                if step == "UNKNOWN" and after is not None:
+                    unknown_s += (after - at).total_seconds()
+            kind = (str(story["effect"]["effect_type"]), tuple(steps))
+            paths.setdefault(kind, []).append((key, unknown_s))
+    click.echo("\nsummary: every effect of this run, by its path through the states")
+    click.echo(f"  {'effects':>7}  {'type':<10}  {'UNKNOWN for':>11}  path (example key)")
+    for (effect_type, path), found in sorted(paths.items(), key=lambda kv: -len(kv[1])):
+        longest = max(seconds for _, seconds in found)
+        held = f"{longest:.2f}s" if "UNKNOWN" in path else "-"
+        click.echo(
+            f"  {len(found):>7}  {effect_type:<10}  {held:>11}  {' -> '.join(path)}"
+            f"  ({found[0][0]})"
+        )

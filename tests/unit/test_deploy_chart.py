@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,8 @@ from tests.deploy import (
 # Cold, the first test builds the pinned helm from the Go module proxy (minutes).
 pytestmark = pytest.mark.timeout(2400)
 FULL = str(CHART / "ci" / "full-values.yaml")
+FIRST_EFFECT = str(CHART / "examples" / "first-effect.yaml")
+WORKLOADS = (("StatefulSet", "relay"), ("Deployment", "reconciler"), ("Job", "migrate"))
 # The chart's kubeVersion floor and the newest schemas kubernetes-validate 1.37.0 carries.
 KUBERNETES_VERSIONS = ("1.25.0", "1.37.0")
 CRD_KINDS = {
@@ -269,8 +272,8 @@ def test_the_rendered_config_is_valid_for_the_relay(
     assert settings.kafka_bootstrap_servers.count(",") == 2
     assert settings.batch_size == 200 and settings.lease_s == 60
     assert settings.metrics_host == "0.0.0.0"
-    assert sorted(settings.effect_types) == ["email", "wire", "wire_reversal"]
-    assert settings.effect_types["wire"].compensation == "wire_reversal"
+    assert sorted(settings.effect_types) == ["email", "wire", "wire-reversal"]
+    assert settings.effect_types["wire"].compensation == "wire-reversal"
     assert settings.effect_types["wire"].observer is not None
 
 
@@ -371,6 +374,8 @@ def test_the_dashboard_is_ops_grafana_relay_dashboard(full: list[dict[str, Any]]
 def test_optional_parts_are_off_by_default(defaults: list[dict[str, Any]]) -> None:
     kinds = [obj["kind"] for obj in defaults]
     assert "ServiceMonitor" not in kinds and "PrometheusRule" not in kinds
+    # Off by default: a scraper not labelled as Prometheus would lose the metrics unseen
+    # (docs/deployment.md); NOTES say so while it is off.
     assert "NetworkPolicy" not in kinds
     assert not [c for c in by_kind(defaults, "ConfigMap") if "dashboard" in c["metadata"]["name"]]
     container = pod_spec(one(defaults, "StatefulSet", "relay"))["containers"][0]
@@ -421,7 +426,7 @@ def test_the_schema_refuses_wrong_values(args: list[str], complaint: str) -> Non
 def test_notes_name_the_replica_ids_and_the_effect_types() -> None:
     for extra, replica, types in [
         ([], "payments-<pod name>", "none (set effectTypes)"),
-        (["-f", FULL], "prod-eu1-<pod name>", "email, wire, wire_reversal"),
+        (["-f", FULL], "prod-eu1-<pod name>", "email, wire, wire-reversal"),
     ]:
         done = helm("install", "orders", str(CHART), "-n", "payments", "--dry-run=client", *extra)
         assert done.returncode == 0, done.stderr
@@ -429,3 +434,224 @@ def test_notes_name_the_replica_ids_and_the_effect_types() -> None:
         assert f"replica_id = {replica}" in notes
         assert f"Effect types declared: {types}" in notes
         assert "relay list --state UNKNOWN" in notes
+
+
+def test_extra_env_volumes_and_mounts_reach_every_container(
+    defaults: list[dict[str, Any]], full: list[dict[str, Any]]
+) -> None:
+    """Issue 21.2: tracing, a Python observer, compression settings without a forked chart."""
+    values = yaml.safe_load(Path(FULL).read_text())
+    for kind, component in WORKLOADS:
+        spec = pod_spec(one(full, kind, component))
+        container = spec["containers"][0]
+        env = env_of(container)
+        for item in values["extraEnv"]:
+            assert env[item["name"]] == item
+        # after the chart's own variables, which they cannot replace
+        names = [e["name"] for e in container["env"]]
+        assert names.index("RELAY_DATABASE_URL") < names.index("OTEL_SERVICE_NAME")
+        assert container["envFrom"] == values["extraEnvFrom"]
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        assert volumes["observers"] == values["extraVolumes"][0]
+        assert {"config", "tmp"} <= volumes.keys()  # the chart's own stay
+        mounts = {m["name"]: m for m in container["volumeMounts"]}
+        assert mounts["observers"] == values["extraVolumeMounts"][0]
+        # none of it by default
+        plain = pod_spec(one(defaults, kind, component))
+        assert "envFrom" not in plain["containers"][0]
+        assert {v["name"] for v in plain["volumes"]} == {"config", "tmp"}
+        assert "OTEL_SERVICE_NAME" not in env_of(plain["containers"][0])
+
+
+@pytest.mark.parametrize(
+    ("args", "complaint"),
+    [
+        (["--set", "extraEnv[0].name=RELAY_DATABASE_URL", "--set", "extraEnv[0].value=x"], "name"),
+        (["--set", "extraEnv[0].name=RELAY_KAFKA_SASL_PASSWORD"], "name"),
+        (["--set", "extraEnv[0].value=no-name"], "name"),
+        (["--set", "extraVolumes[0].name=tmp"], "extraVolumes"),
+        (["--set", "extraVolumeMounts[0].name=x,extraVolumeMounts[0].mountPath=rel"], "mountPath"),
+        (["--set", "extraEnvFrom[0].prefix=X_"], "extraEnvFrom"),
+        (["--set", "probes.startup.failureThreshold=0"], "failureThreshold"),
+        (["--set", "relay.topologySpread.whenUnsatisfiable=Never"], "whenUnsatisfiable"),
+    ],
+)
+def test_the_schema_refuses_wrong_extras(args: list[str], complaint: str) -> None:
+    done = helm("template", "orders", str(CHART), *args)
+    assert done.returncode != 0, f"accepted {args}"
+    assert "values don't meet the specifications of the schema" in done.stderr
+    assert complaint in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize(("kind", "component"), WORKLOADS[:2])
+def test_a_startup_probe_holds_liveness_until_the_process_serves(
+    defaults: list[dict[str, Any]], full: list[dict[str, Any]], kind: str, component: str
+) -> None:
+    container = pod_spec(one(defaults, kind, component))["containers"][0]
+    startup = container["startupProbe"]
+    assert startup["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 60
+    assert "enabled" not in startup
+    tuned = pod_spec(one(full, kind, component))["containers"][0]["startupProbe"]
+    assert (tuned["periodSeconds"], tuned["failureThreshold"]) == (3, 40)
+    off = render("--set", "probes.startup.enabled=false")
+    assert "startupProbe" not in pod_spec(one(off, kind, component))["containers"][0]
+    assert "livenessProbe" in pod_spec(one(off, kind, component))["containers"][0]
+
+
+def test_replicas_are_spread_across_nodes(
+    defaults: list[dict[str, Any]], full: list[dict[str, Any]]
+) -> None:
+    for kind, component in WORKLOADS[:2]:
+        workload = one(defaults, kind, component)
+        [spread] = pod_spec(workload)["topologySpreadConstraints"]
+        assert spread["topologyKey"] == "kubernetes.io/hostname"
+        assert spread["maxSkew"] == 1
+        # ScheduleAnyway: a one-node cluster still runs every replica
+        assert spread["whenUnsatisfiable"] == "ScheduleAnyway"
+        # it counts exactly this workload's pods
+        labels = workload["spec"]["template"]["metadata"]["labels"]
+        assert spread["labelSelector"]["matchLabels"] == labels
+    relay_spread = pod_spec(one(full, "StatefulSet", "relay"))["topologySpreadConstraints"]
+    assert relay_spread[0]["whenUnsatisfiable"] == "DoNotSchedule"
+    zones = pod_spec(one(full, "Deployment", "reconciler"))["topologySpreadConstraints"]
+    assert zones[0]["topologyKey"] == "topology.kubernetes.io/zone"
+    off = render("--set", "relay.topologySpread.enabled=false")
+    assert "topologySpreadConstraints" not in pod_spec(one(off, "StatefulSet", "relay"))
+    assert "topologySpreadConstraints" in pod_spec(one(off, "Deployment", "reconciler"))
+
+
+def lookup_chart(tmp_path: Path, secrets: dict[str, list[str]] | None) -> Path:
+    """A parent chart around a copy of this one whose only template calls the chart's secret
+    check with a given ``lookup`` answer: ``helm template`` has no cluster, so ``lookup`` itself
+    returns nothing there. ``secrets``: name -> its keys (the namespace's Secrets); None: the
+    empty answer of ``lookup`` without a cluster."""
+    parent = tmp_path / "parent"
+    shutil.copytree(CHART, parent / "charts" / "outbox-relay")
+    (parent / "templates").mkdir()
+    (parent / "Chart.yaml").write_text(
+        "apiVersion: v2\nname: parent\nversion: 0.0.1\nkubeVersion: '>=1.25.0-0'\n"
+    )
+    found: dict[str, Any] = {}
+    if secrets is not None:
+        found = {
+            "apiVersion": "v1",
+            "kind": "SecretList",
+            "items": [
+                {"metadata": {"name": name}, "data": dict.fromkeys(keys, "eA==")}
+                for name, keys in secrets.items()
+            ],
+        }
+    (parent / "values.yaml").write_text(yaml.safe_dump({"found": found}))
+    (parent / "templates" / "check.yaml").write_text(
+        '{{- $sub := dict "Values" (index .Values "outbox-relay") "Release" .Release -}}\n'
+        '{{- include "outbox-relay.requireSecrets" (dict "root" $sub "found" .Values.found) -}}\n'
+    )
+    return parent
+
+
+@pytest.mark.parametrize(
+    ("args", "secrets", "complaint"),
+    [
+        ([], {}, 'Secret "outbox-relay-database" (database.existingSecret) does not exist'),
+        ([], {"outbox-relay-database": ["url"]}, 'has no key "database-url"'),
+        (
+            ["--set", "outbox-relay.database.reconciler.existingSecret=relay-db-reconciler"],
+            {"outbox-relay-database": ["database-url"]},
+            'Secret "relay-db-reconciler" (database.reconciler.existingSecret) does not exist',
+        ),
+        (
+            ["-f", "FULL"],
+            {
+                "relay-database": ["database-url"],
+                "relay-kafka-user": ["username"],
+                "kafka-ca": ["ca.crt"],
+                "relay-kafka-client": ["tls.crt", "tls.key", "key-password"],
+            },
+            'Secret "relay-kafka-user" (kafka.sasl.existingSecret) in namespace "payments" '
+            'has no key "password"',
+        ),
+        (
+            ["-f", "FULL"],
+            {
+                "relay-database": ["database-url"],
+                "relay-kafka-user": ["username", "password"],
+                "relay-kafka-client": ["tls.crt", "tls.key", "key-password"],
+            },
+            'Secret "kafka-ca" (kafka.tls.caSecret) does not exist in namespace "payments"',
+        ),
+        (
+            ["-f", "FULL"],
+            {
+                "relay-database": ["database-url"],
+                "relay-kafka-user": ["username", "password"],
+                "kafka-ca": ["ca.crt"],
+                "relay-kafka-client": ["tls.crt", "tls.key"],
+            },
+            'has no key "key-password"',
+        ),
+    ],
+)
+def test_a_missing_secret_fails_the_install_with_its_name(
+    tmp_path: Path, args: list[str], secrets: dict[str, list[str]], complaint: str
+) -> None:
+    """Issue 21.2: a Secret the pods read, or a key in it, missing from the namespace stops
+    `helm install` at once with the value that names it, instead of a hook Job waiting in
+    CreateContainerConfigError until its deadline."""
+    parent = lookup_chart(tmp_path, secrets)
+    full_values = yaml.safe_load(Path(FULL).read_text())
+    if args[:2] == ["-f", "FULL"]:
+        wrapped = tmp_path / "full-wrapped.yaml"
+        wrapped.write_text(yaml.safe_dump({"outbox-relay": full_values}))
+        args = ["-f", str(wrapped)]
+    done = helm("template", "orders", str(parent), "--namespace", "payments", *args)
+    assert done.returncode != 0, done.stdout[:2000]
+    assert complaint in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("secrets", [None, "all"])
+def test_secrets_present_or_no_cluster_render(tmp_path: Path, secrets: str | None) -> None:
+    found = None
+    if secrets == "all":
+        found = {
+            "relay-database": ["database-url"],
+            "relay-kafka-user": ["username", "password"],
+            "kafka-ca": ["ca.crt"],
+            "relay-kafka-client": ["tls.crt", "tls.key", "key-password"],
+        }
+    parent = lookup_chart(tmp_path, found)
+    wrapped = tmp_path / "full-wrapped.yaml"
+    wrapped.write_text(yaml.safe_dump({"outbox-relay": yaml.safe_load(Path(FULL).read_text())}))
+    done = helm("template", "orders", str(parent), "--namespace", "payments", "-f", str(wrapped))
+    assert done.returncode == 0, done.stderr
+    # The chart itself calls the check with lookup's answer, before any object.
+    configmap = (CHART / "templates" / "configmap.yaml").read_text()
+    assert '(lookup "v1" "Secret" .Release.Namespace "")' in configmap
+    assert "outbox-relay.requireSecrets" in configmap
+
+
+def test_the_first_effect_example_publishes_something(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """helm/outbox-relay/examples/first-effect.yaml declares a type the relay publishes, and
+    the NOTES say how to enqueue one and read its story."""
+    objects = render("-f", FIRST_EFFECT)
+    path = tmp_path / "relay.toml"
+    path.write_text(config_map(objects, "-relay-config")["data"]["relay.toml"])
+    for name in list(os.environ):
+        if name.startswith("RELAY_"):
+            monkeypatch.delenv(name)
+    settings = load_settings(path)
+    assert list(settings.effect_types) == ["email"]
+    email = settings.effect_types["email"]
+    assert email.topic == "app.emails" and email.idempotent and email.result_topic is None
+    done = helm(
+        "install", "orders", str(CHART), "-n", "payments", "--dry-run=client", "-f", FIRST_EFFECT
+    )
+    assert done.returncode == 0, done.stderr
+    notes = done.stdout.split("NOTES:", 1)[1]
+    assert 'relay enqueue email hello-1 \'{"hello": "world"}\'' in notes
+    assert "relay show hello-1" in notes
+    bare = helm("install", "orders", str(CHART), "-n", "payments", "--dry-run=client")
+    assert "examples/first-effect.yaml" in bare.stdout.split("NOTES:", 1)[1]
+    assert "No NetworkPolicy" in bare.stdout.split("NOTES:", 1)[1]

@@ -140,7 +140,11 @@ PostgreSQL with its own Secret (database.<workload>), else with database.existin
   value: {{ .root.Values.metrics.relayPort | quote }}
 - name: RELAY_RECONCILE_METRICS_PORT
   value: {{ .root.Values.metrics.reconcilerPort | quote }}
+{{- with .root.Values.extraEnv }}
+{{ toYaml . }}
+{{- end }}
 {{- end -}}
+
 
 {{- define "outbox-relay.volumeMounts" -}}
 - name: config
@@ -157,6 +161,9 @@ PostgreSQL with its own Secret (database.<workload>), else with database.existin
   mountPath: /etc/relay/kafka-client
   readOnly: true
 {{- end }}
+{{- end }}
+{{- with .Values.extraVolumeMounts }}
+{{ toYaml . }}
 {{- end }}
 {{- end -}}
 
@@ -186,9 +193,21 @@ PostgreSQL with its own Secret (database.<workload>), else with database.existin
         path: tls.key
 {{- end }}
 {{- end }}
+{{- with .root.Values.extraVolumes }}
+{{ toYaml . }}
+{{- end }}
 {{- end -}}
 
+{{/* startupProbe: /healthz answers once the process serves its endpoints; liveness and readiness
+wait until it has (periodSeconds x failureThreshold of startup time). */}}
 {{- define "outbox-relay.probes" -}}
+{{- if .Values.probes.startup.enabled -}}
+startupProbe:
+  httpGet:
+    path: /healthz
+    port: metrics
+  {{- toYaml (omit .Values.probes.startup "enabled") | nindent 2 }}
+{{ end -}}
 livenessProbe:
   httpGet:
     path: /healthz
@@ -199,4 +218,74 @@ readinessProbe:
     path: /readyz
     port: metrics
   {{- toYaml .Values.probes.readiness | nindent 2 }}
+{{- end -}}
+
+{{/* Spread a workload's replicas across nodes (topologySpread of relay or reconciler values):
+one node lost takes at most maxSkew more replicas than another. ScheduleAnyway by default, so a
+one-node cluster still schedules them all. */}}
+{{- define "outbox-relay.topologySpread" -}}
+{{- $spread := .spread -}}
+{{- if $spread.enabled -}}
+topologySpreadConstraints:
+  - maxSkew: {{ $spread.maxSkew }}
+    topologyKey: {{ $spread.topologyKey | quote }}
+    whenUnsatisfiable: {{ $spread.whenUnsatisfiable }}
+    labelSelector:
+      matchLabels:
+        {{- include "outbox-relay.selectorLabels" .root | nindent 8 }}
+        app.kubernetes.io/component: {{ .component }}
+{{- end }}
+{{- end -}}
+
+{{/* Every Secret (and key) the pods read, as (secret, key, value that names it) triples. */}}
+{{- define "outbox-relay.secretRefs" -}}
+{{- $v := .Values -}}
+{{- $refs := list -}}
+{{- $workloads := list "relay" -}}
+{{- if $v.migrations.enabled }}{{ $workloads = append $workloads "migrate" }}{{ end -}}
+{{- if $v.reconciler.enabled }}{{ $workloads = append $workloads "reconciler" }}{{ end -}}
+{{- range $w := $workloads -}}
+{{- $own := default dict (index $v.database $w) -}}
+{{- $secret := default $v.database.existingSecret $own.existingSecret -}}
+{{- $what := ternary (printf "database.%s.existingSecret" $w) "database.existingSecret" (not (empty $own.existingSecret)) -}}
+{{- $refs = append $refs (list $secret (default $v.database.urlKey $own.urlKey) $what) -}}
+{{- end -}}
+{{- if $v.kafka.sasl.enabled -}}
+{{- $refs = append $refs (list $v.kafka.sasl.existingSecret $v.kafka.sasl.usernameKey "kafka.sasl.existingSecret") -}}
+{{- $refs = append $refs (list $v.kafka.sasl.existingSecret $v.kafka.sasl.passwordKey "kafka.sasl.existingSecret") -}}
+{{- end -}}
+{{- if $v.kafka.tls.enabled -}}
+{{- $refs = append $refs (list $v.kafka.tls.caSecret $v.kafka.tls.caKey "kafka.tls.caSecret") -}}
+{{- with $v.kafka.tls.clientSecret -}}
+{{- $refs = append $refs (list . "tls.crt" "kafka.tls.clientSecret") -}}
+{{- $refs = append $refs (list . "tls.key" "kafka.tls.clientSecret") -}}
+{{- with $v.kafka.tls.clientKeyPasswordKey -}}
+{{- $refs = append $refs (list $v.kafka.tls.clientSecret . "kafka.tls.clientKeyPasswordKey") -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- toJson $refs -}}
+{{- end -}}
+
+{{/* Fail the install or upgrade, before any hook runs, when a Secret the pods read (or a key in
+it) is missing: otherwise the migration hook's pod waits in CreateContainerConfigError until
+its deadline. Called with (dict "root" $ "found" <lookup of every Secret in the namespace>).
+Without a cluster (helm template, --dry-run=client) lookup returns nothing and nothing is
+checked. */}}
+{{- define "outbox-relay.requireSecrets" -}}
+{{- if .found -}}
+{{- $have := dict -}}
+{{- range $item := (default list .found.items) -}}
+{{- $_ := set $have $item.metadata.name (default dict $item.data) -}}
+{{- end -}}
+{{- range $ref := (include "outbox-relay.secretRefs" .root | fromJsonArray) -}}
+{{- $secret := index $ref 0 -}}{{- $key := index $ref 1 -}}{{- $what := index $ref 2 -}}
+{{- if not (hasKey $have $secret) -}}
+{{- fail (printf "Secret %q (%s) does not exist in namespace %q: create it before installing (docs/deployment.md#kubernetes-the-helm-chart)" $secret $what $.root.Release.Namespace) -}}
+{{- end -}}
+{{- if not (hasKey (index $have $secret) $key) -}}
+{{- fail (printf "Secret %q (%s) in namespace %q has no key %q: add it, or name the key in values" $secret $what $.root.Release.Namespace $key) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
 {{- end -}}
