@@ -205,11 +205,11 @@ def test_results_count_outcomes_quarantine_and_moves_and_the_lag_is_exact(
     assert h.children(url, "r-twice") == [("r-twice#compensation", "wire-reversal", "PENDING")]
 
 
-def _record(offset: int, key: str, outcome: str = "committed") -> SimpleNamespace:
+def _record(topic: str, offset: int, key: str, outcome: str = "committed") -> SimpleNamespace:
+    """A result record as the consumer gets it, on ``topic`` (the wire type's result topic: a
+    result elsewhere is misrouted)."""
     _, value = h.result(key, outcome)
-    return SimpleNamespace(
-        topic="fabricated.results", partition=0, offset=offset, key=key.encode(), value=value
-    )
+    return SimpleNamespace(topic=topic, partition=0, offset=offset, key=key.encode(), value=value)
 
 
 def test_a_batch_rolled_back_counts_nothing_and_a_failed_record_is_quarantined(
@@ -219,7 +219,9 @@ def test_a_batch_rolled_back_counts_nothing_and_a_failed_record_is_quarantined(
     make_effect(url, "b-fine", "PUBLISHED")
     make_effect(url, "b-boom", "PUBLISHED")
     results = ResultConsumer(rsettings, ACTOR)
-    batch = [_record(0, "b-fine"), _record(1, "b-boom")]
+    topic = rsettings.effect_types["wire"].result_topic
+    assert topic is not None
+    batch = [_record(topic, 0, "b-fine"), _record(topic, 1, "b-boom")]
     real_decide = results_module.decide
     failure: list[psycopg.Error] = []
 
