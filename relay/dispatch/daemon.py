@@ -43,6 +43,7 @@ from relay.dispatch.transactions import transactional_id
 from relay.dispatch.verifier import Verifier
 from relay.errors import RelayError, ServiceUnavailableError, describe
 from relay.kafka_client import close_quietly, make_producer
+from relay.logs import KAFKA
 from relay.migrations import check_current, sync_effect_types
 from relay.sql import query
 
@@ -111,7 +112,9 @@ class Relay:
                 except kerr.KafkaError as exc:
                     self._drop_producer()
                     self._verify_while_kafka_is_down()
-                    self._wait(backoff.next_delay(), f"Kafka unavailable: {describe(exc)}")
+                    # One line when Kafka goes away, one when it is back: not one per retry.
+                    KAFKA.down(describe(exc))
+                    self._stop.wait(backoff.next_delay())
         finally:
             self._stop_stages()
             self._drop_producer()
@@ -205,6 +208,7 @@ class Relay:
             log.info(
                 "Kafka producer ready", extra={"bootstrap": self.settings.kafka_bootstrap_servers}
             )
+            KAFKA.up()
         if self._claimer is not None:
             self._claimer.publisher_ready.set()
 
