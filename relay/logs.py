@@ -106,9 +106,7 @@ class ConnectionState:
         with self._lock:
             since, self._down_since = self._down_since, None
         if since is not None:
-            self._log.info(
-                "%s available again after %.1fs", self.name, time.monotonic() - since
-            )
+            self._log.info("%s available again after %.1fs", self.name, time.monotonic() - since)
 
     def reset(self) -> None:
         with self._lock:

@@ -9,8 +9,8 @@ import click
 
 from relay.cli.support import clean_errors, settings_of
 from relay.db import connect
+from relay.migrations import apply_status_events, sync_effect_types
 from relay.migrations import migrate as apply_migrations
-from relay.migrations import sync_effect_types
 from relay.redaction import escape_controls
 
 
@@ -23,11 +23,13 @@ def migrate(ctx: click.Context) -> None:
     with connect(settings, purpose="migrate") as conn:
         applied = apply_migrations(conn)
         changed = sync_effect_types(conn, settings)
+        apply_status_events(conn, settings)
     for m in applied:
         click.echo(f"applied {m.version:04d}_{m.name}")
     if not applied:
         click.echo("schema is up to date")
     click.echo(f"effect types declared: {len(settings.effect_types)} ({changed} changed)")
+    click.echo(f"status events: {'on' if settings.status_events else 'off'}")
 
 
 @click.command()

@@ -44,7 +44,7 @@ from relay.dispatch.verifier import Verifier
 from relay.errors import RelayError, ServiceUnavailableError, describe
 from relay.kafka_client import close_quietly, make_producer
 from relay.logs import KAFKA
-from relay.migrations import check_current, sync_effect_types
+from relay.migrations import apply_status_events, check_current, sync_effect_types
 from relay.sql import query
 
 log = logging.getLogger(__name__)
@@ -160,6 +160,7 @@ class Relay:
         if self.epoch == 0:
             check_current(conn)
             sync_effect_types(conn, self.settings)
+            self._switch_status_events(conn)
             self._claim_replica_id(conn)
             row = conn.execute(
                 query("register_replica"), {"replica_id": self.replica_id}
@@ -174,6 +175,18 @@ class Relay:
         else:
             self._lock_replica_id()  # lost with the old connection
 
+    def _switch_status_events(self, conn: psycopg.Connection[Any]) -> None:
+        """Status events as the settings say, from the first effect on (not from the first start
+        of `relay reconcile`)."""
+        try:
+            apply_status_events(conn, self.settings)
+        except psycopg.errors.InsufficientPrivilege:
+            log.warning(
+                "status_events is %s but this login may not switch status events: run 'relay "
+                "migrate' (or 'relay reconcile') with the same setting",
+                "on" if self.settings.status_events else "off",
+            )
+
     def _lock_replica_id(self) -> bool:
         assert self._conn is not None
         row = self._conn.execute(query("lock_replica_id"), {"replica_id": self.replica_id})
@@ -183,6 +196,7 @@ class Relay:
     def _claim_replica_id(self, conn: psycopg.Connection[Any]) -> None:
         """Refuse to take the id of a live replica. Live: a process holds the id's lock (it goes
         with the process) and its heartbeat is recent (a frozen process is fenced instead)."""
+        age_s, epoch = 0.0, 0
         for _ in range(LOCK_TRIES):
             if self._lock_replica_id():
                 return
@@ -191,16 +205,17 @@ class Relay:
             ).fetchone()
             if row is None or float(row[1]) > self.settings.lease_s:
                 return
+            age_s, epoch = float(row[1]), int(row[0])
             if self.take_over:
                 log.warning(
                     "taking over replica id %r from the process that runs it (epoch %s)",
                     self.replica_id,
-                    row[0],
+                    epoch,
                 )
                 return
             if self._stop.wait(LOCK_RETRY_S):
                 break
-        raise ReplicaInUseError(replica_in_use_message(self.replica_id, float(row[1]), row[0]))
+        raise ReplicaInUseError(replica_in_use_message(self.replica_id, age_s, epoch))
 
     def _start_stages(self) -> None:
         who = Identity(self.replica_id, self.epoch)

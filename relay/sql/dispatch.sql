@@ -17,6 +17,10 @@ SELECT pg_try_advisory_lock(1919249529, hashtext(%(replica_id)s));
 SELECT epoch, extract(epoch FROM now() - heartbeat_at)::float8 AS age_s
 FROM relay.replica WHERE replica_id = %(replica_id)s;
 
+-- name: status_events_switch
+-- Read before it is set: the relay's role may only write it when it differs (docs/security.md).
+SELECT status_events FROM relay.reconciler_config;
+
 -- name: heartbeat
 UPDATE relay.replica SET heartbeat_at = now()
 WHERE replica_id = %(replica_id)s AND epoch = %(epoch)s;

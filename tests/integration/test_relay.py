@@ -428,3 +428,43 @@ def test_a_row_the_database_refuses_to_mark_holds_up_nothing_else(
             " WHERE e.operation_key = 'm-7' ORDER BY a.attempt"
         ).fetchall()
     assert story == [("unknown",)]  # ended UNKNOWN at its lease, then found in Kafka
+
+
+def _status_events_flag(url: str) -> bool:
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute("SELECT status_events FROM relay.reconciler_config").fetchone()
+    return bool(row and row[0])
+
+
+def test_status_events_are_on_from_relay_migrate_without_a_reconciler(
+    database_url: str, services: Services, prefix: str, tmp_path: Path
+) -> None:
+    """Issue 21.4: the setting (on by default) takes effect at `relay migrate`: effects published
+    by a relay started right after it produce status events, with no reconciler ever started."""
+    settings = support.make_settings(
+        database_url,
+        services.kafka_bootstrap_servers,
+        prefix,
+        status_topic=f"{prefix}.status",
+    )
+    config = support.write_config(tmp_path / "relay.toml", settings)
+    migrated = support.run_cli(config, "migrate")
+    assert migrated.returncode == 0, migrated.stderr
+    assert _status_events_flag(database_url)
+    with support.running(Relay(settings)):
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            relay.enqueue(conn, "email", "status-1", {"to": "a@example.com"})
+        records = support.read_topic(
+            services.kafka_bootstrap_servers, settings.status_topic, 3, timeout_s=30
+        )
+    states = [json.loads(r.value)["state"] for r in records]
+    assert states == ["PENDING", "DISPATCHING", "PUBLISHED"], states
+
+
+def test_relay_run_switches_status_events_as_its_settings_say(settings: Settings) -> None:
+    url = settings.require_database_url()
+    assert not _status_events_flag(url)  # migrated by the library alone: the schema's default
+    with support.running(Relay(settings)):
+        support.wait_for(lambda: _status_events_flag(url), 30, "status events on")
+    with support.running(Relay(settings.model_copy(update={"status_events": False}))):
+        support.wait_for(lambda: not _status_events_flag(url), 30, "status events off")
