@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import click
 
-from relay.cli.support import EXIT_CODES_HELP, clean_errors, run_until_signalled, settings_of
+from relay.cli.support import clean_errors, run_until_signalled, settings_of
 
 
-@click.command(epilog=EXIT_CODES_HELP)
+@click.command()
 @click.option(
     "--take-over",
     is_flag=True,
@@ -22,10 +22,6 @@ def run(ctx: click.Context, take_over: bool) -> None:
     (RELAY_REPLICA_ID, default: the host name) and, on one machine, its own metrics_port.
     A second process with the replica_id of a live one refuses to start (exit 2) unless
     given --take-over.
-
-    \b
-    Example (a second replica on this machine):
-      RELAY_REPLICA_ID=$(hostname)-2 RELAY_METRICS_PORT=9402 relay run
     """
     from relay.db import warn_unless_verified_tls
     from relay.dispatch.daemon import Relay

@@ -93,13 +93,18 @@ def unblock(
     "--dir",
     "directory",
     type=click.Path(file_okay=False, path_type=Path),
-    default=Path("schemas/json"),
-    show_default=True,
+    help="Folder of the *.schema.json files [default: the package's schemas/json, wherever "
+    "the command is run from].",
 )
 @click.option("--check", is_flag=True, help="Exit 1 if the files differ from the models.")
-def schemas(directory: Path, check: bool) -> None:
+@clean_errors
+def schemas(directory: Path | None, check: bool) -> None:
     """Write (or check) the JSON Schemas of the dispatch, result and status messages."""
     from relay.messages import MESSAGE_MODELS, json_schema, write_json_schemas
+    from relay.migrations import schemas_dir
+
+    if directory is None:
+        directory = schemas_dir() / "json"
 
     if check:
         stale = [
