@@ -169,11 +169,13 @@ class Relay:
             self.epoch = int(row[0])
             self._last_heartbeat = time.monotonic()
             log.info("registered replica", extra={"replica": self.replica_id, "epoch": self.epoch})
+        else:
+            self._lock_replica_id()  # lost with the old connection
+        if self._claimer is None:
+            # Once registered, also when the connection was lost before the stages started.
             # A previous incarnation's DISPATCHING rows are ambiguous now, not after their lease.
             self._expire_leases()
             self._start_stages()
-        else:
-            self._lock_replica_id()  # lost with the old connection
 
     def _switch_status_events(self, conn: psycopg.Connection[Any]) -> None:
         """Status events as the settings say, from the first effect on (not from the first start
