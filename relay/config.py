@@ -172,7 +172,13 @@ class Settings(BaseSettings):
         description="Largest payload (its JSON text, in bytes) `relay enqueue` accepts.",
     )
 
-    replica_id: str = Field(default_factory=socket.gethostname, min_length=1, max_length=200)
+    replica_id: str = Field(
+        default_factory=socket.gethostname,
+        min_length=1,
+        max_length=200,
+        description="Identity of a relay replica; a second process with the id of a live one "
+        "refuses to start unless `relay run --take-over`.",
+    )
     batch_size: int = Field(default=500, ge=1, le=50_000)
     poll_interval_s: float = Field(default=1.0, gt=0, le=60)
     lease_s: float = Field(
@@ -289,7 +295,8 @@ class Settings(BaseSettings):
     status_events: bool = Field(
         default=True,
         description="Emit a status event (on status_topic, published by the relay from the "
-        "transitions log) for every transition; registered by `relay reconcile` at start.",
+        "transitions log) for every transition; switched as set by `relay migrate`, `relay run` "
+        "and `relay reconcile`.",
     )
     retention_s: float = Field(
         default=30 * 86400.0,
@@ -377,6 +384,11 @@ class Settings(BaseSettings):
             except ValueError:
                 raise ValueError(f"{item!r} is not an IP address or network") from None
         return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _any_case_log_level(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
 
     @field_validator("database_url")
     @classmethod

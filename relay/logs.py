@@ -11,12 +11,14 @@ import json
 import logging
 import math
 import sys
+import threading
+import time
 from datetime import UTC, datetime
 from typing import Any
 
 from relay.redaction import escape_controls, redact
 
-__all__ = ["JsonFormatter", "TextFormatter", "configure", "redact"]
+__all__ = ["KAFKA", "ConnectionState", "JsonFormatter", "TextFormatter", "configure", "redact"]
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
 
@@ -72,6 +74,77 @@ def _safe(value: Any, depth: int = 0) -> Any:
     return redact(value if isinstance(value, str) else str(value))
 
 
+class ConnectionState:
+    """Up or down, logged once per change: a client that retries every few milliseconds while
+    a server is down must not turn the log into a list of its retries.
+
+    ``down(why)`` logs one WARNING when the state changes to down (later calls only at DEBUG);
+    ``up()`` logs one INFO line, with how long it was down, when it changes back.
+    """
+
+    def __init__(self, name: str, logger: logging.Logger) -> None:
+        self.name = name
+        self._log = logger
+        self._lock = threading.Lock()
+        self._down_since: float | None = None
+
+    @property
+    def is_down(self) -> bool:
+        return self._down_since is not None
+
+    def down(self, why: str) -> None:
+        with self._lock:
+            changed = self._down_since is None
+            if changed:
+                self._down_since = time.monotonic()
+        if changed:
+            self._log.warning("%s unavailable: %s; retrying until it is back", self.name, why)
+        else:
+            self._log.debug("%s still unavailable: %s", self.name, why)
+
+    def up(self) -> None:
+        with self._lock:
+            since, self._down_since = self._down_since, None
+        if since is not None:
+            self._log.info("%s available again after %.1fs", self.name, time.monotonic() - since)
+
+    def reset(self) -> None:
+        with self._lock:
+            self._down_since = None
+
+
+KAFKA = ConnectionState("Kafka", logging.getLogger("relay.kafka"))
+"""The state of the connection to the Kafka brokers, as the relay's clients meet it."""
+
+# kafka-python reports its connection state only in its log: these records move KAFKA.
+_KAFKA_DOWN = ("Connection failed", "Bootstrap")
+_KAFKA_UP = ("%s: Connected", "Bootstrap complete: %s")
+
+
+class _KafkaChatter(logging.Filter):
+    """kafka-python's records are DEBUG records whatever their level (a broker that is down makes
+    it log several errors a second): shown only at DEBUG, through the redacting formatters (its
+    own DEBUG records are not made at all: ``configure`` holds the logger at INFO). Its
+    connection errors and reconnections move :data:`KAFKA`, which says so once per change."""
+
+    def __init__(self, show: bool) -> None:
+        super().__init__()
+        self.show = show
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name != "kafka" and not record.name.startswith("kafka."):
+            return True
+        template = str(record.msg)
+        if record.levelno >= logging.WARNING and template.startswith(_KAFKA_DOWN):
+            KAFKA.down(record.getMessage())
+        elif record.levelno == logging.INFO and template in _KAFKA_UP:
+            KAFKA.up()
+        if record.levelno >= logging.CRITICAL:
+            return True
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return self.show
+
+
 class _QuietTopicCreation(logging.Filter):
     """kafka-python logs an ERROR each time a topic is about to be auto-created; it is not one."""
 
@@ -83,11 +156,14 @@ class _QuietTopicCreation(logging.Filter):
 
 
 def configure(level: str = "INFO", fmt: str = "text") -> None:
+    level = level.upper()
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(_QuietTopicCreation())
+    handler.addFilter(_KafkaChatter(show=logging.getLevelName(level) == logging.DEBUG))
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    # kafka-python logs its whole configuration (SASL password included) at DEBUG.
-    logging.getLogger("kafka").setLevel(logging.WARNING)
+    # kafka-python's own DEBUG records (its whole configuration, SASL password included; every
+    # record sent, payload included) are never made. Its INFO records (connected) move KAFKA.
+    logging.getLogger("kafka").setLevel(logging.INFO)

@@ -21,7 +21,7 @@ import psycopg.errors
 from psycopg import sql
 
 from relay.config import Settings
-from relay.errors import MigrationError
+from relay.errors import ConfigError, MigrationError
 from relay.sql import query
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,8 @@ ENUM_LABEL_MAX = 63
 LOCK_TIMEOUT_S = 5.0
 """How long one try of a migration waits for a table lock before it gives up and rolls back."""
 LOCK_TRIES = 5
+STATUS_EFFECT_TYPE = "relay.status"
+"""The effect type of status events (declared by migration 0002); no declared type may take it."""
 
 
 @dataclass(frozen=True)
@@ -212,3 +214,16 @@ def _sync_type_names(conn: psycopg.Connection[tuple[object, ...]], names: list[s
             conn.execute(statement)
             added += 1
     return added
+
+
+def apply_status_events(conn: psycopg.Connection[tuple[object, ...]], settings: Settings) -> bool:
+    """Switch status events on (or off) as ``status_events`` says: the transitions written from
+    then on are published. Run by ``relay migrate``, ``relay run`` and ``relay reconcile``, so
+    that the setting holds from the first effect on. True when this call changed the switch."""
+    if STATUS_EFFECT_TYPE in settings.effect_types:
+        raise ConfigError(f"effect type name {STATUS_EFFECT_TYPE!r} is reserved for status events")
+    row = conn.execute(query("status_events_switch")).fetchone()
+    if row is not None and bool(row[0]) == settings.status_events:
+        return False
+    conn.execute(query("set_status_events"), {"on": settings.status_events})
+    return True

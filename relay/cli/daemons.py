@@ -8,19 +8,26 @@ from relay.cli.support import clean_errors, run_until_signalled, settings_of
 
 
 @click.command()
+@click.option(
+    "--take-over",
+    is_flag=True,
+    help="Start even if a live process runs this replica_id: that one is fenced and exits 2.",
+)
 @click.pass_context
 @clean_errors
-def run(ctx: click.Context) -> None:
+def run(ctx: click.Context, take_over: bool) -> None:
     """Run the relay daemon: publish PENDING effects to Kafka until SIGTERM or Ctrl-C.
 
     Any number of replicas may run at once; give each its own replica_id
-    (RELAY_REPLICA_ID, default: the host name).
+    (RELAY_REPLICA_ID, default: the host name) and, on one machine, its own metrics_port.
+    A second process with the replica_id of a live one refuses to start (exit 2) unless
+    given --take-over.
     """
     from relay.db import warn_unless_verified_tls
     from relay.dispatch.daemon import Relay
 
     warn_unless_verified_tls(settings_of(ctx), "run")
-    run_until_signalled(Relay(settings_of(ctx)))
+    run_until_signalled(Relay(settings_of(ctx), take_over=take_over))
 
 
 @click.command()

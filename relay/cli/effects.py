@@ -83,13 +83,17 @@ def enqueue(
 @click.command()
 @click.argument("operation_key")
 @click.option("--reason", default="cancelled by an operator", show_default=True)
+@click.option("--actor", help="Who decides [default: $USER, else 'operator'].")
 @click.pass_context
 @clean_errors
-def cancel(ctx: click.Context, operation_key: str, reason: str) -> None:
-    """Withdraw a PENDING effect before any attempt."""
+def cancel(ctx: click.Context, operation_key: str, reason: str, actor: str | None) -> None:
+    """Withdraw a PENDING effect before any attempt; who and why are recorded."""
+    from relay.reconciler.effects import operator_actor
+
+    who = operator_actor(actor)
     with connect(settings_of(ctx), purpose="cli") as conn:
-        outbox.cancel(conn, operation_key, reason=reason, actor="operator")
-    click.echo(f"cancelled: {escape_controls(operation_key)}")
+        outbox.cancel(conn, operation_key, reason=reason, actor=who)
+    click.echo(f"cancelled: {escape_controls(operation_key)} (by {escape_controls(who)})")
 
 
 @click.command()
@@ -144,15 +148,20 @@ def list_effects(
             older_than_s=older_than_s,
             limit=limit,
         )
-    for row in rows:
-        if as_json:
+    if as_json:
+        for row in rows:
             click.echo(json.dumps(row, default=json_default))
-        else:
-            line = (
-                f"{row['updated_at']:%Y-%m-%d %H:%M:%S} {row['state']:<11} {row['effect_type']:<20}"
-                f" {row['operation_key']}" + (f"  ({row['reason']})" if row["reason"] else "")
-            )
-            click.echo(escape_controls(line))
+        return
+    if not rows:
+        click.echo("no effects match")
+        return
+    click.echo(f"{'updated (UTC)':<19} {'state':<11} {'effect type':<20} operation key  (reason)")
+    for row in rows:
+        line = (
+            f"{row['updated_at']:%Y-%m-%d %H:%M:%S} {row['state']:<11} {row['effect_type']:<20}"
+            f" {row['operation_key']}" + (f"  ({row['reason']})" if row["reason"] else "")
+        )
+        click.echo(escape_controls(line))
 
 
 @click.command()

@@ -9,8 +9,8 @@ import click
 
 from relay.cli.support import clean_errors, settings_of
 from relay.db import connect
+from relay.migrations import apply_status_events, sync_effect_types
 from relay.migrations import migrate as apply_migrations
-from relay.migrations import sync_effect_types
 from relay.redaction import escape_controls
 
 
@@ -23,11 +23,13 @@ def migrate(ctx: click.Context) -> None:
     with connect(settings, purpose="migrate") as conn:
         applied = apply_migrations(conn)
         changed = sync_effect_types(conn, settings)
+        apply_status_events(conn, settings)
     for m in applied:
         click.echo(f"applied {m.version:04d}_{m.name}")
     if not applied:
         click.echo("schema is up to date")
     click.echo(f"effect types declared: {len(settings.effect_types)} ({changed} changed)")
+    click.echo(f"status events: {'on' if settings.status_events else 'off'}")
 
 
 @click.command()
@@ -91,13 +93,18 @@ def unblock(
     "--dir",
     "directory",
     type=click.Path(file_okay=False, path_type=Path),
-    default=Path("schemas/json"),
-    show_default=True,
+    help="Folder of the *.schema.json files [default: the package's schemas/json, wherever "
+    "the command is run from].",
 )
 @click.option("--check", is_flag=True, help="Exit 1 if the files differ from the models.")
-def schemas(directory: Path, check: bool) -> None:
+@clean_errors
+def schemas(directory: Path | None, check: bool) -> None:
     """Write (or check) the JSON Schemas of the dispatch, result and status messages."""
     from relay.messages import MESSAGE_MODELS, json_schema, write_json_schemas
+    from relay.migrations import schemas_dir
+
+    if directory is None:
+        directory = schemas_dir() / "json"
 
     if check:
         stale = [

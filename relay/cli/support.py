@@ -67,6 +67,48 @@ ROLE_OF_COMMAND = {
     "unblock": "operator",
     "purge": "operator",
 }
+# One example per command, shown in its --help above the exit codes.
+EXAMPLES = {
+    "config": "relay config --check && relay config",
+    "migrate": "RELAY_DATABASE_URL=postgresql://owner@db/app relay migrate",
+    "roles": "relay roles --prefix relay_ --apply",
+    "run": "RELAY_REPLICA_ID=$(hostname)-2 RELAY_METRICS_PORT=9402 relay run",
+    "reconcile": "relay reconcile",
+    "enqueue": 'relay enqueue wire wire-42 \'{"account": "A1", "amount": 100}\'',
+    "cancel": "relay cancel wire-42 --reason 'customer withdrew' --actor alice",
+    "show": "relay show wire-42",
+    "list": "relay list --state UNKNOWN --older-than 15m",
+    "stats": "relay stats --json",
+    "resolve": "relay resolve wire-42 --confirm --reason 'bank statement line 17'",
+    "unblock": "relay unblock customer-7 --skip wire-41 --reason 'refunded by hand'",
+    "purge": "relay purge --dry-run --older-than 7d",
+    "schemas": "relay schemas --check",
+    "demo": "relay demo --effects 5",
+    "console": "RELAY_CONSOLE_USERS_FILE=users.txt relay console --port 8400",
+}
+
+
+def finish_help(group: click.Group) -> None:
+    """Give every command of ``group`` its example and the exit codes at the end of its help."""
+    for name, command in group.commands.items():
+        if command.epilog and "Exit codes" in command.epilog:
+            continue
+        example = EXAMPLES.get(name)
+        parts = [f"\b\nExample:\n  {example}"] if example else []
+        command.epilog = "\n\n".join([*parts, EXIT_CODES_HELP])
+
+
+def human_duration(seconds: float) -> str:
+    """2592000 -> '30 days', 5400 -> '1.5 hours', 90 -> '90 seconds'."""
+    for unit, size in (("day", 86400.0), ("hour", 3600.0), ("minute", 60.0)):
+        if seconds >= size:
+            amount = seconds / size
+            text = f"{amount:.1f}".removesuffix(".0")
+            return f"{text} {unit}{'' if text == '1' else 's'}"
+    text = f"{seconds:.3f}".rstrip("0").rstrip(".")
+    return f"{text} second{'' if text == '1' else 's'}"
+
+
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?$")
 _UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 

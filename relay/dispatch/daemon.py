@@ -43,7 +43,8 @@ from relay.dispatch.transactions import transactional_id
 from relay.dispatch.verifier import Verifier
 from relay.errors import RelayError, ServiceUnavailableError, describe
 from relay.kafka_client import close_quietly, make_producer
-from relay.migrations import check_current, sync_effect_types
+from relay.logs import KAFKA
+from relay.migrations import apply_status_events, check_current, sync_effect_types
 from relay.sql import query
 
 log = logging.getLogger(__name__)
@@ -52,17 +53,36 @@ HEARTBEAT_EVERY_S = 5.0
 TAKE_WAIT_S = 0.1  # longest wait for the next claimed batch before housekeeping runs again
 
 
+LOCK_TRIES = 12
+LOCK_RETRY_S = 0.25  # a process killed a moment ago may hold its lock until its backend notices
+
+
 class ReplicaFencedError(RelayError):
     """Another process registered this replica id after us: we must stop touching the outbox."""
+
+
+class ReplicaInUseError(RelayError):
+    """A live process runs this replica id: a second one refuses to start (unless taking over)."""
+
+
+def replica_in_use_message(replica_id: str, age_s: float, epoch: int) -> str:
+    return (
+        f"replica id {replica_id!r} is in use by a running relay (epoch {epoch}, last heartbeat "
+        f"{age_s:.0f}s ago): to run a second replica give it its own replica_id "
+        "(RELAY_REPLICA_ID) and its own metrics_port (RELAY_METRICS_PORT, 0: none); to replace "
+        "the running one, start this one with 'relay run --take-over'"
+    )
 
 
 class Relay:
     """The relay daemon. ``run()`` blocks until ``stop()`` is called (e.g. by SIGTERM)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, take_over: bool = False) -> None:
         self.settings = settings
         self.replica_id = settings.replica_id
+        self.take_over = take_over
         self.epoch = 0
+        self._id_locked = False
         self._stop = threading.Event()
         self._conn: psycopg.Connection[Any] | None = None
         self._producer: KafkaProducer | None = None
@@ -96,6 +116,7 @@ class Relay:
             while not self.stopping:
                 try:
                     self._ensure_connected()
+                    self._heartbeat_if_due()  # also while Kafka is down: this replica lives
                     self._ensure_producer()
                     self._cycle()
                     backoff.reset()
@@ -111,7 +132,9 @@ class Relay:
                 except kerr.KafkaError as exc:
                     self._drop_producer()
                     self._verify_while_kafka_is_down()
-                    self._wait(backoff.next_delay(), f"Kafka unavailable: {describe(exc)}")
+                    # One line when Kafka goes away, one when it is back: not one per retry.
+                    KAFKA.down(describe(exc))
+                    self._stop.wait(backoff.next_delay())
         finally:
             self._stop_stages()
             self._drop_producer()
@@ -133,9 +156,12 @@ class Relay:
         self._drop_database()
         conn = db.connect(self.settings, purpose=f"relay-{self.replica_id}")
         self._conn = conn
+        self._id_locked = False
         if self.epoch == 0:
             check_current(conn)
             sync_effect_types(conn, self.settings)
+            self._switch_status_events(conn)
+            self._claim_replica_id(conn)
             row = conn.execute(
                 query("register_replica"), {"replica_id": self.replica_id}
             ).fetchone()
@@ -143,9 +169,55 @@ class Relay:
             self.epoch = int(row[0])
             self._last_heartbeat = time.monotonic()
             log.info("registered replica", extra={"replica": self.replica_id, "epoch": self.epoch})
+        else:
+            self._lock_replica_id()  # lost with the old connection
+        if self._claimer is None:
+            # Once registered, also when the connection was lost before the stages started.
             # A previous incarnation's DISPATCHING rows are ambiguous now, not after their lease.
             self._expire_leases()
             self._start_stages()
+
+    def _switch_status_events(self, conn: psycopg.Connection[Any]) -> None:
+        """Status events as the settings say, from the first effect on (not from the first start
+        of `relay reconcile`)."""
+        try:
+            apply_status_events(conn, self.settings)
+        except psycopg.errors.InsufficientPrivilege:
+            log.warning(
+                "status_events is %s but this login may not switch status events: run 'relay "
+                "migrate' (or 'relay reconcile') with the same setting",
+                "on" if self.settings.status_events else "off",
+            )
+
+    def _lock_replica_id(self) -> bool:
+        assert self._conn is not None
+        row = self._conn.execute(query("lock_replica_id"), {"replica_id": self.replica_id})
+        self._id_locked = bool(row.fetchone() == (True,))
+        return self._id_locked
+
+    def _claim_replica_id(self, conn: psycopg.Connection[Any]) -> None:
+        """Refuse to take the id of a live replica. Live: a process holds the id's lock (it goes
+        with the process) and its heartbeat is recent (a frozen process is fenced instead)."""
+        age_s, epoch = 0.0, 0
+        for _ in range(LOCK_TRIES):
+            if self._lock_replica_id():
+                return
+            row = conn.execute(
+                query("replica_last_heartbeat"), {"replica_id": self.replica_id}
+            ).fetchone()
+            if row is None or float(row[1]) > self.settings.lease_s:
+                return
+            age_s, epoch = float(row[1]), int(row[0])
+            if self.take_over:
+                log.warning(
+                    "taking over replica id %r from the process that runs it (epoch %s)",
+                    self.replica_id,
+                    epoch,
+                )
+                return
+            if self._stop.wait(LOCK_RETRY_S):
+                break
+        raise ReplicaInUseError(replica_in_use_message(self.replica_id, age_s, epoch))
 
     def _start_stages(self) -> None:
         who = Identity(self.replica_id, self.epoch)
@@ -205,6 +277,7 @@ class Relay:
             log.info(
                 "Kafka producer ready", extra={"bootstrap": self.settings.kafka_bootstrap_servers}
             )
+            KAFKA.up()
         if self._claimer is not None:
             self._claimer.publisher_ready.set()
 
@@ -219,8 +292,7 @@ class Relay:
     def _cycle(self) -> None:
         assert self._conn is not None and self._producer is not None
         now = time.monotonic()
-        if now - self._last_heartbeat >= HEARTBEAT_EVERY_S:
-            self._heartbeat()
+        self._heartbeat_if_due()
         if now - self._last_expiry >= min(5.0, self.settings.lease_s / 4):
             self._expire_leases()
         if self.settings.kafka_transactions:
@@ -250,8 +322,14 @@ class Relay:
         if self._verifier.due():
             self._verifier.run_once(self._conn)
 
+    def _heartbeat_if_due(self) -> None:
+        if time.monotonic() - self._last_heartbeat >= HEARTBEAT_EVERY_S:
+            self._heartbeat()
+
     def _heartbeat(self) -> None:
         assert self._conn is not None
+        if not self._id_locked:
+            self._lock_replica_id()  # taken over from a process that held it: held once it ends
         cur = self._conn.execute(
             query("heartbeat"), {"replica_id": self.replica_id, "epoch": self.epoch}
         )

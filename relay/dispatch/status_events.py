@@ -34,6 +34,7 @@ from relay.dispatch.stage import Held, Identity, Stage
 from relay.errors import describe
 from relay.headers import STATUS_EVENT_TYPE, status_headers
 from relay.kafka_client import close_quietly, make_producer
+from relay.logs import KAFKA
 from relay.sql import query
 
 log = logging.getLogger(__name__)
@@ -118,7 +119,8 @@ class StatusPublisher(Stage):
         except (kerr.KafkaError, OSError) as exc:
             self.drop_producer()
             self._renew_at = 0.0  # read what is in flight again before going on
-            self.pause(2.0, f"Kafka unavailable for status events: {describe(exc)}")
+            KAFKA.down(f"status events: {describe(exc)}")  # once per outage, not per retry
+            self.stop.wait(2.0)
 
     def _producer(self) -> KafkaProducer:
         if self.producer is None:
@@ -172,7 +174,10 @@ class StatusPublisher(Stage):
                 future.get(timeout=timeout_s)
             transactions.commit(producer, timeout_s)
         except Exception as exc:  # noqa: BLE001 - any failure: settle the in-flight set later
-            log.warning("status events not published (looked for before resending): %s", exc)
+            if isinstance(exc, kerr.KafkaError):
+                KAFKA.down(f"status events not published (looked for before resending): {exc}")
+            else:
+                log.warning("status events not published (looked for before resending): %s", exc)
             self.drop_producer()
             self._renew_at = 0.0
             return

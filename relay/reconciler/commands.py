@@ -103,7 +103,7 @@ def purge(ctx: click.Context, dry_run: bool, older_than: str | None) -> None:
     Nothing that is not finished (CONFIRMED, REJECTED, CANCELLED, or PUBLISHED without an awaited
     result) is ever removed. Works in small batches that never block the relay.
     """
-    from relay.cli.support import clean_errors, parse_duration
+    from relay.cli.support import clean_errors, human_duration, parse_duration
     from relay.reconciler.purge import purge as do_purge
     from relay.reconciler.purge import would_purge
 
@@ -118,7 +118,7 @@ def purge(ctx: click.Context, dry_run: bool, older_than: str | None) -> None:
                 click.echo(
                     f"would remove {c.effects} effects, {c.attempts} attempts, "
                     f"{c.transitions} transitions, {c.evidence} evidence records "
-                    f"(finished before {retention:g}s ago)"
+                    f"(finished more than {human_duration(retention)} ago)"
                 )
                 return
             effects, evidence = do_purge(conn, settings, retention)

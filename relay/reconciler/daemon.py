@@ -27,23 +27,20 @@ from kafka import errors as kerr
 from relay import db, observability
 from relay.backoff import Backoff
 from relay.config import Settings
-from relay.errors import ConfigError, ServiceUnavailableError, describe
-from relay.migrations import check_current, sync_effect_types
+from relay.errors import ServiceUnavailableError, describe
+from relay.migrations import apply_status_events, check_current, sync_effect_types
 from relay.observability.checks import standard_checks
 from relay.reconciler.consumer import ResultConsumer, describe_counts
 from relay.reconciler.deadlines import apply_deferred, expire_deadlines
-from relay.reconciler.effects import STATUS_EFFECT_TYPE, reconciler_actor
+from relay.reconciler.effects import reconciler_actor
 from relay.reconciler.observation import Observations
-from relay.sql import query
 
 log = logging.getLogger(__name__)
 
 
 def register_status_type(conn: psycopg.Connection[Any], settings: Settings) -> None:
     """Switch status events on (or off): transitions written from now on are published."""
-    if STATUS_EFFECT_TYPE in settings.effect_types:
-        raise ConfigError(f"effect type name {STATUS_EFFECT_TYPE!r} is reserved for status events")
-    conn.execute(query("set_status_events"), {"on": settings.status_events})
+    apply_status_events(conn, settings)
 
 
 class Reconciler:

@@ -14,8 +14,6 @@ from relay.config import Settings
 from relay.sql import query
 from relay.states import EffectState
 
-STATUS_EFFECT_TYPE = "relay.status"
-
 
 def reconciler_actor(settings: Settings) -> str:
     return f"reconciler:{settings.replica_id}"

@@ -7,6 +7,20 @@ ON CONFLICT (replica_id) DO UPDATE
     SET epoch = r.epoch + 1, started_at = now(), heartbeat_at = now()
 RETURNING epoch;
 
+-- name: lock_replica_id
+-- The process that runs a replica holds this session lock on its main connection as long as
+-- it lives: PostgreSQL releases it when the process stops or dies (its connection closes).
+SELECT pg_try_advisory_lock(1919249529, hashtext(%(replica_id)s));
+
+-- name: replica_last_heartbeat
+-- Whether a replica id was in use lately: its epoch and how long ago its last heartbeat was.
+SELECT epoch, extract(epoch FROM now() - heartbeat_at)::float8 AS age_s
+FROM relay.replica WHERE replica_id = %(replica_id)s;
+
+-- name: status_events_switch
+-- Read before it is set: the relay's role may only write it when it differs (docs/security.md).
+SELECT status_events FROM relay.reconciler_config;
+
 -- name: heartbeat
 UPDATE relay.replica SET heartbeat_at = now()
 WHERE replica_id = %(replica_id)s AND epoch = %(epoch)s;

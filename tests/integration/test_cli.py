@@ -53,7 +53,7 @@ def test_the_story_of_one_effect(settings: Settings, tmp_path: Path) -> None:
     assert doc["attempts"] == [] and doc["evidence"] == []
     listed = relay_cli(config, "list", "--state", "pending", "--type", "wire")
     assert "cli-1" in listed.stdout
-    assert relay_cli(config, "list", "--state", "UNKNOWN").stdout == ""
+    assert relay_cli(config, "list", "--state", "UNKNOWN").stdout == "no effects match\n"
     stats = json.loads(relay_cli(config, "stats", "--json").stdout)
     assert stats[0]["effect_type"] == "wire" and stats[0]["effects"] == 1
     assert relay_cli(config, "cancel", "cli-1").returncode == 0
@@ -180,3 +180,98 @@ def test_the_exit_codes_are_in_the_help() -> None:
     text = " ".join(shown.stdout.split())
     for line in ("0 done", "1 unexpected error", "2 refused", "3 PostgreSQL or Kafka unreachable"):
         assert line in text, shown.stdout
+
+
+# --- CLI basics (issue 21, item 6) -------------------------------------------------------------
+
+
+def test_version_and_every_help_has_an_example_and_the_exit_codes() -> None:
+    version = relay_cli(None, "--version")
+    assert version.returncode == 0 and version.stdout.startswith("relay "), version
+    for command in ("run", "reconcile", "enqueue", "list", "purge", "config", "schemas"):
+        shown = relay_cli(None, command, "--help")
+        assert shown.returncode == 0, shown.stderr
+        assert "Example:" in shown.stdout and "relay " + command in shown.stdout, shown.stdout
+        assert "Exit codes" in shown.stdout and "3  PostgreSQL or Kafka" in shown.stdout
+
+
+def test_log_level_is_accepted_in_any_case(settings: Settings, tmp_path: Path) -> None:
+    config = support.write_config(tmp_path / "relay.toml", settings)
+    assert relay_cli(config, "--log-level", "debug", "stats").returncode == 0
+    assert relay_cli(config, "stats", RELAY_LOG_LEVEL="warning").returncode == 0
+
+
+def test_config_prints_the_effective_settings_redacted_with_their_sources(
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "relay.toml"
+    config.write_text(
+        'replica_id = "cfg-r1"\n[effect_types.wire]\ntopic = "w"\nidempotent = true\n'
+    )
+    url = "postgresql://postgres:Hunter2-pw@127.0.0.1:1/x"
+    shown = relay_cli(
+        config,
+        "--log-level",
+        "warning",
+        "config",
+        RELAY_DATABASE_URL=url,
+        RELAY_KAFKA_SASL_PASSWORD="Sasl-pw-77",
+    )
+    assert shown.returncode == 0, shown.stderr
+    out = shown.stdout
+    assert "Hunter2-pw" not in out and "Sasl-pw-77" not in out, out
+    assert "database_url = " in out and "# environment RELAY_DATABASE_URL" in out, out
+    assert 'kafka_sasl_password = "********"' in out, out
+    assert f'replica_id = "cfg-r1"  # file {config}' in out, out
+    assert 'log_level = "WARNING"  # command-line option' in out, out
+    assert "batch_size = 500  # default" in out, out
+    assert '[effect_types."wire"]' in out, out
+
+    ok = relay_cli(config, "config", "--check", RELAY_DATABASE_URL=url)
+    assert ok.returncode == 0 and "configuration is valid" in ok.stdout, ok
+    bad = relay_cli(config, "config", "--check", RELAY_BATCH_SIZE="0")
+    assert_one_line_error(bad, 2, "setting 'batch_size' from environment variable RELAY_BATCH_SIZE")
+    (tmp_path / "bad.toml").write_text('lease_s = "long"\n')
+    bad = relay_cli(tmp_path / "bad.toml", "config", "--check", RELAY_DATABASE_URL=url)
+    assert_one_line_error(bad, 2, f"setting 'lease_s' in {tmp_path / 'bad.toml'}")
+    nowhere = relay_cli(None, "config", "--check")
+    assert_one_line_error(nowhere, 2, "RELAY_DATABASE_URL")
+
+
+def test_list_has_a_header_and_cancel_an_actor(settings: Settings, tmp_path: Path) -> None:
+    config = support.write_config(tmp_path / "relay.toml", settings)
+    assert relay_cli(config, "enqueue", "email", "hdr-1", '{"to": "a"}').returncode == 0
+    listed = relay_cli(config, "list").stdout.splitlines()
+    assert listed[0].split()[:4] == ["updated", "(UTC)", "state", "effect"], listed
+    assert "hdr-1" in listed[1]
+    assert relay_cli(config, "list", "--state", "STUCK").stdout == "no effects match\n"
+    assert relay_cli(config, "list", "--state", "STUCK", "--json").stdout == ""
+    cancelled = relay_cli(config, "cancel", "hdr-1", "--actor", "alice", "--reason", "gone")
+    assert cancelled.returncode == 0 and "(by alice)" in cancelled.stdout, cancelled
+    story = json.loads(relay_cli(config, "show", "hdr-1", "--json").stdout)
+    last = story["transitions"][-1]
+    assert last["to_state"] == "CANCELLED" and last["actor"].startswith("alice"), last
+
+
+def test_purge_dry_run_says_the_retention_in_words(settings: Settings, tmp_path: Path) -> None:
+    config = support.write_config(tmp_path / "relay.toml", settings)
+    dry = relay_cli(config, "purge", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "finished more than 30 days ago" in dry.stdout and "e+06" not in dry.stdout, dry.stdout
+    assert (
+        "more than 1.5 hours ago"
+        in relay_cli(config, "purge", "--dry-run", "--older-than", "90m").stdout
+    )
+
+
+def test_schemas_check_from_another_directory_checks_the_packages_files(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "relay.cli", "schemas", "--check"],
+        capture_output=True,
+        text=True,
+        env=support.relay_env(PYTHONPATH=str(Path(__file__).resolve().parents[2])),
+        cwd=tmp_path,
+        timeout=60,
+    )
+    assert result.returncode == 0, (result.stdout, result.stderr)
+    assert "up to date" in result.stdout

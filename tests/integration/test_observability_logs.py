@@ -4,6 +4,7 @@ and effect id, and no secret (database password, SASL password) appears anywhere
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -81,3 +82,51 @@ def test_json_logs_name_the_effect_and_hide_secrets(settings: Settings, tmp_path
     for doc in docs:
         if "obs-log-" in doc["msg"]:
             assert "operation_key" in doc and "effect_id" in doc, doc
+
+
+def test_a_stopped_broker_is_one_line_down_and_one_line_up(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """Issue 21.5: while the broker is down the log says so once, not once per reconnect of the
+    Kafka client; kafka-python's own lines are DEBUG lines, hidden at INFO."""
+    from relay.devtools.services import LocalKafka
+
+    broker = LocalKafka()
+    broker.start()
+    try:
+        config = support.write_config(
+            tmp_path / "relay.toml",
+            settings.model_copy(
+                update={"kafka_bootstrap_servers": broker.bootstrap_servers, "metrics_port": 0}
+            ),
+        )
+        url = settings.require_database_url()
+        with psycopg.connect(url, autocommit=True) as conn:
+            relay.enqueue(conn, "email", "before-outage", {"to": "a@example.com"})
+        log_path = tmp_path / "relay.log"
+        proc = support.start_relay(config, log_path)
+        try:
+            support.wait_for(
+                lambda: support.count_states(url).get("PUBLISHED") == 1, 60, "a first publish"
+            )
+            before = len(log_path.read_text(encoding="utf-8").splitlines())
+            broker.kill()
+            time.sleep(22)
+            during = log_path.read_text(encoding="utf-8").splitlines()[before:]
+            broker.launch()
+            broker.wait_ready()
+            with psycopg.connect(url, autocommit=True) as conn:
+                relay.enqueue(conn, "email", "after-outage", {"to": "b@example.com"})
+            support.wait_for(
+                lambda: support.count_states(url).get("PUBLISHED") == 2, 90, "a publish after"
+            )
+        finally:
+            support.stop_process(proc)
+        text = log_path.read_text(encoding="utf-8")
+        shown = "\n".join(during)
+        assert not [line for line in during if " kafka." in line or " kafka:" in line], shown
+        assert len(during) <= 3, shown
+        assert sum("Kafka unavailable" in line for line in during) == 1, shown
+        assert text.count("Kafka available again") == 1, text[-3000:]
+    finally:
+        broker.stop()

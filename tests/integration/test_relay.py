@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -232,27 +235,74 @@ def test_sigterm_finishes_the_batch_in_hand_and_exits_zero(
     assert states.get("PUBLISHED", 0) + states.get("PENDING", 0) == 3000
 
 
-def test_second_process_with_the_same_replica_id_fences_the_first(
+def _relay_run(config: Path, log_path: Path, *args: str) -> subprocess.Popen[bytes]:
+    log = open(log_path, "ab")  # noqa: SIM115 - handed to the child, closed with it
+    return subprocess.Popen(
+        [sys.executable, "-m", "relay.cli", "--config", str(config), "run", *args],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=support.relay_env(),
+    )
+
+
+def _epoch(url: str, replica_id: str) -> int | None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT epoch FROM relay.replica WHERE replica_id = %s", (replica_id,)
+        ).fetchone()
+    return int(row[0]) if row else None
+
+
+def test_a_live_replica_id_is_never_taken_without_take_over(
     settings: Settings, tmp_path: Path
 ) -> None:
+    """Issue 21.3: a second `relay run` with the id of a live one refuses to start and says what
+    to set; with --take-over it replaces the first, which is fenced and exits 2."""
     config = support.write_config(tmp_path / "relay.toml", settings)
-    first = support.start_relay(config, tmp_path / "first.log")
     url = settings.require_database_url()
-    with psycopg.connect(url, autocommit=True) as conn:
-        support.wait_for(
-            lambda: conn.execute("SELECT count(*) FROM relay.replica").fetchone() == (1,),
-            30,
-            "the first relay to register",
-        )
-    second = support.start_relay(config, tmp_path / "second.log")
+    first = _relay_run(config, tmp_path / "first.log")
     try:
-        first.wait(timeout=30)
+        support.wait_for(lambda: _epoch(url, settings.replica_id) == 1, 30, "the first relay")
+        second = _relay_run(config, tmp_path / "second.log")
+        try:
+            assert second.wait(timeout=30) == 2
+        finally:
+            support.stop_process(second)
+        said = (tmp_path / "second.log").read_text()
+        for what in ("in use by a running relay", "RELAY_REPLICA_ID", "RELAY_METRICS_PORT"):
+            assert what in said, said
+        assert "--take-over" in said and "Traceback" not in said, said
+        time.sleep(6)  # past a heartbeat: the first one was not fenced
+        assert first.poll() is None and _epoch(url, settings.replica_id) == 1
+
+        third = _relay_run(config, tmp_path / "third.log", "--take-over")
+        try:
+            assert first.wait(timeout=30) == 2
+            assert _epoch(url, settings.replica_id) == 2 and third.poll() is None
+        finally:
+            assert support.stop_process(third) == 0, (tmp_path / "third.log").read_text()
     finally:
-        support.stop_process(second)
         support.stop_process(first)
-    log = (tmp_path / "first.log").read_text()
-    assert first.returncode == 2, log[-2000:]
-    assert "registered again by another process" in log
+    assert "registered again by another process" in (tmp_path / "first.log").read_text()
+
+
+def test_a_replica_that_died_or_stopped_is_replaced_at_once(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """Its lock went with the process: the same id starts again without --take-over."""
+    config = support.write_config(tmp_path / "relay.toml", settings)
+    url = settings.require_database_url()
+    first = _relay_run(config, tmp_path / "relay.log")
+    support.wait_for(lambda: _epoch(url, settings.replica_id) == 1, 30, "the first relay")
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    again = _relay_run(config, tmp_path / "relay.log")
+    try:
+        support.wait_for(lambda: _epoch(url, settings.replica_id) == 2, 30, "the restart")
+    finally:
+        assert support.stop_process(again) == 0, (tmp_path / "relay.log").read_text()
+    with support.running(Relay(settings)):  # after a clean stop, too
+        support.wait_for(lambda: _epoch(url, settings.replica_id) == 3, 30, "a second restart")
 
 
 def test_unreachable_broker_ends_attempts_unknown_and_nothing_is_resent(
@@ -378,3 +428,43 @@ def test_a_row_the_database_refuses_to_mark_holds_up_nothing_else(
             " WHERE e.operation_key = 'm-7' ORDER BY a.attempt"
         ).fetchall()
     assert story == [("unknown",)]  # ended UNKNOWN at its lease, then found in Kafka
+
+
+def _status_events_flag(url: str) -> bool:
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute("SELECT status_events FROM relay.reconciler_config").fetchone()
+    return bool(row and row[0])
+
+
+def test_status_events_are_on_from_relay_migrate_without_a_reconciler(
+    database_url: str, services: Services, prefix: str, tmp_path: Path
+) -> None:
+    """Issue 21.4: the setting (on by default) takes effect at `relay migrate`: effects published
+    by a relay started right after it produce status events, with no reconciler ever started."""
+    settings = support.make_settings(
+        database_url,
+        services.kafka_bootstrap_servers,
+        prefix,
+        status_topic=f"{prefix}.status",
+    )
+    config = support.write_config(tmp_path / "relay.toml", settings)
+    migrated = support.run_cli(config, "migrate")
+    assert migrated.returncode == 0, migrated.stderr
+    assert _status_events_flag(database_url)
+    with support.running(Relay(settings)):
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            relay.enqueue(conn, "email", "status-1", {"to": "a@example.com"})
+        records = support.read_topic(
+            services.kafka_bootstrap_servers, settings.status_topic, 3, timeout_s=30
+        )
+    states = [json.loads(r.value)["state"] for r in records]
+    assert states == ["PENDING", "DISPATCHING", "PUBLISHED"], states
+
+
+def test_relay_run_switches_status_events_as_its_settings_say(settings: Settings) -> None:
+    url = settings.require_database_url()
+    assert not _status_events_flag(url)  # migrated by the library alone: the schema's default
+    with support.running(Relay(settings)):
+        support.wait_for(lambda: _status_events_flag(url), 30, "status events on")
+    with support.running(Relay(settings.model_copy(update={"status_events": False}))):
+        support.wait_for(lambda: not _status_events_flag(url), 30, "status events off")

@@ -29,6 +29,14 @@ def test_every_command_is_documented_and_has_help() -> None:
         result = runner.invoke(main, [name, "--help"])
         assert result.exit_code == 0, result.output
         assert (command.help or "").split("\n")[0].strip()[:30] in result.output
+        assert "Example:" in result.output and f"relay {name}" in result.output, name
+        assert "Exit codes" in result.output, name
+
+
+def test_shell_completion_and_take_over_are_documented() -> None:
+    assert "_RELAY_COMPLETE=bash_source relay" in README
+    assert "relay run --take-over" in README
+    assert "`relay config" in README and "relay --version" in README
 
 
 ROOT = Path(__file__).resolve().parents[2]
