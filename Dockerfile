@@ -12,10 +12,11 @@
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 
 FROM ${BASE_IMAGE} AS build
-# The extras installed with the relay: otel (spans, docs/tracing.md) and compression (lz4 and zstd
-# for kafka_compression_type). --build-arg EXTRAS= leaves both out; sqlalchemy, django and asyncpg
-# belong in the application's environment, not in the relay's image.
-ARG EXTRAS=otel,compression
+# The extras installed with the relay: otel (spans, docs/tracing.md), compression (lz4 and zstd
+# for kafka_compression_type) and console (`relay console`: the chart's and compose's console
+# run this image). --build-arg EXTRAS= leaves them out; sqlalchemy, django and asyncpg belong in
+# the application's environment, not in the relay's image.
+ARG EXTRAS=otel,compression,console
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PYTHONDONTWRITEBYTECODE=1
 # .dockerignore lets in only pyproject.toml, README.md, relay/ and schemas/.
 COPY . /src/
@@ -31,13 +32,14 @@ RUN --mount=type=secret,id=pip_ca \
     rm -f /opt/relay/bin/pip /opt/relay/bin/pip3* /opt/relay/bin/Activate.ps1; \
     /opt/relay/bin/relay --help >/dev/null; \
     case ",$EXTRAS," in *,otel,*) /opt/relay/bin/python -c "import opentelemetry.trace";; esac; \
-    case ",$EXTRAS," in *,compression,*) /opt/relay/bin/python -c "import lz4.frame, zstandard";; esac
+    case ",$EXTRAS," in *,compression,*) /opt/relay/bin/python -c "import lz4.frame, zstandard";; esac; \
+    case ",$EXTRAS," in *,console,*) /opt/relay/bin/python -c "import relay.console.server";; esac
 
 FROM ${BASE_IMAGE}
 ARG VERSION=0.1.0
 ARG REVISION=unknown
 ARG BASE_IMAGE
-ARG EXTRAS=otel,compression
+ARG EXTRAS=otel,compression,console
 LABEL org.opencontainers.image.title="outbox-relay" \
       org.opencontainers.image.description="Transactional outbox relay for PostgreSQL and Apache Kafka with a durable UNKNOWN state" \
       org.opencontainers.image.version="${VERSION}" \

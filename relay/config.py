@@ -367,6 +367,25 @@ class Settings(BaseSettings):
     console_page_size: int = Field(
         default=50, ge=1, le=1000, description="Rows per page of the console's lists."
     )
+    console_viewer_database_url: str | None = Field(
+        default=None,
+        description="PostgreSQL login the console reads with for viewers (a <prefix>viewer "
+        "login of `relay roles`: SELECT only); unset: viewers share database_url's rights "
+        "(a warning at start).",
+    )
+    console_bulk_cap: int = Field(
+        default=100,
+        ge=1,
+        le=1000,
+        description="Most effects one bulk decision (over a list's filter) applies to.",
+    )
+    console_refresh_s: int = Field(
+        default=30,
+        ge=0,
+        le=3600,
+        description="The overview and the lists reload themselves every this many seconds "
+        "(a meta refresh, no script); 0: never.",
+    )
 
     @field_validator("console_proxy_addresses", "console_operators", mode="before")
     @classmethod
@@ -390,7 +409,7 @@ class Settings(BaseSettings):
     def _any_case_log_level(cls, value: Any) -> Any:
         return value.upper() if isinstance(value, str) else value
 
-    @field_validator("database_url")
+    @field_validator("database_url", "console_viewer_database_url")
     @classmethod
     def _parsable_database_url(cls, value: str | None) -> str | None:
         register_dsn(value)  # raises ValueError, without the value, when it does not parse

@@ -4,7 +4,8 @@ Least privilege: an application role can only call ``relay.enqueue`` / ``relay.c
 DEFINER functions with a pinned ``search_path``) and read effects, so it can neither write a
 row straight into the outbox nor forge a downstream result. The daemons and the operators get
 exactly the table rights their statements need; the operator purges through SECURITY DEFINER
-functions and may delete no row itself.
+functions and may delete no row itself. The viewer (``relay console``'s login for viewers) may only
+read what the console shows.
 
 The script creates a role only when it is missing, so the schema owner applies the grants to
 roles an administrator made beforehand without holding CREATEROLE (which, on PostgreSQL 15 and
@@ -21,7 +22,7 @@ from psycopg import sql
 from relay.errors import ConfigError, NotPermittedError
 from relay.sql import query
 
-KINDS = ("application", "relay", "reconciler", "operator")
+KINDS = ("application", "relay", "reconciler", "operator", "viewer")
 _PREFIX = re.compile(r"^[a-z_][a-z0-9_]{0,40}$")
 
 

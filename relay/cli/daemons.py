@@ -33,15 +33,22 @@ def run(ctx: click.Context, take_over: bool) -> None:
 @click.command()
 @click.option("--effects", default=20, show_default=True, type=click.IntRange(1, 1_000_000))
 @click.option("--keep-running", is_flag=True, help="Leave the daemons running until Ctrl-C.")
+@click.option(
+    "--console",
+    "with_console",
+    is_flag=True,
+    help="Also serve the operator console on loopback while the demo runs (a throwaway "
+    "operator login is printed).",
+)
 @click.pass_context
 @clean_errors
-def demo(ctx: click.Context, effects: int, keep_running: bool) -> None:
+def demo(ctx: click.Context, effects: int, keep_running: bool, with_console: bool) -> None:
     """Start local PostgreSQL and Kafka (unless RELAY_DATABASE_URL / RELAY_KAFKA_BOOTSTRAP_SERVERS
     are set), run the relay, the reconciler and a demo bank, enqueue sample intents and show them
     move through their states."""
     from relay.devtools.demo import run_demo
 
-    run_demo(settings_of(ctx), effects=effects, keep_running=keep_running)
+    run_demo(settings_of(ctx), effects=effects, keep_running=keep_running, console=with_console)
 
 
 COMMANDS = (run, demo)

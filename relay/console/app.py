@@ -9,12 +9,13 @@ else an ``Origin`` naming this host) and carries the CSRF token of the browser's
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 import re
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -48,7 +49,7 @@ SECURITY_HEADERS = [
     (b"cross-origin-opener-policy", b"same-origin"),
     (b"cache-control", b"no-store"),
 ]
-MAX_FORM_BYTES = 64 * 1024
+MAX_FORM_BYTES = 1024 * 1024  # a bulk decision carries what the page showed of each effect
 MAX_PARAM_CHARS = 1024
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*(s|m|h|d)?$")
 _UNIT_S = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
@@ -122,12 +123,26 @@ def parse_age(text: str | None) -> float | None:
 class Console:
     """The application's state: settings, the identity rules, the database pool."""
 
-    def __init__(self, settings: Settings, guard: Guard, pool: ConnectionPool[Any]) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        guard: Guard,
+        pool: ConnectionPool[Any],
+        viewer_pool: ConnectionPool[Any] | None = None,
+    ) -> None:
         self.settings = settings
         self.guard = guard
-        self.pool = pool
+        self.pool = pool  # the operator's login: decisions and the audit
+        self.viewer_pool = viewer_pool or pool  # what a viewer's requests read with
         self.failures: dict[str, deque[float]] = {}
         self.types: list[str] = sorted(settings.effect_types)
+
+    def reader(self, ctx: Context) -> ConnectionPool[Any]:
+        """The pool a request reads with: the operator's login for an operator, the viewer's
+        (SELECT only, with console_viewer_database_url) for everyone else."""
+        if ctx.identity is not None and ctx.identity.right == "operator":
+            return self.pool
+        return self.viewer_pool
 
     # -- plumbing ------------------------------------------------------------------------------
 
@@ -154,7 +169,14 @@ class Console:
         return Context(request, form, identity, session, new_cookie, csrf)
 
     def page(
-        self, ctx: Context, title: str, body: Html, *, here: str = "", status: int = 200
+        self,
+        ctx: Context,
+        title: str,
+        body: Html,
+        *,
+        here: str = "",
+        status: int = 200,
+        refresh: bool = False,
     ) -> Response:
         return Response(
             layout(
@@ -164,6 +186,7 @@ class Console:
                 csrf=ctx.csrf,
                 here=here,
                 read_only=self.settings.console_read_only,
+                refresh_s=self.settings.console_refresh_s if refresh else 0,
             ),
             status_code=status,
             media_type="text/html; charset=utf-8",
@@ -212,7 +235,7 @@ class Console:
             return self.finish(ctx, self.page(ctx, "Database unavailable", body, status=503))
 
     def unauthenticated(self, ctx: Context, *, post: bool) -> Response:
-        if post and ctx.request.url.path == "/decide":
+        if post and ctx.request.url.path in ("/decide", "/bulk"):
             self.audit_refusal(
                 ctx,
                 "not signed in (or the identity header came from an address "
@@ -228,7 +251,7 @@ class Console:
         )
         return self.page(ctx, "Not signed in", body, status=401)
 
-    def audit_refusal(self, ctx: Context, why: str) -> None:
+    def audit_refusal(self, ctx: Context, why: str, *, action: str | None = None) -> None:
         """A refused decision is audited too (who, if known; from where; what they sent)."""
         form = ctx.form
         seen: dict[str, Any] = {
@@ -242,7 +265,7 @@ class Console:
                     conn,
                     identity=ctx.identity,
                     client=ctx.client,
-                    action=form.get("action") or "?",
+                    action=action or form.get("action") or "?",
                     operation_key=form.get("key"),
                     seen=seen,
                     reason=form.get("reason"),
@@ -264,9 +287,15 @@ class Console:
     # -- pages ---------------------------------------------------------------------------------
 
     def overview(self, ctx: Context) -> Response:
-        with self.pool.connection() as conn:
+        with self.reader(ctx).connection() as conn:
             data = queries.overview(conn)
-        return self.page(ctx, "What needs a person", pages.overview(data), here="overview")
+        return self.page(
+            ctx,
+            "What needs a person",
+            pages.overview(data, self.settings.console_refresh_s),
+            here="overview",
+            refresh=True,
+        )
 
     def filters(self, ctx: Context) -> queries.Filters:
         after = ctx.param("after")
@@ -288,29 +317,34 @@ class Console:
 
     def effects(self, ctx: Context) -> Response:
         f = self.filters(ctx)
-        with self.pool.connection() as conn:
+        with self.reader(ctx).connection() as conn:
             rows, more = queries.page(conn, "console_effects", f, self.settings.console_page_size)
         title = f"{f.state} effects" if f.state else "Effects"
-        body = pages.effects_list(rows, f, more, self.types)
-        return self.page(ctx, title, body, here=f.state if f.state else "all")
+        bulk = None
+        assert ctx.identity is not None
+        if self.guard.may_decide(ctx.identity):
+            bulk = pages.bulk_links(f, self.bulk_actions(f), self.settings.console_bulk_cap)
+        body = pages.effects_list(rows, f, more, self.types, bulk, self.settings.console_refresh_s)
+        return self.page(ctx, title, body, here=f.state if f.state else "all", refresh=True)
 
     def groups(self, ctx: Context) -> Response:
         f = self.filters(ctx)
-        with self.pool.connection() as conn:
+        with self.reader(ctx).connection() as conn:
             rows, more = queries.page(
                 conn, "console_parked_groups", f, self.settings.console_page_size
             )
         return self.page(
             ctx,
             "Parked ordering groups",
-            pages.groups_list(rows, f, more, self.types),
+            pages.groups_list(rows, f, more, self.types, self.settings.console_refresh_s),
             here="parked",
+            refresh=True,
         )
 
     def _story(self, ctx: Context, key: str | None) -> dict[str, Any] | None:
         if key is None:
             raise BadRequest("which effect? (key=...)")
-        with self.pool.connection() as conn:
+        with self.reader(ctx).connection() as conn:
             return queries.story(conn, key)
 
     def effect(self, ctx: Context) -> Response:
@@ -413,12 +447,116 @@ class Console:
             status=status,
         )
 
+    # -- bulk decisions over a list's filter -------------------------------------------------
+
+    def bulk_actions(self, f: queries.Filters) -> list[str]:
+        """The bulk decisions valid for effects in the filter's state (of its type, if any)."""
+        if f.state is None:
+            return []
+        types = [f.effect_type] if f.effect_type else self.types
+        found: set[str] = set()
+        for t in types or ["?"]:
+            found.update(
+                decisions.actions(self.settings, {"state": f.state, "effect_type": t}, None)
+            )
+        return [a for a in decisions.BULK_ACTIONS if a in found]
+
+    def not_allowed(self, ctx: Context) -> Response:
+        return self.page(
+            ctx,
+            "Not allowed",
+            message(
+                "refused",
+                "Decisions need the operator right and a console that is not read-only.",
+            ),
+            status=403,
+        )
+
+    def bulk_form(self, ctx: Context) -> Response:
+        assert ctx.identity is not None
+        if not self.guard.may_decide(ctx.identity):
+            return self.not_allowed(ctx)
+        f = self.filters(ctx)
+        action = ctx.param("action") or ""
+        if action not in decisions.BULK_ACTIONS:
+            raise BadRequest(f"{action!r} is not a decision taken in bulk")
+        if f.state is None:
+            raise BadRequest("a bulk decision needs a state in the filter")
+        f = replace(f, after=0)
+        cap = self.settings.console_bulk_cap
+        with self.pool.connection() as conn:
+            rows, more = queries.page(conn, "console_effects", f, cap)
+        valid = [action in decisions.actions(self.settings, r, None) for r in rows]
+        chosen = [
+            [r["operation_key"], r["state"], r["updated_at"].isoformat(), r["attempts"]]
+            for r, ok in zip(rows, valid, strict=True)
+            if ok
+        ]
+        body = pages.bulk_preview(
+            self.settings, rows, more is not None, f, action, valid, json.dumps(chosen), ctx.csrf
+        )
+        return self.page(ctx, "Decide in bulk", body)
+
+    def bulk(self, ctx: Context) -> Response:
+        form = ctx.form
+        action = form.get("action") or ""
+        refused = self.check_post(ctx)
+        if refused is None and ctx.identity is not None and not self.guard.may_decide(ctx.identity):
+            refused = (
+                "this console is read-only"
+                if self.settings.console_read_only
+                else f"{ctx.identity.name} has the viewer right: decisions are for operators"
+            )
+        chosen: list[Any] = []
+        if refused is None:
+            try:
+                chosen = json.loads(form.get("effects") or "")
+                seen = [
+                    (str(key), decisions.Seen(str(state), str(at), int(attempts)))
+                    for key, state, at, attempts in chosen
+                ]
+            except (ValueError, TypeError):
+                refused = "the form does not say what the page showed"
+            else:
+                if action not in decisions.BULK_ACTIONS:
+                    refused = f"{action!r} is not a decision taken in bulk"
+                elif len(seen) > self.settings.console_bulk_cap:
+                    refused = (
+                        f"{len(seen)} effects: more than the cap of "
+                        f"{self.settings.console_bulk_cap}"
+                    )
+        if refused is not None:
+            self.audit_refusal(ctx, refused, action=f"bulk {action}".strip())
+            return self.page(ctx, "Refused", message("refused", f"Refused: {refused}"), status=403)
+        assert ctx.identity is not None
+        reason = form.get("reason") or ""
+        tag = f"bulk {action} of {len(seen)}"
+        results: list[tuple[str, bool, str]] = []
+        with self.pool.connection() as conn:
+            for key, what in seen:
+                outcome = decisions.apply(
+                    conn,
+                    self.settings,
+                    ctx.identity,
+                    ctx.client,
+                    key,
+                    action,
+                    what,
+                    reason,
+                    bulk=tag,
+                )
+                results.append((key, outcome.applied, outcome.message))
+        back = form.get("filter") or ""
+        if not back.startswith("/effects"):
+            back = "/effects"
+        return self.page(ctx, "Bulk decision", pages.bulk_outcome(results, back))
+
     def audit(self, ctx: Context) -> Response:
         before = ctx.param("before")
         if before is not None and not before.isdigit():
             raise BadRequest("before must be an audit id")
         key = ctx.param("key")
-        with self.pool.connection() as conn:
+        with self.reader(ctx).connection() as conn:
             rows, more = queries.audit_page(
                 conn, key, int(before) if before else None, self.settings.console_page_size
             )
@@ -493,8 +631,13 @@ async def _form(request: Request) -> dict[str, str]:
     return {k: v[-1] for k, v in fields.items()}
 
 
-def build_app(settings: Settings, guard: Guard, pool: ConnectionPool[Any]) -> Starlette:
-    console = Console(settings, guard, pool)
+def build_app(
+    settings: Settings,
+    guard: Guard,
+    pool: ConnectionPool[Any],
+    viewer_pool: ConnectionPool[Any] | None = None,
+) -> Starlette:
+    console = Console(settings, guard, pool, viewer_pool)
 
     def route(path: str, handler: Callable[[Context], Response], method: str = "GET") -> Route:
         post = method == "POST"
@@ -524,6 +667,8 @@ def build_app(settings: Settings, guard: Guard, pool: ConnectionPool[Any]) -> St
         route("/effect", console.effect),
         route("/decide", console.decide_form),
         route("/decide", console.decide, "POST"),
+        route("/bulk", console.bulk_form),
+        route("/bulk", console.bulk, "POST"),
         route("/audit", console.audit),
         route("/login", console.login_form),
         route("/login", console.login, "POST"),
@@ -534,15 +679,18 @@ def build_app(settings: Settings, guard: Guard, pool: ConnectionPool[Any]) -> St
     return app
 
 
-def open_pool(settings: Settings) -> ConnectionPool[Any]:
-    """A small pool of autocommit connections named relay-console; each statement bounded."""
+def open_pool(
+    settings: Settings, url: str | None = None, name: str = "relay-console"
+) -> ConnectionPool[Any]:
+    """A small pool of autocommit connections (``database_url``'s unless ``url``) named
+    ``name``; each statement bounded."""
 
     def configure(conn: psycopg.Connection[Any]) -> None:
         conn.execute("SET jit = off")
         conn.execute("SET statement_timeout = '15s'")
 
     return ConnectionPool(
-        settings.require_database_url(),
+        url or settings.require_database_url(),
         min_size=1,
         max_size=4,
         timeout=10.0,
@@ -550,7 +698,7 @@ def open_pool(settings: Settings) -> ConnectionPool[Any]:
         configure=configure,
         kwargs={
             "autocommit": True,
-            "application_name": "relay-console",
+            "application_name": name,
             "connect_timeout": 10,
             # Generic plans of the lists' optional filters would scan: plan every query.
             "prepare_threshold": None,
@@ -559,5 +707,5 @@ def open_pool(settings: Settings) -> ConnectionPool[Any]:
             "keepalives_interval": 5,
             "keepalives_count": 3,
         },
-        name="relay-console",
+        name=name,
     )

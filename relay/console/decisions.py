@@ -28,6 +28,10 @@ from relay.sql import query
 from relay.states import EffectState
 
 RESOLVE_ACTIONS = {d.value: d for d in Decision}
+TARGET_OF = {d.value: TARGET[d].value for d in Decision}
+# Decisions an operator may take for every effect a list's filter finds (release and skip are
+# about one group's blocker: one at a time).
+BULK_ACTIONS = ("confirm", "reject", "redispatch", "compensate", "cancel")
 LABELS = {
     "confirm": "Confirm: it happened, once",
     "reject": "Reject: it did not happen; give up",
@@ -133,8 +137,13 @@ def apply(
     action: str,
     seen: Seen,
     reason: str,
+    *,
+    audit_conn: psycopg.Connection[Any] | None = None,
+    bulk: str | None = None,
 ) -> Outcome:
-    """Apply one decision if the effect is as the operator saw it; audited either way."""
+    """Apply one decision if the effect is as the operator saw it; audited either way (a
+    refusal through ``audit_conn`` when given: a login that may not decide may not audit
+    either). ``bulk`` names the bulk decision this one is part of, for the audit."""
     audit: dict[str, Any] = {
         "identity": identity,
         "client": client,
@@ -159,15 +168,20 @@ def apply(
             if changed:
                 raise Refused("it changed since your page showed it: " + "; ".join(changed))
             message = _act(conn, settings, identity, operation_key, action, reason, group)
-            record(conn, **audit, group=group, outcome="applied", detail=message)
+            record(conn, **audit, group=group, outcome="applied", detail=_tagged(message, bulk))
         return Outcome(True, message)
     except (Refused, RelayError) as exc:
         message = str(exc)
     except psycopg.errors.InsufficientPrivilege as exc:
         message = f"the console's database login may not do this: {exc.diag.message_primary}"
-    with conn.transaction():
-        record(conn, **audit, group=group, outcome="refused", detail=message)
+    writer = audit_conn or conn
+    with writer.transaction():
+        record(writer, **audit, group=group, outcome="refused", detail=_tagged(message, bulk))
     return Outcome(False, message)
+
+
+def _tagged(message: str, bulk: str | None) -> str:
+    return f"{message} [{bulk}]" if bulk else message
 
 
 def _act(

@@ -7,7 +7,7 @@ from typing import Any
 
 from relay.config import Settings
 from relay.console import explain
-from relay.console.decisions import LABELS, preview
+from relay.console.decisions import LABELS, TARGET_OF, preview
 from relay.console.queries import ALL_STATES, Filters
 from relay.console.render import (
     Html,
@@ -80,7 +80,7 @@ def _alerts(alerts: dict[str, float], stats: list[dict[str, Any]]) -> Html:
     )
 
 
-def overview(data: dict[str, Any]) -> Html:
+def overview(data: dict[str, Any], refresh_s: int = 0) -> Html:
     stats = data["stats"]
     rows = [
         [
@@ -98,10 +98,10 @@ def overview(data: dict[str, Any]) -> Html:
     counts = table(["effect type", "state", "effects", "oldest change"], rows)
     return fmt(
         "{}<h2>Effects by type and state</h2><p>Finished effects (CONFIRMED, CANCELLED) are not "
-        "counted here (<code>relay stats</code> counts them).</p>{}"
-        '<p><a href="/">Refresh</a> to see new ones.</p>',
+        "counted here (<code>relay stats</code> counts them).</p>{}<p>{}</p>",
         _alerts(data["alerts"], stats),
         counts if stats else fmt("<p>No effects.</p>"),
+        _refreshing(refresh_s),
     )
 
 
@@ -156,7 +156,12 @@ def _pager(path: str, f: Filters, next_after: int | None) -> Html:
 
 
 def effects_list(
-    rows: list[dict[str, Any]], f: Filters, next_after: int | None, types: list[str]
+    rows: list[dict[str, Any]],
+    f: Filters,
+    next_after: int | None,
+    types: list[str],
+    bulk: Html | None = None,
+    refresh_s: int = 0,
 ) -> Html:
     shown = [
         [
@@ -180,15 +185,28 @@ def effects_list(
         else fmt("<p>No effect matches.</p>")
     )
     return fmt(
-        "{}{}{}<p>Oldest first (by id); the filters are in the address: a link keeps them.</p>",
+        "{}{}{}<p>Oldest first (by id); the filters are in the address: a link keeps them. "
+        "{}</p>{}",
         _filters_form("/effects", f, types, ALL_STATES),
         found,
         _pager("/effects", f, next_after),
+        _refreshing(refresh_s),
+        bulk or Html(""),
     )
 
 
+def _refreshing(refresh_s: int) -> str:
+    if refresh_s:
+        return f"This page reloads itself every {refresh_s} s: new effects appear without a click."
+    return "Reload the page to see new effects."
+
+
 def groups_list(
-    rows: list[dict[str, Any]], f: Filters, next_after: int | None, types: list[str]
+    rows: list[dict[str, Any]],
+    f: Filters,
+    next_after: int | None,
+    types: list[str],
+    refresh_s: int = 0,
 ) -> Html:
     shown = [
         [
@@ -214,10 +232,12 @@ def groups_list(
     return fmt(
         "<p>A group is parked behind its latest REJECTED, UNKNOWN or STUCK effect while later "
         "effects of the group wait. Settling that effect releases it; so does a release (a "
-        "REJECTED one) or a skip (UNKNOWN, STUCK) from the blocking effect's page.</p>{}{}{}",
+        "REJECTED one) or a skip (UNKNOWN, STUCK) from the blocking effect's page.</p>{}{}{}"
+        "<p>{}</p>",
         _filters_form("/groups", f, types, ("REJECTED", "UNKNOWN", "STUCK")),
         found,
         _pager("/groups", f, next_after),
+        _refreshing(refresh_s),
     )
 
 
@@ -531,4 +551,130 @@ def audit(rows: list[dict[str, Any]], key: str | None, next_before: int | None) 
         if rows
         else fmt("<p>Nothing yet.</p>"),
         pager,
+    )
+
+
+def bulk_links(f: Filters, valid: list[str], cap: int) -> Html:
+    """On a list an operator may decide from: one decision for every effect the filter finds."""
+    if f.state is None:
+        return fmt(
+            "<p>Pick a state to decide for every effect the filter finds (up to {}).</p>", cap
+        )
+    if not valid:
+        return Html("")
+    links = join(
+        fmt(
+            '<li><a href="{}">{}</a></li>',
+            url("/bulk", {**f.query_string(after=None), "action": a}),
+            LABELS[a],
+        )
+        for a in valid
+    )
+    return fmt(
+        '<div class="notice"><h2>Decide for every effect this filter finds</h2><p>Up to {}, '
+        "the oldest first; each shows first how many and which.</p><ul>{}</ul></div>",
+        cap,
+        links,
+    )
+
+
+def bulk_preview(
+    settings: Settings,
+    rows: list[dict[str, Any]],
+    more: bool,
+    f: Filters,
+    action: str,
+    valid: list[bool],
+    effects_json: str,
+    csrf: str,
+) -> Html:
+    cap = settings.console_bulk_cap
+    chosen = sum(valid)
+    if more:
+        count = fmt(
+            "More than {} effects match: only the first {} (the oldest) are decided here; "
+            "decide again, or narrow the filter, for the others.",
+            cap,
+            cap,
+        )
+    else:
+        count = fmt("{} effect(s) match (the cap is {}).", len(rows), cap)
+    shown = [
+        [
+            key_link(r["operation_key"]),
+            fmt("{}", r["effect_type"]),
+            state_cell(r["state"]),
+            fmt("{}", r["attempts"]),
+            fmt("{}", r["updated_at"]),
+            fmt("{}", "yes" if ok else f"no: {action} is not valid in state {r['state']}"),
+        ]
+        for r, ok in zip(rows, valid, strict=True)
+    ]
+    back = url("/effects", f.query_string(after=None))
+    form = Html("")
+    if chosen:
+        form = fmt(
+            '<form method="post" action="/bulk">'
+            '<input type="hidden" name="csrf" value="{}">'
+            '<input type="hidden" name="action" value="{}">'
+            '<input type="hidden" name="filter" value="{}">'
+            '<input type="hidden" name="effects" value="{}">'
+            '<p><label>Reason (recorded with your name on each)<br><textarea name="reason" '
+            "required></textarea></label></p>"
+            '<p><button type="submit">Apply {} to {} effect(s)</button> <a href="{}">back</a>'
+            "</p></form>",
+            csrf,
+            action,
+            back,
+            effects_json,
+            action,
+            chosen,
+            back,
+        )
+    return fmt(
+        '<p class="count">{}</p><h2>{}</h2><p>For each effect: {}</p>{}{}'
+        "<p>Each effect is checked again when you apply: one that changed since this page "
+        "showed it is refused (and reported), the others are decided. Every one is audited.</p>",
+        count,
+        LABELS[action],
+        join(fmt("{} ", line) for line in _bulk_preview_lines(action)),
+        table(["operation key", "type", "state", "attempts", "last change", "decided"], shown),
+        form,
+    )
+
+
+def _bulk_preview_lines(action: str) -> list[str]:
+    if action == "cancel":
+        return ["PENDING -> CANCELLED: it is never published."]
+    lines = [f"-> {TARGET_OF[action]}."]
+    if action == "redispatch":
+        lines.append("The relay publishes it again: the downstream may receive it twice.")
+    if action == "compensate":
+        lines.append("A compensation effect is enqueued and published by the relay.")
+    lines.append("Recorded as operator evidence and a transition, with your name and reason.")
+    return lines
+
+
+def bulk_outcome(results: list[tuple[str, bool, str]], back: str) -> Html:
+    applied = sum(1 for _, ok, _ in results if ok)
+    shown = [
+        [
+            key_link(key),
+            fmt(
+                '<span class="state {}">{}</span>',
+                "CONFIRMED" if ok else "STUCK",
+                "applied" if ok else "refused",
+            ),
+            fmt("{}", text),
+        ]
+        for key, ok, text in results
+    ]
+    return fmt(
+        '{}{}<p><a href="{}">Back to the list</a></p>',
+        message(
+            "applied" if applied == len(results) else "refused",
+            f"{applied} applied, {len(results) - applied} refused, of {len(results)}.",
+        ),
+        table(["operation key", "outcome", "detail"], shown),
+        back,
     )

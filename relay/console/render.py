@@ -93,6 +93,7 @@ def layout(
     csrf: str | None = None,
     here: str = "",
     read_only: bool = False,
+    refresh_s: int = 0,
 ) -> Html:
     tabs = [
         ("overview", "/", "Overview"),
@@ -122,10 +123,12 @@ def layout(
         )
     return fmt(
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">{}'
         '<title>{} - relay console</title><link rel="stylesheet" href="/static/console.css">'
         "</head><body><header><strong>relay console</strong>{}{}</header>"
         "<main><h1>{}</h1>{}</main></body></html>\n",
+        # A meta refresh is no script: the CSP (script-src 'self') has nothing to say about it.
+        fmt('<meta http-equiv="refresh" content="{}">', refresh_s) if refresh_s else Html(""),
         title,
         links,
         who,

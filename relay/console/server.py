@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import uvicorn
@@ -10,6 +11,8 @@ from psycopg_pool import ConnectionPool
 from relay.config import Settings
 from relay.console.app import build_app, open_pool
 from relay.console.auth import Guard
+
+log = logging.getLogger(__name__)
 
 
 class ConsoleServer:
@@ -21,8 +24,20 @@ class ConsoleServer:
         self.host = host or settings.console_host
         self.port = settings.console_port if port is None else port
         self.pool: ConnectionPool[Any] = open_pool(settings)
+        self.viewer_pool: ConnectionPool[Any] | None = None
+        if settings.console_viewer_database_url:
+            self.viewer_pool = open_pool(
+                settings, settings.console_viewer_database_url, "relay-console-viewer"
+            )
+        else:
+            log.warning(
+                "console: console_viewer_database_url is not set: viewers read with "
+                "database_url's login and so share the operator's database rights (the console "
+                "still refuses them every decision); give them a <prefix>viewer login of "
+                "`relay roles` (docs/console.md)"
+            )
         config = uvicorn.Config(
-            build_app(settings, guard, self.pool),
+            build_app(settings, guard, self.pool, self.viewer_pool),
             host=self.host,
             port=self.port,
             # The peer address is the one that connected: X-Forwarded-For must not replace it,
@@ -46,6 +61,8 @@ class ConsoleServer:
             self.server.run()
         finally:
             self.pool.close()
+            if self.viewer_pool is not None:
+                self.viewer_pool.close()
 
     def stop(self) -> None:
         self.server.should_exit = True

@@ -16,6 +16,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import secrets
+import socket
 import tempfile
 import threading
 import time
@@ -227,7 +229,53 @@ def _act_end(*lines: str) -> None:
         click.echo(f"  > {line}")
 
 
-def run_demo(settings: Settings, *, effects: int, keep_running: bool) -> None:
+def _free_port(preferred: int) -> int:
+    """``preferred`` if nothing listens on it on loopback, else a port the system picks."""
+    for port in (preferred, 0):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return int(probe.getsockname()[1])
+    raise ServiceUnavailableError("no free port for the console")
+
+
+def _start_console(stack: ExitStack, cfg: Settings, workdir: Path) -> None:
+    """``relay console`` on loopback for the demo's lifetime, with a throwaway operator login
+    (a users file in the demo's temporary directory, a random password printed once)."""
+    try:
+        from relay.console.auth import hash_password
+        from relay.console.server import ConsoleServer
+    except ImportError as exc:
+        click.echo(
+            f"(the console needs its extra: pip install -e '.[console]'; {exc.name} is missing)"
+        )
+        return
+    password = secrets.token_urlsafe(12)
+    users = workdir / "console-users"
+    users.write_text(f"demo:operator:{hash_password(password)}\n", encoding="utf-8")
+    users.chmod(0o600)
+    console_cfg = cfg.model_copy(
+        update={
+            "console_users_file": str(users),
+            "console_host": "127.0.0.1",
+            "console_port": _free_port(cfg.console_port),
+            # The demo's one login reads and decides; there is no viewer to keep apart.
+            "console_viewer_database_url": cfg.database_url,
+        }
+    )
+    server = ConsoleServer(console_cfg)
+    _in_thread(stack, "console", server.run, server.stop)
+    click.echo(
+        f"the operator console: {server.address} (sign in as demo, password {password}; "
+        "up while the demo runs)"
+    )
+
+
+def run_demo(
+    settings: Settings, *, effects: int, keep_running: bool, console: bool = False
+) -> None:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     log_path = Path(tempfile.gettempdir()) / f"relay-demo-{stamp}.log"
     click.echo(f"the daemons' logs: {log_path} (WARNING and up here too, each kind once)")
@@ -246,6 +294,9 @@ def run_demo(settings: Settings, *, effects: int, keep_running: bool) -> None:
             sync_effect_types(conn, cfg)
         click.echo(f"schema migrated ({len(applied)} new migrations); effect types synced")
         _create_topics(cfg)
+        if console:
+            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="relay-demo-")))
+            _start_console(stack, cfg, workdir)
 
         relay, reconciler, bank = Relay(cfg), Reconciler(cfg), DemoBank(cfg)
         threads = [
@@ -326,14 +377,16 @@ def run_demo(settings: Settings, *, effects: int, keep_running: bool) -> None:
         if once.held:
             click.echo(f"\n({once.held} more warnings like those above are in {log_path})")
         click.echo(
-            "\nwhat next: 'bash scripts/demo.sh --keep-running', then 'relay show KEY' and "
+            "\nwhat next: 'bash scripts/demo.sh --keep-running --console' (the operator console), "
+            "then 'relay show KEY' and "
             "'relay enqueue demo.wire KEY JSON';\n  docs/getting-started.md on your own "
             f"servers; docs/unknown.md for UNKNOWN; the daemons' logs: {log_path}"
         )
         if keep_running:
             click.echo(
-                "\nrelay, reconciler and demo bank still running; enqueue more with "
-                "'relay enqueue demo.wire KEY JSON'. Ctrl-C stops."
+                "\nrelay, reconciler and demo bank still running"
+                + (" (and the console)" if console else "")
+                + "; enqueue more with 'relay enqueue demo.wire KEY JSON'. Ctrl-C stops."
             )
             with contextlib.suppress(KeyboardInterrupt):
                 while all(thread.is_alive() for thread in threads):

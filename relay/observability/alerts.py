@@ -23,6 +23,16 @@ from dataclasses import dataclass, replace
 RELAY_JOB = "outbox-relay"
 RECONCILER_JOB = "outbox-relay-reconciler"
 RUNBOOK = "docs/operations.md#"
+# The console's page that lists what each alert fired on (``--console-url``): the runbook says
+# what to do, the console is where it is done. Prometheus expands the label templates.
+CONSOLE_PAGES = {
+    "RelayUnknownEffectsTooOld": "effects?state=UNKNOWN",
+    "RelayStuckEffects": "effects?state=STUCK&type={{ $labels.effect_type }}",
+    "RelayOrderingGroupsParked": "groups",
+    "RelayOutboxLagHigh": "effects?state=PENDING",
+    "RelayPublishRejections": "effects?state=REJECTED",
+    "RelayOutboxMetricsFailing": "",
+}
 
 
 @dataclass(frozen=True)
@@ -157,12 +167,17 @@ def render(
     rule_list: list[AlertRule] | None = None,
     *,
     for_overrides: Mapping[str, str] | None = None,
+    console_url: str | None = None,
 ) -> str:
-    """The rules file. ``for_overrides`` (alert name -> duration) is for test copies only."""
+    """The rules file. ``for_overrides`` (alert name -> duration) is for test copies only.
+    ``console_url``: the operator console's address; each alert that has a console page gets a
+    ``console`` annotation linking to it, beside its runbook."""
     overrides = dict(for_overrides or {})
+    base = console_url.rstrip("/") + "/" if console_url else None
     lines = [
         "# Alert rules of the outbox relay. Generated from relay/observability/alerts.py:",
         "#   python -m relay.observability.alerts > ops/prometheus/relay-alerts.yml",
+        "# (--console-url URL adds links to the operator console's pages: docs/console.md).",
         f"# Scrape jobs are expected to be named {RELAY_JOB} and {RECONCILER_JOB}",
         "# (python -m relay.observability.alerts --relay-job X --reconciler-job Y for others).",
         "groups:",
@@ -183,6 +198,8 @@ def render(
             f"          description: {_q(rule.description)}",
             f"          runbook: {_q(rule.runbook)}",
         ]
+        if base is not None and rule.alert in CONSOLE_PAGES:
+            lines.append(f"          console: {_q(base + CONSOLE_PAGES[rule.alert])}")
     if overrides:
         raise KeyError(f"no such alert: {sorted(overrides)}")
     return "\n".join(lines) + "\n"
@@ -194,8 +211,20 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description="Print the relay's Prometheus alert rules.")
     parser.add_argument("--relay-job", default=RELAY_JOB)
     parser.add_argument("--reconciler-job", default=RECONCILER_JOB)
+    parser.add_argument(
+        "--console-url",
+        help="the operator console's address (https://relay-console.example.com/): each alert "
+        "links to the console page that lists what it fired on",
+    )
     args = parser.parse_args(argv)
-    sys.stdout.write(render(rules(relay_job=args.relay_job, reconciler_job=args.reconciler_job)))
+    if args.console_url and not args.console_url.startswith(("http://", "https://")):
+        parser.error("--console-url must start with http:// or https://")
+    sys.stdout.write(
+        render(
+            rules(relay_job=args.relay_job, reconciler_job=args.reconciler_job),
+            console_url=args.console_url,
+        )
+    )
     return 0
 
 

@@ -19,7 +19,7 @@ DECLARE
     r text;
 BEGIN
     FOREACH r IN ARRAY ARRAY[{application_name}, {relay_name}, {reconciler_name},
-                             {operator_name}]::text[] LOOP
+                             {operator_name}, {viewer_name}]::text[] LOOP
         IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = r) THEN
             BEGIN
                 EXECUTE format('CREATE ROLE %I NOLOGIN', r);
@@ -31,7 +31,7 @@ BEGIN
 END
 $$;
 
-GRANT USAGE ON SCHEMA relay TO {application}, {relay}, {reconciler}, {operator};
+GRANT USAGE ON SCHEMA relay TO {application}, {relay}, {reconciler}, {operator}, {viewer};
 
 -- Applications: write intents only through the SECURITY DEFINER functions (which validate them
 -- and write nothing else), withdraw them, and read effects. No table write of any kind.
@@ -77,9 +77,17 @@ GRANT INSERT, UPDATE ON relay.transition TO {operator};
 GRANT EXECUTE ON FUNCTION relay.purge_batch(double precision, integer),
     relay.purge_unattached_evidence(double precision, integer),
     relay.purge_forgotten_keys(double precision, integer) TO {operator};
--- `relay console` runs as an operator login: it records every decision, refused ones too, in its
--- append-only audit (a trigger refuses UPDATE and DELETE to everyone).
+-- `relay console` decides as an operator login: it records every decision, refused ones too, in
+-- its append-only audit (a trigger refuses UPDATE and DELETE to everyone). A viewer's refused
+-- decision is audited through that operator login too: the viewer writes nothing, anywhere.
 GRANT INSERT ON relay.console_audit TO {operator};
+
+-- The console's viewers (console_viewer_database_url): SELECT on what its pages read (the
+-- overview, the lists, an effect's story and outlook, the audit) and nothing else: no write of
+-- any kind, no function, no sequence, not the intake, the replicas or the ticks.
+GRANT SELECT ON relay.effect, relay.effect_type, relay.attempt, relay.transition,
+    relay.transition_log, relay.evidence, relay.reconciler_config, relay.console_audit
+    TO {viewer};
 
 -- Rights earlier versions of this script granted that no command needs: evidence is
 -- append-only for every role but the owner (the reconciler records a result's verdict on it).

@@ -17,14 +17,19 @@ import psycopg
 import pytest
 from click.testing import CliRunner
 from playwright.sync_api import Browser, expect
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 import relay
 from relay.cli import main
 from relay.config import Settings
+from relay.console.auth import Identity
+from relay.console.decisions import Seen
+from relay.console.decisions import apply as apply_decision
 from relay.devtools.services import Services
 from relay.dispatch.daemon import Relay
 from relay.reconciler.deadlines import expire_deadlines
 from relay.reconciler.resolve import Decision, resolve
+from relay.roles import apply as apply_roles
 from relay.sql import query
 from tests import support
 from tests.browser.conftest import (
@@ -425,3 +430,184 @@ def test_sign_in_page(console: Running, browser: Browser) -> None:
     cookie = w.page.context.cookies()[0]
     assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
     assert w.violations == []
+
+
+# --- Issue 22's second slice: the viewer's own login, bulk decisions, pages that reload ------
+
+
+@pytest.fixture
+def viewer_login(base: Settings, prefix: str) -> Iterator[str]:
+    """A login in relay roles' <prefix>viewer role (roles are cluster-wide: dropped after)."""
+    url = base.require_database_url()
+    role_prefix = f"{prefix.lower()}_"
+    with psycopg.connect(url, autocommit=True) as conn:
+        names = apply_roles(conn, role_prefix)
+        conn.execute(f'CREATE ROLE "{names["viewer"]}_login" LOGIN IN ROLE "{names["viewer"]}"')
+    try:
+        yield make_conninfo(url, user=f"{names['viewer']}_login")
+    finally:
+        with psycopg.connect(url, autocommit=True) as conn:
+            for role in [f"{names['viewer']}_login", *names.values()]:
+                conn.execute(f'DROP OWNED BY "{role}"')
+                conn.execute(f'DROP ROLE "{role}"')
+
+
+def set_state(url: str, key: str, state: str) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE relay.effect SET state = %s, attempts = 1 WHERE operation_key = %s",
+            (state, key),
+        )
+
+
+def test_a_viewer_reads_with_a_login_that_cannot_write(
+    base: Settings, viewer_login: str, browser: Browser, tmp_path: Path
+) -> None:
+    url = base.require_database_url()
+    with psycopg.connect(url) as conn:
+        relay.enqueue(conn, "wire", "wire-r", h.WIRE)
+        conn.commit()
+    set_state(url, "wire-r", "UNKNOWN")
+    settings = console_settings(base, tmp_path, console_viewer_database_url=viewer_login)
+    for running in start_console(settings):
+        w = sign_in(browser, running, "victor")
+        page = w.page
+        # Every page a viewer sees runs under the viewer's login (SELECT only): all of them load.
+        for path in ("/", "/effects?state=UNKNOWN", "/groups", "/effect?key=wire-r", "/audit"):
+            assert page.goto(f"{running.url}{path}").status == 200, path  # type: ignore[union-attr]
+        expect(page.locator("main")).to_contain_text("Nothing yet")
+        viewer_user = conninfo_to_dict(viewer_login)["user"]
+        used = rows(
+            url,
+            "SELECT DISTINCT usename FROM pg_stat_activity"
+            " WHERE application_name = 'relay-console-viewer'",
+        )
+        assert used == [(viewer_user,)]
+
+        # A forged POST with the viewer's session and token: refused by the console, audited
+        # through the operator's login (the viewer's writes nothing).
+        page.goto(f"{running.url}/")
+        token = page.locator("input[name=csrf]").first.get_attribute("value")
+        forged = page.request.post(
+            f"{running.url}/decide",
+            form={
+                "csrf": token or "",
+                "key": "wire-r",
+                "action": "reject",
+                "seen_state": "UNKNOWN",
+                "seen_updated_at": "2000-01-01T00:00:00+00:00",
+                "seen_attempts": "1",
+                "reason": "viewer forges",
+            },
+            headers={"Origin": running.url, "Sec-Fetch-Site": "same-origin"},
+        )
+        assert forged.status == 403
+        audit = rows(url, "SELECT actor, outcome, db_role FROM relay.console_audit")
+        assert audit == [("victor", "refused", conninfo_to_dict(url)["user"])]
+
+        # Had the request got past the console's checks, the database refuses it: the decision
+        # code itself, on a connection of the viewer's pool, changes nothing.
+        with running.server.viewer_pool.connection() as viewer:  # type: ignore[union-attr]
+            found = viewer.execute(
+                "SELECT updated_at FROM relay.effect WHERE operation_key = 'wire-r'"
+            ).fetchone()
+            assert found is not None
+            (at,) = found
+            with psycopg.connect(url, autocommit=True) as operator:
+                outcome = apply_decision(
+                    viewer,
+                    base,
+                    Identity("victor", "operator", "login", "forged"),
+                    "127.0.0.1",
+                    "wire-r",
+                    "reject",
+                    Seen("UNKNOWN", at.isoformat(), 1),
+                    "forged past the checks",
+                    audit_conn=operator,
+                )
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                viewer.execute("UPDATE relay.effect SET state = 'CONFIRMED'")
+        assert not outcome.applied and "may not do this" in outcome.message
+        assert h.state(url, "wire-r") == "UNKNOWN"
+        assert w.violations == []
+
+
+def test_an_operator_decides_in_bulk_over_a_filter(
+    base: Settings, browser: Browser, tmp_path: Path
+) -> None:
+    url = base.require_database_url()
+    make_unknown(base, ["wire-b1", "wire-b2", "wire-b3"])
+    for running in start_console(console_settings(base, tmp_path, console_bulk_cap=2)):
+        w = sign_in(browser, running, "alice")
+        page = w.page
+        page.goto(f"{running.url}/effects?state=UNKNOWN")
+        expect(page.locator("tbody tr")).to_have_count(3)
+        page.click(".notice >> text=Reject: it did not happen; give up")
+        expect(page.locator(".count")).to_contain_text("More than 2 effects match")
+        expect(page.locator("tbody tr")).to_have_count(2)
+        expect(page.locator("button[type=submit]", has_text="Apply reject to 2")).to_have_count(1)
+        page.fill("textarea[name=reason]", "bank has no trace of them, OPS-7")
+        w.shot("bulk-preview")
+        # Meanwhile someone settles one of them from the CLI's code.
+        with psycopg.connect(url, autocommit=True) as conn:
+            resolve(conn, base, "wire-b1", Decision.CONFIRM, reason="found it", actor="bob")
+        page.click("button:has-text('Apply reject to 2')")
+        expect(page.locator(".refused")).to_contain_text("1 applied, 1 refused, of 2")
+        table_text = page.locator("main table").inner_text()
+        assert "state UNKNOWN -> CONFIRMED" in table_text and "by bob" in table_text
+        w.shot("bulk-outcome")
+        assert h.states(url, ["wire-b1", "wire-b2", "wire-b3"]) == {
+            "wire-b1": "CONFIRMED",
+            "wire-b2": "REJECTED",
+            "wire-b3": "UNKNOWN",
+        }
+        audit = rows(
+            url,
+            "SELECT operation_key, action, outcome, detail LIKE '%%[bulk reject of 2]'"
+            " FROM relay.console_audit ORDER BY id",
+        )
+        assert audit == [
+            ("wire-b1", "reject", "refused", True),
+            ("wire-b2", "reject", "applied", True),
+        ]
+        # A bulk POST over the cap is refused whole (and audited).
+        token = page.locator("input[name=csrf]").first.get_attribute("value")
+        over = page.request.post(
+            f"{running.url}/bulk",
+            form={
+                "csrf": token or "",
+                "action": "reject",
+                "reason": "too many",
+                "effects": '[["wire-b3", "UNKNOWN", "2000-01-01T00:00:00+00:00", 1],'
+                ' ["a", "UNKNOWN", "2000-01-01T00:00:00+00:00", 1],'
+                ' ["b", "UNKNOWN", "2000-01-01T00:00:00+00:00", 1]]',
+            },
+            headers={"Origin": running.url, "Sec-Fetch-Site": "same-origin"},
+        )
+        assert over.status == 403 and "more than the cap of 2" in over.text()
+        assert h.state(url, "wire-b3") == "UNKNOWN"
+        assert w.violations == [] and w.dialogs == []
+
+
+def test_lists_and_the_overview_reload_themselves(
+    base: Settings, browser: Browser, tmp_path: Path
+) -> None:
+    url = base.require_database_url()
+    for running in start_console(console_settings(base, tmp_path, console_refresh_s=1)):
+        w = sign_in(browser, running, "alice")
+        page = w.page
+        expect(page.locator('meta[http-equiv="refresh"]')).to_have_attribute("content", "1")
+        page.goto(f"{running.url}/effects?state=UNKNOWN")
+        expect(page.locator("main")).to_contain_text("No effect matches")
+        with psycopg.connect(url) as conn:
+            relay.enqueue(conn, "wire", "wire-late", h.WIRE)
+            conn.commit()
+        set_state(url, "wire-late", "UNKNOWN")
+        # No click, no reload by the test: the page reloads itself (a meta refresh, no script,
+        # nothing the CSP refuses).
+        expect(page.locator("tbody")).to_contain_text("wire-late", timeout=10_000)
+        assert page.url == f"{running.url}/effects?state=UNKNOWN"
+        # A story or a decision's form is not reloaded under the operator's hands.
+        page.goto(f"{running.url}/effect?key=wire-late")
+        expect(page.locator('meta[http-equiv="refresh"]')).to_have_count(0)
+        assert w.violations == []

@@ -337,3 +337,77 @@ def test_the_operator_role_may_write_the_console_audit(logins: dict[str, str]) -
         pytest.raises(psycopg.errors.InsufficientPrivilege),
     ):
         app.execute(row)
+
+
+def test_the_viewer_role_reads_what_the_console_shows_and_writes_nothing(
+    logins: dict[str, str], rsettings: Settings
+) -> None:
+    """The console's viewers log in as <prefix>viewer: every query of their pages runs, and no
+    write of any kind does, not even through the console's own decision code."""
+    from relay.console import queries
+    from relay.console.auth import Identity
+    from relay.console.decisions import Seen, apply
+
+    with psycopg.connect(logins["application"], autocommit=True) as app:
+        made = relay.enqueue(app, "wire", "viewer-1", WIRE)
+    with psycopg.connect(logins["viewer"], autocommit=True) as viewer:
+        data = queries.overview(viewer)
+        assert [r["state"] for r in data["stats"]] == ["PENDING"]
+        rows, _ = queries.page(viewer, "console_effects", queries.Filters(), 10)
+        assert [r["operation_key"] for r in rows] == ["viewer-1"]
+        queries.page(viewer, "console_parked_groups", queries.Filters(), 10)
+        found = queries.story(viewer, "viewer-1")
+        assert found is not None and found["schedule"]["state"] == "PENDING"
+        queries.audit_page(viewer, None, None, 10)
+        refused = [
+            "UPDATE relay.effect SET state = 'CANCELLED'",
+            "DELETE FROM relay.effect",
+            "INSERT INTO relay.evidence (kind, verdict, actor) VALUES ('operator', 'x', 'v')",
+            "INSERT INTO relay.transition (effect_id, to_state, reason, actor, attempt)"
+            f" VALUES ({made.effect_id}, 'CANCELLED', 'forged', 'v', 0)",
+            "INSERT INTO relay.console_audit (actor, auth, access, action, outcome)"
+            " VALUES ('v', 'login', 'operator', 'confirm', 'applied')",
+            "SELECT relay.cancel('viewer-1', 'forged', 'v')",
+            "SELECT * FROM relay.intake",
+            "SELECT * FROM relay.replica",
+            "SELECT * FROM relay.purge_batch(0, 10)",
+        ]
+        for statement in refused:
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                viewer.execute(statement)
+        # A forged decision that got past the console's own checks still changes nothing: the
+        # viewer's login may not, and its refusal is audited through the operator's login.
+        with psycopg.connect(logins["operator"], autocommit=True) as operator:
+            effect = viewer.execute(
+                "SELECT updated_at FROM relay.effect WHERE operation_key = 'viewer-1'"
+            ).fetchone()
+            assert effect is not None
+            outcome = apply(
+                viewer,
+                rsettings,
+                Identity("victor", "viewer", "login", "n"),
+                "127.0.0.1",
+                "viewer-1",
+                "cancel",
+                Seen("PENDING", effect[0].isoformat(), 0),
+                "forged",
+                audit_conn=operator,
+            )
+            assert not outcome.applied
+            assert "may not do this" in outcome.message
+            audit = operator.execute(
+                "SELECT actor, outcome, db_role FROM relay.console_audit"
+                " WHERE operation_key = 'viewer-1'"
+            ).fetchall()
+    assert audit == [("victor", "refused", f"{role_names(_prefix_of(logins))['operator']}_login")]
+    with psycopg.connect(logins["operator"]) as conn:
+        state = conn.execute(
+            "SELECT state FROM relay.effect WHERE operation_key = 'viewer-1'"
+        ).fetchone()
+    assert state == ("PENDING",)
+
+
+def _prefix_of(logins: dict[str, str]) -> str:
+    user = str(conninfo_to_dict(logins["viewer"])["user"])
+    assert user.endswith("viewer_login")
+    return user[: -len("viewer_login")]

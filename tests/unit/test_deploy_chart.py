@@ -53,6 +53,12 @@ CHART_OWNED = {
     "metrics_port",
     "reconcile_metrics_port",
     "effect_types",
+    # The console's Deployment: its address in the pod, its users file and its Secret.
+    "console_host",
+    "console_port",
+    "console_users_file",
+    "console_viewer_database_url",
+    "console_secret",
 }
 
 
@@ -157,7 +163,7 @@ def test_probes_and_ports(
 def test_every_pod_runs_locked_down(full: list[dict[str, Any]]) -> None:
     uid, gid = (int(part) for part in dockerfile_user().split(":"))
     workloads = [obj for obj in full if obj["kind"] in {"StatefulSet", "Deployment", "Job"}]
-    assert len(workloads) == 3
+    assert len(workloads) == 4  # the relay, the reconciler, the migration hook, the console
     for workload in workloads:
         spec = pod_spec(workload)
         assert spec["securityContext"]["runAsNonRoot"] is True
@@ -180,6 +186,8 @@ def test_every_pod_runs_locked_down(full: list[dict[str, Any]]) -> None:
 def test_secrets_come_from_existing_secrets_only(full: list[dict[str, Any]]) -> None:
     values = yaml.safe_load(Path(FULL).read_text())
     for workload in (obj for obj in full if obj["kind"] in {"StatefulSet", "Deployment", "Job"}):
+        if workload["metadata"]["labels"]["app.kubernetes.io/component"] == "console":
+            continue  # its own Secret, no Kafka: test_the_console_is_off_by_default_and_on_...
         spec = pod_spec(workload)
         env = env_of(spec["containers"][0])
         assert env["RELAY_DATABASE_URL"]["valueFrom"]["secretKeyRef"] == {
@@ -330,10 +338,16 @@ def test_the_rules_are_ops_prometheus_relay_alerts(full: list[dict[str, Any]]) -
 def test_scrape_jobs_are_named_as_the_rules_expect(full: list[dict[str, Any]]) -> None:
     monitor = by_kind(full, "ServiceMonitor")[0]
     label = monitor["spec"]["jobLabel"]
-    jobs = {svc["metadata"]["labels"][label] for svc in by_kind(full, "Service")}
+    # The console's Service has no metrics and no job label: the ServiceMonitor leaves it alone.
+    scraped = [s for s in by_kind(full, "Service") if label in s["metadata"]["labels"]]
+    assert [s["metadata"]["name"] for s in by_kind(full, "Service") if s not in scraped] == [
+        "orders-outbox-relay-console"
+    ]
+    assert {"key": label, "operator": "Exists"} in monitor["spec"]["selector"]["matchExpressions"]
+    jobs = {svc["metadata"]["labels"][label] for svc in scraped}
     assert jobs == rule_jobs() == {"outbox-relay", "outbox-relay-reconciler"}
     selector = monitor["spec"]["selector"]["matchLabels"]
-    for svc in by_kind(full, "Service"):
+    for svc in scraped:
         assert selector.items() <= svc["metadata"]["labels"].items()
         port = monitor["spec"]["endpoints"][0]["port"]
         assert [p["name"] for p in svc["spec"]["ports"]] == [port]
@@ -350,8 +364,10 @@ def test_the_network_policy_opens_only_the_metrics_port_to_prometheus(
     for workload in by_kind(full, "StatefulSet") + by_kind(full, "Deployment"):
         assert selector.items() <= workload["spec"]["template"]["metadata"]["labels"].items()
         ports = [p["name"] for c in pod_spec(workload)["containers"] for p in c.get("ports", [])]
-        assert ports == ["metrics"]
-    [rule] = policy["ingress"]
+        console = workload["metadata"]["labels"]["app.kubernetes.io/component"] == "console"
+        assert ports == (["console"] if console else ["metrics"])
+    # The console's rule (its own port, from console.ingressFrom) is tested with the console.
+    [rule] = [r for r in policy["ingress"] if r["ports"][0]["port"] == "metrics"]
     assert rule["ports"] == [{"port": "metrics", "protocol": "TCP"}]
     assert rule["from"] == [
         {
@@ -590,6 +606,19 @@ def lookup_chart(tmp_path: Path, secrets: dict[str, list[str]] | None) -> Path:
             },
             'has no key "key-password"',
         ),
+        (
+            ["-f", "FULL"],
+            {
+                "relay-database": ["database-url"],
+                "relay-kafka-user": ["username", "password"],
+                "kafka-ca": ["ca.crt"],
+                "relay-kafka-client": ["tls.crt", "tls.key", "key-password"],
+                "relay-console-database": ["operator-url", "session-secret"],
+                "relay-console-users": ["users"],
+            },
+            'Secret "relay-console-database" (console.database.existingSecret) in namespace '
+            '"payments" has no key "viewer-url"',
+        ),
     ],
 )
 def test_a_missing_secret_fails_the_install_with_its_name(
@@ -618,6 +647,8 @@ def test_secrets_present_or_no_cluster_render(tmp_path: Path, secrets: str | Non
             "relay-kafka-user": ["username", "password"],
             "kafka-ca": ["ca.crt"],
             "relay-kafka-client": ["tls.crt", "tls.key", "key-password"],
+            "relay-console-database": ["operator-url", "viewer-url", "session-secret"],
+            "relay-console-users": ["users"],
         }
     parent = lookup_chart(tmp_path, found)
     wrapped = tmp_path / "full-wrapped.yaml"
@@ -655,3 +686,70 @@ def test_the_first_effect_example_publishes_something(
     bare = helm("install", "orders", str(CHART), "-n", "payments", "--dry-run=client")
     assert "examples/first-effect.yaml" in bare.stdout.split("NOTES:", 1)[1]
     assert "No NetworkPolicy" in bare.stdout.split("NOTES:", 1)[1]
+
+
+def test_the_console_is_off_by_default_and_on_with_its_own_logins(
+    defaults: list[dict[str, Any]], full: list[dict[str, Any]]
+) -> None:
+    """console.enabled: a Deployment running `relay console` on 0.0.0.0 in the pod, reading as
+    the viewers' login and deciding as the operator's (both from its own Secret), its users file
+    from a Secret, a Service and a NetworkPolicy rule on the port named console."""
+    assert not [o for o in defaults if o["metadata"]["name"].endswith("-console")]
+    deployment = one(full, "Deployment", "console")
+    pod = pod_spec(deployment)
+    (container,) = pod["containers"]
+    assert container["args"] == ["console"] and deployment["spec"]["replicas"] == 2
+    env = env_of(container)
+    assert env["RELAY_DATABASE_URL"]["valueFrom"]["secretKeyRef"] == {
+        "name": "relay-console-database",
+        "key": "operator-url",
+    }
+    assert env["RELAY_CONSOLE_VIEWER_DATABASE_URL"]["valueFrom"]["secretKeyRef"] == {
+        "name": "relay-console-database",
+        "key": "viewer-url",
+    }
+    assert env["RELAY_CONSOLE_SECRET"]["valueFrom"]["secretKeyRef"]["key"] == "session-secret"
+    assert env["RELAY_CONSOLE_HOST"]["value"] == "0.0.0.0"
+    (port,) = container["ports"]
+    assert port == {"name": "console", "containerPort": 8400, "protocol": "TCP"}
+    assert container["readinessProbe"]["httpGet"]["port"] == "console"
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    users = env["RELAY_CONSOLE_USERS_FILE"]["value"]
+    assert users == mounts["console-users"] + "/users"
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["console-users"]["secret"]["secretName"] == "relay-console-users"
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    # The settings the pod starts with are valid for the console.
+    settings = Settings(
+        database_url="postgresql://op@db/x",
+        console_viewer_database_url="postgresql://viewer@db/x",
+        console_host=env["RELAY_CONSOLE_HOST"]["value"],
+        console_port=int(env["RELAY_CONSOLE_PORT"]["value"]),
+        console_users_file=users,
+    )
+    assert settings.console_port == 8400 and settings.console_host == "0.0.0.0"
+    service = one(full, "Service", "console")
+    assert service["spec"]["ports"] == [
+        {"name": "console", "port": 8400, "targetPort": "console", "protocol": "TCP"}
+    ]
+    (policy,) = by_kind(full, "NetworkPolicy")
+    rules = {r["ports"][0]["port"]: r for r in policy["spec"]["ingress"]}
+    assert rules["console"]["from"][0]["namespaceSelector"]["matchLabels"] == {
+        "kubernetes.io/metadata.name": "ingress-nginx"
+    }
+    # Proxy mode: no users file, and the proxy's settings from config.
+    proxied = render(
+        "-f",
+        FULL,
+        "--set",
+        "console.usersSecret=",
+        "--set",
+        "config.console_auth=proxy",
+        "--set-json",
+        'config.console_proxy_addresses=["10.0.0.0/16"]',
+    )
+    container = pod_spec(one(proxied, "Deployment", "console"))["containers"][0]
+    assert "RELAY_CONSOLE_USERS_FILE" not in env_of(container)
+    assert "console-users" not in {m["name"] for m in container["volumeMounts"]}
+    toml = config_map(proxied, "-relay-config")["data"]["relay.toml"]
+    assert "console_auth = 'proxy'" in toml or 'console_auth = "proxy"' in toml

@@ -46,7 +46,16 @@ def spec_check(compose: dict[str, Any]) -> PyCompose:
 def test_compose_meets_the_compose_specification(compose: dict[str, Any]) -> None:
     parsed = spec_check(compose)
     assert sorted(parsed.service_names()) == sorted(
-        ["postgres", "kafka", "migrate", "relay", "reconciler", "prometheus", "grafana"]
+        [
+            "postgres",
+            "kafka",
+            "migrate",
+            "relay",
+            "reconciler",
+            "console",
+            "prometheus",
+            "grafana",
+        ]
     )
 
 
@@ -142,3 +151,32 @@ def test_the_relay_config_of_compose_loads(
     assert settings.replica_id == "compose-relay-1"
     assert settings.metrics_port_of("reconciler") == 9401
     assert sorted(settings.effect_types) == ["email", "wire"]
+
+
+def test_the_console_service_runs_the_image_with_a_users_file_on_loopback(
+    compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`relay console` in compose: the same locked-down image, after the migrations, its port
+    published on the host's loopback only, a users file the console accepts."""
+    from relay.console.auth import Guard
+
+    console = compose["services"]["console"]
+    assert console["command"] == ["console"]
+    assert console["user"] == dockerfile_user() and console["read_only"] is True
+    assert console["ports"] == ["127.0.0.1:8400:8400"]
+    assert console["depends_on"]["migrate"] == {"condition": "service_completed_successfully"}
+    env = console["environment"]
+    assert env["RELAY_CONSOLE_HOST"] == "0.0.0.0"
+    files = mounted_files(console)
+    users = files[env["RELAY_CONSOLE_USERS_FILE"]]
+    config = files[env["RELAY_CONFIG"]]
+    for name in [n for n in os.environ if n.startswith("RELAY_")]:
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("RELAY_CONSOLE_USERS_FILE", str(users))
+    settings = load_settings(config)
+    assert settings.console_port == 8400
+    guard = Guard(settings)
+    user = guard.sign_in("admin", "relay-console-local")
+    assert user is not None and user.right == "operator"

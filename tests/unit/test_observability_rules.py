@@ -4,6 +4,8 @@ promtool, and reading only metrics the daemons export."""
 from __future__ import annotations
 
 import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -90,3 +92,32 @@ def test_for_overrides_make_a_test_copy_and_reject_unknown_names() -> None:
     assert fast.count("for: 0s") == alerts.render().count("for: 0s") + 1
     with pytest.raises(KeyError):
         alerts.render(for_overrides={"NoSuchAlert": "0s"})
+
+
+def test_a_console_url_links_each_alert_to_its_console_page() -> None:
+    """With --console-url, the alerts an operator acts on link to the console's list of what
+    they fired on (beside the runbook); the rules stay valid for promtool."""
+    text = alerts.render(console_url="https://console.example.com/")
+    assert "console: 'https://console.example.com/effects?state=UNKNOWN'" in text
+    assert (
+        "console: 'https://console.example.com/effects?state=STUCK&type={{ $labels.effect_type }}'"
+        in text
+    )
+    assert "console: 'https://console.example.com/groups'" in text
+    assert text.count("runbook: ") == len(alerts.rules())
+    assert "console: " not in alerts.render()
+    promtool = str(prometheus_bin() / "promtool")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "rules.yml"
+        path.write_text(text, encoding="utf-8")
+        done = subprocess.run(
+            [promtool, "check", "rules", str(path)], capture_output=True, text=True, check=False
+        )
+    assert done.returncode == 0, done.stdout + done.stderr
+    done = subprocess.run(
+        [sys.executable, "-m", "relay.observability.alerts", "--console-url", "ftp://x"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 2 and "--console-url must start with" in done.stderr

@@ -264,6 +264,17 @@ topologySpreadConstraints:
 {{- end -}}
 {{- end -}}
 {{- end -}}
+{{- if $v.console.enabled -}}
+{{- $cdb := $v.console.database -}}
+{{- $refs = append $refs (list $cdb.existingSecret $cdb.operatorUrlKey "console.database.existingSecret") -}}
+{{- $refs = append $refs (list $cdb.existingSecret $cdb.viewerUrlKey "console.database.existingSecret") -}}
+{{- with $cdb.sessionSecretKey -}}
+{{- $refs = append $refs (list $cdb.existingSecret . "console.database.sessionSecretKey") -}}
+{{- end -}}
+{{- with $v.console.usersSecret -}}
+{{- $refs = append $refs (list . $v.console.usersKey "console.usersSecret") -}}
+{{- end -}}
+{{- end -}}
 {{- toJson $refs -}}
 {{- end -}}
 
