@@ -170,8 +170,10 @@ def test_cli_output_escapes_control_characters(settings: Settings, tmp_path: Pat
         assert result.returncode == 0, result.stderr
         assert "\x1b" not in result.stdout and "\u202e" not in result.stdout, args
         assert "\x07" not in result.stdout
-    listed = cli(config, "list").stdout
-    assert len(listed.splitlines()) == 1 and "evil\\n2026" in listed and "\\x1b[2J" in listed
+    header, *rows = cli(config, "list").stdout.splitlines()
+    assert header.startswith("updated (UTC)")  # relay list's header line
+    listed = "\n".join(rows)
+    assert len(rows) == 1 and "evil\\n2026" in listed and "\\x1b[2J" in listed
     shown = cli(config, "show", key).stdout
     assert "forged\\x1b]0;owned\\x07\\u202e" in shown
     assert json.loads(cli(config, "show", key, "--json").stdout)["effect"]["operation_key"] == key
