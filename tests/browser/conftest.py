@@ -27,7 +27,7 @@ PASSWORD = "correct horse battery staple"
 HASH = hash_password(PASSWORD)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
     if not Path(CHROMIUM).exists():
         subprocess.run(["bash", str(ROOT / "scripts" / "install-browser.sh")], check=True)
