@@ -273,7 +273,9 @@ def test_a_poison_effect_parks_only_its_group_and_unblock_releases_it_in_order(
         }
         assert _parked(url) == [("p-2", "p-1"), ("p-3", "p-1")]
         assert _gauges(url) == {"parked": 1.0, "parked_effects": 2.0}
-        # A purge, however short the retention, keeps the effect that parks its group.
+        # A purge, however short the retention, keeps the effect that parks its group (and waits
+        # for the status events, on from the start, of the effects it removes).
+        support.wait_for(lambda: support.status_backlog(url) == 0, 30, "status events sent")
         with psycopg.connect(url, autocommit=True) as conn:
             removed, _ = purge(conn, settings, 0.0)
         assert removed == 5  # p-0 and h-0..h-3: finished; p-1 stays
