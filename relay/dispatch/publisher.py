@@ -10,7 +10,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -159,7 +159,9 @@ def _send_all(
             if effect.ordering_group is not None:
                 # Asked only for a record that will be sent: the topic's metadata can take a while.
                 partitions = producer.partitions_for(effect.topic)
-                record = build_record(effect, source=source, partitions=partitions)
+                record = replace(
+                    record, partition=group_partition(effect.ordering_group, partitions)
+                )
             future = producer.send(
                 record.topic,
                 key=record.key,
