@@ -71,6 +71,24 @@ def _cancel_params(operation_key: str, reason: str, actor: str) -> dict[str, Any
     return {"operation_key": operation_key, "reason": reason, "actor": actor}
 
 
+def _query_name(params: Params) -> str:
+    """An ungrouped intent is one plain INSERT into the intake; a grouped one goes through the SQL
+    function, which takes its group's lock before the id is drawn."""
+    return "enqueue" if params["ordering_group"] is not None else "enqueue_intake"
+
+
+def _runs(params: Sequence[Params]) -> list[tuple[str, list[Params]]]:
+    """Consecutive intents that take the same statement, in order (one round trip each)."""
+    runs: list[tuple[str, list[Params]]] = []
+    for p in params:
+        name = _query_name(p)
+        if runs and runs[-1][0] == name:
+            runs[-1][1].append(p)
+        else:
+            runs.append((name, [p]))
+    return runs
+
+
 def _many(intents: Iterable[Intent], max_payload_bytes: int) -> tuple[list[str], list[Any]]:
     """Every intent checked first, so that one bad intent refuses the batch before any is sent."""
     batch = list(intents)
@@ -86,7 +104,9 @@ def enqueue(
     """Record one intent in the connector's transaction; the same key again returns the first."""
     params = intent_params(intent, max_payload_bytes)
     with translate_errors():
-        row = db.execute_one("enqueue", params)
+        row = db.execute_one(_query_name(params), params)
+        if row is None:  # the key is taken: the function compares and returns the first intent
+            row = db.execute_one("enqueue", params)
     return as_enqueued(intent.operation_key, row)
 
 
@@ -96,8 +116,14 @@ def enqueue_many(
     keys, params = _many(intents, max_payload_bytes)
     if not params:
         return []
+    rows: list[Row | None] = []
     with translate_errors():
-        rows = db.execute_many("enqueue", params)
+        for name, run in _runs(params):
+            found = db.execute_many(name, run)
+            rows.extend(
+                row if row is not None else db.execute_one("enqueue", p)
+                for row, p in zip(found, run, strict=True)
+            )
     return [as_enqueued(key, row) for key, row in zip(keys, rows, strict=True)]
 
 
@@ -117,7 +143,9 @@ async def enqueue_async(
 ) -> Enqueued:
     params = intent_params(intent, max_payload_bytes)
     with translate_errors():
-        row = await db.execute_one("enqueue", params)
+        row = await db.execute_one(_query_name(params), params)
+        if row is None:
+            row = await db.execute_one("enqueue", params)
     return as_enqueued(intent.operation_key, row)
 
 
@@ -127,8 +155,12 @@ async def enqueue_many_async(
     keys, params = _many(intents, max_payload_bytes)
     if not params:
         return []
+    rows: list[Row | None] = []
     with translate_errors():
-        rows = await db.execute_many("enqueue", params)
+        for name, run in _runs(params):
+            found = await db.execute_many(name, run)
+            for row, p in zip(found, run, strict=True):
+                rows.append(row if row is not None else await db.execute_one("enqueue", p))
     return [as_enqueued(key, row) for key, row in zip(keys, rows, strict=True)]
 
 

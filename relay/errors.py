@@ -96,6 +96,13 @@ def relay_error(sqlstate: str | None, message: str) -> RelayError | None:
     """The relay exception for a driver error's SQLSTATE, or None when it is not the relay's."""
     if sqlstate in ERRORS:
         return ERRORS[sqlstate](message)
+    if sqlstate == "22P02" and "relay.effect_type_name" in message:
+        # The intake's enum refused the type (an intent's plain INSERT has no other check).
+        name = message.rpartition(": ")[2]
+        return UnknownEffectTypeError(
+            f"effect type {name} is not declared (declare it in the config file and run "
+            "relay migrate as the schema owner)"
+        )
     if sqlstate in SCHEMA_MISSING:
         return MigrationError(f"the relay schema is missing ({message}): run 'relay migrate' first")
     return None

@@ -24,6 +24,7 @@ from relay.errors import (
     InvalidIntentError,
     PayloadTooLargeError,
     RelayError,
+    UnknownEffectTypeError,
     relay_error,
 )
 from relay.states import EffectState
@@ -42,6 +43,7 @@ __all__ = [
 ]
 
 _TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+_COMPENSATION_KEY = re.compile(r"#compensation(-[0-9]+)?$")
 
 
 @dataclass(frozen=True)
@@ -149,9 +151,17 @@ def intent_params(intent: Intent, max_payload_bytes: int = MAX_PAYLOAD_BYTES) ->
     why = _bad_char(key)
     if why is not None:
         raise InvalidIntentError(f"operation key {why}")
+    if _COMPENSATION_KEY.search(key):
+        raise InvalidIntentError(
+            f"operation key {key!r} is reserved for the relay's own compensations"
+        )
     if not isinstance(intent.effect_type, str) or not intent.effect_type:
         raise InvalidIntentError(f"intent {key!r}: effect type must be a non-empty string")
     _check_text(key, "effect type", intent.effect_type)
+    if intent.effect_type.startswith("relay."):
+        raise UnknownEffectTypeError(
+            f"effect type {intent.effect_type!r} is reserved for the relay"
+        )
     if intent.business_key is not None:
         if not isinstance(intent.business_key, str) or not 1 <= len(intent.business_key) <= 512:
             raise InvalidIntentError(

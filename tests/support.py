@@ -211,10 +211,37 @@ def diagnose(database_url: str, limit: int = 5) -> str:
     return f"states {count_states(database_url)}; unfinished: {rows}"
 
 
+UNREAD_INTAKE = (
+    "SELECT count(*) FROM relay.intake i WHERE NOT EXISTS (SELECT 1 FROM relay.effect e"
+    " WHERE e.id = i.id) AND NOT EXISTS (SELECT 1 FROM relay.intake_refused f WHERE f.id = i.id)"
+)
+
+
 def count_states(database_url: str) -> dict[str, int]:
+    """Effects by state; an intent the relay has not read from the intake yet counts as PENDING."""
     with psycopg.connect(database_url, autocommit=True) as conn:
         rows = conn.execute("SELECT state, count(*) FROM relay.effect GROUP BY state").fetchall()
-    return {str(state): int(n) for state, n in rows}
+        unread = conn.execute(UNREAD_INTAKE).fetchone()
+    states = {str(state): int(n) for state, n in rows}
+    if unread and unread[0]:
+        states["PENDING"] = states.get("PENDING", 0) + int(unread[0])
+    return states
+
+
+def read_intake(database_url: str) -> int:
+    """What ``relay run`` does before claiming: a tick, then every batch of the intake written as
+    effect rows (for tests that look at or change effect rows before any relay runs)."""
+    from relay.dispatch.intake import promote
+    from relay.dispatch.ticker import Ticker
+
+    total = 0
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        Ticker().run_once(conn)
+        while True:
+            done = promote(conn, limit=5000)
+            total += done.rows
+            if not done.more:
+                return total
 
 
 def status_backlog(database_url: str) -> int:

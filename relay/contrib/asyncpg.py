@@ -40,13 +40,18 @@ def _args(params: Params) -> tuple[Any, ...]:
 
 
 class _Asyncpg:
-    """:class:`relay.connector.AsyncConnector` on an asyncpg connection; only ``enqueue`` is
-    offered here, in asyncpg's numbered style (one prepared statement, reused)."""
+    """:class:`relay.connector.AsyncConnector` on an asyncpg connection; only the enqueue
+    statements are offered here, in asyncpg's numbered style (one prepared statement, reused)."""
 
     def __init__(self, conn: Fetcher) -> None:
         self.conn = conn
 
     async def execute_one(self, query_name: str, params: Params) -> Row | None:
+        if query_name == "enqueue_intake":  # ungrouped: $7 (the group) is not in the statement
+            intake: Row | None = await self.conn.fetchrow(
+                query("enqueue_intake_numbered"), *_args(params)[:6]
+            )
+            return intake
         if query_name != "enqueue":  # pragma: no cover - the connector asks for nothing else
             raise NotImplementedError(f"relay.contrib.asyncpg does not run {query_name!r}")
         row: Row | None = await self.conn.fetchrow(query("enqueue_numbered"), *_args(params))

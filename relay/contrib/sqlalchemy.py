@@ -21,7 +21,7 @@ from datetime import datetime
 from typing import Any
 
 import psycopg
-from sqlalchemy import DateTime, Engine, Text, TextClause, bindparam, text
+from sqlalchemy import BindParameter, DateTime, Engine, Text, TextClause, bindparam, text
 from sqlalchemy import Row as SARow
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
@@ -48,19 +48,21 @@ AsyncTarget = AsyncSession | AsyncConnection
 
 
 def _statement(query_name: str) -> TextClause:
-    """The query in SQLAlchemy's named style; only ``enqueue`` is offered here."""
-    if query_name != "enqueue":  # pragma: no cover - the connector asks for nothing else
+    """The query in SQLAlchemy's named style; only the enqueue statements are offered here."""
+    if query_name not in ("enqueue", "enqueue_intake"):  # pragma: no cover
         raise NotImplementedError(f"relay.contrib.sqlalchemy does not run {query_name!r}")
     # Typed binds: a NULL business key, traceparent or available_at is still sent with a type.
-    return text(query("enqueue_named")).bindparams(
+    binds: list[BindParameter[Any]] = [
         bindparam("operation_key", type_=Text()),
         bindparam("effect_type", type_=Text()),
         bindparam("payload", type_=Text()),
         bindparam("business_key", type_=Text()),
         bindparam("traceparent", type_=Text()),
         bindparam("available_at", type_=DateTime(timezone=True)),
-        bindparam("ordering_group", type_=Text()),
-    )
+    ]
+    if query_name == "enqueue":  # the intake's INSERT takes no group
+        binds.append(bindparam("ordering_group", type_=Text()))
+    return text(query(f"{query_name}_named")).bindparams(*binds)
 
 
 def _row(row: SARow[Any] | None) -> Row | None:

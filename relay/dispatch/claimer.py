@@ -1,5 +1,6 @@
-"""The claimer stage: claims batches ahead of the publisher, and waits cheaply when there is
-nothing to claim (short polls after work, then the doorbell).
+"""The claimer stage: reads the intake into effect rows, claims batches ahead of the publisher,
+and waits cheaply when there is nothing to claim (short polls after work, then the doorbell and
+the intake's sequence).
 
 Each claim commits before the batch is handed over, so an attempt is durable before any publish.
 """
@@ -7,20 +8,29 @@ Each claim commits before the batch is handed over, so an attempt is durable bef
 from __future__ import annotations
 
 import contextlib
+import logging
 import queue
 import threading
+import time
 from typing import Any
 
 import psycopg
 
 from relay import db, observability
 from relay.config import Settings
+from relay.dispatch.intake import IntakeReader
 from relay.dispatch.publisher import ClaimedEffect
 from relay.dispatch.stage import HANDOFF_POLL_S, Claimed, Held, Identity, Stage, expire_leases
 from relay.sql import query
 
+log = logging.getLogger(__name__)
+
 # Short polls after the last work seen, before the relay arms the doorbell (150 ms in all).
 QUIET_POLLS_S = (0.002, 0.005, 0.01, 0.02, 0.04, 0.08)
+# While idle, how often the intake's sequence is read (an intent is a plain INSERT: no doorbell).
+INTAKE_POLL_S = 0.01
+# Intake rows promoted per batch (one statement each).
+PROMOTE_LIMIT = 2000
 
 
 class Claimer(Stage):
@@ -46,6 +56,7 @@ class Claimer(Stage):
         # Set by the publisher while it has a Kafka producer: nothing is claimed before, so no
         # lease runs out while Kafka cannot be reached.
         self.publisher_ready = threading.Event()
+        self.intake = IntakeReader(limit=PROMOTE_LIMIT)
 
     def connect(self) -> psycopg.Connection[Any]:
         if self.conn is not None and not self.conn.closed:
@@ -103,9 +114,24 @@ class Claimer(Stage):
             self.listener = db.connect(self.settings, purpose=f"doorbell-{self.who.replica_id}")
             self.listener.execute(query("listen_doorbell"))
             self._quiet = len(QUIET_POLLS_S)  # a new listener may have missed a ring: look now
+        self._read_intake(conn)
         if self._claim(conn):
             return
         self._idle(conn)
+
+    def _read_intake(self, conn: psycopg.Connection[Any]) -> bool:
+        """Tick and promote when the intake may have news; whether any row was read."""
+        done = self.intake.run_once(conn, time.monotonic())
+        if done.rows:
+            observability.record_intake_read(done.promoted, done.rejected, done.refused)
+            if done.rejected or done.refused:
+                log.warning(
+                    "intake: %d intents REJECTED when read (relay list --state REJECTED), %d "
+                    "refused as naming another effect's key (relay.intake_refused)",
+                    done.rejected,
+                    done.refused,
+                )
+        return done.rows > 0
 
     def _claim(self, conn: psycopg.Connection[Any]) -> bool:
         rows = conn.execute(
@@ -151,8 +177,12 @@ class Claimer(Stage):
             self.listener.execute(query("disarm_doorbell"))
             return
         rang = False
-        for _ in self.listener.notifies(timeout=self.settings.poll_interval_s, stop_after=1):
-            rang = True
+        deadline = time.monotonic() + self.settings.poll_interval_s
+        while not rang and not self.stop.is_set() and time.monotonic() < deadline:
+            for _ in self.listener.notifies(timeout=INTAKE_POLL_S, stop_after=1):
+                rang = True
+            if not rang and self._read_intake(conn):
+                rang = True
         if rang or self.stop.is_set():
             self.listener.execute(query("disarm_doorbell"))
             self._quiet = 0

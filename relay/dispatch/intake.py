@@ -19,8 +19,11 @@ the reader immune to the traps of §9:
 The set of rows between two stored snapshots is fixed, so a pair with more rows than ``limit``
 is read in parts by an id cursor inside that pair (:class:`Position`), which cannot skip.
 
-Slice 1: nothing calls this outside the tests yet. Slice 3 wires it into ``relay run`` with
-lanes and per-batch bookkeeping.
+``relay run`` reads the intake through :class:`IntakeReader`: the claimer asks it for a tick and
+the next batches before each claim, and ``relay.promote_intake`` (migration 0011) writes each
+batch's effect rows in one statement, in the same read (``read_batch`` here is the same read
+without the writes, for the tests and the bench). Lanes and per-batch bookkeeping are the
+design's next slices.
 """
 
 from __future__ import annotations
@@ -31,12 +34,19 @@ from typing import Any, NamedTuple
 
 import psycopg
 
+from relay.dispatch.ticker import HEARTBEAT_S, Ticker
 from relay.sql import query
 
 BATCH_LIMIT = 2000
 """Rows per batch by default (the design's proposed transaction size; slice 3 measures it)."""
 MAX_TICKS = 1000
 """At most this many ticks merged into one pair, so that a pair stays bounded after an outage."""
+
+
+PROMOTE_ROUNDS = 8
+"""At most this many batches promoted per call, so that the claimer claims between them."""
+TICK_LOCK_TIMEOUT_S = 0.05
+"""Another replica is ticking: wait this long at most, then go on with the ticks there are."""
 
 
 class Position(NamedTuple):
@@ -116,3 +126,86 @@ def read_batch(
         return Batch(position.tick_from, None, position.after_id, limit, ())
     rows = tuple(IntakeRow._make((*row[2:11], int(row[11]))) for row in found if row[2] is not None)
     return Batch(int(found[0][0]), int(found[0][1]), position.after_id, limit, rows)
+
+
+@dataclass(frozen=True)
+class Promoted:
+    """One call of ``relay.promote_intake``: effect rows written PENDING (``promoted``) or
+    REJECTED (``rejected``: the checks the intake does not make), intents set aside because their
+    key names another effect (``refused``), and whether the pair has rows left (``more``).
+    ``read`` is False when another replica held the reader, or no tick followed."""
+
+    read: bool
+    promoted: int = 0
+    rejected: int = 0
+    refused: int = 0
+    more: bool = False
+    last_id: int = 0
+
+    @property
+    def rows(self) -> int:
+        return self.promoted + self.rejected + self.refused
+
+
+def promote(conn: psycopg.Connection[Any], *, limit: int, max_ticks: int = MAX_TICKS) -> Promoted:
+    """The next batch after the reader's position, written as effect rows, the position moved,
+    all in one transaction (the connection in autocommit mode: one statement)."""
+    row = conn.execute(query("promote_intake"), {"limit": limit, "max_ticks": max_ticks}).fetchone()
+    if row is None:
+        return Promoted(read=False)
+    promoted, rejected, refused, _tick_from, _tick_to, more, last_id = row
+    return Promoted(True, int(promoted), int(rejected), int(refused), bool(more), int(last_id or 0))
+
+
+class IntakeReader:
+    """What the claimer calls before each claim: a tick when one may be due, then batches.
+
+    Ticking costs a lock and a snapshot (several hundred microseconds of the server's CPU), so it
+    is asked for only when the intake's sequence moved past what was read (for at most a
+    heartbeat: an id drawn by a transaction that rolled back is never read), when the last batch
+    was cut at the limit, or when the heartbeat is due (a transaction that drew its id before the
+    last tick and committed after it, with no writer since)."""
+
+    def __init__(self, *, limit: int, heartbeat_s: float = HEARTBEAT_S) -> None:
+        self.limit = limit
+        self.heartbeat_s = heartbeat_s
+        self.ticker = Ticker(heartbeat_s=heartbeat_s, lock_timeout_s=TICK_LOCK_TIMEOUT_S)
+        self._seen = 0
+        self._read_max = 0
+        self._chase_until = 0.0
+        self._last_tick = float("-inf")
+        self._more = False
+
+    def news(self, conn: psycopg.Connection[Any], now: float) -> bool:
+        """Whether a tick may find something: cheap (one sequence read)."""
+        row = conn.execute(query("intake_sequence")).fetchone()
+        seq = int(row[0]) if row is not None else 0
+        if seq != self._seen:
+            self._seen = seq
+            self._chase_until = now + self.heartbeat_s
+        chasing = now < self._chase_until and self._read_max < self._seen
+        return self._more or chasing or now - self._last_tick >= self.heartbeat_s
+
+    def run_once(self, conn: psycopg.Connection[Any], now: float) -> Promoted:
+        """Tick if worth it, then promote up to :data:`PROMOTE_ROUNDS` batches; the total."""
+        if not self.news(conn, now):
+            return Promoted(read=False)
+        if not self._more:
+            self.ticker.run_once(conn)
+            self._last_tick = now
+        total = Promoted(read=False)
+        for _ in range(PROMOTE_ROUNDS):
+            done = promote(conn, limit=self.limit)
+            self._more = done.more
+            total = Promoted(
+                total.read or done.read,
+                total.promoted + done.promoted,
+                total.rejected + done.rejected,
+                total.refused + done.refused,
+                done.more,
+                max(total.last_id, done.last_id),
+            )
+            if not done.more:
+                break
+        self._read_max = max(self._read_max, total.last_id)
+        return total

@@ -15,6 +15,7 @@ from relay.observability import metrics
 from relay.observability.checks import standard_checks
 from relay.observability.metrics import (
     deferred,
+    record_intake_read,
     record_leases_expired,
     record_marked,
     record_observation,
@@ -100,6 +101,7 @@ __all__ = [
     "Observability",
     "ObservabilityServer",
     "deferred",
+    "record_intake_read",
     "record_leases_expired",
     "record_marked",
     "record_observation",

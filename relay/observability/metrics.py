@@ -78,6 +78,7 @@ BUILD_INFO = Gauge(
     ["daemon", "version"],
     registry=REGISTRY,
 )
+INTAKE_OUTCOMES = ("promoted", "rejected", "refused")
 ATTEMPTS = Counter(
     "relay_attempts",
     "Publish attempts by how they ended (acked, rejected, unknown, not_sent, released, aborted).",
@@ -94,6 +95,14 @@ TRANSITIONS = Counter(
     "relay_transitions",
     "Effect state transitions recorded by this process.",
     ["from_state", "to_state"],
+    registry=REGISTRY,
+)
+INTAKE_READ = Counter(
+    "relay_intake_read",
+    "Intents read from the intake: promoted (now PENDING effects), rejected (failed a check the "
+    "intake does not make: REJECTED with the reason), refused (key names another effect: kept in "
+    "relay.intake_refused).",
+    ["outcome"],
     registry=REGISTRY,
 )
 VERIFICATIONS = Counter(
@@ -185,6 +194,8 @@ def _init_relay_series() -> None:
             TRANSITIONS.labels(source.value, target.value)
     for result in VERIFICATION_RESULTS:
         VERIFICATIONS.labels(result)
+    for outcome in INTAKE_OUTCOMES:
+        INTAKE_READ.labels(outcome)
 
 
 def _init_reconciler_series() -> None:
@@ -231,6 +242,12 @@ def record_publish(outcomes: Mapping[str, int], ack_latencies_s: Iterable[float]
             ATTEMPTS.labels(_bounded(str(outcome), ATTEMPT_OUTCOMES)).inc(count)
     for seconds in ack_latencies_s:
         PUBLISH_LATENCY.observe(max(0.0, seconds))
+
+
+def record_intake_read(promoted: int, rejected: int, refused: int) -> None:
+    """Intents the relay read from the intake, by what became of them."""
+    for outcome, count in zip(INTAKE_OUTCOMES, (promoted, rejected, refused), strict=True):
+        _inc(INTAKE_READ.labels(outcome), count)
 
 
 def record_marked(states: Mapping[str, int]) -> None:

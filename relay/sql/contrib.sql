@@ -11,3 +11,38 @@ FROM relay.enqueue(:operation_key, :effect_type, CAST(CAST(:payload AS text) AS 
 -- asyncpg: numbered parameters, in the order of the SQL function's arguments.
 SELECT effect_id, state, created
 FROM relay.enqueue($1, $2, $3::text::jsonb, $4, $5, $6, $7);
+
+-- name: enqueue_intake_named
+-- SQLAlchemy: outbox.sql's enqueue_intake (an ungrouped intent, one plain INSERT).
+WITH made AS (
+    INSERT INTO relay.intake (operation_key, effect_type, payload, business_key, traceparent,
+                              available_at)
+    SELECT :operation_key, CAST(:effect_type AS relay.effect_type_name), p.payload,
+           coalesce(CAST(:business_key AS text),
+                    CASE WHEN t.business_key IS NOT NULL
+                         THEN relay.business_key(t.business_key, p.payload, :operation_key) END),
+           :traceparent, :available_at
+    FROM (SELECT CAST(CAST(:payload AS text) AS jsonb) AS payload) p
+    LEFT JOIN relay.effect_type t ON t.name = :effect_type AND t.business_key IS NOT NULL
+    ON CONFLICT DO NOTHING
+    RETURNING 1
+)
+SELECT currval('relay.intake_id_seq') AS effect_id, 'PENDING' AS state, true AS created
+FROM made;
+
+-- name: enqueue_intake_numbered
+-- asyncpg: outbox.sql's enqueue_intake, numbered as enqueue_numbered ($7 unused: ungrouped).
+WITH made AS (
+    INSERT INTO relay.intake (operation_key, effect_type, payload, business_key, traceparent,
+                              available_at)
+    SELECT $1::text, $2::text::relay.effect_type_name, p.payload,
+           coalesce($4::text, CASE WHEN t.business_key IS NOT NULL
+                                   THEN relay.business_key(t.business_key, p.payload, $1::text) END),
+           $5::text, $6::timestamptz
+    FROM (SELECT $3::text::jsonb AS payload) p
+    LEFT JOIN relay.effect_type t ON t.name = $2::text AND t.business_key IS NOT NULL
+    ON CONFLICT DO NOTHING
+    RETURNING 1
+)
+SELECT currval('relay.intake_id_seq') AS effect_id, 'PENDING' AS state, true AS created
+FROM made;

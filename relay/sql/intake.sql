@@ -89,3 +89,14 @@ LEFT JOIN LATERAL (
     LIMIT %(limit)s::integer
 ) r ON true
 ORDER BY r.id;
+
+-- name: intake_sequence
+-- The intake's last drawn id: the relay's cheap "anything new?" between ticks (no lock, no
+-- snapshot of the table). A drawn id is not a commit: the relay ticks until the row is read or
+-- the heartbeat passes.
+SELECT coalesce(pg_sequence_last_value('relay.intake_id_seq'), 0);
+
+-- name: promote_intake
+-- The next batch between ticks written as effect rows (relay.promote_intake, migration 0011).
+SELECT promoted, rejected, refused, tick_from, tick_to, more, last_id
+FROM relay.promote_intake(%(limit)s, %(max_ticks)s);

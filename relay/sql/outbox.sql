@@ -24,7 +24,32 @@ WHERE (t.topic, t.idempotent, t.business_key, t.result_topic, t.outcome_timeout_
 UPDATE relay.limits SET max_payload_bytes = %(max_payload_bytes)s
 WHERE max_payload_bytes <> %(max_payload_bytes)s;
 
+-- name: enqueue_intake
+-- An ungrouped intent: one plain INSERT into the intake (docs/design/intake.md slice 2). A key
+-- already there makes no row (the bare ON CONFLICT needs no SELECT right) and the caller then
+-- runs `enqueue`, which compares and returns the first intent. RETURNING 1 names no column, and
+-- currval() is this row's id: the application reads nothing it did not write. The one lookup
+-- left is the type's business-key template (a pk probe, only a row when the type has one), so
+-- that a payload lacking its field is refused here, not when the relay reads it.
+WITH made AS (
+    INSERT INTO relay.intake (operation_key, effect_type, payload, business_key, traceparent,
+                              available_at)
+    SELECT %(operation_key)s, %(effect_type)s::relay.effect_type_name, p.payload,
+           coalesce(%(business_key)s::text,
+                    CASE WHEN t.business_key IS NOT NULL
+                         THEN relay.business_key(t.business_key, p.payload, %(operation_key)s) END),
+           %(traceparent)s, %(available_at)s
+    FROM (SELECT %(payload)s::jsonb AS payload) p
+    LEFT JOIN relay.effect_type t ON t.name = %(effect_type)s AND t.business_key IS NOT NULL
+    ON CONFLICT DO NOTHING
+    RETURNING 1
+)
+SELECT currval('relay.intake_id_seq') AS effect_id, 'PENDING' AS state, true AS created
+FROM made;
+
 -- name: enqueue
+-- A grouped intent (the function takes the group's lock before the id is drawn), or a key the
+-- intake already holds (the function returns the first intent, or refuses a different one).
 SELECT effect_id, state, created
 FROM relay.enqueue(%(operation_key)s, %(effect_type)s, %(payload)s::jsonb, %(business_key)s,
                    %(traceparent)s, %(available_at)s, %(ordering_group)s);
@@ -33,11 +58,19 @@ FROM relay.enqueue(%(operation_key)s, %(effect_type)s, %(payload)s::jsonb, %(bus
 SELECT relay.cancel(%(operation_key)s, %(reason)s, %(actor)s);
 
 -- name: get_effect
+-- The effect row; else an intent the relay has not read yet, as PENDING (relay.intake_effect).
 SELECT id, operation_key, effect_type, topic, payload, business_key, traceparent, state,
        attempts, available_at, created_at, updated_at, owner, owner_epoch, lease_until, reason,
        published_partition, published_offset, published_at, outcome_deadline, ordering_group,
        group_released_at
-FROM relay.effect WHERE operation_key = %(operation_key)s;
+FROM relay.effect WHERE operation_key = %(operation_key)s
+UNION ALL
+SELECT i.id, i.operation_key, i.effect_type, coalesce(t.topic, ''), i.payload, i.business_key,
+       i.traceparent, 'PENDING', 0, i.available_at, i.created_at, i.created_at, NULL, NULL, NULL,
+       NULL, NULL, NULL, NULL, NULL, i.ordering_group, NULL
+FROM relay.intake_effect(%(operation_key)s) i
+LEFT JOIN relay.effect_type t ON t.name = i.effect_type
+LIMIT 1;
 
 -- name: missing_effect_type_names
 -- Declared types the intake's enum lacks (none before migration 0010), and whether this login

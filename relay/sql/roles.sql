@@ -40,13 +40,19 @@ REVOKE EXECUTE ON FUNCTION relay.enqueue(text, text, jsonb, text, text, timestam
 GRANT EXECUTE ON FUNCTION relay.enqueue(text, text, jsonb, text, text, timestamptz, text),
     relay.cancel(text, text, text) TO {application}, {operator};
 GRANT SELECT ON relay.effect TO {application};
--- The intake (issue 19): a plain INSERT of the application's own columns, nothing else. It
--- cannot set an id, a txid or who enqueued, cannot read, update or delete a row (not even its
--- own), and the enum refuses relay-made and undeclared types. NOT READ BY `relay run` YET (the
--- redesign's slice 3 wires it): until then a row written there is never published; enqueue
--- through relay.enqueue.
-GRANT INSERT (operation_key, effect_type, payload, business_key, traceparent, available_at,
-              ordering_group) ON relay.intake TO {application};
+-- The intake (issue 19): an intent is one plain INSERT of the application's own columns, nothing
+-- else. It cannot set an id, a txid, who enqueued or when, nor an ordering group (a grouped
+-- intent goes through relay.enqueue, which takes the group's lock first); it cannot read, update
+-- or delete a row (not even its own), and the enum refuses relay-made and undeclared types.
+-- SELECT on the sequence is for currval(): the id of the row just inserted, without reading it.
+GRANT INSERT (operation_key, effect_type, payload, business_key, traceparent, available_at)
+    ON relay.intake TO {application};
+REVOKE INSERT (ordering_group) ON relay.intake FROM {application};
+GRANT SELECT ON SEQUENCE relay.intake_id_seq TO {application};
+-- The one lookup of an intent's INSERT: its type's business-key template.
+GRANT SELECT (name, business_key) ON relay.effect_type TO {application};
+REVOKE EXECUTE ON FUNCTION relay.intake_effect(text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION relay.intake_effect(text) TO {application}, {operator};
 
 -- Every daemon and operator reads the outbox, its declared types and its schema version.
 GRANT SELECT ON ALL TABLES IN SCHEMA relay TO {relay}, {reconciler}, {operator};
@@ -62,6 +68,8 @@ GRANT INSERT, UPDATE ON relay.attempt, relay.transition, relay.replica TO {relay
 -- lock (LOCK TABLE relay.tick IN SHARE ROW EXCLUSIVE MODE needs UPDATE, DELETE or TRUNCATE), a
 -- lock no application, reconciler or operator role can take (relay/dispatch/ticker.py).
 GRANT INSERT, DELETE ON relay.tick TO {relay};
+-- The relay reads the intake between ticks and writes the effect rows (relay.promote_intake).
+GRANT EXECUTE ON FUNCTION relay.promote_intake(integer, integer) TO {relay};
 
 -- The reconciler: evidence, moves, compensations, the status-event switch.
 GRANT UPDATE ON relay.effect, relay.reconciler_config, relay.attempt TO {reconciler};

@@ -1,4 +1,4 @@
--- The relay schema as schemas/migrations/0001..0010 leave it: a reference to read, applied by
+-- The relay schema as schemas/migrations/0001..0011 leave it: a reference to read, applied by
 -- nothing (`relay migrate` applies the migrations). tests/integration/test_schema.py checks
 -- that the migrations reach exactly this. Columns are in their table's physical order;
 -- function bodies are the migrations' text.
@@ -30,7 +30,9 @@ CREATE TABLE relay.effect_type (
 -- The outbox: one row per intent, written by relay.enqueue in the application's transaction.
 -- No foreign key to effect_type: relay.enqueue checks the type (a key would lock its row).
 CREATE TABLE relay.effect (
-    id                  bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    -- Drawn from the intake's sequence (set after relay.intake below): an intent's effect has
+    -- its intake row's id.
+    id                  bigint PRIMARY KEY,
     operation_key       text NOT NULL,
     effect_type         text NOT NULL,
     topic               text NOT NULL,
@@ -282,6 +284,7 @@ CREATE TABLE relay.intake (
     enqueued_by    text NOT NULL DEFAULT session_user,
     -- The top-level xid (xmin is a subtransaction's inside a SAVEPOINT): what snapshots speak of.
     txid           xid8 NOT NULL DEFAULT pg_current_xact_id(),
+    enqueued_at    timestamptz NOT NULL DEFAULT now(),
     CONSTRAINT intake_operation_key_unique UNIQUE (operation_key)
 );
 CREATE INDEX intake_read_idx ON relay.intake (txid);
@@ -297,6 +300,38 @@ CREATE TABLE relay.tick (
 -- Tick 0, "the beginning": its snapshot sees no transaction, so the pair (0, b) holds every row
 -- committed before tick b, however old. A reader starts there.
 INSERT INTO relay.tick (id, snap, at, intake_seq) VALUES (0, '1:1:', 'epoch', 0);
+
+ALTER TABLE relay.effect ALTER COLUMN id SET DEFAULT nextval('relay.intake_id_seq'::regclass);
+
+-- Where the promotion reads next: after tick tick_from (inside the pair fixed at tick_to, after
+-- id after_id, when a pair was cut at the batch size). One row; its row lock makes one reader.
+CREATE TABLE relay.intake_reader (
+    id         boolean PRIMARY KEY DEFAULT true CHECK (id),
+    tick_from  bigint NOT NULL,
+    tick_to    bigint,
+    after_id   bigint NOT NULL,
+    read_at    timestamptz,
+    promoted   bigint NOT NULL DEFAULT 0
+);
+INSERT INTO relay.intake_reader (tick_from, tick_to, after_id) VALUES (0, NULL, 0);
+
+-- Intake rows that could not become an effect: their key already names another effect.
+CREATE TABLE relay.intake_refused (
+    id            bigint PRIMARY KEY,
+    operation_key text NOT NULL,
+    effect_type   text NOT NULL,
+    enqueued_by   text NOT NULL,
+    reason        text NOT NULL,
+    refused_at    timestamptz NOT NULL DEFAULT now()
+);
+
+-- Ordering groups and the login each belongs to; the row is the group's ordering lock.
+CREATE TABLE relay.ordering_group (
+    name       text PRIMARY KEY,
+    owner      text NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+REVOKE ALL ON relay.intake_reader, relay.intake_refused, relay.ordering_group FROM PUBLIC;
 
 -- Views --------------------------------------------------------------------------------------
 
@@ -390,9 +425,12 @@ DECLARE
     v_limit    integer;
     v_ring     boolean;
     v_purged   boolean;
-    v_key      text := p_business_key;
     v_existing relay.effect%ROWTYPE;
+    v_in       relay.intake%ROWTYPE;
     v_gone     relay.purged_key%ROWTYPE;
+    v_in_enum  boolean;
+    v_key      text := p_business_key;
+    v_owner    text;
 BEGIN
     IF p_operation_key IS NULL OR length(p_operation_key) = 0 OR length(p_operation_key) > 512 THEN
         RAISE EXCEPTION 'operation key must be 1 to 512 characters' USING ERRCODE = 'RL002';
@@ -440,8 +478,11 @@ BEGIN
     -- each) and whether the key was purged.
     SELECT t.topic, t.business_key, t.key_by_group, l.max_payload_bytes,
            coalesce(d.armed_until > now(), false),
-           EXISTS (SELECT 1 FROM relay.purged_key k WHERE k.operation_key = p_operation_key)
-    INTO v_topic, v_template, v_by_group, v_limit, v_ring, v_purged
+           EXISTS (SELECT 1 FROM relay.purged_key k WHERE k.operation_key = p_operation_key),
+           EXISTS (SELECT 1 FROM pg_enum n
+                   WHERE n.enumtypid = 'relay.effect_type_name'::regtype
+                     AND n.enumlabel = p_effect_type)
+    INTO v_topic, v_template, v_by_group, v_limit, v_ring, v_purged, v_in_enum
     FROM relay.limits l
     LEFT JOIN relay.doorbell d ON true
     LEFT JOIN relay.effect_type t ON t.name = p_effect_type;
@@ -463,21 +504,54 @@ BEGIN
     IF v_key IS NULL AND v_template IS NOT NULL THEN
         v_key := relay.business_key(v_template, p_payload, p_operation_key);
     END IF;
+    IF NOT v_in_enum THEN
+        RAISE EXCEPTION 'effect type % is declared but not in relay.effect_type_name',
+            quote_literal(p_effect_type) USING ERRCODE = 'RL001',
+            HINT = 'run relay migrate as the schema owner (type names longer than 63 bytes cannot be enqueued)';
+    END IF;
+    -- An effect from before the intake, or made by the relay, under this key: the same intent
+    -- again returns it, another one is refused.
+    SELECT * INTO v_existing FROM relay.effect e WHERE e.operation_key = p_operation_key;
+    IF FOUND THEN
+        IF v_existing.effect_type <> p_effect_type OR v_existing.payload <> p_payload
+           OR v_existing.ordering_group IS DISTINCT FROM p_ordering_group THEN
+            RAISE EXCEPTION 'operation key % already names another intent (effect %, type %)',
+                quote_literal(p_operation_key), v_existing.id,
+                quote_literal(v_existing.effect_type) USING ERRCODE = 'RL003';
+        END IF;
+        effect_id := v_existing.id;
+        state := v_existing.state;
+        created := false;
+        RETURN;
+    END IF;
     IF p_ordering_group IS NOT NULL THEN
-        -- Commit order is publication order: the lock is held until this transaction ends, so
-        -- the next enqueue of the group takes its id (the order the relay follows) only after
-        -- this one is committed or rolled back.
-        PERFORM pg_advisory_xact_lock(1380273218, hashtext(p_ordering_group));
+        -- A group belongs to the login that first used it: another login is refused before it
+        -- waits or holds anything. The group's row is its ordering lock, taken before the id is
+        -- drawn and held until this transaction ends, so ids within a group follow commit order
+        -- (the order the relay reads and publishes). No role but the owner of this function can
+        -- lock that row: an advisory lock would be anyone's, and two groups could share one.
+        SELECT g.owner INTO v_owner FROM relay.ordering_group g WHERE g.name = p_ordering_group;
+        IF v_owner IS NULL THEN
+            INSERT INTO relay.ordering_group (name, owner) VALUES (p_ordering_group, session_user)
+            ON CONFLICT (name) DO NOTHING;
+            SELECT g.owner INTO v_owner FROM relay.ordering_group g
+            WHERE g.name = p_ordering_group;
+        END IF;
+        IF v_owner IS DISTINCT FROM session_user THEN
+            RAISE EXCEPTION 'ordering group % belongs to login %, not %',
+                quote_literal(p_ordering_group), quote_literal(v_owner), quote_literal(session_user)
+                USING ERRCODE = 'RL007',
+                      HINT = 'an ordering group is used by one login; choose another group name';
+        END IF;
+        PERFORM 1 FROM relay.ordering_group g WHERE g.name = p_ordering_group FOR UPDATE;
     END IF;
 
-    INSERT INTO relay.effect AS e (operation_key, effect_type, topic, payload, business_key,
-                                   traceparent, available_at, ordering_group, message_key,
-                                   enqueued_by)
-    VALUES (p_operation_key, p_effect_type, v_topic, p_payload, v_key, p_traceparent,
-            greatest(coalesce(p_available_at, now()), now()), p_ordering_group,
-            CASE WHEN v_by_group THEN p_ordering_group END, session_user)
-    ON CONFLICT ON CONSTRAINT effect_operation_key_unique DO NOTHING
-    RETURNING e.id INTO effect_id;
+    INSERT INTO relay.intake AS i (operation_key, effect_type, payload, business_key,
+                                   traceparent, available_at, ordering_group)
+    VALUES (p_operation_key, p_effect_type::relay.effect_type_name, p_payload, v_key,
+            p_traceparent, p_available_at, p_ordering_group)
+    ON CONFLICT DO NOTHING
+    RETURNING i.id INTO effect_id;
 
     IF effect_id IS NOT NULL THEN
         IF v_ring THEN
@@ -488,15 +562,17 @@ BEGIN
         RETURN;
     END IF;
 
-    SELECT * INTO v_existing FROM relay.effect e WHERE e.operation_key = p_operation_key;
-    IF v_existing.effect_type <> p_effect_type OR v_existing.payload <> p_payload
-       OR v_existing.ordering_group IS DISTINCT FROM p_ordering_group THEN
+    SELECT * INTO v_in FROM relay.intake i WHERE i.operation_key = p_operation_key;
+    IF v_in.effect_type::text <> p_effect_type OR v_in.payload <> p_payload
+       OR v_in.ordering_group IS DISTINCT FROM p_ordering_group THEN
         RAISE EXCEPTION 'operation key % already names another intent (effect %, type %)',
-            quote_literal(p_operation_key), v_existing.id, quote_literal(v_existing.effect_type)
+            quote_literal(p_operation_key), v_in.id, quote_literal(v_in.effect_type::text)
             USING ERRCODE = 'RL003';
     END IF;
-    effect_id := v_existing.id;
-    state := v_existing.state;
+    effect_id := v_in.id;
+    state := coalesce((SELECT e.state FROM relay.effect e WHERE e.id = v_in.id),
+                      (SELECT 'REJECTED' FROM relay.intake_refused f WHERE f.id = v_in.id),
+                      'PENDING');
     created := false;
 END
 $fn$;
@@ -511,6 +587,7 @@ SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
     v_effect   relay.effect%ROWTYPE;
+    v_in       relay.intake%ROWTYPE;
     v_status   boolean := (SELECT c.status_events FROM relay.reconciler_config c);
     -- Operators, daemons and the owner may change any effect; applications may not.
     v_operator boolean := has_table_privilege(session_user, 'relay.effect', 'UPDATE');
@@ -518,6 +595,35 @@ DECLARE
 BEGIN
     SELECT * INTO v_effect FROM relay.effect e WHERE e.operation_key = p_operation_key FOR UPDATE;
     IF NOT FOUND THEN
+        -- An intent the relay has not read yet: its effect row is written now (as the reader
+        -- would write it), so that the reader skips it and the cancel below has a row to move.
+        SELECT * INTO v_in FROM relay.intake i
+        WHERE i.operation_key = p_operation_key
+          AND NOT EXISTS (SELECT 1 FROM relay.intake_refused f WHERE f.id = i.id);
+        IF FOUND THEN
+            IF NOT v_operator AND v_in.enqueued_by IS DISTINCT FROM session_user THEN
+                RAISE EXCEPTION 'effect % was not enqueued by login %: an application cancels only its own effects',
+                    quote_literal(p_operation_key), session_user USING ERRCODE = 'RL007';
+            END IF;
+            INSERT INTO relay.effect (id, operation_key, effect_type, topic, payload, business_key,
+                                      traceparent, available_at, created_at, ordering_group,
+                                      message_key, enqueued_by)
+            SELECT v_in.id, v_in.operation_key, t.name, t.topic, v_in.payload,
+                   coalesce(v_in.business_key,
+                            CASE WHEN t.business_key IS NOT NULL
+                                 THEN relay.business_key(t.business_key, v_in.payload,
+                                                         v_in.operation_key) END),
+                   v_in.traceparent,
+                   greatest(coalesce(v_in.available_at, v_in.enqueued_at), v_in.enqueued_at),
+                   v_in.enqueued_at, v_in.ordering_group,
+                   CASE WHEN t.key_by_group THEN v_in.ordering_group END, v_in.enqueued_by
+            FROM relay.effect_type t WHERE t.name = v_in.effect_type::text
+            ON CONFLICT DO NOTHING;
+            SELECT * INTO v_effect FROM relay.effect e
+            WHERE e.operation_key = p_operation_key FOR UPDATE;
+        END IF;
+    END IF;
+    IF v_effect.id IS NULL THEN
         RAISE EXCEPTION 'no effect has operation key %', quote_literal(p_operation_key)
             USING ERRCODE = 'RL004';
     END IF;
@@ -633,6 +739,225 @@ $fn$;
 CREATE TRIGGER evidence_login BEFORE INSERT ON relay.evidence
     FOR EACH ROW EXECUTE FUNCTION relay.evidence_login();
 
+-- The checks the intake does not make, as one expression per row: NULL when the row is fine,
+-- else why it is refused. Shared by promote_intake; the same limits relay.enqueue applies.
+CREATE FUNCTION relay.intake_refusal(
+    p_operation_key text, p_effect_type text, p_payload jsonb, p_business_key text,
+    p_traceparent text, p_available_at timestamptz, p_ordering_group text, p_topic text,
+    p_max_payload_bytes integer
+) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+SELECT CASE
+    WHEN length(p_operation_key) NOT BETWEEN 1 AND 512
+        THEN 'operation key must be 1 to 512 characters'
+    WHEN strpos(p_operation_key, '#compensation') > 0
+         AND p_operation_key ~ '#compensation(-[0-9]+)?$'
+        THEN 'operation key is reserved for the relay''s own compensations'
+    WHEN p_topic IS NULL
+        THEN format('effect type %s is not declared', quote_literal(p_effect_type))
+    WHEN jsonb_typeof(p_payload) <> 'object' THEN 'payload must be a JSON object'
+    WHEN jsonb_path_exists(p_payload,
+                           'strict $.**{100} ? (@.type() == "object" || @.type() == "array")')
+        THEN 'payload nests deeper than 100 levels'
+    WHEN pg_column_size(p_payload) * 6 > p_max_payload_bytes
+         AND octet_length(p_payload::text) > p_max_payload_bytes
+        THEN format('payload is %s bytes of JSON, more than max_payload_bytes (%s)',
+                    octet_length(p_payload::text), p_max_payload_bytes)
+    WHEN p_business_key IS NOT NULL AND length(p_business_key) NOT BETWEEN 1 AND 512
+        THEN 'business key must be 1 to 512 characters'
+    WHEN p_available_at IS NOT NULL AND NOT isfinite(p_available_at)
+        THEN format('available_at must be a finite time, not %s', p_available_at)
+    WHEN p_traceparent IS NOT NULL
+         AND p_traceparent !~ '^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$'
+        THEN 'traceparent is not a W3C traceparent'
+    WHEN p_ordering_group IS NOT NULL AND length(p_ordering_group) NOT BETWEEN 1 AND 512
+        THEN 'ordering group must be 1 to 512 characters'
+END
+$fn$;
+
+-- The relay's read of the intake: the next batch between two ticks (relay/sql/intake.sql's
+-- read_intake_batch, the same statement), written as effect rows in one INSERT, and the reader's
+-- position moved, in the caller's transaction. Returns nothing when another replica is reading.
+CREATE FUNCTION relay.promote_intake(p_limit integer, p_max_ticks integer)
+RETURNS TABLE (promoted integer, rejected integer, refused integer, tick_from bigint,
+               tick_to bigint, more boolean, last_id bigint)
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+SET jit = off
+AS $fn$
+#variable_conflict use_column
+DECLARE
+    v_pos     relay.intake_reader%ROWTYPE;
+    v_to      bigint;
+    v_read    integer;
+    v_last    bigint;
+    v_status  boolean;
+    v_limit   integer;
+BEGIN
+    IF p_limit IS NULL OR p_limit < 1 OR p_limit > 50000 OR p_max_ticks IS NULL
+       OR p_max_ticks < 1 THEN
+        RAISE EXCEPTION 'a promotion reads 1 to 50000 rows over at least one tick'
+            USING ERRCODE = '22023';
+    END IF;
+    SELECT * INTO v_pos FROM relay.intake_reader r FOR UPDATE SKIP LOCKED;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    SELECT c.status_events INTO v_status FROM relay.reconciler_config c;
+    SELECT l.max_payload_bytes INTO v_limit FROM relay.limits l;
+
+    -- One statement: its snapshot is taken after tick b committed, so it sees every row tick b
+    -- saw (never part of a batch). The pair and the rows are read as in relay/sql/intake.sql.
+    WITH pair AS MATERIALIZED (
+        SELECT a.id AS tick_from, b.id AS tick_to, a.snap AS sa, b.snap AS sb
+        FROM relay.tick a
+        CROSS JOIN LATERAL (
+            SELECT t.id, t.snap FROM relay.tick t
+            WHERE t.id > a.id
+              AND t.id <= coalesce(v_pos.tick_to, a.id + p_max_ticks)
+              AND (v_pos.tick_to IS NULL OR t.id = v_pos.tick_to)
+            ORDER BY t.id DESC
+            LIMIT 1
+        ) b
+        WHERE a.id = v_pos.tick_from
+    ), candidates AS (
+        SELECT i.* FROM relay.intake i
+        WHERE i.txid >= (SELECT pg_snapshot_xmax(p.sa) FROM pair p)
+          AND i.txid < (SELECT pg_snapshot_xmax(p.sb) FROM pair p)
+        UNION ALL
+        SELECT i.* FROM relay.intake i
+        WHERE i.txid = ANY (ARRAY(
+            SELECT x FROM pair p, pg_snapshot_xip(p.sa) AS x
+            WHERE pg_visible_in_snapshot(x, p.sb)))
+    ), batch AS MATERIALIZED (
+        SELECT p.tick_to AS pair_to, r.id, r.operation_key, r.effect_type::text AS effect_type,
+               r.payload, r.business_key, r.traceparent, r.available_at, r.ordering_group,
+               r.enqueued_by, r.enqueued_at
+        FROM pair p
+        LEFT JOIN LATERAL (
+            SELECT c.* FROM candidates c
+            WHERE pg_visible_in_snapshot(c.txid, p.sb) AND NOT pg_visible_in_snapshot(c.txid, p.sa)
+              AND c.id > v_pos.after_id
+            ORDER BY c.id
+            LIMIT p_limit
+        ) r ON true
+    ), taken AS MATERIALIZED (
+        -- A key already naming another effect (a key the relay reserves, written by hand, or an
+        -- effect from before the intake): set aside, never published, never a second effect.
+        SELECT b.id, e.id AS holder FROM batch b
+        JOIN relay.effect e ON e.operation_key = b.operation_key AND e.id <> b.id
+        WHERE b.id IS NOT NULL
+    ), set_aside AS (
+        INSERT INTO relay.intake_refused (id, operation_key, effect_type, enqueued_by, reason)
+        SELECT b.id, b.operation_key, b.effect_type, b.enqueued_by,
+               format('operation key %s already names effect %s', quote_literal(b.operation_key),
+                      x.holder)
+        FROM batch b JOIN taken x ON x.id = b.id
+        ON CONFLICT (id) DO NOTHING
+        RETURNING 1
+    ), made AS (
+        INSERT INTO relay.effect AS e (id, operation_key, effect_type, topic, payload,
+                                       business_key, traceparent, available_at, created_at,
+                                       updated_at, ordering_group, message_key, enqueued_by,
+                                       state, reason)
+        SELECT b.id, b.operation_key, b.effect_type, coalesce(t.topic, ''), b.payload,
+               CASE WHEN v.why IS NOT NULL THEN NULL
+                    WHEN b.business_key IS NOT NULL THEN b.business_key
+                    WHEN t.business_key IS NOT NULL
+                        THEN relay.business_key(t.business_key, b.payload, b.operation_key) END,
+               CASE WHEN v.why IS NULL THEN b.traceparent END,
+               CASE WHEN v.why IS NULL
+                    THEN greatest(coalesce(b.available_at, b.enqueued_at), b.enqueued_at)
+                    ELSE b.enqueued_at END,
+               b.enqueued_at, now(), b.ordering_group,
+               CASE WHEN t.key_by_group AND v.why IS NULL THEN b.ordering_group END,
+               b.enqueued_by,
+               CASE WHEN v.why IS NULL THEN 'PENDING' ELSE 'REJECTED' END,
+               CASE WHEN v.why IS NOT NULL THEN 'refused when read: ' || v.why END
+        FROM batch b
+        LEFT JOIN relay.effect_type t ON t.name = b.effect_type
+        CROSS JOIN LATERAL (
+            SELECT coalesce(
+                (SELECT format('operation key %s named effect %s (type %s, %s), purged at %s: not used again within the dedupe window',
+                               quote_literal(k.operation_key), k.effect_id,
+                               quote_literal(k.effect_type), k.final_state, k.purged_at)
+                 FROM relay.purged_key k WHERE k.operation_key = b.operation_key),
+                relay.intake_refusal(b.operation_key, b.effect_type, b.payload, b.business_key,
+                                     b.traceparent, b.available_at, b.ordering_group, t.topic,
+                                     v_limit)) AS why
+        ) v
+        WHERE b.id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM taken x WHERE x.id = b.id)
+        ORDER BY b.id
+        ON CONFLICT DO NOTHING
+        RETURNING e.id, e.state, e.reason, e.created_at
+    ), noted AS (
+        -- A refused intent's story: enqueued, then REJECTED (the happy path's transitions are
+        -- implied, as before).
+        INSERT INTO relay.transition (effect_id, from_state, to_state, reason, actor, attempt,
+                                      at, status_pending)
+        SELECT m.id, s.from_state, s.to_state, s.reason, s.actor, 0, s.at, v_status
+        FROM made m
+        CROSS JOIN LATERAL (VALUES (NULL, 'PENDING', 'enqueued', 'application', m.created_at),
+                                   ('PENDING', 'REJECTED', m.reason, 'relay', now()))
+            AS s(from_state, to_state, reason, actor, at)
+        WHERE m.state = 'REJECTED'
+    )
+    SELECT (SELECT max(b.pair_to) FROM batch b), (SELECT count(b.id) FROM batch b),
+           (SELECT max(b.id) FROM batch b),
+           (SELECT count(*) FILTER (WHERE m.state = 'PENDING') FROM made m),
+           (SELECT count(*) FILTER (WHERE m.state = 'REJECTED') FROM made m),
+           (SELECT count(*) FROM set_aside)
+    INTO v_to, v_read, v_last, promoted, rejected, refused;
+    IF v_to IS NULL THEN
+        RETURN;  -- no tick after tick_from yet
+    END IF;
+
+    tick_from := v_pos.tick_from;
+    tick_to := v_to;
+    last_id := v_last;
+    more := v_read >= p_limit;
+    IF more THEN
+        UPDATE relay.intake_reader
+        SET tick_to = v_to, after_id = v_last, read_at = now(),
+            promoted = relay.intake_reader.promoted + v_read;
+    ELSE
+        UPDATE relay.intake_reader
+        SET tick_from = v_to, tick_to = NULL, after_id = 0, read_at = now(),
+            promoted = relay.intake_reader.promoted + v_read;
+        -- Ticks before the one the reader stands on are needed by no one (tick 0 stays).
+        IF v_to % 64 = 0 THEN
+            DELETE FROM relay.tick t WHERE t.id > 0 AND t.id < v_to;
+        END IF;
+    END IF;
+    RETURN NEXT;
+END
+$fn$;
+REVOKE ALL ON FUNCTION relay.promote_intake(integer, integer) FROM PUBLIC;
+
+-- An intent not read yet, as get_effect shows it (PENDING), for any login that reads effects.
+CREATE FUNCTION relay.intake_effect(p_operation_key text)
+RETURNS TABLE (id bigint, operation_key text, effect_type text, payload jsonb,
+               business_key text, traceparent text, available_at timestamptz,
+               created_at timestamptz, ordering_group text)
+LANGUAGE sql STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+SELECT i.id, i.operation_key, i.effect_type::text, i.payload, i.business_key, i.traceparent,
+       greatest(coalesce(i.available_at, i.enqueued_at), i.enqueued_at), i.enqueued_at,
+       i.ordering_group
+FROM relay.intake i
+WHERE i.operation_key = p_operation_key
+  AND NOT EXISTS (SELECT 1 FROM relay.effect e WHERE e.id = i.id)
+  AND NOT EXISTS (SELECT 1 FROM relay.intake_refused f WHERE f.id = i.id)
+  AND NOT EXISTS (SELECT 1 FROM relay.purged_key k WHERE k.effect_id = i.id)
+$fn$;
+REVOKE ALL ON FUNCTION relay.intake_effect(text) FROM PUBLIC;
+
+
 -- The purge (`relay purge`): SECURITY DEFINER, so the operator role purges without any right to
 -- delete rows; one batch per call, granted by `relay roles` to the operator role.
 CREATE FUNCTION relay.purge_batch(p_retention_s double precision, p_limit integer)
@@ -705,6 +1030,11 @@ BEGIN
         DELETE FROM relay.transition t WHERE t.effect_id IN (SELECT g.id FROM gone g)
     ), gone_evidence AS (
         DELETE FROM relay.evidence v WHERE v.effect_id IN (SELECT g.id FROM gone g)
+    ), emptied AS (
+        -- The intent's key stays in the intake until the dedupe window ends (its unique key
+        -- refuses the key's reuse at enqueue); its content goes now.
+        UPDATE relay.intake i SET payload = '{}'::jsonb, business_key = NULL, traceparent = NULL
+        WHERE i.id IN (SELECT g.id FROM gone g)
     ), remembered AS (
         INSERT INTO relay.purged_key AS k (operation_key, effect_id, effect_type, final_state)
         SELECT g.operation_key, g.id, g.effect_type, g.state FROM gone g
@@ -771,9 +1101,14 @@ BEGIN
         ORDER BY o.purged_at
         LIMIT p_limit
         FOR UPDATE SKIP LOCKED
+    ), gone AS (
+        DELETE FROM relay.purged_key k USING old WHERE k.operation_key = old.operation_key
+        RETURNING k.operation_key, k.effect_id
+    ), gone_intake AS (
+        DELETE FROM relay.intake i USING gone g
+        WHERE i.id = g.effect_id AND i.operation_key = g.operation_key
     )
-    DELETE FROM relay.purged_key k USING old WHERE k.operation_key = old.operation_key
-    RETURNING k.operation_key;
+    SELECT g.operation_key FROM gone g;
 END
 $fn$;
 

@@ -580,7 +580,7 @@ def test_the_application_only_inserts_and_only_the_relay_ticks(
 ) -> None:
     plain = (
         "INSERT INTO relay.intake (operation_key, effect_type, payload, business_key, traceparent,"
-        " available_at, ordering_group) VALUES (%s, %s, '{}', NULL, NULL, NULL, NULL)"
+        " available_at) VALUES (%s, %s, '{}', NULL, NULL, NULL)"
         " ON CONFLICT DO NOTHING"
     )
     with connect(logins["application"]) as app:
@@ -598,6 +598,12 @@ def test_the_application_only_inserts_and_only_the_relay_ticks(
             (
                 "INSERT INTO relay.intake (operation_key, effect_type, payload, enqueued_by)"
                 " VALUES ('x', 'wire', '{}', 'someone')",
+                psycopg.errors.InsufficientPrivilege,
+            ),
+            (
+                # A group only through relay.enqueue, which takes the group's lock first.
+                "INSERT INTO relay.intake (operation_key, effect_type, payload, ordering_group)"
+                " VALUES ('x', 'wire', '{}', 'g')",
                 psycopg.errors.InsufficientPrivilege,
             ),
             (

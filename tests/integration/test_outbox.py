@@ -20,6 +20,7 @@ from relay.errors import (
 )
 from relay.migrations import migrate
 from relay.states import EffectState
+from tests.support import UNREAD_INTAKE
 
 WIRE = {"account": "ACC1", "amount": 100, "date": "2026-11-22"}
 
@@ -27,6 +28,18 @@ WIRE = {"account": "ACC1", "amount": 100, "date": "2026-11-22"}
 def _rows(url: str, table: str) -> int:
     with psycopg.connect(url) as conn:
         row = conn.execute(f"SELECT count(*) FROM relay.{table}").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def _effects(url: str) -> int:
+    """Effects, an intent the relay has not read from the intake yet included."""
+    return _rows(url, "effect") + _unread(url)
+
+
+def _unread(url: str) -> int:
+    with psycopg.connect(url) as conn:
+        row = conn.execute(UNREAD_INTAKE).fetchone()
     assert row is not None
     return int(row[0])
 
@@ -44,7 +57,7 @@ def test_rolled_back_transaction_leaves_no_effect(settings: Settings) -> None:
         made = relay.enqueue(conn, "wire", "op-commit", WIRE)
         conn.commit()
     assert made.created and made.state is EffectState.PENDING
-    assert _rows(url, "effect") == 1
+    assert _effects(url) == 1
 
 
 def test_uncommitted_intent_is_invisible_to_others(settings: Settings) -> None:
@@ -65,12 +78,12 @@ def test_same_key_returns_the_existing_effect_and_writes_nothing(settings: Setti
     with psycopg.connect(url) as conn:
         first = relay.enqueue(conn, "wire", "op-1", WIRE)
         conn.commit()
-        before = (_rows(url, "effect"), _rows(url, "transition"))
+        before = (_effects(url), _rows(url, "transition"))
         again = relay.enqueue(conn, "wire", "op-1", dict(reversed(list(WIRE.items()))))
         conn.commit()
     assert first.created and not again.created
     assert again.effect_id == first.effect_id
-    assert (_rows(url, "effect"), _rows(url, "transition")) == before
+    assert (_effects(url), _rows(url, "transition")) == before
 
 
 def test_same_key_with_another_payload_is_a_specific_error(settings: Settings) -> None:
@@ -84,7 +97,7 @@ def test_same_key_with_another_payload_is_a_specific_error(settings: Settings) -
         with pytest.raises(OperationKeyConflictError):
             relay.enqueue(conn, "email", "op-1", WIRE)
         conn.rollback()
-    assert _rows(url, "effect") == 1
+    assert _effects(url) == 1
 
 
 def test_concurrent_enqueues_of_one_key_make_one_effect(settings: Settings) -> None:
@@ -105,7 +118,7 @@ def test_concurrent_enqueues_of_one_key_make_one_effect(settings: Settings) -> N
         t.join()
     assert sum(r.created for r in results) == 1
     assert len({r.effect_id for r in results}) == 1
-    assert _rows(url, "effect") == 1
+    assert _effects(url) == 1
 
 
 @pytest.mark.parametrize(
@@ -128,7 +141,7 @@ def test_malformed_intents_are_refused_at_enqueue(
         with pytest.raises(error, match=message):
             relay.enqueue(conn, *args)
         conn.rollback()
-    assert _rows(url, "effect") == 0
+    assert _effects(url) == 0
 
 
 def test_bad_traceparent_is_refused_and_good_one_kept(settings: Settings) -> None:
@@ -150,13 +163,13 @@ def test_batch_enqueue_in_one_transaction(settings: Settings) -> None:
         made = relay.enqueue_many(conn, intents)
         again = relay.enqueue_many(conn, intents[:10])
         conn.rollback()
-        assert _rows(url, "effect") == 0
+        assert _effects(url) == 0
         made = relay.enqueue_many(conn, intents)
         conn.commit()
     assert len(made) == 200 and all(m.created for m in made)
     assert [m.operation_key for m in made] == [i.operation_key for i in intents]
     assert not any(a.created for a in again)
-    assert _rows(url, "effect") == 200
+    assert _effects(url) == 200
 
 
 def test_async_enqueue_joins_the_callers_transaction(settings: Settings) -> None:
