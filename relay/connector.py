@@ -128,8 +128,10 @@ def enqueue_many(
 
 
 def get_effect(db: Connector, operation_key: str) -> Effect | None:
+    """The effect, or an intent the relay has not read yet (PENDING)."""
+    params = {"operation_key": operation_key}
     with translate_errors():
-        row = db.execute_one("get_effect", {"operation_key": operation_key})
+        row = db.execute_one("get_effect", params) or db.execute_one("get_intake_effect", params)
     return as_effect(row) if row else None
 
 
@@ -165,8 +167,11 @@ async def enqueue_many_async(
 
 
 async def get_effect_async(db: AsyncConnector, operation_key: str) -> Effect | None:
+    params = {"operation_key": operation_key}
     with translate_errors():
-        row = await db.execute_one("get_effect", {"operation_key": operation_key})
+        row = await db.execute_one("get_effect", params)
+        if row is None:
+            row = await db.execute_one("get_intake_effect", params)
     return as_effect(row) if row else None
 
 

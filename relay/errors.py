@@ -98,9 +98,9 @@ def relay_error(sqlstate: str | None, message: str) -> RelayError | None:
         return ERRORS[sqlstate](message)
     if sqlstate == "22P02" and "relay.effect_type_name" in message:
         # The intake's enum refused the type (an intent's plain INSERT has no other check).
-        name = message.rpartition(": ")[2]
+        name = message.rpartition(": ")[2].strip('"')
         return UnknownEffectTypeError(
-            f"effect type {name} is not declared (declare it in the config file and run "
+            f"effect type '{name}' is not declared (declare it in the config file and run "
             "relay migrate as the schema owner)"
         )
     if sqlstate in SCHEMA_MISSING:

@@ -21,7 +21,15 @@ def load_story(conn: psycopg.Connection[Any], operation_key: str) -> dict[str, A
         cur.execute(query("get_effect"), {"operation_key": operation_key})
         effect = cur.fetchone()
         if effect is None:
-            return None
+            # An intent not read by the relay yet, for a login that may see the intake.
+            cur.execute(query("may_read_intake"))
+            allowed = cur.fetchone()
+            if allowed is None or not next(iter(allowed.values())):
+                return None
+            cur.execute(query("get_intake_effect"), {"operation_key": operation_key})
+            effect = cur.fetchone()
+            if effect is None:
+                return None
         story: dict[str, Any] = {"effect": effect}
         cur.execute(query("parked_behind"), {"effect_id": effect["id"]})
         story["parked_behind"] = cur.fetchone()

@@ -58,19 +58,26 @@ FROM relay.enqueue(%(operation_key)s, %(effect_type)s, %(payload)s::jsonb, %(bus
 SELECT relay.cancel(%(operation_key)s, %(reason)s, %(actor)s);
 
 -- name: get_effect
--- The effect row; else an intent the relay has not read yet, as PENDING (relay.intake_effect).
 SELECT id, operation_key, effect_type, topic, payload, business_key, traceparent, state,
        attempts, available_at, created_at, updated_at, owner, owner_epoch, lease_until, reason,
        published_partition, published_offset, published_at, outcome_deadline, ordering_group,
        group_released_at
-FROM relay.effect WHERE operation_key = %(operation_key)s
-UNION ALL
-SELECT i.id, i.operation_key, i.effect_type, coalesce(t.topic, ''), i.payload, i.business_key,
-       i.traceparent, 'PENDING', 0, i.available_at, i.created_at, i.created_at, NULL, NULL, NULL,
-       NULL, NULL, NULL, NULL, NULL, i.ordering_group, NULL
-FROM relay.intake_effect(%(operation_key)s) i
-LEFT JOIN relay.effect_type t ON t.name = i.effect_type
-LIMIT 1;
+FROM relay.effect WHERE operation_key = %(operation_key)s;
+
+-- name: get_intake_effect
+-- An intent the relay has not read yet, as PENDING (asked only when get_effect found no row;
+-- relay.intake_effect reads the intake for logins that may not).
+SELECT i.id, i.operation_key, i.effect_type, i.topic, i.payload, i.business_key, i.traceparent,
+       'PENDING' AS state, 0 AS attempts, i.available_at, i.created_at, i.created_at AS updated_at,
+       NULL::text AS owner, NULL::bigint AS owner_epoch, NULL::timestamptz AS lease_until,
+       NULL::text AS reason, NULL::integer AS published_partition,
+       NULL::bigint AS published_offset, NULL::timestamptz AS published_at,
+       NULL::timestamptz AS outcome_deadline, i.ordering_group,
+       NULL::timestamptz AS group_released_at
+FROM relay.intake_effect(%(operation_key)s) i;
+
+-- name: may_read_intake
+SELECT has_function_privilege('relay.intake_effect(text)', 'EXECUTE');
 
 -- name: missing_effect_type_names
 -- Declared types the intake's enum lacks (none before migration 0010), and whether this login

@@ -263,17 +263,19 @@ REVOKE ALL ON FUNCTION relay.promote_intake(integer, integer) FROM PUBLIC;
 
 -- An intent not read yet, as get_effect shows it (PENDING), for any login that reads effects.
 CREATE FUNCTION relay.intake_effect(p_operation_key text)
-RETURNS TABLE (id bigint, operation_key text, effect_type text, payload jsonb,
+RETURNS TABLE (id bigint, operation_key text, effect_type text, topic text, payload jsonb,
                business_key text, traceparent text, available_at timestamptz,
                created_at timestamptz, ordering_group text)
 LANGUAGE sql STABLE
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $fn$
-SELECT i.id, i.operation_key, i.effect_type::text, i.payload, i.business_key, i.traceparent,
+SELECT i.id, i.operation_key, i.effect_type::text, coalesce(t.topic, ''), i.payload,
+       i.business_key, i.traceparent,
        greatest(coalesce(i.available_at, i.enqueued_at), i.enqueued_at), i.enqueued_at,
        i.ordering_group
 FROM relay.intake i
+LEFT JOIN relay.effect_type t ON t.name = i.effect_type::text
 WHERE i.operation_key = p_operation_key
   AND NOT EXISTS (SELECT 1 FROM relay.effect e WHERE e.id = i.id)
   AND NOT EXISTS (SELECT 1 FROM relay.intake_refused f WHERE f.id = i.id)

@@ -103,6 +103,7 @@ def test_a_time_in_the_past_does_not_jump_the_backlog(settings: Settings) -> Non
             available_at=dt.datetime(2000, 1, 1, tzinfo=dt.UTC),
         )
         conn.commit()
+        support.read_intake(url)
         rows = conn.execute(
             "SELECT operation_key, available_at >= created_at FROM relay.effect ORDER BY id"
         ).fetchall()
@@ -127,6 +128,7 @@ def test_an_undecodable_payload_stops_no_one(
         for i, key in enumerate(keys):
             relay.enqueue(conn, "wire", key, {**h.WIRE, "amount": 100 + i})
         conn.commit()
+        support.read_intake(url)
         conn.execute(
             "UPDATE relay.effect SET payload = %s::jsonb WHERE operation_key LIKE 'deep-%%'",
             (_nested_text(3000),),
@@ -178,6 +180,8 @@ def test_long_keys_get_distinct_compensation_keys(
             relay.enqueue(conn, "wire", key, {**h.WIRE, "amount": i}).effect_id
             for i, key in enumerate(parents)
         ]
+        conn.commit()
+        support.read_intake(url)
         keys = []
         for parent_id in ids:
             row = conn.execute(
@@ -238,6 +242,7 @@ def test_an_application_cancels_only_its_own_effects(
         relay.enqueue(a, "email", "a-1", {"to": "a"})
         relay.enqueue(a, "email", "a-2", {"to": "a"})
         parent = relay.enqueue(a, "email", "a-parent", {"to": "a"})
+    support.read_intake(url)
     with psycopg.connect(url, autocommit=True) as owner:
         owner.execute(
             "SELECT * FROM relay.enqueue_compensation(%s, 0, 'email', '{}', 'test', 'test')",

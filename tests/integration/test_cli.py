@@ -44,6 +44,7 @@ def test_the_story_of_one_effect(settings: Settings, tmp_path: Path) -> None:
     assert "enqueued: cli-1" in made.stdout
     again = relay_cli(config, "enqueue", "wire", "cli-1", "-", stdin=payload)
     assert "already present: cli-1" in again.stdout
+    support.read_intake(settings.require_database_url())
     shown = relay_cli(config, "show", "cli-1")
     assert "[PENDING]" in shown.stdout and "business_key  A:5:d" in shown.stdout
     assert "- ->     PENDING" not in shown.stdout and "PENDING" in shown.stdout
@@ -241,6 +242,7 @@ def test_config_prints_the_effective_settings_redacted_with_their_sources(
 def test_list_has_a_header_and_cancel_an_actor(settings: Settings, tmp_path: Path) -> None:
     config = support.write_config(tmp_path / "relay.toml", settings)
     assert relay_cli(config, "enqueue", "email", "hdr-1", '{"to": "a"}').returncode == 0
+    support.read_intake(settings.require_database_url())
     listed = relay_cli(config, "list").stdout.splitlines()
     assert listed[0].split()[:4] == ["updated", "(UTC)", "state", "effect"], listed
     assert "hdr-1" in listed[1]

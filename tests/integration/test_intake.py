@@ -29,7 +29,7 @@ from relay.sql import query
 from tests import support
 
 Conn = psycopg.Connection[Any]
-GROUP_LOCK = "SELECT pg_advisory_xact_lock(1380273218, hashtext(%s))"  # relay.enqueue's groups
+GROUP_LOCK = "SELECT pg_advisory_xact_lock(1380273218, hashtext(%s))"  # stands in for a group lock
 # Always due: a tick whenever asked, whether or not anything is new.
 FORCED = Ticker(heartbeat_s=1e-6)
 

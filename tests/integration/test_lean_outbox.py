@@ -29,9 +29,10 @@ WIRE = {"account": "ACC1", "amount": 100, "date": "2026-11-22"}
 
 
 def _counts(conn: psycopg.Connection[Any]) -> tuple[int, int, int]:
+    """Intents (effect rows, and intake rows the relay has not read yet), transitions, attempts."""
     row = conn.execute(
-        "SELECT (SELECT count(*) FROM relay.effect), (SELECT count(*) FROM relay.transition),"
-        " (SELECT count(*) FROM relay.attempt)"
+        f"SELECT (SELECT count(*) FROM relay.effect) + ({support.UNREAD_INTAKE}),"
+        " (SELECT count(*) FROM relay.transition), (SELECT count(*) FROM relay.attempt)"
     ).fetchone()
     assert row is not None
     return int(row[0]), int(row[1]), int(row[2])
@@ -43,6 +44,7 @@ def test_an_enqueue_writes_one_row_and_the_story_still_starts_with_it(settings: 
         register_status_type(conn, settings)  # status events on: still nothing more is written
         relay.enqueue(conn, "wire", "lean-1", WIRE)
         assert _counts(conn) == (1, 0, 0)
+        support.read_intake(url)
         story = load_story(conn, "lean-1")
     assert story is not None
     assert [(t["from_state"], t["to_state"]) for t in story["transitions"]] == [(None, "PENDING")]
@@ -72,6 +74,7 @@ def test_compensation_keys_are_derived_in_the_reserved_namespace_within_the_limi
     long_key = "k" * 512
     with psycopg.connect(url, autocommit=True) as conn:
         parent = relay.enqueue(conn, "wire", long_key, WIRE)
+        support.read_intake(url)
         made = [
             conn.execute(
                 "SELECT operation_key, created FROM relay.enqueue_compensation(%s, %s, 'email',"
@@ -123,12 +126,14 @@ def test_the_doorbell_lapses_when_no_relay_rearms_it(settings: Settings) -> None
     with psycopg.connect(url, autocommit=True) as listener, psycopg.connect(url) as writer:
         listener.execute("LISTEN relay_doorbell")
         listener.execute(query("arm_doorbell"), {"armed_for_s": 0.5})
-        relay.enqueue(writer, "email", "ring-1", {"to": "a"})
+        # An ungrouped intent is a plain INSERT into the intake that rings nothing (the relay polls
+        # the intake's sequence); a grouped one goes through relay.enqueue, which rings.
+        relay.enqueue(writer, "email", "ring-1", {"to": "a"}, ordering_group="ring")
         writer.commit()
         rang = [n for n in listener.notifies(timeout=2.0, stop_after=1)]
         assert len(rang) == 1
         threading.Event().wait(0.8)  # nobody re-arms it: it lapses
-        relay.enqueue(writer, "email", "ring-2", {"to": "b"})
+        relay.enqueue(writer, "email", "ring-2", {"to": "b"}, ordering_group="ring")
         writer.commit()
         assert [n for n in listener.notifies(timeout=1.0, stop_after=1)] == []
 
@@ -166,6 +171,7 @@ def _transitions(url: str, n: int) -> None:
     with psycopg.connect(url, autocommit=True) as conn:
         for i in range(n):
             relay.enqueue(conn, "email", f"st-{i}", {"to": f"{i}@example.org"})
+        support.read_intake(url)
         conn.execute(
             "UPDATE relay.effect SET state = 'PUBLISHED', attempts = 1, claimed_at = now(),"
             " updated_at = now()"
@@ -300,6 +306,7 @@ def test_payload_limit_in_sql_and_claims_capped_by_bytes(settings: Settings) -> 
         sync_effect_types(conn, settings)
         for i in range(5):
             relay.enqueue(conn, "email", f"sized-{i}", {"to": f"{i}", "body": "y" * 5000})
+        support.read_intake(url)
 
         def claim(max_bytes: int) -> int:
             rows = conn.execute(

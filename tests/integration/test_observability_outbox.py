@@ -10,6 +10,7 @@ import pytest
 import relay
 from relay.config import Settings
 from relay.observability.metrics import OutboxCollector
+from tests import support
 
 
 def snapshot(collector: OutboxCollector) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -48,6 +49,7 @@ def test_counts_by_type_and_state_and_oldest_ages(settings: Settings) -> None:
             relay.enqueue(conn, "email", f"mail-{i}", {"to": f"u{i}@example.com"})
         relay.enqueue(conn, "wire", "wire-1", {"account": "A", "amount": 1, "date": "d"})
         relay.enqueue(conn, "wire", "wire-2", {"account": "A", "amount": 2, "date": "d"})
+        support.read_intake(url)
         # A scheduled effect is not lag: it is not due yet.
         conn.execute(
             "UPDATE relay.effect SET available_at = now() + interval '1 hour' "

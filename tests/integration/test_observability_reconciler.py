@@ -116,6 +116,8 @@ def make_effect(
     payload = {**h.WIRE, "amount": next(_amounts)} if effect_type == "wire" else {"to": key}
     with psycopg.connect(url) as conn:
         relay.enqueue(conn, effect_type, key, payload)
+        conn.commit()
+        support.read_intake(url)
         conn.execute(
             "UPDATE relay.effect SET state = %(state)s, attempts = %(attempts)s,"
             " external_id = %(external_id)s, published_partition = 0, published_offset = 0,"

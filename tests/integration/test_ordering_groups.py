@@ -395,6 +395,7 @@ def test_async_enqueue_and_the_sql_function_take_the_group_too(settings: Setting
             "SELECT * FROM relay.enqueue('s-1', 'email', '{}', NULL, NULL, NULL, 'gs')"
         ).fetchone()
         conn.commit()
+        support.read_intake(url)
         groups: dict[str, str] = dict(
             conn.execute(
                 "SELECT operation_key, ordering_group FROM relay.effect ORDER BY id"

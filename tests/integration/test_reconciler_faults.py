@@ -75,6 +75,7 @@ def _wires(url: str, keys: list[str], start: int, *, taken: Sequence[str] = ()) 
                 (key,),
             )
         conn.commit()
+    support.read_intake(url)
 
 
 def _unknown(url: str, keys: list[str], start: int) -> None:

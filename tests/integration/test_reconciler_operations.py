@@ -283,6 +283,7 @@ def test_purge_takes_an_effect_and_its_compensations_together(rsettings: Setting
     batch_of_one = rsettings.model_copy(update={"purge_batch_size": 1})
     with psycopg.connect(url, autocommit=True) as conn:
         relay.enqueue(conn, "wire", "fam", {**h.WIRE, "amount": 1})
+        support.read_intake(url)
         for external_id, verdict in [("x1", "applied"), ("x2", "conflicting")]:
             conn.execute(
                 "INSERT INTO relay.evidence (kind, effect_id, operation_key, outcome, external_id,"
@@ -297,6 +298,7 @@ def test_purge_takes_an_effect_and_its_compensations_together(rsettings: Setting
         assert made == ["fam#compensation"]
         # A compensation's own compensation (made by hand: no type here declares one).
         relay.enqueue(conn, "email", "fam-deep", {"to": "z"})
+        support.read_intake(url)
         conn.execute(
             "UPDATE relay.effect SET parent_effect_id ="
             " (SELECT id FROM relay.effect WHERE operation_key = 'fam#compensation')"

@@ -399,6 +399,7 @@ def test_a_row_the_database_refuses_to_mark_holds_up_nothing_else(
     with psycopg.connect(url) as conn:
         relay.enqueue_many(conn, [relay.Intent("email", f"m-{i}", {"i": i}) for i in range(20)])
         conn.commit()
+        support.read_intake(url)
         row = conn.execute("SELECT id FROM relay.effect WHERE operation_key = 'm-7'").fetchone()
         assert row is not None
         conn.execute(

@@ -350,6 +350,7 @@ def test_the_viewer_role_reads_what_the_console_shows_and_writes_nothing(
 
     with psycopg.connect(logins["application"], autocommit=True) as app:
         made = relay.enqueue(app, "wire", "viewer-1", WIRE)
+    support.read_intake(rsettings.require_database_url())
     with psycopg.connect(logins["viewer"], autocommit=True) as viewer:
         data = queries.overview(viewer)
         assert [r["state"] for r in data["stats"]] == ["PENDING"]
