@@ -5,6 +5,7 @@ from __future__ import annotations
 import getpass
 import json
 import threading
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -217,9 +218,12 @@ def test_purge_removes_only_finished_effects_past_retention(
         )
         support.wait_for(lambda: support.status_backlog(url) == 0, 30, "status events sent")
         with psycopg.connect(url) as conn:
-            relay.enqueue(conn, "wire", "new-pending", {**h.WIRE, "amount": 98})
+            # Scheduled at the enqueue: the running relay reads the intake and must not claim it.
+            later = datetime.now(UTC) + timedelta(hours=1)
+            relay.enqueue(conn, "wire", "new-pending", {**h.WIRE, "amount": 98}, available_at=later)
             conn.execute("UPDATE relay.effect SET available_at = now() + interval '1 hour'")
             conn.commit()
+    support.read_intake(url)
     config = support.write_config(tmp_path / "relay.toml", rsettings)
     before = support.count_states(url)
     dry = support.run_cli(config, "purge", "--dry-run", "--older-than", "0s")
