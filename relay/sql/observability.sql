@@ -5,24 +5,46 @@
 -- effects by type and state (PENDING from the claim's partial index, the others from the state
 -- index, which carries the type), every declared type
 -- (so that a zero is reported as 0, not as a missing series), and how long the oldest due
--- PENDING, UNKNOWN and STUCK effects have waited. An effect's time in UNKNOWN/STUCK starts at its
+-- PENDING, UNKNOWN and STUCK effects have waited. PENDING includes the intents not read from the
+-- intake yet, so that a stopped relay's backlog shows. An effect's time in UNKNOWN/STUCK starts at its
 -- last transition into that state (updated_at moves on at every failed verification).
+WITH unread AS MATERIALIZED (
+    -- Intents committed to the intake that the relay has not written as effects yet: those its
+    -- reader's tick does not see (a range of the txid index), less any it read in a split pair
+    -- or that a cancel wrote.
+    SELECT i.effect_type::text AS effect_type,
+           greatest(coalesce(i.available_at, i.enqueued_at), i.enqueued_at) AS due
+    FROM relay.intake_reader r
+    JOIN relay.tick t ON t.id = r.tick_from
+    JOIN relay.intake i
+      ON (i.txid >= pg_snapshot_xmax(t.snap)
+          OR i.txid = ANY (ARRAY(SELECT pg_snapshot_xip(t.snap))))
+     AND NOT pg_visible_in_snapshot(i.txid, t.snap)
+    WHERE NOT EXISTS (SELECT 1 FROM relay.effect e WHERE e.id = i.id)
+      AND NOT EXISTS (SELECT 1 FROM relay.intake_refused f WHERE f.id = i.id)
+)
 SELECT 'effects' AS kind, effect_type, state, count(*)::float8 AS value
 FROM relay.effect
 WHERE state <> 'PENDING'
 GROUP BY effect_type, state
 UNION ALL
-SELECT 'effects', effect_type, 'PENDING', count(*)::float8
-FROM relay.effect
-WHERE state = 'PENDING'
-GROUP BY effect_type
+-- PENDING also counts the intents the relay has not read from the intake yet (see unread).
+SELECT 'effects', p.effect_type, 'PENDING', sum(p.n)::float8
+FROM (
+    SELECT effect_type, count(*) AS n FROM relay.effect WHERE state = 'PENDING'
+    GROUP BY effect_type
+    UNION ALL
+    SELECT u.effect_type, count(*) FROM unread u GROUP BY u.effect_type
+) p
+GROUP BY p.effect_type
 UNION ALL
 SELECT 'type', name, NULL, 0 FROM relay.effect_type
 UNION ALL
 SELECT 'oldest_age', NULL, 'PENDING',
-       coalesce(extract(epoch FROM now() - min(available_at)), 0)::float8
-FROM relay.effect
-WHERE state = 'PENDING' AND available_at <= now()
+       coalesce(extract(epoch FROM now() - least(
+           (SELECT min(available_at) FROM relay.effect
+            WHERE state = 'PENDING' AND available_at <= now()),
+           (SELECT min(u.due) FROM unread u WHERE u.due <= now()))), 0)::float8
 UNION ALL
 SELECT 'oldest_age', NULL, e.state,
        coalesce(extract(epoch FROM now() - min(coalesce(

@@ -170,15 +170,21 @@ BEGIN
         ) r ON true
     ), taken AS MATERIALIZED (
         -- A key already naming another effect (a key the relay reserves, written by hand, or an
-        -- effect from before the intake): set aside, never published, never a second effect.
-        SELECT b.id, e.id AS holder FROM batch b
+        -- effect from before the intake), or one no effect row can hold: set aside, never
+        -- published, never a second effect.
+        SELECT b.id, format('operation key %s already names effect %s',
+                            quote_literal(b.operation_key), e.id) AS why
+        FROM batch b
         JOIN relay.effect e ON e.operation_key = b.operation_key AND e.id <> b.id
         WHERE b.id IS NOT NULL
+        UNION ALL
+        SELECT b.id, format('operation key of %s characters (1 to 512 allowed)',
+                            length(b.operation_key))
+        FROM batch b
+        WHERE b.id IS NOT NULL AND length(b.operation_key) NOT BETWEEN 1 AND 512
     ), set_aside AS (
         INSERT INTO relay.intake_refused (id, operation_key, effect_type, enqueued_by, reason)
-        SELECT b.id, b.operation_key, b.effect_type, b.enqueued_by,
-               format('operation key %s already names effect %s', quote_literal(b.operation_key),
-                      x.holder)
+        SELECT b.id, left(b.operation_key, 512), b.effect_type, b.enqueued_by, x.why
         FROM batch b JOIN taken x ON x.id = b.id
         ON CONFLICT (id) DO NOTHING
         RETURNING 1
@@ -187,7 +193,11 @@ BEGIN
                                        business_key, traceparent, available_at, created_at,
                                        updated_at, ordering_group, message_key, enqueued_by,
                                        state, reason)
-        SELECT b.id, b.operation_key, b.effect_type, coalesce(t.topic, ''), b.payload,
+        -- A refused row keeps its payload only as bounded text (it may be no object, or
+        -- nest deeper than anything that reads effects should decode), and no group.
+        SELECT b.id, b.operation_key, b.effect_type, coalesce(t.topic, ''),
+               CASE WHEN v.why IS NULL THEN b.payload
+                    ELSE jsonb_build_object('refused_payload', left(b.payload::text, 4096)) END,
                CASE WHEN v.why IS NOT NULL THEN NULL
                     WHEN b.business_key IS NOT NULL THEN b.business_key
                     WHEN t.business_key IS NOT NULL
@@ -196,7 +206,7 @@ BEGIN
                CASE WHEN v.why IS NULL
                     THEN greatest(coalesce(b.available_at, b.enqueued_at), b.enqueued_at)
                     ELSE b.enqueued_at END,
-               b.enqueued_at, now(), b.ordering_group,
+               b.enqueued_at, now(), CASE WHEN v.why IS NULL THEN b.ordering_group END,
                CASE WHEN t.key_by_group AND v.why IS NULL THEN b.ordering_group END,
                b.enqueued_by,
                CASE WHEN v.why IS NULL THEN 'PENDING' ELSE 'REJECTED' END,

@@ -360,6 +360,7 @@ def test_hostile_text_is_shown_escaped(base: Settings, console: Running, browser
         )
         relay.enqueue(conn, "email", "too-deep", {"to": "a"})
         conn.commit()
+    support.read_intake(url)  # the effect rows exist once the relay has read the intents
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute(
             "UPDATE relay.effect SET state = 'STUCK', attempts = 1, reason = %s"
@@ -453,6 +454,7 @@ def viewer_login(base: Settings, prefix: str) -> Iterator[str]:
 
 
 def set_state(url: str, key: str, state: str) -> None:
+    support.read_intake(url)  # the effect row exists once the relay has read the intent
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute(
             "UPDATE relay.effect SET state = %s, attempts = 1 WHERE operation_key = %s",

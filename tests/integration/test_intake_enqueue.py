@@ -1,0 +1,229 @@
+"""Enqueue through the intake (docs/design/intake.md slice 2) on the real PostgreSQL: what the
+relay does with rows it reads, the ordering groups' lock and owners, cancel and the counts of
+intents not read yet. The relay's read is ``support.read_intake`` (what ``relay run`` calls)."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import sql
+from psycopg.conninfo import make_conninfo
+
+import relay
+from relay.config import Settings
+from relay.errors import NotPermittedError, UnknownEffectTypeError
+from relay.inspection import stats
+from relay.roles import apply
+from tests import support
+
+Conn = psycopg.Connection[Any]
+
+
+@pytest.fixture
+def url(settings: Settings) -> str:
+    return settings.require_database_url()
+
+
+@pytest.fixture
+def logins(url: str, prefix: str) -> Iterator[dict[str, str]]:
+    """Two application logins (a, b) and a relay login, each in its role."""
+    role_prefix = f"{prefix.lower()}_"
+    made: list[str] = []
+    with psycopg.connect(url, autocommit=True) as conn:
+        names = apply(conn, role_prefix)
+        for login, role in (
+            ("a", names["application"]),
+            ("b", names["application"]),
+            ("relay", names["relay"]),
+        ):
+            name = f"{role_prefix}{login}_login"
+            conn.execute(
+                sql.SQL("CREATE ROLE {} LOGIN IN ROLE {}").format(
+                    sql.Identifier(name), sql.Identifier(role)
+                )
+            )
+            made.append(name)
+    try:
+        yield {
+            login: make_conninfo(url, user=name)
+            for login, name in zip(("a", "b", "relay"), made, strict=True)
+        }
+    finally:
+        with psycopg.connect(url, autocommit=True) as conn:
+            for name in [*made, *names.values()]:
+                conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(name)))
+                conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(name)))
+
+
+def _stats(conn: Conn) -> list[tuple[str, str, int]]:
+    return [(r["effect_type"], r["state"], int(r["effects"])) for r in stats(conn)]
+
+
+def _state(url: str, key: str) -> tuple[int, str, str | None]:
+    with psycopg.connect(url) as conn:
+        row = conn.execute(
+            "SELECT id, state, reason FROM relay.effect WHERE operation_key = %s", (key,)
+        ).fetchone()
+    assert row is not None, key
+    return int(row[0]), str(row[1]), row[2]
+
+
+def test_an_intent_is_one_intake_row_until_the_relay_reads_it(url: str) -> None:
+    with psycopg.connect(url) as conn:
+        made = relay.enqueue(conn, "email", "e-1", {"to": "x"})
+        again = relay.enqueue(conn, "email", "e-1", {"to": "x"})  # the duplicate's slow path
+        conn.commit()
+        assert made.created and not again.created and again.effect_id == made.effect_id
+        intake = conn.execute("SELECT count(*) FROM relay.intake").fetchone()
+        effects = conn.execute("SELECT count(*) FROM relay.effect").fetchone()
+        assert (intake, effects) == ((1,), (0,))
+        shown = relay.get_effect(conn, "e-1")
+        assert shown is not None and shown.state is relay.EffectState.PENDING
+        assert shown.id == made.effect_id and shown.payload == {"to": "x"}
+    # The relay stopped: the backlog still shows, in `relay stats` and in the metrics' source.
+    assert support.count_states(url) == {"PENDING": 1}
+    with psycopg.connect(url) as conn:
+        assert _stats(conn) == [("email", "PENDING", 1)]
+    assert support.read_intake(url) == 1
+    assert _state(url, "e-1") == (made.effect_id, "PENDING", None)
+    with psycopg.connect(url) as conn:
+        assert _stats(conn) == [("email", "PENDING", 1)]
+    assert support.read_intake(url) == 0  # read once
+
+
+def test_a_row_written_by_hand_that_fails_a_check_is_rejected_when_read_and_stops_nothing(
+    url: str, logins: dict[str, str]
+) -> None:
+    deep: Any = {}
+    for _ in range(150):
+        deep = {"d": deep}
+    rows = [
+        ("ok-1", '{"to": "x"}'),
+        ("bad-array", "[1, 2]"),
+        ("bad-deep", json.dumps(deep)),
+        ("bad#compensation", '{"to": "y"}'),
+        ("ok-2", '{"to": "z"}'),
+    ]
+    with psycopg.connect(logins["a"]) as app:
+        for key, payload in rows:
+            app.execute(
+                "INSERT INTO relay.intake (operation_key, effect_type, payload)"
+                " VALUES (%s, 'email', %s::jsonb)",
+                (key, payload),
+            )
+        app.commit()
+    assert support.read_intake(url) == 5
+    assert _state(url, "ok-1")[1:] == ("PENDING", None)
+    assert _state(url, "ok-2")[1:] == ("PENDING", None)
+    for key, why in (
+        ("bad-array", "payload must be a JSON object"),
+        ("bad-deep", "payload nests deeper than 100 levels"),
+        ("bad#compensation", "reserved for the relay's own compensations"),
+    ):
+        _, state, reason = _state(url, key)
+        assert state == "REJECTED" and reason is not None and why in reason, (key, reason)
+    with psycopg.connect(url) as conn:
+        story = conn.execute(
+            "SELECT t.from_state, t.to_state FROM relay.transition t JOIN relay.effect e"
+            " ON e.id = t.effect_id WHERE e.operation_key = 'bad-deep' ORDER BY t.id"
+        ).fetchall()
+    assert story == [(None, "PENDING"), ("PENDING", "REJECTED")]
+
+
+def test_a_key_that_names_another_effect_is_set_aside_never_a_second_effect(url: str) -> None:
+    with psycopg.connect(url) as conn:
+        # An effect from before the intake, under a key the intake does not hold.
+        conn.execute(
+            "INSERT INTO relay.effect (operation_key, effect_type, topic, payload)"
+            " SELECT 'old-1', 'email', topic, '{\"to\": \"old\"}' FROM relay.effect_type"
+            " WHERE name = 'email'"
+        )
+        conn.execute(
+            "INSERT INTO relay.intake (operation_key, effect_type, payload)"
+            " VALUES ('old-1', 'email', '{\"to\": \"new\"}')"
+        )
+        conn.commit()
+    assert support.read_intake(url) == 1
+    with psycopg.connect(url) as conn:
+        effects = conn.execute(
+            "SELECT payload->>'to' FROM relay.effect WHERE operation_key = 'old-1'"
+        ).fetchall()
+        refused = conn.execute("SELECT operation_key, reason FROM relay.intake_refused").fetchall()
+        # Through the Python API the key is found at enqueue: the first intent is returned.
+        again = relay.enqueue(conn, "email", "old-1", {"to": "old"})
+    assert effects == [("old",)]
+    assert (
+        len(refused) == 1 and refused[0][0] == "old-1" and "already names effect" in refused[0][1]
+    )
+    assert not again.created
+
+
+def test_an_undeclared_type_is_refused_by_the_enum_with_the_relays_error(url: str) -> None:
+    with psycopg.connect(url) as conn, pytest.raises(UnknownEffectTypeError, match="'nope'"):
+        relay.enqueue(conn, "nope", "k-1", {"a": 1})
+
+
+def test_a_group_is_locked_before_the_id_is_drawn_and_belongs_to_its_login(
+    url: str, logins: dict[str, str]
+) -> None:
+    with psycopg.connect(logins["a"]) as first, psycopg.connect(logins["a"]) as second:
+        one = relay.enqueue(first, "email", "g-1", {"to": "1"}, ordering_group="G")
+        entered = threading.Event()
+        got: list[int] = []
+
+        def later() -> None:
+            entered.set()
+            got.append(
+                relay.enqueue(second, "email", "g-2", {"to": "2"}, ordering_group="G").effect_id
+            )
+            second.commit()
+
+        waiter = threading.Thread(target=later)
+        waiter.start()
+        entered.wait()
+        # The second enqueue waits on the group's row, so it has not drawn an id yet: an
+        # ungrouped intent enqueued now draws the next id, before it.
+        with psycopg.connect(logins["a"]) as third:
+            between = relay.enqueue(third, "email", "x-1", {"to": "x"}).effect_id
+            third.commit()
+        waiter.join(0.5)
+        assert waiter.is_alive() and not got  # still waiting for the group
+        first.commit()
+        waiter.join(30)
+        assert not waiter.is_alive()
+    assert one.effect_id < between < got[0]  # ids in the group's commit order
+    # Another login cannot enter the group, nor wait on it, even while its owner holds it.
+    with psycopg.connect(logins["a"]) as owner, psycopg.connect(logins["b"]) as other:
+        relay.enqueue(owner, "email", "g-3", {"to": "3"}, ordering_group="G")
+        other.execute("SET statement_timeout = '5s'")
+        with pytest.raises(NotPermittedError, match="belongs to login"):
+            relay.enqueue(other, "email", "b-1", {"to": "b"}, ordering_group="G")
+        other.rollback()
+        # Its own groups are its own.
+        relay.enqueue(other, "email", "b-2", {"to": "b"}, ordering_group="H")
+        other.commit()
+        owner.commit()
+    with psycopg.connect(logins["b"]) as other, pytest.raises(psycopg.errors.InsufficientPrivilege):
+        other.execute("SELECT * FROM relay.ordering_group WHERE name = 'G' FOR UPDATE")
+
+
+def test_an_intent_cancelled_before_it_is_read_is_never_published(
+    url: str, logins: dict[str, str]
+) -> None:
+    with psycopg.connect(logins["a"]) as app:
+        relay.enqueue(app, "email", "c-1", {"to": "c"})
+        relay.enqueue(app, "email", "c-2", {"to": "c"})
+        app.commit()
+    with psycopg.connect(logins["b"]) as other, pytest.raises(NotPermittedError):
+        relay.cancel(other, "c-1", reason="not mine", actor="b")
+    with psycopg.connect(logins["a"]) as app:
+        relay.cancel(app, "c-1", reason="changed my mind", actor="a")
+        app.commit()
+    assert support.read_intake(url) == 1  # c-2: c-1's effect row exists, the reader skips it
+    assert _state(url, "c-1")[1] == "CANCELLED"
+    assert _state(url, "c-2")[1] == "PENDING"
