@@ -211,10 +211,7 @@ def diagnose(database_url: str, limit: int = 5) -> str:
     return f"states {count_states(database_url)}; unfinished: {rows}"
 
 
-UNREAD_INTAKE = (
-    "SELECT count(*) FROM relay.intake i WHERE NOT EXISTS (SELECT 1 FROM relay.effect e"
-    " WHERE e.id = i.id) AND NOT EXISTS (SELECT 1 FROM relay.intake_refused f WHERE f.id = i.id)"
-)
+UNREAD_INTAKE = "SELECT count(*) FROM relay.intake_unread"
 
 
 def count_states(database_url: str) -> dict[str, int]:

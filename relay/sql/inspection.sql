@@ -31,23 +31,15 @@ LIMIT %(limit)s;
 
 -- name: stats
 -- PENDING includes the intents the relay has not read from the intake yet (a stopped relay's
--- backlog): those its reader's tick does not see, less any already written as effects.
+-- backlog: relay.intake_unread).
 SELECT s.effect_type, s.state, sum(s.n)::bigint AS effects,
        extract(epoch FROM now() - min(s.oldest))::float8 AS oldest_age_s
 FROM (
     SELECT effect_type, state, count(*) AS n, min(updated_at) AS oldest
     FROM relay.effect GROUP BY effect_type, state
     UNION ALL
-    SELECT i.effect_type::text, 'PENDING', count(*), min(i.enqueued_at)
-    FROM relay.intake_reader r
-    JOIN relay.tick t ON t.id = r.tick_from
-    JOIN relay.intake i
-      ON (i.txid >= pg_snapshot_xmax(t.snap)
-          OR i.txid = ANY (ARRAY(SELECT pg_snapshot_xip(t.snap))))
-     AND NOT pg_visible_in_snapshot(i.txid, t.snap)
-    WHERE NOT EXISTS (SELECT 1 FROM relay.effect e WHERE e.id = i.id)
-      AND NOT EXISTS (SELECT 1 FROM relay.intake_refused f WHERE f.id = i.id)
-    GROUP BY i.effect_type
+    SELECT u.effect_type, 'PENDING', count(*), min(u.enqueued_at)
+    FROM relay.intake_unread u GROUP BY u.effect_type
 ) s
 GROUP BY s.effect_type, s.state ORDER BY s.effect_type, s.state;
 

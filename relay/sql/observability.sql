@@ -9,19 +9,7 @@
 -- intake yet, so that a stopped relay's backlog shows. An effect's time in UNKNOWN/STUCK starts at its
 -- last transition into that state (updated_at moves on at every failed verification).
 WITH unread AS MATERIALIZED (
-    -- Intents committed to the intake that the relay has not written as effects yet: those its
-    -- reader's tick does not see (a range of the txid index), less any it read in a split pair
-    -- or that a cancel wrote.
-    SELECT i.effect_type::text AS effect_type,
-           greatest(coalesce(i.available_at, i.enqueued_at), i.enqueued_at) AS due
-    FROM relay.intake_reader r
-    JOIN relay.tick t ON t.id = r.tick_from
-    JOIN relay.intake i
-      ON (i.txid >= pg_snapshot_xmax(t.snap)
-          OR i.txid = ANY (ARRAY(SELECT pg_snapshot_xip(t.snap))))
-     AND NOT pg_visible_in_snapshot(i.txid, t.snap)
-    WHERE NOT EXISTS (SELECT 1 FROM relay.effect e WHERE e.id = i.id)
-      AND NOT EXISTS (SELECT 1 FROM relay.intake_refused f WHERE f.id = i.id)
+    SELECT u.effect_type, u.due FROM relay.intake_unread u
 )
 SELECT 'effects' AS kind, effect_type, state, count(*)::float8 AS value
 FROM relay.effect

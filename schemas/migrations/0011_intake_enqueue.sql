@@ -63,6 +63,21 @@ SELECT e.ordering_group, min(coalesce(e.enqueued_by, current_user))
 FROM relay.effect e WHERE e.ordering_group IS NOT NULL
 GROUP BY e.ordering_group;
 
+-- Intents committed to the intake that the relay has not written as effects yet: those its
+-- reader's tick does not see (a range of the txid index, plus the xids that tick saw running),
+-- less any it read in a split pair or that a cancel wrote, and those set aside. What `relay
+-- stats` and the metrics count as PENDING beside the effect rows.
+CREATE VIEW relay.intake_unread AS
+SELECT i.id, i.operation_key, i.effect_type::text AS effect_type, i.enqueued_at,
+       greatest(coalesce(i.available_at, i.enqueued_at), i.enqueued_at) AS due
+FROM relay.intake_reader r
+JOIN relay.tick t ON t.id = r.tick_from
+JOIN relay.intake i
+  ON (i.txid >= pg_snapshot_xmax(t.snap) OR i.txid = ANY (ARRAY(SELECT pg_snapshot_xip(t.snap))))
+ AND NOT pg_visible_in_snapshot(i.txid, t.snap)
+WHERE NOT EXISTS (SELECT 1 FROM relay.effect e WHERE e.id = i.id)
+  AND NOT EXISTS (SELECT 1 FROM relay.intake_refused f WHERE f.id = i.id);
+
 -- The checks the intake does not make, as one expression per row: NULL when the row is fine,
 -- else why it is refused. Shared by promote_intake; the same limits relay.enqueue applies.
 CREATE FUNCTION relay.intake_refusal(
