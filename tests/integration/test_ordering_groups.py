@@ -202,6 +202,15 @@ def test_two_hundred_groups_from_eight_writers_two_replicas_five_kills_in_commit
             victim.wait()
             kills += 1
             victim = support.start_relay(configs["victim"], tmp_path / "victim.log")
+            # Each kill lands on a relay that is running: under load, Python's start alone can
+            # take longer than the shortest sleep, and a kill then hit one that never started.
+            support.wait_for(
+                lambda n=kills + 1: (
+                    (tmp_path / "victim.log").read_text().count("relay starting") == n
+                ),
+                60,
+                "the victim's restart",
+            )
         # The last incarnation is up (its SIGTERM handler installed) before anything stops it.
         support.wait_for(
             lambda: (tmp_path / "victim.log").read_text().count("relay starting") == kills + 1,
