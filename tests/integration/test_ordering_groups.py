@@ -13,6 +13,7 @@ import signal
 import threading
 import time
 from collections import defaultdict
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -163,6 +164,10 @@ def _writer(
         errors.append(exc)
 
 
+def _starts_are(log: Path, n: int) -> bool:
+    return log.read_text().count("relay starting") == n
+
+
 def test_two_hundred_groups_from_eight_writers_two_replicas_five_kills_in_commit_order_once(
     settings: Settings, services: Services, prefix: str, tmp_path: Path
 ) -> None:
@@ -205,9 +210,7 @@ def test_two_hundred_groups_from_eight_writers_two_replicas_five_kills_in_commit
             # Each kill lands on a relay that is running: under load, Python's start alone can
             # take longer than the shortest sleep, and a kill then hit one that never started.
             support.wait_for(
-                lambda n=kills + 1: (
-                    (tmp_path / "victim.log").read_text().count("relay starting") == n
-                ),
+                partial(_starts_are, tmp_path / "victim.log", kills + 1),
                 60,
                 "the victim's restart",
             )
