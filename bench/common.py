@@ -156,6 +156,26 @@ def fill_backlog(url: str, effect_type: str, n: int, size: int, key_prefix: str)
         for table, column in conn.execute(_COLUMNS).fetchall():
             columns.setdefault(str(table), []).append(f'"{column}"')
         effect_cols = columns.pop("effect")  # every table that points at an effect, by effect_id
+        in_intake = conn.execute(
+            "SELECT EXISTS (SELECT 1 FROM relay.intake WHERE id = %s)"
+            " AND NOT EXISTS (SELECT 1 FROM relay.effect WHERE id = %s)",
+            (sample, sample),
+        ).fetchone()
+        if in_intake is not None and in_intake[0]:
+            # Enqueue wrote the intake (issue 19): the backlog is intake rows, read by the relay.
+            intake_cols = [
+                f'"{c}"'
+                for (c,) in conn.execute(
+                    "SELECT column_name FROM information_schema.columns WHERE table_schema ="
+                    " 'relay' AND table_name = 'intake' AND is_identity = 'NO'"
+                    " ORDER BY ordinal_position"
+                ).fetchall()
+            ]
+            effect_cols = intake_cols
+            columns = {}
+            source = "intake"
+        else:
+            source = "effect"
         chunk = 100_000
         for first in range(1, n, chunk):
             last = min(n, first + chunk) - 1
@@ -174,8 +194,8 @@ def fill_backlog(url: str, effect_type: str, n: int, size: int, key_prefix: str)
                 "last": last,
             }
             conn.execute(
-                f"INSERT INTO relay.effect ({', '.join(effect_cols)}) SELECT {select} "
-                "FROM relay.effect e, generate_series(%(first)s::bigint, %(last)s::bigint) g "
+                f"INSERT INTO relay.{source} ({', '.join(effect_cols)}) SELECT {select} "
+                f"FROM relay.{source} e, generate_series(%(first)s::bigint, %(last)s::bigint) g "
                 "WHERE e.id = %(sample)s",
                 params,
             )
