@@ -29,8 +29,9 @@ log = logging.getLogger(__name__)
 QUIET_POLLS_S = (0.002, 0.005, 0.01, 0.02, 0.04, 0.08)
 # While idle, how often the intake's sequence is read (an intent is a plain INSERT: no doorbell).
 INTAKE_POLL_S = 0.01
-# Intake rows promoted per batch (one statement each).
-PROMOTE_LIMIT = 2000
+# Intake rows written as effects per claim at most: two claims' worth, so that the claimable pool
+# stays ahead of the claims without the claimer promoting a whole backlog before it claims.
+PROMOTE_PER_CLAIM = 2
 
 
 class Claimer(Stage):
@@ -56,7 +57,7 @@ class Claimer(Stage):
         # Set by the publisher while it has a Kafka producer: nothing is claimed before, so no
         # lease runs out while Kafka cannot be reached.
         self.publisher_ready = threading.Event()
-        self.intake = IntakeReader(limit=PROMOTE_LIMIT)
+        self.intake = IntakeReader(limit=min(50_000, PROMOTE_PER_CLAIM * settings.batch_size))
 
     def connect(self) -> psycopg.Connection[Any]:
         if self.conn is not None and not self.conn.closed:
