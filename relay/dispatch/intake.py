@@ -43,9 +43,6 @@ MAX_TICKS = 1000
 """At most this many ticks merged into one pair, so that a pair stays bounded after an outage."""
 
 
-PROMOTE_ROUNDS = 1
-"""Batches promoted per call by default: one, so that the claimer claims between them (a relay
-that promoted a whole backlog before claiming left its publisher idle, and a second relay too)."""
 TICK_LOCK_TIMEOUT_S = 0.05
 """Another replica is ticking: wait this long at most, then go on with the ticks there are."""
 
@@ -167,11 +164,8 @@ class IntakeReader:
     was cut at the limit, or when the heartbeat is due (a transaction that drew its id before the
     last tick and committed after it, with no writer since)."""
 
-    def __init__(
-        self, *, limit: int, rounds: int = PROMOTE_ROUNDS, heartbeat_s: float = HEARTBEAT_S
-    ) -> None:
+    def __init__(self, *, limit: int, heartbeat_s: float = HEARTBEAT_S) -> None:
         self.limit = limit
-        self.rounds = rounds
         self.heartbeat_s = heartbeat_s
         self.ticker = Ticker(heartbeat_s=heartbeat_s, lock_timeout_s=TICK_LOCK_TIMEOUT_S)
         self._seen = 0
@@ -191,25 +185,15 @@ class IntakeReader:
         return self._more or chasing or now - self._last_tick >= self.heartbeat_s
 
     def run_once(self, conn: psycopg.Connection[Any], now: float) -> Promoted:
-        """Tick if worth it, then promote up to ``rounds`` batches; the total."""
+        """Tick if worth it, then promote one batch: one per claim, so that the claimer claims
+        between them (a relay that promoted a whole backlog before claiming left its publisher
+        idle, and a second relay with it)."""
         if not self.news(conn, now):
             return Promoted(read=False)
         if not self._more:
             self.ticker.run_once(conn)
             self._last_tick = now
-        total = Promoted(read=False)
-        for _ in range(self.rounds):
-            done = promote(conn, limit=self.limit)
-            self._more = done.more
-            total = Promoted(
-                total.read or done.read,
-                total.promoted + done.promoted,
-                total.rejected + done.rejected,
-                total.refused + done.refused,
-                done.more,
-                max(total.last_id, done.last_id),
-            )
-            if not done.more:
-                break
-        self._read_max = max(self._read_max, total.last_id)
-        return total
+        done = promote(conn, limit=self.limit)
+        self._more = done.more
+        self._read_max = max(self._read_max, done.last_id)
+        return done
