@@ -168,6 +168,8 @@ def fill_backlog(url: str, effect_type: str, n: int, size: int, key_prefix: str)
                 for (c,) in conn.execute(
                     "SELECT column_name FROM information_schema.columns WHERE table_schema ="
                     " 'relay' AND table_name = 'intake' AND is_identity = 'NO'"
+                    # Each copy's own transaction and time, as a real enqueue would have.
+                    " AND column_name NOT IN ('txid', 'enqueued_at')"
                     " ORDER BY ordinal_position"
                 ).fetchall()
             ]
@@ -278,6 +280,33 @@ def read_vm_hwm(pid: int) -> int | None:
         if line.startswith("VmHWM:"):
             return int(line.split()[1])
     return None
+
+
+def postgres_cpu_s() -> float | None:
+    """CPU seconds (user + system) the local PostgreSQL server has used: every live
+    ``postgres`` process, plus what the postmaster reaped from backends that have exited. None
+    when no such process runs here (a server elsewhere)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    stats: dict[int, list[str]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            raw = (entry / "stat").read_text(encoding="ascii")
+        except OSError:
+            continue
+        name, rest = raw.split("(", 1)[1].rsplit(")", 1)
+        if name == "postgres":
+            stats[int(entry.name)] = rest.split()
+    if not stats:
+        return None
+    total = 0
+    for fields in stats.values():
+        # After the name: state(0) ppid(1) ... utime(11) stime(12) cutime(13) cstime(14).
+        total += int(fields[11]) + int(fields[12])
+        if int(fields[1]) not in stats:  # the postmaster: its reaped children's time too
+            total += int(fields[13]) + int(fields[14])
+    return total / tick
 
 
 # -- the read_committed consumer that counts -------------------------------------------------------

@@ -27,6 +27,7 @@ from bench.common import (
     fill_backlog,
     fresh_db,
     payload_text,
+    postgres_cpu_s,
     prepare,
     settings_for,
 )
@@ -37,6 +38,7 @@ from relay.headers import dispatch_headers
 CODECS = ("none", "lz4", "zstd")
 BARE_TARGET = Target("ratio", ">=", 0.8)
 TWO_TARGET = Target("ratio", ">", 1.0)
+PG_CPU_TARGET = Target("value", "<=", 10.0)
 
 
 def relay_compression_configurable() -> bool:
@@ -59,6 +61,9 @@ class Drained:
     duplicates: int
     seconds: float  # wall time of the whole drain, start-up included
     note: str = ""
+    # The local PostgreSQL server's CPU per effect while the relay drained (every process:
+    # backends, autovacuum, WAL); None for the bare producer or a server elsewhere.
+    pg_us: float | None = None
 
 
 def relay_drain(
@@ -87,13 +92,22 @@ def relay_drain(
         fill_backlog(url, "bench", n, payload_bytes, "d-")
         with psycopg.connect(url, autocommit=True) as conn:
             if groups:
+                # Wherever enqueue left the backlog: effect rows, or intake rows not read yet
+                # (then each group is registered to the login that enqueued it, as enqueue does).
+                for table in ("effect", "intake"):
+                    conn.execute(
+                        f"UPDATE relay.{table} SET ordering_group = 'g-' || "
+                        "(substr(operation_key, 3)::bigint %% %(groups)s)",
+                        {"groups": groups},
+                    )
                 conn.execute(
-                    "UPDATE relay.effect SET ordering_group = 'g-' || "
-                    "(substr(operation_key, 3)::bigint %% %(groups)s)",
-                    {"groups": groups},
+                    "INSERT INTO relay.ordering_group (name, owner) "
+                    "SELECT DISTINCT ordering_group, enqueued_by FROM relay.intake "
+                    "WHERE ordering_group IS NOT NULL ON CONFLICT DO NOTHING"
                 )
             # Both shapes drained from the same state: vacuumed, with statistics.
             conn.execute("VACUUM ANALYZE relay.effect")
+            conn.execute("VACUUM ANALYZE relay.intake")
         topic = settings.effect_types["bench"].topic
         create_topic(bootstrap, topic, sizes.partitions)
         counter = KeyCounter(bootstrap, topic)
@@ -106,19 +120,24 @@ def relay_drain(
             for i in range(replicas)
         ]
         started = time.time()
+        cpu_before = postgres_cpu_s()
         try:
             done = counter.wait_for(n, sizes.timeout_s, alive=daemons[0])
+            cpu_after = postgres_cpu_s()
         finally:
             for daemon in daemons:
                 daemon.stop()
             counter.close()
         elapsed = time.time() - started
+        pg_us = (
+            None if cpu_before is None or cpu_after is None else (cpu_after - cpu_before) * 1e6 / n
+        )
         if not done or counter.first_at is None or counter.last_at is None:
             return Drained(
                 None, counter.count, counter.duplicates, elapsed, f"timed out at {counter.count}"
             )
         span = max(1e-6, counter.last_at - counter.first_at)
-        return Drained(n / span, counter.count, counter.duplicates, elapsed)
+        return Drained(n / span, counter.count, counter.duplicates, elapsed, pg_us=pg_us)
     finally:
         delete_topics(bootstrap, prefix)
         drop_db(server_url, url)
@@ -306,7 +325,11 @@ def run(
                 codec=codec,
                 log_dir=log_dir,
             )
-            print(f"  (b) one relay, {size} B, {codec}: {one[codec].rate or 0:,.0f}/s", flush=True)
+            print(
+                f"  (b) one relay, {size} B, {codec}: {one[codec].rate or 0:,.0f}/s, "
+                f"PostgreSQL {_us(one[codec].pg_us)} CPU/effect",
+                flush=True,
+            )
         two = relay_drain(
             server_url,
             bootstrap,
@@ -316,7 +339,11 @@ def run(
             codec="none",
             log_dir=log_dir,
         )
-        print(f"  (b) two relays, {size} B: {two.rate or 0:,.0f}/s", flush=True)
+        print(
+            f"  (b) two relays, {size} B: {two.rate or 0:,.0f}/s, "
+            f"PostgreSQL {_us(two.pg_us)} CPU/effect",
+            flush=True,
+        )
         if drain_rate is None:
             drain_rate = one["none"].rate
             groups = max(1, n // 10)
@@ -332,7 +359,7 @@ def run(
             )
             print(
                 f"  (b) one relay, {size} B, {groups:,} ordering groups of 10: "
-                f"{grouped.rate or 0:,.0f}/s",
+                f"{grouped.rate or 0:,.0f}/s, PostgreSQL {_us(grouped.pg_us)} CPU/effect",
                 flush=True,
             )
             figures.append(
@@ -378,6 +405,16 @@ def run(
         figures.append(
             Figure(
                 "b",
+                f"PostgreSQL CPU per effect, drain by one relay, {size} B (all server processes)",
+                one["none"].pg_us,
+                "us/effect",
+                targets=(PG_CPU_TARGET,),
+                note="" if one["none"].pg_us is not None else "server not local",
+            )
+        )
+        figures.append(
+            Figure(
+                "b",
                 f"drain, one relay, {size} B, against the database half alone",
                 one["none"].rate,
                 "effects/s",
@@ -401,6 +438,10 @@ def run(
                     )
                 )
     return figures, notes, drain_rate
+
+
+def _us(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:,.1f} us"
 
 
 def _drain_note(drained: Drained) -> str:

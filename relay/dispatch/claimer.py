@@ -1,6 +1,6 @@
-"""The claimer stage: reads the intake into effect rows, claims batches ahead of the publisher,
-and waits cheaply when there is nothing to claim (short polls after work, then the doorbell and
-the intake's sequence).
+"""The claimer stage: reads the intake into effect rows (claiming at once what can be published
+at once), claims batches ahead of the publisher, and waits cheaply when there is nothing to claim
+(short polls after work, then the doorbell and the intake's sequence).
 
 Each claim commits before the batch is handed over, so an attempt is durable before any publish.
 """
@@ -18,7 +18,7 @@ import psycopg
 
 from relay import db, observability
 from relay.config import Settings
-from relay.dispatch.intake import IntakeReader
+from relay.dispatch.intake import Claim, IntakeReader, Promoted
 from relay.dispatch.publisher import ClaimedEffect
 from relay.dispatch.stage import HANDOFF_POLL_S, Claimed, Held, Identity, Stage, expire_leases
 from relay.sql import query
@@ -29,9 +29,6 @@ log = logging.getLogger(__name__)
 QUIET_POLLS_S = (0.002, 0.005, 0.01, 0.02, 0.04, 0.08)
 # While idle, how often the intake's sequence is read (an intent is a plain INSERT: no doorbell).
 INTAKE_POLL_S = 0.01
-# Intake rows written as effects per claim at most: two claims' worth, so that the claimable pool
-# stays ahead of the claims without the claimer promoting a whole backlog before it claims.
-PROMOTE_PER_CLAIM = 2
 
 
 class Claimer(Stage):
@@ -57,7 +54,10 @@ class Claimer(Stage):
         # Set by the publisher while it has a Kafka producer: nothing is claimed before, so no
         # lease runs out while Kafka cannot be reached.
         self.publisher_ready = threading.Event()
-        self.intake = IntakeReader(limit=min(50_000, PROMOTE_PER_CLAIM * settings.batch_size))
+        # One claim's worth of intake rows per read: what is due and ungrouped is claimed by the
+        # read itself (promoting a whole backlog before claiming left the publisher idle).
+        self.intake = IntakeReader(limit=min(50_000, settings.batch_size))
+        self._pool_turn = True
 
     def connect(self) -> psycopg.Connection[Any]:
         if self.conn is not None and not self.conn.closed:
@@ -115,16 +115,36 @@ class Claimer(Stage):
             self.listener = db.connect(self.settings, purpose=f"doorbell-{self.who.replica_id}")
             self.listener.execute(query("listen_doorbell"))
             self._quiet = len(QUIET_POLLS_S)  # a new listener may have missed a ring: look now
-        self._read_intake(conn)
-        if self._claim(conn):
+        # The pool of PENDING effect rows (retries, scheduled and grouped intents, effects from
+        # before the intake) and the intake take turns, so that neither starves the other.
+        pool_first, self._pool_turn = self._pool_turn, not self._pool_turn
+        if pool_first and self._claim(conn):
+            return
+        read = self._read_intake(conn)
+        if read.claimed:
+            return
+        # Rows just written PENDING (grouped, scheduled) are the pool's: claim them now.
+        if (read.promoted or not pool_first) and self._claim(conn):
             return
         self._idle(conn)
 
-    def _read_intake(self, conn: psycopg.Connection[Any]) -> bool:
-        """Tick and promote when the intake may have news; whether any row was read."""
-        done = self.intake.run_once(conn, time.monotonic())
+    def _read_intake(self, conn: psycopg.Connection[Any]) -> Promoted:
+        """Tick and promote when the intake may have news, claiming the rows that can be
+        published at once (handed over like a claim)."""
+        claim = Claim(
+            owner=self.who.replica_id,
+            epoch=self.who.epoch,
+            lease_s=self.settings.lease_s,
+            limit=self.settings.batch_size,
+            max_bytes=self.settings.max_claim_bytes,
+        )
+        done = self.intake.run_once(conn, time.monotonic(), claim)
+        if done.claimed:
+            self._hold(list(done.claimed))
         if done.rows:
-            observability.record_intake_read(done.promoted, done.rejected, done.refused)
+            observability.record_intake_read(
+                done.promoted + len(done.claimed), done.rejected, done.refused
+            )
             if done.rejected or done.refused:
                 log.warning(
                     "intake: %d intents REJECTED when read (relay list --state REJECTED), %d "
@@ -132,7 +152,7 @@ class Claimer(Stage):
                     done.rejected,
                     done.refused,
                 )
-        return done.rows > 0
+        return done
 
     def _claim(self, conn: psycopg.Connection[Any]) -> bool:
         rows = conn.execute(
@@ -147,13 +167,16 @@ class Claimer(Stage):
         ).fetchall()
         if not rows:
             return False
-        effects = [ClaimedEffect(*row) for row in rows]
+        self._hold([ClaimedEffect(*row) for row in rows])
+        return True
+
+    def _hold(self, effects: list[ClaimedEffect]) -> None:
+        """Claimed (committed): held until marked, and handed to the publisher."""
         self.held.add(e.id for e in effects)
         observability.record_transition("PENDING", "DISPATCHING", len(effects))
         self._quiet = 0
         self._in_hand = Claimed(effects)
         self._hand_over()
-        return True
 
     def _hand_over(self) -> None:
         assert self._in_hand is not None
@@ -182,7 +205,7 @@ class Claimer(Stage):
         while not rang and not self.stop.is_set() and time.monotonic() < deadline:
             for _ in self.listener.notifies(timeout=INTAKE_POLL_S, stop_after=1):
                 rang = True
-            if not rang and self._read_intake(conn):
+            if not rang and self._read_intake(conn).rows:
                 rang = True
         if rang or self.stop.is_set():
             self.listener.execute(query("disarm_doorbell"))

@@ -20,10 +20,10 @@ The set of rows between two stored snapshots is fixed, so a pair with more rows 
 is read in parts by an id cursor inside that pair (:class:`Position`), which cannot skip.
 
 ``relay run`` reads the intake through :class:`IntakeReader`: the claimer asks it for a tick and
-the next batches before each claim, and ``relay.promote_intake`` (migration 0011) writes each
-batch's effect rows in one statement, in the same read (``read_batch`` here is the same read
-without the writes, for the tests and the bench). Lanes and per-batch bookkeeping are the
-design's next slices.
+the next batches before each claim, and ``relay.promote_intake`` (migrations 0011, 0012) writes
+each batch's effect rows in one statement, in the same read, the rows it can publish at once
+already claimed for the caller (``read_batch`` here is the same read without the writes, for the
+tests and the bench). Lanes and per-batch bookkeeping are the design's next slices.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from typing import Any, NamedTuple
 
 import psycopg
 
+from relay.dispatch.publisher import ClaimedEffect
 from relay.dispatch.ticker import HEARTBEAT_S, Ticker
 from relay.sql import query
 
@@ -127,11 +128,23 @@ def read_batch(
 
 
 @dataclass(frozen=True)
+class Claim:
+    """Whose claim a read writes for the rows it can publish at once (claim_batch's terms)."""
+
+    owner: str
+    epoch: int
+    lease_s: float
+    limit: int
+    max_bytes: int
+
+
+@dataclass(frozen=True)
 class Promoted:
-    """One call of ``relay.promote_intake``: effect rows written PENDING (``promoted``) or
-    REJECTED (``rejected``: the checks the intake does not make), intents set aside because their
-    key names another effect (``refused``), and whether the pair has rows left (``more``).
-    ``read`` is False when another replica held the reader, or no tick followed."""
+    """One call of ``relay.promote_intake``: effect rows written PENDING (``promoted``), claimed
+    for the caller (``claimed``, the rows themselves), REJECTED (``rejected``: the checks the
+    intake does not make), intents set aside because their key names another effect
+    (``refused``), and whether the pair has rows left (``more``). ``read`` is False when another
+    replica held the reader, or no tick followed."""
 
     read: bool
     promoted: int = 0
@@ -139,20 +152,48 @@ class Promoted:
     refused: int = 0
     more: bool = False
     last_id: int = 0
+    claimed: tuple[ClaimedEffect, ...] = ()
 
     @property
     def rows(self) -> int:
-        return self.promoted + self.rejected + self.refused
+        return self.promoted + len(self.claimed) + self.rejected + self.refused
 
 
-def promote(conn: psycopg.Connection[Any], *, limit: int, max_ticks: int = MAX_TICKS) -> Promoted:
-    """The next batch after the reader's position, written as effect rows, the position moved,
-    all in one transaction (the connection in autocommit mode: one statement)."""
-    row = conn.execute(query("promote_intake"), {"limit": limit, "max_ticks": max_ticks}).fetchone()
-    if row is None:
+def promote(
+    conn: psycopg.Connection[Any],
+    *,
+    limit: int,
+    max_ticks: int = MAX_TICKS,
+    claim: Claim | None = None,
+) -> Promoted:
+    """The next batch after the reader's position, written as effect rows (those ``claim``
+    allows already claimed), the position moved, all in one transaction (the connection in
+    autocommit mode: one statement)."""
+    found = conn.execute(
+        query("promote_intake"),
+        {
+            "limit": limit,
+            "max_ticks": max_ticks,
+            "owner": claim.owner if claim else None,
+            "epoch": claim.epoch if claim else None,
+            "lease_s": claim.lease_s if claim else None,
+            "claim": claim.limit if claim else 0,
+            "max_bytes": claim.max_bytes if claim else None,
+        },
+    ).fetchall()
+    if not found:
         return Promoted(read=False)
-    promoted, rejected, refused, _tick_from, _tick_to, more, last_id = row
-    return Promoted(True, int(promoted), int(rejected), int(refused), bool(more), int(last_id or 0))
+    *rows, summary = found
+    promoted, _claimed, rejected, refused, _tick_from, _tick_to, more, last_id = summary[11:]
+    return Promoted(
+        True,
+        int(promoted),
+        int(rejected),
+        int(refused),
+        bool(more),
+        int(last_id or 0),
+        tuple(ClaimedEffect(*row[:11]) for row in rows),
+    )
 
 
 class IntakeReader:
@@ -184,16 +225,18 @@ class IntakeReader:
         chasing = now < self._chase_until and self._read_max < self._seen
         return self._more or chasing or now - self._last_tick >= self.heartbeat_s
 
-    def run_once(self, conn: psycopg.Connection[Any], now: float) -> Promoted:
-        """Tick if worth it, then promote one batch: one per claim, so that the claimer claims
-        between them (a relay that promoted a whole backlog before claiming left its publisher
-        idle, and a second relay with it)."""
+    def run_once(
+        self, conn: psycopg.Connection[Any], now: float, claim: Claim | None = None
+    ) -> Promoted:
+        """Tick if worth it, then promote one batch (claiming what ``claim`` allows): one per
+        claim, so that the claimer claims between them (a relay that promoted a whole backlog
+        before claiming left its publisher idle, and a second relay with it)."""
         if not self.news(conn, now):
             return Promoted(read=False)
         if not self._more:
             self.ticker.run_once(conn)
             self._last_tick = now
-        done = promote(conn, limit=self.limit)
+        done = promote(conn, limit=self.limit, claim=claim)
         self._more = done.more
         self._read_max = max(self._read_max, done.last_id)
         return done

@@ -315,12 +315,15 @@ RETURNING inflight, inflight_at, owner_epoch;
 -- Transitions whose status event is due, in log order (one effect's transitions are written in
 -- order under its row lock, so log order is their order), each with the transitions its row
 -- implies just before it (part 0 and 1; see relay.transition_log).
+-- The due ids are an array so that the condition reaches each arm of the log as an index probe:
+-- joined as a table, the plan hashed the whole log (every transition, effect and attempt) at
+-- every poll, 32 ms at 20,000 effects and growing with the history, with nothing due.
 SELECT l.transition_id, l.part, l.effect_id, e.operation_key, e.effect_type, l.from_state,
        l.to_state, l.reason, l.attempt, l.at, e.traceparent
-FROM (SELECT t.id FROM relay.transition t WHERE t.status_pending ORDER BY t.id
-      LIMIT %(limit)s) due
-JOIN relay.transition_log l ON l.transition_id = due.id
+FROM relay.transition_log l
 JOIN relay.effect e ON e.id = l.effect_id
+WHERE l.transition_id = ANY (ARRAY(
+    SELECT t.id FROM relay.transition t WHERE t.status_pending ORDER BY t.id LIMIT %(limit)s))
 ORDER BY l.transition_id, l.part;
 
 -- name: status_inflight

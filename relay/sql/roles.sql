@@ -68,8 +68,10 @@ GRANT INSERT, UPDATE ON relay.attempt, relay.transition, relay.replica TO {relay
 -- lock (LOCK TABLE relay.tick IN SHARE ROW EXCLUSIVE MODE needs UPDATE, DELETE or TRUNCATE), a
 -- lock no application, reconciler or operator role can take (relay/dispatch/ticker.py).
 GRANT INSERT, DELETE ON relay.tick TO {relay};
--- The relay reads the intake between ticks and writes the effect rows (relay.promote_intake).
-GRANT EXECUTE ON FUNCTION relay.promote_intake(integer, integer) TO {relay};
+-- The relay reads the intake between ticks and writes the effect rows, claiming what it can
+-- publish at once (relay.promote_intake).
+GRANT EXECUTE ON FUNCTION relay.promote_intake(integer, integer, text, bigint, double precision,
+                                               integer, bigint) TO {relay};
 
 -- The reconciler: evidence, moves, compensations, the status-event switch.
 GRANT UPDATE ON relay.effect, relay.reconciler_config, relay.attempt TO {reconciler};
