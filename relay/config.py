@@ -171,6 +171,13 @@ class Settings(BaseSettings):
         ge=2,
         description="Largest payload (its JSON text, in bytes) `relay enqueue` accepts.",
     )
+    max_pending_per_group: int = Field(
+        default=10_000,
+        ge=1,
+        le=1_000_000,
+        description="Intents one ordering group may hold not yet published; an enqueue into a "
+        "group that holds this many is refused (GroupFullError, SQLSTATE RL008).",
+    )
 
     replica_id: str = Field(
         default_factory=socket.gethostname,

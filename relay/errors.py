@@ -48,6 +48,12 @@ class OperationKeyConflictError(EnqueueError):
     """
 
 
+class GroupFullError(EnqueueError):
+    """The intent's ordering group already holds ``max_pending_per_group`` intents not yet
+    published: nothing was written. Retry once the group drains, or raise the limit; one group
+    cannot grow without bound behind a head that does not settle."""
+
+
 class CompensationLimitError(RelayError):
     """The evidence calls for more compensations of one effect than are made automatically: a
     count that large is more likely a broken answer than real executions, so a person decides."""
@@ -87,6 +93,7 @@ ERRORS: dict[str, type[RelayError]] = {
     "RL005": InvalidTransitionError,
     "RL006": PayloadTooLargeError,
     "RL007": NotPermittedError,
+    "RL008": GroupFullError,
 }
 # undefined function / schema / table: the relay's schema was never migrated into this database
 SCHEMA_MISSING = frozenset({"42883", "3F000", "42P01"})

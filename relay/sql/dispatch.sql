@@ -47,7 +47,9 @@ WITH fence AS (
     -- different rows instead of all choosing the first ones and finding them taken.
     SELECT e.id, e.available_at, pg_column_size(e.payload) AS size
     FROM relay.effect e
-    WHERE e.state = 'PENDING' AND e.available_at <= now()
+    -- effect_claim_idx: an effect waiting behind its group's head is not in it, so effects
+    -- planted behind a head that never settles cost a claim nothing (issue 18, item 7).
+    WHERE e.state = 'PENDING' AND NOT e.behind_head AND e.available_at <= now()
       AND EXISTS (SELECT 1 FROM fence)
       AND (e.ordering_group IS NULL OR (
           -- A grouped effect goes only when the one before it in its group (cancelled ones

@@ -72,6 +72,9 @@ CREATE TABLE relay.effect (
     group_released_at   timestamptz,
     -- The login that enqueued it (session_user in relay.enqueue); NULL for the relay's own.
     enqueued_by         text,
+    -- Written behind an unsettled effect of its group: out of the claim's index until the effect
+    -- before it lets it go (relay.release_next_in_group).
+    behind_head         boolean NOT NULL DEFAULT false,
     CONSTRAINT effect_operation_key_unique UNIQUE (operation_key),
     CONSTRAINT effect_operation_key_nonempty CHECK (length(operation_key) BETWEEN 1 AND 512),
     CONSTRAINT effect_payload_object CHECK (jsonb_typeof(payload) = 'object'),
@@ -82,6 +85,10 @@ CREATE TABLE relay.effect (
 );
 -- The claim: an ordered scan of this partial index, however large the table grows.
 CREATE INDEX effect_pending_idx ON relay.effect (available_at, id) WHERE state = 'PENDING';
+-- The claim's scan: due PENDING effects not waiting behind their group's head. (The index on all
+-- PENDING effects stays for the counts.)
+CREATE INDEX effect_claim_idx ON relay.effect (available_at, id)
+    WHERE state = 'PENDING' AND NOT behind_head;
 -- Every state but PENDING (so an enqueue adds no entry): leases, work lists, metrics.
 CREATE INDEX effect_state_idx ON relay.effect (state, updated_at) INCLUDE (effect_type)
     WHERE state <> 'PENDING';
@@ -255,7 +262,8 @@ INSERT INTO relay.reconciler_config (id) VALUES (true);
 -- Limits every caller of relay.enqueue meets, synced from the settings.
 CREATE TABLE relay.limits (
     id                boolean PRIMARY KEY DEFAULT true CHECK (id),
-    max_payload_bytes integer NOT NULL DEFAULT 1000000
+    max_payload_bytes integer NOT NULL DEFAULT 1000000,
+    max_pending_per_group integer NOT NULL DEFAULT 10000
 );
 INSERT INTO relay.limits (id) VALUES (true);
 
@@ -288,6 +296,9 @@ CREATE TABLE relay.intake (
     CONSTRAINT intake_operation_key_unique UNIQUE (operation_key)
 );
 CREATE INDEX intake_read_idx ON relay.intake (txid);
+-- A group's newest intents, counted against max_pending_per_group by relay.enqueue.
+CREATE INDEX intake_group_idx ON relay.intake (ordering_group, id)
+    WHERE ordering_group IS NOT NULL;
 REVOKE ALL ON relay.intake FROM PUBLIC;
 
 -- Stored snapshots: a batch is the intake rows visible in one tick and not in an earlier one.
@@ -431,6 +442,8 @@ DECLARE
     v_in_enum  boolean;
     v_key      text := p_business_key;
     v_owner    text;
+    v_cap      integer;
+    v_held     bigint;
 BEGIN
     IF p_operation_key IS NULL OR length(p_operation_key) = 0 OR length(p_operation_key) > 512 THEN
         RAISE EXCEPTION 'operation key must be 1 to 512 characters' USING ERRCODE = 'RL002';
@@ -544,6 +557,35 @@ BEGIN
                       HINT = 'an ordering group is used by one login; choose another group name';
         END IF;
         PERFORM 1 FROM relay.ordering_group g WHERE g.name = p_ordering_group FOR UPDATE;
+        -- A group holds at most max_pending_per_group intents not yet published (issue 18, item
+        -- 7): counted under the group's lock, from the newest back (a group's intents are read
+        -- and published in id order), so the count costs at most the limit.
+        IF NOT EXISTS (SELECT 1 FROM relay.intake i WHERE i.operation_key = p_operation_key) THEN
+            SELECT l.max_pending_per_group INTO v_cap FROM relay.limits l;
+            SELECT (SELECT count(*) FROM (
+                        SELECT 1 FROM relay.intake i
+                        WHERE i.ordering_group = p_ordering_group
+                          AND i.id > coalesce((SELECT max(x.id) FROM relay.effect x
+                                               WHERE x.ordering_group = p_ordering_group
+                                                 AND x.state <> 'CANCELLED'), 0)
+                        LIMIT v_cap) unread)
+                 + (SELECT count(*) FROM (
+                        SELECT 1 FROM relay.effect e
+                        WHERE e.ordering_group = p_ordering_group AND e.state = 'PENDING'
+                          AND e.id > coalesce((SELECT max(x.id) FROM relay.effect x
+                                               WHERE x.ordering_group = p_ordering_group
+                                                 AND x.state NOT IN ('PENDING', 'CANCELLED')), 0)
+                        LIMIT v_cap) waiting)
+            INTO v_held;
+            IF v_held >= v_cap THEN
+                RAISE EXCEPTION 'ordering group % already holds % intents not yet published '
+                                '(max_pending_per_group): % was not enqueued',
+                    quote_literal(p_ordering_group), v_held, quote_literal(p_operation_key)
+                    USING ERRCODE = 'RL008',
+                          HINT = 'retry once the group drains (relay list --group), or raise '
+                                 'max_pending_per_group';
+            END IF;
+        END IF;
     END IF;
 
     INSERT INTO relay.intake AS i (operation_key, effect_type, payload, business_key,
@@ -794,6 +836,85 @@ SELECT CASE
 END
 $fn$;
 
+-- Whether an effect lets the next one of its group go (claim_batch's rule, in one place): settled
+-- (CONFIRMED, or PUBLISHED by a type that awaits no result) or released by an operator.
+-- Cancelled effects are skipped by the callers, not judged here. Inlined (SQL, STABLE, no SET).
+CREATE FUNCTION relay.lets_group_go(p_state text, p_effect_type text,
+                                    p_released_at timestamptz)
+RETURNS boolean
+LANGUAGE sql STABLE PARALLEL SAFE
+AS $fn$
+SELECT p_released_at IS NOT NULL OR p_state = 'CONFIRMED'
+       OR (p_state = 'PUBLISHED' AND NOT EXISTS (
+               SELECT 1 FROM relay.effect_type t
+               WHERE t.name = p_effect_type AND t.result_topic IS NOT NULL))
+$fn$;
+
+-- The first effect after p_after in its group (cancelled ones aside) stops waiting behind the
+-- head when the one before it lets it go, or when that cannot be known without waiting. Called
+-- by a trigger when an effect of the group settles, is cancelled or released, and by the reader
+-- for the first effect of each group it writes. Idempotent; never waits on a lock.
+--
+-- behind_head is a hint that keeps an effect out of the claim's index; the claim still checks
+-- the group itself. So a wrong false costs only a look at the effect per claim, while a wrong
+-- true would stall the group: it is set true only under a FOR SHARE lock on the effect before,
+-- seen unsettled. That effect cannot settle before this transaction commits, and the trigger of
+-- its settling, run after, finds the waiting effect and lets it go. If the effect before is
+-- locked by a change in flight (SKIP LOCKED), the answer is false.
+CREATE FUNCTION relay.release_next_in_group(p_group text, p_after bigint)
+RETURNS void
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    v_next bigint;
+    v_prev bigint;
+    v_row  relay.effect%ROWTYPE;
+BEGIN
+    SELECT w.id INTO v_next FROM relay.effect w
+    WHERE w.ordering_group = p_group AND w.id > p_after AND w.state <> 'CANCELLED'
+    ORDER BY w.id LIMIT 1;
+    IF v_next IS NULL THEN
+        RETURN;
+    END IF;
+    SELECT p.id INTO v_prev FROM relay.effect p
+    WHERE p.ordering_group = p_group AND p.id < v_next AND p.state <> 'CANCELLED'
+    ORDER BY p.id DESC LIMIT 1;
+    IF v_prev IS NOT NULL THEN
+        SELECT p.* INTO v_row FROM relay.effect p WHERE p.id = v_prev FOR SHARE SKIP LOCKED;
+        IF v_row.id IS NOT NULL AND v_row.state <> 'CANCELLED'
+           AND NOT relay.lets_group_go(v_row.state, v_row.effect_type, v_row.group_released_at)
+        THEN
+            RETURN;  -- still the head, unsettled, and locked until this transaction ends
+        END IF;
+    END IF;
+    UPDATE relay.effect SET behind_head = false WHERE id = v_next AND behind_head;
+END
+$fn$;
+REVOKE ALL ON FUNCTION relay.release_next_in_group(text, bigint) FROM PUBLIC;
+
+CREATE FUNCTION relay.effect_group_moved() RETURNS trigger
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    PERFORM relay.release_next_in_group(NEW.ordering_group, NEW.id);
+    RETURN NULL;
+END
+$fn$;
+REVOKE ALL ON FUNCTION relay.effect_group_moved() FROM PUBLIC;
+
+-- An effect of a group that settles, is cancelled or released lets the next one go.
+CREATE TRIGGER effect_group_moved AFTER UPDATE OF state, group_released_at ON relay.effect
+    FOR EACH ROW
+    WHEN (NEW.ordering_group IS NOT NULL
+          AND ((NEW.state IN ('CONFIRMED', 'PUBLISHED', 'CANCELLED')
+                AND NEW.state IS DISTINCT FROM OLD.state)
+               OR (NEW.group_released_at IS NOT NULL AND OLD.group_released_at IS NULL)))
+    EXECUTE FUNCTION relay.effect_group_moved();
+
 -- The relay's read of the intake: the next batch between two ticks (relay/sql/intake.sql's
 -- read_intake_batch, the same statement), written as effect rows in one INSERT, and the reader's
 -- position moved, in the caller's transaction. Returns nothing when another replica is reading.
@@ -829,6 +950,7 @@ DECLARE
     v_limit   integer;
     v_claim   integer := 0;
     v_batch   bigint[];
+    v_first   record;
 BEGIN
     IF p_limit IS NULL OR p_limit < 1 OR p_limit > 50000 OR p_max_ticks IS NULL
        OR p_max_ticks < 1 THEN
@@ -974,7 +1096,7 @@ BEGIN
                                        business_key, traceparent, available_at, created_at,
                                        updated_at, ordering_group, message_key, enqueued_by,
                                        state, reason, attempts, owner, owner_epoch, lease_until,
-                                       claimed_at)
+                                       claimed_at, behind_head)
         -- A refused row keeps its payload only as bounded text (it may be no object, or
         -- nest deeper than anything that reads effects should decode), and no group.
         SELECT c.id, c.operation_key, c.effect_type, coalesce(c.type_topic, ''),
@@ -996,7 +1118,10 @@ BEGIN
                CASE WHEN k.id IS NOT NULL THEN p_owner END,
                CASE WHEN k.id IS NOT NULL THEN p_epoch END,
                CASE WHEN k.id IS NOT NULL THEN now() + make_interval(secs => p_lease_s) END,
-               CASE WHEN k.id IS NOT NULL THEN now() END
+               CASE WHEN k.id IS NOT NULL THEN now() END,
+               -- Every grouped effect starts behind its head; the first of each group is let go
+               -- below when the effect before it lets it go.
+               c.why IS NULL AND c.ordering_group IS NOT NULL
         FROM checked c
         LEFT JOIN claims k ON k.id = c.id
         ORDER BY c.id
@@ -1031,6 +1156,18 @@ BEGIN
            (SELECT count(*) FROM set_aside)::integer,
            v_pos.tick_from, v_to, v_read >= p_limit, v_last
     ORDER BY 1 NULLS LAST;
+
+    -- The first effect of each group written here stops waiting if the effect before it lets
+    -- it go (relay.release_next_in_group, which never waits on a lock).
+    FOR v_first IN
+        SELECT f.ordering_group, f.first_id
+        FROM (SELECT e.ordering_group, min(e.id) AS first_id FROM relay.effect e
+              WHERE e.id = ANY (v_batch) AND e.behind_head
+              GROUP BY e.ordering_group) f
+        ORDER BY f.first_id
+    LOOP
+        PERFORM relay.release_next_in_group(v_first.ordering_group, v_first.first_id - 1);
+    END LOOP;
 
     -- The reader's position, after the rows it passes are written.
     IF v_read >= p_limit THEN

@@ -24,6 +24,7 @@ from relay.devtools.services import Services
 from relay.dispatch.daemon import Relay
 from relay.errors import InvalidIntentError, NotPermittedError
 from relay.roles import apply, role_names
+from relay.sql import query
 from tests import support
 from tests.downstream import harness as h
 
@@ -327,3 +328,137 @@ def test_a_result_counts_only_on_its_types_result_topic(
         h.produce(bootstrap, f"{prefix}.wire-results", [h.result("w-1", external_id="b-1")])
         support.wait_for(lambda: h.state(url, "w-1") == "CONFIRMED", 60, "the real result")
     assert h.verdicts(url) == {"misrouted": 2, "applied": 1}
+
+
+def _claim_scan(url: str, replica: str) -> tuple[int, list[int]]:
+    """One claim as the relay runs it (its session settings, its statement), inside a transaction
+    that is rolled back: the rows its scans of relay.effect visited, and the ids it claimed."""
+    with psycopg.connect(url) as conn:
+        conn.execute(query("claimer_session"))
+        conn.commit()  # the session's settings, kept past the rollbacks below
+        params = {
+            "owner": replica,
+            "epoch": 1,
+            "limit": 50,
+            "max_bytes": 1_000_000,
+            "lease_s": 60.0,
+        }
+        claimed = [int(r[0]) for r in conn.execute(query("claim_batch"), params)]
+        conn.rollback()
+        plan = conn.execute(
+            "EXPLAIN (ANALYZE, FORMAT JSON) " + query("claim_batch"), params
+        ).fetchone()
+        assert plan is not None
+        conn.rollback()
+
+    visited = 0
+
+    def walk(node: dict[str, Any]) -> None:
+        nonlocal visited
+        # The claim's scans of effects (the probes of each candidate's group aside).
+        scans_effects = node.get("Relation Name") == "effect" and "Scan" in node["Node Type"]
+        if scans_effects and node.get("Index Name") != "effect_group_idx":
+            visited += int(node["Actual Rows"]) * int(node["Actual Loops"])
+            visited += int(node.get("Rows Removed by Filter", 0))
+        for child in node.get("Plans", []):
+            walk(child)
+
+    walk(plan[0][0]["Plan"])
+    return visited, claimed
+
+
+def test_effects_behind_a_head_that_never_settles_cost_a_claim_nothing(
+    settings: Settings,
+) -> None:
+    """Issue 18, item 7: an application plants thousands of effects behind a head that is never
+    due; a claim's scan visits only what it may claim (before: every planted effect, each checked
+    against its group, at every claim). When the head settles, exactly the next effect of the
+    group becomes claimable, and so on."""
+    url = settings.require_database_url()
+    planted = 3000
+    with psycopg.connect(url) as conn:
+        conn.execute(
+            "SELECT relay.enqueue('head', 'email', '{\"n\": 0}'::jsonb, NULL, NULL, "
+            "now() + interval '50 years', 'victim')"
+        )
+        conn.execute(
+            "INSERT INTO relay.intake (operation_key, effect_type, payload, ordering_group) "
+            "SELECT 'behind-' || g, 'email', jsonb_build_object('n', g), 'victim' "
+            "FROM generate_series(1, %s) g",
+            (planted,),
+        )
+        for i in range(5):
+            conn.execute("SELECT relay.enqueue(%s, 'email', '{\"n\": 1}'::jsonb)", (f"free-{i}",))
+        conn.execute("INSERT INTO relay.replica (replica_id, epoch) VALUES ('claimer', 1)")
+        conn.commit()
+    assert support.read_intake(url) == planted + 6
+
+    visited, claimed = _claim_scan(url, "claimer")
+    with psycopg.connect(url) as conn:
+        free = [
+            int(r[0])
+            for r in conn.execute(
+                "SELECT id FROM relay.effect WHERE operation_key LIKE 'free-%%' ORDER BY id"
+            )
+        ]
+    assert claimed == free
+    assert visited <= len(free) + 5, f"the claim visited {visited} effects for {len(free)}"
+
+    # The head comes due and settles: only the next one goes, each time.
+    def claimable() -> list[str]:
+        with psycopg.connect(url) as conn:
+            return [
+                str(r[0])
+                for r in conn.execute(
+                    "SELECT operation_key FROM relay.effect WHERE ordering_group = 'victim' "
+                    "AND state = 'PENDING' AND NOT behind_head ORDER BY id"
+                )
+            ]
+
+    assert claimable() == ["head"]
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("UPDATE relay.effect SET available_at = now() WHERE operation_key = 'head'")
+    _, claimed = _claim_scan(url, "claimer")
+    with psycopg.connect(url, autocommit=True) as conn:
+        head = conn.execute("SELECT id FROM relay.effect WHERE operation_key = 'head'").fetchone()
+        assert head is not None and int(head[0]) in claimed
+        conn.execute("UPDATE relay.effect SET state = 'PUBLISHED' WHERE operation_key = 'head'")
+    assert claimable() == ["behind-1"]
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("UPDATE relay.effect SET state = 'CANCELLED' WHERE operation_key = 'behind-2'")
+        conn.execute("UPDATE relay.effect SET state = 'PUBLISHED' WHERE operation_key = 'behind-1'")
+    assert claimable() == ["behind-3"], "a cancelled effect is skipped, the next one goes"
+
+
+def test_a_group_holds_at_most_max_pending_per_group_intents(settings: Settings) -> None:
+    """Issue 18, item 7: an operator bounds how many intents one group may hold not yet
+    published; the next is refused with GroupFullError and nothing written, other groups go on,
+    and the group takes more once its head is published."""
+    url = settings.require_database_url()
+    support.prepare_database(settings.model_copy(update={"max_pending_per_group": 3}))
+    with psycopg.connect(url) as conn:
+        for i in range(3):
+            relay.enqueue(conn, "email", f"full-{i}", {"n": i}, ordering_group="full")
+        conn.commit()
+        with pytest.raises(relay.GroupFullError, match="max_pending_per_group") as refused:
+            relay.enqueue(conn, "email", "full-3", {"n": 3}, ordering_group="full")
+        assert "'full'" in str(refused.value)
+        conn.rollback()
+        relay.enqueue(conn, "email", "other-0", {"n": 0}, ordering_group="other")
+        conn.commit()
+    # Read by the relay: the count goes on, now over effect rows.
+    assert support.read_intake(url) == 4
+    with psycopg.connect(url) as conn:
+        with pytest.raises(relay.GroupFullError):
+            relay.enqueue(conn, "email", "full-3", {"n": 3}, ordering_group="full")
+        conn.rollback()
+        assert relay.get_effect(conn, "full-3") is None
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("UPDATE relay.effect SET state = 'PUBLISHED' WHERE operation_key = 'full-0'")
+    with psycopg.connect(url) as conn:
+        done = relay.enqueue(conn, "email", "full-3", {"n": 3}, ordering_group="full")
+        conn.commit()
+        assert done.created
+        # A duplicate of a held intent is answered, not refused, even when the group is full.
+        again = relay.enqueue(conn, "email", "full-1", {"n": 1}, ordering_group="full")
+        assert not again.created

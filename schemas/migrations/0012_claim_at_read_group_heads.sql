@@ -1,4 +1,5 @@
--- 0012: the relay claims what it reads (issue 19, docs/design/intake.md, the bridge's drain).
+-- 0012: the relay claims what it reads (issue 19, docs/design/intake.md, the bridge's drain), and
+-- a claim reads only the heads of ordering groups (issue 18, item 7).
 --
 -- relay.promote_intake takes an owner: the due, ungrouped rows of the batch it reads are written
 -- already claimed (DISPATCHING, attempt 1, the owner's lease), as claim_batch would have claimed
@@ -13,6 +14,321 @@
 -- The later parts of a split pair (a backlog bigger than one read) are an id range, from the last
 -- id read up to the sequence's value stored with tick b: reading the pair's candidates again for
 -- every part cost the whole pair per part.
+
+-- Issue 18, item 7: a claim reads only what it may claim. A grouped effect written behind an
+-- unsettled one waits outside the claim's index (behind_head) until the effect before it lets it
+-- go; effects planted behind a head that never becomes due cost a claim nothing.
+ALTER TABLE relay.effect ADD COLUMN behind_head boolean NOT NULL DEFAULT false;
+
+-- Whether an effect lets the next one of its group go (claim_batch's rule, in one place): settled
+-- (CONFIRMED, or PUBLISHED by a type that awaits no result) or released by an operator.
+-- Cancelled effects are skipped by the callers, not judged here. Inlined (SQL, STABLE, no SET).
+CREATE FUNCTION relay.lets_group_go(p_state text, p_effect_type text,
+                                    p_released_at timestamptz)
+RETURNS boolean
+LANGUAGE sql STABLE PARALLEL SAFE
+AS $fn$
+SELECT p_released_at IS NOT NULL OR p_state = 'CONFIRMED'
+       OR (p_state = 'PUBLISHED' AND NOT EXISTS (
+               SELECT 1 FROM relay.effect_type t
+               WHERE t.name = p_effect_type AND t.result_topic IS NOT NULL))
+$fn$;
+
+-- The first effect after p_after in its group (cancelled ones aside) stops waiting behind the
+-- head when the one before it lets it go, or when that cannot be known without waiting. Called
+-- by a trigger when an effect of the group settles, is cancelled or released, and by the reader
+-- for the first effect of each group it writes. Idempotent; never waits on a lock.
+--
+-- behind_head is a hint that keeps an effect out of the claim's index; the claim still checks
+-- the group itself. So a wrong false costs only a look at the effect per claim, while a wrong
+-- true would stall the group: it is set true only under a FOR SHARE lock on the effect before,
+-- seen unsettled. That effect cannot settle before this transaction commits, and the trigger of
+-- its settling, run after, finds the waiting effect and lets it go. If the effect before is
+-- locked by a change in flight (SKIP LOCKED), the answer is false.
+CREATE FUNCTION relay.release_next_in_group(p_group text, p_after bigint)
+RETURNS void
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    v_next bigint;
+    v_prev bigint;
+    v_row  relay.effect%ROWTYPE;
+BEGIN
+    SELECT w.id INTO v_next FROM relay.effect w
+    WHERE w.ordering_group = p_group AND w.id > p_after AND w.state <> 'CANCELLED'
+    ORDER BY w.id LIMIT 1;
+    IF v_next IS NULL THEN
+        RETURN;
+    END IF;
+    SELECT p.id INTO v_prev FROM relay.effect p
+    WHERE p.ordering_group = p_group AND p.id < v_next AND p.state <> 'CANCELLED'
+    ORDER BY p.id DESC LIMIT 1;
+    IF v_prev IS NOT NULL THEN
+        SELECT p.* INTO v_row FROM relay.effect p WHERE p.id = v_prev FOR SHARE SKIP LOCKED;
+        IF v_row.id IS NOT NULL AND v_row.state <> 'CANCELLED'
+           AND NOT relay.lets_group_go(v_row.state, v_row.effect_type, v_row.group_released_at)
+        THEN
+            RETURN;  -- still the head, unsettled, and locked until this transaction ends
+        END IF;
+    END IF;
+    UPDATE relay.effect SET behind_head = false WHERE id = v_next AND behind_head;
+END
+$fn$;
+REVOKE ALL ON FUNCTION relay.release_next_in_group(text, bigint) FROM PUBLIC;
+
+CREATE FUNCTION relay.effect_group_moved() RETURNS trigger
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    PERFORM relay.release_next_in_group(NEW.ordering_group, NEW.id);
+    RETURN NULL;
+END
+$fn$;
+REVOKE ALL ON FUNCTION relay.effect_group_moved() FROM PUBLIC;
+
+-- An effect of a group that settles, is cancelled or released lets the next one go.
+CREATE TRIGGER effect_group_moved AFTER UPDATE OF state, group_released_at ON relay.effect
+    FOR EACH ROW
+    WHEN (NEW.ordering_group IS NOT NULL
+          AND ((NEW.state IN ('CONFIRMED', 'PUBLISHED', 'CANCELLED')
+                AND NEW.state IS DISTINCT FROM OLD.state)
+               OR (NEW.group_released_at IS NOT NULL AND OLD.group_released_at IS NULL)))
+    EXECUTE FUNCTION relay.effect_group_moved();
+
+-- The claim's scan: due PENDING effects not waiting behind their group's head. (The index on all
+-- PENDING effects stays for the counts.)
+CREATE INDEX effect_claim_idx ON relay.effect (available_at, id)
+    WHERE state = 'PENDING' AND NOT behind_head;
+
+-- Effects already waiting behind an unsettled one.
+UPDATE relay.effect e SET behind_head = true
+WHERE e.state = 'PENDING' AND e.ordering_group IS NOT NULL
+  AND EXISTS (
+      SELECT 1 FROM (
+          SELECT p.state, p.effect_type, p.group_released_at FROM relay.effect p
+          WHERE p.ordering_group = e.ordering_group AND p.id < e.id AND p.state <> 'CANCELLED'
+          ORDER BY p.id DESC LIMIT 1
+      ) p
+      WHERE NOT relay.lets_group_go(p.state, p.effect_type, p.group_released_at));
+
+-- A group holds at most max_pending_per_group intents not yet published (issue 18, item 7),
+-- checked by relay.enqueue under the group's lock; the limit is synced from the config like
+-- max_payload_bytes.
+ALTER TABLE relay.limits ADD COLUMN max_pending_per_group integer NOT NULL DEFAULT 10000;
+CREATE INDEX intake_group_idx ON relay.intake (ordering_group, id)
+    WHERE ordering_group IS NOT NULL;
+
+CREATE OR REPLACE FUNCTION relay.enqueue(
+    p_operation_key  text,
+    p_effect_type    text,
+    p_payload        jsonb,
+    p_business_key   text DEFAULT NULL,
+    p_traceparent    text DEFAULT NULL,
+    p_available_at   timestamptz DEFAULT NULL,
+    p_ordering_group text DEFAULT NULL,
+    OUT effect_id    bigint,
+    OUT state        text,
+    OUT created      boolean
+)
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+SET jit = off
+AS $fn$
+#variable_conflict use_column
+DECLARE
+    v_topic    text;
+    v_template text;
+    v_by_group boolean;
+    v_limit    integer;
+    v_ring     boolean;
+    v_purged   boolean;
+    v_existing relay.effect%ROWTYPE;
+    v_in       relay.intake%ROWTYPE;
+    v_gone     relay.purged_key%ROWTYPE;
+    v_in_enum  boolean;
+    v_key      text := p_business_key;
+    v_owner    text;
+    v_cap      integer;
+    v_held     bigint;
+BEGIN
+    IF p_operation_key IS NULL OR length(p_operation_key) = 0 OR length(p_operation_key) > 512 THEN
+        RAISE EXCEPTION 'operation key must be 1 to 512 characters' USING ERRCODE = 'RL002';
+    END IF;
+    IF strpos(p_operation_key, '#compensation') > 0
+       AND p_operation_key ~ '#compensation(-[0-9]+)?$' THEN
+        RAISE EXCEPTION 'operation key % is reserved for the relay''s own compensations',
+            quote_literal(p_operation_key) USING ERRCODE = 'RL002';
+    END IF;
+    IF p_ordering_group IS NOT NULL
+       AND (length(p_ordering_group) = 0 OR length(p_ordering_group) > 512) THEN
+        RAISE EXCEPTION 'ordering group of % must be 1 to 512 characters', p_operation_key
+            USING ERRCODE = 'RL002';
+    END IF;
+    IF p_payload IS NULL OR jsonb_typeof(p_payload) <> 'object' THEN
+        RAISE EXCEPTION 'payload of % must be a JSON object', p_operation_key
+            USING ERRCODE = 'RL002';
+    END IF;
+    -- A container at level 100 means nesting deeper than the Python API accepts (objects and
+    -- arrays at levels 0 to 99): such a document cannot be decoded by the daemons' JSON parsers.
+    IF jsonb_path_exists(p_payload,
+                         'strict $.**{100} ? (@.type() == "object" || @.type() == "array")') THEN
+        RAISE EXCEPTION 'payload of % nests deeper than 100 levels', p_operation_key
+            USING ERRCODE = 'RL002';
+    END IF;
+    IF p_business_key IS NOT NULL
+       AND (length(p_business_key) = 0 OR length(p_business_key) > 512) THEN
+        RAISE EXCEPTION 'business key of % must be 1 to 512 characters', p_operation_key
+            USING ERRCODE = 'RL002';
+    END IF;
+    IF p_available_at IS NOT NULL AND NOT isfinite(p_available_at) THEN
+        RAISE EXCEPTION 'available_at of % must be a finite time, not %', p_operation_key,
+            p_available_at USING ERRCODE = 'RL002';
+    END IF;
+    IF p_traceparent IS NOT NULL
+       AND p_traceparent !~ '^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$' THEN
+        RAISE EXCEPTION 'traceparent of % is not a W3C traceparent', p_operation_key
+            USING ERRCODE = 'RL002';
+    END IF;
+    IF starts_with(p_effect_type, 'relay.') THEN
+        RAISE EXCEPTION 'effect type % is reserved for the relay', quote_literal(p_effect_type)
+            USING ERRCODE = 'RL001';
+    END IF;
+    -- What the database knows, in one statement: the type, the limits, the doorbell (one row
+    -- each) and whether the key was purged.
+    SELECT t.topic, t.business_key, t.key_by_group, l.max_payload_bytes,
+           coalesce(d.armed_until > now(), false),
+           EXISTS (SELECT 1 FROM relay.purged_key k WHERE k.operation_key = p_operation_key),
+           EXISTS (SELECT 1 FROM pg_enum n
+                   WHERE n.enumtypid = 'relay.effect_type_name'::regtype
+                     AND n.enumlabel = p_effect_type)
+    INTO v_topic, v_template, v_by_group, v_limit, v_ring, v_purged, v_in_enum
+    FROM relay.limits l
+    LEFT JOIN relay.doorbell d ON true
+    LEFT JOIN relay.effect_type t ON t.name = p_effect_type;
+    IF v_topic IS NULL THEN
+        RAISE EXCEPTION 'effect type % is not declared', quote_literal(p_effect_type)
+            USING ERRCODE = 'RL001',
+                  HINT = 'declare it in the config file and run relay migrate';
+    END IF;
+    IF pg_column_size(p_payload) * 6 > v_limit AND octet_length(p_payload::text) > v_limit THEN
+        RAISE EXCEPTION 'payload of % is % bytes of JSON, more than max_payload_bytes (%)',
+            p_operation_key, octet_length(p_payload::text), v_limit USING ERRCODE = 'RL006';
+    END IF;
+    IF v_purged THEN
+        SELECT * INTO v_gone FROM relay.purged_key k WHERE k.operation_key = p_operation_key;
+        RAISE EXCEPTION 'operation key % named effect % (type %, %), purged at %: not used again within the dedupe window',
+            quote_literal(p_operation_key), v_gone.effect_id, quote_literal(v_gone.effect_type),
+            v_gone.final_state, v_gone.purged_at USING ERRCODE = 'RL003';
+    END IF;
+    IF v_key IS NULL AND v_template IS NOT NULL THEN
+        v_key := relay.business_key(v_template, p_payload, p_operation_key);
+    END IF;
+    IF NOT v_in_enum THEN
+        RAISE EXCEPTION 'effect type % is declared but not in relay.effect_type_name',
+            quote_literal(p_effect_type) USING ERRCODE = 'RL001',
+            HINT = 'run relay migrate as the schema owner (type names longer than 63 bytes cannot be enqueued)';
+    END IF;
+    -- An effect from before the intake, or made by the relay, under this key: the same intent
+    -- again returns it, another one is refused.
+    SELECT * INTO v_existing FROM relay.effect e WHERE e.operation_key = p_operation_key;
+    IF FOUND THEN
+        IF v_existing.effect_type <> p_effect_type OR v_existing.payload <> p_payload
+           OR v_existing.ordering_group IS DISTINCT FROM p_ordering_group THEN
+            RAISE EXCEPTION 'operation key % already names another intent (effect %, type %)',
+                quote_literal(p_operation_key), v_existing.id,
+                quote_literal(v_existing.effect_type) USING ERRCODE = 'RL003';
+        END IF;
+        effect_id := v_existing.id;
+        state := v_existing.state;
+        created := false;
+        RETURN;
+    END IF;
+    IF p_ordering_group IS NOT NULL THEN
+        -- A group belongs to the login that first used it: another login is refused before it
+        -- waits or holds anything. The group's row is its ordering lock, taken before the id is
+        -- drawn and held until this transaction ends, so ids within a group follow commit order
+        -- (the order the relay reads and publishes). No role but the owner of this function can
+        -- lock that row: an advisory lock would be anyone's, and two groups could share one.
+        SELECT g.owner INTO v_owner FROM relay.ordering_group g WHERE g.name = p_ordering_group;
+        IF v_owner IS NULL THEN
+            INSERT INTO relay.ordering_group (name, owner) VALUES (p_ordering_group, session_user)
+            ON CONFLICT (name) DO NOTHING;
+            SELECT g.owner INTO v_owner FROM relay.ordering_group g
+            WHERE g.name = p_ordering_group;
+        END IF;
+        IF v_owner IS DISTINCT FROM session_user THEN
+            RAISE EXCEPTION 'ordering group % belongs to login %, not %',
+                quote_literal(p_ordering_group), quote_literal(v_owner), quote_literal(session_user)
+                USING ERRCODE = 'RL007',
+                      HINT = 'an ordering group is used by one login; choose another group name';
+        END IF;
+        PERFORM 1 FROM relay.ordering_group g WHERE g.name = p_ordering_group FOR UPDATE;
+        -- A group holds at most max_pending_per_group intents not yet published (issue 18, item
+        -- 7): counted under the group's lock, from the newest back (a group's intents are read
+        -- and published in id order), so the count costs at most the limit.
+        IF NOT EXISTS (SELECT 1 FROM relay.intake i WHERE i.operation_key = p_operation_key) THEN
+            SELECT l.max_pending_per_group INTO v_cap FROM relay.limits l;
+            SELECT (SELECT count(*) FROM (
+                        SELECT 1 FROM relay.intake i
+                        WHERE i.ordering_group = p_ordering_group
+                          AND i.id > coalesce((SELECT max(x.id) FROM relay.effect x
+                                               WHERE x.ordering_group = p_ordering_group
+                                                 AND x.state <> 'CANCELLED'), 0)
+                        LIMIT v_cap) unread)
+                 + (SELECT count(*) FROM (
+                        SELECT 1 FROM relay.effect e
+                        WHERE e.ordering_group = p_ordering_group AND e.state = 'PENDING'
+                          AND e.id > coalesce((SELECT max(x.id) FROM relay.effect x
+                                               WHERE x.ordering_group = p_ordering_group
+                                                 AND x.state NOT IN ('PENDING', 'CANCELLED')), 0)
+                        LIMIT v_cap) waiting)
+            INTO v_held;
+            IF v_held >= v_cap THEN
+                RAISE EXCEPTION 'ordering group % already holds % intents not yet published '
+                                '(max_pending_per_group): % was not enqueued',
+                    quote_literal(p_ordering_group), v_held, quote_literal(p_operation_key)
+                    USING ERRCODE = 'RL008',
+                          HINT = 'retry once the group drains (relay list --group), or raise '
+                                 'max_pending_per_group';
+            END IF;
+        END IF;
+    END IF;
+
+    INSERT INTO relay.intake AS i (operation_key, effect_type, payload, business_key,
+                                   traceparent, available_at, ordering_group)
+    VALUES (p_operation_key, p_effect_type::relay.effect_type_name, p_payload, v_key,
+            p_traceparent, p_available_at, p_ordering_group)
+    ON CONFLICT DO NOTHING
+    RETURNING i.id INTO effect_id;
+
+    IF effect_id IS NOT NULL THEN
+        IF v_ring THEN
+            PERFORM pg_notify('relay_doorbell', '');
+        END IF;
+        state := 'PENDING';
+        created := true;
+        RETURN;
+    END IF;
+
+    SELECT * INTO v_in FROM relay.intake i WHERE i.operation_key = p_operation_key;
+    IF v_in.effect_type::text <> p_effect_type OR v_in.payload <> p_payload
+       OR v_in.ordering_group IS DISTINCT FROM p_ordering_group THEN
+        RAISE EXCEPTION 'operation key % already names another intent (effect %, type %)',
+            quote_literal(p_operation_key), v_in.id, quote_literal(v_in.effect_type::text)
+            USING ERRCODE = 'RL003';
+    END IF;
+    effect_id := v_in.id;
+    state := coalesce((SELECT e.state FROM relay.effect e WHERE e.id = v_in.id),
+                      (SELECT 'REJECTED' FROM relay.intake_refused f WHERE f.id = v_in.id),
+                      'PENDING');
+    created := false;
+END
+$fn$;
 
 -- Whoever could execute the old function can execute the new one (the relay role of an install
 -- whose roles were applied), so an upgrade needs no second `relay roles --apply`.
@@ -59,6 +375,7 @@ DECLARE
     v_limit   integer;
     v_claim   integer := 0;
     v_batch   bigint[];
+    v_first   record;
 BEGIN
     IF p_limit IS NULL OR p_limit < 1 OR p_limit > 50000 OR p_max_ticks IS NULL
        OR p_max_ticks < 1 THEN
@@ -204,7 +521,7 @@ BEGIN
                                        business_key, traceparent, available_at, created_at,
                                        updated_at, ordering_group, message_key, enqueued_by,
                                        state, reason, attempts, owner, owner_epoch, lease_until,
-                                       claimed_at)
+                                       claimed_at, behind_head)
         -- A refused row keeps its payload only as bounded text (it may be no object, or
         -- nest deeper than anything that reads effects should decode), and no group.
         SELECT c.id, c.operation_key, c.effect_type, coalesce(c.type_topic, ''),
@@ -226,7 +543,10 @@ BEGIN
                CASE WHEN k.id IS NOT NULL THEN p_owner END,
                CASE WHEN k.id IS NOT NULL THEN p_epoch END,
                CASE WHEN k.id IS NOT NULL THEN now() + make_interval(secs => p_lease_s) END,
-               CASE WHEN k.id IS NOT NULL THEN now() END
+               CASE WHEN k.id IS NOT NULL THEN now() END,
+               -- Every grouped effect starts behind its head; the first of each group is let go
+               -- below when the effect before it lets it go.
+               c.why IS NULL AND c.ordering_group IS NOT NULL
         FROM checked c
         LEFT JOIN claims k ON k.id = c.id
         ORDER BY c.id
@@ -261,6 +581,18 @@ BEGIN
            (SELECT count(*) FROM set_aside)::integer,
            v_pos.tick_from, v_to, v_read >= p_limit, v_last
     ORDER BY 1 NULLS LAST;
+
+    -- The first effect of each group written here stops waiting if the effect before it lets
+    -- it go (relay.release_next_in_group, which never waits on a lock).
+    FOR v_first IN
+        SELECT f.ordering_group, f.first_id
+        FROM (SELECT e.ordering_group, min(e.id) AS first_id FROM relay.effect e
+              WHERE e.id = ANY (v_batch) AND e.behind_head
+              GROUP BY e.ordering_group) f
+        ORDER BY f.first_id
+    LOOP
+        PERFORM relay.release_next_in_group(v_first.ordering_group, v_first.first_id - 1);
+    END LOOP;
 
     -- The reader's position, after the rows it passes are written.
     IF v_read >= p_limit THEN
