@@ -188,13 +188,13 @@ def sync_effect_types(conn: psycopg.Connection[tuple[object, ...]], settings: Se
                 },
             )
             changed += cur.rowcount
-        conn.execute(
-            query("sync_limits"),
-            {
-                "max_payload_bytes": settings.max_payload_bytes,
-                "max_pending_per_group": settings.max_pending_per_group,
-            },
-        )
+        conn.execute(query("sync_limits"), {"max_payload_bytes": settings.max_payload_bytes})
+        row = conn.execute(query("has_group_limit")).fetchone()
+        if row is not None and row[0]:
+            conn.execute(
+                query("sync_group_limit"),
+                {"max_pending_per_group": settings.max_pending_per_group},
+            )
     return changed
 
 

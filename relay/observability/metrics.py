@@ -99,9 +99,9 @@ TRANSITIONS = Counter(
 )
 INTAKE_READ = Counter(
     "relay_intake_read",
-    "Intents read from the intake: promoted (now PENDING effects), rejected (failed a check the "
-    "intake does not make: REJECTED with the reason), refused (key names another effect: kept in "
-    "relay.intake_refused).",
+    "Intents read from the intake: promoted (now effects: claimed at once, or PENDING), rejected "
+    "(failed a check the intake does not make: REJECTED with the reason), refused (key names "
+    "another effect: kept in relay.intake_refused).",
     ["outcome"],
     registry=REGISTRY,
 )

@@ -21,11 +21,20 @@ WHERE (t.topic, t.idempotent, t.business_key, t.result_topic, t.outcome_timeout_
        excluded.max_attempts, excluded.key_by_group);
 
 -- name: sync_limits
-UPDATE relay.limits
-SET max_payload_bytes = %(max_payload_bytes)s,
-    max_pending_per_group = %(max_pending_per_group)s
-WHERE max_payload_bytes <> %(max_payload_bytes)s
-   OR max_pending_per_group <> %(max_pending_per_group)s;
+UPDATE relay.limits SET max_payload_bytes = %(max_payload_bytes)s
+WHERE max_payload_bytes <> %(max_payload_bytes)s;
+
+-- name: has_group_limit
+-- Whether the schema has max_pending_per_group (migration 0012): sync runs on older ones too.
+SELECT EXISTS (
+    SELECT 1 FROM pg_attribute
+    WHERE attrelid = 'relay.limits'::regclass AND attname = 'max_pending_per_group'
+      AND NOT attisdropped
+);
+
+-- name: sync_group_limit
+UPDATE relay.limits SET max_pending_per_group = %(max_pending_per_group)s
+WHERE max_pending_per_group <> %(max_pending_per_group)s;
 
 -- name: enqueue_intake
 -- An ungrouped intent: one plain INSERT into the intake (docs/design/intake.md slice 2). A key
