@@ -1079,16 +1079,46 @@ BEGIN
         FROM batch b
         LEFT JOIN relay.effect_type t ON t.name = b.effect_type
         WHERE NOT EXISTS (SELECT 1 FROM taken x WHERE x.id = b.id)
+    ), firsts AS MATERIALIZED (
+        -- The first effect of each group written here (an effect row already there, written by
+        -- a cancel before this read, is not written again) and the group's effect before it.
+        SELECT f.id, f.ordering_group,
+               (SELECT p.id FROM relay.effect p
+                WHERE p.ordering_group = f.ordering_group AND p.id < f.id
+                  AND p.state <> 'CANCELLED'
+                ORDER BY p.id DESC LIMIT 1) AS prev_id
+        FROM (SELECT DISTINCT ON (c.ordering_group) c.id, c.ordering_group
+              FROM checked c
+              WHERE c.why IS NULL AND c.ordering_group IS NOT NULL
+                AND NOT EXISTS (SELECT 1 FROM relay.effect e WHERE e.id = c.id)
+              ORDER BY c.ordering_group, c.id) f
+    ), held AS MATERIALIZED (
+        -- Those effects before, locked FOR SHARE (never waiting: one locked by a change in flight
+        -- is skipped, and the effect after it is then not held back; see
+        -- relay.release_next_in_group for why a wrong "not behind" is harmless and a wrong
+        -- "behind" is not). Locked and unsettled: it cannot settle before this transaction
+        -- commits, and its settling then lets the effect written here go.
+        SELECT p.id FROM relay.effect p
+        WHERE p.id IN (SELECT f.prev_id FROM firsts f)
+          AND p.state <> 'CANCELLED'
+          AND NOT relay.lets_group_go(p.state, p.effect_type, p.group_released_at)
+        FOR SHARE SKIP LOCKED
     ), claims AS MATERIALIZED (
-        -- What claim_batch would take of these at once: due, ungrouped (a grouped one waits for
-        -- the claim's check of its group), capped by count and by bytes.
+        -- What claim_batch would take of these at once, by its rules: due, and ungrouped or the
+        -- first of its group here with the effect before it settled (settled never comes undone,
+        -- so this snapshot's word is final); capped by count and by bytes.
         SELECT d.id FROM (
             SELECT c.id, pg_column_size(c.payload) AS size,
                    sum(pg_column_size(c.payload)) OVER (ORDER BY c.id) AS running,
                    row_number() OVER (ORDER BY c.id) AS n
             FROM checked c
-            WHERE v_claim > 0 AND c.why IS NULL AND c.ordering_group IS NULL
-              AND c.due_at <= now()
+            WHERE v_claim > 0 AND c.why IS NULL AND c.due_at <= now()
+              AND (c.ordering_group IS NULL OR EXISTS (
+                  SELECT 1 FROM firsts f
+                  LEFT JOIN relay.effect p ON p.id = f.prev_id
+                  WHERE f.id = c.id
+                    AND (f.prev_id IS NULL
+                         OR relay.lets_group_go(p.state, p.effect_type, p.group_released_at))))
         ) d
         WHERE d.n <= v_claim AND d.running - d.size < p_max_bytes
     ), made AS (
@@ -1119,9 +1149,12 @@ BEGIN
                CASE WHEN k.id IS NOT NULL THEN p_epoch END,
                CASE WHEN k.id IS NOT NULL THEN now() + make_interval(secs => p_lease_s) END,
                CASE WHEN k.id IS NOT NULL THEN now() END,
-               -- Every grouped effect starts behind its head; the first of each group is let go
-               -- below when the effect before it lets it go.
+               -- Behind its group's head: a grouped effect after another one written here, or
+               -- the first one here when the effect before it is held unsettled.
                c.why IS NULL AND c.ordering_group IS NOT NULL
+               AND (NOT EXISTS (SELECT 1 FROM firsts f WHERE f.id = c.id)
+                    OR EXISTS (SELECT 1 FROM firsts f JOIN held h ON h.id = f.prev_id
+                               WHERE f.id = c.id))
         FROM checked c
         LEFT JOIN claims k ON k.id = c.id
         ORDER BY c.id
@@ -1157,16 +1190,15 @@ BEGIN
            v_pos.tick_from, v_to, v_read >= p_limit, v_last
     ORDER BY 1 NULLS LAST;
 
-    -- The first effect of each group written here stops waiting if the effect before it lets
-    -- it go (relay.release_next_in_group, which never waits on a lock).
+    -- An effect of the batch a cancel wrote first (an intent cancelled before this read): the
+    -- effect after it in its group may have been written behind it above; let it go if the one
+    -- before lets it (rare: relay.release_next_in_group never waits on a lock).
     FOR v_first IN
-        SELECT f.ordering_group, f.first_id
-        FROM (SELECT e.ordering_group, min(e.id) AS first_id FROM relay.effect e
-              WHERE e.id = ANY (v_batch) AND e.behind_head
-              GROUP BY e.ordering_group) f
-        ORDER BY f.first_id
+        SELECT e.ordering_group, e.id FROM relay.effect e
+        WHERE e.id = ANY (v_batch) AND e.state = 'CANCELLED' AND e.ordering_group IS NOT NULL
+        ORDER BY e.id
     LOOP
-        PERFORM relay.release_next_in_group(v_first.ordering_group, v_first.first_id - 1);
+        PERFORM relay.release_next_in_group(v_first.ordering_group, v_first.id);
     END LOOP;
 
     -- The reader's position, after the rows it passes are written.
