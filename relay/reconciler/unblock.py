@@ -45,6 +45,16 @@ def unblock(
         cur.execute(query("group_blocker"), {"group": group})
         row = cur.fetchone()
         if row is None:
+            cur.execute(query("group_head"), {"group": group})
+            head = cur.fetchone()
+            if head is not None and int(head[2]) > 0:
+                head_key, due, waiting_behind = head
+                raise EffectNotFoundError(
+                    f"ordering group {group!r} is not parked, but {waiting_behind} effect(s) wait "
+                    f"behind its head {head_key!r}, which is PENDING and not due until "
+                    f"{due.isoformat()}: it goes then; cancel it (relay cancel {head_key}) to "
+                    "let the others go without it"
+                )
             raise EffectNotFoundError(
                 f"ordering group {group!r} is not parked: none of its effects is REJECTED, "
                 "UNKNOWN or STUCK without having been released"

@@ -2,12 +2,21 @@
 
 -- name: list_effects
 -- A PENDING effect of a group that waits behind a REJECTED, UNKNOWN or STUCK one (the latest of
--- its group, not released) is listed as PARKED, with the effect it waits for.
+-- its group, not released) is listed as PARKED, with the effect it waits for. Another one
+-- waiting behind its group's head names the effect just before it, and that effect's due time
+-- when it is not due yet (a head scheduled far ahead holds its group back as surely).
 SELECT e.operation_key, e.effect_type,
        CASE WHEN b.operation_key IS NOT NULL THEN 'PARKED' ELSE e.state END AS state,
        e.attempts, e.updated_at,
        CASE WHEN b.operation_key IS NOT NULL
             THEN format('parked behind %%s (%%s) in group %%s', b.operation_key, b.state,
+                        e.ordering_group)
+            WHEN w.operation_key IS NOT NULL
+            THEN format('waits behind %%s (%%s%%s) in group %%s', w.operation_key, w.state,
+                        CASE WHEN w.state = 'PENDING' AND w.available_at > now()
+                             THEN ', due ' || to_char(w.available_at AT TIME ZONE 'UTC',
+                                                      'YYYY-MM-DD"T"HH24:MI:SS"Z"')
+                             ELSE '' END,
                         e.ordering_group)
             ELSE e.reason END AS reason,
        e.ordering_group
@@ -19,6 +28,12 @@ LEFT JOIN LATERAL (
       AND p.state IN ('REJECTED', 'UNKNOWN', 'STUCK')
     ORDER BY p.id DESC LIMIT 1
 ) b ON true
+LEFT JOIN LATERAL (
+    SELECT p.operation_key, p.state, p.available_at FROM relay.effect p
+    WHERE e.state = 'PENDING' AND e.behind_head AND e.ordering_group IS NOT NULL
+      AND p.ordering_group = e.ordering_group AND p.id < e.id AND p.state <> 'CANCELLED'
+    ORDER BY p.id DESC LIMIT 1
+) w ON true
 WHERE (%(state)s::text IS NULL OR e.state = %(state)s
        OR (%(state)s = 'PARKED' AND e.state = 'PENDING' AND e.ordering_group IS NOT NULL))
   AND (%(state)s::text IS DISTINCT FROM 'PARKED' OR b.operation_key IS NOT NULL)

@@ -322,6 +322,18 @@ WHERE b.ordering_group = %(group)s AND b.group_released_at IS NULL
 ORDER BY b.id DESC LIMIT 1
 FOR UPDATE OF b;
 
+-- name: group_head
+-- A group that is not parked may still wait: on its head, PENDING and not due yet (scheduled far
+-- ahead). That head, when it is due, and how many effects wait behind it.
+SELECT h.operation_key, h.available_at,
+       (SELECT count(*) FROM relay.effect w
+        WHERE w.ordering_group = h.ordering_group AND w.id > h.id AND w.state = 'PENDING')
+           AS waiting
+FROM relay.effect h
+WHERE h.ordering_group = %(group)s AND h.state = 'PENDING' AND NOT h.behind_head
+  AND h.available_at > now()
+ORDER BY h.id LIMIT 1;
+
 -- name: release_group
 -- The group goes on without this effect (never claimed again), and a waiting relay is woken.
 WITH released AS (

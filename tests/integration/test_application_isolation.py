@@ -462,3 +462,34 @@ def test_a_group_holds_at_most_max_pending_per_group_intents(settings: Settings)
         # A duplicate of a held intent is answered, not refused, even when the group is full.
         again = relay.enqueue(conn, "email", "full-1", {"n": 1}, ordering_group="full")
         assert not again.created
+
+
+def test_a_head_that_is_not_due_is_named_as_the_reason_its_group_waits(
+    settings: Settings,
+) -> None:
+    """Issue 18, item 2: a head scheduled far ahead holds its group back; `relay list` names it
+    with its due time beside the effects behind it, and `relay unblock` says what the group
+    waits on (before: "not parked", and nothing in the list)."""
+    from relay.inspection import list_effects
+    from relay.reconciler.unblock import unblock
+
+    url = settings.require_database_url()
+    far = dt.datetime(2100, 1, 1, tzinfo=dt.UTC)
+    with psycopg.connect(url) as conn:
+        relay.enqueue(conn, "email", "far-head", {"n": 0}, available_at=far, ordering_group="later")
+        relay.enqueue(conn, "email", "later-1", {"n": 1}, ordering_group="later")
+        relay.enqueue(conn, "email", "later-2", {"n": 2}, ordering_group="later")
+        conn.commit()
+    assert support.read_intake(url) == 3
+    with psycopg.connect(url) as conn:
+        listed = {r["operation_key"]: r for r in list_effects(conn, group="later")}
+        assert listed["later-1"]["reason"] == (
+            "waits behind far-head (PENDING, due 2100-01-01T00:00:00Z) in group later"
+        )
+        assert listed["later-2"]["reason"] == "waits behind later-1 (PENDING) in group later"
+        assert listed["far-head"]["reason"] is None
+        with pytest.raises(relay.EffectNotFoundError) as told:
+            unblock(conn, "later", skip=None, reason="why", actor="operator:test")
+    text = str(told.value)
+    assert "2 effect(s) wait behind its head 'far-head'" in text
+    assert "2100-01-01" in text and "relay cancel far-head" in text
