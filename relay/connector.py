@@ -128,10 +128,15 @@ def enqueue_many(
 
 
 def get_effect(db: Connector, operation_key: str) -> Effect | None:
-    """The effect, or an intent the relay has not read yet (PENDING)."""
+    """The effect, or an intent without an effect row yet (PENDING, or DISPATCHING in a
+    batch). Its row may be written between the two reads: then the first is asked again."""
     params = {"operation_key": operation_key}
     with translate_errors():
-        row = db.execute_one("get_effect", params) or db.execute_one("get_intake_effect", params)
+        row = (
+            db.execute_one("get_effect", params)
+            or db.execute_one("get_intake_effect", params)
+            or db.execute_one("get_effect", params)
+        )
     return as_effect(row) if row else None
 
 
@@ -172,6 +177,8 @@ async def get_effect_async(db: AsyncConnector, operation_key: str) -> Effect | N
         row = await db.execute_one("get_effect", params)
         if row is None:
             row = await db.execute_one("get_intake_effect", params)
+        if row is None:  # its row written between the two reads (see get_effect)
+            row = await db.execute_one("get_effect", params)
     return as_effect(row) if row else None
 
 

@@ -215,11 +215,18 @@ UNREAD_INTAKE = "SELECT count(*) FROM relay.intake_unread"
 
 
 def count_states(database_url: str) -> dict[str, int]:
-    """Effects by state; an intent the relay has not read from the intake yet counts as PENDING."""
+    """Effects by state; an intent the relay has not read from the intake yet counts as PENDING,
+    one claimed in a batch (no effect row until its outcome) as DISPATCHING."""
     with psycopg.connect(database_url, autocommit=True) as conn:
-        rows = conn.execute("SELECT state, count(*) FROM relay.effect GROUP BY state").fetchall()
+        rows = conn.execute(
+            "SELECT state, count(*) FROM relay.effect GROUP BY state "
+            "UNION ALL SELECT 'DISPATCHING', count(*) FROM relay.batch_effect"
+        ).fetchall()
         unread = conn.execute(UNREAD_INTAKE).fetchone()
-    states = {str(state): int(n) for state, n in rows}
+    states: dict[str, int] = {}
+    for state, n in rows:
+        if n:
+            states[str(state)] = states.get(str(state), 0) + int(n)
     if unread and unread[0]:
         states["PENDING"] = states.get("PENDING", 0) + int(unread[0])
     return states

@@ -20,10 +20,12 @@ The set of rows between two stored snapshots is fixed, so a pair with more rows 
 is read in parts by an id cursor inside that pair (:class:`Position`), which cannot skip.
 
 ``relay run`` reads the intake through :class:`IntakeReader`: the claimer asks it for a tick and
-the next batches before each claim, and ``relay.promote_intake`` (migrations 0011, 0012) writes
-each batch's effect rows in one statement, in the same read, the rows it can publish at once
-already claimed for the caller (``read_batch`` here is the same read without the writes, for the
-tests and the bench). Lanes and per-batch bookkeeping are the design's next slices.
+the next batches before each claim, and ``relay.promote_intake`` (migrations 0011 to 0013) reads
+a batch and claims for the caller, in one statement, the rows it can publish at once: the
+ungrouped ones by one ``relay.dispatch_batch`` row (their effect rows are written once, with their
+outcome), the grouped ones as DISPATCHING effect rows; the other rows are written as effect rows
+for the pool (``read_batch`` here is the same read without the writes, for the tests and the
+bench). Lanes and a position kept in Kafka are the design's next slices.
 """
 
 from __future__ import annotations
@@ -141,7 +143,8 @@ class Claim:
 @dataclass(frozen=True)
 class Promoted:
     """One call of ``relay.promote_intake``: effect rows written PENDING (``promoted``), claimed
-    for the caller (``claimed``, the rows themselves), REJECTED (``rejected``: the checks the
+    for the caller (``claimed``, the rows themselves: ungrouped ones in a batch, without an effect
+    row until their outcome), REJECTED (``rejected``: the checks the
     intake does not make), intents set aside because their key names another effect
     (``refused``), and whether the pair has rows left (``more``). ``read`` is False when another
     replica held the reader, or no tick followed."""
@@ -184,7 +187,7 @@ def promote(
     if not found:
         return Promoted(read=False)
     *rows, summary = found
-    promoted, _claimed, rejected, refused, _tick_from, _tick_to, more, last_id = summary[11:]
+    promoted, _claimed, rejected, refused, _tick_from, _tick_to, more, last_id = summary[12:]
     return Promoted(
         True,
         int(promoted),
@@ -192,7 +195,7 @@ def promote(
         int(refused),
         bool(more),
         int(last_id or 0),
-        tuple(ClaimedEffect(*row[:11]) for row in rows),
+        tuple(ClaimedEffect(*row[:12]) for row in rows),
     )
 
 

@@ -114,21 +114,17 @@ class Marker(Stage):
             self._mark(conn, results[half:])
 
     def _mark_set(self, conn: psycopg.Connection[Any], results: Sequence[PublishResult]) -> None:
+        """Claimed rows (``mark_outcomes``) and batch-claimed intents, whose effect rows are
+        written now (``mark_batch_outcomes``), in one transaction."""
         states = [state_after(self.settings, r).value for r in results]
-        params = {
-            "owner": self.who.replica_id,
-            "epoch": self.who.epoch,
-            "ids": [r.effect.id for r in results],
-            "attempts": [r.effect.attempt for r in results],
-            "states": states,
-            "outcomes": [r.outcome.value for r in results],
-            "reasons": [reason_of(self.settings, r) for r in results],
-            "partitions": [r.partition for r in results],
-            "offsets": [r.offset for r in results],
-            "delays_s": [not_sent_delay(self.settings, r) for r in results],
-        }
-        marked = conn.execute(query("mark_outcomes"), params).fetchall()
-        observability.record_marked(written(results, states, [row[0] for row in marked]))
+        marked: list[int] = []
+        with conn.transaction():
+            for batched in (False, True):
+                part = [i for i, r in enumerate(results) if (r.effect.batch is not None) is batched]
+                if part:
+                    chosen = [results[i] for i in part]
+                    marked += self._write(conn, chosen, [states[i] for i in part])
+        observability.record_marked(written(results, states, marked))
         if len(marked) != len(results):
             log.warning(
                 "some outcomes were not recorded: the lease was lost or the replica fenced",
@@ -136,6 +132,29 @@ class Marker(Stage):
             )
         if self._on_marked is not None:
             self._on_marked(results)
+
+    def _write(
+        self, conn: psycopg.Connection[Any], results: Sequence[PublishResult], states: list[str]
+    ) -> list[int]:
+        """One statement for results that are all batch-claimed, or all claimed rows."""
+        params: dict[str, Any] = {
+            "owner": self.who.replica_id,
+            "epoch": self.who.epoch,
+            "ids": [r.effect.id for r in results],
+            "states": states,
+            "outcomes": [r.outcome.value for r in results],
+            "reasons": [reason_of(self.settings, r) for r in results],
+            "partitions": [r.partition for r in results],
+            "offsets": [r.offset for r in results],
+            "delays_s": [not_sent_delay(self.settings, r) for r in results],
+        }
+        if results[0].effect.batch is None:
+            params["attempts"] = [r.effect.attempt for r in results]
+            name = "mark_outcomes"
+        else:
+            params["batches"] = [r.effect.batch for r in results]
+            name = "mark_batch_outcomes"
+        return [int(row[0]) for row in conn.execute(query(name), params).fetchall()]
 
 
 def written(

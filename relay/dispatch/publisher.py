@@ -46,6 +46,8 @@ class ClaimedEffect:
     attempt: int
     created_at: datetime
     ordering_group: str | None = None  # its effects go one at a time, to one partition
+    # The batch (relay.dispatch_batch) that claimed it: no effect row until its outcome.
+    batch: int | None = None
 
 
 def group_partition(group: str, partitions: set[int] | None) -> int | None:

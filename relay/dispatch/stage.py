@@ -74,8 +74,8 @@ class Held:
 def expire_leases(
     conn: psycopg.Connection[Any], who: Identity, held: Held, *, all_own: bool = False
 ) -> int:
-    """Effects left DISPATCHING past their lease (or, with ``all_own``, this replica's rows that
-    no stage holds) become UNKNOWN; returns how many."""
+    """Effects left DISPATCHING past their lease (or, with ``all_own``, this replica's rows and
+    batches that no stage holds) become UNKNOWN; returns how many."""
     params = {
         "owner": who.replica_id,
         "epoch": who.epoch,
@@ -83,8 +83,10 @@ def expire_leases(
         "all_own": all_own,
         "held": held.snapshot() if all_own else [],
     }
-    row = conn.execute(query("expire_leases"), params).fetchone()
-    expired = int(row[0]) if row else 0
+    expired = 0
+    for name in ("expire_leases", "expire_batches"):
+        row = conn.execute(query(name), params).fetchone()
+        expired += int(row[0]) if row else 0
     if expired:
         observability.record_leases_expired(expired)
         log.warning(

@@ -224,12 +224,16 @@ class _Writer:
         keys = sorted(
             {s.message.operation_key for s in stored if "\x00" not in s.message.operation_key}
         )
+        effects: dict[str, LockedEffect] = {}
         with conn.cursor(row_factory=dict_row) as cur:
-            cur.execute(query("lock_effects"), {"keys": keys})
-            effects = {
-                row["operation_key"]: LockedEffect(**{**row, "state": EffectState(row["state"])})
-                for row in cur.fetchall()
-            }
+            # Intents claimed in a batch whose outcome is not recorded have no effect row yet:
+            # DISPATCHING, so their results wait. Asked first, so that a row written meanwhile is
+            # found by the lock after it, and wins.
+            for name in ("batch_effects", "lock_effects"):
+                cur.execute(query(name), {"keys": keys})
+                for row in cur.fetchall():
+                    state = EffectState(row["state"])
+                    effects[row["operation_key"]] = LockedEffect(**{**row, "state": state})
         rows = conn.execute(
             query("effects_with_deferred"),
             {

@@ -168,6 +168,123 @@ WITH outcome AS (
 )
 SELECT id FROM moved
 
+-- name: mark_batch_outcomes
+-- The outcomes of intents claimed in batches (relay.dispatch_batch): each effect row written once,
+-- in its outcome's state, with its attempt's row and one transition, as mark_outcomes writes them
+-- for a claimed row; a batch whose every intent has its row is deleted. Compare-and-set on the
+-- batch's owner and epoch: a batch whose lease was expired (its effects written UNKNOWN, the batch
+-- gone) or a fenced incarnation's writes nothing.
+WITH outcome AS (
+    SELECT * FROM unnest(%(ids)s::bigint[], %(batches)s::bigint[], %(states)s::text[],
+                         %(outcomes)s::text[], %(reasons)s::text[], %(partitions)s::int[],
+                         %(offsets)s::bigint[], %(delays_s)s::float8[])
+        AS o(id, batch, state, outcome, reason, partition, "offset", delay_s)
+), live AS MATERIALIZED (
+    SELECT b.id, b.claimed_at, b.ids FROM relay.dispatch_batch b
+    WHERE b.id = ANY (%(batches)s::bigint[])
+      AND b.owner = %(owner)s AND b.owner_epoch = %(epoch)s
+    FOR UPDATE
+), made AS (
+    INSERT INTO relay.effect AS e (id, operation_key, effect_type, topic, payload, business_key,
+                                   traceparent, available_at, created_at, updated_at,
+                                   enqueued_by, state, reason, attempts, claimed_at,
+                                   published_partition, published_offset, published_at,
+                                   outcome_deadline)
+    SELECT r.id, r.operation_key, r.effect_type, r.topic, r.payload, r.business_key,
+           r.traceparent,
+           CASE WHEN o.state = 'PENDING' THEN now() + make_interval(secs => o.delay_s)
+                ELSE r.available_at END,
+           r.created_at, now(), r.enqueued_by, o.state, o.reason, 1, l.claimed_at,
+           o.partition, o."offset", CASE WHEN o.state = 'PUBLISHED' THEN now() END,
+           CASE WHEN o.state = 'PUBLISHED' AND t.result_topic IS NOT NULL
+                THEN now() + make_interval(secs => t.outcome_timeout_s) END
+    FROM outcome o
+    JOIN live l ON l.id = o.batch AND o.id = ANY (l.ids)
+    JOIN relay.batch_rows(%(ids)s::bigint[]) r ON r.id = o.id
+    LEFT JOIN relay.effect_type t ON t.name = r.effect_type
+    ORDER BY r.id
+    ON CONFLICT DO NOTHING
+    RETURNING e.id, e.state, e.reason, e.claimed_at, e.created_at, e.effect_type
+), attempts AS (
+    INSERT INTO relay.attempt (effect_id, attempt, replica_id, replica_epoch, started_at,
+                               ended_at, outcome, reason, partition, "offset")
+    SELECT m.id, 1, %(owner)s, %(epoch)s, m.claimed_at, now(), o.outcome, m.reason,
+           o.partition, o."offset"
+    FROM made m JOIN outcome o ON o.id = m.id
+), log AS MATERIALIZED (
+    SELECT c.status_events AS status,
+           coalesce((SELECT v.applied_at FROM relay.schema_migration v WHERE v.version = 4),
+                    '-infinity') AS lean_since
+    FROM relay.reconciler_config c
+), transitions AS (
+    -- One row, implying the claim and the enqueue before it, as mark_outcomes writes it.
+    INSERT INTO relay.transition (effect_id, from_state, to_state, reason, actor, attempt, at,
+                                  status_pending, implied_claim, implied_enqueue)
+    SELECT m.id, 'DISPATCHING', m.state, m.reason, %(owner)s, 1, now(),
+           log.status AND m.effect_type <> 'relay.status', true, m.created_at >= log.lean_since
+    FROM made m CROSS JOIN log
+    ORDER BY m.id
+), closed AS (
+    DELETE FROM relay.dispatch_batch b USING live l
+    WHERE b.id = l.id AND NOT EXISTS (
+        SELECT 1 FROM unnest(l.ids) AS x(id)
+        WHERE x.id NOT IN (SELECT m.id FROM made m)
+          AND NOT EXISTS (SELECT 1 FROM relay.effect e WHERE e.id = x.id))
+)
+SELECT id FROM made
+
+-- name: expire_batches
+-- A batch left past its lease (its replica died or hangs), a previous incarnation's, or (after a
+-- reconnect) one of this replica's that no stage holds: its intents may or may not be in Kafka.
+-- Each without an effect row is written UNKNOWN, with its attempt's row and transition, as
+-- expire_leases writes a claimed row's; the batch is deleted.
+WITH expired AS (
+    SELECT b.id, b.owner, b.owner_epoch, b.claimed_at, b.ids FROM relay.dispatch_batch b
+    WHERE b.lease_until < now()
+       OR (b.owner = %(owner)s AND b.owner_epoch < %(epoch)s)
+       OR (%(all_own)s AND b.owner = %(owner)s AND NOT (b.ids && %(held)s::bigint[]))
+    ORDER BY b.lease_until
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+), member AS (
+    SELECT x.id, x.owner, x.owner_epoch, x.claimed_at, m.id AS effect_id
+    FROM expired x CROSS JOIN LATERAL unnest(x.ids) AS m(id)
+), made AS (
+    INSERT INTO relay.effect AS e (id, operation_key, effect_type, topic, payload, business_key,
+                                   traceparent, available_at, created_at, updated_at,
+                                   enqueued_by, state, reason, attempts, claimed_at)
+    SELECT r.id, r.operation_key, r.effect_type, r.topic, r.payload, r.business_key,
+           r.traceparent, r.available_at, r.created_at, now(), r.enqueued_by, 'UNKNOWN',
+           format('attempt 1 of replica %%s (epoch %%s) ended without a recorded outcome',
+                  m.owner, m.owner_epoch),
+           1, m.claimed_at
+    FROM member m
+    JOIN relay.batch_rows(ARRAY(SELECT effect_id FROM member)) r ON r.id = m.effect_id
+    ORDER BY r.id
+    ON CONFLICT DO NOTHING
+    RETURNING e.id, e.reason, e.claimed_at, e.created_at, e.effect_type
+), attempts AS (
+    INSERT INTO relay.attempt (effect_id, attempt, replica_id, replica_epoch, started_at,
+                               ended_at, outcome, reason)
+    SELECT d.id, 1, m.owner, m.owner_epoch, d.claimed_at, now(), 'unknown', d.reason
+    FROM made d JOIN member m ON m.effect_id = d.id
+), log AS MATERIALIZED (
+    SELECT c.status_events AS status,
+           coalesce((SELECT v.applied_at FROM relay.schema_migration v WHERE v.version = 4),
+                    '-infinity') AS lean_since
+    FROM relay.reconciler_config c
+), transitions AS (
+    INSERT INTO relay.transition (effect_id, from_state, to_state, reason, actor, attempt, at,
+                                  status_pending, implied_claim, implied_enqueue)
+    SELECT d.id, 'DISPATCHING', 'UNKNOWN', d.reason, %(owner)s, 1, now(),
+           log.status AND d.effect_type <> 'relay.status', true, d.created_at >= log.lean_since
+    FROM made d JOIN member m ON m.effect_id = d.id CROSS JOIN log
+    ORDER BY d.id
+), gone AS (
+    DELETE FROM relay.dispatch_batch b USING expired x WHERE b.id = x.id
+)
+SELECT count(*) AS expired FROM made
+
 -- name: expire_leases
 -- An effect left DISPATCHING past its lease (its replica died or hangs) may or may not be in
 -- Kafka: it becomes UNKNOWN, never PENDING, and its attempt and transition are written as

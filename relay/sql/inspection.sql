@@ -55,6 +55,10 @@ FROM (
     UNION ALL
     SELECT u.effect_type, 'PENDING', count(*), min(u.enqueued_at)
     FROM relay.intake_unread u GROUP BY u.effect_type
+    UNION ALL
+    -- Intents claimed in a batch have no effect row until their outcome is recorded.
+    SELECT b.effect_type, 'DISPATCHING', count(*), min(b.claimed_at)
+    FROM relay.batch_effect b GROUP BY b.effect_type
 ) s
 GROUP BY s.effect_type, s.state ORDER BY s.effect_type, s.state;
 

@@ -97,11 +97,11 @@ ORDER BY r.id;
 SELECT coalesce(pg_sequence_last_value('relay.intake_id_seq'), 0);
 
 -- name: promote_intake
--- The next batch between ticks written as effect rows (relay.promote_intake, migration 0012):
--- the rows claimed for the owner first (id set), then the summary (id NULL). Without an owner
--- (p_claim 0), the summary alone.
+-- The next batch between ticks, read and claimed (relay.promote_intake, migration 0013): the
+-- rows claimed for the owner first (id set; batch_id set for those claimed by a batch row), then
+-- the summary (id NULL). Without an owner (p_claim 0), the summary alone.
 SELECT id, operation_key, message_key, effect_type, topic, payload, business_key, traceparent,
-       attempts, created_at, ordering_group,
+       attempts, created_at, ordering_group, batch_id,
        promoted, claimed, rejected, refused, tick_from, tick_to, more, last_id
 FROM relay.promote_intake(%(limit)s, %(max_ticks)s, %(owner)s, %(epoch)s, %(lease_s)s,
                           %(claim)s, %(max_bytes)s);

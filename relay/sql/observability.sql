@@ -11,10 +11,17 @@
 WITH unread AS MATERIALIZED (
     SELECT u.effect_type, u.due FROM relay.intake_unread u
 )
-SELECT 'effects' AS kind, effect_type, state, count(*)::float8 AS value
-FROM relay.effect
-WHERE state <> 'PENDING'
-GROUP BY effect_type, state
+SELECT 'effects' AS kind, d.effect_type, d.state, sum(d.n)::float8 AS value
+FROM (
+    SELECT effect_type, state, count(*) AS n FROM relay.effect
+    WHERE state <> 'PENDING'
+    GROUP BY effect_type, state
+    UNION ALL
+    -- DISPATCHING also counts the intents claimed in a batch, which have no effect row yet.
+    SELECT b.effect_type, 'DISPATCHING', count(*) FROM relay.batch_effect b
+    GROUP BY b.effect_type
+) d
+GROUP BY d.effect_type, d.state
 UNION ALL
 -- PENDING also counts the intents the relay has not read from the intake yet (see unread).
 SELECT 'effects', p.effect_type, 'PENDING', sum(p.n)::float8

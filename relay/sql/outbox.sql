@@ -77,10 +77,12 @@ SELECT id, operation_key, effect_type, topic, payload, business_key, traceparent
 FROM relay.effect WHERE operation_key = %(operation_key)s;
 
 -- name: get_intake_effect
--- An intent the relay has not read yet, as PENDING (asked only when get_effect found no row;
--- relay.intake_effect reads the intake for logins that may not).
+-- An intent without an effect row (asked only when get_effect found none; relay.intake_effect
+-- reads the intake for logins that may not): PENDING, not read yet, or DISPATCHING, claimed in a
+-- batch whose outcome is not recorded yet.
 SELECT i.id, i.operation_key, i.effect_type, i.topic, i.payload, i.business_key, i.traceparent,
-       'PENDING' AS state, 0 AS attempts, i.available_at, i.created_at, i.created_at AS updated_at,
+       i.state, CASE WHEN i.state = 'DISPATCHING' THEN 1 ELSE 0 END AS attempts, i.available_at,
+       i.created_at, coalesce(i.claimed_at, i.created_at) AS updated_at,
        NULL::text AS owner, NULL::bigint AS owner_epoch, NULL::timestamptz AS lease_until,
        NULL::text AS reason, NULL::integer AS published_partition,
        NULL::bigint AS published_offset, NULL::timestamptz AS published_at,

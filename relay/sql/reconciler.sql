@@ -265,6 +265,14 @@ FROM relay.effect WHERE operation_key = ANY(%(keys)s::text[])
 ORDER BY id
 FOR UPDATE;
 
+-- name: batch_effects
+-- Intents claimed in a batch whose outcome the relay has not recorded: no effect row yet, so
+-- DISPATCHING (a result for one waits, deferred, until its row is written).
+SELECT id, operation_key, effect_type, 'DISPATCHING' AS state, 1 AS attempts,
+       NULL::text AS external_id, NULL::text AS business_key, NULL::bigint AS published_offset,
+       traceparent
+FROM relay.batch_effect WHERE operation_key = ANY(%(keys)s::text[]);
+
 -- name: effects_with_deferred
 -- Which of these effects have a result still waiting (deferred), other than the results being
 -- applied, and the first of them: a later result of the effect waits behind it.

@@ -72,6 +72,10 @@ GRANT INSERT, DELETE ON relay.tick TO {relay};
 -- publish at once (relay.promote_intake).
 GRANT EXECUTE ON FUNCTION relay.promote_intake(integer, integer, text, bigint, double precision,
                                                integer, bigint) TO {relay};
+-- It writes the effect rows of a batch claimed that way with their outcomes, and deletes the
+-- batch (relay.dispatch_batch; UPDATE for the lock it takes on it first).
+GRANT INSERT ON relay.effect TO {relay};
+GRANT UPDATE, DELETE ON relay.dispatch_batch TO {relay};
 
 -- The reconciler: evidence, moves, compensations, the status-event switch.
 GRANT UPDATE ON relay.effect, relay.reconciler_config, relay.attempt TO {reconciler};

@@ -344,6 +344,21 @@ CREATE TABLE relay.ordering_group (
 );
 REVOKE ALL ON relay.intake_reader, relay.intake_refused, relay.ordering_group FROM PUBLIC;
 
+-- A claim of ungrouped intents read from the intake, one row per batch (issue 19, the design's
+-- bookkeeping per batch): its intents have no effect row until their outcome is recorded, and
+-- the row is the attempt recorded before the publish. The marker writes each effect row once, in
+-- its outcome's state, and deletes the batch; a batch whose lease ran out has its effects
+-- written UNKNOWN (relay/sql/dispatch.sql, expire_batches).
+CREATE TABLE relay.dispatch_batch (
+    id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    owner       text NOT NULL,
+    owner_epoch bigint NOT NULL,
+    claimed_at  timestamptz NOT NULL DEFAULT now(),
+    lease_until timestamptz NOT NULL,
+    ids         bigint[] NOT NULL
+);
+REVOKE ALL ON relay.dispatch_batch FROM PUBLIC;
+
 -- Views --------------------------------------------------------------------------------------
 
 -- The whole transitions log in order (transition_id, part): part 0 the implied enqueue, 1 the
@@ -364,6 +379,16 @@ UNION ALL
 SELECT t.id, 2, t.effect_id, t.from_state, t.to_state, t.reason, t.actor, t.attempt, t.at,
        t.status_pending
 FROM relay.transition t;
+
+-- Intents claimed in a batch not recorded yet: DISPATCHING, with no effect row (few rows: a
+-- batch lives from its claim to its outcome).
+CREATE VIEW relay.batch_effect AS
+SELECT i.id, i.operation_key, i.effect_type::text AS effect_type, i.traceparent,
+       i.enqueued_at, b.id AS batch_id, b.owner, b.owner_epoch, b.claimed_at, b.lease_until
+FROM relay.dispatch_batch b
+CROSS JOIN LATERAL unnest(b.ids) AS x(id)
+JOIN relay.intake i ON i.id = x.id
+WHERE NOT EXISTS (SELECT 1 FROM relay.effect e WHERE e.id = x.id);
 
 -- Functions ----------------------------------------------------------------------------------
 
@@ -637,6 +662,14 @@ DECLARE
 BEGIN
     SELECT * INTO v_effect FROM relay.effect e WHERE e.operation_key = p_operation_key FOR UPDATE;
     IF NOT FOUND THEN
+        -- No effect row: an intent not read yet, or claimed in a batch whose outcome is not
+        -- recorded. Told apart under the reader's lock (the reader skips a round while a cancel
+        -- holds it, and a batch's claim and its outcome are each one statement).
+        PERFORM 1 FROM relay.intake_reader r FOR UPDATE;
+        SELECT * INTO v_effect FROM relay.effect e
+        WHERE e.operation_key = p_operation_key FOR UPDATE;
+    END IF;
+    IF v_effect.id IS NULL THEN
         -- An intent the relay has not read yet: its effect row is written now (as the reader
         -- would write it), so that the reader skips it and the cancel below has a row to move.
         SELECT * INTO v_in FROM relay.intake i
@@ -646,6 +679,10 @@ BEGIN
             IF NOT v_operator AND v_in.enqueued_by IS DISTINCT FROM session_user THEN
                 RAISE EXCEPTION 'effect % was not enqueued by login %: an application cancels only its own effects',
                     quote_literal(p_operation_key), session_user USING ERRCODE = 'RL007';
+            END IF;
+            IF EXISTS (SELECT 1 FROM relay.dispatch_batch b WHERE v_in.id = ANY (b.ids)) THEN
+                RAISE EXCEPTION 'effect % is DISPATCHING, only a PENDING effect can be cancelled',
+                    quote_literal(p_operation_key) USING ERRCODE = 'RL005';
             END IF;
             INSERT INTO relay.effect (id, operation_key, effect_type, topic, payload, business_key,
                                       traceparent, available_at, created_at, ordering_group,
@@ -781,20 +818,42 @@ $fn$;
 CREATE TRIGGER evidence_login BEFORE INSERT ON relay.evidence
     FOR EACH ROW EXECUTE FUNCTION relay.evidence_login();
 
--- Intents committed to the intake that the relay has not written as effects yet: those its
--- reader's tick does not see (a range of the txid index, plus the xids that tick saw running),
--- less any it read in a split pair or that a cancel wrote, and those set aside. What `relay
--- stats` and the metrics count as PENDING beside the effect rows.
+-- Intents committed to the intake that the relay has not read yet: those its reader's tick does
+-- not see (a range of the txid index, plus the xids that tick saw running), less those it read
+-- in a split pair (claimed in a batch, or written as effects), any a cancel wrote, and those set
+-- aside. What `relay stats` and the metrics count as PENDING beside the effect rows.
 CREATE VIEW relay.intake_unread AS
 SELECT i.id, i.operation_key, i.effect_type::text AS effect_type, i.enqueued_at,
        greatest(coalesce(i.available_at, i.enqueued_at), i.enqueued_at) AS due
 FROM relay.intake_reader r
 JOIN relay.tick t ON t.id = r.tick_from
+LEFT JOIN relay.tick t2 ON t2.id = r.tick_to
 JOIN relay.intake i
   ON (i.txid >= pg_snapshot_xmax(t.snap) OR i.txid = ANY (ARRAY(SELECT pg_snapshot_xip(t.snap))))
  AND NOT pg_visible_in_snapshot(i.txid, t.snap)
-WHERE NOT EXISTS (SELECT 1 FROM relay.effect e WHERE e.id = i.id)
+WHERE NOT (t2.id IS NOT NULL AND i.id <= r.after_id AND pg_visible_in_snapshot(i.txid, t2.snap))
+  AND NOT EXISTS (SELECT 1 FROM relay.effect e WHERE e.id = i.id)
   AND NOT EXISTS (SELECT 1 FROM relay.intake_refused f WHERE f.id = i.id);
+
+-- An intake row as the effect row written for it (the columns the intake holds, the type's topic
+-- and business key); the marker and the lease expiry of a batch write these. Inlined (plain SQL,
+-- no SET): it runs with its caller's search_path.
+CREATE FUNCTION relay.batch_rows(p_ids bigint[])
+RETURNS TABLE (id bigint, operation_key text, effect_type text, topic text, payload jsonb,
+               business_key text, traceparent text, available_at timestamptz,
+               created_at timestamptz, enqueued_by text)
+LANGUAGE sql STABLE
+AS $fn$
+SELECT i.id, i.operation_key, i.effect_type::text, coalesce(t.topic, ''), i.payload,
+       CASE WHEN i.business_key IS NOT NULL THEN i.business_key
+            WHEN t.business_key IS NOT NULL
+                THEN relay.business_key(t.business_key, i.payload, i.operation_key) END,
+       i.traceparent, greatest(coalesce(i.available_at, i.enqueued_at), i.enqueued_at),
+       i.enqueued_at, i.enqueued_by
+FROM relay.intake i
+LEFT JOIN relay.effect_type t ON t.name = i.effect_type::text
+WHERE i.id = ANY (p_ids)
+$fn$;
 
 -- The checks the intake does not make, as one expression per row: NULL when the row is fine,
 -- else why it is refused. Shared by promote_intake; the same limits relay.enqueue applies.
@@ -930,9 +989,9 @@ CREATE FUNCTION relay.promote_intake(
     p_max_bytes bigint DEFAULT NULL)
 RETURNS TABLE (id bigint, operation_key text, message_key text, effect_type text, topic text,
                payload text, business_key text, traceparent text, attempts integer,
-               created_at timestamptz, ordering_group text, promoted integer, claimed integer,
-               rejected integer, refused integer, tick_from bigint, tick_to bigint,
-               more boolean, last_id bigint)
+               created_at timestamptz, ordering_group text, batch_id bigint, promoted integer,
+               claimed integer, rejected integer, refused integer, tick_from bigint,
+               tick_to bigint, more boolean, last_id bigint)
 LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -1076,7 +1135,9 @@ BEGIN
                     FROM relay.purged_key k WHERE k.operation_key = b.operation_key),
                    relay.intake_refusal(b.operation_key, b.effect_type, b.payload,
                                         b.business_key, b.traceparent, b.available_at,
-                                        b.ordering_group, t.topic, v_limit)) AS why
+                                        b.ordering_group, t.topic, v_limit)) AS why,
+               -- Written already: by a cancel before this read (the reader skips it).
+               EXISTS (SELECT 1 FROM relay.effect e WHERE e.id = b.id) AS written
         FROM batch b
         LEFT JOIN relay.effect_type t ON t.name = b.effect_type
         WHERE NOT EXISTS (SELECT 1 FROM taken x WHERE x.id = b.id)
@@ -1090,8 +1151,7 @@ BEGIN
                 ORDER BY p.id DESC LIMIT 1) AS prev_id
         FROM (SELECT DISTINCT ON (c.ordering_group) c.id, c.ordering_group
               FROM checked c
-              WHERE c.why IS NULL AND c.ordering_group IS NOT NULL
-                AND NOT EXISTS (SELECT 1 FROM relay.effect e WHERE e.id = c.id)
+              WHERE c.why IS NULL AND c.ordering_group IS NOT NULL AND NOT c.written
               ORDER BY c.ordering_group, c.id) f
     ), held AS MATERIALIZED (
         -- Those effects before, locked FOR SHARE (never waiting: one locked by a change in flight
@@ -1113,7 +1173,7 @@ BEGIN
                    sum(pg_column_size(c.payload)) OVER (ORDER BY c.id) AS running,
                    row_number() OVER (ORDER BY c.id) AS n
             FROM checked c
-            WHERE v_claim > 0 AND c.why IS NULL AND c.due_at <= now()
+            WHERE v_claim > 0 AND c.why IS NULL AND NOT c.written AND c.due_at <= now()
               AND (c.ordering_group IS NULL OR EXISTS (
                   SELECT 1 FROM firsts f
                   LEFT JOIN relay.effect p ON p.id = f.prev_id
@@ -1122,6 +1182,18 @@ BEGIN
                          OR relay.lets_group_go(p.state, p.effect_type, p.group_released_at))))
         ) d
         WHERE d.n <= v_claim AND d.running - d.size < p_max_bytes
+    ), batched AS (
+        -- The claimed ungrouped rows: one batch row is their claim, committed before any
+        -- publish. Their effect rows are written once, with their outcome (mark_batch_outcomes
+        -- in relay/sql/dispatch.sql; expire_batches if the lease runs out). Grouped ones are
+        -- written DISPATCHING below: the group rules read the effect before in relay.effect.
+        INSERT INTO relay.dispatch_batch AS d (owner, owner_epoch, lease_until, ids)
+        SELECT p_owner, p_epoch, now() + make_interval(secs => p_lease_s),
+               array_agg(c.id ORDER BY c.id)
+        FROM checked c JOIN claims k ON k.id = c.id
+        WHERE c.ordering_group IS NULL
+        HAVING count(*) > 0
+        RETURNING d.id, d.ids
     ), made AS (
         INSERT INTO relay.effect AS e (id, operation_key, effect_type, topic, payload,
                                        business_key, traceparent, available_at, created_at,
@@ -1158,6 +1230,7 @@ BEGIN
                                WHERE f.id = c.id))
         FROM checked c
         LEFT JOIN claims k ON k.id = c.id
+        WHERE k.id IS NULL OR c.ordering_group IS NOT NULL
         ORDER BY c.id
         ON CONFLICT DO NOTHING
         RETURNING e.id, e.state, e.reason, e.created_at, e.operation_key, e.message_key,
@@ -1175,17 +1248,30 @@ BEGIN
             AS s(from_state, to_state, reason, actor, at)
         WHERE m.state = 'REJECTED'
     )
-    -- The claimed rows as claim_batch returns them, then the summary (id NULL).
+    -- The claimed rows as claim_batch returns them (those of the batch with its id), then the
+    -- summary (id NULL).
     SELECT m.id, m.operation_key, coalesce(m.message_key, m.operation_key), m.effect_type,
            m.topic, m.payload::text, m.business_key, m.traceparent, m.attempts, m.created_at,
-           m.ordering_group, NULL::integer, NULL::integer, NULL::integer, NULL::integer,
-           NULL::bigint, NULL::bigint, NULL::boolean, NULL::bigint
+           m.ordering_group, NULL::bigint, NULL::integer, NULL::integer, NULL::integer,
+           NULL::integer, NULL::bigint, NULL::bigint, NULL::boolean, NULL::bigint
     FROM made m
     WHERE m.state = 'DISPATCHING'
     UNION ALL
-    SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+    SELECT c.id, c.operation_key, c.operation_key, c.effect_type, coalesce(c.type_topic, ''),
+           c.payload::text,
+           CASE WHEN c.business_key IS NOT NULL THEN c.business_key
+                WHEN c.template IS NOT NULL
+                    THEN relay.business_key(c.template, c.payload, c.operation_key) END,
+           c.traceparent, 1, c.enqueued_at, NULL::text, d.id, NULL::integer, NULL::integer,
+           NULL::integer, NULL::integer, NULL::bigint, NULL::bigint, NULL::boolean, NULL::bigint
+    FROM batched d
+    CROSS JOIN LATERAL unnest(d.ids) AS x(id)
+    JOIN checked c ON c.id = x.id
+    UNION ALL
+    SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
            (SELECT count(*) FILTER (WHERE m.state = 'PENDING') FROM made m)::integer,
-           (SELECT count(*) FILTER (WHERE m.state = 'DISPATCHING') FROM made m)::integer,
+           ((SELECT count(*) FILTER (WHERE m.state = 'DISPATCHING') FROM made m)
+            + coalesce((SELECT sum(cardinality(d.ids)) FROM batched d), 0))::integer,
            (SELECT count(*) FILTER (WHERE m.state = 'REJECTED') FROM made m)::integer,
            (SELECT count(*) FROM set_aside)::integer,
            v_pos.tick_from, v_to, v_read >= p_limit, v_last
@@ -1221,11 +1307,13 @@ $fn$;
 REVOKE ALL ON FUNCTION relay.promote_intake(integer, integer, text, bigint, double precision,
                                             integer, bigint) FROM PUBLIC;
 
--- An intent not read yet, as get_effect shows it (PENDING), for any login that reads effects.
+-- An intent without an effect row, as get_effect shows it, for any login that reads effects:
+-- PENDING (not read yet) or DISPATCHING (claimed in a batch, its outcome not recorded yet).
 CREATE FUNCTION relay.intake_effect(p_operation_key text)
 RETURNS TABLE (id bigint, operation_key text, effect_type text, topic text, payload jsonb,
                business_key text, traceparent text, available_at timestamptz,
-               created_at timestamptz, ordering_group text)
+               created_at timestamptz, ordering_group text, state text,
+               claimed_at timestamptz)
 LANGUAGE sql STABLE
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -1233,9 +1321,13 @@ AS $fn$
 SELECT i.id, i.operation_key, i.effect_type::text, coalesce(t.topic, ''), i.payload,
        i.business_key, i.traceparent,
        greatest(coalesce(i.available_at, i.enqueued_at), i.enqueued_at), i.enqueued_at,
-       i.ordering_group
+       i.ordering_group, CASE WHEN b.id IS NULL THEN 'PENDING' ELSE 'DISPATCHING' END,
+       b.claimed_at
 FROM relay.intake i
 LEFT JOIN relay.effect_type t ON t.name = i.effect_type::text
+LEFT JOIN LATERAL (
+    SELECT d.id, d.claimed_at FROM relay.dispatch_batch d WHERE i.id = ANY (d.ids) LIMIT 1
+) b ON true
 WHERE i.operation_key = p_operation_key
   AND NOT EXISTS (SELECT 1 FROM relay.effect e WHERE e.id = i.id)
   AND NOT EXISTS (SELECT 1 FROM relay.intake_refused f WHERE f.id = i.id)

@@ -143,9 +143,12 @@ def result(
 
 
 def state(url: str, key: str) -> str | None:
+    """The effect's state; an intent claimed in a batch has no effect row yet: DISPATCHING."""
     with psycopg.connect(url, autocommit=True) as conn:
         row = conn.execute(
-            "SELECT state FROM relay.effect WHERE operation_key = %s", (key,)
+            "SELECT state FROM relay.effect WHERE operation_key = %s "
+            "UNION ALL SELECT 'DISPATCHING' FROM relay.batch_effect WHERE operation_key = %s",
+            (key, key),
         ).fetchone()
     return str(row[0]) if row else None
 

@@ -235,6 +235,14 @@ def test_crash_kill_nine_thirty_times_loses_nothing_and_duplicates_nothing(
     assert killed >= 30
 
 
+# What a replica holds claimed: DISPATCHING effect rows, and intents claimed in its batches (no
+# effect row until their outcome: attempt 1).
+ZOMBIE_HOLDS = (
+    "SELECT operation_key, attempts FROM relay.effect WHERE state = 'DISPATCHING' AND owner = %s "
+    "UNION ALL SELECT operation_key, 1 FROM relay.batch_effect WHERE owner = %s"
+)
+
+
 def test_paused_zombie_publishes_and_marks_nothing(
     settings: Settings, services: Services, prefix: str, tmp_path: Path
 ) -> None:
@@ -262,18 +270,16 @@ def test_paused_zombie_publishes_and_marks_nothing(
 
         def holding() -> bool:
             rows = conn.execute(
-                "SELECT operation_key, attempts FROM relay.effect "
-                "WHERE state = 'DISPATCHING' AND owner = %s",
-                (zombie_id,),
+                ZOMBIE_HOLDS,
+                (zombie_id, zombie_id),
             ).fetchall()
             if not rows:
                 return False
             os.kill(zombie.pid, signal.SIGSTOP)
             held.extend(
                 conn.execute(
-                    "SELECT operation_key, attempts FROM relay.effect "
-                    "WHERE state = 'DISPATCHING' AND owner = %s",
-                    (zombie_id,),
+                    ZOMBIE_HOLDS,
+                    (zombie_id, zombie_id),
                 ).fetchall()
             )
             if held:

@@ -1,0 +1,199 @@
+"""Ungrouped intents claimed per batch (migration 0013): no effect row until the outcome, then one
+INSERT; a batch left without an outcome is written UNKNOWN and verified in Kafka. Real PostgreSQL
+and Kafka."""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+
+import relay
+from relay.config import Settings
+from relay.devtools.services import Services
+from relay.dispatch.daemon import Relay
+from relay.dispatch.intake import Claim, promote
+from relay.dispatch.ticker import Ticker
+from relay.errors import InvalidTransitionError
+from relay.sql import query
+from relay.states import EffectState
+from tests import support
+
+WIRE = {"account": "ACC1", "amount": 100, "date": "2026-12-04"}
+
+
+def _effect_writes(url: str) -> tuple[int, int]:
+    """Rows inserted into and updated in relay.effect since the database was made (the counters
+    of ended backends: the relay's connections are closed before this is asked)."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT n_tup_ins, n_tup_upd FROM pg_stat_user_tables "
+            "WHERE schemaname = 'relay' AND relname = 'effect'"
+        ).fetchone()
+    assert row is not None
+    return int(row[0]), int(row[1])
+
+
+def _claim_as(url: str, replica: str, epoch: int, lease_s: float) -> list[relay.Effect]:
+    """A tick, then one read that claims every row it can for ``replica`` (as a relay would)."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        Ticker().run_once(conn)
+        done = promote(
+            conn,
+            limit=100,
+            claim=Claim(replica, epoch, lease_s=lease_s, limit=100, max_bytes=10**6),
+        )
+        assert done.claimed, done
+        assert all(e.batch is not None for e in done.claimed), done.claimed
+        found = [relay.get_effect(conn, e.operation_key) for e in done.claimed]
+    return [e for e in found if e is not None]
+
+
+def test_an_ungrouped_intent_is_written_once_with_its_outcome(settings: Settings) -> None:
+    url = settings.require_database_url()
+    with psycopg.connect(url) as conn:
+        relay.enqueue_many(conn, [relay.Intent("email", f"b-{i}", {"i": i}) for i in range(300)])
+        relay.enqueue(conn, "wire", "b-wire", WIRE)
+        conn.commit()
+    with support.running(Relay(settings)):
+        support.wait_for(
+            lambda: support.count_states(url) == {"PUBLISHED": 301},
+            60,
+            "publication",
+        )
+    support.wait_for(lambda: _effect_writes(url)[0] >= 301, 15, "the table's counters")
+    inserted, updated = _effect_writes(url)
+    # Before 0013 every effect row was inserted when read and updated with its outcome.
+    assert (inserted, updated) == (301, 0)
+    with psycopg.connect(url, autocommit=True) as conn:
+        assert conn.execute("SELECT count(*) FROM relay.dispatch_batch").fetchone() == (0,)
+        attempts = conn.execute(
+            "SELECT a.outcome, a.attempt, count(*) FROM relay.attempt a GROUP BY 1, 2"
+        ).fetchall()
+        assert attempts == [("acked", 1, 301)]
+        wire = conn.execute(
+            "SELECT business_key, outcome_deadline IS NOT NULL, published_offset IS NOT NULL, "
+            "claimed_at <= published_at FROM relay.effect WHERE operation_key = 'b-wire'"
+        ).fetchone()
+        assert wire == ("ACC1:100:2026-12-04", True, True, True)
+        story = conn.execute(
+            "SELECT l.from_state, l.to_state FROM relay.transition_log l "
+            "JOIN relay.effect e ON e.id = l.effect_id WHERE e.operation_key = 'b-7' "
+            "ORDER BY l.transition_id, l.part"
+        ).fetchall()
+    assert story == [(None, "PENDING"), ("PENDING", "DISPATCHING"), ("DISPATCHING", "PUBLISHED")]
+
+
+def test_a_batch_left_without_an_outcome_is_written_unknown_then_verified(
+    settings: Settings, services: Services, prefix: str
+) -> None:
+    url = settings.require_database_url()
+    keys = [f"lost-{i}" for i in range(3)]
+    with psycopg.connect(url) as conn:
+        for key in keys:
+            relay.enqueue(conn, "email", key, {"to": key})
+        conn.commit()
+        # A replica that claims and then goes silent (it never publishes).
+        conn.execute(
+            "INSERT INTO relay.replica (replica_id, epoch, heartbeat_at) "
+            "VALUES ('ghost', 1, now() - interval '1 hour')"
+        )
+        conn.commit()
+    claimed = _claim_as(url, "ghost", 1, lease_s=0.5)
+    assert sorted(e.operation_key for e in claimed) == keys
+    assert {e.state for e in claimed} == {EffectState.DISPATCHING}
+    assert support.count_states(url) == {"DISPATCHING": 3}
+    with psycopg.connect(url) as conn:
+        assert conn.execute("SELECT count(*) FROM relay.effect").fetchone() == (0,)
+        with pytest.raises(InvalidTransitionError, match="DISPATCHING"):
+            relay.cancel(conn, keys[0])
+    with support.running(Relay(settings)):
+        support.wait_for(
+            lambda: support.count_states(url) == {"PUBLISHED": 3},
+            60,
+            "expiry, verification and a second attempt",
+        )
+    records = support.read_topic(services.kafka_bootstrap_servers, f"{prefix}.emails", 3)
+    assert sorted(r.key.decode() for r in records) == keys
+    with psycopg.connect(url, autocommit=True) as conn:
+        attempts = conn.execute(
+            "SELECT a.attempt, a.replica_id, a.outcome FROM relay.attempt a "
+            "JOIN relay.effect e ON e.id = a.effect_id WHERE e.operation_key = %s "
+            "ORDER BY a.attempt",
+            (keys[0],),
+        ).fetchall()
+        story = conn.execute(
+            "SELECT l.from_state, l.to_state FROM relay.transition_log l "
+            "JOIN relay.effect e ON e.id = l.effect_id WHERE e.operation_key = %s "
+            "ORDER BY l.transition_id, l.part",
+            (keys[0],),
+        ).fetchall()
+    assert attempts == [(1, "ghost", "unknown"), (2, settings.replica_id, "acked")]
+    assert story[:4] == [
+        (None, "PENDING"),
+        ("PENDING", "DISPATCHING"),
+        ("DISPATCHING", "UNKNOWN"),
+        ("UNKNOWN", "PENDING"),
+    ]
+    assert story[-1] == ("DISPATCHING", "PUBLISHED")
+
+
+def test_a_new_incarnation_expires_the_last_ones_batches_and_its_outcomes_write_nothing(
+    settings: Settings,
+) -> None:
+    url = settings.require_database_url()
+    with psycopg.connect(url) as conn:
+        relay.enqueue(conn, "email", "fenced-1", {"i": 1})
+        conn.execute("INSERT INTO relay.replica (replica_id, epoch) VALUES ('r', 1)")
+        conn.commit()
+    [claimed] = _claim_as(url, "r", 1, lease_s=60)
+    with psycopg.connect(url, autocommit=True) as conn:
+        # The replica starts again (epoch 2) and expires what its last incarnation claimed.
+        conn.execute(query("register_replica"), {"replica_id": "r"})
+        [batch] = conn.execute("SELECT id FROM relay.dispatch_batch").fetchone() or [None]
+        expired = conn.execute(
+            query("expire_batches"),
+            {"owner": "r", "epoch": 2, "limit": 10, "all_own": False, "held": []},
+        ).fetchone()
+        assert expired == (1,)
+        assert conn.execute("SELECT count(*) FROM relay.dispatch_batch").fetchone() == (0,)
+        # The last incarnation, still running, records its publish: nothing is written.
+        marked = conn.execute(
+            query("mark_batch_outcomes"),
+            {
+                "owner": "r",
+                "epoch": 1,
+                "ids": [claimed.id],
+                "batches": [batch],
+                "states": ["PUBLISHED"],
+                "outcomes": ["acked"],
+                "reasons": ["published p0@0"],
+                "partitions": [0],
+                "offsets": [0],
+                "delays_s": [0.0],
+            },
+        ).fetchall()
+        assert marked == []
+        row = conn.execute(
+            "SELECT state, attempts, reason, published_offset FROM relay.effect "
+            "WHERE operation_key = 'fenced-1'"
+        ).fetchone()
+        attempt = conn.execute(
+            "SELECT replica_id, replica_epoch, outcome FROM relay.attempt"
+        ).fetchall()
+    assert row is not None and row[:2] == ("UNKNOWN", 1) and row[3] is None
+    assert "replica r (epoch 1)" in row[2]
+    assert attempt == [("r", 1, "unknown")]
+
+
+def test_a_cancel_of_an_unread_intent_keeps_it_out_of_every_batch(settings: Settings) -> None:
+    url = settings.require_database_url()
+    with psycopg.connect(url) as conn:
+        relay.enqueue(conn, "email", "keep", {"i": 1})
+        relay.enqueue(conn, "email", "drop", {"i": 2})
+        conn.execute("INSERT INTO relay.replica (replica_id, epoch) VALUES ('r', 1)")
+        conn.commit()
+        relay.cancel(conn, "drop")
+        conn.commit()
+    claimed = _claim_as(url, "r", 1, lease_s=60)
+    assert [e.operation_key for e in claimed] == ["keep"]
+    assert support.count_states(url) == {"DISPATCHING": 1, "CANCELLED": 1}
