@@ -199,8 +199,8 @@ WITH outcome AS (
            CASE WHEN o.state = 'PUBLISHED' AND t.result_topic IS NOT NULL
                 THEN now() + make_interval(secs => t.outcome_timeout_s) END
     FROM outcome o
-    JOIN live l ON l.id = o.batch AND o.id = ANY (l.ids)
-    JOIN relay.batch_rows(%(ids)s::bigint[]) r ON r.id = o.id
+    JOIN live l ON l.id = o.batch
+    JOIN relay.intake_as_effect r ON r.id = o.id
     LEFT JOIN relay.effect_type t ON t.name = r.effect_type
     ORDER BY r.id
     ON CONFLICT DO NOTHING
@@ -259,7 +259,7 @@ WITH expired AS (
                   m.owner, m.owner_epoch),
            1, m.claimed_at
     FROM member m
-    JOIN relay.batch_rows(ARRAY(SELECT effect_id FROM member)) r ON r.id = m.effect_id
+    JOIN relay.intake_as_effect r ON r.id = m.effect_id
     ORDER BY r.id
     ON CONFLICT DO NOTHING
     RETURNING e.id, e.reason, e.claimed_at, e.created_at, e.effect_type
