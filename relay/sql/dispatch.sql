@@ -151,10 +151,7 @@ WITH outcome AS (
            m.partition, m."offset"
     FROM moved m
 ), log AS MATERIALIZED (
-    SELECT c.status_events AS status,
-           coalesce((SELECT v.applied_at FROM relay.schema_migration v WHERE v.version = 4),
-                    '-infinity') AS lean_since
-    FROM relay.reconciler_config c
+    SELECT * FROM relay.transition_context
 ), transitions AS (
     -- One row: the outcome, implying the claim before it (the attempt's row says who and when)
     -- and, for a first attempt, the enqueue (relay.transition_log shows all three).
@@ -212,10 +209,7 @@ WITH outcome AS (
            o.partition, o."offset"
     FROM made m JOIN outcome o ON o.id = m.id
 ), log AS MATERIALIZED (
-    SELECT c.status_events AS status,
-           coalesce((SELECT v.applied_at FROM relay.schema_migration v WHERE v.version = 4),
-                    '-infinity') AS lean_since
-    FROM relay.reconciler_config c
+    SELECT * FROM relay.transition_context
 ), transitions AS (
     -- One row, implying the claim and the enqueue before it, as mark_outcomes writes it.
     INSERT INTO relay.transition (effect_id, from_state, to_state, reason, actor, attempt, at,
@@ -269,10 +263,7 @@ WITH expired AS (
     SELECT d.id, 1, m.owner, m.owner_epoch, d.claimed_at, now(), 'unknown', d.reason
     FROM made d JOIN member m ON m.effect_id = d.id
 ), log AS MATERIALIZED (
-    SELECT c.status_events AS status,
-           coalesce((SELECT v.applied_at FROM relay.schema_migration v WHERE v.version = 4),
-                    '-infinity') AS lean_since
-    FROM relay.reconciler_config c
+    SELECT * FROM relay.transition_context
 ), transitions AS (
     INSERT INTO relay.transition (effect_id, from_state, to_state, reason, actor, attempt, at,
                                   status_pending, implied_claim, implied_enqueue)
@@ -320,10 +311,7 @@ WITH expired AS (
         SET ended_at = now(), outcome = 'unknown', reason = excluded.reason
         WHERE a.outcome IS NULL
 ), log AS MATERIALIZED (
-    SELECT c.status_events AS status,
-           coalesce((SELECT v.applied_at FROM relay.schema_migration v WHERE v.version = 4),
-                    '-infinity') AS lean_since
-    FROM relay.reconciler_config c
+    SELECT * FROM relay.transition_context
 ), transitions AS (
     INSERT INTO relay.transition (effect_id, from_state, to_state, reason, actor, attempt, at,
                                   status_pending, implied_claim, implied_enqueue)

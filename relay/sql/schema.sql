@@ -390,6 +390,14 @@ CROSS JOIN LATERAL unnest(b.ids) AS x(id)
 JOIN relay.intake i ON i.id = x.id
 WHERE NOT EXISTS (SELECT 1 FROM relay.effect e WHERE e.id = x.id);
 
+-- What a transition row the relay writes with an outcome needs to know: whether status events
+-- are on, and since when a first attempt's row implies the enqueue (migration 0004).
+CREATE VIEW relay.transition_context AS
+SELECT c.status_events AS status,
+       coalesce((SELECT v.applied_at FROM relay.schema_migration v WHERE v.version = 4),
+                '-infinity') AS lean_since
+FROM relay.reconciler_config c;
+
 -- Functions ----------------------------------------------------------------------------------
 
 -- A business key from its template, each field's value escaped so distinct values give

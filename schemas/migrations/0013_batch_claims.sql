@@ -36,6 +36,14 @@ CROSS JOIN LATERAL unnest(b.ids) AS x(id)
 JOIN relay.intake i ON i.id = x.id
 WHERE NOT EXISTS (SELECT 1 FROM relay.effect e WHERE e.id = x.id);
 
+-- What a transition row the relay writes with an outcome needs to know: whether status events
+-- are on, and since when a first attempt's row implies the enqueue (migration 0004).
+CREATE VIEW relay.transition_context AS
+SELECT c.status_events AS status,
+       coalesce((SELECT v.applied_at FROM relay.schema_migration v WHERE v.version = 4),
+                '-infinity') AS lean_since
+FROM relay.reconciler_config c;
+
 -- Intents committed to the intake that the relay has not read yet: those its reader's tick does
 -- not see (a range of the txid index, plus the xids that tick saw running), less those it read
 -- in a split pair (claimed in a batch, or written as effects), any a cancel wrote, and those set
@@ -556,13 +564,14 @@ BEGIN
         EXECUTE format('GRANT INSERT ON relay.effect TO %s', r.grantee);
         EXECUTE format('GRANT SELECT, UPDATE, DELETE ON relay.dispatch_batch TO %s', r.grantee);
     END LOOP;
-    -- Those that read the intake (the daemons and operators) read the batches.
+    -- Those that change effects (the daemons and operators; not the console's viewers) read the
+    -- batches, and the relay's transitions read their context.
     FOR r IN SELECT DISTINCT a.grantee::regrole::text AS grantee
              FROM pg_class c, aclexplode(c.relacl) a
-             WHERE c.oid = 'relay.intake'::regclass AND a.privilege_type = 'SELECT'
+             WHERE c.oid = 'relay.effect'::regclass AND a.privilege_type = 'UPDATE'
                AND a.grantee <> 0 AND a.grantee <> c.relowner LOOP
-        EXECUTE format('GRANT SELECT ON relay.dispatch_batch, relay.batch_effect TO %s',
-                       r.grantee);
+        EXECUTE format('GRANT SELECT ON relay.dispatch_batch, relay.batch_effect, '
+                       'relay.transition_context TO %s', r.grantee);
     END LOOP;
     FOR r IN SELECT grantee FROM batch_intake_effect_grantees LOOP
         EXECUTE format('GRANT EXECUTE ON FUNCTION relay.intake_effect(text) TO %s', r.grantee);
