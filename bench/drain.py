@@ -61,9 +61,27 @@ class Drained:
     duplicates: int
     seconds: float  # wall time of the whole drain, start-up included
     note: str = ""
+    # With status events on: n / (first record seen -> every status event published, the last
+    # record's or the transitions log's), whichever way they travel.
+    status_rate: float | None = None
     # The local PostgreSQL server's CPU per effect while the relay drained (every process:
     # backends, autovacuum, WAL); None for the bare producer or a server elsewhere.
     pg_us: float | None = None
+
+
+def _status_published(url: str, timeout_s: float) -> float | None:
+    """When the transitions log had no status event left to publish (None: not within the
+    timeout). Events that ride in the records' transactions never wait there."""
+    deadline = time.time() + timeout_s
+    with psycopg.connect(url, autocommit=True) as conn:
+        while time.time() < deadline:
+            row = conn.execute(
+                "SELECT count(*) FROM relay.transition WHERE status_pending"
+            ).fetchone()
+            if row is not None and row[0] == 0:
+                return time.time()
+            time.sleep(0.05)
+    return None
 
 
 def relay_drain(
@@ -76,14 +94,16 @@ def relay_drain(
     codec: str,
     log_dir: Path,
     groups: int = 0,
+    status_events: bool = False,
 ) -> Drained:
     """``replicas`` ``relay run`` processes drain a backlog of ``sizes.effects`` intents; with
     ``groups``, effect i belongs to ordering group ``i % groups`` (a group's effects spread over
-    the backlog, as an aggregate's events are)."""
+    the backlog, as an aggregate's events are). The drain ends when every record is read; with
+    ``status_events``, status events are on (three more records per effect)."""
     prefix = uuid.uuid4().hex[:8]
     url = fresh_db(server_url)
     n = sizes.effects
-    overrides: dict[str, Any] = {"status_events": False}
+    overrides: dict[str, Any] = {"status_events": status_events}
     if codec != "none":
         overrides["kafka_compression_type"] = codec
     try:
@@ -123,6 +143,7 @@ def relay_drain(
         cpu_before = postgres_cpu_s()
         try:
             done = counter.wait_for(n, sizes.timeout_s, alive=daemons[0])
+            status_at = _status_published(url, sizes.timeout_s) if status_events else None
             cpu_after = postgres_cpu_s()
         finally:
             for daemon in daemons:
@@ -137,7 +158,17 @@ def relay_drain(
                 None, counter.count, counter.duplicates, elapsed, f"timed out at {counter.count}"
             )
         span = max(1e-6, counter.last_at - counter.first_at)
-        return Drained(n / span, counter.count, counter.duplicates, elapsed, pg_us=pg_us)
+        status_rate = None
+        if status_at is not None:
+            status_rate = n / max(1e-6, max(status_at, counter.last_at) - counter.first_at)
+        return Drained(
+            n / span,
+            counter.count,
+            counter.duplicates,
+            elapsed,
+            pg_us=pg_us,
+            status_rate=status_rate,
+        )
     finally:
         delete_topics(bootstrap, prefix)
         drop_db(server_url, url)
@@ -346,6 +377,39 @@ def run(
         )
         if drain_rate is None:
             drain_rate = one["none"].rate
+            loud = relay_drain(
+                server_url,
+                bootstrap,
+                sizes,
+                payload_bytes=size,
+                replicas=1,
+                codec="none",
+                log_dir=log_dir,
+                status_events=True,
+            )
+            print(
+                f"  (b) one relay, {size} B, status events on: {loud.rate or 0:,.0f}/s "
+                f"({loud.status_rate or 0:,.0f}/s until every status event is out), "
+                f"PostgreSQL {_us(loud.pg_us)} CPU/effect",
+                flush=True,
+            )
+            figures.append(
+                Figure(
+                    "b",
+                    f"drain of {n:,} effects, one relay, {size} B, status events on (three "
+                    "status records per effect), until every status event is out",
+                    loud.status_rate,
+                    "effects/s",
+                    ceiling=one["none"].rate,
+                    ceiling_name="one relay, status events off",
+                    note="; ".join(
+                        x
+                        for x in (f"PostgreSQL {_us(loud.pg_us)} CPU/effect", _drain_note(loud))
+                        if x
+                    ),
+                    extra={"duplicates": loud.duplicates, "seen": loud.seen},
+                )
+            )
             groups = max(1, n // 10)
             grouped = relay_drain(
                 server_url,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from functools import lru_cache
 
 CE_SPECVERSION = "1.0"
 CONTENT_TYPE = "application/json"
@@ -11,11 +12,14 @@ H_ATTEMPT = "relay_attempt"
 H_BUSINESS_KEY = "relay_business_key"
 H_TRACEPARENT = "traceparent"
 H_TRANSITION_ID = "relay_transition_id"
+H_BATCH_ID = "relay_batch_id"
 H_ORDERING_GROUP = "relay_ordering_group"
 STATUS_EVENT_TYPE = "relay.status"
 
 
+@lru_cache(maxsize=4096)
 def rfc3339(moment: datetime) -> str:
+    """Cached: a batch's status events share their claim and publication times."""
     return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
@@ -53,15 +57,23 @@ def dispatch_headers(
 def status_headers(
     *,
     effect_id: int,
-    transition_id: int,
+    transition_id: int | None,
     at: datetime,
     source: str,
     traceparent: str | None,
     part: int = 2,
+    batch_id: int | None = None,
 ) -> list[tuple[str, bytes]]:
     """``ce_id`` is ``<effect id>.<transition id>``, and ``.<part>`` for a transition implied by
-    that row (0: the enqueue, 1: the claim): unique per event, stable if it is re-sent."""
-    ce_id = f"{effect_id}.{transition_id}" + ("" if part == 2 else f".{part}")
+    that row (0: the enqueue, 1: the claim): unique per event, stable if it is re-sent. An event
+    that rode in its batch's Kafka transaction has no transition row: ``<effect id>.b<batch
+    id>.<part>`` (2: the publication), sent once (an aborted batch's story is the log's)."""
+    if transition_id is not None:
+        ce_id = f"{effect_id}.{transition_id}" + ("" if part == 2 else f".{part}")
+        own = (H_TRANSITION_ID, str(transition_id).encode())
+    else:
+        ce_id = f"{effect_id}.b{batch_id}.{part}"
+        own = (H_BATCH_ID, str(batch_id).encode())
     headers = [
         ("ce_specversion", CE_SPECVERSION.encode()),
         ("ce_id", ce_id.encode()),
@@ -70,7 +82,7 @@ def status_headers(
         ("ce_time", rfc3339(at).encode()),
         ("content-type", CONTENT_TYPE.encode()),
         (H_EFFECT_ID, str(effect_id).encode()),
-        (H_TRANSITION_ID, str(transition_id).encode()),
+        own,
     ]
     if traceparent is not None:
         headers.append((H_TRACEPARENT, traceparent.encode()))

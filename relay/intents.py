@@ -103,6 +103,10 @@ MAX_PAYLOAD_DEPTH = 100
 likely an attack or a bug than an intent, and would exhaust Python's recursion on the way."""
 
 
+# One encoder for every payload (json.dumps with an option builds a new one at every call).
+_JSON = json.JSONEncoder(allow_nan=False, separators=(",", ":"))
+
+
 def _bad_char(text: str) -> str | None:
     """Why PostgreSQL could not store ``text`` (a NUL, a lone surrogate), or None."""
     if "\x00" in text:
@@ -182,12 +186,12 @@ def intent_params(intent: Intent, max_payload_bytes: int = MAX_PAYLOAD_BYTES) ->
         )
     _check_payload(key, intent.payload)
     try:
-        payload = json.dumps(intent.payload, allow_nan=False, separators=(",", ":"))
+        payload = _JSON.encode(intent.payload)
     except (TypeError, ValueError) as exc:
         raise InvalidIntentError(
             f"intent {key!r}: payload is not JSON-serialisable: {exc}"
         ) from None
-    size = len(payload.encode("utf-8"))
+    size = len(payload)  # ASCII (non-ASCII characters are escaped): one byte a character
     if size > max_payload_bytes:
         raise PayloadTooLargeError(
             f"intent {key!r}: payload is {size} bytes of JSON, over the limit of "

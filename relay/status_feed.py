@@ -6,7 +6,10 @@ relay's status-event stage (:mod:`relay.dispatch.status_events`) publishes the p
 log order, transitions they imply (the enqueue, the claim) included, in Kafka transactions: they
 are never lost nor published twice, and are read ``read_committed``. Their Kafka key is the
 operation key of the effect they report on, so one effect's events share a partition, and one
-publisher at a time keeps them in the order of its transitions.
+publisher at a time keeps them in the order of its transitions. With Kafka transactions on, the
+events of an intent claimed in a batch whose type awaits no result ride in the batch's
+transaction instead (enqueued, claimed, published; ``ce_id`` ``<effect id>.b<batch id>.<part>``):
+visible if and only if its record is, and told once either way.
 
 Example::
 

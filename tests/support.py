@@ -216,11 +216,13 @@ UNREAD_INTAKE = "SELECT count(*) FROM relay.intake_unread"
 
 def count_states(database_url: str) -> dict[str, int]:
     """Effects by state; an intent the relay has not read from the intake yet counts as PENDING,
-    one claimed in a batch (no effect row until its outcome) as DISPATCHING."""
+    one claimed in a batch (no effect row until its outcome) as DISPATCHING, one in a published
+    batch (no effect row) as PUBLISHED."""
     with psycopg.connect(database_url, autocommit=True) as conn:
         rows = conn.execute(
             "SELECT state, count(*) FROM relay.effect GROUP BY state "
-            "UNION ALL SELECT 'DISPATCHING', count(*) FROM relay.batch_effect"
+            "UNION ALL SELECT 'DISPATCHING', count(*) FROM relay.batch_effect "
+            "UNION ALL SELECT 'PUBLISHED', coalesce(sum(n), 0) FROM relay.published_batch"
         ).fetchall()
         unread = conn.execute(UNREAD_INTAKE).fetchone()
     states: dict[str, int] = {}

@@ -21,6 +21,7 @@ from relay.config import Settings
 from relay.dispatch.intake import Claim, IntakeReader, Promoted
 from relay.dispatch.publisher import ClaimedEffect
 from relay.dispatch.stage import HANDOFF_POLL_S, Claimed, Held, Identity, Stage, expire_leases
+from relay.dispatch.status_records import StatusRoute
 from relay.sql import query
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,8 @@ class Claimer(Stage):
         # Set by the publisher while it has a Kafka producer: nothing is claimed before, so no
         # lease runs out while Kafka cannot be reached.
         self.publisher_ready = threading.Event()
+        # Whether the status events of what is claimed now may ride in its Kafka transaction.
+        self.status_route = StatusRoute()
         # One claim's worth of intake rows per read: what is due and ungrouped is claimed by the
         # read itself (promoting a whole backlog before claiming left the publisher idle).
         self.intake = IntakeReader(limit=min(50_000, settings.batch_size))
@@ -137,6 +140,11 @@ class Claimer(Stage):
             lease_s=self.settings.lease_s,
             limit=self.settings.batch_size,
             max_bytes=self.settings.max_claim_bytes,
+            status_in_txn=(
+                self.settings.status_events
+                and self.settings.kafka_transactions
+                and self.status_route.in_txn()
+            ),
         )
         done = self.intake.run_once(conn, time.monotonic(), claim)
         if done.claimed:

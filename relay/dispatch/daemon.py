@@ -377,6 +377,8 @@ class Relay:
                 timeout_s=self.settings.publish_timeout_s,
                 limit_bytes=limit,
                 before_commit=self._before_commit,
+                status_topic=self.settings.status_topic,
+                on_status_unavailable=self._status_unavailable,
             )
         return publish_batch(
             self._producer,
@@ -413,6 +415,17 @@ class Relay:
         """Hand the outcomes to the marker (a seam for tests that lose them on purpose)."""
         assert self._marker is not None
         self._marker.submit(results, claimed_at)
+
+    def _status_unavailable(self) -> None:
+        if self._claimer is None:
+            return
+        self._claimer.status_route.pause()
+        log.warning(
+            "the status topic %r is unavailable: intents claimed for the next %.0f s have their "
+            "status events published from the log",
+            self.settings.status_topic,
+            self._claimer.status_route.pause_s,
+        )
 
     def _before_commit(self) -> None:
         """A seam for fault-injection tests (for example, to hang the coordinator here)."""

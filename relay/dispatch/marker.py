@@ -20,7 +20,7 @@ import psycopg
 
 from relay import observability
 from relay.config import Settings
-from relay.dispatch.outcomes import STATE_AFTER
+from relay.dispatch.outcomes import STATE_AFTER, AttemptOutcome
 from relay.dispatch.publisher import PublishResult
 from relay.dispatch.stage import HANDOFF_POLL_S, Held, Identity, Stage
 from relay.errors import describe
@@ -115,12 +115,19 @@ class Marker(Stage):
 
     def _mark_set(self, conn: psycopg.Connection[Any], results: Sequence[PublishResult]) -> None:
         """Claimed rows (``mark_outcomes``) and batch-claimed intents, whose effect rows are
-        written now (``mark_batch_outcomes``), in one transaction."""
+        written now (``mark_batch_outcomes``; a whole batch that needs nothing more after its
+        publication: ``mark_quiet_batch``), in one transaction."""
         states = [state_after(self.settings, r).value for r in results]
         marked: list[int] = []
         with conn.transaction():
+            done = self._write_quiet(conn, results)
+            marked += done
             for batched in (False, True):
-                part = [i for i, r in enumerate(results) if (r.effect.batch is not None) is batched]
+                part = [
+                    i
+                    for i, r in enumerate(results)
+                    if (r.effect.batch is not None) is batched and r.effect.id not in done
+                ]
                 if part:
                     chosen = [results[i] for i in part]
                     marked += self._write(conn, chosen, [states[i] for i in part])
@@ -132,6 +139,29 @@ class Marker(Stage):
             )
         if self._on_marked is not None:
             self._on_marked(results)
+
+    def _write_quiet(
+        self, conn: psycopg.Connection[Any], results: Sequence[PublishResult]
+    ) -> set[int]:
+        """The whole batches that need nothing more after publication (see ``quiet_batches``),
+        each recorded by one statement with no work per intent; the ids recorded."""
+        done: set[int] = set()
+        for batch, members in quiet_batches(self.settings, results).items():
+            ordered = sorted(members, key=lambda r: r.effect.id)
+            ids = [r.effect.id for r in ordered]
+            params: dict[str, Any] = {
+                "owner": self.who.replica_id,
+                "epoch": self.who.epoch,
+                "batch": batch,
+                "ids": ids,
+                "types": [r.effect.effect_type for r in ordered],
+                "partitions": [r.partition for r in ordered],
+                "offsets": [r.offset for r in ordered],
+            }
+            row = conn.execute(query("mark_quiet_batch"), params).fetchone()
+            if row is not None and int(row[0]) == 1:
+                done.update(ids)
+        return done
 
     def _write(
         self, conn: psycopg.Connection[Any], results: Sequence[PublishResult], states: list[str]
@@ -155,6 +185,33 @@ class Marker(Stage):
             params["batches"] = [r.effect.batch for r in results]
             name = "mark_batch_outcomes"
         return [int(row[0]) for row in conn.execute(query(name), params).fetchall()]
+
+
+def quiet_batches(
+    settings: Settings, results: Sequence[PublishResult]
+) -> dict[int, list[PublishResult]]:
+    """The batches of ``results`` whose every intent is acknowledged and of a type that awaits
+    no result, with status events off or every intent's in the batch's Kafka transaction: nothing
+    per intent is left to record (issue 19). A batch is taken whole or not at all; the database
+    checks again that these are all of its intents."""
+    batches: dict[int, list[PublishResult]] = {}
+    spoilt: set[int] = set()
+    for r in results:
+        batch = r.effect.batch
+        if batch is None:
+            continue
+        spec = settings.effect_type(r.effect.effect_type)
+        if (
+            r.outcome is not AttemptOutcome.ACKED
+            or r.offset is None
+            or r.partition is None
+            or spec is None
+            or spec.result_topic is not None
+            or (settings.status_events and not r.effect.status_in_txn)
+        ):
+            spoilt.add(batch)
+        batches.setdefault(batch, []).append(r)
+    return {b: members for b, members in batches.items() if b not in spoilt}
 
 
 def written(

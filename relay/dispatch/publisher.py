@@ -10,7 +10,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -25,8 +25,9 @@ from relay.dispatch.outcomes import (
     classify_delivery_error,
     classify_send_error,
 )
+from relay.dispatch.status_records import CLAIMED, ENQUEUED, PUBLISHED_IN_TXN, status_value
 from relay.errors import describe
-from relay.headers import dispatch_headers
+from relay.headers import dispatch_headers, status_headers
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,9 @@ class ClaimedEffect:
     ordering_group: str | None = None  # its effects go one at a time, to one partition
     # The batch (relay.dispatch_batch) that claimed it: no effect row until its outcome.
     batch: int | None = None
+    # Its status events ride in its batch's Kafka transaction (relay.dispatch_batch.status_ids).
+    status_in_txn: bool = False
+    claimed_at: datetime | None = None
 
 
 def group_partition(group: str, partitions: set[int] | None) -> int | None:
@@ -55,8 +59,16 @@ def group_partition(group: str, partitions: set[int] | None) -> int | None:
     group, so a Java producer keyed by the group would pick the same one. None: no metadata."""
     if not partitions:
         return None
-    ordered = sorted(partitions)
-    return int(ordered[(int(murmur2(group.encode())) & 0x7FFFFFFF) % len(ordered)])
+    return key_partition(group.encode(), sorted(partitions))
+
+
+def key_partition(key: bytes, ordered: Sequence[int]) -> int:
+    """Kafka's default partitioner for a keyed record, over the topic's partitions in order.
+
+    Computed by the relay rather than by kafka-python's partitioner, which builds the cluster's
+    topic set and the topic's partition lists again for every record (5 us of the 55 us the
+    publishing thread spends per record in a drain)."""
+    return int(ordered[(int(murmur2(key)) & 0x7FFFFFFF) % len(ordered)])
 
 
 @dataclass(frozen=True)
@@ -114,6 +126,56 @@ def build_record(
     )
 
 
+def batch_status_records(
+    effect: ClaimedEffect,
+    *,
+    topic: str,
+    source: str,
+    now: datetime,
+    partitions: Sequence[int] | None = None,
+) -> list[Record]:
+    """The status events of an intent whose record rides in its batch's Kafka transaction: its
+    enqueue, its claim and its publication, visible if and only if the record is (issue 19:
+    no transition rows, no second transaction). Keyed by the operation key, as the log's, and
+    on the partition the producer's partitioner picks for that key (computed once for the three,
+    from the topic's ``partitions`` in order)."""
+    claimed_at = effect.claimed_at or now
+    key = effect.operation_key.encode()
+    partition = key_partition(key, partitions) if partitions else None
+    story = (
+        (0, None, "PENDING", ENQUEUED, 0, effect.created_at),
+        (1, "PENDING", "DISPATCHING", CLAIMED, effect.attempt, claimed_at),
+        (2, "DISPATCHING", "PUBLISHED", PUBLISHED_IN_TXN, effect.attempt, now),
+    )
+    return [
+        Record(
+            topic,
+            key,
+            status_value(
+                operation_key=effect.operation_key,
+                effect_type=effect.effect_type,
+                state=state,
+                previous_state=previous,
+                reason=reason,
+                attempt=attempt,
+                at=at,
+                traceparent=effect.traceparent,
+            ),
+            status_headers(
+                effect_id=effect.id,
+                transition_id=None,
+                batch_id=effect.batch,
+                part=part,
+                at=at,
+                source=source,
+                traceparent=effect.traceparent,
+            ),
+            partition,
+        )
+        for part, previous, state, reason, attempt, at in story
+    ]
+
+
 def ack_latencies_s(results: Sequence[PublishResult], now: datetime | None = None) -> list[float]:
     """Seconds from enqueue (the effect's created_at, database clock) to now, per acked attempt;
     negative when the database's clock runs ahead of ours."""
@@ -135,14 +197,21 @@ def _send_all(
     *,
     source: str,
     limit_bytes: int,
+    status: list[tuple[int, Any]] | None = None,
+    status_topic: str | None = None,
+    status_partitions: Sequence[int] | None = None,
 ) -> list[tuple[int, Any]]:
     """Hand every record to the producer; fill ``results`` for those refused before any send.
 
     A topic whose metadata could not be had is not tried again within the batch, so one bad
-    topic costs one wait.
+    topic costs one wait. With a ``status_topic``, an intent whose status events ride in the
+    transaction has them sent right after its record (their futures, or the exception a send
+    raised, appended to ``status``).
     """
     pending: list[tuple[int, Any]] = []
     unavailable: dict[str, Classified] = {}
+    layout: dict[str, list[int]] = {}  # each topic's partitions, asked once a batch
+    now = datetime.now(UTC)
     for index, effect in enumerate(batch):
         if effect.topic in unavailable:
             verdict = unavailable[effect.topic]
@@ -158,18 +227,21 @@ def _send_all(
             results[index] = PublishResult(effect, AttemptOutcome.REJECTED, reason)
             continue
         try:
-            if effect.ordering_group is not None:
-                # Asked only for a record that will be sent: the topic's metadata can take a while.
-                partitions = producer.partitions_for(effect.topic)
-                record = replace(
-                    record, partition=group_partition(effect.ordering_group, partitions)
-                )
+            # Asked only for a record that will be sent: the topic's metadata can take a while.
+            ordered = layout.get(effect.topic)
+            if ordered is None:
+                ordered = layout[effect.topic] = sorted(producer.partitions_for(effect.topic))
+            partition = record.partition
+            if ordered:
+                # An ordering group's effects go to the group's partition, whatever their keys.
+                by = record.key if effect.ordering_group is None else effect.ordering_group.encode()
+                partition = key_partition(by, ordered)
             future = producer.send(
                 record.topic,
                 key=record.key,
                 value=record.value,
                 headers=record.headers,
-                partition=record.partition,
+                partition=partition,
             )
         except Exception as exc:  # noqa: BLE001 - every send error is classified, none escapes
             verdict = classify_send_error(exc)
@@ -178,7 +250,66 @@ def _send_all(
             results[index] = PublishResult(effect, verdict.outcome, verdict.reason)
             continue
         pending.append((index, future))
+        if status is not None and status_topic is not None and effect.status_in_txn:
+            try:
+                for event in batch_status_records(
+                    effect,
+                    topic=status_topic,
+                    source=source,
+                    now=now,
+                    partitions=status_partitions,
+                ):
+                    status.append(
+                        (
+                            index,
+                            producer.send(
+                                event.topic,
+                                key=event.key,
+                                value=event.value,
+                                headers=event.headers,
+                                partition=event.partition,
+                            ),
+                        )
+                    )
+            except Exception as exc:  # noqa: BLE001 - the transaction is aborted for it
+                status.append((index, exc))
     return pending
+
+
+def _status_failures(
+    batch: Sequence[ClaimedEffect],
+    results: list[PublishResult | None],
+    status: list[tuple[int, Any]],
+    deadline: float,
+    timeout_s: float,
+) -> None:
+    """An intent whose status event failed fails with it: its transaction is aborted (the events
+    must be visible if and only if the record is), and the intent goes again, its story then
+    told by the log. Unanswered: UNKNOWN, as an unanswered record."""
+    for index, sent in status:
+        r = results[index]
+        if r is None or r.outcome is not AttemptOutcome.ACKED:
+            continue  # the record failed on its own: that is its outcome
+        if isinstance(sent, Exception):
+            error: BaseException = sent
+        else:
+            try:
+                sent.get(timeout=max(0.0, deadline - time.monotonic()))
+                continue
+            except Exception as exc:  # noqa: BLE001 - classified below
+                error = exc
+            if not sent.is_done:
+                reason = f"ambiguous end of its status event: no answer within {timeout_s:.1f}s"
+                results[index] = PublishResult(
+                    batch[index], AttemptOutcome.UNKNOWN, reason, failed_in_flight=True
+                )
+                continue
+        results[index] = PublishResult(
+            batch[index],
+            AttemptOutcome.NOT_SENT,
+            f"its status event was not published: {describe(error)}",
+            failed_in_flight=True,
+        )
 
 
 def _await_all(
@@ -265,8 +396,14 @@ def publish_batch_transactional(
     timeout_s: float,
     limit_bytes: int,
     before_commit: Callable[[], None] | None = None,
+    status_topic: str | None = None,
+    on_status_unavailable: Callable[[], None] | None = None,
 ) -> list[PublishResult]:
     """Publish the batch in one Kafka transaction: all of it becomes visible, or none of it.
+    With a ``status_topic``, the status events of the intents claimed so (``status_in_txn``)
+    ride in it too; if that topic is unavailable, those intents are not sent (NOT_SENT, to go
+    again at once, their events then from the log), ``on_status_unavailable`` is called, and the
+    rest of the batch is published.
 
     Commit succeeded: every sent record is published. A send failed: the transaction is
     aborted; its answered records are provably invisible to read_committed readers (ABORTED, to
@@ -274,6 +411,25 @@ def publish_batch_transactional(
     Commit or abort ended without an answer: every sent record is UNKNOWN, to be verified after
     fencing.
     """
+    status_partitions: list[int] | None = None
+    if status_topic is not None and any(e.status_in_txn for e in batch):
+        try:
+            status_partitions = sorted(producer.partitions_for(status_topic))
+            if not status_partitions:
+                raise kerr.UnknownTopicOrPartitionError(status_topic)
+        except Exception as exc:  # noqa: BLE001 - checked before anything is sent
+            if on_status_unavailable is not None:
+                on_status_unavailable()
+            return _without_status(
+                producer,
+                batch,
+                f"not sent: the status topic {status_topic!r} is unavailable "
+                f"({describe(exc)}); it goes again, its status events then from the log",
+                source=source,
+                timeout_s=timeout_s,
+                limit_bytes=limit_bytes,
+                before_commit=before_commit,
+            )
     results: list[PublishResult | None] = [None] * len(batch)
     try:
         producer.begin_transaction()
@@ -282,8 +438,21 @@ def publish_batch_transactional(
         return [
             PublishResult(e, AttemptOutcome.NOT_SENT, reason, failed_in_flight=True) for e in batch
         ]
-    pending = _send_all(producer, batch, results, source=source, limit_bytes=limit_bytes)
+    status: list[tuple[int, Any]] = []
+    pending = _send_all(
+        producer,
+        batch,
+        results,
+        source=source,
+        limit_bytes=limit_bytes,
+        status=status,
+        status_topic=status_topic,
+        status_partitions=status_partitions,
+    )
+    deadline = time.monotonic() + timeout_s
     _await_all(producer, batch, results, pending, timeout_s)
+    if status:
+        _status_failures(batch, results, status, deadline, timeout_s)
     sent = [i for i, _ in pending]
     failed = [i for i in sent if _outcome(results[i]) is not AttemptOutcome.ACKED]
     if failed:
@@ -335,6 +504,24 @@ def publish_batch_transactional(
         with contextlib.suppress(Exception):
             transactions.abort(producer, timeout_s)
     return _done(results)
+
+
+def _without_status(
+    producer: KafkaProducer,
+    batch: Sequence[ClaimedEffect],
+    reason: str,
+    **publish: Any,
+) -> list[PublishResult]:
+    """The batch without the intents whose status events were to ride with them: those are
+    NOT_SENT and innocent (no backoff, no attempt counted against them); the rest published."""
+    rest = [e for e in batch if not e.status_in_txn]
+    sent = iter(publish_batch_transactional(producer, rest, **publish) if rest else [])
+    return [
+        PublishResult(e, AttemptOutcome.NOT_SENT, reason, suspect=False)
+        if e.status_in_txn
+        else next(sent)
+        for e in batch
+    ]
 
 
 def _outcome(result: PublishResult | None) -> AttemptOutcome | None:

@@ -12,11 +12,15 @@ Exactly once: the publisher's transactional id is shared by every holder, so a n
 commit ends without an answer between Kafka and the database, the next pass (by any replica)
 looks for the in-flight events in the status topic, read_committed, after fencing: found (a
 transaction is all or nothing), they are recorded as published; absent, they are sent again.
+
+The happy path of an intent claimed in a batch whose type awaits no result writes no log at all:
+its events ride in the batch's own Kafka transaction (:func:`relay.dispatch.publisher.
+batch_status_records`). The log's events of such an intent whose transaction's commit went
+unanswered are held (``relay.status_held``, skipped here) until its record is looked for.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -31,6 +35,7 @@ from relay.config import Settings
 from relay.dispatch import transactions
 from relay.dispatch.lookup import Found, Wanted, find_attempts, open_consumer
 from relay.dispatch.stage import Held, Identity, Stage
+from relay.dispatch.status_records import status_value
 from relay.errors import describe
 from relay.headers import STATUS_EVENT_TYPE, status_headers
 from relay.kafka_client import close_quietly, make_producer
@@ -221,16 +226,13 @@ class StatusPublisher(Stage):
 
 
 def _event_value(e: _Event) -> bytes:
-    return json.dumps(
-        {
-            "operation_key": e.operation_key,
-            "effect_type": e.effect_type,
-            "state": e.to_state,
-            "previous_state": e.from_state,
-            "reason": e.reason,
-            "attempt": e.attempt,
-            "at": e.at.isoformat(),
-            "traceparent": e.traceparent,
-        },
-        separators=(",", ":"),
-    ).encode()
+    return status_value(
+        operation_key=e.operation_key,
+        effect_type=e.effect_type,
+        state=e.to_state,
+        previous_state=e.from_state,
+        reason=e.reason,
+        attempt=e.attempt,
+        at=e.at,
+        traceparent=e.traceparent,
+    )

@@ -12,6 +12,7 @@ from enum import StrEnum
 from typing import Any
 
 import psycopg
+from psycopg.rows import dict_row
 
 from relay.config import Settings
 from relay.errors import EffectNotFoundError, InvalidIntentError, InvalidTransitionError
@@ -62,7 +63,17 @@ def resolve(
     with conn.transaction():
         effect = lock_effect(conn, operation_key)
         if effect is None:
-            raise EffectNotFoundError(f"no effect has operation key {operation_key!r}")
+            # An intent without an effect row (not read yet, in a batch, or published in one)
+            # is in no state a person resolves: say which.
+            with conn.cursor(row_factory=dict_row) as cur:
+                cur.execute(query("get_intake_effect"), {"operation_key": operation_key})
+                found = cur.fetchone()
+            if found is None:
+                raise EffectNotFoundError(f"no effect has operation key {operation_key!r}")
+            raise InvalidTransitionError(
+                f"effect {operation_key!r} is {found['state']}: only an UNKNOWN or STUCK effect "
+                "can be resolved"
+            )
         if effect.state not in RESOLVABLE:
             raise InvalidTransitionError(
                 f"effect {operation_key!r} is {effect.state.value}: only an UNKNOWN or STUCK "

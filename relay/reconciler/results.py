@@ -227,9 +227,9 @@ class _Writer:
         effects: dict[str, LockedEffect] = {}
         with conn.cursor(row_factory=dict_row) as cur:
             # Intents claimed in a batch whose outcome is not recorded have no effect row yet:
-            # DISPATCHING, so their results wait. Asked first, so that a row written meanwhile is
-            # found by the lock after it, and wins.
-            for name in ("batch_effects", "lock_effects"):
+            # DISPATCHING, so their results wait; those of a published batch have none at all.
+            # Asked first, so that a row written meanwhile is found by the lock after it, and wins.
+            for name in ("batch_effects", "published_effects", "lock_effects"):
                 cur.execute(query(name), {"keys": keys})
                 for row in cur.fetchall():
                     state = EffectState(row["state"])

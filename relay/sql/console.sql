@@ -5,15 +5,24 @@
 -- Effects by type and state with the age of the oldest change, for every state but the finished
 -- CONFIRMED and CANCELLED (counting those would read the whole table: relay stats does). Read
 -- from the state index and the claim's partial index.
-SELECT effect_type, state, count(*) AS effects,
-       extract(epoch FROM now() - min(updated_at))::float8 AS oldest_age_s
-FROM relay.effect
-WHERE state IN ('DISPATCHING', 'PUBLISHED', 'REJECTED', 'UNKNOWN', 'STUCK')
-GROUP BY effect_type, state
-UNION ALL
-SELECT effect_type, 'PENDING', count(*), extract(epoch FROM now() - min(updated_at))::float8
-FROM relay.effect WHERE state = 'PENDING'
-GROUP BY effect_type
+SELECT o.effect_type, o.state, sum(o.n)::bigint AS effects,
+       extract(epoch FROM now() - min(o.oldest))::float8 AS oldest_age_s
+FROM (
+    SELECT effect_type, state, count(*) AS n, min(updated_at) AS oldest
+    FROM relay.effect
+    WHERE state IN ('DISPATCHING', 'PUBLISHED', 'REJECTED', 'UNKNOWN', 'STUCK')
+    GROUP BY effect_type, state
+    UNION ALL
+    SELECT effect_type, 'PENDING', count(*), min(updated_at)
+    FROM relay.effect WHERE state = 'PENDING'
+    GROUP BY effect_type
+    UNION ALL
+    -- Intents of published batches (no effect row), one row a batch.
+    SELECT effect_type, 'PUBLISHED', sum(n), min(published_at)
+    FROM relay.published_batch
+    GROUP BY effect_type
+) o
+GROUP BY o.effect_type, o.state
 ORDER BY 1, 2;
 
 -- name: console_alerts

@@ -14,35 +14,27 @@ FROM relay.enqueue($1, $2, $3::text::jsonb, $4, $5, $6, $7);
 
 -- name: enqueue_intake_named
 -- SQLAlchemy: outbox.sql's enqueue_intake (an ungrouped intent, one plain INSERT).
-WITH made AS (
-    INSERT INTO relay.intake (operation_key, effect_type, payload, business_key, traceparent,
-                              available_at)
-    SELECT :operation_key, CAST(:effect_type AS relay.effect_type_name), p.payload,
-           coalesce(CAST(:business_key AS text),
-                    CASE WHEN t.business_key IS NOT NULL
-                         THEN relay.business_key(t.business_key, p.payload, :operation_key) END),
-           :traceparent, :available_at
-    FROM (SELECT CAST(CAST(:payload AS text) AS jsonb) AS payload) p
-    LEFT JOIN relay.effect_type t ON t.name = :effect_type AND t.business_key IS NOT NULL
-    ON CONFLICT DO NOTHING
-    RETURNING 1
-)
-SELECT currval('relay.intake_id_seq') AS effect_id, 'PENDING' AS state, true AS created
-FROM made;
+INSERT INTO relay.intake (operation_key, effect_type, payload, business_key, traceparent,
+                          available_at)
+SELECT :operation_key, CAST(:effect_type AS relay.effect_type_name), p.payload,
+       CASE WHEN t.business_key IS NULL THEN CAST(:business_key AS text)
+            ELSE relay.checked_business_key(t.business_key, p.payload, :operation_key,
+                                            CAST(:business_key AS text)) END,
+       :traceparent, :available_at
+FROM (SELECT CAST(CAST(:payload AS text) AS jsonb) AS payload) p
+LEFT JOIN relay.effect_type t ON t.name = :effect_type AND t.business_key IS NOT NULL
+ON CONFLICT DO NOTHING
+RETURNING currval('relay.intake_id_seq') AS effect_id, 'PENDING' AS state, true AS created;
 
 -- name: enqueue_intake_numbered
 -- asyncpg: outbox.sql's enqueue_intake, numbered as enqueue_numbered ($7 unused: ungrouped).
-WITH made AS (
-    INSERT INTO relay.intake (operation_key, effect_type, payload, business_key, traceparent,
-                              available_at)
-    SELECT $1::text, $2::text::relay.effect_type_name, p.payload,
-           coalesce($4::text, CASE WHEN t.business_key IS NOT NULL
-                                   THEN relay.business_key(t.business_key, p.payload, $1::text) END),
-           $5::text, $6::timestamptz
-    FROM (SELECT $3::text::jsonb AS payload) p
-    LEFT JOIN relay.effect_type t ON t.name = $2::text AND t.business_key IS NOT NULL
-    ON CONFLICT DO NOTHING
-    RETURNING 1
-)
-SELECT currval('relay.intake_id_seq') AS effect_id, 'PENDING' AS state, true AS created
-FROM made;
+INSERT INTO relay.intake (operation_key, effect_type, payload, business_key, traceparent,
+                          available_at)
+SELECT $1::text, $2::text::relay.effect_type_name, p.payload,
+       CASE WHEN t.business_key IS NULL THEN $4::text
+            ELSE relay.checked_business_key(t.business_key, p.payload, $1::text, $4::text) END,
+       $5::text, $6::timestamptz
+FROM (SELECT $3::text::jsonb AS payload) p
+LEFT JOIN relay.effect_type t ON t.name = $2::text AND t.business_key IS NOT NULL
+ON CONFLICT DO NOTHING
+RETURNING currval('relay.intake_id_seq') AS effect_id, 'PENDING' AS state, true AS created;

@@ -3,14 +3,16 @@
 -- name: demo_progress
 -- One run's effects by state; `awaiting` counts the PUBLISHED ones whose type still awaits a
 -- downstream result (a PUBLISHED effect of a type without results is done).
--- An intent without an effect row is PENDING (not read yet) or DISPATCHING (claimed in a batch).
+-- An intent without an effect row is PENDING (not read yet), DISPATCHING (claimed in a batch) or
+-- PUBLISHED (in a published batch).
 SELECT e.state, count(*)::int AS effects,
        count(*) FILTER (WHERE e.state = 'PUBLISHED' AND t.result_topic IS NOT NULL)::int
            AS awaiting
 FROM (
     SELECT f.state, f.effect_type FROM relay.effect f WHERE f.operation_key = ANY(%(keys)s)
     UNION ALL
-    SELECT CASE WHEN EXISTS (SELECT 1 FROM relay.dispatch_batch b WHERE i.id = ANY (b.ids))
+    SELECT CASE WHEN EXISTS (SELECT 1 FROM relay.published_intent(i.id)) THEN 'PUBLISHED'
+                WHEN EXISTS (SELECT 1 FROM relay.dispatch_batch b WHERE i.id = ANY (b.ids))
                 THEN 'DISPATCHING' ELSE 'PENDING' END,
            i.effect_type::text
     FROM relay.intake i

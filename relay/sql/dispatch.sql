@@ -166,21 +166,55 @@ WITH outcome AS (
 SELECT id FROM moved
 
 -- name: mark_batch_outcomes
--- The outcomes of intents claimed in batches (relay.dispatch_batch): each effect row written once,
--- in its outcome's state, with its attempt's row and one transition, as mark_outcomes writes them
--- for a claimed row; a batch whose every intent has its row is deleted. Compare-and-set on the
--- batch's owner and epoch: a batch whose lease was expired (its effects written UNKNOWN, the batch
--- gone) or a fenced incarnation's writes nothing.
+-- The outcomes of intents claimed in batches (relay.dispatch_batch). Published ones that need
+-- nothing more (their type awaits no result, and status events are off or rode in the batch's
+-- Kafka transaction) go into one relay.published_batch row per batch and type, with their
+-- partitions and offsets, and get no row of their own. Every other one has its effect row written
+-- once, in its outcome's state, with its attempt's row and one transition, as mark_outcomes
+-- writes them for a claimed row; an UNKNOWN one whose status events rode in the transaction has
+-- them held (relay.status_held) until its record is looked for. A batch whose every intent is
+-- recorded is deleted. Compare-and-set on the batch's owner and epoch: a batch whose lease was
+-- expired (its effects written UNKNOWN, the batch gone) or a fenced incarnation's writes nothing.
 WITH outcome AS (
     SELECT * FROM unnest(%(ids)s::bigint[], %(batches)s::bigint[], %(states)s::text[],
                          %(outcomes)s::text[], %(reasons)s::text[], %(partitions)s::int[],
                          %(offsets)s::bigint[], %(delays_s)s::float8[])
         AS o(id, batch, state, outcome, reason, partition, "offset", delay_s)
 ), live AS MATERIALIZED (
-    SELECT b.id, b.claimed_at, b.ids FROM relay.dispatch_batch b
-    WHERE b.id = ANY (%(batches)s::bigint[])
+    SELECT b.id, b.claimed_at, b.ids, b.status_ids FROM relay.dispatch_batch b
+    -- IN over unnest, not = ANY: the planner estimates = ANY over an array of one batch id per
+    -- intent element by element (about 1 ms of planning a call).
+    WHERE b.id IN (SELECT unnest(%(batches)s::bigint[]))
       AND b.owner = %(owner)s AND b.owner_epoch = %(epoch)s
     FOR UPDATE
+), log AS MATERIALIZED (
+    SELECT * FROM relay.transition_context
+), in_txn AS MATERIALIZED (
+    -- The intents whose status events rode in their batch's Kafka transaction.
+    SELECT unnest(l.status_ids) AS id FROM live l
+), quiet AS MATERIALIZED (
+    -- Uncorrelated conditions first, filters decided once: with status events on and none in
+    -- the transaction, the intake is not probed for any intent.
+    SELECT o.id, o.batch, o.partition, o."offset", i.effect_type::text AS effect_type,
+           l.claimed_at
+    FROM outcome o
+    JOIN live l ON l.id = o.batch
+    JOIN relay.intake i ON i.id = o.id
+    JOIN relay.effect_type t ON t.name = i.effect_type::text
+    WHERE o.state = 'PUBLISHED' AND o."offset" IS NOT NULL
+      AND (EXISTS (SELECT 1 FROM in_txn)
+           OR NOT (SELECT c.status_events FROM relay.reconciler_config c))
+      AND (o.id IN (SELECT x.id FROM in_txn x)
+           OR (t.result_topic IS NULL
+               AND NOT (SELECT c.status_events FROM relay.reconciler_config c)))
+), published AS (
+    INSERT INTO relay.published_batch (batch_id, effect_type, owner, owner_epoch, claimed_at,
+                                       first_id, last_id, n, ids, partitions, offsets)
+    SELECT q.batch, q.effect_type, %(owner)s, %(epoch)s, q.claimed_at, min(q.id), max(q.id),
+           count(*), array_agg(q.id ORDER BY q.id), array_agg(q.partition ORDER BY q.id),
+           array_agg(q."offset" ORDER BY q.id)
+    FROM quiet q
+    GROUP BY q.batch, q.effect_type, q.claimed_at
 ), made AS (
     INSERT INTO relay.effect AS e (id, operation_key, effect_type, topic, payload, business_key,
                                    traceparent, available_at, created_at, updated_at,
@@ -199,6 +233,7 @@ WITH outcome AS (
     JOIN live l ON l.id = o.batch
     JOIN relay.intake_as_effect r ON r.id = o.id
     LEFT JOIN relay.effect_type t ON t.name = r.effect_type
+    WHERE o.id NOT IN (SELECT q.id FROM quiet q)
     ORDER BY r.id
     ON CONFLICT DO NOTHING
     RETURNING e.id, e.state, e.reason, e.claimed_at, e.created_at, e.effect_type
@@ -208,8 +243,6 @@ WITH outcome AS (
     SELECT m.id, 1, %(owner)s, %(epoch)s, m.claimed_at, now(), o.outcome, m.reason,
            o.partition, o."offset"
     FROM made m JOIN outcome o ON o.id = m.id
-), log AS MATERIALIZED (
-    SELECT * FROM relay.transition_context
 ), transitions AS (
     -- One row, implying the claim and the enqueue before it, as mark_outcomes writes it.
     INSERT INTO relay.transition (effect_id, from_state, to_state, reason, actor, attempt, at,
@@ -218,22 +251,66 @@ WITH outcome AS (
            log.status AND m.effect_type <> 'relay.status', true, m.created_at >= log.lean_since
     FROM made m CROSS JOIN log
     ORDER BY m.id
+), held AS (
+    -- Its status events may be visible (the commit went unanswered): they wait for the lookup.
+    INSERT INTO relay.status_held (effect_id, batch_id)
+    SELECT m.id, o.batch FROM made m JOIN outcome o ON o.id = m.id
+    WHERE m.state = 'UNKNOWN' AND m.id IN (SELECT x.id FROM in_txn x)
+    ON CONFLICT DO NOTHING
 ), closed AS (
     DELETE FROM relay.dispatch_batch b USING live l
     WHERE b.id = l.id AND NOT EXISTS (
         SELECT 1 FROM unnest(l.ids) AS x(id)
         WHERE x.id NOT IN (SELECT m.id FROM made m)
-          AND NOT EXISTS (SELECT 1 FROM relay.effect e WHERE e.id = x.id))
+          AND x.id NOT IN (SELECT q.id FROM quiet q)
+          AND NOT EXISTS (SELECT 1 FROM relay.effect e WHERE e.id = x.id)
+          AND NOT EXISTS (SELECT 1 FROM relay.published_intent(x.id)))
 )
 SELECT id FROM made
+UNION ALL
+SELECT id FROM quiet
+
+-- name: mark_quiet_batch
+-- mark_batch_outcomes for the happy path, with no work per intent: a whole batch acknowledged,
+-- every intent of a type that awaits no result, status events off or every intent's in the
+-- batch's Kafka transaction. The batch becomes one
+-- relay.published_batch row per type and is deleted. Nothing is written unless the batch is
+-- still this incarnation's and holds exactly these ids (the ids, types, partitions and offsets
+-- are the relay's own: it read the types from the intake); the marker then falls back to
+-- mark_batch_outcomes, which decides per intent.
+WITH live AS MATERIALIZED (
+    SELECT b.id, b.claimed_at FROM relay.dispatch_batch b
+    WHERE b.id = %(batch)s AND b.owner = %(owner)s AND b.owner_epoch = %(epoch)s
+      AND b.ids = %(ids)s::bigint[]
+      AND (b.status_ids = b.ids OR NOT (SELECT c.status_events FROM relay.reconciler_config c))
+      AND NOT EXISTS (SELECT 1 FROM relay.effect_type t
+                      WHERE t.name IN (SELECT unnest(%(types)s::text[]))
+                        AND t.result_topic IS NOT NULL)
+    FOR UPDATE
+), published AS (
+    INSERT INTO relay.published_batch (batch_id, effect_type, owner, owner_epoch, claimed_at,
+                                       first_id, last_id, n, ids, partitions, offsets)
+    SELECT l.id, x.effect_type, %(owner)s, %(epoch)s, l.claimed_at, min(x.id), max(x.id),
+           count(*), array_agg(x.id ORDER BY x.id), array_agg(x.partition ORDER BY x.id),
+           array_agg(x."offset" ORDER BY x.id)
+    FROM live l
+    CROSS JOIN unnest(%(ids)s::bigint[], %(types)s::text[], %(partitions)s::int[],
+                      %(offsets)s::bigint[]) AS x(id, effect_type, partition, "offset")
+    GROUP BY l.id, l.claimed_at, x.effect_type
+), closed AS (
+    DELETE FROM relay.dispatch_batch b USING live l WHERE b.id = l.id
+)
+SELECT count(*) FROM live
 
 -- name: expire_batches
 -- A batch left past its lease (its replica died or hangs), a previous incarnation's, or (after a
 -- reconnect) one of this replica's that no stage holds: its intents may or may not be in Kafka.
 -- Each without an effect row is written UNKNOWN, with its attempt's row and transition, as
--- expire_leases writes a claimed row's; the batch is deleted.
+-- expire_leases writes a claimed row's (status events that rode in its transaction held until the
+-- record is looked for); the batch is deleted.
 WITH expired AS (
-    SELECT b.id, b.owner, b.owner_epoch, b.claimed_at, b.ids FROM relay.dispatch_batch b
+    SELECT b.id, b.owner, b.owner_epoch, b.claimed_at, b.ids, b.status_ids
+    FROM relay.dispatch_batch b
     WHERE b.lease_until < now()
        OR (b.owner = %(owner)s AND b.owner_epoch < %(epoch)s)
        OR (%(all_own)s AND b.owner = %(owner)s AND NOT (b.ids && %(held)s::bigint[]))
@@ -241,7 +318,8 @@ WITH expired AS (
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
 ), member AS (
-    SELECT x.id, x.owner, x.owner_epoch, x.claimed_at, m.id AS effect_id
+    SELECT x.id, x.owner, x.owner_epoch, x.claimed_at, m.id AS effect_id,
+           m.id = ANY (x.status_ids) AS in_txn
     FROM expired x CROSS JOIN LATERAL unnest(x.ids) AS m(id)
 ), made AS (
     INSERT INTO relay.effect AS e (id, operation_key, effect_type, topic, payload, business_key,
@@ -254,6 +332,8 @@ WITH expired AS (
            1, m.claimed_at
     FROM member m
     JOIN relay.intake_as_effect r ON r.id = m.effect_id
+    -- Published already, by an earlier part of a batch the marker had to split.
+    WHERE NOT EXISTS (SELECT 1 FROM relay.published_intent(m.effect_id))
     ORDER BY r.id
     ON CONFLICT DO NOTHING
     RETURNING e.id, e.reason, e.claimed_at, e.created_at, e.effect_type
@@ -271,6 +351,11 @@ WITH expired AS (
            log.status AND d.effect_type <> 'relay.status', true, d.created_at >= log.lean_since
     FROM made d JOIN member m ON m.effect_id = d.id CROSS JOIN log
     ORDER BY d.id
+), held AS (
+    INSERT INTO relay.status_held (effect_id, batch_id)
+    SELECT d.id, m.id FROM made d JOIN member m ON m.effect_id = d.id
+    WHERE m.in_txn
+    ON CONFLICT DO NOTHING
 ), gone AS (
     DELETE FROM relay.dispatch_batch b USING expired x WHERE b.id = x.id
 )
@@ -371,7 +456,9 @@ ORDER BY t.id;
 -- name: finish_verification
 -- Record what the check found: PUBLISHED (found), PENDING (absent: a new attempt may be made),
 -- UNKNOWN again (Kafka could not be asked; checked later) or STUCK (budget spent).
--- Compare-and-set on the verifying replica's owner/epoch.
+-- Compare-and-set on the verifying replica's owner/epoch. Status events held for it (they rode in
+-- the record's Kafka transaction): found, they are in Kafka with the record and the log's are
+-- not published; otherwise the log's go.
 WITH moved AS (
     UPDATE relay.effect AS e
     SET state = %(state)s, reason = %(reason)s, owner = NULL, owner_epoch = NULL,
@@ -397,11 +484,20 @@ WITH moved AS (
         partition = coalesce(%(partition)s, a.partition),
         "offset" = coalesce(%(offset)s, a."offset")
     FROM moved m WHERE a.effect_id = m.id AND a.attempt = m.attempts
+), unheld AS (
+    DELETE FROM relay.status_held h USING moved m
+    WHERE h.effect_id = m.id AND %(state)s <> 'UNKNOWN'
+    RETURNING h.effect_id
+), told AS (
+    UPDATE relay.transition t SET status_pending = false
+    FROM unheld u
+    WHERE t.effect_id = u.effect_id AND t.status_pending AND %(state)s = 'PUBLISHED'
 ), transition AS (
     INSERT INTO relay.transition (effect_id, from_state, to_state, reason, actor, attempt,
                                   status_pending)
     SELECT m.id, 'UNKNOWN', %(state)s, %(reason)s, %(owner)s, m.attempts,
            c.status_events AND m.effect_type <> 'relay.status'
+           AND NOT (%(state)s = 'PUBLISHED' AND m.id IN (SELECT u.effect_id FROM unheld u))
     FROM moved m, relay.reconciler_config c
     WHERE %(state)s <> 'UNKNOWN'
 )
@@ -430,7 +526,13 @@ SELECT l.transition_id, l.part, l.effect_id, e.operation_key, e.effect_type, l.f
 FROM relay.transition_log l
 JOIN relay.effect e ON e.id = l.effect_id
 WHERE l.transition_id = ANY (ARRAY(
-    SELECT t.id FROM relay.transition t WHERE t.status_pending ORDER BY t.id LIMIT %(limit)s))
+    SELECT t.id FROM relay.transition t
+    WHERE t.status_pending
+      -- Held: its events rode in a Kafka transaction whose end is not known yet.
+      AND NOT EXISTS (SELECT 1 FROM relay.status_held h JOIN relay.effect e ON e.id = h.effect_id
+                      WHERE h.effect_id = t.effect_id AND e.state = 'UNKNOWN'
+                        AND e.attempts = 1 AND e.published_offset IS NULL)
+    ORDER BY t.id LIMIT %(limit)s))
 ORDER BY l.transition_id, l.part;
 
 -- name: status_inflight

@@ -4,44 +4,64 @@
 -- A PENDING effect of a group that waits behind a REJECTED, UNKNOWN or STUCK one (the latest of
 -- its group, not released) is listed as PARKED, with the effect it waits for. Another one
 -- waiting behind its group's head names the effect just before it, and that effect's due time
--- when it is not due yet (a head scheduled far ahead holds its group back as surely).
-SELECT e.operation_key, e.effect_type,
-       CASE WHEN b.operation_key IS NOT NULL THEN 'PARKED' ELSE e.state END AS state,
-       e.attempts, e.updated_at,
-       CASE WHEN b.operation_key IS NOT NULL
-            THEN format('parked behind %%s (%%s) in group %%s', b.operation_key, b.state,
-                        e.ordering_group)
-            WHEN w.operation_key IS NOT NULL
-            THEN format('waits behind %%s (%%s%%s) in group %%s', w.operation_key, w.state,
-                        CASE WHEN w.state = 'PENDING' AND w.available_at > now()
-                             THEN ', due ' || to_char(w.available_at AT TIME ZONE 'UTC',
-                                                      'YYYY-MM-DD"T"HH24:MI:SS"Z"')
-                             ELSE '' END,
-                        e.ordering_group)
-            ELSE e.reason END AS reason,
-       e.ordering_group
-FROM relay.effect e
-LEFT JOIN LATERAL (
-    SELECT p.operation_key, p.state FROM relay.effect p
-    WHERE e.state = 'PENDING' AND e.ordering_group IS NOT NULL
-      AND p.ordering_group = e.ordering_group AND p.id < e.id AND p.group_released_at IS NULL
-      AND p.state IN ('REJECTED', 'UNKNOWN', 'STUCK')
-    ORDER BY p.id DESC LIMIT 1
-) b ON true
-LEFT JOIN LATERAL (
-    SELECT p.operation_key, p.state, p.available_at FROM relay.effect p
-    WHERE e.state = 'PENDING' AND e.behind_head AND e.ordering_group IS NOT NULL
-      AND p.ordering_group = e.ordering_group AND p.id < e.id AND p.state <> 'CANCELLED'
-    ORDER BY p.id DESC LIMIT 1
-) w ON true
-WHERE (%(state)s::text IS NULL OR e.state = %(state)s
-       OR (%(state)s = 'PARKED' AND e.state = 'PENDING' AND e.ordering_group IS NOT NULL))
-  AND (%(state)s::text IS DISTINCT FROM 'PARKED' OR b.operation_key IS NOT NULL)
-  AND (%(effect_type)s::text IS NULL OR e.effect_type = %(effect_type)s)
-  AND (%(group)s::text IS NULL OR e.ordering_group = %(group)s)
-  AND (%(older_than_s)s::float8 IS NULL
-       OR e.updated_at <= now() - make_interval(secs => %(older_than_s)s))
-ORDER BY e.updated_at, e.id
+-- when it is not due yet (a head scheduled far ahead holds its group back as surely). Intents
+-- published in a batch that needs nothing more (no effect row) are PUBLISHED: the oldest
+-- batches, at most as many as effects are asked for, each holding one at least.
+SELECT l.operation_key, l.effect_type, l.state, l.attempts, l.updated_at, l.reason,
+       l.ordering_group
+FROM (
+    SELECT e.id, e.operation_key, e.effect_type,
+           CASE WHEN b.operation_key IS NOT NULL THEN 'PARKED' ELSE e.state END AS state,
+           e.attempts, e.updated_at,
+           CASE WHEN b.operation_key IS NOT NULL
+                THEN format('parked behind %%s (%%s) in group %%s', b.operation_key, b.state,
+                            e.ordering_group)
+                WHEN w.operation_key IS NOT NULL
+                THEN format('waits behind %%s (%%s%%s) in group %%s', w.operation_key, w.state,
+                            CASE WHEN w.state = 'PENDING' AND w.available_at > now()
+                                 THEN ', due ' || to_char(w.available_at AT TIME ZONE 'UTC',
+                                                          'YYYY-MM-DD"T"HH24:MI:SS"Z"')
+                                 ELSE '' END,
+                            e.ordering_group)
+                ELSE e.reason END AS reason,
+           e.ordering_group
+    FROM relay.effect e
+    LEFT JOIN LATERAL (
+        SELECT p.operation_key, p.state FROM relay.effect p
+        WHERE e.state = 'PENDING' AND e.ordering_group IS NOT NULL
+          AND p.ordering_group = e.ordering_group AND p.id < e.id AND p.group_released_at IS NULL
+          AND p.state IN ('REJECTED', 'UNKNOWN', 'STUCK')
+        ORDER BY p.id DESC LIMIT 1
+    ) b ON true
+    LEFT JOIN LATERAL (
+        SELECT p.operation_key, p.state, p.available_at FROM relay.effect p
+        WHERE e.state = 'PENDING' AND e.behind_head AND e.ordering_group IS NOT NULL
+          AND p.ordering_group = e.ordering_group AND p.id < e.id AND p.state <> 'CANCELLED'
+        ORDER BY p.id DESC LIMIT 1
+    ) w ON true
+    WHERE (%(state)s::text IS NULL OR e.state = %(state)s
+           OR (%(state)s = 'PARKED' AND e.state = 'PENDING' AND e.ordering_group IS NOT NULL))
+      AND (%(state)s::text IS DISTINCT FROM 'PARKED' OR b.operation_key IS NOT NULL)
+      AND (%(effect_type)s::text IS NULL OR e.effect_type = %(effect_type)s)
+      AND (%(group)s::text IS NULL OR e.ordering_group = %(group)s)
+      AND (%(older_than_s)s::float8 IS NULL
+           OR e.updated_at <= now() - make_interval(secs => %(older_than_s)s))
+    UNION ALL
+    SELECT x.id, i.operation_key, p.effect_type, 'PUBLISHED', 1, p.published_at, NULL, NULL
+    FROM (
+        SELECT q.ids, q.effect_type, q.published_at FROM relay.published_batch q
+        WHERE (%(state)s::text IS NULL OR %(state)s = 'PUBLISHED')
+          AND %(group)s::text IS NULL
+          AND (%(effect_type)s::text IS NULL OR q.effect_type = %(effect_type)s)
+          AND (%(older_than_s)s::float8 IS NULL
+               OR q.published_at <= now() - make_interval(secs => %(older_than_s)s))
+        ORDER BY q.published_at, q.id
+        LIMIT %(limit)s
+    ) p
+    CROSS JOIN LATERAL unnest(p.ids) AS x(id)
+    JOIN relay.intake i ON i.id = x.id
+) l
+ORDER BY l.updated_at, l.id
 LIMIT %(limit)s;
 
 -- name: stats
@@ -59,6 +79,10 @@ FROM (
     -- Intents claimed in a batch have no effect row until their outcome is recorded.
     SELECT b.effect_type, 'DISPATCHING', count(*), min(b.claimed_at)
     FROM relay.batch_effect b GROUP BY b.effect_type
+    UNION ALL
+    -- Published in a batch that needs nothing more: no effect row (relay.published_batch).
+    SELECT p.effect_type, 'PUBLISHED', sum(p.n), min(p.published_at)
+    FROM relay.published_batch p GROUP BY p.effect_type
 ) s
 GROUP BY s.effect_type, s.state ORDER BY s.effect_type, s.state;
 
@@ -82,6 +106,13 @@ FROM relay.effect e
 WHERE e.id = %(effect_id)s AND e.state = 'DISPATCHING' AND e.claimed_at IS NOT NULL
   AND NOT EXISTS (SELECT 1 FROM relay.attempt a
                   WHERE a.effect_id = e.id AND a.attempt = e.attempts)
+UNION ALL
+-- Published in a batch that needs nothing more: the attempt is the batch's (no rows of its own).
+SELECT 1, p.owner, p.owner_epoch, p.claimed_at, p.published_at, 'acked',
+       format('acknowledged by Kafka: partition %%s offset %%s', p."partition", p."offset"),
+       p."partition", p."offset", NULL, NULL
+FROM relay.published_intent(%(effect_id)s) p
+WHERE NOT EXISTS (SELECT 1 FROM relay.effect e WHERE e.id = %(effect_id)s)
 ORDER BY 1
 
 -- name: get_transitions
@@ -104,4 +135,16 @@ SELECT from_state, to_state, reason, actor, attempt, at FROM (
     WHERE e.id = %(effect_id)s AND e.state = 'DISPATCHING' AND e.claimed_at IS NOT NULL
       AND NOT EXISTS (SELECT 1 FROM relay.attempt a
                       WHERE a.effect_id = e.id AND a.attempt = e.attempts)
+    UNION ALL
+    -- Published in a batch that needs nothing more: its story is implied by the batch's row.
+    SELECT 0, s.part, s.from_state, s.to_state, s.reason, s.actor, s.attempt, s.at
+    FROM relay.published_intent(%(effect_id)s) p
+    JOIN relay.intake i ON i.id = %(effect_id)s
+    CROSS JOIN LATERAL (VALUES
+        (0, NULL, 'PENDING', 'enqueued', 'application', 0, i.enqueued_at),
+        (1, 'PENDING', 'DISPATCHING', 'claimed for publication', p.owner, 1, p.claimed_at),
+        (2, 'DISPATCHING', 'PUBLISHED',
+         format('acknowledged by Kafka: partition %%s offset %%s', p."partition", p."offset"),
+         p.owner, 1, p.published_at)) AS s(part, from_state, to_state, reason, actor, attempt, at)
+    WHERE NOT EXISTS (SELECT 1 FROM relay.effect e WHERE e.id = %(effect_id)s)
 ) story ORDER BY id, part

@@ -102,6 +102,7 @@ SELECT coalesce(pg_sequence_last_value('relay.intake_id_seq'), 0);
 -- the summary (id NULL). Without an owner (p_claim 0), the summary alone.
 SELECT id, operation_key, message_key, effect_type, topic, payload, business_key, traceparent,
        attempts, created_at, ordering_group, batch_id,
-       promoted, claimed, rejected, refused, tick_from, tick_to, more, last_id
+       promoted, claimed, rejected, refused, tick_from, tick_to, more, last_id, status_in_txn,
+       claimed_at
 FROM relay.promote_intake(%(limit)s, %(max_ticks)s, %(owner)s, %(epoch)s, %(lease_s)s,
-                          %(claim)s, %(max_bytes)s);
+                          %(claim)s, %(max_bytes)s, %(status_in_txn)s);

@@ -20,6 +20,10 @@ FROM (
     -- DISPATCHING also counts the intents claimed in a batch, which have no effect row yet.
     SELECT b.effect_type, 'DISPATCHING', count(*) FROM relay.batch_effect b
     GROUP BY b.effect_type
+    UNION ALL
+    -- PUBLISHED also counts the intents of published batches, which have no effect row.
+    SELECT p.effect_type, 'PUBLISHED', sum(p.n) FROM relay.published_batch p
+    GROUP BY p.effect_type
 ) d
 GROUP BY d.effect_type, d.state
 UNION ALL

@@ -42,22 +42,21 @@ WHERE max_pending_per_group <> %(max_pending_per_group)s;
 -- runs `enqueue`, which compares and returns the first intent. RETURNING 1 names no column, and
 -- currval() is this row's id: the application reads nothing it did not write. The one lookup
 -- left is the type's business-key template (a pk probe, only a row when the type has one), so
--- that a payload lacking its field is refused here, not when the relay reads it.
-WITH made AS (
-    INSERT INTO relay.intake (operation_key, effect_type, payload, business_key, traceparent,
-                              available_at)
-    SELECT %(operation_key)s, %(effect_type)s::relay.effect_type_name, p.payload,
-           coalesce(%(business_key)s::text,
-                    CASE WHEN t.business_key IS NOT NULL
-                         THEN relay.business_key(t.business_key, p.payload, %(operation_key)s) END),
-           %(traceparent)s, %(available_at)s
-    FROM (SELECT %(payload)s::jsonb AS payload) p
-    LEFT JOIN relay.effect_type t ON t.name = %(effect_type)s AND t.business_key IS NOT NULL
-    ON CONFLICT DO NOTHING
-    RETURNING 1
-)
-SELECT currval('relay.intake_id_seq') AS effect_id, 'PENDING' AS state, true AS created
-FROM made;
+-- that a payload lacking its field is refused here, not when the relay reads it; the function
+-- that computes the key is called only for such a type. No CTE around the INSERT: a RETURNING
+-- that names no column needs no SELECT right either (the CTE, and the function called for every
+-- row, cost about 8 us of the server's CPU per intent, a third of the statement).
+INSERT INTO relay.intake (operation_key, effect_type, payload, business_key, traceparent,
+                          available_at)
+SELECT %(operation_key)s, %(effect_type)s::relay.effect_type_name, p.payload,
+       CASE WHEN t.business_key IS NULL THEN %(business_key)s::text
+            ELSE relay.checked_business_key(t.business_key, p.payload, %(operation_key)s,
+                                            %(business_key)s::text) END,
+       %(traceparent)s, %(available_at)s
+FROM (SELECT %(payload)s::jsonb AS payload) p
+LEFT JOIN relay.effect_type t ON t.name = %(effect_type)s AND t.business_key IS NOT NULL
+ON CONFLICT DO NOTHING
+RETURNING currval('relay.intake_id_seq') AS effect_id, 'PENDING' AS state, true AS created;
 
 -- name: enqueue
 -- A grouped intent (the function takes the group's lock before the id is drawn), or a key the
@@ -78,14 +77,13 @@ FROM relay.effect WHERE operation_key = %(operation_key)s;
 
 -- name: get_intake_effect
 -- An intent without an effect row (asked only when get_effect found none; relay.intake_effect
--- reads the intake for logins that may not): PENDING, not read yet, or DISPATCHING, claimed in a
--- batch whose outcome is not recorded yet.
+-- reads the intake for logins that may not): PENDING, not read yet, DISPATCHING, claimed in a
+-- batch whose outcome is not recorded yet, or PUBLISHED in a published batch.
 SELECT i.id, i.operation_key, i.effect_type, i.topic, i.payload, i.business_key, i.traceparent,
-       i.state, CASE WHEN i.state = 'DISPATCHING' THEN 1 ELSE 0 END AS attempts, i.available_at,
-       i.created_at, coalesce(i.claimed_at, i.created_at) AS updated_at,
+       i.state, CASE WHEN i.state = 'PENDING' THEN 0 ELSE 1 END AS attempts, i.available_at,
+       i.created_at, coalesce(i.published_at, i.claimed_at, i.created_at) AS updated_at,
        NULL::text AS owner, NULL::bigint AS owner_epoch, NULL::timestamptz AS lease_until,
-       NULL::text AS reason, NULL::integer AS published_partition,
-       NULL::bigint AS published_offset, NULL::timestamptz AS published_at,
+       NULL::text AS reason, i.published_partition, i.published_offset, i.published_at,
        NULL::timestamptz AS outcome_deadline, i.ordering_group,
        NULL::timestamptz AS group_released_at
 FROM relay.intake_effect(%(operation_key)s) i;

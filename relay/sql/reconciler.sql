@@ -198,7 +198,11 @@ WITH RECURSIVE blocked(id) AS (
     UNION
     SELECT c.id FROM relay.effect c JOIN gone g ON c.parent_effect_id = g.id
 )
-SELECT (SELECT count(*) FROM gone)::bigint AS effects,
+SELECT ((SELECT count(*) FROM gone)
+        -- Published batches past retention: intents without effect rows (relay.purge_batch).
+        + (SELECT coalesce(sum(p.n), 0) FROM relay.published_batch p
+           WHERE p.published_at < now() - make_interval(secs => %(retention_s)s)))::bigint
+           AS effects,
        (SELECT count(*) FROM relay.attempt a JOIN gone g ON g.id = a.effect_id)::bigint
            AS attempts,
        (SELECT count(*) FROM relay.transition x JOIN gone g ON g.id = x.effect_id)::bigint
@@ -272,6 +276,16 @@ SELECT id, operation_key, effect_type, 'DISPATCHING' AS state, 1 AS attempts,
        NULL::text AS external_id, NULL::text AS business_key, NULL::bigint AS published_offset,
        traceparent
 FROM relay.batch_effect WHERE operation_key = ANY(%(keys)s::text[]);
+
+-- name: published_effects
+-- Intents published in a batch that needs nothing more (their type awaited no result): no effect
+-- row, PUBLISHED. A result for one is misrouted, as for any effect of a type without results.
+SELECT i.id, i.operation_key, p.effect_type, 'PUBLISHED' AS state, 1 AS attempts,
+       NULL::text AS external_id, i.business_key, p."offset" AS published_offset, i.traceparent
+FROM relay.intake i
+CROSS JOIN LATERAL relay.published_intent(i.id) p
+WHERE i.operation_key = ANY(%(keys)s::text[])
+  AND NOT EXISTS (SELECT 1 FROM relay.effect e WHERE e.id = i.id);
 
 -- name: effects_with_deferred
 -- Which of these effects have a result still waiting (deferred), other than the results being

@@ -71,11 +71,16 @@ GRANT INSERT, DELETE ON relay.tick TO {relay};
 -- The relay reads the intake between ticks and writes the effect rows, claiming what it can
 -- publish at once (relay.promote_intake).
 GRANT EXECUTE ON FUNCTION relay.promote_intake(integer, integer, text, bigint, double precision,
-                                               integer, bigint) TO {relay};
+                                               integer, bigint, boolean) TO {relay};
 -- It writes the effect rows of a batch claimed that way with their outcomes, and deletes the
 -- batch (relay.dispatch_batch; UPDATE for the lock it takes on it first).
 GRANT INSERT ON relay.effect TO {relay};
 GRANT UPDATE, DELETE ON relay.dispatch_batch TO {relay};
+-- Published intents that need nothing more are recorded per batch (relay.published_batch).
+GRANT INSERT ON relay.published_batch TO {relay};
+-- Status events of a batch whose Kafka transaction ended without an answer wait for the record to
+-- be looked for (relay.status_held).
+GRANT INSERT, DELETE ON relay.status_held TO {relay};
 
 -- The reconciler: evidence, moves, compensations, the status-event switch.
 GRANT UPDATE ON relay.effect, relay.reconciler_config, relay.attempt TO {reconciler};
@@ -100,8 +105,11 @@ GRANT INSERT ON relay.console_audit TO {operator};
 -- overview, the lists, an effect's story and outlook, the audit) and nothing else: no write of
 -- any kind, no function, no sequence, not the intake, the replicas or the ticks.
 GRANT SELECT ON relay.effect, relay.effect_type, relay.attempt, relay.transition,
-    relay.transition_log, relay.evidence, relay.reconciler_config, relay.console_audit
-    TO {viewer};
+    relay.transition_log, relay.evidence, relay.reconciler_config, relay.console_audit,
+    relay.published_batch TO {viewer};
+-- The story of an intent published in a batch starts at its enqueue: its time, by id (no key,
+-- payload or anything else of the intake).
+GRANT SELECT (id, enqueued_at) ON relay.intake TO {viewer};
 
 -- Rights earlier versions of this script granted that no command needs: evidence is
 -- append-only for every role but the owner (the reconciler records a result's verdict on it).

@@ -143,12 +143,14 @@ def result(
 
 
 def state(url: str, key: str) -> str | None:
-    """The effect's state; an intent claimed in a batch has no effect row yet: DISPATCHING."""
+    """The effect's state; an intent claimed in a batch has no effect row yet (DISPATCHING),
+    nor has one in a published batch (PUBLISHED)."""
     with psycopg.connect(url, autocommit=True) as conn:
         row = conn.execute(
             "SELECT state FROM relay.effect WHERE operation_key = %s "
-            "UNION ALL SELECT 'DISPATCHING' FROM relay.batch_effect WHERE operation_key = %s",
-            (key, key),
+            "UNION ALL SELECT 'DISPATCHING' FROM relay.batch_effect WHERE operation_key = %s "
+            "UNION ALL SELECT 'PUBLISHED' FROM relay.published_effect WHERE operation_key = %s",
+            (key, key, key),
         ).fetchone()
     return str(row[0]) if row else None
 
@@ -156,8 +158,10 @@ def state(url: str, key: str) -> str | None:
 def states(url: str, keys: Sequence[str]) -> dict[str, str]:
     with psycopg.connect(url, autocommit=True) as conn:
         rows = conn.execute(
-            "SELECT operation_key, state FROM relay.effect WHERE operation_key = ANY(%s)",
-            (list(keys),),
+            "SELECT operation_key, state FROM relay.effect WHERE operation_key = ANY(%s) "
+            "UNION ALL SELECT operation_key, 'PUBLISHED' FROM relay.published_effect "
+            "WHERE operation_key = ANY(%s)",
+            (list(keys), list(keys)),
         ).fetchall()
     return {str(k): str(s) for k, s in rows}
 

@@ -147,9 +147,12 @@ def check(
     bank: h.Downstream | None = None,
 ) -> Report:
     with psycopg.connect(database_url, autocommit=True) as conn:
+        # Intents of published batches have no effect row, attempt or transition (issue 19).
         effects = conn.execute(
             "SELECT id, operation_key, effect_type, state, business_key, published_partition,"
             " published_offset, reason FROM relay.effect"
+            " UNION ALL SELECT id, operation_key, effect_type, 'PUBLISHED', business_key,"
+            ' partition, "offset", NULL FROM relay.published_effect'
         ).fetchall()
         observed_absent = {
             str(row[0])
@@ -160,6 +163,7 @@ def check(
         }
         attempts = conn.execute(
             "SELECT effect_id, attempt, coalesce(outcome, 'open'), verification FROM relay.attempt"
+            " UNION ALL SELECT id, 1, 'acked', NULL FROM relay.published_effect"
         ).fetchall()
     unpublished: set[tuple[int, int]] = set()
     outcomes: Counter[str] = Counter()

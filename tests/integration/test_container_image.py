@@ -199,7 +199,13 @@ def test_migrate_and_run_in_the_container_publish_an_intent(
             lambda: support.http_get(f"http://127.0.0.1:{port}/readyz")[0] == 200, 30, "/readyz"
         )
         with psycopg.connect(database_url, autocommit=True) as conn:
-            replicas = {row[0] for row in conn.execute("SELECT replica_id FROM relay.attempt")}
+            replicas = {
+                row[0]
+                for row in conn.execute(
+                    "SELECT replica_id FROM relay.attempt "
+                    "UNION SELECT owner FROM relay.published_batch"
+                )
+            }
         assert replicas == {f"{prefix}-container"}
     finally:
         # As Kubernetes stops a pod: SIGTERM to the relay itself (buildah run would turn a

@@ -227,3 +227,51 @@ def test_an_intent_cancelled_before_it_is_read_is_never_published(
     assert support.read_intake(url) == 1  # c-2: c-1's effect row exists, the reader skips it
     assert _state(url, "c-1")[1] == "CANCELLED"
     assert _state(url, "c-2")[1] == "PENDING"
+
+
+def test_a_business_key_is_the_types_own_when_it_has_a_template(
+    url: str, logins: dict[str, str]
+) -> None:
+    """A type with a template computes its business key: a row written by hand that lacks a field
+    of it is rejected when read (it stops no read), and an explicit key other than the computed one
+    is refused (issue 18, item 8b: an application must not pick another effect's key)."""
+    wire = {"account": "A", "amount": 5, "date": "2026-12-04"}
+    computed = "A:5:2026-12-04"
+    rows = [
+        ("w-lacks", json.dumps({"account": "A"}), None),
+        ("w-other-key", json.dumps({**wire, "amount": 6}), computed),
+        ("w-own-key", json.dumps(wire), computed),
+        ("w-plain", json.dumps({**wire, "amount": 7}), None),
+    ]
+    with psycopg.connect(logins["a"]) as app:
+        for key, payload, business_key in rows:
+            app.execute(
+                "INSERT INTO relay.intake (operation_key, effect_type, payload, business_key)"
+                " VALUES (%s, 'wire', %s::jsonb, %s)",
+                (key, payload, business_key),
+            )
+        app.commit()
+        # Through the SQL function, the same explicit key is refused at enqueue.
+        with pytest.raises(psycopg.Error) as raised:
+            app.execute(
+                "SELECT * FROM relay.enqueue(%s, 'wire', %s::jsonb, %s)",
+                ("w-sql-other", json.dumps({**wire, "amount": 8}), computed),
+            )
+        assert raised.value.sqlstate == "RL002", raised.value
+        assert "business key" in str(raised.value) and "template" in str(raised.value)
+        app.rollback()
+    assert support.read_intake(url) == 4
+    assert _state(url, "w-own-key")[1:] == ("PENDING", None)
+    assert _state(url, "w-plain")[1:] == ("PENDING", None)
+    for key, why in (
+        ("w-lacks", "lacks field 'amount'"),
+        ("w-other-key", "differs from the one type 'wire' computes"),
+    ):
+        _, state, reason = _state(url, key)
+        assert state == "REJECTED" and reason is not None and why in reason, (key, reason)
+    with psycopg.connect(url) as conn:
+        keys = conn.execute(
+            "SELECT operation_key, business_key FROM relay.effect"
+            " WHERE state = 'PENDING' ORDER BY id"
+        ).fetchall()
+    assert keys == [("w-own-key", computed), ("w-plain", "A:7:2026-12-04")]

@@ -71,8 +71,12 @@ def test_relay_publishes_over_sasl_and_never_logs_the_password(
     assert SASL_PASSWORD not in text
 
 
-def test_a_wrong_password_is_refused(sasl_broker: LocalKafka) -> None:
-    with pytest.raises(KafkaError):
+def test_a_wrong_password_is_refused(
+    sasl_broker: LocalKafka, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Refused by the broker for its credentials (not merely unreachable): kafka-python retries
+    the refusal until its bootstrap timeout, logging why."""
+    with caplog.at_level(logging.DEBUG, logger="kafka"), pytest.raises(KafkaError):
         KafkaProducer(
             bootstrap_servers=sasl_broker.sasl_bootstrap_servers,
             security_protocol="SASL_PLAINTEXT",
@@ -80,7 +84,9 @@ def test_a_wrong_password_is_refused(sasl_broker: LocalKafka) -> None:
             sasl_plain_username=SASL_USER,
             sasl_plain_password="Not-The-Password-1",
             max_block_ms=5000,
+            bootstrap_timeout_ms=5000,
         )
+    assert "SaslAuthenticationFailedError" in caplog.text
 
 
 def test_kafka_debug_output_is_masked_when_let_through(

@@ -201,6 +201,8 @@ def test_two_hundred_groups_from_eight_writers_two_replicas_five_kills_in_commit
     rng = random.Random(13)
     kills = 0
     try:
+        # The first incarnation is up too before the first kill (CI once killed it unstarted).
+        support.wait_for(partial(_starts_are, tmp_path / "victim.log", 1), 60, "the victim's start")
         while kills < 5:
             time.sleep(rng.uniform(1.5, 3.0))
             victim.send_signal(signal.SIGKILL)

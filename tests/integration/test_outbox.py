@@ -144,6 +144,22 @@ def test_malformed_intents_are_refused_at_enqueue(
     assert _effects(url) == 0
 
 
+def test_a_templated_type_takes_no_other_business_key(settings: Settings) -> None:
+    """Issue 18, item 8b: the template's key, or one equal to it; never another effect's."""
+    url = settings.require_database_url()
+    computed = f"{WIRE['account']}:{WIRE['amount']}:{WIRE['date']}"
+    with psycopg.connect(url) as conn:
+        with pytest.raises(InvalidIntentError, match="differs from the one its type computes"):
+            relay.enqueue(conn, "wire", "k-other", WIRE, business_key="ACC9:1:2026-01-01")
+        conn.rollback()
+        same = relay.enqueue(conn, "wire", "k-same", WIRE, business_key=computed)
+        conn.commit()
+    assert same.created
+    with psycopg.connect(url) as conn:
+        shown = relay.get_effect(conn, "k-same")
+    assert shown is not None and shown.business_key == computed
+
+
 def test_bad_traceparent_is_refused_and_good_one_kept(settings: Settings) -> None:
     url = settings.require_database_url()
     good = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime
 
 import pytest
 
 from relay.config import Settings
-from relay.dispatch.marker import gave_up, not_sent_delay, reason_of, state_after, written
+from relay.dispatch.marker import (
+    gave_up,
+    not_sent_delay,
+    quiet_batches,
+    reason_of,
+    state_after,
+    written,
+)
 from relay.dispatch.outcomes import AttemptOutcome
 from relay.dispatch.publisher import ClaimedEffect, PublishResult
 from relay.states import EffectState
@@ -121,3 +129,56 @@ def test_written_counts_only_the_rows_really_marked() -> None:
     counts = written(results, ["PUBLISHED", "PUBLISHED", "UNKNOWN"], [10, 12])
     assert counts == {"PUBLISHED": 1, "UNKNOWN": 1}
     assert written(results, ["PUBLISHED", "PUBLISHED", "UNKNOWN"], []) == {}
+
+
+def _in_batch(
+    effect_type: str, batch: int, effect_id: int, outcome: AttemptOutcome
+) -> PublishResult:
+    effect = ClaimedEffect(
+        effect_id,
+        f"op-{effect_id}",
+        f"op-{effect_id}",
+        effect_type,
+        "t",
+        "{}",
+        None,
+        None,
+        1,
+        datetime(2026, 1, 1, tzinfo=UTC),
+        batch=batch,
+    )
+    acked = outcome is AttemptOutcome.ACKED
+    return PublishResult(effect, outcome, "why", 0 if acked else None, effect_id if acked else None)
+
+
+def test_a_batch_is_quiet_only_whole_acknowledged_and_awaiting_nothing() -> None:
+    quiet = Settings.model_validate(
+        {
+            "status_events": False,
+            "effect_types": {
+                "email": {"topic": "emails", "idempotent": True},
+                "wire": {"topic": "wires", "idempotent": True, "result_topic": "wire-results"},
+            },
+        }
+    )
+    results = [
+        _in_batch("email", 1, 1, AttemptOutcome.ACKED),
+        _in_batch("email", 1, 2, AttemptOutcome.ACKED),
+        _in_batch("email", 2, 3, AttemptOutcome.ACKED),
+        _in_batch("email", 2, 4, AttemptOutcome.UNKNOWN),  # spoils batch 2
+        _in_batch("wire", 3, 5, AttemptOutcome.ACKED),  # awaits a result
+        _in_batch("undeclared", 4, 6, AttemptOutcome.ACKED),
+        result(AttemptOutcome.ACKED, effect_id=7),  # a claimed row, no batch
+    ]
+    found = quiet_batches(quiet, results)
+    assert {b: [r.effect.id for r in m] for b, m in found.items()} == {1: [1, 2]}
+    # With status events on, a batch is quiet only when every intent's events rode in its
+    # Kafka transaction; otherwise its transitions are published from their rows.
+    loud = quiet.model_copy(update={"status_events": True})
+    assert quiet_batches(loud, results) == {}
+    in_txn = [replace(r, effect=replace(r.effect, status_in_txn=r.effect.id != 2)) for r in results]
+    assert quiet_batches(loud, in_txn) == {}  # intent 2's events went through the log
+    in_txn[1] = replace(in_txn[1], effect=replace(in_txn[1].effect, status_in_txn=True))
+    assert {b: [r.effect.id for r in m] for b, m in quiet_batches(loud, in_txn).items()} == {
+        1: [1, 2]
+    }

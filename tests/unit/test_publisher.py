@@ -8,7 +8,13 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from relay.dispatch.outcomes import AttemptOutcome
-from relay.dispatch.publisher import ClaimedEffect, PublishResult, ack_latencies_s, build_record
+from relay.dispatch.publisher import (
+    ClaimedEffect,
+    PublishResult,
+    ack_latencies_s,
+    build_record,
+    key_partition,
+)
 
 CREATED = datetime(2026, 11, 22, 12, 0, 0, tzinfo=UTC)
 
@@ -104,3 +110,80 @@ def test_ack_latencies_are_only_for_acked_attempts() -> None:
         PublishResult(naive, AttemptOutcome.ACKED),
     ]
     assert ack_latencies_s(results, now) == pytest.approx([3.0, -2.0, 3.0])
+
+
+def test_an_intents_status_events_in_its_transaction_tell_its_story_on_its_keys_partition() -> None:
+    from kafka.partitioner.default import murmur2
+
+    from relay.dispatch.publisher import batch_status_records
+    from relay.messages import StatusMessage
+
+    created = datetime(2026, 12, 4, 10, 0, tzinfo=UTC)
+    effect = ClaimedEffect(
+        41,
+        "order-7",
+        "order-7",
+        "email",
+        "emails",
+        "{}",
+        None,
+        "00-ab-cd-01",
+        1,
+        created,
+        batch=9,
+        status_in_txn=True,
+        claimed_at=created + timedelta(seconds=1),
+    )
+    now = created + timedelta(seconds=2)
+    records = batch_status_records(
+        effect, topic="relay.status", source="/relay", now=now, partitions=[0, 1, 2]
+    )
+    events = [StatusMessage.model_validate_json(r.value) for r in records]
+    assert [(e.previous_state, e.state) for e in events] == [
+        (None, "PENDING"),
+        ("PENDING", "DISPATCHING"),
+        ("DISPATCHING", "PUBLISHED"),
+    ]
+    assert [e.at for e in events] == [created, created + timedelta(seconds=1), now]
+    assert [e.attempt for e in events] == [0, 1, 1]
+    assert [dict(r.headers)["ce_id"] for r in records] == [b"41.b9.0", b"41.b9.1", b"41.b9.2"]
+    assert all(dict(r.headers)["relay_batch_id"] == b"9" for r in records)
+    assert all("relay_transition_id" not in dict(r.headers) for r in records)
+    # The partition Kafka's default partitioner picks for the key, as for the log's events.
+    expected = (murmur2(b"order-7") & 0x7FFFFFFF) % 3
+    assert {(r.topic, r.key, r.partition) for r in records} == {
+        ("relay.status", b"order-7", expected)
+    }
+    unknown = batch_status_records(effect, topic="relay.status", source="/relay", now=now)
+    assert {r.partition for r in unknown} == {None}  # no metadata: the partitioner decides
+
+
+def test_a_keyed_record_goes_where_kafka_pythons_own_partitioner_would_send_it() -> None:
+    """The relay picks the partition itself (once per batch it asks for the topic's partitions);
+    it must be the partition the producer's default partitioner, and Java's, would pick."""
+    from kafka.cluster import ClusterMetadata
+    from kafka.partitioner.default import DefaultPartitioner
+
+    class Cluster(ClusterMetadata):  # type: ignore[misc]
+        def __init__(self, partitions: set[int]) -> None:
+            super().__init__()
+            self._parts = partitions
+
+        def topics(self, exclude_internal_topics: bool = True) -> set[str]:
+            return {"t"}
+
+        def partitions_for_topic(self, topic: str) -> set[int]:
+            return self._parts
+
+        def available_partitions_for_topic(self, topic: str) -> set[int]:
+            return self._parts
+
+    # Java's Utils.murmur2("foobar") is -790332482; toPositive(...) % 10 == 6.
+    assert key_partition(b"foobar", list(range(10))) == 6
+    partitioner = DefaultPartitioner()
+    for partitions in ({0, 1, 2}, set(range(12)), {0, 3, 5, 7}):
+        cluster = Cluster(partitions)
+        for i in range(500):
+            key = f"order-{i}-\u00e9".encode()
+            expected = partitioner.partition("t", key, key, None, None, cluster)
+            assert key_partition(key, sorted(partitions)) == expected

@@ -529,8 +529,13 @@ class LocalKafka:
         self.wait_ready()
 
     def pause(self) -> None:
-        """SIGSTOP: the broker keeps its sockets open and answers nothing (an ambiguous peer)."""
+        """SIGSTOP: the broker keeps its sockets open and answers nothing (an ambiguous peer).
+
+        Returns once every thread of the broker is stopped: kill() only queues the signal, and a
+        broker thread running on the other core could still answer a request sent right after.
+        """
         os.killpg(self.pid, signal.SIGSTOP)
+        _wait_group_stopped(self.pid)
 
     def resume(self) -> None:
         os.killpg(self.pid, signal.SIGCONT)
@@ -647,6 +652,35 @@ class _PortTaken(Exception):
 def _signal_group(pgid: int, sig: signal.Signals) -> None:
     with suppress(ProcessLookupError):
         os.killpg(pgid, sig)
+
+
+def _wait_group_stopped(pgid: int, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not _group_stopped(pgid):
+        if time.monotonic() > deadline:
+            raise DevServicesError(f"process group {pgid} did not stop within {timeout_s:.0f} s")
+        time.sleep(0.005)
+
+
+def _group_stopped(pgid: int) -> bool:
+    """True when every thread of every live process in the group is stopped (state T)."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if _stat_fields(proc / "stat")[2] != str(pgid):
+                continue
+            for task in (proc / "task").iterdir():
+                if _stat_fields(task / "stat")[0] not in ("T", "t", "Z", "X"):
+                    return False
+        except (OSError, IndexError):
+            continue  # the process or thread ended meanwhile
+    return True
+
+
+def _stat_fields(path: Path) -> list[str]:
+    """The fields after a /proc stat line's command name (which may hold spaces)."""
+    return path.read_text().rsplit(")", 1)[1].split()
 
 
 def _accepts_tcp(port: int) -> bool:

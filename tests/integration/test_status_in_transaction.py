@@ -1,0 +1,250 @@
+"""Status events in the batch's Kafka transaction (migration 0017): visible if and only if the
+record is, each told once, also when the transaction's commit goes unanswered. Real PostgreSQL
+and Kafka; the relay runs in this process so that its commit can be made to lose its answer."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import psycopg
+import pytest
+
+import relay
+from relay.config import Settings
+from relay.devtools.services import Services
+from relay.dispatch import transactions
+from relay.dispatch.daemon import Relay
+from relay.dispatch.intake import Claim, promote
+from relay.dispatch.ticker import Ticker
+from relay.sql import query
+from tests import support
+
+
+@pytest.fixture
+def own_topic(settings: Settings, prefix: str) -> Settings:
+    """Status events on a topic of this test's own (the default one is shared by the suite)."""
+    return settings.model_copy(update={"status_topic": f"{prefix}.status", "lease_s": 5.0})
+
+
+def _stories(records: list[Any]) -> dict[str, list[tuple[str | None, str, str]]]:
+    """Per operation key, each event's (previous state, state, kind of ce_id: 'txn' or 'log')."""
+    told: dict[str, list[tuple[str | None, str, str]]] = {}
+    for r in records:
+        value = json.loads(r.value)
+        kind = "txn" if ".b" in dict(r.headers)["ce_id"].decode() else "log"
+        told.setdefault(value["operation_key"], []).append(
+            (value["previous_state"], value["state"], kind)
+        )
+    return told
+
+
+def _held(url: str) -> int:
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute("SELECT count(*) FROM relay.status_held").fetchone()
+    return int(row[0]) if row else 0
+
+
+def _run(
+    settings: Settings, url: str, keys: list[str], monkeypatch: pytest.MonkeyPatch, commit: Any
+) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        relay.enqueue_many(conn, [relay.Intent("email", k, {"to": k}) for k in keys])
+    monkeypatch.setattr(transactions, "commit", commit)
+    with support.running(Relay(settings)):
+        support.wait_for(
+            lambda: support.count_states(url) == {"PUBLISHED": len(keys)}, 90, "publication"
+        )
+        support.wait_for(lambda: support.status_backlog(url) == 0, 30, "status events sent")
+
+
+def test_a_commit_that_lost_its_answer_tells_each_story_once_from_the_transaction(
+    own_topic: Settings, services: Services, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first commit lands but its answer is lost: the intents go UNKNOWN, their log's events
+    are held, the lookup finds the records, and the events that rode with them are the only ones
+    published (no second enqueue or claim, no UNKNOWN after PUBLISHED)."""
+    settings, url = own_topic, own_topic.require_database_url()
+    real = transactions.commit
+    calls = {"n": 0}
+
+    def commit_loses_its_answer(producer: Any, timeout_s: float) -> None:
+        real(producer, timeout_s)
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise transactions.TransactionTimeoutError("commit_transaction did not complete")
+
+    keys = [f"lost-{i}" for i in range(6)]
+    _run(settings, url, keys, monkeypatch, commit_loses_its_answer)
+    with psycopg.connect(url, autocommit=True) as conn:
+        # The lost commit's intents went through UNKNOWN (their rows say so) and were found.
+        unknown = conn.execute(
+            "SELECT count(DISTINCT effect_id) FROM relay.transition WHERE to_state = 'UNKNOWN'"
+        ).fetchone()
+        assert unknown is not None and unknown[0] > 0
+    assert _held(url) == 0
+    told = _stories(support.read_topic(services.kafka_bootstrap_servers, settings.status_topic, 18))
+    happy = [
+        (None, "PENDING", "txn"),
+        ("PENDING", "DISPATCHING", "txn"),
+        ("DISPATCHING", "PUBLISHED", "txn"),
+    ]
+    assert told == {k: happy for k in keys}
+
+
+def test_an_aborted_transaction_shows_none_of_its_events_and_the_log_tells_the_story(
+    own_topic: Settings, services: Services, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first commit is aborted and its answer lost: nothing of it is visible; the lookup
+    finds nothing, the intents go again, and their whole story comes from the log, once."""
+    settings, url = own_topic, own_topic.require_database_url()
+    real = transactions.commit
+    calls = {"n": 0}
+
+    def commit_aborted_unanswered(producer: Any, timeout_s: float) -> None:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            transactions.abort(producer, timeout_s)
+            raise transactions.TransactionTimeoutError("commit_transaction did not complete")
+        real(producer, timeout_s)
+
+    keys = [f"gone-{i}" for i in range(6)]
+    _run(settings, url, keys, monkeypatch, commit_aborted_unanswered)
+    assert _held(url) == 0
+    with psycopg.connect(url, autocommit=True) as conn:
+        again: dict[str, int] = dict(
+            conn.execute("SELECT e.operation_key, e.attempts FROM relay.effect e").fetchall()
+        )
+    retried = sorted(k for k, attempts in again.items() if attempts == 2)
+    assert retried, again  # the first batch's intents went again
+    told = _stories(support.read_topic(services.kafka_bootstrap_servers, settings.status_topic, 18))
+    assert set(told) == set(keys)
+    for key in retried:
+        assert told[key] == [
+            (None, "PENDING", "log"),
+            ("PENDING", "DISPATCHING", "log"),
+            ("DISPATCHING", "UNKNOWN", "log"),
+            ("UNKNOWN", "PENDING", "log"),
+            ("PENDING", "DISPATCHING", "log"),
+            ("DISPATCHING", "PUBLISHED", "log"),
+        ], told[key]
+
+
+def test_a_dead_replicas_batch_holds_its_log_events_until_each_record_is_looked_for(
+    settings: Settings,
+) -> None:
+    """A replica dies with a batch whose e-mails' events rode in its transaction: the lease
+    expiry writes them UNKNOWN and holds their log's events (the wire's go: its events were never
+    in the transaction). Found, an e-mail's log events are never published; absent, they are."""
+    url = settings.require_database_url()
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("UPDATE relay.reconciler_config SET status_events = true")
+        relay.enqueue_many(conn, [relay.Intent("email", f"h-{i}", {"i": i}) for i in range(3)])
+        relay.enqueue(conn, "wire", "h-wire", {"account": "A", "amount": 1, "date": "2026-12-04"})
+        conn.execute(
+            "INSERT INTO relay.replica (replica_id, epoch) VALUES ('solo', 1) "
+            "ON CONFLICT DO NOTHING"
+        )
+        Ticker().run_once(conn)
+        claim = Claim("solo", 1, lease_s=0.5, limit=100, max_bytes=10**6, status_in_txn=True)
+        claimed = promote(conn, limit=100, claim=claim).claimed
+        assert {e.operation_key: e.status_in_txn for e in claimed} == {
+            "h-0": True,
+            "h-1": True,
+            "h-2": True,
+            "h-wire": False,
+        }
+        ids = {e.operation_key: e.id for e in claimed}
+        conn.execute("UPDATE relay.dispatch_batch SET lease_until = now() - interval '1 s'")
+        expired = conn.execute(
+            query("expire_batches"),
+            {"owner": "other", "epoch": 1, "all_own": False, "held": [], "limit": 10},
+        ).fetchone()
+        assert expired == (4,)
+        assert _held(url) == 3
+
+        def due() -> set[int]:
+            rows = conn.execute(query("status_batch"), {"limit": 100}).fetchall()
+            return {int(r[2]) for r in rows}
+
+        assert due() == {ids["h-wire"]}
+        conn.execute("UPDATE relay.effect SET owner = 'solo', owner_epoch = 1")
+        base = {"owner": "solo", "epoch": 1, "attempt": 1, "retry_in_s": 0.0}
+        found = {
+            **base,
+            "id": ids["h-0"],
+            "state": "PUBLISHED",
+            "reason": "found",
+            "verification": "found",
+            "partition": 0,
+            "offset": 7,
+        }
+        absent = {
+            **base,
+            "id": ids["h-1"],
+            "state": "PENDING",
+            "reason": "absent",
+            "verification": "absent",
+            "partition": None,
+            "offset": None,
+        }
+        assert conn.execute(query("finish_verification"), found).fetchone() == (1,)
+        assert conn.execute(query("finish_verification"), absent).fetchone() == (1,)
+        assert _held(url) == 1
+        assert due() == {ids["h-wire"], ids["h-1"]}
+        told = conn.execute(
+            "SELECT count(*) FILTER (WHERE status_pending), count(*) FROM relay.transition "
+            "WHERE effect_id = %s",
+            (ids["h-0"],),
+        ).fetchone()
+        assert told == (0, 2)  # UNKNOWN and PUBLISHED written, neither to be published
+
+
+def test_a_missing_status_topic_holds_nothing_back_and_loses_no_event(
+    settings: Settings, prefix: str
+) -> None:
+    """Without auto-creation and without the status topic, the intents whose events were to
+    ride with them are not sent (nothing waits on the topic at every batch after that); they go
+    again at once and are published, and their whole story comes from the log once the topic
+    exists."""
+    from kafka.admin import KafkaAdminClient, NewTopic
+
+    from relay.devtools.services.kafka import LocalKafka
+
+    broker = LocalKafka(partitions=1, auto_create_topics=False)
+    broker.start()
+    try:
+        admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap_servers)
+        admin.create_topics([NewTopic(f"{prefix}.emails", 1, 1)])
+        own = settings.model_copy(
+            update={
+                "kafka_bootstrap_servers": broker.bootstrap_servers,
+                "status_topic": f"{prefix}.status",
+                "publish_timeout_s": 3.0,
+            }
+        )
+        url = own.require_database_url()
+        keys = [f"nt-{i}" for i in range(4)]
+        with psycopg.connect(url, autocommit=True) as conn:
+            relay.enqueue_many(conn, [relay.Intent("email", k, {"to": k}) for k in keys])
+        with support.running(Relay(own)):
+            support.wait_for(
+                lambda: support.count_states(url) == {"PUBLISHED": 4}, 60, "publication"
+            )
+            admin.create_topics([NewTopic(own.status_topic, 1, 1)])
+            support.wait_for(lambda: support.status_backlog(url) == 0, 60, "status events sent")
+        admin.close()
+        with psycopg.connect(url, autocommit=True) as conn:
+            first = conn.execute(
+                "SELECT a.outcome, a.reason FROM relay.attempt a "
+                "JOIN relay.effect e ON e.id = a.effect_id WHERE a.attempt = 1"
+            ).fetchall()
+        assert len(first) == 4 and {outcome for outcome, _ in first} == {"not_sent"}, first
+        assert all(own.status_topic in reason for _, reason in first), first
+        told = _stories(support.read_topic(broker.bootstrap_servers, own.status_topic, 20))
+        assert set(told) == set(keys)
+        for key, story in told.items():
+            assert {kind for _, _, kind in story} == {"log"}, (key, story)
+            assert story[0][:2] == (None, "PENDING") and story[-1][1] == "PUBLISHED", story
+    finally:
+        broker.stop()
