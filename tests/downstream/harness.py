@@ -271,6 +271,20 @@ class Downstream:
             ).fetchall()
         return [(str(a), str(b), c, d) for a, b, c, d in rows]
 
+    def history(self, key: str) -> list[tuple[float, str]]:
+        """(time, what) of every request, booking and result send of ``key``."""
+        with sqlite3.connect(self.books_path) as db:
+            rows = db.execute(
+                "SELECT at, 'received attempt ' || coalesce(attempt, '?') || ' from ' || topic"
+                " || ': ' || what FROM received WHERE operation_key = :k"
+                " UNION ALL SELECT at, 'booked ' || external_id FROM books WHERE operation_key = :k"
+                " UNION ALL SELECT at, 'result ' || coalesce(external_id, '?') || coalesce("
+                " ' failed: ' || error, ' acknowledged at ' || partition || '@' || \"offset\")"
+                " FROM sent WHERE operation_key = :k ORDER BY 1",
+                {"k": key},
+            ).fetchall()
+        return [(float(at), str(what)) for at, what in rows]
+
     def received(self, key: str) -> list[tuple[int | None, str]]:
         with sqlite3.connect(self.books_path) as db:
             rows = db.execute(

@@ -28,9 +28,11 @@ again instead of booking another.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import signal
 import sqlite3
+import sys
 import threading
 import time
 import urllib.parse
@@ -39,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer
+from kafka.errors import KafkaError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS books (
@@ -52,6 +55,10 @@ CREATE TABLE IF NOT EXISTS books (
 );
 CREATE TABLE IF NOT EXISTS received (
     operation_key TEXT NOT NULL, attempt INTEGER, topic TEXT, what TEXT NOT NULL, at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS sent (  -- each result send: where it landed, or why it failed
+    operation_key TEXT NOT NULL, external_id TEXT, partition INTEGER, "offset" INTEGER,
+    error TEXT, at REAL NOT NULL
 );
 """
 
@@ -69,6 +76,16 @@ class Books:
             self.db.execute(
                 "INSERT INTO received VALUES (?, ?, ?, ?, ?)",
                 (key, attempt, topic, what, time.time()),
+            )
+
+    def sent(
+        self, key: str, external_id: str, where: tuple[int, int] | None, error: str | None
+    ) -> None:
+        partition, offset = where if where is not None else (None, None)
+        with self.lock:
+            self.db.execute(
+                "INSERT INTO sent VALUES (?, ?, ?, ?, ?, ?)",
+                (key, external_id, partition, offset, error, time.time()),
             )
 
     def booked(self, key: str) -> list[str]:
@@ -200,11 +217,12 @@ def serve(args: argparse.Namespace) -> int:
     try:
         while not stop.is_set():
             batch = consumer.poll(timeout_ms=200)
+            results: list[Result] = []
             for records in batch.values():
                 for record in records:
-                    handle(record, books, producer, args, faults)
-            if batch:
-                producer.flush(timeout=30)
+                    results.extend(handle(record, books, args, faults))
+            # Stopped with results undelivered: the records are read again at the next start.
+            if batch and deliver(producer, books, args.result_topic, results, stop):
                 consumer.commit()
     finally:
         consumer.close(autocommit=False)
@@ -213,13 +231,53 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+Result = tuple[str, str]  # operation key, external id
+
+
+def deliver(
+    producer: KafkaProducer,
+    books: Books,
+    topic: str,
+    results: list[Result],
+    stop: threading.Event,
+) -> bool:
+    """Every result acknowledged before the records that caused it are committed: one whose send
+    failed (a broker killed under it) is sent again, never dropped with its record. Each send is
+    noted in the books, so that a test can tell a late result from a lost one."""
+    todo = results
+    while todo and not stop.is_set():
+        sends: list[tuple[Result, Any]] = []
+        for key, external_id in todo:
+            result = {"operation_key": key, "outcome": "committed", "external_id": external_id}
+            try:
+                future = producer.send(topic, key=key.encode(), value=json.dumps(result).encode())
+            except KafkaError as exc:  # no metadata within max_block_ms: try again
+                books.sent(key, external_id, None, f"not sent: {exc!r}")
+                continue
+            sends.append(((key, external_id), future))
+        while not all(f.is_done for _, f in sends) and not stop.is_set():
+            # Still unacknowledged after 30 s: keep waiting (delivery_timeout_ms bounds it).
+            with contextlib.suppress(KafkaError):
+                producer.flush(timeout=30)
+        sent = {item for item, f in sends if f.is_done and f.succeeded()}
+        for item, f in sends:
+            if f.is_done:
+                where = (f.value.partition, f.value.offset) if f.succeeded() else None
+                books.sent(*item, where, None if f.succeeded() else repr(f.exception))
+        todo = [item for item in todo if item not in sent]
+        if todo:
+            print(f"bank: {len(todo)} result(s) not delivered, sent again", file=sys.stderr)
+            time.sleep(0.5)
+    return not todo
+
+
 def handle(
     record: Any,
     books: Books,
-    producer: KafkaProducer,
     args: argparse.Namespace,
     faults: Path | None,
-) -> None:
+) -> list[Result]:
+    """Execute (or recognise) one request; returns the results to publish for it."""
     key = record.key.decode()
     headers = {k: v.decode() for k, v in record.headers}
     attempt = int(headers.get("relay_attempt", "0"))
@@ -232,7 +290,7 @@ def handle(
         business_key = f"{payload['account']}:{payload['amount']}:{payload['date']}"
     if "drop_first" in modes and attempt == 1:
         books.note(key, attempt, record.topic, "dropped")
-        return
+        return []
     done = books.booked(key)
     if done and "execute_twice" not in modes:
         books.note(key, attempt, record.topic, "repeated request")
@@ -244,10 +302,8 @@ def handle(
         books.note(key, attempt, record.topic, "executed")
     if "lose_result" in modes:
         books.note(key, attempt, record.topic, "result lost")
-        return
-    for external_id in ids:
-        result = {"operation_key": key, "outcome": "committed", "external_id": external_id}
-        producer.send(args.result_topic, key=record.key, value=json.dumps(result).encode())
+        return []
+    return [(key, external_id) for external_id in ids]
 
 
 def main() -> int:

@@ -52,6 +52,7 @@ CATEGORIES = (
     "redispatched",
 )
 NOT_PUBLISHED = ("aborted", "not_sent", "released", "rejected")
+TIMELINES = 5  # flagged keys whose timeline the report prints
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,8 @@ class Report:
     aborted_writes: int
     attempts: Counter[str]
     bad: dict[str, dict[str, str]] = field(default_factory=lambda: defaultdict(dict))
+    # Per flagged key, what each side recorded and when: a failure in CI explains itself.
+    timelines: dict[str, list[str]] = field(default_factory=dict)
 
     def flag(self, category: str, key: str, why: str) -> None:
         self.bad[category][key] = why
@@ -88,6 +91,9 @@ class Report:
         for category in CATEGORIES:
             for key, why in sorted(self.bad.get(category, {}).items())[:limit]:
                 lines.append(f"  {category:<12} {key}: {why}")
+        for key, events in sorted(self.timelines.items()):
+            lines.append(f"  timeline of {key}:")
+            lines.extend(f"    {event}" for event in events)
         return "\n".join(lines)
 
     def assert_clean(self, allowed: dict[str, str] | None = None) -> None:
@@ -235,5 +241,32 @@ def check(
                 report.flag("unsettled", key, f"executed by the bank, left {state}")
     for key in sorted(committed - keys):
         report.flag("lost", key, "committed by the application, no effect row")
+    flagged = sorted({k for per_key in report.bad.values() for k in per_key})[:TIMELINES]
+    report.timelines = {key: timeline(database_url, key, bank) for key in flagged}
     print("\n" + report.render())
     return report
+
+
+def timeline(database_url: str, key: str, bank: h.Downstream | None) -> list[str]:
+    """What the outbox, the reconciler and the bank recorded about ``key``, in time order."""
+    events: list[tuple[float, str]] = []
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        for at, from_state, to_state, actor, reason in conn.execute(
+            "SELECT extract(epoch FROM l.at)::float8, l.from_state, l.to_state, l.actor, l.reason"
+            " FROM relay.transition_log l JOIN relay.effect e ON e.id = l.effect_id"
+            " WHERE e.operation_key = %s ORDER BY l.transition_id, l.part",
+            (key,),
+        ).fetchall():
+            events.append((at, f"outbox     {from_state} -> {to_state} by {actor}: {reason}"))
+        for at, kind, outcome, topic, offset, verdict, reason in conn.execute(
+            'SELECT extract(epoch FROM received_at)::float8, kind, outcome, topic, "offset",'
+            " verdict, reason FROM relay.evidence WHERE operation_key = %s ORDER BY id",
+            (key,),
+        ).fetchall():
+            where = f" from {topic}@{offset}" if topic else ""
+            events.append((at, f"evidence   {kind} {outcome}{where}: {verdict} ({reason})"))
+    if bank is not None:
+        for at, what in bank.history(key):
+            events.append((at, f"bank       {what}"))
+    start = min((at for at, _ in events), default=0.0)
+    return [f"+{at - start:7.2f}s {text}" for at, text in sorted(events, key=lambda e: e[0])]
