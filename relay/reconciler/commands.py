@@ -100,8 +100,10 @@ def resolve(
 def purge(ctx: click.Context, dry_run: bool, older_than: str | None) -> None:
     """Remove finished effects past retention, with their attempts, transitions and evidence.
 
-    Nothing that is not finished (CONFIRMED, REJECTED, CANCELLED, or PUBLISHED without an awaited
-    result) is ever removed. Works in small batches that never block the relay.
+    Also results that belong to no effect, and intents set aside when read (their key names
+    another effect), past retention. Nothing that is not finished (CONFIRMED, REJECTED,
+    CANCELLED, or PUBLISHED without an awaited result) is ever removed. Works in small batches
+    that never block the relay.
     """
     from relay.cli.support import clean_errors, human_duration, parse_duration
     from relay.reconciler.purge import purge as do_purge
@@ -117,11 +119,15 @@ def purge(ctx: click.Context, dry_run: bool, older_than: str | None) -> None:
                 c = would_purge(conn, retention)
                 click.echo(
                     f"would remove {c.effects} effects, {c.attempts} attempts, "
-                    f"{c.transitions} transitions, {c.evidence} evidence records "
+                    f"{c.transitions} transitions, {c.evidence} evidence records, "
+                    f"{c.refused} refused intents "
                     f"(finished more than {human_duration(retention)} ago)"
                 )
                 return
-            effects, evidence = do_purge(conn, settings, retention)
-        click.echo(f"removed {effects} effects and {evidence} unattached evidence records")
+            done = do_purge(conn, settings, retention)
+        click.echo(
+            f"removed {done.effects} effects, {done.evidence} unattached evidence records and "
+            f"{done.refused} refused intents"
+        )
 
     body()

@@ -12,13 +12,14 @@ application retrying an old intent is refused (OperationKeyConflictError), never
 
 Each batch is a call of a ``SECURITY DEFINER`` function owned by the schema owner
 (``relay.purge_batch``, ``relay.purge_unattached_evidence``, ``relay.purge_forgotten_keys``:
-migration 0008), so ``relay purge`` runs under the operator role, which may delete no row itself.
+migration 0008; ``relay.purge_refused_intake``: 0020), so ``relay purge`` runs under the
+operator role, which may delete no row itself.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import psycopg
 
@@ -32,6 +33,15 @@ class PurgeCounts:
     attempts: int
     transitions: int
     evidence: int
+    refused: int  # intents set aside when read (relay.intake_refused), never effects
+
+
+class Purged(NamedTuple):
+    """What one purge removed."""
+
+    effects: int
+    evidence: int  # unattached: malformed and orphaned results
+    refused: int  # intents set aside when read, with their intake rows
 
 
 def would_purge(conn: psycopg.Connection[Any], retention_s: float) -> PurgeCounts:
@@ -42,8 +52,8 @@ def would_purge(conn: psycopg.Connection[Any], retention_s: float) -> PurgeCount
 
 def purge(
     conn: psycopg.Connection[Any], settings: Settings, retention_s: float | None = None
-) -> tuple[int, int]:
-    """Delete in batches until nothing is left; returns (effects, unattached evidence) removed.
+) -> Purged:
+    """Delete in batches until nothing is left; returns what was removed.
 
     A batch takes up to ``purge_batch_size`` families; every member removed counts as an effect.
     """
@@ -53,15 +63,25 @@ def purge(
         "limit": settings.purge_batch_size,
         "dedupe_window_s": settings.dedupe_window_s,
     }
-    effects = evidence = 0
-    for name in ("purge_batch", "purge_unattached_evidence", "purge_forgotten_keys"):
+    removed = dict.fromkeys(PURGES, 0)
+    for name in PURGES:
         while True:
             with conn.transaction():
                 done = len(conn.execute(query(name), params).fetchall())
-            if name == "purge_batch":
-                effects += done
-            elif name == "purge_unattached_evidence":
-                evidence += done
+            removed[name] += done
             if done == 0:
                 break
-    return effects, evidence
+    return Purged(
+        removed["purge_batch"],
+        removed["purge_unattached_evidence"],
+        removed["purge_refused_intake"],
+    )
+
+
+# Each a SECURITY DEFINER function, called in batches until it removes nothing.
+PURGES = (
+    "purge_batch",
+    "purge_unattached_evidence",
+    "purge_refused_intake",
+    "purge_forgotten_keys",
+)

@@ -210,7 +210,9 @@ SELECT ((SELECT count(*) FROM gone)
        ((SELECT count(*) FROM relay.evidence v JOIN gone g ON g.id = v.effect_id)
         + (SELECT count(*) FROM relay.evidence v WHERE v.effect_id IS NULL
            AND v.received_at < now() - make_interval(secs => %(retention_s)s)))::bigint
-           AS evidence;
+           AS evidence,
+       (SELECT count(*) FROM relay.intake_refused r
+        WHERE r.refused_at < now() - make_interval(secs => %(retention_s)s))::bigint AS refused;
 
 -- name: purge_batch
 -- One small batch of whole families: an effect goes only together with every compensation under
@@ -231,6 +233,12 @@ SELECT id FROM relay.purge_batch(%(retention_s)s::double precision, %(limit)s::i
 SELECT operation_key
 FROM relay.purge_forgotten_keys(%(dedupe_window_s)s::double precision, %(limit)s::integer)
     AS operation_key;
+
+-- name: purge_refused_intake
+-- Intents set aside when read (their key names another effect; never published) past retention,
+-- with their intake rows (relay.purge_refused_intake).
+SELECT id
+FROM relay.purge_refused_intake(%(retention_s)s::double precision, %(limit)s::integer) AS id;
 
 -- name: purge_unattached_evidence
 -- Malformed and orphaned results past retention, which belong to no effect

@@ -95,7 +95,8 @@ GRANT INSERT ON relay.evidence TO {operator};
 GRANT INSERT, UPDATE ON relay.transition TO {operator};
 GRANT EXECUTE ON FUNCTION relay.purge_batch(double precision, integer),
     relay.purge_unattached_evidence(double precision, integer),
-    relay.purge_forgotten_keys(double precision, integer) TO {operator};
+    relay.purge_forgotten_keys(double precision, integer),
+    relay.purge_refused_intake(double precision, integer) TO {operator};
 -- `relay console` decides as an operator login: it records every decision, refused ones too, in
 -- its append-only audit (a trigger refuses UPDATE and DELETE to everyone). A viewer's refused
 -- decision is audited through that operator login too: the viewer writes nothing, anywhere.

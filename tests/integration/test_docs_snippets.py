@@ -205,18 +205,26 @@ def _prepared(setups: tuple[str, ...], workdir: Path, env: dict[str, str]) -> It
     if "relay" not in setups:
         yield
         return
+    log = workdir / f"relay-{len(list(workdir.glob('relay-*.log')))}.log"
     proc = subprocess.Popen(
         [sys.executable, "-m", "relay.cli", "run"],
         cwd=workdir,
         env=env,
-        stdout=(workdir / "relay.log").open("ab"),
+        stdout=log.open("ab"),
         stderr=subprocess.STDOUT,
     )
     try:
+        # Started (its SIGTERM handler set) before the snippet: a snippet that needs nothing of
+        # this relay can end before the interpreter has imported it, and SIGTERM then kills it.
+        support.wait_for(
+            lambda: proc.poll() is not None or b"relay starting" in log.read_bytes(),
+            60,
+            "the relay to start",
+        )
         yield
     finally:
         code = support.stop_process(proc)
-        assert code == 0, (workdir / "relay.log").read_bytes().decode("utf-8", "replace")
+        assert code == 0, log.read_bytes().decode("utf-8", "replace")
 
 
 @pytest.mark.parametrize("page", _runnable_pages(), ids=lambda p: str(p.relative_to(ROOT)))

@@ -18,6 +18,7 @@ import relay
 from relay.config import Settings
 from relay.errors import NotPermittedError, UnknownEffectTypeError
 from relay.inspection import stats
+from relay.reconciler.purge import purge, would_purge
 from relay.roles import apply
 from tests import support
 
@@ -161,6 +162,52 @@ def test_a_key_that_names_another_effect_is_set_aside_never_a_second_effect(url:
         len(refused) == 1 and refused[0][0] == "old-1" and "already names effect" in refused[0][1]
     )
     assert not again.created
+
+
+def test_a_refused_intent_is_purged_past_retention_and_its_key_stays_refused(
+    url: str, settings: Settings
+) -> None:
+    """``relay purge`` removes an intent set aside when read (record and intake row), as
+    retention says, and nothing of the effect whose key it named; the key is refused again."""
+    with psycopg.connect(url) as conn:
+        conn.execute(
+            "INSERT INTO relay.effect (operation_key, effect_type, topic, payload)"
+            " SELECT 'old-2', 'email', topic, '{\"to\": \"old\"}' FROM relay.effect_type"
+            " WHERE name = 'email'"
+        )
+        conn.execute(
+            "INSERT INTO relay.intake (operation_key, effect_type, payload)"
+            " VALUES ('old-2', 'email', '{\"to\": \"new\"}')"
+        )
+        conn.commit()
+    assert support.read_intake(url) == 1
+    day = 86_400.0
+    with psycopg.connect(url, autocommit=True) as conn:
+        assert would_purge(conn, day).refused == 0
+        assert purge(conn, settings, day) == (0, 0, 0)  # refused just now: kept
+        assert would_purge(conn, 0.0).refused == 1
+        removed = purge(conn, settings, 0.0)
+        left = conn.execute(
+            "SELECT (SELECT count(*) FROM relay.intake_refused),"
+            " (SELECT count(*) FROM relay.intake WHERE operation_key = 'old-2'),"
+            " (SELECT payload->>'to' FROM relay.effect WHERE operation_key = 'old-2')"
+        ).fetchone()
+        # The same key written again is set aside again, and the old effect stays the key's.
+        conn.execute(
+            "INSERT INTO relay.intake (operation_key, effect_type, payload)"
+            " VALUES ('old-2', 'email', '{\"to\": \"newer\"}')"
+        )
+    assert removed.refused == 1
+    assert left == (0, 0, "old")
+    assert support.read_intake(url) == 1
+    with psycopg.connect(url) as conn:
+        again = conn.execute(
+            "SELECT count(*) FROM relay.intake_refused WHERE operation_key = 'old-2'"
+        ).fetchone()
+        effects = conn.execute(
+            "SELECT payload->>'to' FROM relay.effect WHERE operation_key = 'old-2'"
+        ).fetchall()
+    assert again == (1,) and effects == [("old",)]
 
 
 def test_an_undeclared_type_is_refused_by_the_enum_with_the_relays_error(url: str) -> None:

@@ -251,7 +251,7 @@ def test_a_purged_key_is_refused_not_published_again(settings: Settings) -> None
     with psycopg.connect(url, autocommit=True) as conn:
         relay.enqueue(conn, "email", "old-intent", {"to": "a@example.org"})
         relay.cancel(conn, "old-intent")
-        removed, _ = purge(conn, settings, retention_s=0.000001)
+        removed, *_ = purge(conn, settings, retention_s=0.000001)
         assert removed == 1 and relay.get_effect(conn, "old-intent") is None
         with pytest.raises(OperationKeyConflictError, match="purged"):
             relay.enqueue(conn, "email", "old-intent", {"to": "a@example.org"})

@@ -251,7 +251,7 @@ def test_purge_removes_published_batches_and_remembers_their_keys(settings: Sett
     with support.running(Relay(_quiet(settings))):
         support.wait_for(lambda: support.count_states(url) == {"PUBLISHED": 5}, 60, "publish")
     with psycopg.connect(url, autocommit=True) as conn:
-        removed, _ = purge(conn, settings, retention_s=0.0)
+        removed, *_ = purge(conn, settings, retention_s=0.0)
         assert removed == 5
         assert conn.execute("SELECT count(*) FROM relay.published_batch").fetchone() == (0,)
         remembered = conn.execute(

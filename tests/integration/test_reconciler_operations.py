@@ -327,12 +327,12 @@ def test_purge_takes_an_effect_and_its_compensations_together(rsettings: Setting
             },
         )
         assert would_purge(conn, one_day).effects == 0
-        assert purge(conn, batch_of_one, one_day) == (0, 0)
+        assert purge(conn, batch_of_one, one_day) == (0, 0, 0)
         _settle(
             conn, {"fam#compensation": ("CONFIRMED", "2 days"), "fam-deep": ("PENDING", "2 days")}
         )
         assert would_purge(conn, one_day).effects == 0
-        assert purge(conn, batch_of_one, one_day) == (0, 0)
+        assert purge(conn, batch_of_one, one_day) == (0, 0, 0)
         assert left() == family
         _settle(conn, {"fam-deep": ("CANCELLED", "2 days")})
 
@@ -341,7 +341,7 @@ def test_purge_takes_an_effect_and_its_compensations_together(rsettings: Setting
         with psycopg.connect(url) as holder:
             locked = lock_effect(holder, "fam")
             assert locked is not None
-            assert purge(conn, batch_of_one, one_day) == (0, 0)
+            assert purge(conn, batch_of_one, one_day) == (0, 0, 0)
             assert ensure_compensations(holder, rsettings, locked, actor="test", why="x2") == []
             holder.commit()
         assert h.children(url, "fam") == [("fam#compensation", "wire-reversal", "CONFIRMED")]
@@ -350,7 +350,7 @@ def test_purge_takes_an_effect_and_its_compensations_together(rsettings: Setting
         # Somebody holds a compensation: the family waits, the parent does not go without it.
         with psycopg.connect(url) as holder:
             assert lock_effect(holder, "fam#compensation") is not None
-            assert purge(conn, batch_of_one, one_day) == (0, 0)
+            assert purge(conn, batch_of_one, one_day) == (0, 0, 0)
             holder.rollback()
         assert left() == family
 
@@ -372,7 +372,7 @@ def test_purge_takes_an_effect_and_its_compensations_together(rsettings: Setting
             before[3] - after[3],
         )
         assert expected.evidence == 2
-        assert purge(conn, batch_of_one, one_day) == (0, 0)
+        assert purge(conn, batch_of_one, one_day) == (0, 0, 0)
 
 
 def test_purge_judges_a_publication_by_its_deadline_not_by_the_current_config(
@@ -414,7 +414,7 @@ def test_purge_judges_a_publication_by_its_deadline_not_by_the_current_config(
         )
         expected = would_purge(conn, 0)
         before = _table_counts(conn)
-        assert purge(conn, rsettings, 0) == (1, 0)
+        assert purge(conn, rsettings, 0) == (1, 0, 0)
         after = _table_counts(conn)
         assert (expected.effects, expected.attempts, expected.transitions, expected.evidence) == (
             1,

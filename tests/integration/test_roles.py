@@ -313,13 +313,15 @@ def test_evidence_is_append_only_for_every_role_but_the_owner(
     assert allowed == [], "evidence is not append-only"
     # The purge's functions: the operator's (and the owner's) only.
     for kind in ("application", "relay", "reconciler"):
-        with (
-            psycopg.connect(owner_setup[kind], autocommit=True) as conn,
-            pytest.raises(psycopg.errors.InsufficientPrivilege),
-        ):
-            conn.execute("SELECT * FROM relay.purge_batch(0, 10)")
+        for function in ("purge_batch", "purge_refused_intake"):
+            with (
+                psycopg.connect(owner_setup[kind], autocommit=True) as conn,
+                pytest.raises(psycopg.errors.InsufficientPrivilege),
+            ):
+                conn.execute(f"SELECT * FROM relay.{function}(0, 10)")
     with psycopg.connect(owner_setup["operator"], autocommit=True) as conn:
         assert conn.execute("SELECT * FROM relay.purge_batch(0, 10)").fetchall() == []
+        assert conn.execute("SELECT * FROM relay.purge_refused_intake(0, 10)").fetchall() == []
 
 
 def test_the_operator_role_may_write_the_console_audit(logins: dict[str, str]) -> None:
