@@ -146,9 +146,10 @@ class Claimer(Stage):
                 and self.status_route.in_txn()
             ),
         )
-        done = self.intake.run_once(conn, time.monotonic(), claim)
+        asked = time.monotonic()
+        done = self.intake.run_once(conn, asked, claim)
         if done.claimed:
-            self._hold(list(done.claimed))
+            self._hold(list(done.claimed), asked)
         if done.rows:
             observability.record_intake_read(
                 done.promoted + len(done.claimed), done.rejected, done.refused
@@ -163,6 +164,7 @@ class Claimer(Stage):
         return done
 
     def _claim(self, conn: psycopg.Connection[Any]) -> bool:
+        asked = time.monotonic()
         rows = conn.execute(
             query("claim_batch"),
             {
@@ -175,15 +177,19 @@ class Claimer(Stage):
         ).fetchall()
         if not rows:
             return False
-        self._hold([ClaimedEffect(*row) for row in rows])
+        self._hold([ClaimedEffect(*row) for row in rows], asked)
         return True
 
-    def _hold(self, effects: list[ClaimedEffect]) -> None:
-        """Claimed (committed): held until marked, and handed to the publisher."""
+    def _hold(self, effects: list[ClaimedEffect], asked: float) -> None:
+        """Claimed (committed): held until marked, and handed to the publisher. Its lease is
+        counted from ``asked``, before the claim was sent, as the database counts it from the
+        claim's start: an answer that came late (a slow statement, a process paused while the
+        answer was on its way) must not make the claim look fresher than it is, or the
+        publisher could send it after another replica took it over."""
         self.held.add(e.id for e in effects)
         observability.record_transition("PENDING", "DISPATCHING", len(effects))
         self._quiet = 0
-        self._in_hand = Claimed(effects)
+        self._in_hand = Claimed(effects, asked)
         self._hand_over()
 
     def _hand_over(self) -> None:

@@ -43,7 +43,7 @@ class Identity:
 
 @dataclass
 class Claimed:
-    """A claimed batch, and when (monotonic) it was claimed: its lease runs from then."""
+    """A claimed batch, and when (monotonic) its claim was sent: its lease runs from then."""
 
     effects: list[ClaimedEffect]
     at: float = field(default_factory=time.monotonic)
