@@ -13,9 +13,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -43,10 +42,11 @@ class Identity:
 
 @dataclass
 class Claimed:
-    """A claimed batch, and when (monotonic) its claim was sent: its lease runs from then."""
+    """A claimed batch, and when (monotonic) its claim was sent: its lease runs from then. No
+    default: the time taken after the claim's answer makes a late answer look fresh."""
 
     effects: list[ClaimedEffect]
-    at: float = field(default_factory=time.monotonic)
+    at: float
 
 
 class Held:
