@@ -7,9 +7,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+import psycopg
 import pytest
+from psycopg.conninfo import conninfo_to_dict
 
 from relay.config import Settings
+from relay.migrations import migrate
 from tests import support
 
 if TYPE_CHECKING:
@@ -24,9 +27,27 @@ def services() -> Iterator[Services]:
         yield running
 
 
-@pytest.fixture
-def database_url(services: Services) -> Iterator[str]:
+# Fixtures that migrate the test's database first: such a test gets a copy of a database migrated
+# once per session (about 0.03 s against 0.15 s for creating and migrating one), and its own
+# migration then finds nothing to do. Every other test gets an empty database.
+MIGRATED_BY = frozenset({"settings", "rsettings"})
+
+
+@pytest.fixture(scope="session")
+def migrated_template(services: Services) -> Iterator[str]:
     url = support.create_database(services.database_url)
+    with psycopg.connect(url, autocommit=True) as conn:
+        migrate(conn)
+    yield str(conninfo_to_dict(url)["dbname"])
+    support.drop_database(url)
+
+
+@pytest.fixture
+def database_url(services: Services, request: pytest.FixtureRequest) -> Iterator[str]:
+    template = None
+    if MIGRATED_BY.intersection(request.fixturenames):
+        template = request.getfixturevalue("migrated_template")
+    url = support.create_database(services.database_url, template=template)
     yield url
     support.drop_database(url)
 

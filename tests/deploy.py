@@ -3,7 +3,9 @@ of the Dockerfile, the chart and the compose file."""
 
 from __future__ import annotations
 
+import fcntl
 import functools
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -20,13 +22,19 @@ DASHBOARD = ROOT / "ops" / "grafana" / "relay-dashboard.json"
 
 
 def run_script(name: str, *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["bash", str(ROOT / "scripts" / name), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=ROOT,
-    )
+    """One of the project's scripts; one run of a given script at a time on this machine, so that
+    two test workers never install the same tool into the cache at once."""
+    locks = Path(os.environ.get("RELAY_DEV_CACHE", Path.home() / ".cache" / "relay-dev")) / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    with open(locks / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return subprocess.run(
+            ["bash", str(ROOT / "scripts" / name), *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=ROOT,
+        )
 
 
 @functools.cache

@@ -69,11 +69,12 @@ def unique(prefix: str = "t") -> str:
     return f"{prefix}{uuid.uuid4().hex[:10]}"
 
 
-def create_database(server_url: str) -> str:
-    """A new empty database on the test server; returns its URL."""
+def create_database(server_url: str, template: str | None = None) -> str:
+    """A new database on the test server (empty, or a copy of ``template``); returns its URL."""
     name = unique("relay_test_")
+    copy = f' TEMPLATE "{template}"' if template else ""
     with psycopg.connect(server_url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
+        conn.execute(f'CREATE DATABASE "{name}"{copy}')
     return make_conninfo(server_url, dbname=name)
 
 
@@ -190,14 +191,20 @@ def stop_process(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> int:
 
 
 def wait_for(
-    condition: Callable[[], bool], timeout: float, what: str, interval: float = 0.1
+    condition: Callable[[], bool],
+    timeout: float,
+    what: str,
+    interval: float = 0.1,
+    explain: Callable[[], str] | None = None,
 ) -> None:
+    """``explain``: what the failure message should also say (the state the wait never left)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if condition():
             return
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+    detail = f"\n{explain()}" if explain is not None else ""
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}{detail}")
 
 
 def diagnose(database_url: str, limit: int = 5) -> str:

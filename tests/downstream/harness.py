@@ -248,9 +248,14 @@ class Downstream:
         )  # fmt: skip
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline().decode()
-        assert line.startswith("ready port="), f"downstream did not start: {line!r}"
+        assert line.startswith("ready port="), f"downstream did not start: {line!r}\n{self.log()}"
         self.port = int(line.split("=", 1)[1])
         return self
+
+    def log(self, lines: int = 40) -> str:
+        """The end of the service's stderr, for a failure message."""
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
 
     def stop(self) -> None:
         if self.proc is not None:

@@ -213,10 +213,19 @@ def serve(args: argparse.Namespace) -> int:
         auto_offset_reset="earliest",
         metadata_max_age_ms=5000,
     )
-    print(f"ready port={http.server_address[1]}", flush=True)
+    # "ready" only once the group has given this consumer its partitions: a test that waits for
+    # a booking then waits for the relay, never for a group join it cannot see.
+    join_by = time.monotonic() + 60
+    announced = False
     try:
         while not stop.is_set():
             batch = consumer.poll(timeout_ms=200)
+            if not announced and consumer.assignment():
+                print(f"ready port={http.server_address[1]}", flush=True)
+                announced = True
+            elif not announced and time.monotonic() > join_by:
+                print(f"not ready: no partition of {topics} assigned within 60 s", flush=True)
+                return 1
             results: list[Result] = []
             for records in batch.values():
                 for record in records:

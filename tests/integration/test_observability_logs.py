@@ -100,9 +100,9 @@ def test_a_stopped_broker_is_one_line_down_and_one_line_up(
                 update={
                     "kafka_bootstrap_servers": broker.bootstrap_servers,
                     "metrics_port": 0,
-                    # Retried every 2 s at most: more reconnects during the outage to stay quiet
-                    # about, and no long wait for the first publish after it.
-                    "outage_backoff_max_s": 2.0,
+                    # Retried every second at most: more reconnects during the outage to stay
+                    # quiet about, and no long wait for the first publish after it.
+                    "outage_backoff_max_s": 1.0,
                 }
             ),
         )
@@ -117,8 +117,19 @@ def test_a_stopped_broker_is_one_line_down_and_one_line_up(
             )
             before = len(log_path.read_text(encoding="utf-8").splitlines())
             broker.kill()
-            time.sleep(15)
-            during = log_path.read_text(encoding="utf-8").splitlines()[before:]
+
+            def lines() -> list[str]:
+                return log_path.read_text(encoding="utf-8").splitlines()[before:]
+
+            # Once the outage is reported, 8 s more: reconnects at most a second apart.
+            support.wait_for(
+                lambda: any("Kafka unavailable" in line for line in lines()),
+                60,
+                "the outage to be reported",
+                explain=lambda: "\n".join(lines()),
+            )
+            time.sleep(8)
+            during = lines()
             broker.launch()
             broker.wait_ready()
             with psycopg.connect(url, autocommit=True) as conn:

@@ -270,11 +270,17 @@ def test_http_observer_follows_no_redirect_and_bounds_a_trickling_answer(
     seen = observer.observe(missing)
     assert seen.answer == "inconclusive" and "HTTP 302" in seen.detail, seen
     # A body sent a byte at a time over 3 s: socket timeouts (1 s each) never fire.
-    with psycopg.connect(rsettings.require_database_url()) as conn:
+    url = rsettings.require_database_url()
+    with psycopg.connect(url) as conn:
         relay.enqueue(conn, "wire", "t-1", {**h.WIRE, "amount": 7})
         conn.commit()
     with support.running(Relay(rsettings)):
-        support.wait_for(lambda: len(bank.books()) == 1, 30, "a booking")
+        support.wait_for(
+            lambda: len(bank.books()) == 1,
+            30,
+            "a booking",
+            explain=lambda: f"{h.transitions(url, 't-1')}\n{bank.log()}",
+        )
     bank.set_faults(http="trickle")
     started = time.monotonic()
     seen = observer.observe(ObservedEffect("t-1", "wire", "ACC1:7:2026-11-22"))

@@ -13,6 +13,7 @@ import pytest
 from relay.observability import alerts
 from relay.observability.metrics import REGISTRY, OutboxCollector, series_names
 from relay.observability.promql import metric_names
+from tests.deploy import run_script
 
 ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "ops" / "prometheus" / "relay-alerts.yml"
@@ -24,8 +25,7 @@ PROMETHEUS_OWN = {"up", "scrape_duration_seconds", "scrape_samples_scraped"}
 def prometheus_bin() -> Path:
     """Debian's promtool/prometheus, installed by the project's script; a test is skipped only
     when the script says it cannot install them, with its reason."""
-    script = ROOT / "scripts" / "install-prometheus-tools.sh"
-    done = subprocess.run([str(script)], capture_output=True, text=True, timeout=600)
+    done = run_script("install-prometheus-tools.sh", timeout=600)
     if done.returncode != 0:
         pytest.skip(f"promtool unavailable: {done.stderr.strip()}")
     return Path(done.stdout.strip().splitlines()[-1])
