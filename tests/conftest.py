@@ -63,3 +63,15 @@ def settings(database_url: str, services: Services, prefix: str) -> Settings:
     made = support.make_settings(database_url, services.kafka_bootstrap_servers, prefix)
     support.prepare_database(made)
     return made
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """Captured output made printable as UTF-8: a test of hostile input logs lone surrogates, and
+    a worker (pytest-xdist) cannot send such text to the controller."""
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    report.sections = [
+        (title, text.encode("utf-8", "backslashreplace").decode("utf-8"))
+        for title, text in report.sections
+    ]
