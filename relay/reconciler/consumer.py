@@ -84,6 +84,11 @@ class ResultConsumer:
             session_timeout_ms=15_000,
             heartbeat_interval_ms=3_000,
         )
+        # Partitions known before the first join: a group leader that assigns before its
+        # metadata has the topics hands out nothing, and kafka-python rejoins only when it sees
+        # the metadata change afterwards (a test's consumer once waited 60 s with nothing).
+        for topic in self.topics:
+            consumer.partitions_for_topic(topic)
         consumer.subscribe(self.topics)
         self._consumer = consumer
         log.info("consuming results", extra={"topics": ",".join(self.topics)})

@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import signal
 import sqlite3
 import sys
@@ -205,7 +206,6 @@ def serve(args: argparse.Namespace) -> int:
     )
     topics = [args.dispatch_topic] + ([args.reversal_topic] if args.reversal_topic else [])
     consumer = KafkaConsumer(
-        *topics,
         bootstrap_servers=args.bootstrap.split(","),
         group_id=args.group,
         enable_auto_commit=False,
@@ -213,6 +213,10 @@ def serve(args: argparse.Namespace) -> int:
         auto_offset_reset="earliest",
         metadata_max_age_ms=5000,
     )
+    # The topics' partitions known before the first join (see relay/reconciler/consumer.py).
+    for topic in topics:
+        consumer.partitions_for_topic(topic)
+    consumer.subscribe(topics)
     # "ready" only once the group has given this consumer its partitions: a test that waits for
     # a booking then waits for the relay, never for a group join it cannot see.
     join_by = time.monotonic() + 60
@@ -325,6 +329,10 @@ def main() -> int:
     parser.add_argument("--books", required=True)
     parser.add_argument("--faults")
     parser.add_argument("--port", type=int, default=0)
+    # kafka-python's own account of the group join and the fetches, for a test that failed.
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s"
+    )
     return serve(parser.parse_args())
 
 
