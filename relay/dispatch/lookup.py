@@ -7,7 +7,10 @@ partition count changed since. The attempts of one round are searched together: 
 windows merge into one range that is read once, so a burst of UNKNOWN attempts (a crash, a
 broker cut) costs one pass over the topic's recent records, not one pass per attempt. The
 producers that made the attempts must be fenced before the search, or an open transaction could
-still commit after the search said "absent".
+still commit after the search said "absent"; and the search reads only once every transaction
+below each partition's end is decided, or a committed record that a read_committed consumer
+cannot see yet (another producer's earlier transaction still open on its partition, a new
+leader catching up) would be called absent and published again.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from kafka import KafkaConsumer, TopicPartition
 
@@ -55,22 +59,45 @@ class Absent:
     scanned: int
 
 
-def open_consumer(settings: Settings) -> KafkaConsumer:
-    """One read_committed consumer, without a group, reused for the checks of one round."""
-    return KafkaConsumer(
-        **kafka_security(settings),
-        client_id=f"relay-verify-{settings.replica_id}",
-        group_id=None,
-        enable_auto_commit=False,
-        isolation_level="read_committed",
-        request_timeout_ms=int(min(settings.publish_timeout_s, 30.0) * 1000),
-        bootstrap_timeout_ms=int(min(settings.publish_timeout_s, 10.0) * 1000),
-        max_partition_fetch_bytes=max(1_048_576, settings.max_message_bytes * 2),
-    )
+class Reader:
+    """The two consumers of a search, without a group, reused for the checks of one round.
+
+    ``committed`` (read_committed) reads the records; ``uncommitted`` (read_uncommitted) tells
+    where the log ends. A read_committed consumer sees offsets, even by timestamp, only below
+    the partition's last stable offset: a record of a committed transaction stays invisible to
+    it while any other transaction that began earlier on that partition is open, or while its
+    leader has not caught up. Reading it then would call the record absent."""
+
+    def __init__(self, settings: Settings) -> None:
+        common: dict[str, Any] = {
+            **kafka_security(settings),
+            "client_id": f"relay-verify-{settings.replica_id}",
+            "group_id": None,
+            "enable_auto_commit": False,
+            "request_timeout_ms": int(min(settings.publish_timeout_s, 30.0) * 1000),
+            "bootstrap_timeout_ms": int(min(settings.publish_timeout_s, 10.0) * 1000),
+            "max_partition_fetch_bytes": max(1_048_576, settings.max_message_bytes * 2),
+        }
+        self.committed = KafkaConsumer(**common, isolation_level="read_committed")
+        try:
+            self.uncommitted = KafkaConsumer(**common, isolation_level="read_uncommitted")
+        except BaseException:
+            self.committed.close()
+            raise
+
+    def close(self) -> None:
+        try:
+            self.committed.close()
+        finally:
+            self.uncommitted.close()
+
+
+def open_consumer(settings: Settings) -> Reader:
+    return Reader(settings)
 
 
 def find_attempt(
-    consumer: KafkaConsumer,
+    consumer: Reader,
     settings: Settings,
     *,
     topic: str,
@@ -86,29 +113,54 @@ def find_attempt(
 
 
 def find_attempts(
-    consumer: KafkaConsumer,
+    consumer: Reader,
     settings: Settings,
     topic: str,
     wanted: Sequence[Wanted],
     stall_s: float,
 ) -> dict[Wanted, Found | Absent]:
-    """Search the topic for the records of several attempts at once.
+    """Search the topic for the records of several attempts at once; their producers are fenced.
 
     Raises KafkaError when Kafka can't answer, including a read that makes no progress for
-    ``stall_s`` (a large range is fine as long as records keep coming)."""
+    ``stall_s`` (a large range is fine as long as records keep coming) and a partition whose
+    transactions below its end are not all decided within ``stall_s``."""
     verdicts: dict[Wanted, Found | Absent] = {}
     try:
-        partitions = consumer.partitions_for_topic(topic)
+        partitions = consumer.committed.partitions_for_topic(topic)
         if not partitions:
             return {w: Absent(partitions=0, scanned=0) for w in wanted}
         tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+        ends = _settled_ends(consumer, tps, stall_s)
         for start_ms, end_ms, group in _merged_windows(settings, wanted):
-            found, scanned = _scan(consumer, tps, start_ms, end_ms, group, stall_s)
+            found, scanned = _scan(consumer, tps, ends, start_ms, end_ms, group, stall_s)
             for w in group:
                 verdicts[w] = found.get(w) or Absent(partitions=len(tps), scanned=scanned)
         return verdicts
     finally:
-        consumer.unsubscribe()
+        consumer.committed.unsubscribe()
+
+
+def _settled_ends(
+    consumer: Reader, tps: list[TopicPartition], stall_s: float
+) -> dict[TopicPartition, int]:
+    """Each partition's end (high watermark), once every transaction below it is decided.
+
+    Taken after the fencing, the end lies past every record the fenced producers wrote (acks=all);
+    once the last stable offset has reached it, the commit or abort of each of their transactions
+    is written there and a read_committed read up to it sees exactly the committed records."""
+    ends: dict[TopicPartition, int] = consumer.uncommitted.end_offsets(tps)
+    deadline = time.monotonic() + stall_s
+    while True:
+        stable = consumer.committed.end_offsets(tps)
+        behind = {tp.partition: (stable[tp], ends[tp]) for tp in tps if stable[tp] < ends[tp]}
+        if not behind:
+            return ends
+        if time.monotonic() > deadline:
+            raise TransactionTimeoutError(
+                "transactions below the end of the log are still undecided after "
+                f"{stall_s:.1f}s (partition: (last stable offset, end)): {behind}"
+            )
+        time.sleep(0.05)
 
 
 def _merged_windows(
@@ -132,28 +184,30 @@ def _merged_windows(
 
 
 def _scan(
-    consumer: KafkaConsumer,
+    reader: Reader,
     tps: list[TopicPartition],
+    settled: dict[TopicPartition, int],
     start_ms: int,
     end_ms: int,
     wanted: list[Wanted],
     stall_s: float,
 ) -> tuple[dict[Wanted, Found], int]:
-    """Read every partition from start_ms to end_ms once, matching the wanted attempts."""
-    starts = consumer.offsets_for_times({tp: start_ms for tp in tps})
-    ends = consumer.offsets_for_times({tp: end_ms for tp in tps})
-    stable_ends = consumer.end_offsets(tps)  # read_committed: the last stable offsets
+    """Read every partition from start_ms to end_ms (and below its settled end) once, matching
+    the wanted attempts. Offsets by time come from the whole log, not only its stable part."""
+    starts = reader.uncommitted.offsets_for_times({tp: start_ms for tp in tps})
+    ends = reader.uncommitted.offsets_for_times({tp: end_ms for tp in tps})
     ranges: dict[TopicPartition, tuple[int, int]] = {}
     for tp in tps:
         begin = starts.get(tp)
         if begin is None:
             continue  # no record at or after the window's start
         end = ends.get(tp)
-        stop = end.offset if end is not None else stable_ends[tp]
+        stop = min(end.offset, settled[tp]) if end is not None else settled[tp]
         if stop > begin.offset:
             ranges[tp] = (begin.offset, stop)
     if not ranges:
         return {}, 0
+    consumer = reader.committed
     consumer.assign(list(ranges))
     for tp, (begin, _) in ranges.items():
         consumer.seek(tp, begin)

@@ -205,21 +205,12 @@ def serve(args: argparse.Namespace) -> int:
         bootstrap_servers=args.bootstrap.split(","), acks="all", enable_idempotence=True
     )
     topics = [args.dispatch_topic] + ([args.reversal_topic] if args.reversal_topic else [])
-    consumer = KafkaConsumer(
-        bootstrap_servers=args.bootstrap.split(","),
-        group_id=args.group,
-        enable_auto_commit=False,
-        isolation_level="read_committed",
-        auto_offset_reset="earliest",
-        metadata_max_age_ms=5000,
-    )
-    # The topics' partitions known before the first join (see relay/reconciler/consumer.py).
-    for topic in topics:
-        consumer.partitions_for_topic(topic)
-    consumer.subscribe(topics)
+    consumer = join(args, topics)
     # "ready" only once the group has given this consumer its partitions: a test that waits for
-    # a booking then waits for the relay, never for a group join it cannot see.
-    join_by = time.monotonic() + 60
+    # a booking then waits for the relay, never for a group join it cannot see. kafka-python has
+    # been seen to stop in the middle of a rebalance (the leader's assignment, then nothing for
+    # 60 s): a consumer without partitions after 20 s is replaced, three times at most.
+    join_by, tries = time.monotonic() + 20, 1
     announced = False
     try:
         while not stop.is_set():
@@ -228,8 +219,14 @@ def serve(args: argparse.Namespace) -> int:
                 print(f"ready port={http.server_address[1]}", flush=True)
                 announced = True
             elif not announced and time.monotonic() > join_by:
-                print(f"not ready: no partition of {topics} assigned within 60 s", flush=True)
-                return 1
+                if tries == 3:
+                    print(f"not ready: no partition of {topics} assigned in 3 joins", flush=True)
+                    return 1
+                logging.warning("no partitions after 20 s: joining again with a new consumer")
+                consumer.close(autocommit=False)
+                consumer = join(args, topics)
+                join_by, tries = time.monotonic() + 20, tries + 1
+                continue
             results: list[Result] = []
             for records in batch.values():
                 for record in records:
@@ -245,6 +242,26 @@ def serve(args: argparse.Namespace) -> int:
 
 
 Result = tuple[str, str]  # operation key, external id
+
+
+def join(args: argparse.Namespace, topics: list[str]) -> KafkaConsumer:
+    """A consumer of the group, subscribed once its topics' partitions are known (a topic just
+    created may not be in the metadata yet): the group leader assigns from what it knows."""
+    consumer = KafkaConsumer(
+        bootstrap_servers=args.bootstrap.split(","),
+        group_id=args.group,
+        enable_auto_commit=False,
+        isolation_level="read_committed",
+        auto_offset_reset="earliest",
+        metadata_max_age_ms=5000,
+    )
+    known_by = time.monotonic() + 20
+    while not all(consumer.partitions_for_topic(t) for t in topics):
+        if time.monotonic() > known_by:
+            break  # joined anyway: the group rebalances when the topics appear
+        time.sleep(0.1)
+    consumer.subscribe(topics)
+    return consumer
 
 
 def deliver(

@@ -433,6 +433,70 @@ def test_checks_that_cannot_be_made_spend_their_budget_then_stuck(
     assert effect.attempts == 1  # never re-sent
 
 
+def test_a_committed_record_behind_another_open_transaction_is_never_called_absent(
+    settings: Settings, services: Services, prefix: str
+) -> None:
+    """Seen in a fault run: a committed record lay above its partition's last stable offset
+    (another transaction, begun earlier on that partition, still open); a read_committed
+    search, by time and by offset, could not see it, said "absent", and the effect was
+    published twice. The search must wait for that transaction, never answer "absent"."""
+    from datetime import UTC, datetime, timedelta
+
+    from kafka.admin import KafkaAdminClient, NewTopic
+
+    from relay.dispatch.lookup import Found, find_attempt, open_consumer
+    from relay.dispatch.transactions import TransactionTimeoutError, commit
+    from relay.headers import dispatch_headers
+    from relay.kafka_client import make_producer
+
+    topic = f"{prefix}.behind"
+    admin = KafkaAdminClient(bootstrap_servers=services.kafka_bootstrap_servers)
+    admin.create_topics([NewTopic(topic, 1, 1)])
+    admin.close()
+    started = datetime.now(UTC) - timedelta(seconds=1)
+    other = make_producer(settings, f"relay-{prefix}-other")
+    other.init_transactions()
+    other.begin_transaction()
+    other.send(topic, key=b"someone-else", value=b"{}").get(timeout=30)  # offset 0, left open
+    ours = make_producer(settings, f"relay-{prefix}-ours")
+    ours.init_transactions()
+    ours.begin_transaction()
+    headers = dispatch_headers(
+        effect_id=7,
+        effect_type="email",
+        attempt=1,
+        created_at=started,
+        source="/t",
+        business_key=None,
+        traceparent=None,
+    )
+    ours.send(topic, key=b"k-7", value=b"{}", headers=headers).get(timeout=30)  # offset 1
+    commit(ours, 30)
+    ours.close()
+    consumer = open_consumer(settings)
+    try:
+
+        def look() -> object:
+            return find_attempt(
+                consumer,
+                settings,
+                topic=topic,
+                key="k-7",
+                effect_id=7,
+                attempt=1,
+                started_at=started,
+                timeout_s=2,
+            )
+
+        with pytest.raises(TransactionTimeoutError, match="undecided"):
+            look()
+        commit(other, 30)
+        assert look() == Found(partition=0, offset=1)
+    finally:
+        consumer.close()
+        other.close()
+
+
 def test_search_finds_a_record_after_the_partition_count_changed(
     settings: Settings, services: Services, prefix: str
 ) -> None:

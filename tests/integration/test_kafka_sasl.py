@@ -83,8 +83,9 @@ def test_a_wrong_password_is_refused(
             sasl_mechanism="SCRAM-SHA-512",
             sasl_plain_username=SASL_USER,
             sasl_plain_password="Not-The-Password-1",
-            max_block_ms=5000,
-            bootstrap_timeout_ms=5000,
+            # Long enough for the SCRAM exchange on a loaded machine (5 s timed out once).
+            max_block_ms=12_000,
+            bootstrap_timeout_ms=12_000,
         )
     assert "SaslAuthenticationFailedError" in caplog.text
 
