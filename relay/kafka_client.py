@@ -8,6 +8,7 @@ import logging
 from typing import Any
 
 from kafka import KafkaProducer
+from kafka.structs import MemberState
 
 from relay.config import Settings
 from relay.errors import describe
@@ -82,3 +83,24 @@ def close_quietly(producer: KafkaProducer | None, timeout_s: float = 5.0) -> Non
             producer._sender.join(timeout_s)
         with contextlib.suppress(Exception):
             producer.close(timeout=0)
+
+
+def rejoin_if_stranded(consumer: Any) -> bool:
+    """Start the group join again if kafka-python stranded the last one; True if it did.
+
+    kafka-python 3.0.12 loses a join whose answer arrives after the ``poll()`` that started it
+    gave up waiting, when the join was started by a change of the topics' partitions: the
+    member stays "rebalancing" with no partitions and no heartbeats, its finished join never
+    read, until the partitions change again (a test's consumer waited 60 s so). Private
+    attributes, read defensively: on a client without them this does nothing."""
+    coordinator = getattr(consumer, "_coordinator", None)
+    join = getattr(coordinator, "_join_task", None)
+    if coordinator is None or join is None:
+        return False
+    if getattr(coordinator, "state", None) != MemberState.REBALANCING:
+        return False
+    if not getattr(join, "is_done", False) or coordinator.need_rejoin():
+        return False
+    log.warning("kafka-python left a finished group join unread: joining the group again")
+    coordinator.request_rejoin()
+    return True

@@ -27,7 +27,7 @@ from pydantic import ValidationError
 
 from relay import observability
 from relay.config import Settings
-from relay.kafka_client import kafka_security
+from relay.kafka_client import kafka_security, rejoin_if_stranded
 from relay.messages import ResultMessage
 from relay.reconciler.effects import clean_text
 from relay.reconciler.results import StoredResult, apply_results
@@ -108,6 +108,7 @@ class ResultConsumer:
             time.sleep(timeout_s)
             return 0
         batch = self._consumer.poll(timeout_ms=int(timeout_s * 1000))
+        rejoin_if_stranded(self._consumer)
         records = [r for part in batch.values() for r in part]
         if not records:
             return 0

@@ -44,6 +44,8 @@ from typing import Any
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.errors import KafkaError
 
+from relay.kafka_client import rejoin_if_stranded
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS books (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -215,6 +217,7 @@ def serve(args: argparse.Namespace) -> int:
     try:
         while not stop.is_set():
             batch = consumer.poll(timeout_ms=200)
+            rejoin_if_stranded(consumer)
             if not announced and consumer.assignment():
                 print(f"ready port={http.server_address[1]}", flush=True)
                 announced = True
