@@ -433,6 +433,31 @@ def test_checks_that_cannot_be_made_spend_their_budget_then_stuck(
     assert effect.attempts == 1  # never re-sent
 
 
+def _publish_k7(
+    settings: Settings, transactional_id: str, topic: str, attempt: int, started: Any
+) -> None:
+    """Effect 7's record of ``attempt`` (key k-7), committed in a transaction of its own."""
+    from relay.dispatch.transactions import commit
+    from relay.headers import dispatch_headers
+    from relay.kafka_client import make_producer
+
+    producer = make_producer(settings, transactional_id)
+    producer.init_transactions()
+    producer.begin_transaction()
+    headers = dispatch_headers(
+        effect_id=7,
+        effect_type="email",
+        attempt=attempt,
+        created_at=started,
+        source="/t",
+        business_key=None,
+        traceparent=None,
+    )
+    producer.send(topic, key=b"k-7", value=b"{}", headers=headers).get(timeout=30)
+    commit(producer, 30)
+    producer.close()
+
+
 def test_a_committed_record_behind_another_open_transaction_is_never_called_absent(
     settings: Settings, services: Services, prefix: str
 ) -> None:
@@ -444,9 +469,8 @@ def test_a_committed_record_behind_another_open_transaction_is_never_called_abse
 
     from kafka.admin import KafkaAdminClient, NewTopic
 
-    from relay.dispatch.lookup import Found, find_attempt, open_consumer
+    from relay.dispatch.lookup import Found, Wanted, find_attempts, open_consumer
     from relay.dispatch.transactions import TransactionTimeoutError, commit
-    from relay.headers import dispatch_headers
     from relay.kafka_client import make_producer
 
     topic = f"{prefix}.behind"
@@ -458,35 +482,13 @@ def test_a_committed_record_behind_another_open_transaction_is_never_called_abse
     other.init_transactions()
     other.begin_transaction()
     other.send(topic, key=b"someone-else", value=b"{}").get(timeout=30)  # offset 0, left open
-    ours = make_producer(settings, f"relay-{prefix}-ours")
-    ours.init_transactions()
-    ours.begin_transaction()
-    headers = dispatch_headers(
-        effect_id=7,
-        effect_type="email",
-        attempt=1,
-        created_at=started,
-        source="/t",
-        business_key=None,
-        traceparent=None,
-    )
-    ours.send(topic, key=b"k-7", value=b"{}", headers=headers).get(timeout=30)  # offset 1
-    commit(ours, 30)
-    ours.close()
+    _publish_k7(settings, f"relay-{prefix}-ours", topic, 1, started)  # offset 1
     consumer = open_consumer(settings)
     try:
+        wanted = Wanted("k-7", 7, 1, started)
 
         def look() -> object:
-            return find_attempt(
-                consumer,
-                settings,
-                topic=topic,
-                key="k-7",
-                effect_id=7,
-                attempt=1,
-                started_at=started,
-                timeout_s=2,
-            )
+            return find_attempts(consumer, settings, topic, [wanted], 2)[wanted]
 
         with pytest.raises(TransactionTimeoutError, match="undecided"):
             look()
@@ -513,29 +515,12 @@ def test_search_finds_a_record_after_the_partition_count_changed(
         find_attempts,
         open_consumer,
     )
-    from relay.dispatch.transactions import commit
-    from relay.headers import dispatch_headers
-    from relay.kafka_client import make_producer
 
     topic = f"{prefix}.grow"
     admin = KafkaAdminClient(bootstrap_servers=services.kafka_bootstrap_servers)
     admin.create_topics([NewTopic(topic, 1, 1)])
     started = datetime.now(UTC) - timedelta(seconds=1)
-    producer = make_producer(settings, f"relay-{prefix}-grow")
-    producer.init_transactions()
-    producer.begin_transaction()
-    headers = dispatch_headers(
-        effect_id=7,
-        effect_type="email",
-        attempt=2,
-        created_at=started,
-        source="/t",
-        business_key=None,
-        traceparent=None,
-    )
-    producer.send(topic, key=b"k-7", value=b"{}", headers=headers).get(timeout=30)
-    commit(producer, 30)
-    producer.close()
+    _publish_k7(settings, f"relay-{prefix}-grow", topic, 2, started)
     admin.create_partitions({topic: NewPartitions(total_count=4)})
     admin.close()
     consumer = open_consumer(settings)
