@@ -34,6 +34,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from relay.business_keys import templates_apart
 from relay.errors import ConfigError, EffectTypeError
 from relay.redaction import register_dsn, register_secret
 
@@ -471,6 +472,23 @@ class Settings(BaseSettings):
                     f"effect type {spec.name!r} names compensation {spec.compensation!r}, "
                     "which is not a declared effect type"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _business_keys_apart(self) -> Settings:
+        """Two templates that can make one key would let an application's effect take the key of
+        another type's effect: an observer searching the downstream by it could find either."""
+        templated = [s for s in self.effect_types.values() if s.business_key is not None]
+        for i, spec in enumerate(templated):
+            for other in templated[i + 1 :]:
+                assert spec.business_key is not None and other.business_key is not None
+                if not templates_apart(spec.business_key, other.business_key):
+                    raise EffectTypeError(
+                        f"effect types {spec.name!r} and {other.name!r} have business-key "
+                        f"templates that can make the same key ({spec.business_key!r} and "
+                        f"{other.business_key!r}): give each a text of its own, for example "
+                        f"'{other.name}:' before its first field"
+                    )
         return self
 
     @model_validator(mode="after")

@@ -17,7 +17,7 @@ FROM relay.enqueue($1, $2, $3::text::jsonb, $4, $5, $6, $7);
 INSERT INTO relay.intake (operation_key, effect_type, payload, business_key, traceparent,
                           available_at)
 SELECT :operation_key, CAST(:effect_type AS relay.effect_type_name), p.payload,
-       CASE WHEN t.business_key IS NULL THEN CAST(:business_key AS text)
+       CASE WHEN t.business_key IS NULL AND CAST(:business_key AS text) IS NULL THEN NULL
             ELSE relay.checked_business_key(t.business_key, p.payload, :operation_key,
                                             CAST(:business_key AS text)) END,
        :traceparent, :available_at
@@ -31,7 +31,7 @@ RETURNING currval('relay.intake_id_seq') AS effect_id, 'PENDING' AS state, true 
 INSERT INTO relay.intake (operation_key, effect_type, payload, business_key, traceparent,
                           available_at)
 SELECT $1::text, $2::text::relay.effect_type_name, p.payload,
-       CASE WHEN t.business_key IS NULL THEN $4::text
+       CASE WHEN t.business_key IS NULL AND $4::text IS NULL THEN NULL
             ELSE relay.checked_business_key(t.business_key, p.payload, $1::text, $4::text) END,
        $5::text, $6::timestamptz
 FROM (SELECT $3::text::jsonb AS payload) p

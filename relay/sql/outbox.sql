@@ -43,13 +43,14 @@ WHERE max_pending_per_group <> %(max_pending_per_group)s;
 -- currval() is this row's id: the application reads nothing it did not write. The one lookup
 -- left is the type's business-key template (a pk probe, only a row when the type has one), so
 -- that a payload lacking its field is refused here, not when the relay reads it; the function
--- that computes the key is called only for such a type. No CTE around the INSERT: a RETURNING
+-- that computes or checks the key is called only for such a type or when a key is given (an
+-- explicit key must not be one another type's template makes). No CTE around the INSERT: a RETURNING
 -- that names no column needs no SELECT right either (the CTE, and the function called for every
 -- row, cost about 8 us of the server's CPU per intent, a third of the statement).
 INSERT INTO relay.intake (operation_key, effect_type, payload, business_key, traceparent,
                           available_at)
 SELECT %(operation_key)s, %(effect_type)s::relay.effect_type_name, p.payload,
-       CASE WHEN t.business_key IS NULL THEN %(business_key)s::text
+       CASE WHEN t.business_key IS NULL AND %(business_key)s::text IS NULL THEN NULL
             ELSE relay.checked_business_key(t.business_key, p.payload, %(operation_key)s,
                                             %(business_key)s::text) END,
        %(traceparent)s, %(available_at)s

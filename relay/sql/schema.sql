@@ -511,19 +511,68 @@ BEGIN
 END
 $fn$;
 
--- The business key an intent is stored with: the type's own when it has a template (an explicit
--- one must equal it: an application must not pick another effect's key, issue 18 item 8b), else
--- the caller's. Raises RL002, as relay.business_key does; the enqueue paths call it.
-CREATE FUNCTION relay.checked_business_key(p_template text, p_payload jsonb,
-                                           p_operation_key text, p_given text)
+-- The regular expression of every key a template can make (relay.business_key's rule: its literal
+-- text as written, and each field's value with the template's own characters and '%' as %XX).
+CREATE FUNCTION relay.business_key_pattern(p_template text)
 RETURNS text
-LANGUAGE plpgsql IMMUTABLE
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
-    v_key text;
+    v_literal text := regexp_replace(p_template, '\{[A-Za-z0-9_]+\}', '', 'g') || '%';
+    v_field   text;
+    v_out     text := '^';
+    v_part    text[];
+BEGIN
+    v_field := '(?:[^' || regexp_replace(v_literal, '([^A-Za-z0-9])', '\\\1', 'g')
+               || ']|%[0-9A-F]{2})*';
+    FOR v_part IN SELECT regexp_matches(p_template, '\{([A-Za-z0-9_]+)\}|([^{]+|\{)', 'g') LOOP
+        IF v_part[1] IS NULL THEN
+            v_out := v_out || regexp_replace(v_part[2], '([^A-Za-z0-9])', '\\\1', 'g');
+        ELSE
+            v_out := v_out || v_field;
+        END IF;
+    END LOOP;
+    RETURN v_out || '$';
+END
+$fn$;
+
+-- Another effect type whose template could make this key (NULL when none): an explicit key must
+-- not be one that the relay computes for another type's effects, or an application could give
+-- its intent the key of another's effect (an observer searching the downstream by that key would
+-- find the wrong one; issue 18 item 8b). `relay migrate` keeps templates of distinct types apart
+-- (relay/business_keys.py), so a computed key is never another template's.
+CREATE FUNCTION relay.business_key_maker(p_effect_type text, p_key text)
+RETURNS text
+LANGUAGE sql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+SELECT min(t.name) FROM relay.effect_type t
+WHERE t.business_key IS NOT NULL AND t.name IS DISTINCT FROM p_effect_type
+  AND p_key ~ relay.business_key_pattern(t.business_key)
+$fn$;
+
+-- The business key an intent is stored with: the type's own when it has a template (an explicit
+-- one must equal it: an application must not pick another effect's key, issue 18 item 8b), else
+-- the caller's, which no other type's template may be able to make. Raises RL002, as
+-- relay.business_key does; the enqueue paths call it (for a type without a template, only when
+-- a key is given).
+CREATE FUNCTION relay.checked_business_key(p_template text, p_payload jsonb,
+                                           p_operation_key text, p_given text)
+RETURNS text
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    v_key   text;
+    v_maker text;
 BEGIN
     IF p_template IS NULL THEN
+        v_maker := CASE WHEN p_given IS NOT NULL THEN relay.business_key_maker(NULL, p_given) END;
+        IF v_maker IS NOT NULL THEN
+            RAISE EXCEPTION 'business key of % could be made by the template of effect type %: an explicit key must not be one another type computes',
+                p_operation_key, quote_literal(v_maker) USING ERRCODE = 'RL002';
+        END IF;
         RETURN p_given;
     END IF;
     v_key := relay.business_key(p_template, p_payload, p_operation_key);
@@ -1016,6 +1065,10 @@ SELECT CASE
                     octet_length(p_payload::text), p_max_payload_bytes)
     WHEN p_business_key IS NOT NULL AND length(p_business_key) NOT BETWEEN 1 AND 512
         THEN 'business key must be 1 to 512 characters'
+    WHEN p_business_key IS NOT NULL
+         AND relay.business_key_maker(p_effect_type, p_business_key) IS NOT NULL
+        THEN format('business key could be made by the template of effect type %s: an explicit key must not be one another type computes',
+                    quote_literal(relay.business_key_maker(p_effect_type, p_business_key)))
     WHEN p_available_at IS NOT NULL AND NOT isfinite(p_available_at)
         THEN format('available_at must be a finite time, not %s', p_available_at)
     WHEN p_traceparent IS NOT NULL

@@ -5,6 +5,7 @@ intents not read yet. The relay's read is ``support.read_intake`` (what ``relay 
 from __future__ import annotations
 
 import json
+import random
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -15,8 +16,9 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 import relay
+from relay.business_keys import templates_apart
 from relay.config import Settings
-from relay.errors import NotPermittedError, UnknownEffectTypeError
+from relay.errors import InvalidIntentError, NotPermittedError, UnknownEffectTypeError
 from relay.inspection import stats
 from relay.reconciler.purge import purge, would_purge
 from relay.roles import apply
@@ -322,3 +324,78 @@ def test_a_business_key_is_the_types_own_when_it_has_a_template(
             " WHERE state = 'PENDING' ORDER BY id"
         ).fetchall()
     assert keys == [("w-own-key", computed), ("w-plain", "A:7:2026-12-04")]
+
+
+def test_an_explicit_key_is_never_one_another_types_template_makes(
+    url: str, logins: dict[str, str]
+) -> None:
+    """Issue 18, item 8b: `email` has no template, so it takes the caller's key, but not one that
+    `wire`'s template '{account}:{amount}:{date}' makes: an application must not give its intent
+    the key an observer of another application's wire would search the downstream by."""
+    wire_key = "A:5:2026-12-04"  # what a wire {"account": "A", "amount": 5, ...} is keyed by
+    with psycopg.connect(logins["a"]) as app:
+        for enqueue in (
+            lambda: relay.enqueue(app, "email", "m-py", {"to": "x"}, business_key=wire_key),
+            lambda: app.execute(
+                "SELECT * FROM relay.enqueue('m-sql', 'email', '{}'::jsonb, %s)", (wire_key,)
+            ),
+            lambda: relay.enqueue(
+                app, "email", "m-grouped", {}, business_key=wire_key, ordering_group="g"
+            ),
+        ):
+            with pytest.raises((InvalidIntentError, psycopg.Error)) as raised:
+                enqueue()
+            assert getattr(raised.value, "sqlstate", "RL002") == "RL002", raised.value
+            assert "template of effect type 'wire'" in str(raised.value), raised.value
+            app.rollback()
+        # Keys the template cannot make are the caller's: one field short, a bare "%".
+        for key, business_key in (("m-short", "A:5"), ("m-percent", "A%:1:2"), ("m-1", "x")):
+            made = relay.enqueue(app, "email", key, {}, business_key=business_key)
+            assert made.created, key
+        app.commit()
+        # A row written into the intake by hand is read and REJECTED, naming the type.
+        app.execute(
+            "INSERT INTO relay.intake (operation_key, effect_type, payload, business_key)"
+            " VALUES ('m-hand', 'email', '{}'::jsonb, %s)",
+            (wire_key,),
+        )
+        app.commit()
+    assert support.read_intake(url) == 4
+    _, state, reason = _state(url, "m-hand")
+    assert state == "REJECTED" and reason is not None, reason
+    assert "template of effect type 'wire'" in reason, reason
+    with psycopg.connect(url) as conn:
+        kept = conn.execute(
+            "SELECT operation_key, business_key FROM relay.effect"
+            " WHERE state = 'PENDING' ORDER BY id"
+        ).fetchall()
+    assert kept == [("m-short", "A:5"), ("m-percent", "A%:1:2"), ("m-1", "x")]
+
+
+def test_a_templates_pattern_holds_every_key_it_makes_and_none_of_a_template_apart(
+    url: str,
+) -> None:
+    """The check behind the refusal above, against relay.business_key itself: each of 400 keys
+    made from random values (the templates' own characters, '%', hex digits, other text) matches
+    its template's pattern, and no pattern of a template that relay.business_keys calls apart."""
+    templates = ["{a}:{b}:{c}", "wire:{a}", "ship:{a}", "{a}@x1", "{a}:{b}", "1F{a}%{b}"]
+    alphabet = ":%@1Fxwire-AB9é{}"
+    rng = random.Random(8)
+    made = [
+        (t, json.dumps({f: "".join(rng.choices(alphabet, k=rng.randint(0, 6))) for f in "abc"}))
+        for t in templates
+        for _ in range(400 // len(templates))
+    ]
+    with psycopg.connect(url) as conn:
+        rows = conn.execute(
+            "SELECT m.t, o.t, relay.business_key(m.t, m.p::jsonb, 'k')"
+            "  ~ relay.business_key_pattern(o.t)"
+            " FROM unnest(%s::text[], %s::text[]) AS m(t, p), unnest(%s::text[]) AS o(t)",
+            ([t for t, _ in made], [p for _, p in made], templates),
+        ).fetchall()
+    assert len(rows) == len(made) * len(templates)
+    for template, other, matches in rows:
+        if other == template:
+            assert matches, (template, other)
+        elif templates_apart(template, other):
+            assert not matches, (template, other)
