@@ -453,6 +453,14 @@ class Settings(BaseSettings):
                 f"transaction_timeout_s ({self.transaction_timeout_s:g}) must exceed "
                 f"2 x publish_timeout_s ({self.publish_timeout_s:g})"
             )
+        if self.publish_timeout_s * 1000 <= self.linger_ms + 1000:
+            # The producer's delivery timeout (publish_timeout_s) must exceed its linger plus a
+            # request timeout of at least a second: kafka-python refuses the producer otherwise,
+            # and a daemon would retry that refusal for ever as if Kafka were down.
+            raise ValueError(
+                f"publish_timeout_s ({self.publish_timeout_s:g}) must exceed linger_ms "
+                f"({self.linger_ms}) + 1 s"
+            )
         return self
 
     @model_validator(mode="after")

@@ -39,9 +39,9 @@ def kafka_security(settings: Settings) -> dict[str, Any]:
     return config
 
 
-def make_producer(settings: Settings, transactional_id: str | None = None) -> KafkaProducer:
-    """An idempotent producer with acks=all, set explicitly (see pitfalls: silent downgrade);
-    transactional when given a transactional id (the caller then runs init_transactions)."""
+def producer_config(settings: Settings, transactional_id: str | None = None) -> dict[str, Any]:
+    """The producer's configuration: idempotent, acks=all set explicitly (see pitfalls: silent
+    downgrade), transactional when given a transactional id."""
     timeout_ms = int(settings.publish_timeout_s * 1000)
     extra: dict[str, Any] = {}
     if transactional_id is not None:
@@ -51,22 +51,29 @@ def make_producer(settings: Settings, transactional_id: str | None = None) -> Ka
         # markers are written; the default 100 ms backoff (and the sender's sleep before each
         # retry) then dominate the latency of small batches.
         extra["retry_backoff_ms"] = 3
-    return KafkaProducer(
+    return {
         **kafka_security(settings),
         **extra,
-        client_id=f"relay-{settings.replica_id}",
-        acks="all",
-        enable_idempotence=True,
-        max_in_flight_requests_per_connection=5,
-        linger_ms=settings.linger_ms,
-        compression_type=settings.kafka_compression_type,
-        batch_size=256 * 1024,
-        max_request_size=settings.max_request_size,
-        delivery_timeout_ms=timeout_ms,
-        request_timeout_ms=max(1000, min(30_000, timeout_ms - 500)),
-        max_block_ms=min(10_000, timeout_ms),
-        bootstrap_timeout_ms=min(10_000, timeout_ms),
-    )
+        "client_id": f"relay-{settings.replica_id}",
+        "acks": "all",
+        "enable_idempotence": True,
+        "max_in_flight_requests_per_connection": 5,
+        "linger_ms": settings.linger_ms,
+        "compression_type": settings.kafka_compression_type,
+        "batch_size": 256 * 1024,
+        "max_request_size": settings.max_request_size,
+        "delivery_timeout_ms": timeout_ms,
+        # kafka-python requires delivery > linger + request timeout (Settings checks the room).
+        "request_timeout_ms": max(1000, min(30_000, timeout_ms - settings.linger_ms - 500)),
+        "max_block_ms": min(10_000, timeout_ms),
+        "bootstrap_timeout_ms": min(10_000, timeout_ms),
+    }
+
+
+def make_producer(settings: Settings, transactional_id: str | None = None) -> KafkaProducer:
+    """A producer of :func:`producer_config` (the caller runs init_transactions when it is
+    transactional)."""
+    return KafkaProducer(**producer_config(settings, transactional_id))
 
 
 def close_quietly(producer: KafkaProducer | None, timeout_s: float = 5.0) -> None:

@@ -7,10 +7,13 @@ import inspect
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
 from kafka.coordinator.base import BaseCoordinator
 from kafka.structs import MemberState
 
-from relay.kafka_client import rejoin_if_stranded
+from relay.config import load_settings
+from relay.errors import ConfigError
+from relay.kafka_client import producer_config, rejoin_if_stranded
 
 
 class Coordinator:
@@ -63,3 +66,26 @@ def test_the_installed_kafka_python_still_has_what_the_guard_reads() -> None:
     assert callable(BaseCoordinator.request_rejoin) and callable(BaseCoordinator.need_rejoin)
     source = inspect.getsource(BaseCoordinator)
     assert "self._join_task = None" in source and "self.state = MemberState.STABLE" in source
+
+
+@pytest.mark.parametrize(
+    ("publish_timeout_s", "linger_ms"),
+    [(30.0, 5), (30.0, 1000), (12.0, 10_000), (1.1, 0), (2.0, 900)],
+)
+def test_the_producer_config_is_one_kafka_python_accepts(
+    publish_timeout_s: float, linger_ms: int
+) -> None:
+    """kafka-python refuses a producer whose delivery timeout is not above linger + request
+    timeout (a linger of 1 s once made every producer fail, retried for ever as an outage)."""
+    settings = load_settings(
+        None, publish_timeout_s=publish_timeout_s, linger_ms=linger_ms, kafka_transactions=True
+    )
+    config = producer_config(settings, "t")
+    assert config["delivery_timeout_ms"] > config["linger_ms"] + config["request_timeout_ms"]
+    assert config["request_timeout_ms"] >= 1000
+
+
+def test_a_linger_the_publish_timeout_has_no_room_for_is_refused_at_load() -> None:
+    expected = r"publish_timeout_s \(1\) must exceed linger_ms \(5\) \+ 1 s"
+    with pytest.raises(ConfigError, match=expected):
+        load_settings(None, publish_timeout_s=1.0, linger_ms=5)
