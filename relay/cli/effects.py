@@ -137,7 +137,8 @@ def list_effects(
     limit: int,
     as_json: bool,
 ) -> None:
-    """Effects filtered by state, type, group and age, oldest change first."""
+    """Effects filtered by state, type, group and age, oldest change first (intents not read
+    yet are PENDING, intents claimed in a batch DISPATCHING, as relay stats counts them)."""
     older_than_s = parse_duration(older_than) if older_than else None
     with connect(settings_of(ctx), purpose="cli") as conn:
         rows = inspection.list_effects(

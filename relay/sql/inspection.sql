@@ -6,7 +6,9 @@
 -- waiting behind its group's head names the effect just before it, and that effect's due time
 -- when it is not due yet (a head scheduled far ahead holds its group back as surely). Intents
 -- published in a batch that needs nothing more (no effect row) are PUBLISHED: the oldest
--- batches, at most as many as effects are asked for, each holding one at least.
+-- batches, at most as many as effects are asked for, each holding one at least. Intents without
+-- an effect row yet are listed too, as `relay stats` counts them: not read yet (PENDING) and
+-- claimed in a batch (DISPATCHING).
 SELECT l.operation_key, l.effect_type, l.state, l.attempts, l.updated_at, l.reason,
        l.ordering_group
 FROM (
@@ -60,6 +62,32 @@ FROM (
     ) p
     CROSS JOIN LATERAL unnest(p.ids) AS x(id)
     JOIN relay.intake i ON i.id = x.id
+    UNION ALL
+    -- Intents the relay has not read yet (a stopped relay's backlog), PENDING as `relay stats`
+    -- counts them: the oldest first, at most as many as effects are asked for.
+    SELECT * FROM (
+        SELECT u.id, u.operation_key, u.effect_type, 'PENDING', 0, u.enqueued_at, NULL::text,
+               i.ordering_group
+        FROM relay.intake_unread u
+        JOIN relay.intake i ON i.id = u.id
+        WHERE (%(state)s::text IS NULL OR %(state)s = 'PENDING')
+          AND (%(effect_type)s::text IS NULL OR u.effect_type = %(effect_type)s)
+          AND (%(group)s::text IS NULL OR i.ordering_group = %(group)s)
+          AND (%(older_than_s)s::float8 IS NULL
+               OR u.enqueued_at <= now() - make_interval(secs => %(older_than_s)s))
+        ORDER BY u.enqueued_at, u.id
+        LIMIT %(limit)s
+    ) u
+    UNION ALL
+    -- Intents claimed in a batch, DISPATCHING until their outcome writes their effect row
+    -- (ungrouped: a grouped one has its row from the read).
+    SELECT b.id, b.operation_key, b.effect_type, 'DISPATCHING', 1, b.claimed_at, NULL, NULL
+    FROM relay.batch_effect b
+    WHERE (%(state)s::text IS NULL OR %(state)s = 'DISPATCHING')
+      AND %(group)s::text IS NULL
+      AND (%(effect_type)s::text IS NULL OR b.effect_type = %(effect_type)s)
+      AND (%(older_than_s)s::float8 IS NULL
+           OR b.claimed_at <= now() - make_interval(secs => %(older_than_s)s))
 ) l
 ORDER BY l.updated_at, l.id
 LIMIT %(limit)s;

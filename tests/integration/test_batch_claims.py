@@ -14,6 +14,7 @@ from relay.dispatch.daemon import Relay
 from relay.dispatch.intake import Claim, promote
 from relay.dispatch.ticker import Ticker
 from relay.errors import InvalidTransitionError
+from relay.inspection import list_effects, stats
 from relay.sql import query
 from relay.states import EffectState
 from tests import support
@@ -137,6 +138,44 @@ def test_a_batch_left_without_an_outcome_is_written_unknown_then_verified(
         ("UNKNOWN", "PENDING"),
     ]
     assert story[-1] == ("DISPATCHING", "PUBLISHED")
+
+
+def test_relay_list_shows_the_intents_that_have_no_effect_row_yet(settings: Settings) -> None:
+    """`relay list` lists what `relay stats` counts: intents not read yet (PENDING: a stopped
+    relay's backlog) and intents claimed in a batch (DISPATCHING), which have no effect row."""
+    url = settings.require_database_url()
+    with psycopg.connect(url) as conn:
+        for i in range(3):
+            relay.enqueue(conn, "email", f"unread-{i}", {"i": i})
+        relay.enqueue(conn, "email", "unread-grouped", {"i": 9}, ordering_group="g")
+        conn.commit()
+
+    def listed(**filters: object) -> list[tuple[str, str]]:
+        with psycopg.connect(url) as conn:
+            rows = list_effects(conn, **filters)  # type: ignore[arg-type]
+        return [(r["operation_key"], r["state"]) for r in rows]
+
+    unread = [(f"unread-{i}", "PENDING") for i in range(3)] + [("unread-grouped", "PENDING")]
+    assert listed(state="PENDING") == unread
+    assert listed() == unread
+    assert listed(group="g") == [("unread-grouped", "PENDING")]
+    assert listed(effect_type="wire") == []
+    assert listed(state="PENDING", limit=2) == unread[:2]
+    assert listed(state="PENDING", older_than_s=3600) == []
+    with psycopg.connect(url) as conn:
+        conn.execute("INSERT INTO relay.replica (replica_id, epoch) VALUES ('lister', 1)")
+        conn.commit()
+    with psycopg.connect(url, autocommit=True) as conn:
+        Ticker().run_once(conn)
+        claim = Claim("lister", 1, lease_s=60, limit=100, max_bytes=10**6)
+        done = promote(conn, limit=100, claim=claim)
+    # The ungrouped three in a batch (no effect row), the grouped one with its effect row.
+    assert sorted(e.batch is None for e in done.claimed) == [False, False, False, True]
+    assert sorted(listed(state="DISPATCHING")) == sorted((k, "DISPATCHING") for k, _ in unread)
+    assert listed(state="PENDING") == []
+    with psycopg.connect(url) as conn:
+        counted = {(r["state"], int(r["effects"])) for r in stats(conn)}
+    assert counted == {("DISPATCHING", 4)}
 
 
 def test_a_new_incarnation_expires_the_last_ones_batches_and_its_outcomes_write_nothing(
