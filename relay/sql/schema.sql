@@ -322,7 +322,10 @@ CREATE TABLE relay.intake_reader (
     tick_to    bigint,
     after_id   bigint NOT NULL,
     read_at    timestamptz,
-    promoted   bigint NOT NULL DEFAULT 0
+    promoted   bigint NOT NULL DEFAULT 0,
+    -- Intents passed while a cancel of theirs was in progress (their row locked by
+    -- relay.cancel), and the later ones of their groups: read again at every read until free.
+    deferred   bigint[] NOT NULL DEFAULT '{}'
 );
 INSERT INTO relay.intake_reader (tick_from, tick_to, after_id) VALUES (0, NULL, 0);
 
@@ -840,15 +843,8 @@ BEGIN
     SELECT * INTO v_effect FROM relay.effect e WHERE e.operation_key = p_operation_key FOR UPDATE;
     IF NOT FOUND THEN
         -- No effect row: an intent not read yet, or claimed in a batch whose outcome is not
-        -- recorded. Told apart under the reader's lock (the reader skips a round while a cancel
-        -- holds it, and a batch's claim and its outcome are each one statement).
-        PERFORM 1 FROM relay.intake_reader r FOR UPDATE;
-        SELECT * INTO v_effect FROM relay.effect e
-        WHERE e.operation_key = p_operation_key FOR UPDATE;
-    END IF;
-    IF v_effect.id IS NULL THEN
-        -- An intent the relay has not read yet: its effect row is written now (as the reader
-        -- would write it), so that the reader skips it and the cancel below has a row to move.
+        -- recorded. Only the intent's own login (or an operator) goes further, before anything
+        -- is locked: a refused call must hold nothing, even in a transaction left open.
         SELECT * INTO v_in FROM relay.intake i
         WHERE i.operation_key = p_operation_key
           AND NOT EXISTS (SELECT 1 FROM relay.intake_refused f WHERE f.id = i.id);
@@ -857,34 +853,54 @@ BEGIN
                 RAISE EXCEPTION 'effect % was not enqueued by login %: an application cancels only its own effects',
                     quote_literal(p_operation_key), session_user USING ERRCODE = 'RL007';
             END IF;
-            -- One statement: a batch's outcome moves it from one table to the other at once.
-            SELECT CASE
-                       WHEN EXISTS (SELECT 1 FROM relay.dispatch_batch b
-                                    WHERE v_in.id = ANY (b.ids)) THEN 'DISPATCHING'
-                       WHEN EXISTS (SELECT 1 FROM relay.published_intent(v_in.id))
-                           THEN 'PUBLISHED' END
-            INTO v_taken;
-            IF v_taken IS NOT NULL THEN
-                RAISE EXCEPTION 'effect % is %, only a PENDING effect can be cancelled',
-                    quote_literal(p_operation_key), v_taken USING ERRCODE = 'RL005';
-            END IF;
-            INSERT INTO relay.effect (id, operation_key, effect_type, topic, payload, business_key,
-                                      traceparent, available_at, created_at, ordering_group,
-                                      message_key, enqueued_by)
-            SELECT v_in.id, v_in.operation_key, t.name, t.topic, v_in.payload,
-                   coalesce(v_in.business_key,
-                            CASE WHEN t.business_key IS NOT NULL
-                                 THEN relay.business_key(t.business_key, v_in.payload,
-                                                         v_in.operation_key) END),
-                   v_in.traceparent,
-                   greatest(coalesce(v_in.available_at, v_in.enqueued_at), v_in.enqueued_at),
-                   v_in.enqueued_at, v_in.ordering_group,
-                   CASE WHEN t.key_by_group THEN v_in.ordering_group END, v_in.enqueued_by
-            FROM relay.effect_type t WHERE t.name = v_in.effect_type::text
-            ON CONFLICT DO NOTHING;
+            -- Told apart under this intent's own row lock, held to the end of the caller's
+            -- transaction: a reader passes a locked row by (relay.promote_intake defers it, and
+            -- the later ones of its group), so a cancel left open holds back this intent only,
+            -- never the read. Then a read already in flight is waited for (its lock on the
+            -- reader's row, taken and let go in a subtransaction), so that what it wrote is
+            -- seen below. Under REPEATABLE READ a read since the caller's snapshot fails this
+            -- with a serialization error (40001), to be retried.
+            PERFORM 1 FROM relay.intake i WHERE i.id = v_in.id FOR UPDATE;
+            BEGIN
+                PERFORM 1 FROM relay.intake_reader r FOR SHARE;
+                RAISE EXCEPTION USING ERRCODE = 'RL900';
+            EXCEPTION WHEN SQLSTATE 'RL900' THEN
+                NULL;
+            END;
             SELECT * INTO v_effect FROM relay.effect e
             WHERE e.operation_key = p_operation_key FOR UPDATE;
         END IF;
+    END IF;
+    IF v_effect.id IS NULL AND v_in.id IS NOT NULL THEN
+        -- An intent the relay has not read yet: its effect row is written now (as the reader
+        -- would write it), so that the reader skips it and the cancel below has a row to move.
+        -- One statement: a batch's outcome moves it from one table to the other at once.
+        SELECT CASE
+                   WHEN EXISTS (SELECT 1 FROM relay.dispatch_batch b
+                                WHERE v_in.id = ANY (b.ids)) THEN 'DISPATCHING'
+                   WHEN EXISTS (SELECT 1 FROM relay.published_intent(v_in.id))
+                       THEN 'PUBLISHED' END
+        INTO v_taken;
+        IF v_taken IS NOT NULL THEN
+            RAISE EXCEPTION 'effect % is %, only a PENDING effect can be cancelled',
+                quote_literal(p_operation_key), v_taken USING ERRCODE = 'RL005';
+        END IF;
+        INSERT INTO relay.effect (id, operation_key, effect_type, topic, payload, business_key,
+                                  traceparent, available_at, created_at, ordering_group,
+                                  message_key, enqueued_by)
+        SELECT v_in.id, v_in.operation_key, t.name, t.topic, v_in.payload,
+               coalesce(v_in.business_key,
+                        CASE WHEN t.business_key IS NOT NULL
+                             THEN relay.business_key(t.business_key, v_in.payload,
+                                                     v_in.operation_key) END),
+               v_in.traceparent,
+               greatest(coalesce(v_in.available_at, v_in.enqueued_at), v_in.enqueued_at),
+               v_in.enqueued_at, v_in.ordering_group,
+               CASE WHEN t.key_by_group THEN v_in.ordering_group END, v_in.enqueued_by
+        FROM relay.effect_type t WHERE t.name = v_in.effect_type::text
+        ON CONFLICT DO NOTHING;
+        SELECT * INTO v_effect FROM relay.effect e
+        WHERE e.operation_key = p_operation_key FOR UPDATE;
     END IF;
     IF v_effect.id IS NULL THEN
         RAISE EXCEPTION 'no effect has operation key %', quote_literal(p_operation_key)
@@ -1005,7 +1021,8 @@ CREATE TRIGGER evidence_login BEFORE INSERT ON relay.evidence
 -- Intents committed to the intake that the relay has not read yet: those its reader's tick does
 -- not see (a range of the txid index, plus the xids that tick saw running), less those it read
 -- in a split pair (claimed in a batch, or written as effects), any a cancel wrote, and those set
--- aside. What `relay stats` and the metrics count as PENDING beside the effect rows.
+-- aside; plus those the reader deferred. What `relay stats` and the metrics count as PENDING
+-- beside the effect rows.
 CREATE VIEW relay.intake_unread AS
 SELECT i.id, i.operation_key, i.effect_type::text AS effect_type, i.enqueued_at,
        greatest(coalesce(i.available_at, i.enqueued_at), i.enqueued_at) AS due
@@ -1017,6 +1034,15 @@ JOIN relay.intake i
  AND NOT pg_visible_in_snapshot(i.txid, t.snap)
 WHERE NOT (t2.id IS NOT NULL AND i.id <= r.after_id AND pg_visible_in_snapshot(i.txid, t2.snap))
   AND NOT EXISTS (SELECT 1 FROM relay.effect e WHERE e.id = i.id)
+  AND NOT EXISTS (SELECT 1 FROM relay.intake_refused f WHERE f.id = i.id)
+UNION ALL
+-- Passed while a cancel of theirs was in progress: read again once it ends.
+SELECT i.id, i.operation_key, i.effect_type::text, i.enqueued_at,
+       greatest(coalesce(i.available_at, i.enqueued_at), i.enqueued_at)
+FROM relay.intake_reader r
+CROSS JOIN LATERAL unnest(r.deferred) AS d(id)
+JOIN relay.intake i ON i.id = d.id
+WHERE NOT EXISTS (SELECT 1 FROM relay.effect e WHERE e.id = i.id)
   AND NOT EXISTS (SELECT 1 FROM relay.intake_refused f WHERE f.id = i.id);
 
 -- An intake row as the effect row written for it (the columns the intake holds, the type's topic
@@ -1202,6 +1228,10 @@ DECLARE
     v_batch   bigint[];
     v_grouped boolean;
     v_first   record;
+    v_touched bigint[];
+    v_free    bigint[];
+    v_defer   bigint[] := '{}';
+    v_work    bigint[];
 BEGIN
     IF p_limit IS NULL OR p_limit < 1 OR p_limit > 50000 OR p_max_ticks IS NULL
        OR p_max_ticks < 1 THEN
@@ -1244,22 +1274,27 @@ BEGIN
             ) b
             WHERE a.id = v_pos.tick_from
         ), candidates AS (
-            SELECT i.id, i.txid, i.ordering_group IS NOT NULL AS grouped FROM relay.intake i
+            -- touched: the row's xmax is set (a cancel may hold it; see below).
+            SELECT i.id, i.txid, i.ordering_group IS NOT NULL AS grouped,
+                   i.xmax <> '0'::xid AS touched
+            FROM relay.intake i
             WHERE i.txid >= (SELECT pg_snapshot_xmax(p.sa) FROM pair p)
               AND i.txid < (SELECT pg_snapshot_xmax(p.sb) FROM pair p)
             UNION ALL
-            SELECT i.id, i.txid, i.ordering_group IS NOT NULL FROM relay.intake i
+            SELECT i.id, i.txid, i.ordering_group IS NOT NULL, i.xmax <> '0'::xid
+            FROM relay.intake i
             WHERE i.txid = ANY (ARRAY(
                 SELECT x FROM pair p, pg_snapshot_xip(p.sa) AS x
                 WHERE pg_visible_in_snapshot(x, p.sb)))
         )
-        SELECT p.tick_to, s.ids, s.grouped
-        INTO v_to, v_batch, v_grouped
+        SELECT p.tick_to, s.ids, s.grouped, s.touched
+        INTO v_to, v_batch, v_grouped, v_touched
         FROM pair p
         CROSS JOIN LATERAL (
             SELECT coalesce(array_agg(c.id ORDER BY c.id), '{}') AS ids,
-                   coalesce(bool_or(c.grouped), false) AS grouped
-            FROM (SELECT c.id, c.grouped FROM candidates c
+                   coalesce(bool_or(c.grouped), false) AS grouped,
+                   coalesce(array_agg(c.id) FILTER (WHERE c.touched), '{}') AS touched
+            FROM (SELECT c.id, c.grouped, c.touched FROM candidates c
                   WHERE pg_visible_in_snapshot(c.txid, p.sb)
                     AND NOT pg_visible_in_snapshot(c.txid, p.sa)
                   ORDER BY c.id
@@ -1277,13 +1312,16 @@ BEGIN
         PERFORM set_config('enable_bitmapscan', 'off', true);
         PERFORM set_config('enable_seqscan', 'off', true);
         PERFORM set_config('enable_sort', 'off', true);
-        SELECT b.id, s.ids, s.grouped
-        INTO v_to, v_batch, v_grouped
+        SELECT b.id, s.ids, s.grouped, s.touched
+        INTO v_to, v_batch, v_grouped, v_touched
         FROM relay.tick a, relay.tick b
         CROSS JOIN LATERAL (
             SELECT coalesce(array_agg(r.id ORDER BY r.id), '{}') AS ids,
-                   coalesce(bool_or(r.grouped), false) AS grouped
-            FROM (SELECT i.id, i.ordering_group IS NOT NULL AS grouped FROM relay.intake i
+                   coalesce(bool_or(r.grouped), false) AS grouped,
+                   coalesce(array_agg(r.id) FILTER (WHERE r.touched), '{}') AS touched
+            FROM (SELECT i.id, i.ordering_group IS NOT NULL AS grouped,
+                         i.xmax <> '0'::xid AS touched
+                  FROM relay.intake i
                   WHERE i.id > v_pos.after_id AND i.id <= b.intake_seq
                     AND pg_visible_in_snapshot(i.txid, b.snap)
                     AND NOT pg_visible_in_snapshot(i.txid, a.snap)
@@ -1300,6 +1338,34 @@ BEGIN
     END IF;
     v_read := cardinality(v_batch);
     v_last := v_batch[v_read];
+    -- A cancel locks its intent's row while it decides, to the end of its caller's transaction
+    -- (relay.cancel): such a row is passed by for now, with the later ones of its group, and
+    -- read again at every read until it is free (intake_reader.deferred), so that a cancel
+    -- left open holds back its own intent only. Rows never locked (xmax unset, read for free
+    -- with the ids) skip all of this; the others are locked for this read, or found held.
+    v_work := v_batch;
+    v_touched := v_touched || v_pos.deferred;
+    IF cardinality(v_touched) > 0 THEN
+        v_work := ARRAY(SELECT DISTINCT x FROM unnest(v_batch || v_pos.deferred) AS x ORDER BY x);
+        v_free := ARRAY(SELECT i.id FROM relay.intake i WHERE i.id = ANY (v_touched)
+                        FOR KEY SHARE SKIP LOCKED);
+        v_defer := ARRAY(
+            SELECT w.id FROM unnest(v_work) AS w(id)
+            JOIN relay.intake i ON i.id = w.id
+            WHERE (w.id = ANY (v_touched) AND NOT w.id = ANY (v_free))
+               OR (i.ordering_group IS NOT NULL AND EXISTS (
+                       SELECT 1 FROM relay.intake l
+                       WHERE l.id = ANY (v_touched) AND NOT l.id = ANY (v_free)
+                         AND l.ordering_group = i.ordering_group AND l.id < i.id))
+            ORDER BY w.id);
+        IF cardinality(v_defer) > 0 THEN
+            v_work := ARRAY(SELECT x FROM unnest(v_work) AS x
+                            WHERE NOT x = ANY (v_defer) ORDER BY x);
+        END IF;
+        v_grouped := v_grouped OR EXISTS (SELECT 1 FROM relay.intake i
+                                          WHERE i.id = ANY (v_work)
+                                            AND i.ordering_group IS NOT NULL);
+    END IF;
     -- The plan of the read below, by its size and its groups. A custom plan costs about 2.5 ms to
     -- make at every call (5 us an effect of a batch of 500), most of a small read's cost (the
     -- live load: 5 rows, 3.1 ms in all against 0.6 ms with the generic plan). The generic plan
@@ -1330,7 +1396,7 @@ BEGIN
                r.enqueued_at
         -- Joined to the ids, not filtered by = ANY: the planner estimates an ANY over an array
         -- constant element by element (about 1 ms of planning at every call for 500 ids).
-        FROM unnest(v_batch) AS x(id)
+        FROM unnest(v_work) AS x(id)
         JOIN relay.intake r ON r.id = x.id
     ), taken AS MATERIALIZED (
         -- A key already naming another effect (a key the relay reserves, written by hand, or an
@@ -1540,7 +1606,7 @@ BEGIN
     -- the span costs the planner nothing, where = ANY (v_batch) cost 1 ms a call.)
     FOR v_first IN
         SELECT e.ordering_group, e.id FROM relay.effect e
-        WHERE e.id BETWEEN v_batch[1] AND v_last AND e.state = 'CANCELLED'
+        WHERE e.id BETWEEN v_work[1] AND v_work[cardinality(v_work)] AND e.state = 'CANCELLED'
           AND e.ordering_group IS NOT NULL
         ORDER BY e.id
     LOOP
@@ -1551,11 +1617,11 @@ BEGIN
     IF v_read >= p_limit THEN
         UPDATE relay.intake_reader
         SET tick_to = v_to, after_id = v_last, read_at = now(),
-            promoted = relay.intake_reader.promoted + v_read;
+            promoted = relay.intake_reader.promoted + v_read, deferred = v_defer;
     ELSE
         UPDATE relay.intake_reader
         SET tick_from = v_to, tick_to = NULL, after_id = 0, read_at = now(),
-            promoted = relay.intake_reader.promoted + v_read;
+            promoted = relay.intake_reader.promoted + v_read, deferred = v_defer;
         -- Ticks before the one the reader stands on are needed by no one (tick 0 stays).
         IF v_to % 64 = 0 THEN
             DELETE FROM relay.tick t WHERE t.id > 0 AND t.id < v_to;

@@ -399,3 +399,84 @@ def test_a_templates_pattern_holds_every_key_it_makes_and_none_of_a_template_apa
             assert matches, (template, other)
         elif templates_apart(template, other):
             assert not matches, (template, other)
+
+
+def _read_after_a_tick(url: str) -> int:
+    """A read as the relay makes it at its heartbeat (a tick although nothing new came in)."""
+    from relay.dispatch.intake import promote
+    from relay.dispatch.ticker import Ticker
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        Ticker(heartbeat_s=0.001).run_once(conn)
+        return promote(conn, limit=5000).rows
+
+
+def test_a_cancel_left_open_holds_back_its_own_intent_only(
+    url: str, logins: dict[str, str]
+) -> None:
+    """Issue 18's rule on the intake: an application that cancels its own intent and keeps its
+    transaction open holds back that intent (and the later ones of its group) only; a login
+    refused the cancel of another's intent holds nothing, even with its transaction left
+    aborted. Before, either stopped every read of the intake until it ended."""
+    with psycopg.connect(logins["a"]) as app:
+        for key in ("mine", "a-other"):
+            relay.enqueue(app, "email", key, {"to": key})
+        for key in ("g-1", "h-1"):
+            relay.enqueue(app, "email", key, {"to": key}, ordering_group=key[0])
+        app.commit()
+    committing = psycopg.connect(logins["a"])
+    rolling_back = psycopg.connect(logins["a"])
+    intruder = psycopg.connect(logins["b"])
+    for conn in (committing, rolling_back, intruder):
+        conn.execute("SET lock_timeout = '5s'")  # one cancel waiting on another fails the test
+        conn.commit()
+    try:
+        relay.cancel(committing, "mine", reason="not needed", actor="a")
+        relay.cancel(committing, "g-1", reason="not needed", actor="a")
+        relay.cancel(rolling_back, "h-1", reason="changed my mind", actor="a")
+        with pytest.raises(NotPermittedError):
+            relay.cancel(intruder, "a-other", reason="not mine", actor="b")  # left aborted
+        with psycopg.connect(logins["a"]) as app:
+            for key in ("g-2", "h-2"):  # behind the held heads of their groups
+                relay.enqueue(app, "email", key, {"to": key}, ordering_group=key[0])
+            app.commit()
+        with psycopg.connect(logins["b"]) as other:
+            relay.enqueue(other, "email", "theirs", {"to": "b"})
+            other.commit()
+        # The read goes on: everything but the three cancels in progress and what waits behind.
+        assert support.read_intake(url) == 2
+        assert _state(url, "theirs")[1] == "PENDING"
+        assert _state(url, "a-other")[1] == "PENDING"
+        with psycopg.connect(url) as conn:
+            held = conn.execute(
+                "SELECT operation_key FROM relay.intake_unread ORDER BY id"
+            ).fetchall()
+            assert [k for (k,) in held] == ["mine", "g-1", "h-1", "g-2", "h-2"]
+            written = conn.execute(
+                "SELECT count(*) FROM relay.effect WHERE operation_key IN "
+                "('mine', 'g-1', 'h-1', 'g-2', 'h-2')"
+            ).fetchone()
+            assert written == (0,)
+        assert _read_after_a_tick(url) == 0  # still held: read again, passed by again
+        committing.commit()
+        rolling_back.rollback()
+    finally:
+        for conn in (committing, rolling_back, intruder):
+            conn.close()
+    # Free now: the cancelled ones stay CANCELLED, the others are read, each group in order.
+    assert _read_after_a_tick(url) == 3
+    assert _state(url, "mine")[1] == "CANCELLED"
+    assert _state(url, "g-1")[1] == "CANCELLED"
+    with psycopg.connect(url) as conn:
+        rows = conn.execute(
+            "SELECT operation_key, state, behind_head FROM relay.effect"
+            " WHERE ordering_group IN ('g', 'h') ORDER BY id"
+        ).fetchall()
+        unread = conn.execute("SELECT count(*) FROM relay.intake_unread").fetchone()
+    assert rows == [
+        ("g-1", "CANCELLED", False),
+        ("h-1", "PENDING", False),
+        ("g-2", "PENDING", False),
+        ("h-2", "PENDING", True),
+    ]
+    assert unread == (0,)
