@@ -107,8 +107,9 @@ def enqueue(
     """Record one intent in the caller's transaction; the same key again returns the first one.
 
     Effects of one ``ordering_group`` are published one at a time, in the order their enqueues
-    commit, to one partition; concurrent transactions of a group wait for each other here (an
-    advisory lock held until commit), so enqueue grouped intents late in a transaction.
+    commit, to one partition; concurrent transactions of a group wait for each other here (the
+    group's row in ``relay.ordering_group``, locked until commit), so enqueue grouped intents late
+    in a transaction.
     """
     intent = Intent(
         effect_type, operation_key, payload, business_key, traceparent, available_at, ordering_group

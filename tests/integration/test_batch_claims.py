@@ -296,3 +296,132 @@ def test_a_read_costs_its_batch_not_the_intake_whatever_the_statistics(
     assert scanned == 0, f"the second part scanned {scanned} intake rows (of 6,300)"
     # Its 500 ids in order, then its 500 rows by id; not the 5,500 left of the pair.
     assert fetched <= 1_200, f"the second part fetched {fetched} intake rows (of 6,300)"
+
+
+# Each case: how an intent "x" is written beside three clean ones in one read, what the read
+# claims, and what becomes of "x". A clean read is claimed in one pass (migration 0023); any
+# other row sends the read to the statement that decides row by row, and the clean ones must
+# still be claimed there, "x" never with them unless it may be.
+_ONE_PASS_CASES: dict[str, tuple[list[str], bool, str | None]] = {
+    # case: (SQL run before the read, as the owner; x claimed; x's effect row state)
+    "all clean": ([], False, None),
+    "x refused when read": (
+        [
+            "INSERT INTO relay.intake (operation_key, effect_type, payload)"
+            " VALUES ('x', 'email', '[1, 2]')"
+        ],
+        False,
+        "REJECTED",
+    ),
+    "x not due": (
+        [
+            "INSERT INTO relay.intake (operation_key, effect_type, payload, available_at)"
+            " VALUES ('x', 'email', '{}', now() + interval '1 hour')"
+        ],
+        False,
+        "PENDING",
+    ),
+    "x's key names another effect": (
+        [
+            "INSERT INTO relay.effect (operation_key, effect_type, topic, payload)"
+            " SELECT 'x', 'email', topic, '{}' FROM relay.effect_type WHERE name = 'email'",
+            "INSERT INTO relay.intake (operation_key, effect_type, payload)"
+            " VALUES ('x', 'email', '{}')",
+        ],
+        False,
+        None,  # set aside in relay.intake_refused; the old effect keeps its row
+    ),
+    "x's key was purged": (
+        [
+            "INSERT INTO relay.purged_key (operation_key, effect_id, effect_type, final_state)"
+            " VALUES ('x', 1, 'email', 'PUBLISHED')",
+            "INSERT INTO relay.intake (operation_key, effect_type, payload)"
+            " VALUES ('x', 'email', '{}')",
+        ],
+        False,
+        "REJECTED",
+    ),
+    "x lacks its template's field": (
+        [
+            "INSERT INTO relay.intake (operation_key, effect_type, payload)"
+            " VALUES ('x', 'wire', '{\"account\": \"A\"}')"
+        ],
+        False,
+        "REJECTED",
+    ),
+    "x is grouped": (
+        ["SELECT relay.enqueue('x', 'email', '{}', p_ordering_group => 'g')"],
+        True,
+        "DISPATCHING",
+    ),
+    "x was cancelled unread": (
+        [
+            "INSERT INTO relay.intake (operation_key, effect_type, payload)"
+            " VALUES ('x', 'email', '{}')",
+            "COMMIT",
+            "SELECT relay.cancel('x')",
+        ],
+        False,
+        "CANCELLED",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(_ONE_PASS_CASES))
+def test_a_read_claims_in_one_pass_only_what_row_by_row_would(
+    settings: Settings, case: str
+) -> None:
+    url = settings.require_database_url()
+    before, x_claimed, x_state = _ONE_PASS_CASES[case]
+    with psycopg.connect(url) as conn:
+        conn.execute("INSERT INTO relay.replica (replica_id, epoch) VALUES ('solo', 1)")
+        for i in range(3):
+            relay.enqueue(conn, "email", f"c{i}", {"i": i})
+        for statement in before:
+            conn.execute(statement)
+        conn.commit()
+    with psycopg.connect(url, autocommit=True) as conn:
+        Ticker().run_once(conn)
+        done = promote(
+            conn, limit=100, claim=Claim("solo", 1, lease_s=60, limit=100, max_bytes=10**6)
+        )
+        batches = conn.execute("SELECT count(*), min(cardinality(ids)) FROM relay.dispatch_batch")
+        n_batches, batch_size = batches.fetchone() or (0, 0)
+        rows = dict(
+            conn.execute("SELECT operation_key, state FROM relay.effect WHERE operation_key = 'x'")
+        )
+        set_aside = conn.execute("SELECT operation_key FROM relay.intake_refused").fetchall()
+    claimed = [e.operation_key for e in done.claimed]
+    assert claimed == ["c0", "c1", "c2", *(["x"] if x_claimed else [])]
+    assert (n_batches, batch_size) == (1, 3), "the clean ones are claimed by one batch row"
+    assert [e.id for e in done.claimed] == sorted(e.id for e in done.claimed)
+    if case == "x's key names another effect":
+        assert set_aside == [("x",)] and rows == {"x": "PENDING"}
+    else:
+        assert set_aside == []
+        assert rows == ({"x": x_state} if x_state else {})
+    if case == "all clean":
+        assert (done.promoted, done.rejected, done.refused) == (0, 0, 0)
+
+
+def test_a_read_over_the_claims_byte_cap_claims_the_rows_that_fit(settings: Settings) -> None:
+    url = settings.require_database_url()
+    with psycopg.connect(url) as conn:
+        conn.execute("INSERT INTO relay.replica (replica_id, epoch) VALUES ('solo', 1)")
+        for i in range(4):
+            relay.enqueue(conn, "email", f"c{i}", {"body": "x" * 100})
+        size = conn.execute(
+            "SELECT pg_column_size(payload) FROM relay.intake WHERE operation_key = 'c0'"
+        ).fetchone()
+        conn.commit()
+    assert size is not None
+    with psycopg.connect(url, autocommit=True) as conn:
+        Ticker().run_once(conn)
+        # Rows are claimed while those before them hold less than the cap: two here.
+        cap = Claim("solo", 1, lease_s=60, limit=100, max_bytes=2 * int(size[0]))
+        done = promote(conn, limit=100, claim=cap)
+        pending = conn.execute(
+            "SELECT operation_key FROM relay.effect WHERE state = 'PENDING' ORDER BY id"
+        ).fetchall()
+    assert [e.operation_key for e in done.claimed] == ["c0", "c1"]
+    assert pending == [("c2",), ("c3",)] and done.promoted == 2
