@@ -116,47 +116,64 @@ class Marker(Stage):
     def _mark_set(self, conn: psycopg.Connection[Any], results: Sequence[PublishResult]) -> None:
         """Claimed rows (``mark_outcomes``) and batch-claimed intents, whose effect rows are
         written now (``mark_batch_outcomes``; a whole batch that needs nothing more after its
-        publication: ``mark_quiet_batch``), in one transaction."""
-        states = [state_after(self.settings, r).value for r in results]
-        marked: list[int] = []
-        with conn.transaction():
-            done = self._write_quiet(conn, results)
-            marked += done
-            for batched in (False, True):
-                part = [
-                    i
-                    for i, r in enumerate(results)
-                    if (r.effect.batch is not None) is batched and r.effect.id not in done
-                ]
-                if part:
-                    chosen = [results[i] for i in part]
-                    marked += self._write(conn, chosen, [states[i] for i in part])
-        observability.record_marked(written(results, states, marked))
-        if len(marked) != len(results):
+        publication: ``mark_quiet_batch``), in one transaction. A set that is one quiet batch
+        (a drain's every set) is one statement, atomic on its own: no BEGIN and COMMIT round
+        trips."""
+        quiet = quiet_batches(self.settings, results)
+        done: set[int] = set()
+        if len(quiet) == 1 and len(next(iter(quiet.values()))) == len(results):
+            done = self._write_quiet(conn, quiet)
+        if len(done) != len(results):
+            with conn.transaction():
+                done = self._write_quiet(conn, quiet)
+                done.update(self._write_rest(conn, results, done))
+        observability.record_marked(
+            written(results, [state_after(self.settings, r).value for r in results], done)
+        )
+        if len(done) != len(results):
             log.warning(
                 "some outcomes were not recorded: the lease was lost or the replica fenced",
-                extra={"expected": len(results), "recorded": len(marked)},
+                extra={"expected": len(results), "recorded": len(done)},
             )
         if self._on_marked is not None:
             self._on_marked(results)
 
+    def _write_rest(
+        self, conn: psycopg.Connection[Any], results: Sequence[PublishResult], done: set[int]
+    ) -> list[int]:
+        """The outcomes a quiet batch did not record, decided per intent; the ids recorded."""
+        marked: list[int] = []
+        for batched in (False, True):
+            part = [
+                r
+                for r in results
+                if (r.effect.batch is not None) is batched and r.effect.id not in done
+            ]
+            if part:
+                marked += self._write(
+                    conn, part, [state_after(self.settings, r).value for r in part]
+                )
+        return marked
+
     def _write_quiet(
-        self, conn: psycopg.Connection[Any], results: Sequence[PublishResult]
+        self, conn: psycopg.Connection[Any], quiet: dict[int, list[PublishResult]]
     ) -> set[int]:
         """The whole batches that need nothing more after publication (see ``quiet_batches``),
-        each recorded by one statement with no work per intent; the ids recorded."""
+        each recorded by one statement with no work per intent; the ids recorded. The arrays
+        go as array literals: psycopg's list dumper cost about 2.5 % of the relay's CPU in a
+        drain."""
         done: set[int] = set()
-        for batch, members in quiet_batches(self.settings, results).items():
+        for batch, members in quiet.items():
             ordered = sorted(members, key=lambda r: r.effect.id)
             ids = [r.effect.id for r in ordered]
             params: dict[str, Any] = {
                 "owner": self.who.replica_id,
                 "epoch": self.who.epoch,
                 "batch": batch,
-                "ids": ids,
-                "types": [r.effect.effect_type for r in ordered],
-                "partitions": [r.partition for r in ordered],
-                "offsets": [r.offset for r in ordered],
+                "ids": int_array(ids),
+                "types": text_array([r.effect.effect_type for r in ordered]),
+                "partitions": int_array([r.partition for r in ordered]),
+                "offsets": int_array([r.offset for r in ordered]),
             }
             row = conn.execute(query("mark_quiet_batch"), params).fetchone()
             if row is not None and int(row[0]) == 1:
@@ -212,6 +229,19 @@ def quiet_batches(
             spoilt.add(batch)
         batches.setdefault(batch, []).append(r)
     return {b: members for b, members in batches.items() if b not in spoilt}
+
+
+def int_array(values: Sequence[int | None]) -> str:
+    """PostgreSQL's text form of an integer array."""
+    if None in values:
+        return "{" + ",".join("NULL" if v is None else str(v) for v in values) + "}"
+    return "{" + ",".join(map(str, values)) + "}"
+
+
+def text_array(values: Sequence[str]) -> str:
+    """PostgreSQL's text form of a text array, every element quoted (each distinct one once)."""
+    quoted = {v: '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"' for v in set(values)}
+    return "{" + ",".join(map(quoted.__getitem__, values)) + "}"
 
 
 def written(

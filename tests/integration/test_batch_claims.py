@@ -12,6 +12,7 @@ from relay.config import Settings
 from relay.devtools.services import Services
 from relay.dispatch.daemon import Relay
 from relay.dispatch.intake import Claim, promote
+from relay.dispatch.marker import int_array, text_array
 from relay.dispatch.ticker import Ticker
 from relay.errors import InvalidTransitionError
 from relay.inspection import list_effects, stats
@@ -387,7 +388,7 @@ def test_a_read_claims_in_one_pass_only_what_row_by_row_would(
         )
         batches = conn.execute("SELECT count(*), min(cardinality(ids)) FROM relay.dispatch_batch")
         n_batches, batch_size = batches.fetchone() or (0, 0)
-        rows = dict(
+        rows: dict[str, str] = dict(
             conn.execute("SELECT operation_key, state FROM relay.effect WHERE operation_key = 'x'")
         )
         set_aside = conn.execute("SELECT operation_key FROM relay.intake_refused").fetchall()
@@ -425,3 +426,15 @@ def test_a_read_over_the_claims_byte_cap_claims_the_rows_that_fit(settings: Sett
         ).fetchall()
     assert [e.operation_key for e in done.claimed] == ["c0", "c1"]
     assert pending == [("c2",), ("c3",)] and done.promoted == 2
+
+
+def test_the_markers_array_literals_read_back_as_their_values(settings: Settings) -> None:
+    """The marker sends a quiet batch's arrays as PostgreSQL's text form, not through
+    psycopg's list adaptation: every value must come back as it was."""
+    types = ["email", 'a"b', "c\\d", "e,f", " g ", "NULL", "{}", "ü"]
+    numbers: list[int | None] = [0, -1, 2**62, None, 7]
+    with psycopg.connect(settings.require_database_url()) as conn:
+        row = conn.execute(
+            "SELECT %s::text[], %s::bigint[]", (text_array(types), int_array(numbers))
+        ).fetchone()
+    assert row == (types, numbers)
