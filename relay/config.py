@@ -40,7 +40,7 @@ from relay.redaction import register_dsn, register_secret
 
 ENV_PREFIX = "RELAY_"
 DEFAULT_CONFIG_FILE = "relay.toml"
-_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.\-]{0,127}$")
+_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.\-]{0,62}$")
 _TOPIC = re.compile(r"^[A-Za-z0-9._\-]{1,249}$")
 _TEMPLATE_FIELD = re.compile(r"\{([A-Za-z0-9_]+)\}")
 
@@ -95,7 +95,8 @@ class EffectTypeSpec(BaseModel):
     def _valid_name(cls, value: str) -> str:
         if not _NAME.match(value):
             raise ValueError(
-                "must start with a letter and hold only letters, digits, '_', '.', '-' (max 128)"
+                "must start with a letter and hold only letters, digits, '_', '.', '-', at most 63 "
+                "characters (a label of the intake's enum of types: PostgreSQL's limit)"
             )
         if value.startswith("relay."):
             raise ValueError("names starting with 'relay.' are reserved for the relay's own")

@@ -131,6 +131,20 @@ def test_malformed_declarations_are_refused(spec: dict[str, object], message: st
         load_settings(None, effect_types={"wire": spec})
 
 
+def test_a_type_name_fits_the_intakes_enum_label() -> None:
+    """The intake's type column is an enum, whose labels hold 63 bytes: a longer name was
+    taken here, then could never be enqueued."""
+    longest = "w" * 63
+    assert (
+        longest
+        in load_settings(
+            None, effect_types={longest: {"topic": "w", "idempotent": True}}
+        ).effect_types
+    )
+    with pytest.raises(ConfigError, match="at most 63 characters"):
+        load_settings(None, effect_types={"w" * 64: {"topic": "w", "idempotent": True}})
+
+
 def test_database_url_is_required_when_used() -> None:
     with pytest.raises(ConfigError, match="RELAY_DATABASE_URL"):
         load_settings(None).require_database_url()
