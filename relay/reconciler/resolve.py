@@ -105,6 +105,11 @@ def resolve(
                 "os_user": os_user(),
             },
         )
+        if effect.state is EffectState.UNKNOWN and decision is Decision.CONFIRM:
+            # It happened, so its record is in Kafka with the status events that rode in its
+            # transaction: the log must not tell that story a second time. (A compensation
+            # asserts only that it may have happened: the held events then go, as before.)
+            conn.execute(query("told_by_its_transaction"), {"effect_id": effect.id})
         moved = move(conn, effect.id, effect.state, target, reason=why, actor=actor)
         assert moved, "the effect is locked by this transaction"
         made: list[str] = []

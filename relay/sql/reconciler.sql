@@ -34,6 +34,16 @@ SELECT id, operation_key, effect_type, state, attempts, external_id, business_ke
 FROM relay.effect WHERE operation_key = %(operation_key)s
 FOR UPDATE;
 
+-- name: told_by_its_transaction
+-- A person confirms that an UNKNOWN effect happened: its record reached the downstream, so its
+-- Kafka transaction committed, and the status events that rode in it (relay.status_held) are
+-- visible. The log's transitions until now tell that story again: marked told, never sent (as
+-- the verifier does when it finds the record). Nothing happens for an effect not held. The hold
+-- itself stays (inert once the effect has left UNKNOWN; the operator deletes no row).
+UPDATE relay.transition t SET status_pending = false
+WHERE t.effect_id = %(effect_id)s AND t.status_pending
+  AND EXISTS (SELECT 1 FROM relay.status_held h WHERE h.effect_id = t.effect_id);
+
 -- name: move_effect
 -- One state change with its transition row, compare-and-set on the state (and attempt when
 -- given). Leaving for PENDING forgets the last publication: the next attempt records its own.

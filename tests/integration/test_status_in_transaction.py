@@ -17,6 +17,7 @@ from relay.dispatch import transactions
 from relay.dispatch.daemon import Relay
 from relay.dispatch.intake import Claim, promote
 from relay.dispatch.ticker import Ticker
+from relay.reconciler.resolve import Decision, resolve
 from relay.sql import query
 from tests import support
 
@@ -130,13 +131,10 @@ def test_an_aborted_transaction_shows_none_of_its_events_and_the_log_tells_the_s
         ], told[key]
 
 
-def test_a_dead_replicas_batch_holds_its_log_events_until_each_record_is_looked_for(
-    settings: Settings,
-) -> None:
-    """A replica dies with a batch whose e-mails' events rode in its transaction: the lease
-    expiry writes them UNKNOWN and holds their log's events (the wire's go: its events were never
-    in the transaction). Found, an e-mail's log events are never published; absent, they are."""
-    url = settings.require_database_url()
+def _a_dead_replicas_batch(url: str) -> dict[str, int]:
+    """Three e-mails whose status events rode in the transaction of a replica that died, and a
+    wire whose did not: the lease expiry writes all four UNKNOWN and holds the e-mails' log
+    events. Their ids, by operation key."""
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("UPDATE relay.reconciler_config SET status_events = true")
         relay.enqueue_many(conn, [relay.Intent("email", f"h-{i}", {"i": i}) for i in range(3)])
@@ -162,6 +160,18 @@ def test_a_dead_replicas_batch_holds_its_log_events_until_each_record_is_looked_
         ).fetchone()
         assert expired == (4,)
         assert _held(url) == 3
+    return ids
+
+
+def test_a_dead_replicas_batch_holds_its_log_events_until_each_record_is_looked_for(
+    settings: Settings,
+) -> None:
+    """A replica dies with a batch whose e-mails' events rode in its transaction: the lease
+    expiry writes them UNKNOWN and holds their log's events (the wire's go: its events were never
+    in the transaction). Found, an e-mail's log events are never published; absent, they are."""
+    url = settings.require_database_url()
+    ids = _a_dead_replicas_batch(url)
+    with psycopg.connect(url, autocommit=True) as conn:
 
         def due() -> set[int]:
             rows = conn.execute(query("status_batch"), {"limit": 100}).fetchall()
@@ -198,6 +208,32 @@ def test_a_dead_replicas_batch_holds_its_log_events_until_each_record_is_looked_
             (ids["h-0"],),
         ).fetchone()
         assert told == (0, 2)  # UNKNOWN and PUBLISHED written, neither to be published
+
+
+def test_a_person_who_confirms_a_held_effect_has_the_log_tell_only_the_decision(
+    settings: Settings,
+) -> None:
+    """Confirmed by a person while its log events are held: it happened, so its record and the
+    events that rode with it are in Kafka, and the log adds only the decision (it told the whole
+    story again before). A rejected one says nothing about Kafka: its log tells its story."""
+    url = settings.require_database_url()
+    ids = _a_dead_replicas_batch(url)
+    with psycopg.connect(url) as conn:
+        resolve(conn, settings, "h-0", Decision.CONFIRM, reason="in the mailer's log", actor="t")
+        resolve(conn, settings, "h-1", Decision.REJECT, reason="never sent", actor="t")
+    with psycopg.connect(url, autocommit=True) as conn:
+        rows = conn.execute(query("status_batch"), {"limit": 100}).fetchall()
+    due: dict[int, list[tuple[str | None, str]]] = {}
+    for row in rows:
+        due.setdefault(int(row[2]), []).append((row[5], row[6]))
+    assert due[ids["h-0"]] == [("UNKNOWN", "CONFIRMED")]
+    assert due[ids["h-1"]] == [
+        (None, "PENDING"),
+        ("PENDING", "DISPATCHING"),
+        ("DISPATCHING", "UNKNOWN"),
+        ("UNKNOWN", "REJECTED"),
+    ]
+    assert ids["h-2"] not in due  # still held, still UNKNOWN
 
 
 def test_a_missing_status_topic_holds_nothing_back_and_loses_no_event(
