@@ -1,0 +1,62 @@
+"""The paired drains' summary: each pair's ratios, head against base, and their medians."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from bench.paired import Drain, Pair, export_tree, median, parse_args, summary
+
+
+def test_each_pair_is_judged_against_its_own_base_and_the_medians_follow() -> None:
+    pairs = [
+        Pair(Drain(4000.0, 40.0), Drain(5000.0, 30.0)),
+        Pair(Drain(2000.0, 50.0), Drain(2200.0, 45.0)),
+        Pair(Drain(3000.0, None), Drain(3300.0, 20.0)),
+    ]
+    lines = summary(pairs)
+    assert lines[2] == "| 1 | 4,000 | 5,000 | 1.25 | 40.0 | 30.0 | 0.75 |"
+    assert lines[3] == "| 2 | 2,000 | 2,200 | 1.10 | 50.0 | 45.0 | 0.90 |"
+    # A server elsewhere has no CPU figure: that pair has no PostgreSQL ratio.
+    assert lines[4] == "| 3 | 3,000 | 3,300 | 1.10 | - | 20.0 | - |"
+    # The median of the ratios, not the ratio of the medians (3,300 / 3,000 here).
+    assert lines[5] == "| median | 3,000 | 3,300 | 1.10 | 45.0 | 30.0 | 0.82 |"
+
+
+def test_median_skips_what_is_unknown() -> None:
+    assert median([None, 3.0, 1.0]) == 2.0
+    assert median([None]) is None
+
+
+def _commit(repo: Path, files: dict[str, str]) -> None:
+    for name, text in files.items():
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        (repo / name).write_text(text)
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "add", "-A"], check=True, capture_output=True)
+    subprocess.run([*git, "commit", "-qm", "c"], check=True, capture_output=True)
+
+
+def test_the_base_is_its_revisions_files_and_one_without_the_drain_is_refused(
+    tmp_path: Path,
+) -> None:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    _commit(repo, {"README.md": "old"})
+    with pytest.raises(SystemExit, match=re.escape("has no bench/drain.py")):
+        export_tree("HEAD", tmp_path / "old", repo)
+    _commit(repo, {"bench/drain.py": "# the drain", "README.md": "new"})
+    sha = export_tree("HEAD", tmp_path / "new", repo)
+    assert len(sha) == 40
+    assert (tmp_path / "new" / "README.md").read_text() == "new"
+    assert not (tmp_path / "new" / ".git").exists()
+
+
+def test_pairs_and_effects_must_be_positive() -> None:
+    assert parse_args(["--base", "main"]).pairs == 3
+    with pytest.raises(SystemExit):
+        parse_args(["--base", "main", "--pairs", "0"])
