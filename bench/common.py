@@ -271,6 +271,50 @@ class DaemonProcess:
             )
 
 
+def process_cpu_s(pid: int) -> float | None:
+    """CPU seconds (user + system, every thread) of a live process; None once it is gone."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text(encoding="ascii")
+    except OSError:
+        return None
+    fields = raw.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuSampler:
+    """The CPU time of some processes, sampled every ``every_s`` in a thread, so that the CPU a
+    drain cost can be read between the first and the last record a reader saw (a daemon's
+    start-up, its imports and connections, falls outside that window)."""
+
+    def __init__(self, pids: list[int], every_s: float = 0.02) -> None:
+        self.samples: list[tuple[float, float]] = []
+        self._pids = pids
+        self._every_s = every_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            found = [process_cpu_s(pid) for pid in self._pids]
+            if all(cpu is not None for cpu in found):
+                self.samples.append((time.time(), sum(c for c in found if c is not None)))
+            self._stop.wait(self._every_s)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def between(self, start: float, end: float) -> float | None:
+        """CPU seconds from the last sample at or before ``start`` to the first at or after
+        ``end`` (a window a little wider than asked: at most one interval each side)."""
+        before = [cpu for at, cpu in self.samples if at <= start]
+        after = [cpu for at, cpu in self.samples if at >= end]
+        if not before or not after:
+            return None
+        return after[0] - before[-1]
+
+
 def read_vm_hwm(pid: int) -> int | None:
     try:
         text = Path(f"/proc/{pid}/status").read_text(encoding="ascii")

@@ -19,6 +19,7 @@ import psycopg
 from kafka import KafkaProducer
 
 from bench.common import (
+    CpuSampler,
     DaemonProcess,
     KeyCounter,
     create_topic,
@@ -67,6 +68,9 @@ class Drained:
     # The local PostgreSQL server's CPU per effect while the relay drained (every process:
     # backends, autovacuum, WAL); None for the bare producer or a server elsewhere.
     pg_us: float | None = None
+    # The publishing processes' CPU per effect (every thread: the relays, or the bare producer),
+    # from the first record a reader saw to the last.
+    proc_us: float | None = None
 
 
 def _status_published(url: str, timeout_s: float) -> float | None:
@@ -141,11 +145,14 @@ def relay_drain(
         ]
         started = time.time()
         cpu_before = postgres_cpu_s()
+        relay_cpu = CpuSampler([d.proc.pid for d in daemons])
         try:
             done = counter.wait_for(n, sizes.timeout_s, alive=daemons[0])
             status_at = _status_published(url, sizes.timeout_s) if status_events else None
             cpu_after = postgres_cpu_s()
+            time.sleep(0.05)  # one more sample after the last record
         finally:
+            relay_cpu.close()
             for daemon in daemons:
                 daemon.stop()
             counter.close()
@@ -159,8 +166,11 @@ def relay_drain(
             )
         span = max(1e-6, counter.last_at - counter.first_at)
         status_rate = None
+        last_at = counter.last_at
         if status_at is not None:
-            status_rate = n / max(1e-6, max(status_at, counter.last_at) - counter.first_at)
+            last_at = max(status_at, counter.last_at)
+            status_rate = n / max(1e-6, last_at - counter.first_at)
+        relay_s = relay_cpu.between(counter.first_at, last_at)
         return Drained(
             n / span,
             counter.count,
@@ -168,6 +178,7 @@ def relay_drain(
             elapsed,
             pg_us=pg_us,
             status_rate=status_rate,
+            proc_us=None if relay_s is None else relay_s * 1e6 / n,
         )
     finally:
         delete_topics(bootstrap, prefix)
@@ -194,6 +205,7 @@ def _bare_producer(
     values = [payload_text(i, size) for i in range(n)]
     created = datetime.now(UTC)
     started = time.monotonic()
+    cpu_started = time.process_time()  # every thread of this process: the sender's too
     for first in range(0, n, batch):
         producer.begin_transaction()
         for i in range(first, min(n, first + batch)):
@@ -208,7 +220,7 @@ def _bare_producer(
             )
             producer.send(topic, key=f"d-{i}".encode(), value=values[i], headers=headers)
         producer.commit_transaction()
-    out.put(time.monotonic() - started)
+    out.put((time.monotonic() - started, time.process_time() - cpu_started))
     producer.close()
 
 
@@ -229,16 +241,20 @@ def bare_producer_drain(
         )
         proc.start()
         try:
-            seconds = float(queue.get(timeout=sizes.timeout_s))
+            seconds, cpu_s = queue.get(timeout=sizes.timeout_s)
             done = counter.wait_for(n, 60.0)
         finally:
             proc.join(30)
             counter.close()
         if not done or counter.first_at is None or counter.last_at is None:
-            return Drained(None, counter.count, counter.duplicates, seconds, "consumer short")
+            return Drained(
+                None, counter.count, counter.duplicates, float(seconds), "consumer short"
+            )
         # Timed as the relay is: from the first record a reader sees to the last.
         span = max(1e-6, counter.last_at - counter.first_at)
-        return Drained(n / span, counter.count, counter.duplicates, seconds)
+        return Drained(
+            n / span, counter.count, counter.duplicates, float(seconds), proc_us=cpu_s * 1e6 / n
+        )
     finally:
         delete_topics(bootstrap, prefix)
 
@@ -341,7 +357,11 @@ def run(
             bare[codec] = bare_producer_drain(
                 bootstrap, sizes, payload_bytes=size, codec=codec, batch=batch, source=source
             )
-            print(f"  (b) bare producer, {size} B, {codec}: {bare[codec].rate or 0:,.0f}/s")
+            print(
+                f"  (b) bare producer, {size} B, {codec}: {bare[codec].rate or 0:,.0f}/s, "
+                f"{_us(bare[codec].proc_us)} CPU/effect",
+                flush=True,
+            )
         db = claim_and_mark(server_url, sizes, payload_bytes=size, batch=batch)
         print(f"  (b) bare claim-and-mark in PostgreSQL, {size} B: {db:,.0f}/s", flush=True)
         relay_codecs = sizes.codecs if configurable else ("none",)
@@ -358,7 +378,8 @@ def run(
             )
             print(
                 f"  (b) one relay, {size} B, {codec}: {one[codec].rate or 0:,.0f}/s, "
-                f"PostgreSQL {_us(one[codec].pg_us)} CPU/effect",
+                f"PostgreSQL {_us(one[codec].pg_us)} CPU/effect, "
+                f"relay {_us(one[codec].proc_us)} CPU/effect",
                 flush=True,
             )
         two = relay_drain(

@@ -7,7 +7,9 @@ On a shared 2-core machine a drain's rate and PostgreSQL's CPU per effect move b
 between runs of one code; two drains run back to back move much less. A change is judged by its
 ratio to the base within each pair: the base's tree (``git archive`` of ``--base``) runs its own
 ``bench.drain.relay_drain``, with its own relay and migrations, in a database of its own, and
-this checkout runs its own, alternating which goes first. Prints each pair and the medians.
+this checkout runs its own, alternating which goes first. Both are measured by this checkout's
+``bench/`` (copied over the base's, so that a change to the measurement is not read as a change
+of the code; ``--base-bench`` keeps the base's own). Prints each pair and the medians.
 Starts PostgreSQL and Kafka (relay.devtools.services) unless RELAY_DATABASE_URL /
 RELAY_KAFKA_BOOTSTRAP_SERVERS name running ones.
 """
@@ -17,12 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
 import tarfile
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
@@ -44,23 +47,28 @@ r = D.relay_drain(a["url"], a["bootstrap"], D.DrainSizes(effects=a["effects"]),
                   log_dir=Path(a["log_dir"]), groups=a["groups"],
                   status_events=a["status_events"])
 print("PAIRED " + json.dumps({"rate": r.status_rate if a["status_events"] else r.rate,
-                              "pg_us": r.pg_us, "seen": r.seen, "duplicates": r.duplicates,
-                              "note": r.note}), flush=True)
+                              "pg_us": r.pg_us, "relay_us": getattr(r, "proc_us", None),
+                              "seen": r.seen, "duplicates": r.duplicates, "note": r.note}),
+      flush=True)
 """
 
 
 @dataclass(frozen=True)
 class Drain:
-    """One drain's figures: effects/s (until every status event is out, with them on) and the
-    local PostgreSQL's CPU per effect (None for a server elsewhere)."""
+    """One drain's figures: effects/s (until every status event is out, with them on), the
+    local PostgreSQL's CPU per effect (None for a server elsewhere) and the relay process's
+    (None from a base whose drain did not measure it)."""
 
     rate: float | None
     pg_us: float | None
+    relay_us: float | None = None
 
     def __str__(self) -> str:
+        def us(value: float | None) -> str:
+            return "-" if value is None else f"{value:.1f} us"
+
         rate = "-" if self.rate is None else f"{self.rate:,.0f}/s"
-        cpu = "-" if self.pg_us is None else f"{self.pg_us:.1f} us"
-        return f"{rate}, PostgreSQL {cpu} an effect"
+        return f"{rate}, PostgreSQL {us(self.pg_us)}, relay {us(self.relay_us)} an effect"
 
 
 @dataclass(frozen=True)
@@ -81,23 +89,31 @@ def summary(pairs: Sequence[Pair]) -> list[str]:
         return "-" if value is None else f"{value:,.{digits}f}"
 
     lines = [
-        "| pair | base rate/s | head rate/s | head/base | base PG us | head PG us | head/base |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| pair | base rate/s | head rate/s | head/base | base PG us | head PG us | head/base "
+        "| base relay us | head relay us | head/base |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for i, p in enumerate(pairs, 1):
-        lines.append(
-            f"| {i} | {num(p.base.rate)} | {num(p.head.rate)} "
-            f"| {num(ratio(p.head.rate, p.base.rate), 2)} | {num(p.base.pg_us, 1)} "
-            f"| {num(p.head.pg_us, 1)} | {num(ratio(p.head.pg_us, p.base.pg_us), 2)} |"
-        )
-    lines.append(
-        f"| median | {num(median([p.base.rate for p in pairs]))} "
-        f"| {num(median([p.head.rate for p in pairs]))} "
-        f"| {num(median([ratio(p.head.rate, p.base.rate) for p in pairs]), 2)} "
-        f"| {num(median([p.base.pg_us for p in pairs]), 1)} "
-        f"| {num(median([p.head.pg_us for p in pairs]), 1)} "
-        f"| {num(median([ratio(p.head.pg_us, p.base.pg_us) for p in pairs]), 2)} |"
+    figures: tuple[tuple[Callable[[Drain], float | None], int], ...] = (
+        (lambda d: d.rate, 0),
+        (lambda d: d.pg_us, 1),
+        (lambda d: d.relay_us, 1),
     )
+    rows: list[tuple[str, list[str]]] = []
+    for i, p in enumerate(pairs, 1):
+        cells = []
+        for get, digits in figures:
+            base, head = get(p.base), get(p.head)
+            cells += [num(base, digits), num(head, digits), num(ratio(head, base), 2)]
+        rows.append((str(i), cells))
+    cells = []
+    for get, digits in figures:
+        cells += [
+            num(median([get(p.base) for p in pairs]), digits),
+            num(median([get(p.head) for p in pairs]), digits),
+            num(median([ratio(get(p.head), get(p.base)) for p in pairs]), 2),
+        ]
+    rows.append(("median", cells))
+    lines += [f"| {name} | " + " | ".join(cells) + " |" for name, cells in rows]
     return lines
 
 
@@ -135,7 +151,7 @@ def drain_in(tree: Path, args: dict[str, Any]) -> Drain:
             found = json.loads(line[len(MARK) :])
             if found["duplicates"]:
                 print(f"  ({tree.name}: {found['duplicates']} duplicates)", flush=True)
-            return Drain(found["rate"], found["pg_us"])
+            return Drain(found["rate"], found["pg_us"], found.get("relay_us"))
     tail = (done.stderr or done.stdout)[-2000:]
     raise SystemExit(f"the drain in {tree} failed (exit {done.returncode}):\n{tail}")
 
@@ -155,6 +171,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--status-events", action="store_true", help="status events on (timed until all are out)"
     )
+    parser.add_argument(
+        "--base-bench",
+        action="store_true",
+        help="measure the base with its own bench/ (default: this checkout's, on both sides)",
+    )
     args = parser.parse_args(argv)
     if args.pairs < 1 or args.effects < 1:
         parser.error("--pairs and --effects must be at least 1")
@@ -168,6 +189,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="relay-paired-") as tmp:
         base_tree = Path(tmp) / "base"
         sha = export_tree(args.base, base_tree)
+        if not args.base_bench:
+            shutil.rmtree(base_tree / "bench")
+            shutil.copytree(
+                ROOT / "bench",
+                base_tree / "bench",
+                ignore=shutil.ignore_patterns("results", "__pycache__"),
+            )
         print(f"base {args.base} ({sha[:10]}) against this checkout ({ROOT})", flush=True)
         with local_services() as services:
             shared = {

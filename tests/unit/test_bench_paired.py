@@ -13,17 +13,19 @@ from bench.paired import Drain, Pair, export_tree, median, parse_args, summary
 
 def test_each_pair_is_judged_against_its_own_base_and_the_medians_follow() -> None:
     pairs = [
-        Pair(Drain(4000.0, 40.0), Drain(5000.0, 30.0)),
-        Pair(Drain(2000.0, 50.0), Drain(2200.0, 45.0)),
-        Pair(Drain(3000.0, None), Drain(3300.0, 20.0)),
+        Pair(Drain(4000.0, 40.0, 100.0), Drain(5000.0, 30.0, 90.0)),
+        Pair(Drain(2000.0, 50.0, 120.0), Drain(2200.0, 45.0, 96.0)),
+        Pair(Drain(3000.0, None), Drain(3300.0, 20.0, 80.0)),
     ]
     lines = summary(pairs)
-    assert lines[2] == "| 1 | 4,000 | 5,000 | 1.25 | 40.0 | 30.0 | 0.75 |"
-    assert lines[3] == "| 2 | 2,000 | 2,200 | 1.10 | 50.0 | 45.0 | 0.90 |"
-    # A server elsewhere has no CPU figure: that pair has no PostgreSQL ratio.
-    assert lines[4] == "| 3 | 3,000 | 3,300 | 1.10 | - | 20.0 | - |"
+    assert lines[2] == "| 1 | 4,000 | 5,000 | 1.25 | 40.0 | 30.0 | 0.75 | 100.0 | 90.0 | 0.90 |"
+    assert lines[3] == "| 2 | 2,000 | 2,200 | 1.10 | 50.0 | 45.0 | 0.90 | 120.0 | 96.0 | 0.80 |"
+    # A server elsewhere, or a base that did not measure the relay: no ratio for that pair.
+    assert lines[4] == "| 3 | 3,000 | 3,300 | 1.10 | - | 20.0 | - | - | 80.0 | - |"
     # The median of the ratios, not the ratio of the medians (3,300 / 3,000 here).
-    assert lines[5] == "| median | 3,000 | 3,300 | 1.10 | 45.0 | 30.0 | 0.82 |"
+    assert lines[5] == (
+        "| median | 3,000 | 3,300 | 1.10 | 45.0 | 30.0 | 0.82 | 110.0 | 90.0 | 0.85 |"
+    )
 
 
 def test_median_skips_what_is_unknown() -> None:
