@@ -17,10 +17,19 @@ H_ORDERING_GROUP = "relay_ordering_group"
 STATUS_EVENT_TYPE = "relay.status"
 
 
+_SPECVERSION = CE_SPECVERSION.encode()
+_CONTENT_TYPE = CONTENT_TYPE.encode()
+
+
+def rfc3339_uncached(moment: datetime) -> str:
+    """For a time of one effect only (its enqueue): a cache would miss every time."""
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
 @lru_cache(maxsize=4096)
 def rfc3339(moment: datetime) -> str:
     """Cached: a batch's status events share their claim and publication times."""
-    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    return rfc3339_uncached(moment)
 
 
 def dispatch_headers(
@@ -35,14 +44,15 @@ def dispatch_headers(
     ordering_group: str | None = None,
 ) -> list[tuple[str, bytes]]:
     """``ce_id`` is the effect id: stable across attempts, so consumers can deduplicate on it."""
+    effect = str(effect_id).encode()
     headers = [
-        ("ce_specversion", CE_SPECVERSION.encode()),
-        ("ce_id", str(effect_id).encode()),
+        ("ce_specversion", _SPECVERSION),
+        ("ce_id", effect),
         ("ce_type", effect_type.encode()),
         ("ce_source", source.encode()),
-        ("ce_time", rfc3339(created_at).encode()),
-        ("content-type", CONTENT_TYPE.encode()),
-        (H_EFFECT_ID, str(effect_id).encode()),
+        ("ce_time", rfc3339_uncached(created_at).encode()),
+        ("content-type", _CONTENT_TYPE),
+        (H_EFFECT_ID, effect),
         (H_ATTEMPT, str(attempt).encode()),
     ]
     if business_key is not None:
@@ -75,12 +85,12 @@ def status_headers(
         ce_id = f"{effect_id}.b{batch_id}.{part}"
         own = (H_BATCH_ID, str(batch_id).encode())
     headers = [
-        ("ce_specversion", CE_SPECVERSION.encode()),
+        ("ce_specversion", _SPECVERSION),
         ("ce_id", ce_id.encode()),
         ("ce_type", STATUS_EVENT_TYPE.encode()),
         ("ce_source", source.encode()),
         ("ce_time", rfc3339(at).encode()),
-        ("content-type", CONTENT_TYPE.encode()),
+        ("content-type", _CONTENT_TYPE),
         (H_EFFECT_ID, str(effect_id).encode()),
         own,
     ]

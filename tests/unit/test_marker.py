@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from datetime import UTC, datetime
 
 import pytest
@@ -176,9 +175,9 @@ def test_a_batch_is_quiet_only_whole_acknowledged_and_awaiting_nothing() -> None
     # Kafka transaction; otherwise its transitions are published from their rows.
     loud = quiet.model_copy(update={"status_events": True})
     assert quiet_batches(loud, results) == {}
-    in_txn = [replace(r, effect=replace(r.effect, status_in_txn=r.effect.id != 2)) for r in results]
+    in_txn = [r._replace(effect=r.effect._replace(status_in_txn=r.effect.id != 2)) for r in results]
     assert quiet_batches(loud, in_txn) == {}  # intent 2's events went through the log
-    in_txn[1] = replace(in_txn[1], effect=replace(in_txn[1].effect, status_in_txn=True))
+    in_txn[1] = in_txn[1]._replace(effect=in_txn[1].effect._replace(status_in_txn=True))
     assert {b: [r.effect.id for r in m] for b, m in quiet_batches(loud, in_txn).items()} == {
         1: [1, 2]
     }

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -95,7 +94,7 @@ def test_without_metadata_or_without_a_group_there_is_no_partition() -> None:
 def test_the_estimated_size_grows_with_the_payload() -> None:
     small = build_record(effect(), source="/relay")
     assert small.estimated_size() > len(small.key) + len(small.value)
-    bigger = replace(effect(), payload="x" * 10_000)
+    bigger = effect()._replace(payload="x" * 10_000)
     assert build_record(bigger, source="/relay").estimated_size() >= small.estimated_size() + 9_000
 
 
