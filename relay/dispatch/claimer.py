@@ -1,6 +1,7 @@
 """The claimer stage: reads the intake into effect rows (claiming at once what can be published
-at once), claims batches ahead of the publisher, and waits cheaply when there is nothing to claim
-(short polls after work, then the doorbell and the intake's sequence).
+at once), claims batches ahead of the publisher while there is a backlog (when the publisher is
+free under live load), and waits cheaply when there is nothing to claim (short polls after work,
+then the doorbell and the intake's sequence).
 
 Each claim commits before the batch is handed over, so an attempt is durable before any publish.
 """
@@ -61,6 +62,11 @@ class Claimer(Stage):
         # read itself (promoting a whole backlog before claiming left the publisher idle).
         self.intake = IntakeReader(limit=min(50_000, settings.batch_size))
         self._pool_turn = True
+        # Set while the publisher waits for a batch: it has none in hand.
+        self.publisher_waiting = threading.Event()
+        # The last claim did not fill a batch: the intake is read as it is written (live load),
+        # not drained.
+        self._live = False
 
     def connect(self) -> psycopg.Connection[Any]:
         if self.conn is not None and not self.conn.closed:
@@ -75,10 +81,12 @@ class Claimer(Stage):
         return conn
 
     def take(self, timeout_s: float) -> Claimed | None:
+        self.publisher_waiting.set()
         try:
             batch = self.batches.get(timeout=timeout_s)
         except queue.Empty:
             return None
+        self.publisher_waiting.clear()
         self._taken.set()
         return batch
 
@@ -112,6 +120,14 @@ class Claimer(Stage):
             self._taken.clear()
             if self.batches.full():
                 self._taken.wait(HANDOFF_POLL_S)
+            return
+        if self._live and not self.publisher_waiting.is_set():
+            # Live load: claim when the publisher is free. What arrives while it publishes then
+            # goes out in the next transaction, instead of waiting a whole transaction more in a
+            # batch claimed ahead (at 300/s: p50 from enqueue to a reader was about 2.5
+            # transactions). A backlog (full batches) is claimed ahead, so that the claim's read
+            # and the publish overlap.
+            self.publisher_waiting.wait(HANDOFF_POLL_S)
             return
         conn = self.connect()
         if self.listener is None or self.listener.closed:
@@ -189,6 +205,7 @@ class Claimer(Stage):
         self.held.add(e.id for e in effects)
         observability.record_transition("PENDING", "DISPATCHING", len(effects))
         self._quiet = 0
+        self._live = len(effects) < self.settings.batch_size
         self._in_hand = Claimed(effects, asked)
         self._hand_over()
 
