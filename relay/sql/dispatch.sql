@@ -485,19 +485,22 @@ WITH moved AS (
         "offset" = coalesce(%(offset)s, a."offset")
     FROM moved m WHERE a.effect_id = m.id AND a.attempt = m.attempts
 ), unheld AS (
+    -- Only the first attempt's events rode in a batch's transaction: a hold left over from it
+    -- (a person sent the effect again) is dropped here and says nothing of a later attempt's.
     DELETE FROM relay.status_held h USING moved m
     WHERE h.effect_id = m.id AND %(state)s <> 'UNKNOWN'
-    RETURNING h.effect_id
+    RETURNING h.effect_id, m.attempts = 1 AS live
 ), told AS (
     UPDATE relay.transition t SET status_pending = false
     FROM unheld u
-    WHERE t.effect_id = u.effect_id AND t.status_pending AND %(state)s = 'PUBLISHED'
+    WHERE t.effect_id = u.effect_id AND u.live AND t.status_pending AND %(state)s = 'PUBLISHED'
 ), transition AS (
     INSERT INTO relay.transition (effect_id, from_state, to_state, reason, actor, attempt,
                                   status_pending)
     SELECT m.id, 'UNKNOWN', %(state)s, %(reason)s, %(owner)s, m.attempts,
            c.status_events AND m.effect_type <> 'relay.status'
-           AND NOT (%(state)s = 'PUBLISHED' AND m.id IN (SELECT u.effect_id FROM unheld u))
+           AND NOT (%(state)s = 'PUBLISHED'
+                    AND m.id IN (SELECT u.effect_id FROM unheld u WHERE u.live))
     FROM moved m, relay.reconciler_config c
     WHERE %(state)s <> 'UNKNOWN'
 )

@@ -38,11 +38,15 @@ FOR UPDATE;
 -- A person confirms that an UNKNOWN effect happened: its record reached the downstream, so its
 -- Kafka transaction committed, and the status events that rode in it (relay.status_held) are
 -- visible. The log's transitions until now tell that story again: marked told, never sent (as
--- the verifier does when it finds the record). Nothing happens for an effect not held. The hold
--- itself stays (inert once the effect has left UNKNOWN; the operator deletes no row).
+-- the verifier does when it finds the record). Only while the hold is live, as status_batch
+-- reads it (the first attempt, UNKNOWN, not found yet): a hold left from an attempt a person
+-- sent again says nothing of the later ones. The hold row itself stays (inert once the effect
+-- has left UNKNOWN; the operator deletes no row).
 UPDATE relay.transition t SET status_pending = false
 WHERE t.effect_id = %(effect_id)s AND t.status_pending
-  AND EXISTS (SELECT 1 FROM relay.status_held h WHERE h.effect_id = t.effect_id);
+  AND EXISTS (SELECT 1 FROM relay.status_held h JOIN relay.effect e ON e.id = h.effect_id
+              WHERE h.effect_id = t.effect_id AND e.state = 'UNKNOWN' AND e.attempts = 1
+                AND e.published_offset IS NULL);
 
 -- name: move_effect
 -- One state change with its transition row, compare-and-set on the state (and attempt when

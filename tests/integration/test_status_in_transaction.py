@@ -16,6 +16,7 @@ from relay.devtools.services import Services
 from relay.dispatch import transactions
 from relay.dispatch.daemon import Relay
 from relay.dispatch.intake import Claim, promote
+from relay.dispatch.stage import Held, Identity, expire_leases
 from relay.dispatch.ticker import Ticker
 from relay.reconciler.resolve import Decision, resolve
 from relay.sql import query
@@ -234,6 +235,80 @@ def test_a_person_who_confirms_a_held_effect_has_the_log_tell_only_the_decision(
         ("UNKNOWN", "REJECTED"),
     ]
     assert ids["h-2"] not in due  # still held, still UNKNOWN
+
+
+def _sent_again_then_unknown(url: str, settings: Settings, key: str, effect: int) -> None:
+    """An effect of a dead replica's batch (held), sent again by a person and claimed for a
+    second attempt that also ends UNKNOWN: its hold is left over from the first attempt."""
+    with psycopg.connect(url) as conn:
+        resolve(conn, settings, key, Decision.REDISPATCH, reason="send it again", actor="t")
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE relay.effect SET available_at = now() - interval '1 s' WHERE id = %s",
+            (effect,),
+        )
+        claim = {"owner": "solo", "epoch": 1, "limit": 10, "max_bytes": 10**6, "lease_s": 60}
+        assert [r[0] for r in conn.execute(query("claim_batch"), claim).fetchall()] == [effect]
+        conn.execute(
+            "UPDATE relay.effect SET lease_until = now() - interval '1 s' WHERE id = %s",
+            (effect,),
+        )
+        assert expire_leases(conn, Identity("solo", 2), Held()) == 1
+        row = conn.execute(
+            "SELECT state, attempts FROM relay.effect WHERE id = %s", (effect,)
+        ).fetchone()
+    assert row == ("UNKNOWN", 2)
+
+
+def _due_of(url: str, effect: int) -> list[tuple[str | None, str, int]]:
+    with psycopg.connect(url, autocommit=True) as conn:
+        rows = conn.execute(query("status_batch"), {"limit": 1000}).fetchall()
+    return [(r[5], r[6], int(r[8])) for r in rows if int(r[2]) == effect]
+
+
+# What the log must still tell of a second attempt: the person's decision, the second claim and
+# its UNKNOWN (none of them rode in any Kafka transaction).
+_SECOND_ATTEMPT = [
+    ("UNKNOWN", "PENDING", 1),
+    ("PENDING", "DISPATCHING", 2),
+    ("DISPATCHING", "UNKNOWN", 2),
+]
+
+
+def test_a_hold_left_from_the_first_attempt_silences_nothing_of_the_second(
+    settings: Settings,
+) -> None:
+    """Only the first attempt's events rode in a batch's transaction: after a second attempt, a
+    person's confirmation (h-0) or the verifier's find (h-1) must leave the log to tell
+    everything since, and add the ending."""
+    url = settings.require_database_url()
+    ids = _a_dead_replicas_batch(url)
+    for key in ("h-0", "h-1"):
+        _sent_again_then_unknown(url, settings, key, ids[key])
+    confirmed, found = ids["h-0"], ids["h-1"]
+    before = {e: _due_of(url, e) for e in (confirmed, found)}
+    assert before[confirmed][-3:] == before[found][-3:] == _SECOND_ATTEMPT, before
+    with psycopg.connect(url) as conn:
+        resolve(conn, settings, "h-0", Decision.CONFIRM, reason="seen downstream", actor="t")
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE relay.effect SET owner = 'solo', owner_epoch = 1 WHERE id = %s", (found,)
+        )
+        verified = {
+            "owner": "solo",
+            "epoch": 1,
+            "attempt": 2,
+            "retry_in_s": 0.0,
+            "id": found,
+            "state": "PUBLISHED",
+            "reason": "found",
+            "verification": "found",
+            "partition": 0,
+            "offset": 7,
+        }
+        assert conn.execute(query("finish_verification"), verified).fetchone() == (1,)
+    assert _due_of(url, confirmed) == [*before[confirmed], ("UNKNOWN", "CONFIRMED", 2)]
+    assert _due_of(url, found) == [*before[found], ("UNKNOWN", "PUBLISHED", 2)]
 
 
 def test_a_missing_status_topic_holds_nothing_back_and_loses_no_event(
