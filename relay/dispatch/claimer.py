@@ -33,6 +33,19 @@ QUIET_POLLS_S = (0.002, 0.005, 0.01, 0.02, 0.04, 0.08)
 INTAKE_POLL_S = 0.01
 
 
+def claim_was_cut(
+    effects: list[ClaimedEffect], *, more: bool, batch_size: int, max_bytes: int
+) -> bool:
+    """Whether a claim stopped short of the work there was (a backlog), not for want of work
+    (live load): it filled a batch, its read left rows of the pair unread, or its payloads came
+    near the byte cap. The cap counts payloads as stored (jsonb, perhaps compressed), so half of
+    it in text counts as reached: a wrong guess errs toward "backlog", which claims ahead as
+    before (throughput), never toward waiting."""
+    if more or len(effects) >= batch_size:
+        return True
+    return sum(len(e.payload) for e in effects) * 2 >= max_bytes
+
+
 class Claimer(Stage):
     """Claims batches ahead of the publisher; when there is nothing to claim, waits without
     taxing the writers.
@@ -64,8 +77,8 @@ class Claimer(Stage):
         self._pool_turn = True
         # Set while the publisher waits for a batch: it has none in hand.
         self.publisher_waiting = threading.Event()
-        # The last claim did not fill a batch: the intake is read as it is written (live load),
-        # not drained.
+        # The last claim took all there was (claim_was_cut says no): the intake is read as it is
+        # written (live load), not drained.
         self._live = False
 
     def connect(self) -> psycopg.Connection[Any]:
@@ -165,7 +178,7 @@ class Claimer(Stage):
         asked = time.monotonic()
         done = self.intake.run_once(conn, asked, claim)
         if done.claimed:
-            self._hold(list(done.claimed), asked)
+            self._hold(list(done.claimed), asked, more=done.more)
         if done.rows:
             observability.record_intake_read(
                 done.promoted + len(done.claimed), done.rejected, done.refused
@@ -196,7 +209,7 @@ class Claimer(Stage):
         self._hold([ClaimedEffect(*row) for row in rows], asked)
         return True
 
-    def _hold(self, effects: list[ClaimedEffect], asked: float) -> None:
+    def _hold(self, effects: list[ClaimedEffect], asked: float, *, more: bool = False) -> None:
         """Claimed (committed): held until marked, and handed to the publisher. Its lease is
         counted from ``asked``, before the claim was sent, as the database counts it from the
         claim's start: an answer that came late (a slow statement, a process paused while the
@@ -205,7 +218,12 @@ class Claimer(Stage):
         self.held.add(e.id for e in effects)
         observability.record_transition("PENDING", "DISPATCHING", len(effects))
         self._quiet = 0
-        self._live = len(effects) < self.settings.batch_size
+        self._live = not claim_was_cut(
+            effects,
+            more=more,
+            batch_size=self.settings.batch_size,
+            max_bytes=self.settings.max_claim_bytes,
+        )
         self._in_hand = Claimed(effects, asked)
         self._hand_over()
 
