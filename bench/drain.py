@@ -71,6 +71,35 @@ class Drained:
     # The publishing processes' CPU per effect (every thread: the relays, or the bare producer),
     # from the first record a reader saw to the last.
     proc_us: float | None = None
+    # With ``purge``: the local PostgreSQL's CPU per intent of `relay purge` at retention 0 (the
+    # content goes, the keys stay), then of the purge that forgets the keys (dedupe window 0).
+    purge_us: float | None = None
+    forget_us: float | None = None
+
+
+def purge_cost(settings: Settings, n: int, timeout_s: float = 30.0) -> tuple[float, float] | None:
+    """PostgreSQL CPU per intent of the two purges after a drain of ``n``, through
+    ``relay.reconciler.purge.purge`` (what `relay purge` runs): first at retention 0 with a long
+    dedupe window, then with a dedupe window of a microsecond. None for a server elsewhere."""
+    from relay.reconciler.purge import purge
+
+    url = settings.require_database_url()
+    with psycopg.connect(url, autocommit=True) as conn:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:  # every batch marked (the relay records after Kafka)
+            row = conn.execute("SELECT coalesce(sum(n), 0) FROM relay.published_batch").fetchone()
+            if row is not None and int(row[0]) >= n:
+                break
+            time.sleep(0.1)
+        conn.execute("CHECKPOINT")
+        before = postgres_cpu_s()
+        purge(conn, settings.model_copy(update={"dedupe_window_s": 86400.0}), 0.0)
+        middle = postgres_cpu_s()
+        purge(conn, settings.model_copy(update={"dedupe_window_s": 0.000001}), 0.0)
+        after = postgres_cpu_s()
+    if before is None or middle is None or after is None:
+        return None
+    return (middle - before) * 1e6 / n, (after - middle) * 1e6 / n
 
 
 def _status_published(url: str, timeout_s: float) -> float | None:
@@ -99,11 +128,13 @@ def relay_drain(
     log_dir: Path,
     groups: int = 0,
     status_events: bool = False,
+    purge: bool = False,
 ) -> Drained:
     """``replicas`` ``relay run`` processes drain a backlog of ``sizes.effects`` intents; with
     ``groups``, effect i belongs to ordering group ``i % groups`` (a group's effects spread over
     the backlog, as an aggregate's events are). The drain ends when every record is read; with
-    ``status_events``, status events are on (three more records per effect)."""
+    ``status_events``, status events are on (three more records per effect); with ``purge``,
+    the purges that follow are measured too (:func:`purge_cost`)."""
     prefix = uuid.uuid4().hex[:8]
     url = fresh_db(server_url)
     n = sizes.effects
@@ -171,6 +202,7 @@ def relay_drain(
             last_at = max(status_at, counter.last_at)
             status_rate = n / max(1e-6, last_at - counter.first_at)
         relay_s = relay_cpu.between(counter.first_at, last_at)
+        purged = purge_cost(settings, n) if purge else None
         return Drained(
             n / span,
             counter.count,
@@ -179,6 +211,8 @@ def relay_drain(
             pg_us=pg_us,
             status_rate=status_rate,
             proc_us=None if relay_s is None else relay_s * 1e6 / n,
+            purge_us=None if purged is None else purged[0],
+            forget_us=None if purged is None else purged[1],
         )
     finally:
         delete_topics(bootstrap, prefix)

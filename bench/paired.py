@@ -1,7 +1,7 @@
 """Paired drains: the same drain by a base revision and by this checkout, in turns, on one
 PostgreSQL and one broker.
 
-    python -m bench.paired --base main [--pairs 3] [--effects 20000] [--status-events]
+    python -m bench.paired --base main [--pairs 3] [--effects 20000] [--status-events] [--purge]
 
 On a shared 2-core machine a drain's rate and PostgreSQL's CPU per effect move by 20 % and more
 between runs of one code; two drains run back to back move much less. A change is judged by its
@@ -25,7 +25,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
@@ -45,9 +45,10 @@ a = json.loads(sys.argv[1])
 r = D.relay_drain(a["url"], a["bootstrap"], D.DrainSizes(effects=a["effects"]),
                   payload_bytes=a["payload_bytes"], replicas=a["replicas"], codec="none",
                   log_dir=Path(a["log_dir"]), groups=a["groups"],
-                  status_events=a["status_events"])
+                  status_events=a["status_events"], purge=a["purge"])
 print("PAIRED " + json.dumps({"rate": r.status_rate if a["status_events"] else r.rate,
                               "pg_us": r.pg_us, "relay_us": getattr(r, "proc_us", None),
+                              "purge_us": r.purge_us, "forget_us": r.forget_us,
                               "seen": r.seen, "duplicates": r.duplicates, "note": r.note}),
       flush=True)
 """
@@ -57,24 +58,33 @@ print("PAIRED " + json.dumps({"rate": r.status_rate if a["status_events"] else r
 class Drain:
     """One drain's figures: effects/s (until every status event is out, with them on), the
     local PostgreSQL's CPU per effect (None for a server elsewhere) and the relay process's
-    (None from a base whose drain did not measure it)."""
+    (None from a base whose drain did not measure it); with ``--purge``, PostgreSQL's CPU per
+    intent of the purge at retention and of the one that forgets the keys."""
 
     rate: float | None
     pg_us: float | None
     relay_us: float | None = None
+    purge_us: float | None = None
+    forget_us: float | None = None
 
     def __str__(self) -> str:
         def us(value: float | None) -> str:
             return "-" if value is None else f"{value:.1f} us"
 
         rate = "-" if self.rate is None else f"{self.rate:,.0f}/s"
-        return f"{rate}, PostgreSQL {us(self.pg_us)}, relay {us(self.relay_us)} an effect"
+        text = f"{rate}, PostgreSQL {us(self.pg_us)}, relay {us(self.relay_us)} an effect"
+        if self.purge_us is not None or self.forget_us is not None:
+            text += f"; purge {us(self.purge_us)}, forget {us(self.forget_us)}"
+        return text
 
 
 @dataclass(frozen=True)
 class Pair:
     base: Drain
     head: Drain
+
+    def __iter__(self) -> Iterator[Drain]:
+        return iter((self.base, self.head))
 
 
 def median(values: Sequence[float | None]) -> float | None:
@@ -88,16 +98,17 @@ def summary(pairs: Sequence[Pair]) -> list[str]:
     def num(value: float | None, digits: int = 0) -> str:
         return "-" if value is None else f"{value:,.{digits}f}"
 
-    lines = [
-        "| pair | base rate/s | head rate/s | head/base | base PG us | head PG us | head/base "
-        "| base relay us | head relay us | head/base |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    figures: tuple[tuple[Callable[[Drain], float | None], int], ...] = (
+    names = ["rate/s", "PG us", "relay us"]
+    figures: list[tuple[Callable[[Drain], float | None], int]] = [
         (lambda d: d.rate, 0),
         (lambda d: d.pg_us, 1),
         (lambda d: d.relay_us, 1),
-    )
+    ]
+    if any(d.purge_us is not None or d.forget_us is not None for p in pairs for d in p):
+        names += ["purge PG us", "forget PG us"]
+        figures += [(lambda d: d.purge_us, 1), (lambda d: d.forget_us, 1)]
+    titles = "".join(f" base {n} | head {n} | head/base |" for n in names)
+    lines = ["| pair |" + titles, "| --- |" + " ---: |" * (3 * len(names))]
     rows: list[tuple[str, list[str]]] = []
     for i, p in enumerate(pairs, 1):
         cells = []
@@ -151,7 +162,13 @@ def drain_in(tree: Path, args: dict[str, Any]) -> Drain:
             found = json.loads(line[len(MARK) :])
             if found["duplicates"]:
                 print(f"  ({tree.name}: {found['duplicates']} duplicates)", flush=True)
-            return Drain(found["rate"], found["pg_us"], found.get("relay_us"))
+            return Drain(
+                found["rate"],
+                found["pg_us"],
+                found.get("relay_us"),
+                found.get("purge_us"),
+                found.get("forget_us"),
+            )
     tail = (done.stderr or done.stdout)[-2000:]
     raise SystemExit(f"the drain in {tree} failed (exit {done.returncode}):\n{tail}")
 
@@ -170,6 +187,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--groups", type=int, default=0, help="ordering groups (0: none) [0]")
     parser.add_argument(
         "--status-events", action="store_true", help="status events on (timed until all are out)"
+    )
+    parser.add_argument(
+        "--purge",
+        action="store_true",
+        help="after each drain, measure `relay purge` at retention 0, then forgetting the keys",
     )
     parser.add_argument(
         "--base-bench",
@@ -206,6 +228,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 "replicas": args.replicas,
                 "groups": args.groups,
                 "status_events": args.status_events,
+                "purge": args.purge,
                 "log_dir": str(Path(tmp) / "logs"),
             }
             pairs: list[Pair] = []

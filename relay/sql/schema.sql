@@ -293,8 +293,14 @@ CREATE TABLE relay.intake (
     -- The top-level xid (xmin is a subtransaction's inside a SAVEPOINT): what snapshots speak of.
     txid           xid8 NOT NULL DEFAULT pg_current_xact_id(),
     enqueued_at    timestamptz NOT NULL DEFAULT now(),
+    -- Set by relay.purge_batch when the intent's content goes at retention: the row stays, with
+    -- its key, until the dedupe window ends (no application role may write it).
+    purged_at      timestamptz,
     CONSTRAINT intake_operation_key_unique UNIQUE (operation_key)
 );
+-- Room on each page for the row's emptied version at retention, so that the purge's update is
+-- a heap-only one (no new index entries): migration 0025.
+ALTER TABLE relay.intake SET (fillfactor = 70);
 CREATE INDEX intake_read_idx ON relay.intake (txid);
 -- A group's newest intents, counted against max_pending_per_group by relay.enqueue.
 CREATE INDEX intake_group_idx ON relay.intake (ordering_group, id)
@@ -410,6 +416,18 @@ CREATE INDEX published_batch_at_idx ON relay.published_batch (published_at, id);
 REVOKE ALL ON relay.published_batch FROM PUBLIC;
 ALTER TABLE relay.published_batch ALTER COLUMN ids SET STORAGE EXTERNAL,
     ALTER COLUMN partitions SET STORAGE EXTERNAL, ALTER COLUMN offsets SET STORAGE EXTERNAL;
+
+-- Published batches whose intents were emptied at retention (relay.purge_batch): their intake
+-- rows keep the keys until the dedupe window ends, then go by these ids, a batch at a time
+-- (relay.purge_forgotten_keys), with no per-intent row written in between.
+CREATE TABLE relay.emptied_batch (
+    id         bigint PRIMARY KEY,
+    ids        bigint[] NOT NULL,
+    emptied_at timestamptz NOT NULL DEFAULT now()
+);
+ALTER TABLE relay.emptied_batch ALTER COLUMN ids SET STORAGE EXTERNAL;
+CREATE INDEX emptied_batch_at_idx ON relay.emptied_batch (emptied_at, id);
+REVOKE ALL ON relay.emptied_batch FROM PUBLIC;
 
 -- The published batch an intent without an effect row lies in, and where its record is; nothing
 -- when it lies in none. Inlined into its callers (a probe of the span index, then the id's place
@@ -813,6 +831,12 @@ BEGIN
     END IF;
 
     SELECT * INTO v_in FROM relay.intake i WHERE i.operation_key = p_operation_key;
+    IF v_in.purged_at IS NOT NULL THEN
+        -- Emptied at retention (relay.purge_batch), its key kept in the intake row itself.
+        RAISE EXCEPTION 'operation key % named effect % (type %, %), purged at %: not used again within the dedupe window',
+            quote_literal(p_operation_key), v_in.id, quote_literal(v_in.effect_type::text),
+            'PUBLISHED', v_in.purged_at USING ERRCODE = 'RL003';
+    END IF;
     IF v_in.effect_type::text <> p_effect_type OR v_in.payload <> p_payload
        OR v_in.ordering_group IS DISTINCT FROM p_ordering_group THEN
         RAISE EXCEPTION 'operation key % already names another intent (effect %, type %)',
@@ -1742,6 +1766,7 @@ WHERE i.operation_key = p_operation_key
   AND NOT EXISTS (SELECT 1 FROM relay.effect e WHERE e.id = i.id)
   AND NOT EXISTS (SELECT 1 FROM relay.intake_refused f WHERE f.id = i.id)
   AND NOT EXISTS (SELECT 1 FROM relay.purged_key k WHERE k.effect_id = i.id)
+  AND i.purged_at IS NULL
 $fn$;
 REVOKE ALL ON FUNCTION relay.intake_effect(text) FROM PUBLIC;
 
@@ -1821,7 +1846,8 @@ BEGIN
     ), emptied AS (
         -- The intent's key stays in the intake until the dedupe window ends (its unique key
         -- refuses the key's reuse at enqueue); its content goes now.
-        UPDATE relay.intake i SET payload = '{}'::jsonb, business_key = NULL, traceparent = NULL
+        UPDATE relay.intake i SET payload = '{}'::jsonb, business_key = NULL, traceparent = NULL,
+                                  purged_at = now()
         WHERE i.id IN (SELECT g.id FROM gone g)
     ), remembered AS (
         INSERT INTO relay.purged_key AS k (operation_key, effect_id, effect_type, final_state)
@@ -1833,10 +1859,13 @@ BEGIN
     SELECT g.id FROM gone g;
 
     -- Published batches past retention (their intents have no effect row): about p_limit
-    -- intents, whole batches, oldest first; remembered and emptied as the effects above.
+    -- intents, whole batches, oldest first. Each intent's content goes in place, a heap-only
+    -- update (the intake keeps room on its pages), and its key stays in that row, marked
+    -- purged, until the dedupe window ends; the batch's ids move to relay.emptied_batch, by
+    -- which relay.purge_forgotten_keys deletes the rows then. Nothing else is written per intent.
     RETURN QUERY
     WITH old AS MATERIALIZED (
-        SELECT p.id, p.effect_type, p.ids FROM relay.published_batch p
+        SELECT p.id, p.ids FROM relay.published_batch p
         WHERE p.id IN (
             SELECT o.id FROM (
                 SELECT q.id, q.n, sum(q.n) OVER (ORDER BY q.published_at, q.id) AS running
@@ -1845,20 +1874,15 @@ BEGIN
             ) o
             WHERE o.running - o.n < p_limit)
         FOR UPDATE SKIP LOCKED
-    ), member AS (
-        SELECT x.id, o.effect_type FROM old o CROSS JOIN LATERAL unnest(o.ids) AS x(id)
     ), gone AS (
         DELETE FROM relay.published_batch p USING old o WHERE p.id = o.id
+    ), kept AS (
+        INSERT INTO relay.emptied_batch (id, ids) SELECT o.id, o.ids FROM old o
     ), emptied AS (
-        UPDATE relay.intake i SET payload = '{}'::jsonb, business_key = NULL, traceparent = NULL
-        FROM member m WHERE i.id = m.id
-        RETURNING i.id, i.operation_key, m.effect_type
-    ), remembered AS (
-        INSERT INTO relay.purged_key AS k (operation_key, effect_id, effect_type, final_state)
-        SELECT e.operation_key, e.id, e.effect_type, 'PUBLISHED' FROM emptied e
-        ON CONFLICT (operation_key) DO UPDATE
-            SET effect_id = excluded.effect_id, effect_type = excluded.effect_type,
-                final_state = excluded.final_state, purged_at = now()
+        UPDATE relay.intake i SET payload = '{}'::jsonb, business_key = NULL, traceparent = NULL,
+                                  purged_at = now()
+        WHERE i.id = ANY (ARRAY(SELECT x.id FROM old o CROSS JOIN LATERAL unnest(o.ids) AS x(id)))
+        RETURNING i.id
     )
     SELECT e.id FROM emptied e;
 END
@@ -1927,6 +1951,32 @@ BEGIN
         WHERE i.id = g.effect_id AND i.operation_key = g.operation_key
     )
     SELECT g.operation_key FROM gone g;
+
+    -- Intents emptied in their published batch (relay.purge_batch): whole batches, oldest
+    -- first, about p_limit intents; their intake rows go by the batch's ids.
+    RETURN QUERY
+    WITH old AS MATERIALIZED (
+        SELECT b.id, b.ids FROM relay.emptied_batch b
+        WHERE b.id IN (
+            SELECT o.id FROM (
+                SELECT q.id, q.n, sum(q.n) OVER (ORDER BY q.emptied_at, q.id) AS running
+                FROM (SELECT e.id, e.emptied_at, cardinality(e.ids) AS n
+                      FROM relay.emptied_batch e
+                      WHERE e.emptied_at < now() - make_interval(secs => p_dedupe_window_s)
+                      ORDER BY e.emptied_at, e.id
+                      LIMIT p_limit) q
+            ) o
+            WHERE o.running - o.n < p_limit)
+        FOR UPDATE SKIP LOCKED
+    ), gone AS (
+        DELETE FROM relay.emptied_batch b USING old o WHERE b.id = o.id
+    ), gone_intake AS (
+        DELETE FROM relay.intake i
+        WHERE i.id = ANY (ARRAY(SELECT x.id FROM old o CROSS JOIN LATERAL unnest(o.ids) AS x(id)))
+          AND i.purged_at IS NOT NULL
+        RETURNING i.operation_key
+    )
+    SELECT g.operation_key FROM gone_intake g;
 END
 $fn$;
 

@@ -244,6 +244,9 @@ def test_two_parts_marked_in_turn_close_the_batch(settings: Settings) -> None:
 
 
 def test_purge_removes_published_batches_and_remembers_their_keys(settings: Settings) -> None:
+    """At retention a published batch's intents lose their content and keep their keys in
+    their own intake rows (nothing written per intent but that row); when the dedupe window
+    ends the rows go with the batch, and the keys may be used again."""
     url = settings.require_database_url()
     with psycopg.connect(url) as conn:
         relay.enqueue_many(conn, [relay.Intent("email", f"g-{i}", {"i": i}) for i in range(5)])
@@ -255,13 +258,32 @@ def test_purge_removes_published_batches_and_remembers_their_keys(settings: Sett
         assert removed == 5
         assert conn.execute("SELECT count(*) FROM relay.published_batch").fetchone() == (0,)
         remembered = conn.execute(
-            "SELECT operation_key, effect_type, final_state FROM relay.purged_key ORDER BY 1"
+            "SELECT operation_key, effect_type::text, purged_at IS NOT NULL FROM relay.intake "
+            "ORDER BY 1"
         ).fetchall()
-        assert remembered == [(f"g-{i}", "email", "PUBLISHED") for i in range(5)]
+        assert remembered == [(f"g-{i}", "email", True) for i in range(5)]
+        assert conn.execute("SELECT count(*) FROM relay.purged_key").fetchone() == (0,)
+        assert conn.execute("SELECT sum(cardinality(ids)) FROM relay.emptied_batch").fetchone() == (
+            5,
+        )
         assert conn.execute(
             "SELECT count(*) FROM relay.intake WHERE payload <> '{}'::jsonb"
         ).fetchone() == (0,)
         assert relay.get_effect(conn, "g-1") is None
-        # Within the dedupe window the key is never published again.
-        with pytest.raises(OperationKeyConflictError, match="purged"):
+        assert support.count_states(url) == {}
+        # Within the dedupe window the key is never published again: the same intent, or another.
+        with pytest.raises(
+            OperationKeyConflictError, match=r"purged at .*PUBLISHED|PUBLISHED.*purged"
+        ):
             relay.enqueue(conn, "email", "g-1", {"i": 1})
+        with pytest.raises(OperationKeyConflictError, match="purged"):
+            relay.enqueue(conn, "email", "g-2", {})
+        # Kept for the dedupe window: a purge with a longer one forgets nothing.
+        purge(conn, settings, retention_s=0.0)
+        assert conn.execute("SELECT count(*) FROM relay.intake").fetchone() == (5,)
+        # Past it, the rows go by their batches, and the keys are free.
+        purge(conn, settings.model_copy(update={"dedupe_window_s": 0.000001}), 0.0)
+        assert conn.execute("SELECT count(*) FROM relay.intake").fetchone() == (0,)
+        assert conn.execute("SELECT count(*) FROM relay.emptied_batch").fetchone() == (0,)
+        again = relay.enqueue(conn, "email", "g-1", {"i": 1})
+    assert again.created

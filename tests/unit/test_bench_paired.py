@@ -28,6 +28,17 @@ def test_each_pair_is_judged_against_its_own_base_and_the_medians_follow() -> No
     )
 
 
+def test_the_purges_get_their_columns_only_when_measured() -> None:
+    pairs = [Pair(Drain(4000.0, 40.0, 100.0, 32.0, 20.0), Drain(4000.0, 40.0, 100.0, 8.0, 5.0))]
+    lines = summary(pairs)
+    assert lines[0].endswith(
+        "| base purge PG us | head purge PG us | head/base "
+        "| base forget PG us | head forget PG us | head/base |"
+    )
+    assert lines[2].endswith("| 32.0 | 8.0 | 0.25 | 20.0 | 5.0 | 0.25 |")
+    assert "purge" not in summary([Pair(Drain(1.0, 1.0), Drain(1.0, 1.0))])[0]
+
+
 def test_median_skips_what_is_unknown() -> None:
     assert median([None, 3.0, 1.0]) == 2.0
     assert median([None]) is None
