@@ -790,7 +790,7 @@ BEGIN
             SELECT l.max_pending_per_group INTO v_cap FROM relay.limits l;
             SELECT (SELECT count(*) FROM (
                         SELECT 1 FROM relay.intake i
-                        WHERE i.ordering_group = p_ordering_group
+                        WHERE i.ordering_group = p_ordering_group AND i.purged_at IS NULL
                           AND i.id > coalesce((SELECT max(x.id) FROM relay.effect x
                                                WHERE x.ordering_group = p_ordering_group
                                                  AND x.state <> 'CANCELLED'), 0)

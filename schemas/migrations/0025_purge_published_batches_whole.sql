@@ -7,7 +7,13 @@
 -- relay.emptied_batch, by which the rows are deleted when the dedupe window ends. relay.enqueue
 -- refuses such a key as it refuses one in relay.purged_key, which keeps the keys of effects with
 -- an effect row. Rows already emptied keep their relay.purged_key rows and go as before.
--- Functions keep their signatures: grants are kept.
+-- relay.enqueue no longer counts a marked row against its group's max_pending_per_group: it
+-- counted every intake row after the group's newest effect row, so a group whose effects were all
+-- purged counted its emptied rows as not yet published, and refused every new intent until the
+-- dedupe window ended. Rows emptied before this migration are not marked here (an UPDATE of every
+-- one, under the lock this migration holds on the intake, would stop every enqueue meanwhile):
+-- they still count until their keys are forgotten. Functions keep their signatures: grants are
+-- kept.
 
 ALTER TABLE relay.intake ADD COLUMN purged_at timestamptz;
 -- Applies to pages filled from now on.
@@ -176,7 +182,7 @@ BEGIN
             SELECT l.max_pending_per_group INTO v_cap FROM relay.limits l;
             SELECT (SELECT count(*) FROM (
                         SELECT 1 FROM relay.intake i
-                        WHERE i.ordering_group = p_ordering_group
+                        WHERE i.ordering_group = p_ordering_group AND i.purged_at IS NULL
                           AND i.id > coalesce((SELECT max(x.id) FROM relay.effect x
                                                WHERE x.ordering_group = p_ordering_group
                                                  AND x.state <> 'CANCELLED'), 0)

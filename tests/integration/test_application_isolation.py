@@ -464,6 +464,37 @@ def test_a_group_holds_at_most_max_pending_per_group_intents(settings: Settings)
         assert not again.created
 
 
+def test_a_groups_purged_intents_no_longer_count_against_its_cap(settings: Settings) -> None:
+    """A group's intents purged past retention keep their keys in the intake for the dedupe
+    window, but they were published: they count no more against max_pending_per_group. Before,
+    a group whose effects were all purged counted its emptied rows as not yet published and
+    refused every new intent until the dedupe window ended."""
+    from relay.errors import OperationKeyConflictError
+    from relay.reconciler.purge import purge
+
+    url = settings.require_database_url()
+    capped = settings.model_copy(update={"max_pending_per_group": 3, "status_events": False})
+    support.prepare_database(capped)
+    with psycopg.connect(url) as conn:
+        for i in range(3):
+            relay.enqueue(conn, "email", f"kept-{i}", {"n": i}, ordering_group="kept")
+        conn.commit()
+    assert support.read_intake(url) == 3
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("UPDATE relay.effect SET state = 'PUBLISHED' WHERE ordering_group = 'kept'")
+        removed, *_ = purge(conn, capped, retention_s=0.0)
+        assert removed == 3
+        assert conn.execute(
+            "SELECT count(*) FROM relay.intake WHERE ordering_group = 'kept'"
+        ).fetchone() == (3,)
+    with psycopg.connect(url) as conn:
+        done = relay.enqueue(conn, "email", "kept-3", {"n": 3}, ordering_group="kept")
+        conn.commit()
+        assert done.created
+        with pytest.raises(OperationKeyConflictError, match="purged"):
+            relay.enqueue(conn, "email", "kept-0", {"n": 0}, ordering_group="kept")
+
+
 def test_a_head_that_is_not_due_is_named_as_the_reason_its_group_waits(
     settings: Settings,
 ) -> None:
