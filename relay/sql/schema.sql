@@ -907,6 +907,10 @@ BEGIN
         -- would write it), so that the reader skips it and the cancel below has a row to move.
         -- One statement: a batch's outcome moves it from one table to the other at once.
         SELECT CASE
+                   -- Purged past retention (its key kept for the dedupe window): never again.
+                   WHEN v_in.purged_at IS NOT NULL
+                        OR EXISTS (SELECT 1 FROM relay.purged_key k WHERE k.effect_id = v_in.id)
+                       THEN 'purged'
                    WHEN EXISTS (SELECT 1 FROM relay.dispatch_batch b
                                 WHERE v_in.id = ANY (b.ids)) THEN 'DISPATCHING'
                    WHEN EXISTS (SELECT 1 FROM relay.published_intent(v_in.id))

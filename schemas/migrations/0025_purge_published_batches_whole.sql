@@ -12,8 +12,9 @@
 -- purged counted its emptied rows as not yet published, and refused every new intent until the
 -- dedupe window ended. Rows emptied before this migration are not marked here (an UPDATE of every
 -- one, under the lock this migration holds on the intake, would stop every enqueue meanwhile):
--- they still count until their keys are forgotten. Functions keep their signatures: grants are
--- kept.
+-- they still count until their keys are forgotten. relay.cancel refuses a purged intent (it
+-- wrote an effect row for it, with the emptied payload, and cancelled that). Functions keep
+-- their signatures: grants are kept.
 
 ALTER TABLE relay.intake ADD COLUMN purged_at timestamptz;
 -- Applies to pages filled from now on.
@@ -453,5 +454,121 @@ BEGIN
         RETURNING i.operation_key
     )
     SELECT g.operation_key FROM gone_intake g;
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION relay.cancel(p_operation_key text, p_reason text DEFAULT 'cancelled',
+                                        p_actor text DEFAULT 'application')
+RETURNS text
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    v_effect   relay.effect%ROWTYPE;
+    v_in       relay.intake%ROWTYPE;
+    v_status   boolean := (SELECT c.status_events FROM relay.reconciler_config c);
+    -- Operators, daemons and the owner may change any effect; applications may not.
+    v_operator boolean := has_table_privilege(session_user, 'relay.effect', 'UPDATE');
+    v_actor    text := format('%s [login %s]', p_actor, session_user);
+    v_taken    text;
+BEGIN
+    SELECT * INTO v_effect FROM relay.effect e WHERE e.operation_key = p_operation_key FOR UPDATE;
+    IF NOT FOUND THEN
+        -- No effect row: an intent not read yet, or claimed in a batch whose outcome is not
+        -- recorded. Only the intent's own login (or an operator) goes further, before anything
+        -- is locked: a refused call must hold nothing, even in a transaction left open.
+        SELECT * INTO v_in FROM relay.intake i
+        WHERE i.operation_key = p_operation_key
+          AND NOT EXISTS (SELECT 1 FROM relay.intake_refused f WHERE f.id = i.id);
+        IF FOUND THEN
+            IF NOT v_operator AND v_in.enqueued_by IS DISTINCT FROM session_user THEN
+                RAISE EXCEPTION 'effect % was not enqueued by login %: an application cancels only its own effects',
+                    quote_literal(p_operation_key), session_user USING ERRCODE = 'RL007';
+            END IF;
+            -- Told apart under this intent's own row lock, held to the end of the caller's
+            -- transaction: a reader passes a locked row by (relay.promote_intake defers it, and
+            -- the later ones of its group), so a cancel left open holds back this intent only,
+            -- never the read. Then a read already in flight is waited for (its lock on the
+            -- reader's row, taken and let go in a subtransaction), so that what it wrote is
+            -- seen below. Under REPEATABLE READ a read since the caller's snapshot fails this
+            -- with a serialization error (40001), to be retried.
+            PERFORM 1 FROM relay.intake i WHERE i.id = v_in.id FOR UPDATE;
+            BEGIN
+                PERFORM 1 FROM relay.intake_reader r FOR SHARE;
+                RAISE EXCEPTION USING ERRCODE = 'RL900';
+            EXCEPTION WHEN SQLSTATE 'RL900' THEN
+                NULL;
+            END;
+            SELECT * INTO v_effect FROM relay.effect e
+            WHERE e.operation_key = p_operation_key FOR UPDATE;
+        END IF;
+    END IF;
+    IF v_effect.id IS NULL AND v_in.id IS NOT NULL THEN
+        -- An intent the relay has not read yet: its effect row is written now (as the reader
+        -- would write it), so that the reader skips it and the cancel below has a row to move.
+        -- One statement: a batch's outcome moves it from one table to the other at once.
+        SELECT CASE
+                   -- Purged past retention (its key kept for the dedupe window): never again.
+                   WHEN v_in.purged_at IS NOT NULL
+                        OR EXISTS (SELECT 1 FROM relay.purged_key k WHERE k.effect_id = v_in.id)
+                       THEN 'purged'
+                   WHEN EXISTS (SELECT 1 FROM relay.dispatch_batch b
+                                WHERE v_in.id = ANY (b.ids)) THEN 'DISPATCHING'
+                   WHEN EXISTS (SELECT 1 FROM relay.published_intent(v_in.id))
+                       THEN 'PUBLISHED' END
+        INTO v_taken;
+        IF v_taken IS NOT NULL THEN
+            RAISE EXCEPTION 'effect % is %, only a PENDING effect can be cancelled',
+                quote_literal(p_operation_key), v_taken USING ERRCODE = 'RL005';
+        END IF;
+        INSERT INTO relay.effect (id, operation_key, effect_type, topic, payload, business_key,
+                                  traceparent, available_at, created_at, ordering_group,
+                                  message_key, enqueued_by)
+        SELECT v_in.id, v_in.operation_key, t.name, t.topic, v_in.payload,
+               coalesce(v_in.business_key,
+                        CASE WHEN t.business_key IS NOT NULL
+                             THEN relay.business_key(t.business_key, v_in.payload,
+                                                     v_in.operation_key) END),
+               v_in.traceparent,
+               greatest(coalesce(v_in.available_at, v_in.enqueued_at), v_in.enqueued_at),
+               v_in.enqueued_at, v_in.ordering_group,
+               CASE WHEN t.key_by_group THEN v_in.ordering_group END, v_in.enqueued_by
+        FROM relay.effect_type t WHERE t.name = v_in.effect_type::text
+        ON CONFLICT DO NOTHING;
+        SELECT * INTO v_effect FROM relay.effect e
+        WHERE e.operation_key = p_operation_key FOR UPDATE;
+    END IF;
+    IF v_effect.id IS NULL THEN
+        RAISE EXCEPTION 'no effect has operation key %', quote_literal(p_operation_key)
+            USING ERRCODE = 'RL004';
+    END IF;
+    IF NOT v_operator AND (v_effect.parent_effect_id IS NOT NULL
+                           OR starts_with(v_effect.effect_type, 'relay.')) THEN
+        RAISE EXCEPTION 'effect % was made by the relay: only an operator can cancel it',
+            quote_literal(p_operation_key) USING ERRCODE = 'RL007';
+    END IF;
+    IF NOT v_operator AND v_effect.enqueued_by IS DISTINCT FROM session_user THEN
+        RAISE EXCEPTION 'effect % was not enqueued by login %: an application cancels only its own effects',
+            quote_literal(p_operation_key), session_user USING ERRCODE = 'RL007';
+    END IF;
+    IF v_effect.state <> 'PENDING' THEN
+        RAISE EXCEPTION 'effect % is %, only a PENDING effect can be cancelled',
+            quote_literal(p_operation_key), v_effect.state USING ERRCODE = 'RL005';
+    END IF;
+    UPDATE relay.effect SET state = 'CANCELLED', reason = p_reason, updated_at = now()
+    WHERE id = v_effect.id;
+    IF v_effect.attempts = 0 AND v_effect.parent_effect_id IS NULL
+       AND v_effect.created_at >= (SELECT m.applied_at FROM relay.schema_migration m
+                                   WHERE m.version = 4) THEN
+        INSERT INTO relay.transition (effect_id, from_state, to_state, reason, actor, attempt,
+                                      at, status_pending)
+        VALUES (v_effect.id, NULL, 'PENDING', 'enqueued', 'application', 0,
+                v_effect.created_at, v_status);
+    END IF;
+    INSERT INTO relay.transition (effect_id, from_state, to_state, reason, actor, attempt,
+                                  status_pending)
+    VALUES (v_effect.id, 'PENDING', 'CANCELLED', p_reason, v_actor, v_effect.attempts, v_status);
+    RETURN 'CANCELLED';
 END
 $fn$;

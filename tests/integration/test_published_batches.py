@@ -271,6 +271,10 @@ def test_purge_removes_published_batches_and_remembers_their_keys(settings: Sett
         ).fetchone() == (0,)
         assert relay.get_effect(conn, "g-1") is None
         assert support.count_states(url) == {}
+        # Nor cancelled (an effect row with the emptied payload was written, then cancelled).
+        with pytest.raises(InvalidTransitionError, match="'g-3' is purged"):
+            relay.cancel(conn, "g-3")
+        assert conn.execute("SELECT count(*) FROM relay.effect").fetchone() == (0,)
         # Within the dedupe window the key is never published again: the same intent, or another.
         with pytest.raises(
             OperationKeyConflictError, match=r"purged at .*PUBLISHED|PUBLISHED.*purged"
