@@ -86,8 +86,12 @@ def purge_cost(settings: Settings, n: int, timeout_s: float = 30.0) -> tuple[flo
     url = settings.require_database_url()
     with psycopg.connect(url, autocommit=True) as conn:
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:  # every batch marked (the relay records after Kafka)
-            row = conn.execute("SELECT coalesce(sum(n), 0) FROM relay.published_batch").fetchone()
+        while time.monotonic() < deadline:  # every outcome recorded (the relay records after
+            # Kafka): in published batches, or as effect rows (ordering groups)
+            row = conn.execute(
+                "SELECT (SELECT coalesce(sum(n), 0) FROM relay.published_batch)"
+                " + (SELECT count(*) FROM relay.effect WHERE state = 'PUBLISHED')"
+            ).fetchone()
             if row is not None and int(row[0]) >= n:
                 break
             time.sleep(0.1)

@@ -42,13 +42,16 @@ import json, sys
 from pathlib import Path
 import bench.drain as D
 a = json.loads(sys.argv[1])
+# Passed only when asked: a base's own bench (--base-bench) may predate the argument.
+more = {"purge": True} if a["purge"] else {}
 r = D.relay_drain(a["url"], a["bootstrap"], D.DrainSizes(effects=a["effects"]),
                   payload_bytes=a["payload_bytes"], replicas=a["replicas"], codec="none",
                   log_dir=Path(a["log_dir"]), groups=a["groups"],
-                  status_events=a["status_events"], purge=a["purge"])
+                  status_events=a["status_events"], **more)
 print("PAIRED " + json.dumps({"rate": r.status_rate if a["status_events"] else r.rate,
                               "pg_us": r.pg_us, "relay_us": getattr(r, "proc_us", None),
-                              "purge_us": r.purge_us, "forget_us": r.forget_us,
+                              "purge_us": getattr(r, "purge_us", None),
+                              "forget_us": getattr(r, "forget_us", None),
                               "seen": r.seen, "duplicates": r.duplicates, "note": r.note}),
       flush=True)
 """

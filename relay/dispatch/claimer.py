@@ -37,13 +37,17 @@ def claim_was_cut(
     effects: list[ClaimedEffect], *, more: bool, batch_size: int, max_bytes: int
 ) -> bool:
     """Whether a claim stopped short of the work there was (a backlog), not for want of work
-    (live load): it filled a batch, its read left rows of the pair unread, or its payloads came
-    near the byte cap. The cap counts payloads as stored (jsonb, perhaps compressed), so half of
-    it in text counts as reached: a wrong guess errs toward "backlog", which claims ahead as
-    before (throughput), never toward waiting."""
+    (live load): it filled a batch, work was left behind it (``more``: rows of the pair unread,
+    or rows its read left in the pool), or its payloads came near the byte cap. The cap counts
+    payloads as stored (jsonb, perhaps compressed), so half of it in UTF-8 counts as reached: a
+    wrong guess errs toward "backlog", which claims ahead as before (throughput), never toward
+    waiting."""
     if more or len(effects) >= batch_size:
         return True
-    return sum(len(e.payload) for e in effects) * 2 >= max_bytes
+    chars = sum(len(e.payload) for e in effects)
+    if chars * 8 < max_bytes:  # at most 4 bytes a character: far from half the cap
+        return False
+    return sum(len(e.payload.encode()) for e in effects) * 2 >= max_bytes
 
 
 class Claimer(Stage):
@@ -178,7 +182,9 @@ class Claimer(Stage):
         asked = time.monotonic()
         done = self.intake.run_once(conn, asked, claim)
         if done.claimed:
-            self._hold(list(done.claimed), asked, more=done.more)
+            # Rows written to the pool by this read (over the byte cap, grouped, not yet due)
+            # are work left behind too.
+            self._hold(list(done.claimed), asked, more=done.more or done.promoted > 0)
         if done.rows:
             observability.record_intake_read(
                 done.promoted + len(done.claimed), done.rejected, done.refused
@@ -206,7 +212,8 @@ class Claimer(Stage):
         ).fetchall()
         if not rows:
             return False
-        self._hold([ClaimedEffect(*row) for row in rows], asked)
+        # A pool claim while the intake's pair has rows left is part of a backlog.
+        self._hold([ClaimedEffect(*row) for row in rows], asked, more=self.intake.more)
         return True
 
     def _hold(self, effects: list[ClaimedEffect], asked: float, *, more: bool = False) -> None:

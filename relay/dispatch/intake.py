@@ -226,6 +226,11 @@ class IntakeReader:
         self._last_tick = float("-inf")
         self._more = False
 
+    @property
+    def more(self) -> bool:
+        """The last batch read left rows of its pair unread."""
+        return self._more
+
     def news(self, conn: psycopg.Connection[Any], now: float) -> bool:
         """Whether a tick may find something: cheap (one sequence read)."""
         row = conn.execute(query("intake_sequence")).fetchone()

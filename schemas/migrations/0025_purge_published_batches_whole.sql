@@ -112,7 +112,9 @@ BEGIN
     -- each) and whether the key was purged.
     SELECT t.topic, t.business_key, t.key_by_group, l.max_payload_bytes,
            coalesce(d.armed_until > now(), false),
-           EXISTS (SELECT 1 FROM relay.purged_key k WHERE k.operation_key = p_operation_key),
+           EXISTS (SELECT 1 FROM relay.purged_key k WHERE k.operation_key = p_operation_key)
+           OR EXISTS (SELECT 1 FROM relay.intake i
+                      WHERE i.operation_key = p_operation_key AND i.purged_at IS NOT NULL),
            EXISTS (SELECT 1 FROM pg_enum n
                    WHERE n.enumtypid = 'relay.effect_type_name'::regtype
                      AND n.enumlabel = p_effect_type)
@@ -131,6 +133,11 @@ BEGIN
     END IF;
     IF v_purged THEN
         SELECT * INTO v_gone FROM relay.purged_key k WHERE k.operation_key = p_operation_key;
+        IF NOT FOUND THEN
+            -- Purged in its published batch: the emptied intake row keeps the key.
+            SELECT i.operation_key, i.id, i.effect_type::text, 'PUBLISHED', i.purged_at
+            INTO v_gone FROM relay.intake i WHERE i.operation_key = p_operation_key;
+        END IF;
         RAISE EXCEPTION 'operation key % named effect % (type %, %), purged at %: not used again within the dedupe window',
             quote_literal(p_operation_key), v_gone.effect_id, quote_literal(v_gone.effect_type),
             v_gone.final_state, v_gone.purged_at USING ERRCODE = 'RL003';
@@ -181,13 +188,17 @@ BEGIN
         -- and published in id order), so the count costs at most the limit.
         IF NOT EXISTS (SELECT 1 FROM relay.intake i WHERE i.operation_key = p_operation_key) THEN
             SELECT l.max_pending_per_group INTO v_cap FROM relay.limits l;
+            -- The newest rows first: a purged row (published, kept for the dedupe window) is
+            -- older than any not published, and counts toward the limit's scan, not the count.
             SELECT (SELECT count(*) FROM (
-                        SELECT 1 FROM relay.intake i
-                        WHERE i.ordering_group = p_ordering_group AND i.purged_at IS NULL
+                        SELECT i.purged_at FROM relay.intake i
+                        WHERE i.ordering_group = p_ordering_group
                           AND i.id > coalesce((SELECT max(x.id) FROM relay.effect x
                                                WHERE x.ordering_group = p_ordering_group
                                                  AND x.state <> 'CANCELLED'), 0)
-                        LIMIT v_cap) unread)
+                        ORDER BY i.id DESC
+                        LIMIT v_cap) unread
+                    WHERE unread.purged_at IS NULL)
                  + (SELECT count(*) FROM (
                         SELECT 1 FROM relay.effect e
                         WHERE e.ordering_group = p_ordering_group AND e.state = 'PENDING'
@@ -225,7 +236,8 @@ BEGIN
 
     SELECT * INTO v_in FROM relay.intake i WHERE i.operation_key = p_operation_key;
     IF v_in.purged_at IS NOT NULL THEN
-        -- Emptied at retention (relay.purge_batch), its key kept in the intake row itself.
+        -- Emptied at retention (relay.purge_batch) after the check above: its key is kept in
+        -- the intake row itself.
         RAISE EXCEPTION 'operation key % named effect % (type %, %), purged at %: not used again within the dedupe window',
             quote_literal(p_operation_key), v_in.id, quote_literal(v_in.effect_type::text),
             'PUBLISHED', v_in.purged_at USING ERRCODE = 'RL003';
@@ -277,7 +289,8 @@ LEFT JOIN LATERAL relay.published_intent(i.id) p ON true
 WHERE i.operation_key = p_operation_key
   AND NOT EXISTS (SELECT 1 FROM relay.effect e WHERE e.id = i.id)
   AND NOT EXISTS (SELECT 1 FROM relay.intake_refused f WHERE f.id = i.id)
-  AND NOT EXISTS (SELECT 1 FROM relay.purged_key k WHERE k.effect_id = i.id)
+  AND NOT EXISTS (SELECT 1 FROM relay.purged_key k
+                  WHERE k.operation_key = i.operation_key AND k.effect_id = i.id)
   AND i.purged_at IS NULL
 $fn$;
 
@@ -510,8 +523,12 @@ BEGIN
         -- One statement: a batch's outcome moves it from one table to the other at once.
         SELECT CASE
                    -- Purged past retention (its key kept for the dedupe window): never again.
-                   WHEN v_in.purged_at IS NOT NULL
-                        OR EXISTS (SELECT 1 FROM relay.purged_key k WHERE k.effect_id = v_in.id)
+                   -- Read again: a purge may have committed while this waited for the row.
+                   WHEN EXISTS (SELECT 1 FROM relay.intake i
+                                WHERE i.id = v_in.id AND i.purged_at IS NOT NULL)
+                        OR EXISTS (SELECT 1 FROM relay.purged_key k
+                                   WHERE k.operation_key = v_in.operation_key
+                                     AND k.effect_id = v_in.id)
                        THEN 'purged'
                    WHEN EXISTS (SELECT 1 FROM relay.dispatch_batch b
                                 WHERE v_in.id = ANY (b.ids)) THEN 'DISPATCHING'

@@ -291,3 +291,50 @@ def test_purge_removes_published_batches_and_remembers_their_keys(settings: Sett
         assert conn.execute("SELECT count(*) FROM relay.emptied_batch").fetchone() == (0,)
         again = relay.enqueue(conn, "email", "g-1", {"i": 1})
     assert again.created
+
+
+def test_a_cancel_that_waited_for_the_purge_of_its_intent_is_refused(settings: Settings) -> None:
+    """A cancel of a published intent waits on its intake row while a purge empties it; once
+    the purge commits, the cancel is refused as purged (it used to read the row from before
+    its wait, find no batch any more, write an effect row with the intent's whole payload and
+    cancel that)."""
+    import threading
+
+    url = settings.require_database_url()
+    with psycopg.connect(url) as conn:
+        relay.enqueue(conn, "email", "race-1", {"secret": "s3cret"})
+        conn.commit()
+    with support.running(Relay(_quiet(settings))):
+        support.wait_for(lambda: support.count_states(url) == {"PUBLISHED": 1}, 60, "publish")
+    outcome: list[BaseException | str] = []
+    with psycopg.connect(url) as purging:
+        assert len(purging.execute("SELECT relay.purge_batch(0, 500)").fetchall()) == 1
+
+        def cancel() -> None:
+            try:
+                with psycopg.connect(url, autocommit=True) as conn:
+                    outcome.append(relay.cancel(conn, "race-1"))
+            except Exception as error:  # noqa: BLE001 - the test reads it below
+                outcome.append(error)
+
+        canceller = threading.Thread(target=cancel)
+        canceller.start()
+
+        def cancel_waits() -> bool:
+            with psycopg.connect(url, autocommit=True) as conn:
+                row = conn.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                    "AND query LIKE '%%relay.cancel%%'"
+                ).fetchone()
+            return row is not None and row[0] == 1
+
+        support.wait_for(cancel_waits, 30, "the cancel to wait for the purge")
+        purging.commit()
+    canceller.join(30)
+    assert len(outcome) == 1 and isinstance(outcome[0], InvalidTransitionError), outcome
+    assert "is purged" in str(outcome[0])
+    with psycopg.connect(url) as conn:
+        assert conn.execute("SELECT count(*) FROM relay.effect").fetchone() == (0,)
+        assert conn.execute(
+            "SELECT payload::text FROM relay.intake WHERE operation_key = 'race-1'"
+        ).fetchone() == ("{}",)

@@ -9,8 +9,8 @@ from relay.dispatch.claimer import claim_was_cut
 from relay.dispatch.publisher import ClaimedEffect
 
 
-def claimed(count: int, payload_chars: int = 100) -> list[ClaimedEffect]:
-    payload = '{"x":"' + "a" * max(0, payload_chars - 8) + '"}'
+def claimed(count: int, payload_chars: int = 100, char: str = "a") -> list[ClaimedEffect]:
+    payload = '{"x":"' + char * max(0, payload_chars - 8) + '"}'
     return [
         ClaimedEffect(
             id=i,
@@ -48,3 +48,11 @@ def test_a_claim_cut_by_the_byte_cap_is_a_backlog() -> None:
     # Counted as text, a claim at half the cap already counts as cut (jsonb stores more).
     assert claim_was_cut(claimed(5, 1000), more=False, batch_size=500, max_bytes=10_000)
     assert not claim_was_cut(claimed(4, 1000), more=False, batch_size=500, max_bytes=10_000)
+
+
+def test_the_byte_cap_is_counted_in_bytes_not_characters() -> None:
+    # 40,000 characters of CJK text are 120,000 bytes of UTF-8: over half of a 200,000 cap.
+    assert claim_was_cut(
+        claimed(1, 40_000, "\u6f22"), more=False, batch_size=500, max_bytes=200_000
+    )
+    assert not claim_was_cut(claimed(1, 40_000), more=False, batch_size=500, max_bytes=200_000)
