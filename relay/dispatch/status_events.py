@@ -21,6 +21,7 @@ unanswered are held (``relay.status_held``, skipped here) until its record is lo
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -45,6 +46,7 @@ from relay.sql import query
 log = logging.getLogger(__name__)
 
 STATUS_TRANSACTIONAL_ID = "relay-status-events"
+"""The status publisher's transactional id, before the suffix naming its database."""
 STATUS_BATCH = 2000
 IDLE_WAIT_S = 0.02
 IDLE_WAIT_MAX_S = 0.5
@@ -65,6 +67,23 @@ class _Event(NamedTuple):
     attempt: int
     at: datetime
     traceparent: str | None
+
+
+def status_transactional_id(conn: psycopg.Connection[Any]) -> str:
+    """One per database: the replicas of one installation share it, so that each holder of the
+    lease fences the one before; two installations sharing a Kafka cluster never do (one fixed
+    id had each fence the other's publisher at every turn, and neither published for long).
+    Made from the cluster's system identifier (kept by its physical standbys through a
+    failover) and the database's name."""
+    try:
+        row = conn.execute(query("database_identity")).fetchone()
+    except psycopg.errors.InsufficientPrivilege:
+        if not conn.autocommit:
+            conn.rollback()
+        row = conn.execute(query("database_name")).fetchone()
+    assert row is not None
+    digest = hashlib.sha256(f"{row[0]}/{row[1]}".encode()).hexdigest()[:16]
+    return f"{STATUS_TRANSACTIONAL_ID}-{digest}"
 
 
 class StatusPublisher(Stage):
@@ -108,7 +127,7 @@ class StatusPublisher(Stage):
             self._renew_at = time.monotonic() + self._lease_s / 3
             self._inflight, self._inflight_at = list(row[0] or []), row[1]
         try:
-            producer = self._producer()
+            producer = self._producer(conn)
             if self._inflight:
                 self._settle(conn, self._inflight, self._inflight_at)
                 self._inflight = []
@@ -127,9 +146,9 @@ class StatusPublisher(Stage):
             KAFKA.down(f"status events: {describe(exc)}")  # once per outage, not per retry
             self.stop.wait(2.0)
 
-    def _producer(self) -> KafkaProducer:
+    def _producer(self, conn: psycopg.Connection[Any]) -> KafkaProducer:
         if self.producer is None:
-            producer = make_producer(self.settings, STATUS_TRANSACTIONAL_ID)
+            producer = make_producer(self.settings, status_transactional_id(conn))
             try:
                 # Fences every earlier holder: its open transaction is aborted, and from here on
                 # what it left in flight can be looked for.

@@ -561,3 +561,12 @@ WHERE t.id = ANY(%(ids)s::bigint[]);
 
 -- name: status_backlog
 SELECT count(*) FROM relay.transition WHERE status_pending;
+
+-- name: database_identity
+-- What the status publisher's transactional id is made from: the cluster's system identifier
+-- (the same on its physical standbys, so a failover keeps the id) and this database's name.
+SELECT s.system_identifier::text, current_database() FROM pg_control_system() s;
+
+-- name: database_name
+-- The same where pg_control_system() is not granted: the database's name alone.
+SELECT '', current_database();

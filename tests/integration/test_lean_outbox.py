@@ -324,3 +324,46 @@ def test_payload_limit_in_sql_and_claims_capped_by_bytes(settings: Settings) -> 
         ).fetchone()
         assert one is not None
         assert claim(int(one[0]) * 2 + 1) == 3  # stops once the bytes claimed reach the cap
+
+
+def test_two_installations_on_one_kafka_never_fence_each_others_status_publisher(
+    own_topic: Settings, services: Services
+) -> None:
+    """Two relays of two databases (two applications' outboxes) on one Kafka cluster each keep
+    their status publisher's producer: the transactional id is one per database. With one fixed
+    id, each publisher's start fenced the other's, whose next publish failed and fenced back."""
+    from relay.dispatch.status_events import status_transactional_id
+
+    first = own_topic
+    url = first.require_database_url()
+    other_url = support.create_database(services.database_url, template=None)
+    try:
+        second = first.model_copy(
+            update={"database_url": other_url, "status_topic": f"{first.status_topic}-2"}
+        )
+        support.prepare_database(second)
+        with psycopg.connect(url) as a, psycopg.connect(other_url) as b, psycopg.connect(url) as c:
+            assert status_transactional_id(a) != status_transactional_id(b)
+            assert status_transactional_id(a) == status_transactional_id(c)  # its replicas fence
+        _transitions(url, 2)
+        _transitions(other_url, 2)
+        stage_a, stage_b = _stage(first), _stage(second)
+        try:
+            stage_a.step()  # a's producer, then b's: with one id, b's start fenced a's
+            stage_b.step()
+            assert support.status_backlog(url) == 0 and support.status_backlog(other_url) == 0
+            with psycopg.connect(url, autocommit=True) as conn:
+                conn.execute(
+                    "INSERT INTO relay.transition (effect_id, from_state, to_state, reason, actor,"
+                    " attempt, status_pending) SELECT id, 'PUBLISHED', 'CONFIRMED', 'test',"
+                    " 'test', 1, true FROM relay.effect ORDER BY id LIMIT 1"
+                )
+            assert support.status_backlog(url) == 1
+            stage_a.step()  # a publishes again with the producer it has
+            assert support.status_backlog(url) == 0
+            assert stage_a.producer is not None  # never dropped for a fencing
+        finally:
+            stage_a.drop_producer()
+            stage_b.drop_producer()
+    finally:
+        support.drop_database(other_url)
