@@ -413,6 +413,8 @@ def run(
                 replicas=1,
                 codec=codec,
                 log_dir=log_dir,
+                # The purges that follow, once: after the first payload's uncompressed drain.
+                purge=codec == "none" and drain_rate is None,
             )
             print(
                 f"  (b) one relay, {size} B, {codec}: {one[codec].rate or 0:,.0f}/s, "
@@ -436,6 +438,26 @@ def run(
         )
         if drain_rate is None:
             drain_rate = one["none"].rate
+            drained = one["none"]
+            print(
+                f"  (b) relay purge after it: {_us(drained.purge_us)} at retention, "
+                f"{_us(drained.forget_us)} when the keys are forgotten (PostgreSQL CPU/intent)",
+                flush=True,
+            )
+            for what, value in (
+                ("at retention (content emptied, keys kept)", drained.purge_us),
+                ("when the keys are forgotten (dedupe window over)", drained.forget_us),
+            ):
+                figures.append(
+                    Figure(
+                        "b",
+                        f"`relay purge` of those {n:,} intents {what}: PostgreSQL CPU per intent",
+                        value,
+                        "us",
+                        ceiling=drained.pg_us,
+                        ceiling_name="the drain's PostgreSQL CPU per effect",
+                    )
+                )
             loud = relay_drain(
                 server_url,
                 bootstrap,
