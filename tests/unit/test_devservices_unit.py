@@ -305,3 +305,33 @@ def test_leftover_servers_are_stopped_at_exit(monkeypatch: pytest.MonkeyPatch) -
     assert stopped == ["b"], "an untracked server is not stopped again"
     devservices._stop_leftovers()
     assert stopped == ["b"], "stopped once only"
+
+
+def test_down_never_signals_a_process_that_took_a_stale_pid(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """An ``up`` killed before removing its state file leaves a pid another process may have
+    now: ``down`` ignores it unless that process is still ``relay.devtools.services``."""
+    import json
+    import subprocess
+    import sys
+
+    from relay.devtools.services import __main__ as cli
+
+    monkeypatch.setenv("RELAY_DEV_CACHE", str(tmp_path))
+    stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    ours = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)", "relay.devtools.services"]
+    )
+    try:
+        for proc in (stranger, ours):
+            cli.state_file().write_text(json.dumps({"pid": proc.pid}))
+            found = cli._running_state()
+            assert (found is not None) == (proc is ours)
+        cli.state_file().write_text(json.dumps({"pid": stranger.pid}))
+        assert cli.main(["down"]) == 0
+        assert stranger.poll() is None  # not signalled
+    finally:
+        for proc in (stranger, ours):
+            proc.kill()
+            proc.wait()

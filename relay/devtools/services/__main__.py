@@ -34,11 +34,24 @@ def export_lines(services: Services) -> str:
 
 
 def _running_state() -> dict[str, object] | None:
-    """The state recorded by a live ``up``, or None (a stale file is ignored)."""
+    """The state recorded by a live ``up``, or None (a stale file is ignored). An ``up`` killed
+    before it removed its file leaves a pid that another process may have by now: on Linux the
+    pid counts only while its command line is still this module's, so that ``down`` never
+    signals a stranger."""
     try:
         state = dict(json.loads(state_file().read_text()))
-        os.kill(int(state["pid"]), 0)
+        pid = int(state["pid"])
+        os.kill(pid, 0)
     except (OSError, ValueError, KeyError, TypeError):
+        return None
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    try:
+        if b"relay.devtools.services" not in cmdline.read_bytes():
+            return None
+    except FileNotFoundError:
+        if Path("/proc/self/cmdline").exists():
+            return None  # the process ended meanwhile
+    except OSError:
         return None
     return state
 
