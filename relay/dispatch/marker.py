@@ -166,16 +166,22 @@ class Marker(Stage):
         for batch, members in quiet.items():
             ordered = sorted(members, key=lambda r: r.effect.id)
             ids = [r.effect.id for r in ordered]
+            types = {r.effect.effect_type for r in ordered}
             params: dict[str, Any] = {
                 "owner": self.who.replica_id,
                 "epoch": self.who.epoch,
                 "batch": batch,
                 "ids": int_array(ids),
-                "types": text_array([r.effect.effect_type for r in ordered]),
                 "partitions": int_array([r.partition for r in ordered]),
                 "offsets": int_array([r.offset for r in ordered]),
             }
-            row = conn.execute(query("mark_quiet_batch"), params).fetchone()
+            if len(types) == 1:
+                params["effect_type"] = types.pop()
+                name = "mark_quiet_batch_of_one_type"
+            else:
+                params["types"] = text_array([r.effect.effect_type for r in ordered])
+                name = "mark_quiet_batch"
+            row = conn.execute(query(name), params).fetchone()
             if row is not None and int(row[0]) == 1:
                 done.update(ids)
         return done

@@ -302,6 +302,32 @@ WITH live AS MATERIALIZED (
 )
 SELECT count(*) FROM live
 
+-- name: mark_quiet_batch_of_one_type
+-- mark_quiet_batch for a batch whose intents are all of one type (a drain's every batch): the
+-- arrays go into the row as they came, in id order, with no unnest, sort and grouping per intent
+-- (that cost about 4.5 us of the server's CPU an intent, most of the marker's work).
+WITH arg AS (
+    SELECT %(ids)s::bigint[] AS ids
+), live AS MATERIALIZED (
+    SELECT b.id, b.claimed_at, a.ids FROM relay.dispatch_batch b, arg a
+    WHERE b.id = %(batch)s AND b.owner = %(owner)s AND b.owner_epoch = %(epoch)s
+      AND b.ids = a.ids
+      AND (b.status_ids = b.ids OR NOT (SELECT c.status_events FROM relay.reconciler_config c))
+      AND NOT EXISTS (SELECT 1 FROM relay.effect_type t
+                      WHERE t.name = %(effect_type)s AND t.result_topic IS NOT NULL)
+    FOR UPDATE OF b
+), published AS (
+    INSERT INTO relay.published_batch (batch_id, effect_type, owner, owner_epoch, claimed_at,
+                                       first_id, last_id, n, ids, partitions, offsets)
+    SELECT l.id, %(effect_type)s, %(owner)s, %(epoch)s, l.claimed_at, l.ids[1],
+           l.ids[cardinality(l.ids)], cardinality(l.ids), l.ids, %(partitions)s::int[],
+           %(offsets)s::bigint[]
+    FROM live l
+), closed AS (
+    DELETE FROM relay.dispatch_batch b USING live l WHERE b.id = l.id
+)
+SELECT count(*) FROM live
+
 -- name: expire_batches
 -- A batch left past its lease (its replica died or hangs), a previous incarnation's, or (after a
 -- reconnect) one of this replica's that no stage holds: its intents may or may not be in Kafka.

@@ -101,6 +101,57 @@ def test_a_published_batch_writes_no_row_per_effect(
             relay.enqueue(conn, "email", "q-7", {"to": "someone else"})
 
 
+def test_a_batch_of_two_quiet_types_is_one_published_batch_row_per_type(
+    settings: Settings, services: Services, prefix: str
+) -> None:
+    """A batch of one type is written as its arrays came (mark_quiet_batch_of_one_type); one that
+    mixes types is split by type (mark_quiet_batch). Both record where each record went."""
+    url = settings.require_database_url()
+    types = {**settings.effect_types, "sms": {"topic": f"{prefix}.sms", "idempotent": True}}
+    mixed = support.make_settings(
+        url, services.kafka_bootstrap_servers, prefix, effect_types=types, status_events=False
+    )
+    support.prepare_database(mixed)
+    with psycopg.connect(url) as conn:
+        relay.enqueue_many(
+            conn,
+            [relay.Intent("email" if i % 3 else "sms", f"m-{i}", {"i": i}) for i in range(30)],
+        )
+        conn.commit()
+    with support.running(Relay(mixed)):
+        support.wait_for(lambda: support.count_states(url) == {"PUBLISHED": 30}, 60, "publication")
+    with psycopg.connect(url) as conn:
+        relay.enqueue_many(conn, [relay.Intent("email", f"o-{i}", {"i": i}) for i in range(10)])
+        conn.commit()
+    with support.running(Relay(mixed)):
+        support.wait_for(lambda: support.count_states(url) == {"PUBLISHED": 40}, 60, "publication")
+    where: dict[str, tuple[int, int]] = {}
+    for topic, n in ((f"{prefix}.emails", 30), (f"{prefix}.sms", 10)):
+        records = support.read_topic(services.kafka_bootstrap_servers, topic, n)
+        assert len(records) == n
+        where.update({r.key.decode(): (r.partition, r.offset) for r in records})
+    with psycopg.connect(url, autocommit=True) as conn:
+        assert conn.execute("SELECT count(*) FROM relay.effect").fetchone() == (0,)
+        rows = conn.execute(
+            "SELECT effect_type, n, first_id, last_id, ids FROM relay.published_batch ORDER BY id"
+        ).fetchall()
+        # The first batch held both types (one row each), the second emails only.
+        assert sorted((str(t), int(n)) for t, n, *_ in rows) == [
+            ("email", 10),
+            ("email", 20),
+            ("sms", 10),
+        ]
+        for _, n, first, last, ids in rows:
+            assert ids == sorted(ids) and (first, last, n) == (ids[0], ids[-1], len(ids))
+        recorded = {
+            str(k): (int(p), int(o))
+            for k, p, o in conn.execute(
+                'SELECT operation_key, partition, "offset" FROM relay.published_effect'
+            ).fetchall()
+        }
+        assert recorded == where
+
+
 def test_what_awaits_a_result_keeps_its_rows_and_status_events_ride_in_the_transaction(
     settings: Settings, services: Services, prefix: str
 ) -> None:
