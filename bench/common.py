@@ -353,6 +353,45 @@ def postgres_cpu_s() -> float | None:
     return total / tick
 
 
+def backend_cpu_s(url: str) -> dict[int, tuple[str, float]] | None:
+    """CPU seconds so far of each live backend of ``url``'s database that the relay opened, by
+    pid: (its role, seconds). The role is the connection's purpose (relay/db.py names each
+    ``relay-<purpose>-<replica>``): "claimer", "marker", "relay", "status", "doorbell". None
+    when the server is not local (no ``/proc`` entry for its backends)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    name = url.rsplit("/", 1)[1].split("?", 1)[0]
+    with psycopg.connect(url, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT pid, application_name FROM pg_stat_activity "
+            "WHERE datname = %s AND application_name LIKE 'relay-%%'",
+            (name,),
+        ).fetchall()
+    found: dict[int, tuple[str, float]] = {}
+    for pid, app in rows:
+        try:
+            raw = Path(f"/proc/{pid}/stat").read_text(encoding="ascii")
+        except OSError:
+            return None
+        fields = raw.rsplit(")", 1)[1].split()
+        role = str(app).removeprefix("relay-").split("-", 1)[0]
+        found[int(pid)] = (role, (int(fields[11]) + int(fields[12])) / tick)
+    return found
+
+
+def cpu_by_role(
+    before: dict[int, tuple[str, float]] | None, after: dict[int, tuple[str, float]] | None
+) -> dict[str, float] | None:
+    """CPU seconds by role between two :func:`backend_cpu_s` snapshots (a backend opened in
+    between counts from zero)."""
+    if before is None or after is None:
+        return None
+    roles: dict[str, float] = {}
+    for pid, (role, seconds) in after.items():
+        start = before.get(pid, (role, 0.0))[1]
+        roles[role] = roles.get(role, 0.0) + seconds - start
+    return roles
+
+
 # -- the read_committed consumer that counts -------------------------------------------------------
 
 

@@ -22,6 +22,8 @@ from bench.common import (
     CpuSampler,
     DaemonProcess,
     KeyCounter,
+    backend_cpu_s,
+    cpu_by_role,
     create_topic,
     delete_topics,
     drop_db,
@@ -75,6 +77,9 @@ class Drained:
     # content goes, the keys stay), then of the purge that forgets the keys (dedupe window 0).
     purge_us: float | None = None
     forget_us: float | None = None
+    # The relay's own backends' share of pg_us, by role ("claimer": the reads and claims,
+    # "marker": the outcomes, "relay", "status", "doorbell"), us per effect; None as pg_us.
+    pg_roles: dict[str, float] | None = None
 
 
 def purge_cost(settings: Settings, n: int, timeout_s: float = 30.0) -> tuple[float, float] | None:
@@ -180,11 +185,13 @@ def relay_drain(
         ]
         started = time.time()
         cpu_before = postgres_cpu_s()
+        backends_before = backend_cpu_s(url)
         relay_cpu = CpuSampler([d.proc.pid for d in daemons])
         try:
             done = counter.wait_for(n, sizes.timeout_s, alive=daemons[0])
             status_at = _status_published(url, sizes.timeout_s) if status_events else None
             cpu_after = postgres_cpu_s()
+            by_role = cpu_by_role(backends_before, backend_cpu_s(url))
             time.sleep(0.05)  # one more sample after the last record
         finally:
             relay_cpu.close()
@@ -217,6 +224,9 @@ def relay_drain(
             proc_us=None if relay_s is None else relay_s * 1e6 / n,
             purge_us=None if purged is None else purged[0],
             forget_us=None if purged is None else purged[1],
+            pg_roles=None
+            if by_role is None
+            else {role: seconds * 1e6 / n for role, seconds in sorted(by_role.items())},
         )
     finally:
         delete_topics(bootstrap, prefix)

@@ -25,7 +25,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
@@ -52,6 +52,7 @@ print("PAIRED " + json.dumps({"rate": r.status_rate if a["status_events"] else r
                               "pg_us": r.pg_us, "relay_us": getattr(r, "proc_us", None),
                               "purge_us": getattr(r, "purge_us", None),
                               "forget_us": getattr(r, "forget_us", None),
+                              "pg_roles": getattr(r, "pg_roles", None),
                               "seen": r.seen, "duplicates": r.duplicates, "note": r.note}),
       flush=True)
 """
@@ -69,6 +70,11 @@ class Drain:
     relay_us: float | None = None
     purge_us: float | None = None
     forget_us: float | None = None
+    # The relay's backends' share of pg_us by role (None from a base whose drain did not split it).
+    pg_roles: Mapping[str, float] | None = None
+
+    def role_us(self, role: str) -> float | None:
+        return None if self.pg_roles is None else self.pg_roles.get(role, 0.0)
 
     def __str__(self) -> str:
         def us(value: float | None) -> str:
@@ -76,6 +82,12 @@ class Drain:
 
         rate = "-" if self.rate is None else f"{self.rate:,.0f}/s"
         text = f"{rate}, PostgreSQL {us(self.pg_us)}, relay {us(self.relay_us)} an effect"
+        if self.pg_roles is not None:
+            text += (
+                " (PostgreSQL for the "
+                + ", ".join(f"{role} {us(self.pg_roles[role])}" for role in sorted(self.pg_roles))
+                + ")"
+            )
         if self.purge_us is not None or self.forget_us is not None:
             text += f"; purge {us(self.purge_us)}, forget {us(self.forget_us)}"
         return text
@@ -107,6 +119,9 @@ def summary(pairs: Sequence[Pair]) -> list[str]:
         (lambda d: d.pg_us, 1),
         (lambda d: d.relay_us, 1),
     ]
+    if any(d.pg_roles is not None for p in pairs for d in p):
+        names += ["claimer PG us", "marker PG us"]
+        figures += [(lambda d: d.role_us("claimer"), 1), (lambda d: d.role_us("marker"), 1)]
     if any(d.purge_us is not None or d.forget_us is not None for p in pairs for d in p):
         names += ["purge PG us", "forget PG us"]
         figures += [(lambda d: d.purge_us, 1), (lambda d: d.forget_us, 1)]
@@ -171,6 +186,7 @@ def drain_in(tree: Path, args: dict[str, Any]) -> Drain:
                 found.get("relay_us"),
                 found.get("purge_us"),
                 found.get("forget_us"),
+                found.get("pg_roles"),
             )
     tail = (done.stderr or done.stdout)[-2000:]
     raise SystemExit(f"the drain in {tree} failed (exit {done.returncode}):\n{tail}")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.common import cpu_by_role
 from bench.paired import Drain, Pair, export_tree, median, parse_args, summary
 
 
@@ -37,6 +38,27 @@ def test_the_purges_get_their_columns_only_when_measured() -> None:
     )
     assert lines[2].endswith("| 32.0 | 8.0 | 0.25 | 20.0 | 5.0 | 0.25 |")
     assert "purge" not in summary([Pair(Drain(1.0, 1.0), Drain(1.0, 1.0))])[0]
+
+
+def test_the_claimers_and_markers_share_of_postgresql_gets_columns_when_split() -> None:
+    base = Drain(4000.0, 40.0, 100.0)  # a base whose drain did not split the server's CPU
+    head = Drain(4000.0, 30.0, 100.0, pg_roles={"claimer": 18.0, "relay": 1.0})
+    lines = summary([Pair(base, head)])
+    assert lines[0].endswith(
+        "| base claimer PG us | head claimer PG us | head/base "
+        "| base marker PG us | head marker PG us | head/base |"
+    )
+    # A role with no backend in the split took nothing; an unsplit side is unknown.
+    assert lines[2].endswith("| - | 18.0 | - | - | 0.0 | - |")
+    assert "(PostgreSQL for the claimer 18.0 us, relay 1.0 us)" in str(head)
+    assert "claimer" not in summary([Pair(base, base)])[0]
+
+
+def test_backend_cpu_is_grouped_by_role_and_a_new_backend_counts_from_zero() -> None:
+    before = {10: ("claimer", 1.0), 11: ("marker", 2.0)}
+    after = {10: ("claimer", 1.5), 11: ("marker", 2.25), 12: ("claimer", 0.5)}
+    assert cpu_by_role(before, after) == {"claimer": 1.0, "marker": 0.25}
+    assert cpu_by_role(None, after) is None
 
 
 def test_median_skips_what_is_unknown() -> None:
