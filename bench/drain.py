@@ -564,7 +564,9 @@ def run(
                 one["none"].pg_us,
                 "us/effect",
                 targets=(PG_CPU_TARGET,),
-                note="" if one["none"].pg_us is not None else "server not local",
+                note=_roles_note(one["none"])
+                if one["none"].pg_us is not None
+                else "server not local",
             )
         )
         figures.append(
@@ -597,6 +599,15 @@ def run(
 
 def _us(value: float | None) -> str:
     return "n/a" if value is None else f"{value:,.1f} us"
+
+
+def _roles_note(drained: Drained) -> str:
+    """The relay's own backends' share of the server's CPU per effect, by role; the rest is
+    the server's other processes (WAL writer, autovacuum) and anything else it ran."""
+    if not drained.pg_roles:
+        return ""
+    shares = [f"{role} {us:.1f}" for role, us in sorted(drained.pg_roles.items()) if us > 0]
+    return "the relay's backends, us/effect: " + ", ".join(shares)
 
 
 def _drain_note(drained: Drained) -> str:

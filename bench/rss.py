@@ -1,5 +1,6 @@
 """(e) Peak resident memory (VmHWM) of each daemon, a ``relay run`` and a ``relay reconcile``
-process, with a small and a large backlog: memory must not grow with the backlog.
+process, with a small and a large backlog: memory must not grow with the backlog. And the CPU an
+idle ``relay run`` takes (an empty outbox), in its own process and in its database backends.
 
 A large backlog is not drained within the run's budget: each daemon works for a bounded window
 on it, and its peak over that window is what is reported (the same window for both sizes).
@@ -11,7 +12,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.common import DaemonProcess, delete_topics, drop_db, fill_backlog
+from bench.common import (
+    DaemonProcess,
+    backend_cpu_s,
+    cpu_by_role,
+    delete_topics,
+    drop_db,
+    fill_backlog,
+    process_cpu_s,
+)
 from bench.reconcile import results_backlog, wire_settings
 from bench.report import Figure, Target
 
@@ -63,6 +72,34 @@ def measure(
         drop_db(server_url, url)
 
 
+def idle_cpu(
+    server_url: str, bootstrap: str, window_s: float, log_dir: Path
+) -> tuple[float | None, float | None]:
+    """Percent of one core taken by an idle ``relay run`` over ``window_s`` after it started: its
+    own process, and its PostgreSQL backends (None for a server elsewhere)."""
+    settings, prefix = wire_settings(server_url, bootstrap, status_events=True)
+    url = settings.require_database_url()
+    try:
+        daemon = DaemonProcess("run", settings, log_dir / f"idle-relay-{prefix}.log")
+        try:
+            time.sleep(3.0)  # past its start-up: imports, connections, the first quiet polls
+            daemon.check_alive()
+            before, backends = process_cpu_s(daemon.proc.pid), backend_cpu_s(url)
+            started = time.monotonic()
+            time.sleep(window_s)
+            after, backends_after = process_cpu_s(daemon.proc.pid), backend_cpu_s(url)
+            span = time.monotonic() - started
+        finally:
+            daemon.stop()
+        own = None if before is None or after is None else 100 * (after - before) / span
+        roles = cpu_by_role(backends, backends_after)
+        server = None if roles is None else 100 * sum(roles.values()) / span
+        return own, server
+    finally:
+        delete_topics(bootstrap, prefix)
+        drop_db(server_url, url)
+
+
 def run(server_url: str, bootstrap: str, sizes: RssSizes, log_dir: Path) -> list[Figure]:
     small = measure(server_url, bootstrap, sizes.small, sizes.window_s, log_dir)
     print(f"  (e) backlog {sizes.small:,}: relay {small[0]:,} KiB, reconciler {small[1]:,} KiB")
@@ -87,4 +124,19 @@ def run(server_url: str, bootstrap: str, sizes: RssSizes, log_dir: Path) -> list
                 note=note,
             )
         )
+    own, server = idle_cpu(server_url, bootstrap, sizes.window_s, log_dir)
+    shown = "-" if own is None else f"{own:.1f} %"
+    print(f"  (e) idle relay: {shown} of a core", flush=True)
+    figures.append(
+        Figure(
+            "e",
+            "CPU of an idle `relay run` (empty outbox, status events on), % of one core",
+            own,
+            "%",
+            note=(
+                f"over {sizes.window_s:g} s after its start-up"
+                + ("" if server is None else f"; its PostgreSQL backends {server:.1f} %")
+            ),
+        )
+    )
     return figures

@@ -15,6 +15,7 @@ import relay
 from relay.config import Settings
 from relay.devtools.services import Services
 from relay.dispatch import transactions
+from relay.dispatch.claimer import doorbell_rang
 from relay.dispatch.daemon import Relay
 from relay.dispatch.stage import Held, Identity
 from relay.dispatch.status_events import StatusPublisher
@@ -136,6 +137,41 @@ def test_the_doorbell_lapses_when_no_relay_rearms_it(settings: Settings) -> None
         relay.enqueue(writer, "email", "ring-2", {"to": "b"}, ordering_group="ring")
         writer.commit()
         assert [n for n in listener.notifies(timeout=1.0, stop_after=1)] == []
+
+
+def test_the_relays_wait_for_a_ring_sees_one_sent_before_or_while_it_waits(
+    settings: Settings,
+) -> None:
+    """The claimer's idle wait (a poll of the socket, then a look without waiting) sees a ring
+    that arrives while it waits, and one that arrived while the connection ran a command, which
+    psycopg keeps aside and the socket no longer shows."""
+    url = settings.require_database_url()
+    with (
+        psycopg.connect(url, autocommit=True) as listener,
+        psycopg.connect(url, autocommit=True) as ringer,
+    ):
+        listener.execute(query("listen_doorbell"))
+        assert not doorbell_rang(listener, 0.05)
+        later = threading.Timer(0.2, lambda: ringer.execute("NOTIFY relay_doorbell"))
+        later.start()
+        try:
+            assert doorbell_rang(listener, 10.0)  # returns at the ring, not after 10 s
+        finally:
+            later.join()
+        assert not doorbell_rang(listener, 0.05)
+        ringer.execute("NOTIFY relay_doorbell")
+        support.wait_for(
+            lambda: listener.execute("SELECT 1").fetchone() == (1,) and _kept_aside(listener),
+            10,
+            "the ring received while the listener ran a command",
+        )
+        assert doorbell_rang(listener, 0.05)
+        assert not doorbell_rang(listener, 0.05)
+
+
+def _kept_aside(conn: psycopg.Connection[Any]) -> bool:
+    """Whether psycopg holds a notification received during a command (its backlog)."""
+    return bool(getattr(conn, "_notifies_backlog", None))
 
 
 class _LosesRecord(StatusPublisher):

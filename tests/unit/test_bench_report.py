@@ -128,3 +128,11 @@ def test_quick_plan_is_smaller_and_knobs_override_it() -> None:
     assert quick.rss.large < full.rss.large and quick.commits.seconds < full.commits.seconds
     with pytest.raises(SystemExit):
         parse_args(["--parts", "az"])
+
+
+def test_the_drains_server_cpu_names_the_relays_backends_that_took_some() -> None:
+    from bench.drain import Drained, _roles_note
+
+    split = Drained(4000.0, 10, 0, 3.0, pg_us=30.0, pg_roles={"claimer": 25.5, "doorbell": 0.0})
+    assert _roles_note(split) == "the relay's backends, us/effect: claimer 25.5"
+    assert _roles_note(Drained(4000.0, 10, 0, 3.0, pg_us=30.0)) == ""
