@@ -353,36 +353,43 @@ def postgres_cpu_s() -> float | None:
     return total / tick
 
 
-def backend_cpu_s(url: str) -> dict[int, tuple[str, float]] | None:
+def backend_cpu_s(url: str) -> dict[tuple[int, str], tuple[str, float]] | None:
     """CPU seconds so far of each live backend of ``url``'s database that the relay opened, by
-    pid: (its role, seconds). The role is the connection's purpose (relay/db.py names each
-    ``relay-<purpose>-<replica>``): "claimer", "marker", "relay", "status", "doorbell". None
-    when the server is not local (no ``/proc`` entry for its backends)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    name = url.rsplit("/", 1)[1].split("?", 1)[0]
+    (pid, start time): (its role, seconds). The role is the connection's purpose (relay/db.py
+    names each ``relay-<purpose>-<replica>``): "claimer", "marker", "relay", "status",
+    "doorbell". Read from ``/proc/<pid>/schedstat`` (nanoseconds; ``stat`` counts 10 ms ticks,
+    0.5 us an effect of a drain of 20,000). None when the server is not local: no such
+    ``postgres`` process here. A backend gone between the query and the read is left out."""
     with psycopg.connect(url, autocommit=True) as conn:
         rows = conn.execute(
-            "SELECT pid, application_name FROM pg_stat_activity "
-            "WHERE datname = %s AND application_name LIKE 'relay-%%'",
-            (name,),
+            "SELECT pid, backend_start::text, application_name FROM pg_stat_activity "
+            "WHERE datname = current_database() AND application_name LIKE 'relay-%%' "
+            "UNION ALL SELECT pg_backend_pid(), '', ''"
         ).fetchall()
-    found: dict[int, tuple[str, float]] = {}
-    for pid, app in rows:
+    found: dict[tuple[int, str], tuple[str, float]] = {}
+    local = False
+    for pid, started, app in rows:
         try:
-            raw = Path(f"/proc/{pid}/stat").read_text(encoding="ascii")
-        except OSError:
-            return None
-        fields = raw.rsplit(")", 1)[1].split()
+            name = Path(f"/proc/{pid}/comm").read_text(encoding="ascii").strip()
+            nanos = int(Path(f"/proc/{pid}/schedstat").read_text(encoding="ascii").split()[0])
+        except (OSError, ValueError, IndexError):
+            continue
+        if name != "postgres":
+            continue
+        if not app:  # this query's own backend: the server is local
+            local = True
+            continue
         role = str(app).removeprefix("relay-").split("-", 1)[0]
-        found[int(pid)] = (role, (int(fields[11]) + int(fields[12])) / tick)
-    return found
+        found[(int(pid), str(started))] = (role, nanos / 1e9)
+    return found if local else None
 
 
 def cpu_by_role(
-    before: dict[int, tuple[str, float]] | None, after: dict[int, tuple[str, float]] | None
+    before: dict[tuple[int, str], tuple[str, float]] | None,
+    after: dict[tuple[int, str], tuple[str, float]] | None,
 ) -> dict[str, float] | None:
     """CPU seconds by role between two :func:`backend_cpu_s` snapshots (a backend opened in
-    between counts from zero)."""
+    between counts from zero; one that ended in between is not counted)."""
     if before is None or after is None:
         return None
     roles: dict[str, float] = {}

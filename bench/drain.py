@@ -184,8 +184,8 @@ def relay_drain(
             for i in range(replicas)
         ]
         started = time.time()
+        backends_before = backend_cpu_s(url)  # first: its connection is not the drain's
         cpu_before = postgres_cpu_s()
-        backends_before = backend_cpu_s(url)
         relay_cpu = CpuSampler([d.proc.pid for d in daemons])
         try:
             done = counter.wait_for(n, sizes.timeout_s, alive=daemons[0])

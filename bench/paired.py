@@ -82,7 +82,7 @@ class Drain:
 
         rate = "-" if self.rate is None else f"{self.rate:,.0f}/s"
         text = f"{rate}, PostgreSQL {us(self.pg_us)}, relay {us(self.relay_us)} an effect"
-        if self.pg_roles is not None:
+        if self.pg_roles:
             text += (
                 " (PostgreSQL for the "
                 + ", ".join(f"{role} {us(self.pg_roles[role])}" for role in sorted(self.pg_roles))

@@ -164,26 +164,10 @@ class Marker(Stage):
         drain."""
         done: set[int] = set()
         for batch, members in quiet.items():
-            ordered = sorted(members, key=lambda r: r.effect.id)
-            ids = [r.effect.id for r in ordered]
-            types = {r.effect.effect_type for r in ordered}
-            params: dict[str, Any] = {
-                "owner": self.who.replica_id,
-                "epoch": self.who.epoch,
-                "batch": batch,
-                "ids": int_array(ids),
-                "partitions": int_array([r.partition for r in ordered]),
-                "offsets": int_array([r.offset for r in ordered]),
-            }
-            if len(types) == 1:
-                params["effect_type"] = types.pop()
-                name = "mark_quiet_batch_of_one_type"
-            else:
-                params["types"] = text_array([r.effect.effect_type for r in ordered])
-                name = "mark_quiet_batch"
+            name, params = quiet_batch_statement(self.who, batch, members)
             row = conn.execute(query(name), params).fetchone()
             if row is not None and int(row[0]) == 1:
-                done.update(ids)
+                done.update(r.effect.id for r in members)
         return done
 
     def _write(
@@ -208,6 +192,30 @@ class Marker(Stage):
             params["batches"] = [r.effect.batch for r in results]
             name = "mark_batch_outcomes"
         return [int(row[0]) for row in conn.execute(query(name), params).fetchall()]
+
+
+def quiet_batch_statement(
+    who: Identity, batch: int, members: Sequence[PublishResult]
+) -> tuple[str, dict[str, Any]]:
+    """The statement that records one quiet batch, and its parameters: the arrays in id order;
+    a batch of one type (a drain's every batch) goes in as its arrays came
+    (``mark_quiet_batch_of_one_type``), one of several types is split by type
+    (``mark_quiet_batch``)."""
+    ordered = sorted(members, key=lambda r: r.effect.id)
+    types = {r.effect.effect_type for r in ordered}
+    params: dict[str, Any] = {
+        "owner": who.replica_id,
+        "epoch": who.epoch,
+        "batch": batch,
+        "ids": int_array([r.effect.id for r in ordered]),
+        "partitions": int_array([r.partition for r in ordered]),
+        "offsets": int_array([r.offset for r in ordered]),
+    }
+    if len(types) == 1:
+        params["effect_type"] = types.pop()
+        return "mark_quiet_batch_of_one_type", params
+    params["types"] = text_array([r.effect.effect_type for r in ordered])
+    return "mark_quiet_batch", params
 
 
 def quiet_batches(

@@ -312,6 +312,9 @@ WITH arg AS (
     SELECT b.id, b.claimed_at, a.ids FROM relay.dispatch_batch b, arg a
     WHERE b.id = %(batch)s AND b.owner = %(owner)s AND b.owner_epoch = %(epoch)s
       AND b.ids = a.ids
+      -- The three arrays side by side (the ids' order is the batch's, checked just above).
+      AND cardinality(%(partitions)s::int[]) = cardinality(a.ids)
+      AND cardinality(%(offsets)s::bigint[]) = cardinality(a.ids)
       AND (b.status_ids = b.ids OR NOT (SELECT c.status_events FROM relay.reconciler_config c))
       AND NOT EXISTS (SELECT 1 FROM relay.effect_type t
                       WHERE t.name = %(effect_type)s AND t.result_topic IS NOT NULL)

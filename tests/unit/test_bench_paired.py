@@ -55,9 +55,14 @@ def test_the_claimers_and_markers_share_of_postgresql_gets_columns_when_split() 
 
 
 def test_backend_cpu_is_grouped_by_role_and_a_new_backend_counts_from_zero() -> None:
-    before = {10: ("claimer", 1.0), 11: ("marker", 2.0)}
-    after = {10: ("claimer", 1.5), 11: ("marker", 2.25), 12: ("claimer", 0.5)}
-    assert cpu_by_role(before, after) == {"claimer": 1.0, "marker": 0.25}
+    before = {(10, "t0"): ("claimer", 1.0), (11, "t0"): ("marker", 2.0), (13, "t0"): ("relay", 9.0)}
+    after = {
+        (10, "t0"): ("claimer", 1.5),
+        (11, "t0"): ("marker", 2.25),
+        (12, "t1"): ("claimer", 0.5),
+        (13, "t2"): ("relay", 0.75),  # pid 13 reused by a new backend: counted from zero
+    }
+    assert cpu_by_role(before, after) == {"claimer": 1.0, "marker": 0.25, "relay": 0.75}
     assert cpu_by_role(None, after) is None
 
 

@@ -10,6 +10,7 @@ from relay.config import Settings
 from relay.dispatch.marker import (
     gave_up,
     not_sent_delay,
+    quiet_batch_statement,
     quiet_batches,
     reason_of,
     state_after,
@@ -17,6 +18,7 @@ from relay.dispatch.marker import (
 )
 from relay.dispatch.outcomes import AttemptOutcome
 from relay.dispatch.publisher import ClaimedEffect, PublishResult
+from relay.dispatch.stage import Identity
 from relay.states import EffectState
 
 SETTINGS = Settings(max_publish_attempts=3, not_sent_backoff_s=1.0, not_sent_backoff_max_s=8.0)
@@ -181,3 +183,33 @@ def test_a_batch_is_quiet_only_whole_acknowledged_and_awaiting_nothing() -> None
     assert {b: [r.effect.id for r in m] for b, m in quiet_batches(loud, in_txn).items()} == {
         1: [1, 2]
     }
+
+
+def test_a_quiet_batch_of_one_type_takes_the_statement_without_per_intent_work() -> None:
+    who = Identity("r", 7)
+    # Out of id order on purpose: the arrays go in id order, side by side.
+    members = [_in_batch("email", 3, i, AttemptOutcome.ACKED) for i in (12, 10, 11)]
+    placed = zip(members, (2, 0, 1), strict=True)
+    members = [m._replace(partition=p, offset=100 + p) for m, p in placed]
+    name, params = quiet_batch_statement(who, 3, members)
+    assert name == "mark_quiet_batch_of_one_type"
+    assert (params["effect_type"], params["owner"], params["epoch"], params["batch"]) == (
+        "email",
+        "r",
+        7,
+        3,
+    )
+    assert (params["ids"], params["partitions"], params["offsets"]) == (
+        "{10,11,12}",
+        "{0,1,2}",
+        "{100,101,102}",
+    )
+    assert "types" not in params
+    mixed = [*members, _in_batch("sms", 3, 9, AttemptOutcome.ACKED)]
+    name, params = quiet_batch_statement(who, 3, mixed)
+    assert name == "mark_quiet_batch"
+    assert (params["ids"], params["types"]) == (
+        "{9,10,11,12}",
+        '{"sms","email","email","email"}',
+    )
+    assert "effect_type" not in params
