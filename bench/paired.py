@@ -42,14 +42,14 @@ import json, sys
 from pathlib import Path
 import bench.drain as D
 a = json.loads(sys.argv[1])
-# Passed only when asked: a base's own bench (--base-bench) may predate the argument.
-more = {"purge": True} if a["purge"] else {}
+# Passed only when asked: a base's own bench (--base-bench) may predate the arguments.
+more = {k: True for k in ("purge", "status_events") if a[k]}
 r = D.relay_drain(a["url"], a["bootstrap"], D.DrainSizes(effects=a["effects"]),
                   payload_bytes=a["payload_bytes"], replicas=a["replicas"], codec="none",
-                  log_dir=Path(a["log_dir"]), groups=a["groups"],
-                  status_events=a["status_events"], **more)
+                  log_dir=Path(a["log_dir"]), groups=a["groups"], **more)
 print("PAIRED " + json.dumps({"rate": r.status_rate if a["status_events"] else r.rate,
-                              "pg_us": r.pg_us, "relay_us": getattr(r, "proc_us", None),
+                              "pg_us": getattr(r, "pg_us", None),
+                              "relay_us": getattr(r, "proc_us", None),
                               "purge_us": getattr(r, "purge_us", None),
                               "forget_us": getattr(r, "forget_us", None),
                               "pg_roles": getattr(r, "pg_roles", None),

@@ -38,6 +38,16 @@ def _inserted(url: str) -> dict[str, int]:
     return {str(name): int(n) for name, n in rows}
 
 
+def _recorded_positions(conn: psycopg.Connection[Any]) -> dict[str, tuple[int, int]]:
+    """Where the database says each published intent's record went: key -> (partition, offset)."""
+    return {
+        str(k): (int(p), int(o))
+        for k, p, o in conn.execute(
+            'SELECT operation_key, partition, "offset" FROM relay.published_effect'
+        ).fetchall()
+    }
+
+
 def _quiet(settings: Settings) -> Settings:
     return settings.model_copy(update={"status_events": False})
 
@@ -61,13 +71,7 @@ def test_a_published_batch_writes_no_row_per_effect(
     assert len(records) == 301 and sorted(where) == sorted(keys)
     with psycopg.connect(url, autocommit=True) as conn:
         assert conn.execute("SELECT count(*) FROM relay.dispatch_batch").fetchone() == (0,)
-        recorded = {
-            str(k): (int(p), int(o))
-            for k, p, o in conn.execute(
-                'SELECT operation_key, partition, "offset" FROM relay.published_effect'
-            ).fetchall()
-        }
-        assert recorded == where
+        assert _recorded_positions(conn) == where
         # What an application, `relay show`, `stats` and `list` see.
         shown = relay.get_effect(conn, "q-7")
         assert shown is not None and shown.state is relay.EffectState.PUBLISHED
@@ -143,13 +147,7 @@ def test_a_batch_of_two_quiet_types_is_one_published_batch_row_per_type(
         ]
         for _, n, first, last, ids in rows:
             assert ids == sorted(ids) and (first, last, n) == (ids[0], ids[-1], len(ids))
-        recorded = {
-            str(k): (int(p), int(o))
-            for k, p, o in conn.execute(
-                'SELECT operation_key, partition, "offset" FROM relay.published_effect'
-            ).fetchall()
-        }
-        assert recorded == where
+        assert _recorded_positions(conn) == where
 
 
 def test_what_awaits_a_result_keeps_its_rows_and_status_events_ride_in_the_transaction(
