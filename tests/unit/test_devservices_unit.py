@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import socket
 import stat
+import time
 from pathlib import Path
 from typing import ClassVar
 
@@ -324,6 +325,13 @@ def test_down_never_signals_a_process_that_took_a_stale_pid(
         [sys.executable, "-c", "import time; time.sleep(60)", "relay.devtools.services"]
     )
     try:
+        for proc in (stranger, ours):
+            # Popen returns once exec has begun; the kernel shows the new command line a moment
+            # later (CI once read it empty): wait for it, as a stale pid would long have it.
+            shown = Path(f"/proc/{proc.pid}/cmdline")
+            deadline = time.monotonic() + 10
+            while b"time.sleep(60)" not in shown.read_bytes() and time.monotonic() < deadline:
+                time.sleep(0.01)
         for proc in (stranger, ours):
             cli.state_file().write_text(json.dumps({"pid": proc.pid}))
             found = cli._running_state()
