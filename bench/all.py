@@ -139,6 +139,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                 drain_rate = 5000.0
                 notes.append("(c) loads are fractions of an assumed drain rate of 5,000/s")
             figures += latency.run(url, bootstrap, plan.latency, drain_rate, log_dir)
+            notes.append(
+                "(c) the latency's ceiling is a floor: the relay's producer alone (its "
+                "configuration, records and headers, one transaction at a time) on the same "
+                "schedule, no database; its ratio is the relay's latency over the floor's"
+            )
         if "d" in args.parts:
             figures += reconcile.run(url, bootstrap, plan.reconcile, log_dir)
         if "e" in args.parts:

@@ -11,10 +11,12 @@ import multiprocessing as mp
 import time
 import uuid
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import psycopg
+from kafka import KafkaProducer
 
 import relay
 from bench.common import (
@@ -25,12 +27,16 @@ from bench.common import (
     drop_db,
     fresh_db,
     payload,
+    payload_text,
     prepare,
     settings_for,
 )
 from bench.report import Figure, Target, latency_summary
+from relay.headers import dispatch_headers
+from relay.kafka_client import producer_config
 
 LATE_MS = 10.0  # a send this far behind its schedule is counted as late
+FLOOR_NAME = "floor: the relay's producer alone"
 
 
 @dataclass(frozen=True)
@@ -71,6 +77,118 @@ def _load(
             conn.commit()
             sent.append((key, time.time(), late_ms))
     out.put(sent)
+
+
+def _bare_open_loop(
+    config: dict[str, Any],
+    topic: str,
+    total: int,
+    rate: float,
+    size: int,
+    source: str,
+    gate: Any,
+    go: Any,
+    out: Any,
+) -> None:
+    """In its own process: the relay's producer and records on the same schedule as the writers,
+    one transaction at a time as the relay's publisher sends them. Whatever fell due while a
+    transaction was in flight goes out in the next one. No database: the floor that Kafka
+    transactions and kafka-python set under the relay's latency on this machine."""
+    producer = KafkaProducer(**config)
+    producer.init_transactions()
+    producer.partitions_for(topic)
+    value = payload_text(0, size)
+    created = datetime.now(UTC)
+    gate.put(0)
+    t0 = float(go.get())
+    sent: list[tuple[str, float, float]] = []
+    done = 0
+    while done < total:
+        now = time.time()
+        due = min(total, math.floor((now - t0) * rate) + 1)  # slot i is due at t0 + i / rate
+        if due <= done:
+            time.sleep(max(0.0, t0 + done / rate - now))
+            continue
+        producer.begin_transaction()
+        for i in range(done, due):
+            headers = dispatch_headers(
+                effect_id=i + 1,
+                effect_type="bench",
+                attempt=1,
+                created_at=created,
+                source=source,
+                business_key=None,
+                traceparent=None,
+            )
+            producer.send(topic, key=f"L-{i}".encode(), value=value, headers=headers)
+            sent.append((f"L-{i}", t0 + i / rate, 0.0))
+        producer.commit_transaction()
+        done = due
+    out.put(sent)
+    producer.close()
+
+
+def measure_floor(
+    server_url: str, bootstrap: str, sizes: LatencySizes, rate: float
+) -> dict[str, float]:
+    """Latency from each record's due time to the same read_committed consumer, for
+    :func:`_bare_open_loop` at ``rate``: the ceiling the relay's figure is read against."""
+    prefix = uuid.uuid4().hex[:8]
+    settings = settings_for(server_url, bootstrap, prefix, status_events=False)
+    topic = f"{prefix}.floor"
+    total = max(1, int(rate * sizes.seconds))
+    try:
+        create_topic(bootstrap, topic)
+        counter = KeyCounter(bootstrap, topic)
+        ctx = mp.get_context("spawn")
+        gate: Any = ctx.Queue()
+        go: Any = ctx.Queue()
+        results: Any = ctx.Queue()
+        config = producer_config(settings, f"bench-floor-{prefix}")
+        proc = ctx.Process(
+            target=_bare_open_loop,
+            args=(
+                config,
+                topic,
+                total,
+                rate,
+                sizes.payload_bytes,
+                settings.cloudevents_source,
+                gate,
+                go,
+                results,
+            ),
+        )
+        proc.start()
+        try:
+            gate.get(timeout=120)
+            time.sleep(1.0)  # idle first, as the relay is before its load
+            go.put(time.time() + 0.2)
+            sent: list[tuple[str, float, float]] = results.get(timeout=sizes.seconds + 120)
+            counter.wait_for(total, 60)
+        finally:
+            proc.join(30)
+            counter.close()
+        return _summary(sent, counter.first_seen, rate, writers=0)
+    finally:
+        delete_topics(bootstrap, prefix)
+
+
+def _summary(
+    sent: list[tuple[str, float, float]], seen: dict[bytes, float], rate: float, *, writers: int
+) -> dict[str, float]:
+    ms = [(seen[k.encode()] - at) * 1000 for k, at, _ in sent if k.encode() in seen]
+    if not ms:
+        raise RuntimeError(f"no record of the load at {rate:.0f}/s reached the consumer")
+    summary = latency_summary(ms)
+    summary["offered_per_s"] = rate
+    summary["achieved_per_s"] = len(sent) / max(
+        1e-6, max(a for _, a, _ in sent) - min(a for _, a, _ in sent)
+    )
+    summary["late_sends"] = float(sum(1 for _, _, late in sent if late > LATE_MS))
+    summary["missing"] = float(len(sent) - len(ms))
+    summary["writers"] = float(writers)
+    return summary
 
 
 def measure(
@@ -121,19 +239,7 @@ def measure(
         finally:
             daemon.stop()
             counter.close()
-        seen = counter.first_seen
-        ms = [(seen[k.encode()] - at) * 1000 for k, at, _ in sent if k.encode() in seen]
-        if not ms:
-            raise RuntimeError(f"no record of the load at {rate:.0f}/s reached the consumer")
-        summary = latency_summary(ms)
-        summary["offered_per_s"] = rate
-        summary["achieved_per_s"] = len(sent) / max(
-            1e-6, max(a for _, a, _ in sent) - min(a for _, a, _ in sent)
-        )
-        summary["late_sends"] = float(sum(1 for _, _, late in sent if late > LATE_MS))
-        summary["missing"] = float(len(sent) - len(ms))
-        summary["writers"] = float(writers)
-        return summary
+        return _summary(sent, counter.first_seen, rate, writers=writers)
     finally:
         delete_topics(bootstrap, prefix)
         drop_db(server_url, url)
@@ -155,12 +261,21 @@ def run(
     figures: list[Figure] = []
     for label, rate in loads:
         s = measure(server_url, bootstrap, sizes, rate, log_dir)
+        floor = (
+            measure_floor(server_url, bootstrap, sizes, rate) if rate in sizes.fixed_rates else None
+        )
         print(
             f"  (c) {label}: p50 {s['p50']:.1f} ms, p99 {s['p99']:.1f} ms, "
             f"p99.9 {s['p99.9']:.1f} ms ({int(s['count'])} intents, "
             f"{int(s['late_sends'])} sent late)",
             flush=True,
         )
+        if floor is not None:
+            print(
+                f"  (c) {label}, floor (the relay's producer and records, no database): "
+                f"p50 {floor['p50']:.1f} ms, p99 {floor['p99']:.1f} ms",
+                flush=True,
+            )
         note = (
             f"p50 {s['p50']:.1f}, p99.9 {s['p99.9']:.1f}, max {s['max']:.0f} ms; "
             f"{int(s['count'])} intents, {int(s['late_sends'])} sent > {LATE_MS:.0f} ms late"
@@ -176,13 +291,23 @@ def run(
                 f"p99 enqueue-to-consumer at {label}",
                 s["p99"],
                 "ms",
+                ceiling=floor["p99"] if floor else None,
+                ceiling_name=FLOOR_NAME if floor else "",
                 targets=p99_targets,
                 note=note,
-                extra=s,
+                extra={**s, "floor": floor} if floor else s,
             )
         )
         p50_targets = (Target("value", "<=", 10.0),) if p99_targets else ()
         figures.append(
-            Figure("c", f"p50 enqueue-to-consumer at {label}", s["p50"], "ms", targets=p50_targets)
+            Figure(
+                "c",
+                f"p50 enqueue-to-consumer at {label}",
+                s["p50"],
+                "ms",
+                ceiling=floor["p50"] if floor else None,
+                ceiling_name=FLOOR_NAME if floor else "",
+                targets=p50_targets,
+            )
         )
     return figures
