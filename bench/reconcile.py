@@ -31,6 +31,7 @@ from bench.common import (
     fill_backlog,
     fresh_db,
     prepare,
+    process_cpu_s,
     settings_for,
 )
 from bench.report import Figure, Target
@@ -119,32 +120,41 @@ def committed_total(admin: KafkaAdminClient, group: str) -> int:
 
 def reconciler_rate(
     settings: Settings, bootstrap: str, n: int, timeout_s: float, log_dir: Path
-) -> tuple[float | None, str]:
+) -> tuple[float | None, str, float | None]:
+    """Results a second from the first committed offset to the last, the note, and the
+    reconciler process's CPU per result over that window (us; None if it could not be read)."""
     admin = KafkaAdminClient(bootstrap_servers=bootstrap.split(","))
     daemon = DaemonProcess("reconcile", settings, log_dir / f"reconcile-{settings.replica_id}.log")
     spawned = time.monotonic()
-    first: tuple[float, int] | None = None
-    done, now = 0, spawned
+    first: tuple[float, int, float | None] | None = None
+    done, now, cpu_end = 0, spawned, None
     try:
         deadline = spawned + timeout_s
         while time.monotonic() < deadline:
             daemon.check_alive()
             done = committed_total(admin, settings.reconcile_group_id)
             now = time.monotonic()
+            cpu_now = process_cpu_s(daemon.proc.pid)
             if done and first is None:
-                first = (now, done)
+                first = (now, done, cpu_now)
             if done >= n:
+                cpu_end = cpu_now
                 break
             time.sleep(0.1)
     finally:
         daemon.stop()
         admin.close()
     if done < n:
-        return None, f"timed out after {timeout_s:.0f} s at {done} results"
+        return None, f"timed out after {timeout_s:.0f} s at {done} results", None
     assert first is not None
     if first[1] >= n or now - first[0] < 0.5:
-        return n / (now - spawned), "start-up and group join included"
-    return (n - first[1]) / (now - first[0]), ""
+        return n / (now - spawned), "start-up and group join included", None
+    cpu_us = (
+        (cpu_end - first[2]) * 1e6 / (n - first[1])
+        if cpu_end is not None and first[2] is not None
+        else None
+    )
+    return (n - first[1]) / (now - first[0]), "", cpu_us
 
 
 def run(server_url: str, bootstrap: str, sizes: ReconcileSizes, log_dir: Path) -> list[Figure]:
@@ -158,12 +168,14 @@ def run(server_url: str, bootstrap: str, sizes: ReconcileSizes, log_dir: Path) -
             if bare is None:
                 bare = bare_consumer_rate(bootstrap, result_topic(settings), n)
                 print(f"  (d) bare read_committed consumer: {bare:,.0f} records/s", flush=True)
-            rate, note = reconciler_rate(settings, bootstrap, n, sizes.timeout_s, log_dir)
+            rate, note, cpu_us = reconciler_rate(settings, bootstrap, n, sizes.timeout_s, log_dir)
         finally:
             delete_topics(bootstrap, prefix)
             drop_db(server_url, settings.require_database_url())
         name = f"reconciler, backlog of {n:,} results, status events {'on' if status else 'off'}"
-        print(f"  (d) {name}: {rate or 0:,.0f} results/s", flush=True)
+        cpu = f"{cpu_us:.0f} us of the reconciler's CPU a result" if cpu_us else ""
+        print(f"  (d) {name}: {rate or 0:,.0f} results/s {cpu}".rstrip(), flush=True)
+        note = "; ".join(part for part in (note, cpu) if part)
         figures.append(
             Figure(
                 "d",

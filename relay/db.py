@@ -9,6 +9,7 @@ from typing import Any
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
+from psycopg.types.array import ListBinaryDumper
 
 from relay.config import Settings
 from relay.errors import ServiceUnavailableError
@@ -36,6 +37,11 @@ def connect(
             keepalives_count=3,
             tcp_user_timeout=30_000,
         )
+        # Lists as binary arrays: psycopg writes a text array element by element in Python
+        # (escaping and quoting), 9.8 us an element of bytea and 1.9 of text, against about 1
+        # in binary. The reconciler passes eleven arrays a result record, the marker three an
+        # effect. Every statement casts its array parameters to the type it needs.
+        conn.adapters.register_dumper(list, ListBinaryDumper)
         # Short statements over many rows whose estimates can look big: JIT compilation would
         # cost milliseconds every time and save nothing.
         conn.execute("SET jit = off")
