@@ -24,7 +24,9 @@ from kafka.admin import KafkaAdminClient
 
 from bench.common import (
     DaemonProcess,
+    backend_cpu_s,
     bare_consumer_rate,
+    cpu_by_role,
     create_topic,
     delete_topics,
     drop_db,
@@ -118,15 +120,26 @@ def committed_total(admin: KafkaAdminClient, group: str) -> int:
     return sum(max(0, int(meta.offset)) for meta in offsets.values())
 
 
+@dataclass(frozen=True)
+class Reconciled:
+    """Results a second from the first committed offset to the last, and over that window the
+    reconciler process's CPU and its PostgreSQL backends' a result (us; None if not read)."""
+
+    rate: float | None
+    note: str = ""
+    cpu_us: float | None = None
+    pg_us: float | None = None
+
+
 def reconciler_rate(
     settings: Settings, bootstrap: str, n: int, timeout_s: float, log_dir: Path
-) -> tuple[float | None, str, float | None]:
-    """Results a second from the first committed offset to the last, the note, and the
-    reconciler process's CPU per result over that window (us; None if it could not be read)."""
+) -> Reconciled:
     admin = KafkaAdminClient(bootstrap_servers=bootstrap.split(","))
     daemon = DaemonProcess("reconcile", settings, log_dir / f"reconcile-{settings.replica_id}.log")
+    url = settings.require_database_url()
     spawned = time.monotonic()
     first: tuple[float, int, float | None] | None = None
+    backends_first = backends_end = None
     done, now, cpu_end = 0, spawned, None
     try:
         deadline = spawned + timeout_s
@@ -137,24 +150,29 @@ def reconciler_rate(
             cpu_now = process_cpu_s(daemon.proc.pid)
             if done and first is None:
                 first = (now, done, cpu_now)
+                backends_first = backend_cpu_s(url)
             if done >= n:
                 cpu_end = cpu_now
+                backends_end = backend_cpu_s(url)
                 break
             time.sleep(0.1)
     finally:
         daemon.stop()
         admin.close()
     if done < n:
-        return None, f"timed out after {timeout_s:.0f} s at {done} results", None
+        return Reconciled(None, f"timed out after {timeout_s:.0f} s at {done} results")
     assert first is not None
     if first[1] >= n or now - first[0] < 0.5:
-        return n / (now - spawned), "start-up and group join included", None
+        return Reconciled(n / (now - spawned), "start-up and group join included")
+    applied = n - first[1]
     cpu_us = (
-        (cpu_end - first[2]) * 1e6 / (n - first[1])
+        (cpu_end - first[2]) * 1e6 / applied
         if cpu_end is not None and first[2] is not None
         else None
     )
-    return (n - first[1]) / (now - first[0]), "", cpu_us
+    roles = cpu_by_role(backends_first, backends_end)
+    pg_us = roles["reconciler"] * 1e6 / applied if roles and "reconciler" in roles else None
+    return Reconciled(applied / (now - first[0]), "", cpu_us, pg_us)
 
 
 def run(server_url: str, bootstrap: str, sizes: ReconcileSizes, log_dir: Path) -> list[Figure]:
@@ -168,14 +186,18 @@ def run(server_url: str, bootstrap: str, sizes: ReconcileSizes, log_dir: Path) -
             if bare is None:
                 bare = bare_consumer_rate(bootstrap, result_topic(settings), n)
                 print(f"  (d) bare read_committed consumer: {bare:,.0f} records/s", flush=True)
-            rate, note, cpu_us = reconciler_rate(settings, bootstrap, n, sizes.timeout_s, log_dir)
+            got = reconciler_rate(settings, bootstrap, n, sizes.timeout_s, log_dir)
         finally:
             delete_topics(bootstrap, prefix)
             drop_db(server_url, settings.require_database_url())
         name = f"reconciler, backlog of {n:,} results, status events {'on' if status else 'off'}"
-        cpu = f"{cpu_us:.0f} us of the reconciler's CPU a result" if cpu_us else ""
+        cpu = ", ".join(
+            f"CPU {where} {us:.0f} us a result"
+            for where, us in (("in the reconciler", got.cpu_us), ("in its backends", got.pg_us))
+            if us is not None
+        )
+        rate, note = got.rate, "; ".join(part for part in (got.note, cpu) if part)
         print(f"  (d) {name}: {rate or 0:,.0f} results/s {cpu}".rstrip(), flush=True)
-        note = "; ".join(part for part in (note, cpu) if part)
         figures.append(
             Figure(
                 "d",
