@@ -153,8 +153,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                 f"{plan.rss.large:,} is not drained in that window; the peak over it is reported"
             )
     notes.append(
-        "(b)-(e) run with status events off; (d) also reports them on. Effects of (d)/(e) are "
-        "moved to PUBLISHED in one statement instead of being drained by the relay first"
+        "(b)-(e) run with status events off; (d) also reports them on. The effects of (d) are "
+        "published by the relay before the reconciler starts; in (e) the reconciler reads results "
+        "of the effects the relay published in its window, and of the rest (quarantined: no effect)"
     )
     meta["sizes"] = {
         "commits": vars(plan.commits),

@@ -1,11 +1,10 @@
 """(d) The reconciler draining a backlog of results, against a bare read_committed consumer.
 
 The backlog: N intents of an effect type with a result topic, written by ``relay.enqueue``
-(:func:`bench.common.fill_backlog`), moved to PUBLISHED in one statement instead of being
-drained by the relay first (draining 100,000 would cost the run minutes; the reconciler reads only
-the state and attempt count), and one "committed" result per effect on the result topic. Progress
-is read from the consumer group's committed offsets, which the reconciler commits only after the
-database transaction that applied the records.
+(:func:`bench.common.fill_backlog`) and published by ``relay run`` before the reconciler starts,
+and one "committed" result per effect on the result topic: every result confirms its effect.
+Progress is read from the consumer group's committed offsets, which the reconciler commits only
+after the database transaction that applied the records.
 """
 
 from __future__ import annotations
@@ -39,13 +38,9 @@ from bench.common import (
 from bench.report import Figure, Target
 from relay.config import Settings
 
-# The one statement of the benchmark that knows the relay's table: what the relay's mark does to
-# an effect it published (state, attempts, the outcome deadline of a type with a result topic).
-_PUBLISH_IN_PLACE = """
-UPDATE relay.effect SET state = 'PUBLISHED', attempts = 1, published_at = now(),
-    outcome_deadline = now() + interval '1 hour', updated_at = now()
-WHERE effect_type = 'wire' AND state = 'PENDING'
-"""
+# What the relay leaves behind for an effect whose type awaits a result: its effect row,
+# PUBLISHED (the intake has no state: an intent not read yet has no effect row).
+_PUBLISHED = "SELECT count(*) FROM relay.effect WHERE effect_type = 'wire' AND state = 'PUBLISHED'"
 
 
 @dataclass(frozen=True)
@@ -93,14 +88,45 @@ def _produce_results(bootstrap: str, topic: str, n: int) -> None:
     producer.close()
 
 
-def publish_in_place(url: str) -> None:
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute(_PUBLISH_IN_PLACE)
+def publish_by_relay(settings: Settings, n: int, timeout_s: float, log_dir: Path) -> float:
+    """``relay run`` publishes the backlog, so that the reconciler finds every effect as the relay
+    leaves it: PUBLISHED, awaiting its result. Returns the seconds it took.
+
+    Until this existed the backlog was moved to PUBLISHED by an UPDATE of ``relay.effect``; since
+    enqueue writes the intake (issue 19) that statement found no row, and every result was
+    quarantined as naming no effect: the reconciler's figure measured that path instead."""
+    url = settings.require_database_url()
+    started = time.monotonic()
+    daemon = DaemonProcess("run", settings, log_dir / f"reconcile-relay-{settings.replica_id}.log")
+    try:
+        with psycopg.connect(url, autocommit=True) as conn:
+            while True:
+                daemon.check_alive()
+                row = conn.execute(_PUBLISHED).fetchone()
+                if row is not None and int(row[0]) >= n:
+                    return time.monotonic() - started
+                if time.monotonic() - started > timeout_s:
+                    raise RuntimeError(
+                        f"the relay published {row[0] if row else 0} of {n} wires "
+                        f"within {timeout_s:.0f} s"
+                    )
+                time.sleep(0.2)
+    finally:
+        daemon.stop()
 
 
-def results_backlog(settings: Settings, bootstrap: str, n: int, *, fill: bool = True) -> None:
-    """N PUBLISHED wire effects (keys w-<i>) and one committed result for each in the topic;
-    the results are produced by another process while the database works."""
+def results_backlog(
+    settings: Settings,
+    bootstrap: str,
+    n: int,
+    *,
+    fill: bool = True,
+    publish: tuple[float, Path] | None = None,
+) -> None:
+    """One committed result for each of N wire effects (keys w-<i>) in the result topic, produced
+    by another process while the database works; with ``fill``, the N intents are enqueued first;
+    with ``publish`` (a timeout and a log directory), the relay publishes them before this returns
+    (:func:`publish_by_relay`)."""
     url = settings.require_database_url()
     topic = result_topic(settings)
     create_topic(bootstrap, topic)
@@ -109,7 +135,9 @@ def results_backlog(settings: Settings, bootstrap: str, n: int, *, fill: bool = 
     producer.start()
     if fill:
         fill_backlog(url, "wire", n, 64, "w-")
-    publish_in_place(url)
+    if publish is not None:
+        create_topic(bootstrap, settings.effect_types["wire"].topic)
+        publish_by_relay(settings, n, *publish)
     producer.join()
     if producer.exitcode != 0:
         raise RuntimeError(f"producing {n} results failed (exit {producer.exitcode})")
@@ -182,7 +210,7 @@ def run(server_url: str, bootstrap: str, sizes: ReconcileSizes, log_dir: Path) -
     for status in sizes.status_events:
         settings, prefix = wire_settings(server_url, bootstrap, status)
         try:
-            results_backlog(settings, bootstrap, n)
+            results_backlog(settings, bootstrap, n, publish=(sizes.timeout_s, log_dir))
             if bare is None:
                 bare = bare_consumer_rate(bootstrap, result_topic(settings), n)
                 print(f"  (d) bare read_committed consumer: {bare:,.0f} records/s", flush=True)
