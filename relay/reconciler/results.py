@@ -13,6 +13,7 @@ of a CONFIRMED effect) is compensated at once.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -202,6 +203,21 @@ def apply_results(
     return verdicts
 
 
+def move_waves(moves: Sequence[Move]) -> list[list[Move]]:
+    """The moves in waves that each name an effect at most once, in order: a move goes to the
+    first wave without its effect, so an effect's second move is written after its first."""
+    waves: list[tuple[list[Move], set[int]]] = []
+    for m in moves:
+        for wave, ids in waves:
+            if m.effect_id not in ids:
+                wave.append(m)
+                ids.add(m.effect_id)
+                break
+        else:
+            waves.append(([m], {m.effect_id}))
+    return [wave for wave, _ in waves]
+
+
 @dataclass
 class _Writer:
     """What :func:`apply_results` knows without asking again: its effects, locked up front and
@@ -212,6 +228,7 @@ class _Writer:
     effects: dict[str, LockedEffect]
     waiting: dict[int, int]  # effect id -> its first deferred evidence id outside this call
     deferred: set[int] = field(default_factory=set)  # effects deferred during this call
+    keys: dict[int, str] = field(default_factory=dict)  # effect id -> its key in ``effects``
     moves: list[Move] = field(default_factory=list)
     adopted: list[tuple[int, str]] = field(default_factory=list)
     finished: list[tuple[int, Verdict]] = field(default_factory=list)
@@ -241,7 +258,12 @@ class _Writer:
                 "applying": [s.evidence_id for s in stored],
             },
         ).fetchall()
-        return cls(settings, effects, {int(r[0]): int(r[1]) for r in rows})
+        return cls(
+            settings,
+            effects,
+            {int(r[0]): int(r[1]) for r in rows},
+            keys={e.id: key for key, e in effects.items()},
+        )
 
     def decide(self, item: StoredResult) -> Decision:
         effect = self.effects.get(item.message.operation_key)
@@ -282,31 +304,26 @@ class _Writer:
     def _change(
         self, effect_id: int, *, state: EffectState | None = None, external_id: str | None
     ) -> None:
-        for key, effect in self.effects.items():
-            if effect.id == effect_id:
-                self.effects[key] = replace(
-                    effect,
-                    state=effect.state if state is None else state,
-                    external_id=external_id or effect.external_id,
-                )
-                return
+        key = self.keys.get(effect_id)
+        effect = self.effects.get(key) if key is not None else None
+        if key is None or effect is None or effect.id != effect_id:
+            return  # not an effect of this call (or its key now holds another, reloaded)
+        self.effects[key] = replace(
+            effect,
+            state=effect.state if state is None else state,
+            external_id=external_id or effect.external_id,
+        )
 
     def reload(self, conn: psycopg.Connection[Any], operation_key: str) -> None:
         effect = lock_effect(conn, operation_key)
         if effect is not None:
             self.effects[operation_key] = effect
+            self.keys[effect.id] = operation_key
 
     def write(self, conn: psycopg.Connection[Any], actor: str) -> None:
         """Write what was collected: the moves one statement per wave (an effect moved twice
         has its second move in the second wave), the adopted ids, the verdicts in one."""
-        waves: list[list[Move]] = []
-        for m in self.moves:
-            for wave in waves:
-                if all(w.effect_id != m.effect_id for w in wave):
-                    wave.append(m)
-                    break
-            else:
-                waves.append([m])
+        waves = move_waves(self.moves)
         for wave in waves:
             rows = conn.execute(
                 query("move_effects"),
@@ -319,8 +336,9 @@ class _Writer:
                     "actor": actor,
                 },
             ).fetchall()
-            for _, from_state, to_state in rows:
-                observability.record_transition(str(from_state), str(to_state))
+            moved = Counter((str(from_state), str(to_state)) for _, from_state, to_state in rows)
+            for (from_state, to_state), count in moved.items():
+                observability.record_transition(from_state, to_state, count)
         for effect_id, external_id in self.adopted:
             conn.execute(query("adopt_external_id"), {"id": effect_id, "external_id": external_id})
         if self.finished:

@@ -12,7 +12,15 @@ import pytest
 
 from relay.messages import ResultMessage, ResultOutcome
 from relay.reconciler.effects import LockedEffect
-from relay.reconciler.results import QUARANTINED, Decision, Move, Verdict, decide, misrouting
+from relay.reconciler.results import (
+    QUARANTINED,
+    Decision,
+    Move,
+    Verdict,
+    decide,
+    misrouting,
+    move_waves,
+)
 from relay.states import EffectState, is_allowed
 
 S = EffectState
@@ -181,3 +189,17 @@ def test_a_result_on_another_types_topic_is_misrouted() -> None:
     fire_and_forget = misrouting(wire, None, "ship-results")
     assert fire_and_forget is not None and "has no result topic" in fire_and_forget.verdict.reason
     assert "misrouted" in QUARANTINED
+
+
+def test_an_effects_moves_are_written_in_order_one_wave_each() -> None:
+    def move(effect_id: int, reason: str) -> Move:
+        return Move(effect_id, S.PUBLISHED, S.CONFIRMED, reason)
+
+    moves = [move(1, "a"), move(2, "b"), move(1, "c"), move(1, "d"), move(3, "e"), move(2, "f")]
+    waves = move_waves(moves)
+    assert [[m.reason for m in wave] for wave in waves] == [["a", "b", "e"], ["c", "f"], ["d"]]
+    for wave in waves:
+        assert len({m.effect_id for m in wave}) == len(wave)
+    assert move_waves([]) == []
+    many = [move(i, str(i)) for i in range(5000)]
+    assert move_waves(many) == [many]
