@@ -229,6 +229,7 @@ class _Writer:
     waiting: dict[int, int]  # effect id -> its first deferred evidence id outside this call
     deferred: set[int] = field(default_factory=set)  # effects deferred during this call
     keys: dict[int, str] = field(default_factory=dict)  # effect id -> its key in ``effects``
+    traced: bool = False  # spans are recorded (asked once a call: a span costs a few us)
     moves: list[Move] = field(default_factory=list)
     adopted: list[tuple[int, str]] = field(default_factory=list)
     finished: list[tuple[int, Verdict]] = field(default_factory=list)
@@ -263,6 +264,7 @@ class _Writer:
             effects,
             {int(r[0]): int(r[1]) for r in rows},
             keys={e.id: key for key, e in effects.items()},
+            traced=tracing.enabled(),
         )
 
     def decide(self, item: StoredResult) -> Decision:
@@ -278,6 +280,8 @@ class _Writer:
             effect.id in self.deferred
             or self.waiting.get(effect.id, item.evidence_id) < item.evidence_id
         )
+        if not self.traced:
+            return decide(effect, item.message, waits_behind=waits)
         ref = tracing.EffectRef(effect.operation_key, effect.id, effect.traceparent)
         outcome = {"relay.result.outcome": item.message.outcome.value}
         with tracing.span("relay.apply_result", [ref], outcome, kind="CONSUMER") as span:
