@@ -357,9 +357,10 @@ def backend_cpu_s(url: str) -> dict[tuple[int, str], tuple[str, float]] | None:
     """CPU seconds so far of each live backend of ``url``'s database that the relay opened, by
     (pid, start time): (its role, seconds). The role is the connection's purpose (relay/db.py
     names each ``relay-<purpose>-<replica>``): "claimer", "marker", "relay", "status",
-    "doorbell". Read from ``/proc/<pid>/schedstat`` (nanoseconds; ``stat`` counts 10 ms ticks,
-    0.5 us an effect of a drain of 20,000). None when the server is not local: no such
-    ``postgres`` process here. A backend gone between the query and the read is left out."""
+    "doorbell", "reconciler". Read from ``/proc/<pid>/schedstat`` (nanoseconds; ``stat``
+    counts 10 ms ticks, 0.5 us an effect of a drain of 20,000). None when the server is not
+    local: no such ``postgres`` process here. A backend gone between the query and the read
+    is left out."""
     with psycopg.connect(url, autocommit=True) as conn:
         rows = conn.execute(
             "SELECT pid, backend_start::text, application_name FROM pg_stat_activity "

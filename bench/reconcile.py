@@ -41,6 +41,14 @@ from relay.config import Settings
 # What the relay leaves behind for an effect whose type awaits a result: its effect row,
 # PUBLISHED (the intake has no state: an intent not read yet has no effect row).
 _PUBLISHED = "SELECT count(*) FROM relay.effect WHERE effect_type = 'wire' AND state = 'PUBLISHED'"
+# What every committed result should have made of its effect.
+_CONFIRMED = "SELECT count(*) FROM relay.effect WHERE effect_type = 'wire' AND state = 'CONFIRMED'"
+
+
+def confirmed(url: str) -> int:
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute(_CONFIRMED).fetchone()
+    return int(row[0]) if row else 0
 
 
 @dataclass(frozen=True)
@@ -137,7 +145,10 @@ def results_backlog(
         fill_backlog(url, "wire", n, 64, "w-")
     if publish is not None:
         create_topic(bootstrap, settings.effect_types["wire"].topic)
-        publish_by_relay(settings, n, *publish)
+        if settings.status_events:
+            create_topic(bootstrap, settings.status_topic)
+        took = publish_by_relay(settings, n, *publish)
+        print(f"  (d) the relay published the {n:,} wires in {took:.0f} s", flush=True)
     producer.join()
     if producer.exitcode != 0:
         raise RuntimeError(f"producing {n} results failed (exit {producer.exitcode})")
@@ -215,6 +226,7 @@ def run(server_url: str, bootstrap: str, sizes: ReconcileSizes, log_dir: Path) -
                 bare = bare_consumer_rate(bootstrap, result_topic(settings), n)
                 print(f"  (d) bare read_committed consumer: {bare:,.0f} records/s", flush=True)
             got = reconciler_rate(settings, bootstrap, n, sizes.timeout_s, log_dir)
+            applied = confirmed(settings.require_database_url())
         finally:
             delete_topics(bootstrap, prefix)
             drop_db(server_url, settings.require_database_url())
@@ -224,8 +236,10 @@ def run(server_url: str, bootstrap: str, sizes: ReconcileSizes, log_dir: Path) -
             for where, us in (("in the reconciler", got.cpu_us), ("in its backends", got.pg_us))
             if us is not None
         )
-        rate, note = got.rate, "; ".join(part for part in (got.note, cpu) if part)
-        print(f"  (d) {name}: {rate or 0:,.0f} results/s {cpu}".rstrip(), flush=True)
+        short = f"only {applied:,} of {n:,} effects CONFIRMED" if applied != n else ""
+        rate, note = got.rate, "; ".join(part for part in (short, got.note, cpu) if part)
+        told = "; ".join(part for part in (short, cpu) if part)
+        print(f"  (d) {name}: {rate or 0:,.0f} results/s {told}".rstrip(), flush=True)
         figures.append(
             Figure(
                 "d",

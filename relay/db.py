@@ -39,8 +39,8 @@ def connect(
         )
         # Lists as binary arrays: psycopg writes a text array element by element in Python
         # (escaping and quoting), 9.8 us an element of bytea and 1.9 of text, against about 1
-        # in binary. The reconciler passes eleven arrays a result record, the marker three an
-        # effect. Every statement casts its array parameters to the type it needs.
+        # in binary. The reconciler's statements for a batch of results take eleven arrays of
+        # an element a record. The statements (relay/sql) cast every array parameter.
         conn.adapters.register_dumper(list, ListBinaryDumper)
         # Short statements over many rows whose estimates can look big: JIT compilation would
         # cost milliseconds every time and save nothing.
