@@ -290,14 +290,16 @@ def record_observation(answer: str) -> None:
     _inc(OBSERVATIONS.labels(_bounded(answer, OBSERVATION_ANSWERS)))
 
 
-def record_result(outcome: str) -> None:
-    """A downstream result that moved its effect."""
-    _inc(RESULTS.labels(_bounded(outcome, RESULT_OUTCOMES)))
+def record_result(outcome: str, count: int = 1) -> None:
+    """Downstream results that moved their effects."""
+    if count > 0:
+        _inc(RESULTS.labels(_bounded(outcome, RESULT_OUTCOMES)), count)
 
 
-def record_quarantined(reason: str) -> None:
-    """A result record kept as evidence but not applied (its verdict is the reason)."""
-    _inc(QUARANTINED.labels(_bounded(reason, QUARANTINE_REASONS)))
+def record_quarantined(reason: str, count: int = 1) -> None:
+    """Result records kept as evidence but not applied (their verdict is the reason)."""
+    if count > 0:
+        _inc(QUARANTINED.labels(_bounded(reason, QUARANTINE_REASONS)), count)
 
 
 def set_failed_rounds(loop: str, rounds: int) -> None:

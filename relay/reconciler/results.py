@@ -19,7 +19,6 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import psycopg
-from psycopg.rows import dict_row
 
 from relay import observability, tracing
 from relay.config import Settings
@@ -32,6 +31,7 @@ from relay.states import EffectState
 
 log = logging.getLogger(__name__)
 
+_STATES = {state.value: state for state in EffectState}
 QUARANTINED = frozenset({"malformed", "orphaned", "conflicting", "late", "misrouted"})
 ORPHANED = "no effect has this operation key"
 WAITS_BEHIND = "an earlier result of this effect waits to be applied first"
@@ -182,6 +182,8 @@ def apply_results(
         return []
     writer = _Writer.lock(conn, settings, stored)
     verdicts: list[Verdict] = []
+    applied: Counter[str] = Counter()
+    quarantined: Counter[str] = Counter()
     for item in stored:
         decision = writer.decide(item)
         writer.add(item.evidence_id, decision)
@@ -195,11 +197,15 @@ def apply_results(
             writer.add(item.evidence_id, Decision(found))
             writer.reload(conn, key)
         if found.verdict == "applied":
-            observability.record_result(item.message.outcome.value)
+            applied[item.message.outcome.value] += 1
         elif found.verdict in QUARANTINED:
-            observability.record_quarantined(found.verdict)
+            quarantined[found.verdict] += 1
         verdicts.append(found)
     writer.write(conn, actor)
+    for outcome, count in applied.items():
+        observability.record_result(outcome, count)
+    for reason, count in quarantined.items():
+        observability.record_quarantined(reason, count)
     return verdicts
 
 
@@ -243,15 +249,15 @@ class _Writer:
             {s.message.operation_key for s in stored if "\x00" not in s.message.operation_key}
         )
         effects: dict[str, LockedEffect] = {}
-        with conn.cursor(row_factory=dict_row) as cur:
-            # Intents claimed in a batch whose outcome is not recorded have no effect row yet:
-            # DISPATCHING, so their results wait; those of a published batch have none at all.
-            # Asked first, so that a row written meanwhile is found by the lock after it, and wins.
-            for name in ("batch_effects", "published_effects", "lock_effects"):
-                cur.execute(query(name), {"keys": keys})
-                for row in cur.fetchall():
-                    state = EffectState(row["state"])
-                    effects[row["operation_key"]] = LockedEffect(**{**row, "state": state})
+        # Intents claimed in a batch whose outcome is not recorded have no effect row yet:
+        # DISPATCHING, so their results wait; those of a published batch have none at all.
+        # Asked first, so that a row written meanwhile is found by the lock after it, and wins.
+        # Each statement returns LockedEffect's fields in order (one constructor call a row).
+        for name in ("batch_effects", "published_effects", "lock_effects"):
+            for row in conn.execute(query(name), {"keys": keys}).fetchall():
+                effects[row[1]] = LockedEffect(
+                    row[0], row[1], row[2], _STATES[row[3]], row[4], *row[5:9]
+                )
         rows = conn.execute(
             query("effects_with_deferred"),
             {
@@ -312,10 +318,16 @@ class _Writer:
         effect = self.effects.get(key) if key is not None else None
         if key is None or effect is None or effect.id != effect_id:
             return  # not an effect of this call (or its key now holds another, reloaded)
-        self.effects[key] = replace(
-            effect,
-            state=effect.state if state is None else state,
-            external_id=external_id or effect.external_id,
+        self.effects[key] = LockedEffect(  # dataclasses.replace costs several times more
+            effect.id,
+            effect.operation_key,
+            effect.effect_type,
+            effect.state if state is None else state,
+            effect.attempts,
+            external_id or effect.external_id,
+            effect.business_key,
+            effect.published_offset,
+            effect.traceparent,
         )
 
     def reload(self, conn: psycopg.Connection[Any], operation_key: str) -> None:
