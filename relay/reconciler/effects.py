@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import psycopg
 from psycopg.rows import dict_row
@@ -24,10 +23,10 @@ def operator_actor(explicit: str | None = None) -> str:
     return explicit or os.environ.get("USER") or os.environ.get("LOGNAME") or "operator"
 
 
-@dataclass(frozen=True)
-class LockedEffect:
+class LockedEffect(NamedTuple):
     """An effect row locked ``FOR UPDATE`` by the current transaction. Without its payload: no
-    decision about an effect needs it, and one that cannot be decoded must not stop any."""
+    decision about an effect needs it, and one that cannot be decoded must not stop any. A
+    NamedTuple: made twice a result, and a frozen dataclass costs five times more to make."""
 
     id: int
     operation_key: str

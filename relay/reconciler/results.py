@@ -15,8 +15,8 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 import psycopg
 
@@ -37,9 +37,10 @@ ORPHANED = "no effect has this operation key"
 WAITS_BEHIND = "an earlier result of this effect waits to be applied first"
 
 
-@dataclass(frozen=True)
-class Verdict:
-    """What became of a result, as its evidence row keeps it."""
+class Verdict(NamedTuple):
+    """What became of a result, as its evidence row keeps it. (This module's value types are
+    NamedTuples: several are made for every result, and a frozen dataclass costs five times
+    more to make.)"""
 
     verdict: str
     reason: str
@@ -47,8 +48,7 @@ class Verdict:
     attempt: int | None = None
 
 
-@dataclass(frozen=True)
-class Move:
+class Move(NamedTuple):
     """A state change a result calls for: compare-and-set on ``from_state``."""
 
     effect_id: int
@@ -58,8 +58,7 @@ class Move:
     external_id: str | None = None
 
 
-@dataclass(frozen=True)
-class Decision:
+class Decision(NamedTuple):
     """A rule's answer: the verdict, and what to write for it (at most one of a move and an
     external id the CONFIRMED effect adopts)."""
 
@@ -115,7 +114,7 @@ def decide(
             return verdict("late", f"'{outcome.value}' for an effect already CONFIRMED")
         if ext is not None and effect.external_id is None:
             why = f"confirms the CONFIRMED effect; external id {ext}"
-            return replace(verdict("repeated", why), adopt_external_id=ext)
+            return verdict("repeated", why)._replace(adopt_external_id=ext)
         if ext is None or ext == effect.external_id:
             return verdict("repeated", "the same commit reported again")
         return verdict(
@@ -159,8 +158,7 @@ def decide(
     return verdict("ignored", f"'unknown' adds nothing to an effect already {state.value}")
 
 
-@dataclass(frozen=True)
-class StoredResult:
+class StoredResult(NamedTuple):
     """A result whose evidence row is written; its verdict is still to come."""
 
     evidence_id: int
@@ -193,7 +191,7 @@ def apply_results(
             key = item.message.operation_key
             writer.write(conn, actor)
             reason = compensate_conflict(conn, settings, key, actor, found.reason)
-            found = replace(found, reason=reason)
+            found = found._replace(reason=reason)
             writer.add(item.evidence_id, Decision(found))
             writer.reload(conn, key)
         if found.verdict == "applied":
@@ -318,7 +316,7 @@ class _Writer:
         effect = self.effects.get(key) if key is not None else None
         if key is None or effect is None or effect.id != effect_id:
             return  # not an effect of this call (or its key now holds another, reloaded)
-        self.effects[key] = LockedEffect(  # dataclasses.replace costs several times more
+        self.effects[key] = LockedEffect(  # positional: _replace costs twice as much
             effect.id,
             effect.operation_key,
             effect.effect_type,
