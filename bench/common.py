@@ -18,6 +18,7 @@ import threading
 import time
 import uuid
 from collections.abc import Mapping
+from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
@@ -28,6 +29,7 @@ from kafka.admin import KafkaAdminClient, NewTopic
 import relay
 from relay.config import Settings, load_settings
 from relay.dispatch.daemon import Relay
+from relay.headers import dispatch_headers
 from relay.migrations import migrate, sync_effect_types
 from relay.reconciler.daemon import Reconciler, register_status_type
 
@@ -112,6 +114,20 @@ def pad_for(size: int, n: int = 0) -> int:
 def payload(n: int, size: int) -> dict[str, Any]:
     """A payload whose JSON text (as PostgreSQL prints jsonb) is ``size`` bytes long."""
     return {"n": n, "body": "x" * pad_for(size, n)}
+
+
+def bench_headers(i: int, created: datetime, source: str) -> list[tuple[str, bytes]]:
+    """The headers the relay sends with the record of the "bench" type's effect ``i + 1`` (what a
+    bare producer sends beside it, as its ceiling or floor)."""
+    return dispatch_headers(
+        effect_id=i + 1,
+        effect_type="bench",
+        attempt=1,
+        created_at=created,
+        source=source,
+        business_key=None,
+        traceparent=None,
+    )
 
 
 def payload_text(n: int, size: int) -> bytes:

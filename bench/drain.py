@@ -23,6 +23,7 @@ from bench.common import (
     DaemonProcess,
     KeyCounter,
     backend_cpu_s,
+    bench_headers,
     cpu_by_role,
     create_topic,
     delete_topics,
@@ -36,7 +37,6 @@ from bench.common import (
 )
 from bench.report import Figure, Target
 from relay.config import Settings
-from relay.headers import dispatch_headers
 
 CODECS = ("none", "lz4", "zstd")
 BARE_TARGET = Target("ratio", ">=", 0.8)
@@ -257,15 +257,7 @@ def _bare_producer(
     for first in range(0, n, batch):
         producer.begin_transaction()
         for i in range(first, min(n, first + batch)):
-            headers = dispatch_headers(
-                effect_id=i + 1,
-                effect_type="bench",
-                attempt=1,
-                created_at=created,
-                source=source,
-                business_key=None,
-                traceparent=None,
-            )
+            headers = bench_headers(i, created, source)
             producer.send(topic, key=f"d-{i}".encode(), value=values[i], headers=headers)
         producer.commit_transaction()
     out.put((time.monotonic() - started, time.process_time() - cpu_started))

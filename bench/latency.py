@@ -23,6 +23,7 @@ import relay
 from bench.common import (
     DaemonProcess,
     KeyCounter,
+    bench_headers,
     create_topic,
     delete_topics,
     drop_db,
@@ -33,7 +34,6 @@ from bench.common import (
     settings_for,
 )
 from bench.report import Figure, Target, latency_summary
-from relay.headers import dispatch_headers
 from relay.kafka_client import producer_config
 
 LATE_MS = 10.0  # a send this far behind its schedule is counted as late
@@ -116,15 +116,7 @@ def _bare_open_loop(
         producer.begin_transaction()
         for i in range(done, due):
             late_ms = (time.time() - (t0 + i / rate)) * 1000
-            headers = dispatch_headers(
-                effect_id=i + 1,
-                effect_type="bench",
-                attempt=1,
-                created_at=created,
-                source=source,
-                business_key=None,
-                traceparent=None,
-            )
+            headers = bench_headers(i, created, source)
             producer.send(topic, key=f"L-{i}".encode(), value=value, headers=headers)
             sent.append((f"L-{i}", t0 + i / rate, late_ms))
         producer.commit_transaction()
