@@ -26,7 +26,7 @@ def operator_actor(explicit: str | None = None) -> str:
 class LockedEffect(NamedTuple):
     """An effect row locked ``FOR UPDATE`` by the current transaction. Without its payload: no
     decision about an effect needs it, and one that cannot be decoded must not stop any. A
-    NamedTuple: made twice a result, and a frozen dataclass costs five times more to make."""
+    NamedTuple: made twice a result, and a frozen dataclass costs four times more to make."""
 
     id: int
     operation_key: str

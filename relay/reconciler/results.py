@@ -39,7 +39,7 @@ WAITS_BEHIND = "an earlier result of this effect waits to be applied first"
 
 class Verdict(NamedTuple):
     """What became of a result, as its evidence row keeps it. (This module's value types are
-    NamedTuples: several are made for every result, and a frozen dataclass costs five times
+    NamedTuples: several are made for every result, and a frozen dataclass costs four times
     more to make.)"""
 
     verdict: str
