@@ -80,6 +80,8 @@ class Drained:
     # The relay's own backends' share of pg_us, by role ("claimer": the reads and claims,
     # "marker": the outcomes, "relay", "status", "doorbell"), us per effect; None as pg_us.
     pg_roles: dict[str, float] | None = None
+    # The relays' largest peak resident set size (VmHWM) at the end of the drain, KiB.
+    peak_kib: int | None = None
 
 
 def purge_cost(settings: Settings, n: int, timeout_s: float = 30.0) -> tuple[float, float] | None:
@@ -138,16 +140,20 @@ def relay_drain(
     groups: int = 0,
     status_events: bool = False,
     purge: bool = False,
+    batch_size: int | None = None,
 ) -> Drained:
     """``replicas`` ``relay run`` processes drain a backlog of ``sizes.effects`` intents; with
     ``groups``, effect i belongs to ordering group ``i % groups`` (a group's effects spread over
     the backlog, as an aggregate's events are). The drain ends when every record is read; with
     ``status_events``, status events are on (three more records per effect); with ``purge``,
-    the purges that follow are measured too (:func:`purge_cost`)."""
+    the purges that follow are measured too (:func:`purge_cost`); ``batch_size`` sets the
+    relays' setting (else its default)."""
     prefix = uuid.uuid4().hex[:8]
     url = fresh_db(server_url)
     n = sizes.effects
     overrides: dict[str, Any] = {"status_events": status_events}
+    if batch_size is not None:
+        overrides["batch_size"] = batch_size
     if codec != "none":
         overrides["kafka_compression_type"] = codec
     try:
@@ -193,6 +199,7 @@ def relay_drain(
             cpu_after = postgres_cpu_s()
             by_role = cpu_by_role(backends_before, backend_cpu_s(url))
             time.sleep(0.05)  # one more sample after the last record
+            peaks = [kib for kib in (d.vm_hwm_kib() for d in daemons) if kib is not None]
         finally:
             relay_cpu.close()
             for daemon in daemons:
@@ -227,6 +234,7 @@ def relay_drain(
             pg_roles=None
             if by_role is None
             else {role: seconds * 1e6 / n for role, seconds in sorted(by_role.items())},
+            peak_kib=max(peaks, default=None),
         )
     finally:
         delete_topics(bootstrap, prefix)

@@ -1284,6 +1284,7 @@ DECLARE
     v_defer   bigint[] := '{}';
     v_work    bigint[];
     v_fast    boolean := false;
+    v_more    boolean;
 BEGIN
     IF p_limit IS NULL OR p_limit < 1 OR p_limit > 50000 OR p_max_ticks IS NULL
        OR p_max_ticks < 1 THEN
@@ -1389,6 +1390,19 @@ BEGIN
         RETURN;  -- no tick after tick_from yet
     END IF;
     v_read := cardinality(v_batch);
+    v_more := v_read >= p_limit;
+    -- A read with ordering groups takes at most 500 rows, whatever the limit: the rest of the
+    -- pair is read next, as a pair cut at the limit is. A large read writes a group's later
+    -- effects behind their head, and each must then be let go by an update when the head
+    -- settles (6,000 groups of 10, reads of 5,000: 1,946-2,147 effects/s and 391-416 us of
+    -- PostgreSQL CPU an effect, against 3,795-3,849/s and 182-192 us in reads of 500). An
+    -- ungrouped read takes the whole limit (one Kafka transaction: larger ones drain faster).
+    IF v_grouped AND v_read > 500 THEN
+        v_batch := v_batch[1:500];
+        v_read := 500;
+        v_more := true;
+        v_touched := ARRAY(SELECT x FROM unnest(v_touched) AS x WHERE x <= v_batch[500]);
+    END IF;
     v_last := v_batch[v_read];
     -- A cancel locks its intent's row while it decides, to the end of its caller's transaction
     -- (relay.cancel): such a row is passed by for now, with the later ones of its group, and
@@ -1500,7 +1514,7 @@ BEGIN
         FROM batched d CROSS JOIN rows c
         UNION ALL
         SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, 0, v_read,
-               0, 0, v_pos.tick_from, v_to, v_read >= p_limit, v_last, NULL::boolean,
+               0, 0, v_pos.tick_from, v_to, v_more, v_last, NULL::boolean,
                NULL::timestamptz
         FROM batched d
         ORDER BY 1 NULLS LAST;
@@ -1715,7 +1729,7 @@ BEGIN
                 + coalesce((SELECT sum(cardinality(d.ids)) FROM batched d), 0))::integer,
                (SELECT count(*) FILTER (WHERE m.state = 'REJECTED') FROM made m)::integer,
                (SELECT count(*) FROM set_aside)::integer,
-               v_pos.tick_from, v_to, v_read >= p_limit, v_last, NULL::boolean, NULL::timestamptz
+               v_pos.tick_from, v_to, v_more, v_last, NULL::boolean, NULL::timestamptz
         ORDER BY 1 NULLS LAST;
     END IF;
 
@@ -1734,7 +1748,7 @@ BEGIN
     END LOOP;
 
     -- The reader's position, after the rows it passes are written.
-    IF v_read >= p_limit THEN
+    IF v_more THEN
         UPDATE relay.intake_reader
         SET tick_to = v_to, after_id = v_last, read_at = now(),
             promoted = relay.intake_reader.promoted + v_read, deferred = v_defer;

@@ -11,7 +11,7 @@ import relay
 from relay.config import Settings
 from relay.devtools.services import Services
 from relay.dispatch.daemon import Relay
-from relay.dispatch.intake import Claim, promote
+from relay.dispatch.intake import Claim, Promoted, promote
 from relay.dispatch.marker import int_array, text_array
 from relay.dispatch.ticker import Ticker
 from relay.errors import InvalidTransitionError
@@ -438,3 +438,60 @@ def test_the_markers_array_literals_read_back_as_their_values(settings: Settings
             "SELECT %s::text[], %s::bigint[]", (text_array(types), int_array(numbers))
         ).fetchone()
     assert row == (types, numbers)
+
+
+def test_a_read_that_meets_an_ordering_group_takes_500_rows_and_the_rest_next(
+    settings: Settings,
+) -> None:
+    """A read takes up to its limit (batch_size, 5,000 by default) of an ungrouped backlog, but
+    at most 500 rows once an ordering group is among them (migration 0026): a large grouped read
+    wrote many later effects behind their heads, each let go by an update later. The cut read
+    ends as a pair cut at the limit does: every row is read once, in id order, none skipped."""
+    url = settings.require_database_url()
+    with psycopg.connect(url, autocommit=True) as admin:
+        admin.execute("INSERT INTO relay.replica (replica_id, epoch) VALUES ('solo', 1)")
+    claim = Claim("solo", 1, lease_s=60, limit=5_000, max_bytes=10**8)
+    with psycopg.connect(url) as conn:
+        relay.enqueue_many(conn, [relay.Intent("email", f"u-{i}", {"i": i}) for i in range(1_200)])
+        conn.commit()
+    with psycopg.connect(url, autocommit=True) as conn:
+        Ticker().run_once(conn)
+        whole = promote(conn, limit=5_000, claim=claim)
+    assert whole.rows == 1_200 and not whole.more, whole.rows  # ungrouped: the whole limit
+
+    with psycopg.connect(url) as conn:
+        relay.enqueue_many(
+            conn,
+            [relay.Intent("email", f"u2-{i}", {"i": i}) for i in range(300)]
+            + [
+                relay.Intent("email", f"g-{i}", {"i": i}, ordering_group=f"order-{i % 400}")
+                for i in range(900)
+            ],
+        )
+        conn.commit()
+        ids = dict(
+            conn.execute(
+                "SELECT operation_key, id FROM relay.intake WHERE operation_key NOT LIKE 'u-%%'"
+            ).fetchall()
+        )
+    reads: list[Promoted] = []
+    with psycopg.connect(url, autocommit=True) as conn:
+        Ticker().run_once(conn)
+        while not reads or reads[-1].more:
+            reads.append(promote(conn, limit=5_000, claim=claim))
+            assert len(reads) <= 4, [(r.rows, r.more) for r in reads]
+        written = {
+            key: state
+            for key, state in conn.execute(
+                "SELECT operation_key, state FROM relay.effect WHERE operation_key LIKE 'g-%%'"
+            ).fetchall()
+        }
+    assert [(r.rows, r.more) for r in reads] == [(500, True), (500, True), (200, False)]
+    by_id = sorted(ids, key=ids.__getitem__)
+    assert [r.last_id for r in reads] == [ids[by_id[499]], ids[by_id[999]], ids[by_id[1_199]]]
+    claimed = [e.operation_key for r in reads for e in r.claimed]
+    assert len(claimed) == len(set(claimed))
+    # Every intent read once: the ungrouped ones claimed, the grouped ones written as effects.
+    assert {k for k in claimed if k.startswith("u2-")} == {f"u2-{i}" for i in range(300)}
+    assert set(written) == {f"g-{i}" for i in range(900)}
+    assert sum(r.promoted for r in reads) + sum(1 for k in claimed if k.startswith("g-")) == 900

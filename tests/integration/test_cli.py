@@ -225,7 +225,7 @@ def test_config_prints_the_effective_settings_redacted_with_their_sources(
     assert 'kafka_sasl_password = "********"' in out, out
     assert f'replica_id = "cfg-r1"  # file {config}' in out, out
     assert 'log_level = "WARNING"  # command-line option' in out, out
-    assert "batch_size = 500  # default" in out, out
+    assert "batch_size = 5000  # default" in out, out
     assert '[effect_types."wire"]' in out, out
 
     ok = relay_cli(config, "config", "--check", RELAY_DATABASE_URL=url)
