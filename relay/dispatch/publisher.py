@@ -15,9 +15,9 @@ from typing import Any, NamedTuple
 
 from kafka import KafkaProducer
 from kafka import errors as kerr
-from kafka.partitioner.default import murmur2
 
 from relay.dispatch import transactions
+from relay.dispatch.murmur2 import murmur2
 from relay.dispatch.outcomes import (
     AttemptOutcome,
     Classified,
