@@ -32,6 +32,10 @@ log = logging.getLogger(__name__)
 QUIET_POLLS_S = (0.002, 0.005, 0.01, 0.02, 0.04, 0.08)
 # While idle, how often the intake's sequence is read (an intent is a plain INSERT: no doorbell).
 INTAKE_POLL_S = 0.01
+# A claim of this many effects is a backlog's, whatever batch_size is: a claim from the pool
+# (group heads let go, retries) seldom fills a batch of 5,000, and the claimer would then wait for
+# the publisher before each claim instead of claiming ahead.
+FULL_BATCH = 500
 
 
 def doorbell_rang(listener: psycopg.Connection[Any], timeout_s: float) -> bool:
@@ -65,12 +69,13 @@ def claim_was_cut(
     effects: list[ClaimedEffect], *, more: bool, batch_size: int, max_bytes: int
 ) -> bool:
     """Whether a claim stopped short of the work there was (a backlog), not for want of work
-    (live load): it filled a batch, work was left behind it (``more``: rows of the pair unread,
-    or rows its read left in the pool), or its payloads came near the byte cap. The cap counts
+    (live load): it filled a batch (or took ``FULL_BATCH``), work was left behind it (``more``:
+    rows of the pair unread, or rows its read left in the pool), or its payloads came near the
+    byte cap. The cap counts
     payloads as stored (jsonb, perhaps compressed), so half of it in UTF-8 counts as reached: a
     wrong guess errs toward "backlog", which claims ahead as before (throughput), never toward
     waiting."""
-    if more or len(effects) >= batch_size:
+    if more or len(effects) >= min(batch_size, FULL_BATCH):
         return True
     chars = sum(len(e.payload) for e in effects)
     if chars * 8 < max_bytes:  # at most 4 bytes a character: far from half the cap

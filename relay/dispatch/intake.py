@@ -17,7 +17,10 @@ the reader immune to the traps of §9:
   the xid snapshots speak of, not ``xmin``.
 
 The set of rows between two stored snapshots is fixed, so a pair with more rows than ``limit``
-is read in parts by an id cursor inside that pair (:class:`Position`), which cannot skip.
+is read in parts by an id cursor inside that pair (:class:`Position`), which cannot skip. The
+relay's read (``promote_intake``, migration 0026) also ends a part early: after 500 rows once it
+meets an ordering group, and where its rows reach the claim's byte cap; :func:`read_batch` does
+not.
 
 ``relay run`` reads the intake through :class:`IntakeReader`: the claimer asks it for a tick and
 the next batches before each claim, and ``relay.promote_intake`` (migrations 0011 to 0013) reads
@@ -213,8 +216,9 @@ class IntakeReader:
     Ticking costs a lock and a snapshot (several hundred microseconds of the server's CPU), so it
     is asked for only when the intake's sequence moved past what was read (for at most a
     heartbeat: an id drawn by a transaction that rolled back is never read), when the last batch
-    was cut at the limit, or when the heartbeat is due (a transaction that drew its id before the
-    last tick and committed after it, with no writer since)."""
+    was cut (at the limit, or early: see the module's docstring), or when the heartbeat is due
+    (a transaction that drew its id before the last tick and committed after it, with no writer
+    since)."""
 
     def __init__(self, *, limit: int, heartbeat_s: float = HEARTBEAT_S) -> None:
         self.limit = limit

@@ -1,10 +1,12 @@
--- 0026: a read of the intake that meets an ordering group takes at most 500 rows. The default
--- batch_size is now 5,000 (one Kafka transaction of a backlog drains about 1.3x as fast as 500),
--- and it is also the read's limit: a read of 5,000 grouped rows wrote many groups' later effects
--- behind their heads, each then let go by an update when its head settled, and a drain of 6,000
--- groups of 10 went at half the rate, for twice the PostgreSQL CPU an effect. A cut read ends as
--- a pair cut at the limit does: the rest is read next, after the last id read. Same signature:
--- grants are kept.
+-- 0026: where a read of the intake ends. The default batch_size is now 5,000, and it is also
+-- the read's limit. A read of 5,000 rows with ordering groups wrote many groups' later effects
+-- behind their heads, each then let go by an update when its head settled: a drain of 6,000
+-- groups of 10 went at half the rate of reads of 500, for twice the PostgreSQL CPU an effect.
+-- Such a read now ends after 500 rows (or, when more than 500 ungrouped rows come first, before
+-- the first grouped one). When claiming, a read also ends where its rows reach the claim's byte
+-- cap, so that the rows past it are read next rather than written to the pool. A cut read ends
+-- as a pair cut at the limit does: the rest is read next, after the last id read. Same
+-- signature: grants are kept.
 
 CREATE OR REPLACE FUNCTION relay.promote_intake(
     p_limit integer, p_max_ticks integer, p_owner text DEFAULT NULL, p_epoch bigint DEFAULT NULL,
@@ -47,6 +49,9 @@ DECLARE
     v_work    bigint[];
     v_fast    boolean := false;
     v_more    boolean;
+    v_first_grouped bigint;
+    v_bytes   bigint;
+    v_keep    integer;
 BEGIN
     IF p_limit IS NULL OR p_limit < 1 OR p_limit > 50000 OR p_max_ticks IS NULL
        OR p_max_ticks < 1 THEN
@@ -90,26 +95,30 @@ BEGIN
             WHERE a.id = v_pos.tick_from
         ), candidates AS (
             -- touched: the row's xmax is set (a cancel may hold it; see below).
+            -- size: the payload as stored (no detoasting), for the claim's byte cap.
             SELECT i.id, i.txid, i.ordering_group IS NOT NULL AS grouped,
-                   i.xmax <> '0'::xid AS touched
+                   i.xmax <> '0'::xid AS touched, pg_column_size(i.payload) AS size
             FROM relay.intake i
             WHERE i.txid >= (SELECT pg_snapshot_xmax(p.sa) FROM pair p)
               AND i.txid < (SELECT pg_snapshot_xmax(p.sb) FROM pair p)
             UNION ALL
-            SELECT i.id, i.txid, i.ordering_group IS NOT NULL, i.xmax <> '0'::xid
+            SELECT i.id, i.txid, i.ordering_group IS NOT NULL, i.xmax <> '0'::xid,
+                   pg_column_size(i.payload)
             FROM relay.intake i
             WHERE i.txid = ANY (ARRAY(
                 SELECT x FROM pair p, pg_snapshot_xip(p.sa) AS x
                 WHERE pg_visible_in_snapshot(x, p.sb)))
         )
-        SELECT p.tick_to, s.ids, s.grouped, s.touched
-        INTO v_to, v_batch, v_grouped, v_touched
+        SELECT p.tick_to, s.ids, s.grouped, s.touched, s.first_grouped, s.bytes
+        INTO v_to, v_batch, v_grouped, v_touched, v_first_grouped, v_bytes
         FROM pair p
         CROSS JOIN LATERAL (
             SELECT coalesce(array_agg(c.id ORDER BY c.id), '{}') AS ids,
                    coalesce(bool_or(c.grouped), false) AS grouped,
-                   coalesce(array_agg(c.id) FILTER (WHERE c.touched), '{}') AS touched
-            FROM (SELECT c.id, c.grouped, c.touched FROM candidates c
+                   coalesce(array_agg(c.id) FILTER (WHERE c.touched), '{}') AS touched,
+                   min(c.id) FILTER (WHERE c.grouped) AS first_grouped,
+                   coalesce(sum(c.size), 0)::bigint AS bytes
+            FROM (SELECT c.id, c.grouped, c.touched, c.size FROM candidates c
                   WHERE pg_visible_in_snapshot(c.txid, p.sb)
                     AND NOT pg_visible_in_snapshot(c.txid, p.sa)
                   ORDER BY c.id
@@ -127,15 +136,17 @@ BEGIN
         PERFORM set_config('enable_bitmapscan', 'off', true);
         PERFORM set_config('enable_seqscan', 'off', true);
         PERFORM set_config('enable_sort', 'off', true);
-        SELECT b.id, s.ids, s.grouped, s.touched
-        INTO v_to, v_batch, v_grouped, v_touched
+        SELECT b.id, s.ids, s.grouped, s.touched, s.first_grouped, s.bytes
+        INTO v_to, v_batch, v_grouped, v_touched, v_first_grouped, v_bytes
         FROM relay.tick a, relay.tick b
         CROSS JOIN LATERAL (
             SELECT coalesce(array_agg(r.id ORDER BY r.id), '{}') AS ids,
                    coalesce(bool_or(r.grouped), false) AS grouped,
-                   coalesce(array_agg(r.id) FILTER (WHERE r.touched), '{}') AS touched
+                   coalesce(array_agg(r.id) FILTER (WHERE r.touched), '{}') AS touched,
+                   min(r.id) FILTER (WHERE r.grouped) AS first_grouped,
+                   coalesce(sum(r.size), 0)::bigint AS bytes
             FROM (SELECT i.id, i.ordering_group IS NOT NULL AS grouped,
-                         i.xmax <> '0'::xid AS touched
+                         i.xmax <> '0'::xid AS touched, pg_column_size(i.payload) AS size
                   FROM relay.intake i
                   WHERE i.id > v_pos.after_id AND i.id <= b.intake_seq
                     AND pg_visible_in_snapshot(i.txid, b.snap)
@@ -153,17 +164,39 @@ BEGIN
     END IF;
     v_read := cardinality(v_batch);
     v_more := v_read >= p_limit;
-    -- A read with ordering groups takes at most 500 rows, whatever the limit: the rest of the
-    -- pair is read next, as a pair cut at the limit is. A large read writes a group's later
-    -- effects behind their head, and each must then be let go by an update when the head
-    -- settles (6,000 groups of 10, reads of 5,000: 1,946-2,147 effects/s and 391-416 us of
-    -- PostgreSQL CPU an effect, against 3,795-3,849/s and 182-192 us in reads of 500). An
-    -- ungrouped read takes the whole limit (one Kafka transaction: larger ones drain faster).
-    IF v_grouped AND v_read > 500 THEN
-        v_batch := v_batch[1:500];
-        v_read := 500;
+    -- Where the read ends (the rest of the pair is read next, as a pair cut at the limit is):
+    -- - With ordering groups, after 500 rows: a large read writes a group's later effects
+    --   behind their head, and each must then be let go by an update when the head settles
+    --   (6,000 groups of 10, reads of 5,000: 1,946-2,147 effects/s and 391-416 us of PostgreSQL
+    --   CPU an effect, against 3,795-3,849/s and 182-192 us in reads of 500). When more than
+    --   500 ungrouped rows come first, the read ends before the first grouped one instead: one
+    --   clean batch.
+    -- - When claiming, where the rows before a row hold the claim's byte cap (as stored): the
+    --   rows past it would be written to the pool as effect rows, claimed and marked one by one
+    --   (a read of 5,000 passes 16 MiB from about 3.4 KB a payload).
+    -- An ungrouped read under the cap takes the whole limit (one Kafka transaction: larger
+    -- ones drain faster).
+    v_keep := v_read;
+    IF v_first_grouped IS NOT NULL THEN
+        v_keep := array_position(v_batch, v_first_grouped) - 1;
+        IF v_keep <= 500 THEN
+            v_keep := least(v_read, 500);
+        END IF;
+    END IF;
+    IF v_claim > 0 AND v_bytes >= p_max_bytes AND v_keep > 1 THEN
+        SELECT greatest(1, count(*)) INTO v_keep
+        FROM (SELECT sum(pg_column_size(i.payload)) OVER (ORDER BY x.n)
+                     - pg_column_size(i.payload) AS before
+              FROM unnest(v_batch[1:v_keep]) WITH ORDINALITY AS x(id, n)
+              JOIN relay.intake i ON i.id = x.id) w
+        WHERE w.before < p_max_bytes;
+    END IF;
+    IF v_keep < v_read THEN
+        v_batch := v_batch[1:v_keep];
+        v_read := v_keep;
         v_more := true;
-        v_touched := ARRAY(SELECT x FROM unnest(v_touched) AS x WHERE x <= v_batch[500]);
+        v_touched := ARRAY(SELECT x FROM unnest(v_touched) AS x WHERE x <= v_batch[v_keep]);
+        v_grouped := coalesce(v_first_grouped <= v_batch[v_keep], false);
     END IF;
     v_last := v_batch[v_read];
     -- A cancel locks its intent's row while it decides, to the end of its caller's transaction

@@ -406,6 +406,8 @@ def test_a_read_claims_in_one_pass_only_what_row_by_row_would(
 
 
 def test_a_read_over_the_claims_byte_cap_claims_the_rows_that_fit(settings: Settings) -> None:
+    """The read ends where its rows reach the claim's byte cap (migration 0026): the rows past
+    it are read by the next read and claimed there, not written to the pool as effect rows."""
     url = settings.require_database_url()
     with psycopg.connect(url) as conn:
         conn.execute("INSERT INTO relay.replica (replica_id, epoch) VALUES ('solo', 1)")
@@ -418,14 +420,16 @@ def test_a_read_over_the_claims_byte_cap_claims_the_rows_that_fit(settings: Sett
     assert size is not None
     with psycopg.connect(url, autocommit=True) as conn:
         Ticker().run_once(conn)
-        # Rows are claimed while those before them hold less than the cap: two here.
+        # Rows are claimed while those before them hold less than the cap: two a read here.
         cap = Claim("solo", 1, lease_s=60, limit=100, max_bytes=2 * int(size[0]))
-        done = promote(conn, limit=100, claim=cap)
-        pending = conn.execute(
-            "SELECT operation_key FROM relay.effect WHERE state = 'PENDING' ORDER BY id"
-        ).fetchall()
-    assert [e.operation_key for e in done.claimed] == ["c0", "c1"]
-    assert pending == [("c2",), ("c3",)] and done.promoted == 2
+        first = promote(conn, limit=100, claim=cap)
+        second = promote(conn, limit=100, claim=cap)
+        third = promote(conn, limit=100, claim=cap)
+        written = conn.execute("SELECT count(*) FROM relay.effect").fetchone()
+    assert [e.operation_key for e in first.claimed] == ["c0", "c1"] and first.more
+    assert [e.operation_key for e in second.claimed] == ["c2", "c3"] and not second.more
+    assert (first.promoted, second.promoted) == (0, 0) and written == (0,)
+    assert third.rows == 0 and not third.more
 
 
 def test_the_markers_array_literals_read_back_as_their_values(settings: Settings) -> None:
@@ -471,7 +475,7 @@ def test_a_read_that_meets_an_ordering_group_takes_500_rows_and_the_rest_next(
         conn.commit()
         ids = dict(
             conn.execute(
-                "SELECT operation_key, id FROM relay.intake WHERE operation_key NOT LIKE 'u-%%'"
+                "SELECT operation_key, id FROM relay.intake WHERE operation_key NOT LIKE 'u-%'"
             ).fetchall()
         )
     reads: list[Promoted] = []
@@ -483,7 +487,7 @@ def test_a_read_that_meets_an_ordering_group_takes_500_rows_and_the_rest_next(
         written = {
             key: state
             for key, state in conn.execute(
-                "SELECT operation_key, state FROM relay.effect WHERE operation_key LIKE 'g-%%'"
+                "SELECT operation_key, state FROM relay.effect WHERE operation_key LIKE 'g-%'"
             ).fetchall()
         }
     assert [(r.rows, r.more) for r in reads] == [(500, True), (500, True), (200, False)]
@@ -495,3 +499,38 @@ def test_a_read_that_meets_an_ordering_group_takes_500_rows_and_the_rest_next(
     assert {k for k in claimed if k.startswith("u2-")} == {f"u2-{i}" for i in range(300)}
     assert set(written) == {f"g-{i}" for i in range(900)}
     assert sum(r.promoted for r in reads) + sum(1 for k in claimed if k.startswith("g-")) == 900
+
+
+def test_a_read_ends_before_the_first_grouped_row_when_500_ungrouped_rows_come_first(
+    settings: Settings,
+) -> None:
+    """More than 500 ungrouped rows before the first grouped one: the read takes them all, as
+    one clean batch claimed in one pass (no effect row), and ends before the grouped row; the
+    next read starts there (migration 0026)."""
+    url = settings.require_database_url()
+    with psycopg.connect(url, autocommit=True) as admin:
+        admin.execute("INSERT INTO relay.replica (replica_id, epoch) VALUES ('solo', 1)")
+    claim = Claim("solo", 1, lease_s=60, limit=5_000, max_bytes=10**8)
+    with psycopg.connect(url) as conn:
+        relay.enqueue_many(
+            conn,
+            [relay.Intent("email", f"u-{i}", {"i": i}) for i in range(700)]
+            + [relay.Intent("email", f"g-{i}", {"i": i}, ordering_group="order") for i in range(3)]
+            + [relay.Intent("email", f"v-{i}", {"i": i}) for i in range(10)],
+        )
+        conn.commit()
+    with psycopg.connect(url, autocommit=True) as conn:
+        Ticker().run_once(conn)
+        first = promote(conn, limit=5_000, claim=claim)
+        second = promote(conn, limit=5_000, claim=claim)
+        grouped = conn.execute(
+            "SELECT operation_key, state FROM relay.effect ORDER BY id"
+        ).fetchall()
+    assert first.rows == 700 and first.more and first.promoted == 0
+    assert {e.operation_key for e in first.claimed} == {f"u-{i}" for i in range(700)}
+    assert len({e.batch for e in first.claimed}) == 1  # one batch row: claimed in one pass
+    assert second.rows == 13 and not second.more
+    # The group's head claimed, the two after it waiting behind it; the ungrouped ten claimed.
+    assert [key for key, _ in grouped] == ["g-0", "g-1", "g-2"]
+    assert grouped[0][1] == "DISPATCHING" and {s for _, s in grouped[1:]} == {"PENDING"}
+    assert {e.operation_key for e in second.claimed} == {"g-0"} | {f"v-{i}" for i in range(10)}

@@ -56,3 +56,9 @@ def test_the_byte_cap_is_counted_in_bytes_not_characters() -> None:
         claimed(1, 40_000, "\u6f22"), more=False, batch_size=500, max_bytes=200_000
     )
     assert not claim_was_cut(claimed(1, 40_000), more=False, batch_size=500, max_bytes=200_000)
+
+
+def test_a_claim_of_500_is_a_backlogs_whatever_the_batch_size() -> None:
+    # A pool claim (group heads let go) seldom fills a batch of 5,000: 500 already says backlog.
+    assert claim_was_cut(claimed(500), more=False, batch_size=5_000, max_bytes=16 << 20)
+    assert not claim_was_cut(claimed(499), more=False, batch_size=5_000, max_bytes=16 << 20)
