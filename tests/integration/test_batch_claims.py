@@ -473,11 +473,12 @@ def test_a_read_that_meets_an_ordering_group_takes_500_rows_and_the_rest_next(
             ],
         )
         conn.commit()
-        ids = dict(
-            conn.execute(
+        ids: dict[str, int] = {
+            key: id_
+            for key, id_ in conn.execute(
                 "SELECT operation_key, id FROM relay.intake WHERE operation_key NOT LIKE 'u-%'"
             ).fetchall()
-        )
+        }
     reads: list[Promoted] = []
     with psycopg.connect(url, autocommit=True) as conn:
         Ticker().run_once(conn)
