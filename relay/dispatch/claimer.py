@@ -71,10 +71,9 @@ def claim_was_cut(
     """Whether a claim stopped short of the work there was (a backlog), not for want of work
     (live load): it filled a batch (or took ``FULL_BATCH``), work was left behind it (``more``:
     rows of the pair unread, or rows its read left in the pool), or its payloads came near the
-    byte cap. The cap counts
-    payloads as stored (jsonb, perhaps compressed), so half of it in UTF-8 counts as reached: a
-    wrong guess errs toward "backlog", which claims ahead as before (throughput), never toward
-    waiting."""
+    byte cap. The cap counts payloads as stored (jsonb, perhaps compressed), so half of it in
+    UTF-8 counts as reached: a wrong guess errs toward "backlog", which claims ahead as before
+    (throughput), never toward waiting."""
     if more or len(effects) >= min(batch_size, FULL_BATCH):
         return True
     chars = sum(len(e.payload) for e in effects)
