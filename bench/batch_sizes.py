@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bench.drain import DrainSizes, bare_producer_drain, relay_drain
+from bench.report import ratio
 from relay.config import Settings
 from relay.devtools.services import local_services
 
@@ -68,8 +69,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 )
                 if first is None:
                     first = relay.rate
-                to_bare = None if not (relay.rate and bare.rate) else relay.rate / bare.rate
-                to_first = None if not (relay.rate and first) else relay.rate / first
+                to_bare, to_first = ratio(relay.rate, bare.rate), ratio(relay.rate, first)
                 rss = None if relay.peak_kib is None else relay.peak_kib / 1024
                 print(
                     f"| {round_} | {size:,} | {_num(relay.rate)} | {_num(to_bare, 2)} | "
