@@ -17,6 +17,7 @@ from kafka import KafkaProducer
 from kafka import errors as kerr
 
 from relay.dispatch import transactions
+from relay.dispatch.appender import Appender
 from relay.dispatch.murmur2 import murmur2
 from relay.dispatch.outcomes import (
     AttemptOutcome,
@@ -209,6 +210,7 @@ def _send_all(
     raised, appended to ``status``).
     """
     pending: list[tuple[int, Any]] = []
+    appender = Appender(producer)
     unavailable: dict[str, Classified] = {}
     layout: dict[str, list[int]] = {}  # each topic's partitions, asked once a batch
     now = datetime.now(UTC)
@@ -236,12 +238,8 @@ def _send_all(
                 # An ordering group's effects go to the group's partition, whatever their keys.
                 by = record.key if effect.ordering_group is None else effect.ordering_group.encode()
                 partition = key_partition(by, ordered)
-            future = producer.send(
-                record.topic,
-                key=record.key,
-                value=record.value,
-                headers=record.headers,
-                partition=partition,
+            future = appender.append(
+                record.topic, partition, record.key, record.value, record.headers
             )
         except Exception as exc:  # noqa: BLE001 - every send error is classified, none escapes
             verdict = classify_send_error(exc)
@@ -262,12 +260,8 @@ def _send_all(
                     status.append(
                         (
                             index,
-                            producer.send(
-                                event.topic,
-                                key=event.key,
-                                value=event.value,
-                                headers=event.headers,
-                                partition=event.partition,
+                            appender.append(
+                                event.topic, event.partition, event.key, event.value, event.headers
                             ),
                         )
                     )

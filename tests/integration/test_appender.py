@@ -1,0 +1,122 @@
+"""The publisher's records go straight into kafka-python's accumulator (relay.dispatch.appender):
+they must arrive as ``KafkaProducer.send`` would have sent them, and be refused where ``send``
+refuses them. Real Kafka."""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from kafka import KafkaProducer
+from kafka import errors as kerr
+from kafka.admin import KafkaAdminClient, NewTopic
+
+from relay.devtools.services import Services
+from relay.dispatch.appender import Appender
+from tests import support
+
+
+@pytest.fixture
+def topic(services: Services, prefix: str) -> Iterator[str]:
+    name = f"{prefix}-appended"
+    admin = KafkaAdminClient(bootstrap_servers=services.kafka_bootstrap_servers)
+    try:
+        admin.create_topics([NewTopic(name, 3, 1)])
+        yield name
+    finally:
+        admin.close()
+
+
+def _producer(services: Services, prefix: str) -> KafkaProducer:
+    producer = KafkaProducer(
+        bootstrap_servers=services.kafka_bootstrap_servers,
+        transactional_id=f"{prefix}-appender",
+        enable_idempotence=True,
+    )
+    producer.init_transactions()
+    return producer
+
+
+def _headers(i: int) -> list[tuple[str, bytes]]:
+    return [("ce_id", f"id-{i}".encode()), ("ce_type", b"t"), ("empty", b"")]
+
+
+def _seen(record: Any) -> tuple[bytes, bytes, int, list[tuple[str, bytes]]]:
+    return record.key, record.value, record.partition, list(record.headers)
+
+
+def test_appended_records_arrive_as_sent_ones_in_one_transaction(
+    services: Services, prefix: str, topic: str
+) -> None:
+    producer = _producer(services, prefix)
+    try:
+        producer.partitions_for(topic)
+        producer.begin_transaction()
+        appender = Appender(producer)
+        assert appender.direct
+        futures = []
+        for i in range(60):
+            # the same record twice: once appended, once through send()
+            key, value, partition = f"k-{i}".encode(), f'{{"n": {i}}}'.encode(), i % 3
+            futures.append(appender.append(topic, partition, key, value, _headers(i)))
+            futures.append(
+                producer.send(topic, key=key, value=value, headers=_headers(i), partition=partition)
+            )
+        # a record without a partition is the partitioner's, through send()
+        futures.append(appender.append(topic, None, b"k-x", b"{}", _headers(99)))
+        producer.commit_transaction()
+        metadata = [f.get(timeout=30) for f in futures]
+    finally:
+        producer.close()
+    assert [m.partition for m in metadata[:-1]] == [i % 3 for i in range(60) for _ in (0, 1)]
+    records = support.read_topic(services.kafka_bootstrap_servers, topic, 121)
+    assert len(records) == 121
+    seen = sorted(_seen(r) for r in records if r.key != b"k-x")
+    # every record arrived twice, identical: appended and sent
+    assert seen[0::2] == seen[1::2]
+    assert {(k, v, p) for k, v, p, _ in seen} == {
+        (f"k-{i}".encode(), f'{{"n": {i}}}'.encode(), i % 3) for i in range(60)
+    }
+    assert all(h == _headers(int(k.decode()[2:])) for k, _, _, h in seen)
+    # each partition's offsets follow the order the records were handed over
+    by_partition: dict[int, list[int]] = {}
+    for m in metadata[:-1]:
+        by_partition.setdefault(m.partition, []).append(m.offset)
+    assert all(offsets == sorted(offsets) for offsets in by_partition.values())
+
+
+def test_an_append_outside_a_transaction_is_refused_as_send_refuses_it(
+    services: Services, prefix: str, topic: str
+) -> None:
+    producer = _producer(services, prefix)
+    try:
+        producer.partitions_for(topic)
+        appender = Appender(producer)
+        with pytest.raises(kerr.IllegalStateError) as appended:
+            appender.append(topic, 0, b"k", b"{}", [])
+        with pytest.raises(kerr.IllegalStateError) as sent:
+            producer.send(topic, key=b"k", value=b"{}", partition=0)
+        assert str(appended.value) == str(sent.value)
+    finally:
+        producer.close()
+
+
+def test_a_producer_without_the_accumulator_is_sent_to_through_send(
+    services: Services, prefix: str, topic: str
+) -> None:
+    producer = _producer(services, prefix)
+    try:
+        producer.begin_transaction()
+        # only send(): what a kafka-python without the internals offers
+        facade: Any = types.SimpleNamespace(send=producer.send)
+        appender = Appender(facade)
+        assert not appender.direct
+        future = appender.append(topic, 2, b"k-1", b'{"a": 1}', _headers(1))
+        producer.commit_transaction()
+        assert future.get(timeout=30).partition == 2
+    finally:
+        producer.close()
+    records = support.read_topic(services.kafka_bootstrap_servers, topic, 1)
+    assert [_seen(r) for r in records] == [(b"k-1", b'{"a": 1}', 2, _headers(1))]
