@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
+from itertools import chain
 from typing import Any, NamedTuple
 
 from kafka import KafkaProducer
@@ -85,9 +86,13 @@ class PublishResult(NamedTuple):
 
 
 def estimated_record_size(key: bytes, value: bytes, headers: list[tuple[str, bytes]]) -> int:
-    """An upper bound of the record's size in a one-record batch (v2 format overheads)."""
-    header_bytes = sum(len(k.encode()) + len(v) + 10 for k, v in headers)
-    return 61 + 21 + len(key) + len(value) + header_bytes
+    """An upper bound of the record's size in a one-record batch: the v2 batch header (61 bytes)
+    and every varint of the record at its longest (36 bytes, and 10 a header). Header names are
+    the relay's own, ASCII: a name's length is its size in bytes (the lengths summed in one pass
+    took a third of the time of encoding each name)."""
+    return (
+        97 + len(key) + len(value) + sum(map(len, chain.from_iterable(headers))) + 10 * len(headers)
+    )
 
 
 class Record(NamedTuple):

@@ -5,13 +5,18 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from kafka.record.default_records import DefaultRecordBatchBuilder
 
+from relay import headers as relay_headers
 from relay.dispatch.outcomes import AttemptOutcome
 from relay.dispatch.publisher import (
     ClaimedEffect,
     PublishResult,
     ack_latencies_s,
     build_record,
+    estimated_record_size,
     key_partition,
 )
 
@@ -186,3 +191,26 @@ def test_a_keyed_record_goes_where_kafka_pythons_own_partitioner_would_send_it()
             key = f"order-{i}-\u00e9".encode()
             expected = partitioner.partition("t", key, key, None, None, cluster)
             assert key_partition(key, sorted(partitions)) == expected
+
+
+_NAMES = sorted(
+    {
+        value
+        for name, value in vars(relay_headers).items()
+        if name.startswith("H_") and isinstance(value, str)
+    }
+    | {"ce_specversion", "ce_id", "ce_type", "ce_source", "ce_time", "content-type"}
+)
+
+
+@given(
+    key=st.binary(max_size=600),
+    value=st.binary(max_size=70_000),
+    headers=st.lists(st.tuples(st.sampled_from(_NAMES), st.binary(max_size=3_000)), max_size=12),
+)
+def test_the_estimate_bounds_kafka_pythons_from_above(
+    key: bytes, value: bytes, headers: list[tuple[str, bytes]]
+) -> None:
+    # The appender skips send()'s own size check: the relay's estimate must never be the smaller.
+    kafkas = DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, headers)
+    assert estimated_record_size(key, value, headers) >= kafkas
