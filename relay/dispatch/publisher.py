@@ -211,14 +211,13 @@ def _send_all(
 
     A topic whose metadata could not be had is not tried again within the batch, so one bad
     topic costs one wait. With a ``status_topic``, an intent whose status events ride in the
-    transaction has them sent right after its record (their futures, or the exception a send
-    raised, appended to ``status``).
+    transaction has them sent after its record, only if its record was taken (their futures, or
+    the exception a send raised, appended to ``status``).
     """
-    pending: list[tuple[int, Any]] = []
     appender = Appender(producer)
+    sent: list[tuple[int, int]] = []  # (index in batch, slot in the appender)
     unavailable: dict[str, Classified] = {}
     layout: dict[str, list[int]] = {}  # each topic's partitions, asked once a batch
-    now = datetime.now(UTC)
     for index, effect in enumerate(batch):
         if effect.topic in unavailable:
             verdict = unavailable[effect.topic]
@@ -238,41 +237,67 @@ def _send_all(
             ordered = layout.get(effect.topic)
             if ordered is None:
                 ordered = layout[effect.topic] = sorted(producer.partitions_for(effect.topic))
-            partition = record.partition
-            if ordered:
-                # An ordering group's effects go to the group's partition, whatever their keys.
-                by = record.key if effect.ordering_group is None else effect.ordering_group.encode()
-                partition = key_partition(by, ordered)
-            future = appender.append(
-                record.topic, partition, record.key, record.value, record.headers
-            )
         except Exception as exc:  # noqa: BLE001 - every send error is classified, none escapes
             verdict = classify_send_error(exc)
             if isinstance(exc, kerr.KafkaTimeoutError):
                 unavailable[effect.topic] = verdict
             results[index] = PublishResult(effect, verdict.outcome, verdict.reason)
             continue
-        pending.append((index, future))
-        if status is not None and status_topic is not None and effect.status_in_txn:
-            try:
-                for event in batch_status_records(
-                    effect,
-                    topic=status_topic,
-                    source=source,
-                    now=now,
-                    partitions=status_partitions,
-                ):
-                    status.append(
-                        (
-                            index,
-                            appender.append(
-                                event.topic, event.partition, event.key, event.value, event.headers
-                            ),
-                        )
-                    )
-            except Exception as exc:  # noqa: BLE001 - the transaction is aborted for it
-                status.append((index, exc))
+        partition = record.partition
+        if ordered:
+            # An ordering group's effects go to the group's partition, whatever their keys.
+            by = record.key if effect.ordering_group is None else effect.ordering_group.encode()
+            partition = key_partition(by, ordered)
+        sent.append(
+            (index, appender.add(record.topic, partition, record.key, record.value, record.headers))
+        )
+    slots = appender.flush()
+    pending: list[tuple[int, Any]] = []
+    for index, slot in sent:
+        future = slots[slot]
+        if isinstance(future, Exception):
+            verdict = classify_send_error(future)
+            results[index] = PublishResult(batch[index], verdict.outcome, verdict.reason)
+        else:
+            pending.append((index, future))
+    if status is not None and status_topic is not None:
+        _send_status(appender, batch, pending, status, status_topic, source, status_partitions)
     return pending
+
+
+def _send_status(
+    appender: Appender,
+    batch: Sequence[ClaimedEffect],
+    pending: list[tuple[int, Any]],
+    status: list[tuple[int, Any]],
+    topic: str,
+    source: str,
+    partitions: Sequence[int] | None,
+) -> None:
+    """The status events of the intents whose records were taken and whose events ride in the
+    transaction (``status_in_txn``): by intent, each event's future or what refused it."""
+    now = datetime.now(UTC)
+    queued: list[tuple[int, int]] = []
+    for index, _ in pending:
+        effect = batch[index]
+        if not effect.status_in_txn:
+            continue
+        try:
+            for event in batch_status_records(
+                effect, topic=topic, source=source, now=now, partitions=partitions
+            ):
+                queued.append(
+                    (
+                        index,
+                        appender.add(
+                            event.topic, event.partition, event.key, event.value, event.headers
+                        ),
+                    )
+                )
+        except Exception as exc:  # noqa: BLE001 - the transaction is aborted for it
+            status.append((index, exc))
+    slots = appender.flush()
+    status.extend((index, slots[slot]) for index, slot in queued)
 
 
 def _status_failures(

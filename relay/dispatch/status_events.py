@@ -34,7 +34,9 @@ from kafka import errors as kerr
 
 from relay.config import Settings
 from relay.dispatch import transactions
+from relay.dispatch.appender import Appender
 from relay.dispatch.lookup import Found, Wanted, find_attempts, open_consumer
+from relay.dispatch.publisher import key_partition
 from relay.dispatch.stage import Held, Identity, Stage
 from relay.dispatch.status_records import status_value
 from relay.errors import describe
@@ -176,26 +178,31 @@ class StatusPublisher(Stage):
             return
         timeout_s = self.settings.publish_timeout_s
         try:
+            topic = self.settings.status_topic
+            # Partitions as kafka-python's partitioner would pick them from the keys, so that
+            # the records go through the appender (relay/dispatch/appender.py).
+            ordered = sorted(producer.partitions_for(topic))
             producer.begin_transaction()
-            futures = [
-                producer.send(
-                    self.settings.status_topic,
-                    key=e.operation_key.encode(),
-                    value=_event_value(e),
-                    headers=status_headers(
-                        effect_id=e.effect_id,
-                        transition_id=e.transition_id,
-                        part=e.part,
-                        at=e.at,
-                        source=self.settings.cloudevents_source,
-                        traceparent=e.traceparent,
-                    ),
+            appender = Appender(producer)
+            slots = []
+            for e in due:
+                key = e.operation_key.encode()
+                headers = status_headers(
+                    effect_id=e.effect_id,
+                    transition_id=e.transition_id,
+                    part=e.part,
+                    at=e.at,
+                    source=self.settings.cloudevents_source,
+                    traceparent=e.traceparent,
                 )
-                for e in due
-            ]
+                partition = key_partition(key, ordered) if ordered else None
+                slots.append(appender.add(topic, partition, key, _event_value(e), headers))
+            sent = appender.flush()
             producer.flush(timeout=timeout_s)
-            for future in futures:
-                future.get(timeout=timeout_s)
+            for slot in slots:
+                if isinstance(sent[slot], Exception):
+                    raise sent[slot]
+                sent[slot].get(timeout=timeout_s)
             transactions.commit(producer, timeout_s)
         except Exception as exc:  # noqa: BLE001 - any failure: settle the in-flight set later
             if isinstance(exc, kerr.KafkaError):

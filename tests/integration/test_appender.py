@@ -56,21 +56,24 @@ def test_appended_records_arrive_as_sent_ones_in_one_transaction(
         producer.begin_transaction()
         appender = Appender(producer)
         assert appender.direct
-        futures = []
+        slots, sent = [], []
         for i in range(60):
             # the same record twice: once appended, once through send()
             key, value, partition = f"k-{i}".encode(), f'{{"n": {i}}}'.encode(), i % 3
-            futures.append(appender.append(topic, partition, key, value, _headers(i)))
-            futures.append(
+            slots.append(appender.add(topic, partition, key, value, _headers(i)))
+            sent.append(
                 producer.send(topic, key=key, value=value, headers=_headers(i), partition=partition)
             )
         # a record without a partition is the partitioner's, through send()
-        futures.append(appender.append(topic, None, b"k-x", b"{}", _headers(99)))
+        unplaced = appender.add(topic, None, b"k-x", b"{}", _headers(99))
+        futures = appender.flush()
         producer.commit_transaction()
-        metadata = [f.get(timeout=30) for f in futures]
+        appended = [futures[slot].get(timeout=30) for slot in slots]
+        assert futures[unplaced].get(timeout=30).offset >= 0
+        assert [f.get(timeout=30).partition for f in sent] == [i % 3 for i in range(60)]
     finally:
         producer.close()
-    assert [m.partition for m in metadata[:-1]] == [i % 3 for i in range(60) for _ in (0, 1)]
+    assert [m.partition for m in appended] == [i % 3 for i in range(60)]
     records = support.read_topic(services.kafka_bootstrap_servers, topic, 121)
     assert len(records) == 121
     seen = sorted(_seen(r) for r in records if r.key != b"k-x")
@@ -80,11 +83,39 @@ def test_appended_records_arrive_as_sent_ones_in_one_transaction(
         (f"k-{i}".encode(), f'{{"n": {i}}}'.encode(), i % 3) for i in range(60)
     }
     assert all(h == _headers(int(k.decode()[2:])) for k, _, _, h in seen)
-    # each partition's offsets follow the order the records were handed over
-    by_partition: dict[int, list[int]] = {}
-    for m in metadata[:-1]:
-        by_partition.setdefault(m.partition, []).append(m.offset)
-    assert all(offsets == sorted(offsets) for offsets in by_partition.values())
+    # each partition's records in the order they were added
+    for p in range(3):
+        offsets = [m.offset for i, m in enumerate(appended) if i % 3 == p]
+        assert offsets == sorted(offsets)
+
+
+def test_runs_of_appends_fill_producer_batches_in_order(
+    services: Services, prefix: str, topic: str
+) -> None:
+    # Producer batches of 16 KiB hold about 15 of these records: a run stops where one fills and
+    # the accumulator makes the next.
+    producer = KafkaProducer(
+        bootstrap_servers=services.kafka_bootstrap_servers,
+        transactional_id=f"{prefix}-runs",
+        enable_idempotence=True,
+        batch_size=16 * 1024,
+    )
+    try:
+        producer.init_transactions()
+        producer.partitions_for(topic)
+        producer.begin_transaction()
+        appender = Appender(producer)
+        value = b"v" * 1000
+        slots = [appender.add(topic, 1, f"r-{i}".encode(), value, _headers(i)) for i in range(2000)]
+        futures = appender.flush()
+        producer.commit_transaction()
+        offsets = [futures[slot].get(timeout=30).offset for slot in slots]
+    finally:
+        producer.close()
+    assert offsets == list(range(offsets[0], offsets[0] + 2000))
+    records = support.read_topic(services.kafka_bootstrap_servers, topic, 2000)
+    assert [r.key for r in records] == [f"r-{i}".encode() for i in range(2000)]
+    assert {r.partition for r in records} == {1}
 
 
 def test_an_append_outside_a_transaction_is_refused_as_send_refuses_it(
@@ -94,11 +125,12 @@ def test_an_append_outside_a_transaction_is_refused_as_send_refuses_it(
     try:
         producer.partitions_for(topic)
         appender = Appender(producer)
-        with pytest.raises(kerr.IllegalStateError) as appended:
-            appender.append(topic, 0, b"k", b"{}", [])
+        slots = [appender.add(topic, 0, b"k", b"{}", []), appender.add(topic, 0, b"j", b"{}", [])]
+        refused = appender.flush()
         with pytest.raises(kerr.IllegalStateError) as sent:
             producer.send(topic, key=b"k", value=b"{}", partition=0)
-        assert str(appended.value) == str(sent.value)
+        assert all(isinstance(refused[slot], kerr.IllegalStateError) for slot in slots)
+        assert {str(refused[slot]) for slot in slots} == {str(sent.value)}
     finally:
         producer.close()
 
@@ -113,7 +145,8 @@ def test_a_producer_without_the_accumulator_is_sent_to_through_send(
         facade: Any = types.SimpleNamespace(send=producer.send)
         appender = Appender(facade)
         assert not appender.direct
-        future = appender.append(topic, 2, b"k-1", b'{"a": 1}', _headers(1))
+        slot = appender.add(topic, 2, b"k-1", b'{"a": 1}', _headers(1))
+        future = appender.flush()[slot]
         producer.commit_transaction()
         assert future.get(timeout=30).partition == 2
     finally:
