@@ -37,6 +37,8 @@ from bench.common import (
 )
 from bench.report import Figure, Target
 from relay.config import Settings
+from relay.dispatch.appender import Appender
+from relay.dispatch.publisher import key_partition
 
 CODECS = ("none", "lz4", "zstd")
 BARE_TARGET = Target("ratio", ">=", 0.8)
@@ -242,9 +244,19 @@ def relay_drain(
 
 
 def _bare_producer(
-    bootstrap: str, topic: str, n: int, size: int, batch: int, codec: str, source: str, out: Any
+    bootstrap: str,
+    topic: str,
+    n: int,
+    size: int,
+    batch: int,
+    codec: str,
+    source: str,
+    out: Any,
+    appended: bool = False,
 ) -> None:
-    """In its own process: the records the relay would send, in transactions of ``batch``."""
+    """In its own process: the records the relay would send, in transactions of ``batch``;
+    ``appended``: through the relay's appender (each record's partition computed as the relay
+    computes it), else through ``send``."""
     producer = KafkaProducer(
         bootstrap_servers=bootstrap.split(","),
         transactional_id=f"bench-bare-{uuid.uuid4().hex[:8]}",
@@ -257,23 +269,40 @@ def _bare_producer(
         compression_type=None if codec == "none" else codec,
     )
     producer.init_transactions()
-    producer.partitions_for(topic)
+    ordered = sorted(producer.partitions_for(topic))
     values = [payload_text(i, size) for i in range(n)]
     created = datetime.now(UTC)
     started = time.monotonic()
     cpu_started = time.process_time()  # every thread of this process: the sender's too
     for first in range(0, n, batch):
         producer.begin_transaction()
-        for i in range(first, min(n, first + batch)):
-            headers = bench_headers(i, created, source)
-            producer.send(topic, key=f"d-{i}".encode(), value=values[i], headers=headers)
+        if appended:
+            appender = Appender(producer)
+            for i in range(first, min(n, first + batch)):
+                key = f"d-{i}".encode()
+                headers = bench_headers(i, created, source)
+                appender.add(topic, key_partition(key, ordered), key, values[i], headers)
+            refused = [x for x in appender.flush() if isinstance(x, Exception)]
+            if refused:
+                raise refused[0]
+        else:
+            for i in range(first, min(n, first + batch)):
+                headers = bench_headers(i, created, source)
+                producer.send(topic, key=f"d-{i}".encode(), value=values[i], headers=headers)
         producer.commit_transaction()
     out.put((time.monotonic() - started, time.process_time() - cpu_started))
     producer.close()
 
 
 def bare_producer_drain(
-    bootstrap: str, sizes: DrainSizes, *, payload_bytes: int, codec: str, batch: int, source: str
+    bootstrap: str,
+    sizes: DrainSizes,
+    *,
+    payload_bytes: int,
+    codec: str,
+    batch: int,
+    source: str,
+    appended: bool = False,
 ) -> Drained:
     prefix = uuid.uuid4().hex[:8]
     topic = f"{prefix}.bare"
@@ -285,7 +314,7 @@ def bare_producer_drain(
         queue: Any = ctx.Queue()
         proc = ctx.Process(
             target=_bare_producer,
-            args=(bootstrap, topic, n, payload_bytes, batch, codec, source, queue),
+            args=(bootstrap, topic, n, payload_bytes, batch, codec, source, queue, appended),
         )
         proc.start()
         try:
@@ -410,6 +439,22 @@ def run(
                 f"{_us(bare[codec].proc_us)} CPU/effect",
                 flush=True,
             )
+        # The relay appends its records past send() (relay/dispatch/appender.py): the same bare
+        # producer through that path is its second ceiling.
+        past_send = bare_producer_drain(
+            bootstrap,
+            sizes,
+            payload_bytes=size,
+            codec="none",
+            batch=batch,
+            source=source,
+            appended=True,
+        )
+        print(
+            f"  (b) bare producer through the relay's appender, {size} B, none: "
+            f"{past_send.rate or 0:,.0f}/s, {_us(past_send.proc_us)} CPU/effect",
+            flush=True,
+        )
         db = claim_and_mark(server_url, sizes, payload_bytes=size, batch=batch)
         print(f"  (b) bare claim-and-mark in PostgreSQL, {size} B: {db:,.0f}/s", flush=True)
         relay_codecs = sizes.codecs if configurable else ("none",)
@@ -544,6 +589,17 @@ def run(
                     extra={"duplicates": drained.duplicates, "seen": drained.seen},
                 )
             )
+        figures.append(
+            Figure(
+                "b",
+                f"drain of {n:,} effects, one relay, {size} B, compression none, against the "
+                "bare producer on the relay's path past send()",
+                one["none"].rate,
+                "effects/s",
+                ceiling=past_send.rate,
+                ceiling_name="bare transactional producer through relay/dispatch/appender.py",
+            )
+        )
         figures.append(
             Figure(
                 "b",
