@@ -4,11 +4,13 @@
 for its first record: the header types, the topic's metadata, the record's size, the
 transaction's state and whether the partition is in the transaction yet (a lock taken twice).
 In a drain they were half of ``send``'s cost and a third of the publishing thread's (py-spy, a
-batch of 5,000). The relay has made them already: its records are bytes with (str, bytes)
-headers, each topic's metadata is asked once a batch, a record over ``max_request_size`` is
-refused before it is sent (its estimate bounds kafka-python's from above), and the
-transaction's state is checked once for each partition of the batch; an error after that fails
-the records' futures, as an error in flight does.
+batch of 5,000). For the relay's records most hold by construction: keys, values and header
+values are bytes and header names str (``relay.headers``), each topic's partitions come from
+its metadata, asked once a batch. The relay refuses a record over its limit before it is added
+(its estimate bounds kafka-python's from above). The transaction's state is checked here before
+each run of a partition's records: a transaction in error refuses the rest of the batch's
+records as ``send`` would (not sent), and an error between two checks fails the records of the
+run in flight through their futures, as an error after ``send`` does.
 
 The accumulator's own ``append`` then takes the partition's lock and two more for a counter, for
 every record: the records of a partition are appended in runs under one hold of its lock, into
@@ -16,15 +18,18 @@ its open producer batch, as ``append`` does one at a time (a new producer batch 
 ``append`` itself). A run is short (``RUN`` records) so that the sender thread, which drains a
 partition under the same lock, never waits long.
 
-The accumulator is kafka-python's internal API (tested with kafka-python 3.0); a producer
-without it, or a record without a partition (the partitioner's to pick), goes through ``send``.
+The accumulator is kafka-python's internal API: it is used with kafka-python 3.0.x only (the
+version it is tested with; its shape is checked too). Any other version, a producer without it,
+or a record without a partition (the partitioner's to pick), goes through ``send``.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import kafka
 from kafka import KafkaProducer
+from kafka import errors as kerr
 from kafka.structs import TopicPartition
 
 RUN = 64
@@ -36,6 +41,8 @@ _ACCUMULATOR_PARTS = ("append", "_tp_lock", "_batches", "_appends_in_progress")
 
 
 def _direct(producer: KafkaProducer) -> bool:
+    if not str(getattr(kafka, "__version__", "")).startswith("3.0."):
+        return False
     accumulator = getattr(producer, "_accumulator", None)
     sender = getattr(producer, "_sender", None)
     transactions = getattr(producer, "_transaction_manager", None)
@@ -48,6 +55,7 @@ def _direct(producer: KafkaProducer) -> bool:
             or (
                 callable(getattr(transactions, "is_transactional", None))
                 and callable(getattr(transactions, "maybe_add_partition_to_transaction", None))
+                and callable(getattr(transactions, "_fail_if_not_ready_for_send", None))
             )
         )
     )
@@ -111,6 +119,12 @@ class Appender:
         (``send``'s for the first record of a partition: a transaction in error, a producer
         closed)."""
         queued, self._queued = self._queued, {}
+        if queued and getattr(self._producer, "_closed", False):
+            closed = kerr.IllegalStateError("KafkaProducer already closed!")
+            for records in queued.values():
+                for *_, slot in records:
+                    self._slots[slot] = closed
+            return self._slots
         for tp, records in queued.items():
             try:
                 if self._transactions is not None:
@@ -129,6 +143,10 @@ class Appender:
         while done < count:
             start = done
             full = False
+            if self._transactions is not None:
+                # send()'s check of the transaction, once a run: raises, and the partition's
+                # records not yet appended are refused with it (flush).
+                self._transactions._fail_if_not_ready_for_send()
             if not accumulator._closed:
                 # As RecordAccumulator.append: the count of appends in progress, then the lock.
                 accumulator._appends_in_progress.increment()

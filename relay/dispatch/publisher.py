@@ -261,7 +261,9 @@ def _send_all(
         else:
             pending.append((index, future))
     if status is not None and status_topic is not None:
-        _send_status(appender, batch, pending, status, status_topic, source, status_partitions)
+        _send_status(
+            appender, batch, pending, status, status_topic, source, status_partitions, limit_bytes
+        )
     return pending
 
 
@@ -273,9 +275,11 @@ def _send_status(
     topic: str,
     source: str,
     partitions: Sequence[int] | None,
+    limit_bytes: int,
 ) -> None:
     """The status events of the intents whose records were taken and whose events ride in the
-    transaction (``status_in_txn``): by intent, each event's future or what refused it."""
+    transaction (``status_in_txn``): by intent, each event's future or what refused it (one over
+    the size limit is refused here, as ``send`` refused it)."""
     now = datetime.now(UTC)
     queued: list[tuple[int, int]] = []
     for index, _ in pending:
@@ -286,6 +290,12 @@ def _send_status(
             for event in batch_status_records(
                 effect, topic=topic, source=source, now=now, partitions=partitions
             ):
+                size = estimated_record_size(event.key, event.value, event.headers)
+                if size > limit_bytes:
+                    raise kerr.MessageSizeTooLargeError(
+                        f"a status event of about {size} bytes exceeds the limit of "
+                        f"{limit_bytes} bytes"
+                    )
                 queued.append(
                     (
                         index,

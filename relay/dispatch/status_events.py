@@ -36,7 +36,7 @@ from relay.config import Settings
 from relay.dispatch import transactions
 from relay.dispatch.appender import Appender
 from relay.dispatch.lookup import Found, Wanted, find_attempts, open_consumer
-from relay.dispatch.publisher import key_partition
+from relay.dispatch.publisher import estimated_record_size, key_partition
 from relay.dispatch.stage import Held, Identity, Stage
 from relay.dispatch.status_records import status_value
 from relay.errors import describe
@@ -195,13 +195,21 @@ class StatusPublisher(Stage):
                     source=self.settings.cloudevents_source,
                     traceparent=e.traceparent,
                 )
+                value = _event_value(e)
+                # send() refused a record over max_request_size before it went out; so does this.
+                size = estimated_record_size(key, value, headers)
+                if size > producer.config["max_request_size"]:
+                    raise kerr.MessageSizeTooLargeError(
+                        f"a status event of about {size} bytes exceeds max_request_size"
+                    )
                 partition = key_partition(key, ordered) if ordered else None
-                slots.append(appender.add(topic, partition, key, _event_value(e), headers))
+                slots.append(appender.add(topic, partition, key, value, headers))
             sent = appender.flush()
-            producer.flush(timeout=timeout_s)
             for slot in slots:
                 if isinstance(sent[slot], Exception):
                     raise sent[slot]
+            producer.flush(timeout=timeout_s)
+            for slot in slots:
                 sent[slot].get(timeout=timeout_s)
             transactions.commit(producer, timeout_s)
         except Exception as exc:  # noqa: BLE001 - any failure: settle the in-flight set later

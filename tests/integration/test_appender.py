@@ -8,6 +8,7 @@ import types
 from collections.abc import Iterator
 from typing import Any
 
+import kafka
 import pytest
 from kafka import KafkaProducer
 from kafka import errors as kerr
@@ -153,3 +154,34 @@ def test_a_producer_without_the_accumulator_is_sent_to_through_send(
         producer.close()
     records = support.read_topic(services.kafka_bootstrap_servers, topic, 1)
     assert [_seen(r) for r in records] == [(b"k-1", b'{"a": 1}', 2, _headers(1))]
+
+
+def test_another_kafka_python_version_is_sent_to_through_send(
+    services: Services, prefix: str, topic: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The accumulator's shape is kafka-python 3.0's: any other version goes through send().
+    monkeypatch.setattr(kafka, "__version__", "3.1.0")
+    producer = _producer(services, prefix)
+    try:
+        producer.begin_transaction()
+        appender = Appender(producer)
+        assert not appender.direct
+        slot = appender.add(topic, 0, b"k-2", b"{}", _headers(2))
+        future = appender.flush()[slot]
+        producer.commit_transaction()
+        assert future.get(timeout=30).partition == 0
+    finally:
+        producer.close()
+
+
+def test_a_closed_producer_refuses_every_queued_record(
+    services: Services, prefix: str, topic: str
+) -> None:
+    producer = _producer(services, prefix)
+    producer.partitions_for(topic)
+    producer.begin_transaction()
+    appender = Appender(producer)
+    slots = [appender.add(topic, p, b"k", b"{}", []) for p in (0, 1, 2)]
+    producer.close()
+    refused = appender.flush()
+    assert all(isinstance(refused[slot], kerr.IllegalStateError) for slot in slots)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 from kafka.record.default_records import DefaultRecordBatchBuilder
 
@@ -203,6 +203,10 @@ _NAMES = sorted(
 )
 
 
+@example(key=b"", value=b"", headers=[])
+@example(key=b"k" * 127, value=b"v" * 16_383, headers=[("ce_id", b"x" * 127)] * 3)
+@example(key=b"k" * 128, value=b"v" * 16_384, headers=[("ce_id", b"x" * 128)] * 3)
+@example(key=b"k" * 16_384, value=b"v" * (1 << 21), headers=[("traceparent", b"")] * 130)
 @given(
     key=st.binary(max_size=600),
     value=st.binary(max_size=70_000),
