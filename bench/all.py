@@ -6,7 +6,8 @@
 publishing; status events on and off) against the same rows inserted into a plain table;
 (b) the drain of a backlog (256 B and 4 KiB; compression), one and two relays, against a bare
 transactional producer and the bare claim-and-mark cycle in PostgreSQL;
-(c) enqueue-to-consumer latency, open loop, at 300/s and at 10/50/80 % of the drain rate;
+(c) enqueue-to-consumer latency, open loop, at 300/s and at 10/50/80 % of the drain rate, and at
+300/s for 60 s with writing transactions held open in the relay's database and another one;
 (d) the reconciler from a backlog of results against a bare read_committed consumer;
 (e) peak RSS of each daemon with a small and a large backlog.
 
@@ -59,6 +60,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--drain-effects", type=int, help="(b) backlog to drain [100000]")
     parser.add_argument("--latency-seconds", type=float, help="(c) seconds of load per rate [10]")
     parser.add_argument(
+        "--held-seconds",
+        type=float,
+        help="(c) seconds of the 300/s load with writing transactions held open [60; 0: skip]",
+    )
+    parser.add_argument(
         "--drain-rate",
         type=float,
         help="(c) drain rate the loads are fractions of, when (b) is not run [5000]",
@@ -95,6 +101,7 @@ def plan_for(args: argparse.Namespace) -> Plan:
         latency=latency.LatencySizes(
             seconds=pick(args.latency_seconds, 10.0, 2.0),
             drain_fractions=(0.5,) if quick else (0.1, 0.5, 0.8),
+            held_seconds=pick(args.held_seconds, 60.0, 5.0),
         ),
         reconcile=reconcile.ReconcileSizes(
             results=pick(args.reconcile_results, 100_000, 3_000),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import signal
 import subprocess
@@ -474,3 +475,72 @@ def test_relay_run_switches_status_events_as_its_settings_say(settings: Settings
         support.wait_for(lambda: _status_events_flag(url), 30, "status events on")
     with support.running(Relay(settings.model_copy(update={"status_events": False}))):
         support.wait_for(lambda: not _status_events_flag(url), 30, "status events off")
+
+
+def _all_published(url: str, keys: list[str]) -> bool:
+    return all(_state(url, k) is EffectState.PUBLISHED for k in keys)
+
+
+def _xid(conn: psycopg.Connection[Any]) -> int:
+    row = conn.execute("SELECT pg_current_xact_id()").fetchone()
+    assert row is not None
+    return int(str(row[0]))
+
+
+def test_writing_transactions_held_open_elsewhere_delay_nothing_else(
+    settings: Settings, services: Services, prefix: str
+) -> None:
+    """Issue 19's trap 3 against a live relay: while three writing transactions stay open (an
+    uncommitted intent, another intent holding its ordering group, a write in another database
+    of the cluster), every intent committed after them is published, grouped or not; the held
+    ones are published once they commit. No timing is asserted: only that publication happened
+    while they were still open, with the snapshot horizon provably behind them."""
+    url = settings.require_database_url()
+    elsewhere = support.create_database(services.database_url)
+    held: list[psycopg.Connection[Any]] = []
+    try:
+        for target in (url, url, elsewhere):
+            held.append(psycopg.connect(target))
+        relay.enqueue(held[0], "email", "held-open", {"to": "held"})
+        relay.enqueue(held[1], "email", "held-group-0", {"to": "g"}, ordering_group="g-held")
+        held[2].execute("CREATE TABLE scratch (n int)")
+        held[2].execute("INSERT INTO scratch VALUES (1)")
+        oldest = min(_xid(c) for c in held)
+        later: list[str] = []
+        with support.running(Relay(settings)), psycopg.connect(url, autocommit=True) as conn:
+            for n in range(5):
+                keys = [f"later-{n}", f"free-group-{n}"]
+                relay.enqueue(conn, "email", keys[0], {"to": "x"})
+                relay.enqueue(conn, "email", keys[1], {"to": "y"}, ordering_group="g-free")
+                later += keys
+                support.wait_for(
+                    functools.partial(_all_published, url, keys),
+                    30,
+                    f"round {n} published while the other transactions are open",
+                    explain=lambda: support.diagnose(url),
+                )
+                horizon = conn.execute("SELECT pg_snapshot_xmin(pg_current_snapshot())").fetchone()
+                assert horizon is not None and int(str(horizon[0])) <= oldest, (
+                    "the snapshot horizon moved past a held transaction: the test held nothing"
+                )
+                assert all(
+                    c.info.transaction_status is psycopg.pq.TransactionStatus.INTRANS for c in held
+                )
+                assert _state(url, "held-open") is None  # not committed: not there at all
+            for c in held:
+                c.commit()
+            support.wait_for(
+                functools.partial(_all_published, url, ["held-open", "held-group-0"]),
+                30,
+                "the held intents published once committed",
+                explain=lambda: support.diagnose(url),
+            )
+        expected = {*later, "held-open", "held-group-0"}
+        records = support.read_topic(
+            services.kafka_bootstrap_servers, f"{prefix}.emails", len(expected)
+        )
+        assert Counter(r.key.decode() for r in records) == Counter(expected)
+    finally:
+        for c in held:
+            c.close()
+        support.drop_database(elsewhere)
