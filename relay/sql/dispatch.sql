@@ -347,9 +347,12 @@ WITH expired AS (
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
 ), member AS (
-    SELECT x.id, x.owner, x.owner_epoch, x.claimed_at, m.id AS effect_id,
-           m.id = ANY (x.status_ids) AS in_txn
+    SELECT x.id, x.owner, x.owner_epoch, x.claimed_at, m.id AS effect_id
     FROM expired x CROSS JOIN LATERAL unnest(x.ids) AS m(id)
+), in_txn AS MATERIALIZED (
+    -- Whose status events rode in the transaction: a set probed by hash (= ANY of the batch's
+    -- array for each member was quadratic: 0.46 s for a batch of 5,000, 3.1 s for 20,000).
+    SELECT unnest(x.status_ids) AS id FROM expired x
 ), made AS (
     INSERT INTO relay.effect AS e (id, operation_key, effect_type, topic, payload, business_key,
                                    traceparent, available_at, created_at, updated_at,
@@ -383,7 +386,7 @@ WITH expired AS (
 ), held AS (
     INSERT INTO relay.status_held (effect_id, batch_id)
     SELECT d.id, m.id FROM made d JOIN member m ON m.effect_id = d.id
-    WHERE m.in_txn
+    WHERE d.id IN (SELECT t.id FROM in_txn t)
     ON CONFLICT DO NOTHING
 ), gone AS (
     DELETE FROM relay.dispatch_batch b USING expired x WHERE b.id = x.id
