@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -34,7 +35,7 @@ from relay.states import EffectState
 log = logging.getLogger(__name__)
 
 VERIFY_EVERY_S = 1.0
-VERIFY_ROUND = 200  # UNKNOWN publishes checked per round, with one read of their window
+VERIFY_ROUND = 1000  # UNKNOWN publishes checked per round, with one read of their window
 
 
 class _Check(NamedTuple):
@@ -104,8 +105,7 @@ class Verifier:
         with tracing.span("relay.verification_round", refs) as span:
             answers = self._check_round(checks)
             span.set_attribute("relay.found", sum(isinstance(a, Found) for a in answers.values()))
-        for check in checks:
-            self._finish_check(conn, check, answers[check.effect_id])
+        record_verdicts(conn, self.who, [self._verdict(c, answers[c.effect_id]) for c in checks])
         if len(rows) == VERIFY_ROUND:
             self._last_run = 0.0  # more are due: the next cycle goes on at once
         verdicts = list(answers.values())
@@ -181,61 +181,103 @@ class Verifier:
             return describe(exc)
         return None
 
-    def _finish_check(
-        self, conn: psycopg.Connection[Any], check: _Check, answer: Found | Absent | str
-    ) -> None:
-        """Record the check: PUBLISHED, PENDING (absent), or UNKNOWN again and later STUCK."""
+    def _verdict(self, check: _Check, answer: Found | Absent | str) -> Verdict:
+        """What the check means: PUBLISHED, PENDING (absent), or UNKNOWN again and later STUCK."""
         key, effect_id, attempt, tries = check.key, check.effect_id, check.attempt, check.tries
-        base = {
-            "id": effect_id,
-            "attempt": attempt,
-            "owner": self.who.replica_id,
-            "epoch": self.who.epoch,
-            "partition": None,
-            "offset": None,
-            "retry_in_s": 0.0,
-        }
         if isinstance(answer, str):
             give_up = tries + 1 >= self.settings.verify_max_tries
-            retry_in = min(self.settings.verify_backoff_max_s, 2.0 * 2 ** min(tries, 16))
             why = f"check {tries + 1} of attempt {attempt} could not be made: {answer}"
-            params = {
-                **base,
-                "state": EffectState.STUCK.value if give_up else EffectState.UNKNOWN.value,
-                "reason": (f"{why}; {tries + 1} checks failed, a person decides")
-                if give_up
-                else why,
-                "verification": why,
-                "retry_in_s": retry_in,
-            }
             log.warning(why, extra={"operation_key": key, "effect_id": effect_id})
-        else:
-            if isinstance(answer, Found):
-                found = f"found at partition {answer.partition} offset {answer.offset}"
-                params = {
-                    **base,
-                    "state": EffectState.PUBLISHED.value,
-                    "reason": f"verified in Kafka: attempt {attempt} {found}",
-                    "verification": found,
-                    "partition": answer.partition,
-                    "offset": answer.offset,
-                }
-            else:
-                absent = (
-                    f"absent: not among {answer.scanned} committed records of the attempt's "
-                    f"window in {answer.partitions} partitions, after fencing its producer"
-                )
-                params = {
-                    **base,
-                    "state": EffectState.PENDING.value,
-                    "reason": f"verified absent from Kafka; attempt {attempt} published "
-                    "nothing, a new attempt may be made",
-                    "verification": absent,
-                }
-            log.info(
-                "verified an ambiguous publish: %s",
-                params["verification"],
-                extra={"operation_key": key, "effect_id": effect_id, "attempt": attempt},
+            return Verdict(
+                effect_id,
+                attempt,
+                EffectState.STUCK if give_up else EffectState.UNKNOWN,
+                f"{why}; {tries + 1} checks failed, a person decides" if give_up else why,
+                why,
+                retry_in_s=min(self.settings.verify_backoff_max_s, 2.0 * 2 ** min(tries, 16)),
             )
-        moved = conn.execute(query("finish_verification"), params).fetchone()
-        observability.record_verification(str(params["state"]), int(moved[0]) if moved else 0)
+        if isinstance(answer, Found):
+            found = f"found at partition {answer.partition} offset {answer.offset}"
+            verdict = Verdict(
+                effect_id,
+                attempt,
+                EffectState.PUBLISHED,
+                f"verified in Kafka: attempt {attempt} {found}",
+                found,
+                partition=answer.partition,
+                offset=answer.offset,
+            )
+        else:
+            verdict = Verdict(
+                effect_id,
+                attempt,
+                EffectState.PENDING,
+                f"verified absent from Kafka; attempt {attempt} published nothing, a new attempt "
+                "may be made",
+                f"absent: not among {answer.scanned} committed records of the attempt's window "
+                f"in {answer.partitions} partitions, after fencing its producer",
+            )
+        log.info(
+            "verified an ambiguous publish: %s",
+            verdict.verification,
+            extra={"operation_key": key, "effect_id": effect_id, "attempt": attempt},
+        )
+        return verdict
+
+
+class Verdict(NamedTuple):
+    """A check's outcome as ``finish_verifications`` records it."""
+
+    effect_id: int
+    attempt: int
+    state: EffectState
+    reason: str
+    verification: str
+    partition: int | None = None
+    offset: int | None = None
+    retry_in_s: float = 0.0
+
+
+def finish_params(who: Identity, verdicts: Sequence[Verdict]) -> dict[str, Any]:
+    """``finish_verifications``'s arrays, one element per verdict."""
+    return {
+        "owner": who.replica_id,
+        "epoch": who.epoch,
+        "ids": [v.effect_id for v in verdicts],
+        "attempts": [v.attempt for v in verdicts],
+        "states": [v.state.value for v in verdicts],
+        "reasons": [v.reason for v in verdicts],
+        "verifications": [v.verification for v in verdicts],
+        "partitions": [v.partition for v in verdicts],
+        "offsets": [v.offset for v in verdicts],
+        "retry_in_s": [v.retry_in_s for v in verdicts],
+    }
+
+
+def record_verdicts(
+    conn: psycopg.Connection[Any], who: Identity, verdicts: Sequence[Verdict]
+) -> None:
+    """Record a round's verdicts in one statement. A row the database refuses (a value it
+    cannot store, a constraint an operator added) must not keep the others unrecorded: the
+    round is split until the refused row stands alone; it stays UNKNOWN, claimed until its
+    lease ends, then checked again."""
+    try:
+        moved = conn.execute(query("finish_verifications"), finish_params(who, verdicts)).fetchall()
+    except (psycopg.DataError, psycopg.IntegrityError) as exc:
+        if len(verdicts) == 1:
+            log.error(
+                "the verdict of this check could not be recorded; it is checked again once its "
+                "lease ends",
+                extra={
+                    "effect_id": verdicts[0].effect_id,
+                    "attempt": verdicts[0].attempt,
+                    "reason": describe(exc),
+                },
+            )
+            return
+        half = len(verdicts) // 2
+        record_verdicts(conn, who, verdicts[:half])
+        record_verdicts(conn, who, verdicts[half:])
+        return
+    for state, n in Counter(str(state) for _, state in moved).items():
+        observability.record_verification(state, n)

@@ -18,8 +18,10 @@ from relay.dispatch.daemon import Relay
 from relay.dispatch.intake import Claim, promote
 from relay.dispatch.stage import Held, Identity, expire_leases
 from relay.dispatch.ticker import Ticker
+from relay.dispatch.verifier import Verdict, record_verdicts
 from relay.reconciler.resolve import Decision, resolve
 from relay.sql import query
+from relay.states import EffectState
 from tests import support
 
 
@@ -132,6 +134,23 @@ def test_an_aborted_transaction_shows_none_of_its_events_and_the_log_tells_the_s
         ], told[key]
 
 
+def _finish(conn: psycopg.Connection[Any], check: dict[str, Any]) -> int:
+    """One verdict through ``finish_verifications`` (as a round of one): effects moved."""
+    arrays = {
+        "ids": "id",
+        "attempts": "attempt",
+        "states": "state",
+        "reasons": "reason",
+        "verifications": "verification",
+        "partitions": "partition",
+        "offsets": "offset",
+        "retry_in_s": "retry_in_s",
+    }
+    params = {name: [check[one]] for name, one in arrays.items()}
+    params.update(owner=check["owner"], epoch=check["epoch"])
+    return len(conn.execute(query("finish_verifications"), params).fetchall())
+
+
 def _a_dead_replicas_batch(url: str) -> dict[str, int]:
     """Three e-mails whose status events rode in the transaction of a replica that died, and a
     wire whose did not: the lease expiry writes all four UNKNOWN and holds the e-mails' log
@@ -199,8 +218,8 @@ def test_a_dead_replicas_batch_holds_its_log_events_until_each_record_is_looked_
             "partition": None,
             "offset": None,
         }
-        assert conn.execute(query("finish_verification"), found).fetchone() == (1,)
-        assert conn.execute(query("finish_verification"), absent).fetchone() == (1,)
+        assert _finish(conn, found) == 1
+        assert _finish(conn, absent) == 1
         assert _held(url) == 1
         assert due() == {ids["h-wire"], ids["h-1"]}
         told = conn.execute(
@@ -306,7 +325,7 @@ def test_a_hold_left_from_the_first_attempt_silences_nothing_of_the_second(
             "partition": 0,
             "offset": 7,
         }
-        assert conn.execute(query("finish_verification"), verified).fetchone() == (1,)
+        assert _finish(conn, verified) == 1
     assert _due_of(url, confirmed) == [*before[confirmed], ("UNKNOWN", "CONFIRMED", 2)]
     assert _due_of(url, found) == [*before[found], ("UNKNOWN", "PUBLISHED", 2)]
 
@@ -359,3 +378,34 @@ def test_a_missing_status_topic_holds_nothing_back_and_loses_no_event(
             assert story[0][:2] == (None, "PENDING") and story[-1][1] == "PUBLISHED", story
     finally:
         broker.stop()
+
+
+def test_a_verdict_the_database_refuses_leaves_the_rest_of_its_round_recorded(
+    settings: Settings,
+) -> None:
+    """A round's verdicts are one statement; one the database refuses (here a reason psycopg
+    cannot send: text with a NUL) is split off, stays UNKNOWN for a later check, and the others
+    are recorded."""
+    url = settings.require_database_url()
+    ids = _a_dead_replicas_batch(url)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("UPDATE relay.effect SET owner = 'solo', owner_epoch = 1")
+        found = [
+            Verdict(ids[key], 1, EffectState.PUBLISHED, "found", "found", 0, offset)
+            for offset, key in enumerate(("h-0", "h-1", "h-2"))
+        ]
+        refused = Verdict(ids["h-wire"], 1, EffectState.PENDING, "absent\x00", "absent")
+        record_verdicts(conn, Identity("solo", 1), [found[0], refused, *found[1:]])
+        states: dict[str, str] = dict(
+            conn.execute("SELECT operation_key, state FROM relay.effect").fetchall()
+        )
+        offsets = conn.execute(
+            "SELECT published_offset FROM relay.effect WHERE state = 'PUBLISHED' ORDER BY id"
+        ).fetchall()
+    assert states == {
+        "h-0": "PUBLISHED",
+        "h-1": "PUBLISHED",
+        "h-2": "PUBLISHED",
+        "h-wire": "UNKNOWN",
+    }
+    assert offsets == [(0,), (1,), (2,)]
