@@ -190,6 +190,7 @@ def promote(
             "max_bytes": claim.max_bytes if claim else None,
             "status_in_txn": claim.status_in_txn if claim else False,
         },
+        binary=True,
     ).fetchall()
     if not found:
         return Promoted(read=False)
