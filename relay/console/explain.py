@@ -49,7 +49,7 @@ def observe_delay(settings: Settings, tries: int) -> float:
 
 def verify_delay(settings: Settings, tries: int) -> float:
     """The wait after a check in Kafka failed with ``tries`` failed before it (as the relay's
-    ``_finish_check``)."""
+    ``Verifier._verdict``)."""
     return float(min(settings.verify_backoff_max_s, 2.0 * 2 ** min(tries, 16)))
 
 

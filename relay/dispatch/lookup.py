@@ -118,12 +118,15 @@ def find_attempts(
     topic: str,
     wanted: Sequence[Wanted],
     stall_s: float,
+    deadline: float | None = None,
 ) -> dict[Wanted, Found | Absent]:
     """Search the topic for the records of several attempts at once; their producers are fenced.
 
     Raises KafkaError when Kafka can't answer, including a read that makes no progress for
     ``stall_s`` (a large range is fine as long as records keep coming) and a partition whose
-    transactions below its end are not all decided within ``stall_s``."""
+    transactions below its end are not all decided within ``stall_s``. Past ``deadline``
+    (``time.monotonic()``), no further time window is read once one has been: the attempts of
+    the windows not read have no verdict in the answer."""
     verdicts: dict[Wanted, Found | Absent] = {}
     try:
         partitions = consumer.committed.partitions_for_topic(topic)
@@ -132,6 +135,8 @@ def find_attempts(
         tps = [TopicPartition(topic, p) for p in sorted(partitions)]
         ends = _settled_ends(consumer, tps, stall_s)
         for start_ms, end_ms, group in _merged_windows(settings, wanted):
+            if verdicts and deadline is not None and time.monotonic() > deadline:
+                break
             found, scanned = _scan(consumer, tps, ends, start_ms, end_ms, group, stall_s)
             for w in group:
                 verdicts[w] = found.get(w) or Absent(partitions=len(tps), scanned=scanned)
@@ -177,7 +182,8 @@ def _merged_windows(
         end_ms = start_ms + longest_ms + 2 * skew_ms
         if merged and start_ms <= merged[-1][1]:
             first, last, group = merged[-1]
-            merged[-1] = (first, max(last, end_ms), [*group, w])
+            group.append(w)
+            merged[-1] = (first, max(last, end_ms), group)
         else:
             merged.append((start_ms, end_ms, [w]))
     return merged

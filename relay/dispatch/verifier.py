@@ -38,6 +38,12 @@ VERIFY_EVERY_S = 1.0
 VERIFY_ROUND = 1000  # UNKNOWN publishes checked per round, with one read of their window
 
 
+def round_budget_s(settings: Settings) -> float:
+    """How long a round may go on reading windows: a quarter of the lease, so that the
+    publishing thread it runs in keeps its heartbeat and its batches' leases."""
+    return settings.lease_s / 4
+
+
 class _Check(NamedTuple):
     """An UNKNOWN attempt claimed for a check (columns of claim_verifications)."""
 
@@ -105,12 +111,23 @@ class Verifier:
         with tracing.span("relay.verification_round", refs) as span:
             answers = self._check_round(checks)
             span.set_attribute("relay.found", sum(isinstance(a, Found) for a in answers.values()))
-        record_verdicts(conn, self.who, [self._verdict(c, answers[c.effect_id]) for c in checks])
-        if len(rows) == VERIFY_ROUND:
+        reached = [c for c in checks if c.effect_id in answers]
+        record_verdicts(conn, self.who, [self._verdict(c, answers[c.effect_id]) for c in reached])
+        if len(reached) < len(checks):
+            # Past the round's deadline: given back unchecked, due again at once, no try spent.
+            conn.execute(
+                query("release_verifications"),
+                {
+                    "owner": self.who.replica_id,
+                    "epoch": self.who.epoch,
+                    "ids": [c.effect_id for c in checks if c.effect_id not in answers],
+                },
+            )
+        if len(rows) == VERIFY_ROUND or len(reached) < len(checks):
             self._last_run = 0.0  # more are due: the next cycle goes on at once
         verdicts = list(answers.values())
         return Checked(
-            checked=len(checks),
+            checked=len(reached),
             found=sum(isinstance(a, Found) for a in verdicts),
             absent=sum(isinstance(a, Absent) for a in verdicts),
             failed=sum(isinstance(a, str) for a in verdicts),
@@ -118,7 +135,10 @@ class Verifier:
 
     def _check_round(self, checks: Sequence[_Check]) -> dict[int, Found | Absent | str]:
         """A verdict per effect, or why Kafka could not be asked (after one such failure the
-        rest of the round is rescheduled at once instead of each waiting out its timeout)."""
+        rest of the round is rescheduled at once instead of each waiting out its timeout).
+        Effects whose time window is not read by the round's deadline have no answer: the round
+        runs in the publishing thread, which must send its heartbeat and batches meanwhile."""
+        deadline = time.monotonic() + round_budget_s(self.settings)
         if self._stop.is_set():
             return {c.effect_id: "the relay is stopping" for c in checks}
         try:
@@ -142,6 +162,8 @@ class Verifier:
             for c in ready:
                 by_topic.setdefault(c.topic, []).append(c)
             for topic, group in by_topic.items():
+                if answers and time.monotonic() > deadline:
+                    break
                 wanted = {
                     Wanted(c.message_key, c.effect_id, c.attempt, c.started_at): c for c in group
                 }
@@ -153,11 +175,14 @@ class Verifier:
                             topic,
                             list(wanted),
                             self.settings.publish_timeout_s,
+                            deadline,
                         )
                     except (kerr.KafkaError, OSError) as exc:
                         down = describe(exc)
                     else:
-                        answers.update((c.effect_id, found[w]) for w, c in wanted.items())
+                        answers.update(
+                            (c.effect_id, found[w]) for w, c in wanted.items() if w in found
+                        )
                         continue
                 answers.update((c.effect_id, down) for c in group)
         finally:
@@ -261,8 +286,14 @@ def record_verdicts(
     cannot store, a constraint an operator added) must not keep the others unrecorded: the
     round is split until the refused row stands alone; it stays UNKNOWN, claimed until its
     lease ends, then checked again."""
+    if not verdicts:
+        return
     try:
-        moved = conn.execute(query("finish_verifications"), finish_params(who, verdicts)).fetchall()
+        # A savepoint when the caller is in a transaction: a refused round leaves it usable.
+        with conn.transaction():
+            moved = conn.execute(
+                query("finish_verifications"), finish_params(who, verdicts)
+            ).fetchall()
     except (psycopg.DataError, psycopg.IntegrityError) as exc:
         if len(verdicts) == 1:
             log.error(

@@ -546,6 +546,14 @@ WITH v AS (
 )
 SELECT m.id, m.state FROM moved m;
 
+-- name: release_verifications
+-- Checks a round claimed and did not reach before its deadline: given back to the due ones at
+-- once, no try counted (compare-and-set on the verifying replica).
+UPDATE relay.effect
+SET owner = NULL, owner_epoch = NULL, lease_until = NULL
+WHERE id = ANY (%(ids)s::bigint[]) AND state = 'UNKNOWN'
+  AND owner = %(owner)s AND owner_epoch = %(epoch)s;
+
 -- name: take_status_lease
 -- One replica at a time publishes status events, so that one effect's events keep their order.
 -- The holder renews its lease at every pass; another replica takes it over once it has lapsed

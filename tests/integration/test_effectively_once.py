@@ -549,6 +549,9 @@ def test_search_finds_a_record_after_the_partition_count_changed(
             Wanted("k-7", 7, 2, far),
         ]
         together = find_attempts(consumer, settings, topic, wanted, 30)
+        # Past a round's deadline no further window is read once one has been (the earliest):
+        # the attempts of the others get no verdict.
+        partial = find_attempts(consumer, settings, topic, wanted, 30, time.monotonic() - 1)
     finally:
         consumer.close()
     assert found == Found(partition=0, offset=0)
@@ -557,6 +560,7 @@ def test_search_finds_a_record_after_the_partition_count_changed(
     assert [together[w] for w in wanted[1:3]] == [Absent(partitions=4, scanned=1)] * 2
     # an hour earlier nothing was written: the record lies outside that attempt's window
     assert together[wanted[3]] == Absent(partitions=4, scanned=0)
+    assert partial == {wanted[3]: Absent(partitions=4, scanned=0)}
 
 
 def test_closing_a_producer_whose_broker_hangs_stops_its_network_thread(

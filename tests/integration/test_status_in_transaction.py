@@ -5,12 +5,14 @@ and Kafka; the relay runs in this process so that its commit can be made to lose
 from __future__ import annotations
 
 import json
+import threading
 from typing import Any
 
 import psycopg
 import pytest
 
 import relay
+from relay import db as relay_db
 from relay.config import Settings
 from relay.devtools.services import Services
 from relay.dispatch import transactions
@@ -18,7 +20,7 @@ from relay.dispatch.daemon import Relay
 from relay.dispatch.intake import Claim, promote
 from relay.dispatch.stage import Held, Identity, expire_leases
 from relay.dispatch.ticker import Ticker
-from relay.dispatch.verifier import Verdict, record_verdicts
+from relay.dispatch.verifier import Verdict, Verifier, record_verdicts
 from relay.reconciler.resolve import Decision, resolve
 from relay.sql import query
 from relay.states import EffectState
@@ -383,12 +385,12 @@ def test_a_missing_status_topic_holds_nothing_back_and_loses_no_event(
 def test_a_verdict_the_database_refuses_leaves_the_rest_of_its_round_recorded(
     settings: Settings,
 ) -> None:
-    """A round's verdicts are one statement; one the database refuses (here a reason psycopg
-    cannot send: text with a NUL) is split off, stays UNKNOWN for a later check, and the others
-    are recorded."""
+    """A round's verdicts are one statement; one the database refuses (here a reason with a NUL,
+    which the relay's connection sends in a binary array and the server refuses) is split off,
+    stays UNKNOWN for a later check, and the others are recorded."""
     url = settings.require_database_url()
     ids = _a_dead_replicas_batch(url)
-    with psycopg.connect(url, autocommit=True) as conn:
+    with relay_db.connect(settings, purpose="test") as conn:
         conn.execute("UPDATE relay.effect SET owner = 'solo', owner_epoch = 1")
         found = [
             Verdict(ids[key], 1, EffectState.PUBLISHED, "found", "found", 0, offset)
@@ -409,3 +411,55 @@ def test_a_verdict_the_database_refuses_leaves_the_rest_of_its_round_recorded(
         "h-wire": "UNKNOWN",
     }
     assert offsets == [(0,), (1,), (2,)]
+
+
+def test_a_round_past_its_deadline_gives_back_what_it_did_not_read(
+    settings: Settings, services: Services, prefix: str
+) -> None:
+    """A round reads one time window at least, then none past its deadline (it runs in the
+    publishing thread): the effects of the windows not read are given back unchecked, due again
+    at once with no try spent, and the next round checks them."""
+    from kafka.admin import KafkaAdminClient, NewTopic
+
+    admin = KafkaAdminClient(bootstrap_servers=services.kafka_bootstrap_servers)
+    admin.create_topics([NewTopic(f"{prefix}.emails", 1, 1), NewTopic(f"{prefix}.wires", 1, 1)])
+    admin.close()
+    url = settings.require_database_url()
+    ids = _a_dead_replicas_batch(url)
+    with psycopg.connect(url, autocommit=True) as conn:
+        # One e-mail's attempt an hour earlier: a window of its own, read first.
+        conn.execute(
+            "UPDATE relay.attempt SET started_at = started_at - interval '1 hour' "
+            "WHERE effect_id = %s",
+            (ids["h-0"],),
+        )
+    # A budget already spent when the round begins (a quarter of the lease).
+    hasty = settings.model_copy(update={"lease_s": 1e-6})
+    verifier = Verifier(
+        hasty, Identity("solo", 2), producer_ready=lambda: True, stop=threading.Event()
+    )
+    with psycopg.connect(url, autocommit=True) as conn:
+        first = verifier.run_once(conn)
+        after_first: dict[str, str] = dict(
+            conn.execute(
+                "SELECT operation_key, state || ':' || verify_tries || ':' || (owner IS NULL) "
+                "FROM relay.effect"
+            ).fetchall()
+        )
+        assert verifier.due(), "a round that gave checks back is followed at once"
+        settings_ok = Verifier(
+            settings, Identity("solo", 2), producer_ready=lambda: True, stop=threading.Event()
+        )
+        second = settings_ok.run_once(conn)
+        states: dict[str, str] = dict(
+            conn.execute("SELECT operation_key, state FROM relay.effect").fetchall()
+        )
+    assert first.checked == 1 and first.absent == 1, first
+    assert after_first == {
+        "h-0": "PENDING:0:True",
+        "h-1": "UNKNOWN:0:True",
+        "h-2": "UNKNOWN:0:True",
+        "h-wire": "UNKNOWN:0:True",
+    }
+    assert second.checked == 3 and second.absent == 3, second
+    assert set(states.values()) == {"PENDING"}
