@@ -456,10 +456,10 @@ def test_a_round_past_its_deadline_gives_back_what_it_did_not_read(
         )
     assert first.checked == 1 and first.absent == 1, first
     assert after_first == {
-        "h-0": "PENDING:0:True",
-        "h-1": "UNKNOWN:0:True",
-        "h-2": "UNKNOWN:0:True",
-        "h-wire": "UNKNOWN:0:True",
+        "h-0": "PENDING:0:true",
+        "h-1": "UNKNOWN:0:true",
+        "h-2": "UNKNOWN:0:true",
+        "h-wire": "UNKNOWN:0:true",
     }
     assert second.checked == 3 and second.absent == 3, second
     assert set(states.values()) == {"PENDING"}
