@@ -18,6 +18,11 @@ built() { [ -x "$bin" ] && [ "$("$bin" version --template '{{.Version}}' 2>/dev/
 if built; then echo "$bin"; exit 0; fi
 command -v go >/dev/null || fail "the go command is not on PATH (Go 1.24+ builds Helm 4)"
 mkdir -p "$dir"
+# One build at a time (the test runner starts one in the background; two test workers may ask at
+# once): a second caller waits here for the first, then finds its binary.
+exec 9>"$dir.lock"
+flock 9
+if built; then echo "$bin"; exit 0; fi
 echo "install-helm: building helm.sh/helm/v4/cmd/helm@$version (a few minutes, once)" >&2
 # CGO off: a static binary; -trimpath -s -w: smaller, reproducible; -X: helm version names the pin.
 GOBIN="$dir.tmp" CGO_ENABLED=0 GOFLAGS=-buildvcs=false go install -trimpath \

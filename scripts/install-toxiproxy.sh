@@ -21,6 +21,11 @@ built() { [ -x "$bin" ] && "$bin" -version 2>/dev/null | grep -qF "$version"; }
 if built; then echo "$bin"; exit 0; fi
 command -v go >/dev/null || fail "the go command is not on PATH (Go 1.22+ builds Toxiproxy)"
 mkdir -p "$dir"
+# One build at a time (the test runner starts one in the background; two test workers may ask at
+# once): a second caller waits here for the first, then finds its binary.
+exec 9>"$dir.lock"
+flock 9
+if built; then echo "$bin"; exit 0; fi
 rm -rf "$dir.tmp"
 echo "install-toxiproxy: building $module/cmd/server@$version (a minute, once)" >&2
 # CGO off: a static binary; -trimpath -s -w: smaller, reproducible; -X: -version names the pin.

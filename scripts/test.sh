@@ -3,6 +3,12 @@
 # and a real Kafka broker started for the run (or RELAY_DATABASE_URL / RELAY_KAFKA_BOOTSTRAP_SERVERS).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The tools some tests build from the Go module proxy (Helm, Toxiproxy: minutes on a new machine,
+# cached after) are started building now, for the whole suite, beside the install and the lint:
+# those tests then find them built, or wait for that build under its lock.
+if [ $# -eq 0 ]; then
+  (bash scripts/install-helm.sh || true; bash scripts/install-toxiproxy.sh || true) >/dev/null 2>&1 &
+fi
 source scripts/bootstrap.sh
 # The console's browser tests drive Debian's Chromium (only the suite needs it, not the demo).
 bash scripts/install-browser.sh || echo "[test] no Chromium: tests/browser will try again" >&2
