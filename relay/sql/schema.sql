@@ -1258,9 +1258,9 @@ LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 SET jit = off
--- Planned once a session (migration 0027: planning was 45 % of a small read's server CPU), with
--- no sequential scan, so that a plan made while the intake was small never scans it whole once
--- it has grown; the read of the rows chooses its plan by the batch (below).
+-- Plans kept for the session (until the statistics of a table they read change), with no
+-- sequential scan, so that a plan made while the intake was small never scans it whole once it
+-- has grown; the read of the rows chooses its plan by the batch (below).
 SET plan_cache_mode = force_generic_plan
 SET enable_hashjoin = on
 SET enable_mergejoin = on
@@ -1371,7 +1371,6 @@ BEGIN
         -- in full by a bitmap scan and sorted at every part. The function's SET clause restores
         -- these settings.
         PERFORM set_config('enable_bitmapscan', 'off', true);
-        PERFORM set_config('enable_seqscan', 'off', true);
         PERFORM set_config('enable_sort', 'off', true);
         SELECT b.id, s.ids, s.grouped, s.touched, s.first_grouped, s.bytes
         INTO v_to, v_batch, v_grouped, v_touched, v_first_grouped, v_bytes
@@ -1393,7 +1392,6 @@ BEGIN
         ) s
         WHERE a.id = v_pos.tick_from AND b.id = v_pos.tick_to;
         PERFORM set_config('enable_bitmapscan', 'on', true);
-        PERFORM set_config('enable_seqscan', 'on', true);
         PERFORM set_config('enable_sort', 'on', true);
     END IF;
     IF v_to IS NULL THEN
