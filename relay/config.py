@@ -251,6 +251,13 @@ class Settings(BaseSettings):
     outage_backoff_max_s: float = Field(default=30.0, gt=0)
     cloudevents_source: str = "/outbox-relay"
     status_topic: str = "relay.status"
+    receipts_topic: str | None = Field(
+        default="relay.receipts",
+        description="Topic of the receipt the relay writes into each Kafka transaction (with "
+        "kafka_transactions): a batch left without an outcome (a crash, a lost answer) is then "
+        "settled with one read of it, not made UNKNOWN and looked for effect by effect. Only "
+        "the relay may write it (docs/deployment.md). Empty: no receipts.",
+    )
     metrics_port: int = Field(default=9400, ge=0, le=65535)
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -508,6 +515,15 @@ class Settings(BaseSettings):
                     )
         return self
 
+    @field_validator("receipts_topic")
+    @classmethod
+    def _receipts_topic(cls, value: str | None) -> str | None:
+        if value is None or value.strip() == "":
+            return None  # empty (RELAY_RECEIPTS_TOPIC=""): no receipts
+        if not _TOPIC.match(value) or value in {".", ".."}:
+            raise ValueError(f"{value!r} is not a legal Kafka topic name")
+        return value
+
     @model_validator(mode="after")
     def _topics_apart(self) -> Settings:
         """A dispatch topic that is also a result or the status topic would let an application
@@ -529,6 +545,21 @@ class Settings(BaseSettings):
                 f"status_topic {self.status_topic!r} is the result topic of effect type "
                 f"{results[self.status_topic]!r}: they must differ"
             )
+        receipts = self.receipts_topic
+        if receipts is not None:
+            # A receipt that an application could make the relay write (or write as a result)
+            # would settle a batch that never committed as PUBLISHED.
+            taken = {
+                spec.topic: f"the topic of effect type {spec.name!r}"
+                for spec in self.effect_types.values()
+            }
+            taken.update((t, f"the result topic of effect type {n!r}") for t, n in results.items())
+            taken[self.status_topic] = "status_topic"
+            if receipts in taken:
+                raise EffectTypeError(
+                    f"receipts_topic {receipts!r} is {taken[receipts]}: it must be a topic of "
+                    "its own"
+                )
         return self
 
     @classmethod

@@ -81,6 +81,11 @@ class TickerError(RelayError):
     and one that would means the database is not the server the ticks were taken on."""
 
 
+class ReceiptsUnreadableError(RelayError):
+    """The receipts of a producer's transactions cannot prove that a batch did not commit (the
+    topic is gone, or records of the batch's time were deleted): it is looked for otherwise."""
+
+
 class ServiceUnavailableError(RelayError):
     """PostgreSQL or Kafka could not be reached; daemons wait these out, commands report them."""
 

@@ -143,6 +143,8 @@ def write_config(path: Path, settings: Settings) -> Path:
     """The TOML file a relay subprocess reads; written from validated settings."""
     lines: list[str] = []
     plain = settings.model_dump(exclude={"effect_types"}, exclude_none=True)
+    if settings.receipts_topic is None:
+        plain["receipts_topic"] = ""  # off; left out, the default would turn receipts on
     for key, value in plain.items():
         if hasattr(value, "get_secret_value"):
             value = value.get_secret_value()

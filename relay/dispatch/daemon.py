@@ -4,8 +4,10 @@ A pipeline of stages (``stage.py``): the claimer (``claimer.py``) commits each b
 before any publish and keeps the next batch ready; this loop publishes a batch in one Kafka
 transaction and waits for every record's own answer; the marker (``marker.py``) records the
 outcomes with compare-and-set on this replica's owner/epoch while the next batch is already in
-flight. Housekeeping (heartbeat, lease expiry, and the verifier's rounds, ``verifier.py``, which
-check ambiguous publishes) runs here between batches, and the status-event stage
+flight. Each transaction carries a receipt (``receipts.py``). Housekeeping (heartbeat, the
+settling of batches left without an outcome by their receipts, ``settler.py``, lease expiry, and
+the verifier's rounds, ``verifier.py``, which check ambiguous publishes) runs here between
+batches, and the status-event stage
 (``status_events.py``) publishes the transitions log. Outages of PostgreSQL or Kafka
 are waited out with backoff; an ambiguous publish is recorded as UNKNOWN and never re-sent blindly.
 """
@@ -37,8 +39,10 @@ from relay.dispatch.publisher import (
     publish_batch,
     publish_batch_transactional,
 )
+from relay.dispatch.receipts import ReceiptSpec
+from relay.dispatch.settler import Settler
 from relay.dispatch.stage import Claimed, Held, Identity, expire_leases, released
-from relay.dispatch.status_events import StatusPublisher
+from relay.dispatch.status_events import StatusPublisher, installation_digest
 from relay.dispatch.transactions import transactional_id
 from relay.dispatch.verifier import Verifier
 from relay.errors import RelayError, ServiceUnavailableError, describe
@@ -94,6 +98,9 @@ class Relay:
         self._marker: Marker | None = None
         self._status: StatusPublisher | None = None
         self._verifier: Verifier | None = None
+        self._settler: Settler | None = None
+        # Set while this incarnation writes a receipt into each of its Kafka transactions.
+        self._receipts: ReceiptSpec | None = None
         self.published_total = 0
         self.outcomes: Counter[str] = Counter()
 
@@ -169,13 +176,49 @@ class Relay:
             self.epoch = int(row[0])
             self._last_heartbeat = time.monotonic()
             log.info("registered replica", extra={"replica": self.replica_id, "epoch": self.epoch})
+            self._register_receipts(conn)
         else:
             self._lock_replica_id()  # lost with the old connection
         if self._claimer is None:
             # Once registered, also when the connection was lost before the stages started.
-            # A previous incarnation's DISPATCHING rows are ambiguous now, not after their lease.
-            self._expire_leases()
+            # A previous incarnation's DISPATCHING rows are ambiguous now, not after their lease;
+            # its batches with receipts are settled at the first cycle, once Kafka answers.
+            self._expire_leases(leave_receipted=True)
+            self._last_expiry = 0.0
             self._start_stages()
+
+    def _register_receipts(self, conn: psycopg.Connection[Any]) -> None:
+        """Record, before anything is published, that this incarnation writes receipts."""
+        topic = self.settings.receipts_topic
+        if not self.settings.kafka_transactions or topic is None:
+            return
+        install = installation_digest(conn)
+        conn.execute(
+            query("register_receipts"),
+            {
+                "replica_id": self.replica_id,
+                "epoch": self.epoch,
+                "topic": topic,
+                "install": install,
+            },
+        )
+        self._receipts = ReceiptSpec(
+            topic, transactional_id(self.replica_id).encode(), install, self.replica_id, self.epoch
+        )
+
+    def _stop_receipts(self, why: str) -> None:
+        """Record that this incarnation writes receipts no more (before it commits a transaction
+        without one); raises if that cannot be recorded."""
+        assert self._conn is not None
+        self._conn.execute(
+            query("stop_receipts"), {"replica_id": self.replica_id, "epoch": self.epoch}
+        )
+        self._receipts = None
+        log.warning(
+            "receipts stopped until the relay restarts: %s; a batch left without an outcome "
+            "becomes UNKNOWN and is looked for effect by effect",
+            why,
+        )
 
     def _switch_status_events(self, conn: psycopg.Connection[Any]) -> None:
         """Status events as the settings say, from the first effect on (not from the first start
@@ -224,6 +267,9 @@ class Relay:
         stop = self._stages_stop
         self._verifier = Verifier(
             self.settings, who, producer_ready=lambda: self._producer is not None, stop=self._stop
+        )
+        self._settler = Settler(
+            self.settings, who, producer_ready=lambda: self._producer is not None
         )
         self._claimer = Claimer(self.settings, who, self._held, stop)
         self._marker = Marker(self.settings, who, self._held, stop)
@@ -340,10 +386,24 @@ class Relay:
                 f"(our epoch {self.epoch} is fenced); give each replica its own replica_id"
             )
 
-    def _expire_leases(self) -> None:
+    def _expire_leases(self, *, leave_receipted: bool = False) -> None:
+        """Settle what receipts can settle, then expire the rest (also the batches that could
+        not be settled: they become UNKNOWN, to be looked for effect by effect)."""
         assert self._conn is not None
         self._last_expiry = time.monotonic()
-        expire_leases(self._conn, Identity(self.replica_id, self.epoch), self._held)
+        if (
+            not leave_receipted
+            and self._settler is not None
+            and self._producer is not None
+            and self.settings.kafka_transactions
+        ):
+            leave_receipted = self._settler.run_once(self._conn).left == 0
+        expire_leases(
+            self._conn,
+            Identity(self.replica_id, self.epoch),
+            self._held,
+            leave_receipted=leave_receipted,
+        )
 
     def _publish_and_mark(self, claimed: Claimed) -> None:
         assert self._producer is not None and self._marker is not None
@@ -379,6 +439,8 @@ class Relay:
                 before_commit=self._before_commit,
                 status_topic=self.settings.status_topic,
                 on_status_unavailable=self._status_unavailable,
+                receipt=self._receipts,
+                stop_receipts=self._stop_receipts,
             )
         return publish_batch(
             self._producer,

@@ -16,10 +16,10 @@ leader catching up) would be called absent and published again.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from kafka import KafkaConsumer, TopicPartition
 
@@ -27,6 +27,8 @@ from relay.config import Settings
 from relay.dispatch.transactions import TransactionTimeoutError
 from relay.headers import H_ATTEMPT, H_EFFECT_ID, H_TRANSITION_ID
 from relay.kafka_client import kafka_security
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -133,7 +135,7 @@ def find_attempts(
         if not partitions:
             return {w: Absent(partitions=0, scanned=0) for w in wanted}
         tps = [TopicPartition(topic, p) for p in sorted(partitions)]
-        ends = _settled_ends(consumer, tps, stall_s)
+        ends = settled_ends(consumer, tps, stall_s)
         for start_ms, end_ms, group in _merged_windows(settings, wanted):
             if verdicts and deadline is not None and time.monotonic() > deadline:
                 break
@@ -145,7 +147,7 @@ def find_attempts(
         consumer.committed.unsubscribe()
 
 
-def _settled_ends(
+def settled_ends(
     consumer: Reader, tps: list[TopicPartition], stall_s: float
 ) -> dict[TopicPartition, int]:
     """Each partition's end (high watermark), once every transaction below it is decided.
@@ -168,25 +170,99 @@ def _settled_ends(
         time.sleep(0.05)
 
 
+def time_windows(
+    starts: Iterable[tuple[datetime, T]], skew_ms: int, longest_ms: int
+) -> list[tuple[int, int, list[T]]]:
+    """Each item's window (epoch ms: its start - skew .. + longest + skew), overlapping ones
+    merged into one, in order."""
+    windows = sorted(
+        ((int(at.timestamp() * 1000) - skew_ms, item) for at, item in starts), key=lambda x: x[0]
+    )
+    merged: list[tuple[int, int, list[T]]] = []
+    for start_ms, item in windows:
+        end_ms = start_ms + longest_ms + 2 * skew_ms
+        if merged and start_ms <= merged[-1][1]:
+            first, last, group = merged[-1]
+            group.append(item)
+            merged[-1] = (first, max(last, end_ms), group)
+        else:
+            merged.append((start_ms, end_ms, [item]))
+    return merged
+
+
 def _merged_windows(
     settings: Settings, wanted: Iterable[Wanted]
 ) -> list[tuple[int, int, list[Wanted]]]:
     """The attempts' time windows (epoch ms), overlapping ones merged into one."""
-    skew_ms = int(settings.clock_skew_s * 1000)
-    longest_ms = int((settings.publish_timeout_s * 2 + settings.transaction_timeout_s) * 1000)
-    windows = sorted(
-        ((int(w.started_at.timestamp() * 1000) - skew_ms, w) for w in wanted), key=lambda x: x[0]
+    return time_windows(
+        ((w.started_at, w) for w in wanted),
+        int(settings.clock_skew_s * 1000),
+        int((settings.publish_timeout_s * 2 + settings.transaction_timeout_s) * 1000),
     )
-    merged: list[tuple[int, int, list[Wanted]]] = []
-    for start_ms, w in windows:
-        end_ms = start_ms + longest_ms + 2 * skew_ms
-        if merged and start_ms <= merged[-1][1]:
-            first, last, group = merged[-1]
-            group.append(w)
-            merged[-1] = (first, max(last, end_ms), group)
-        else:
-            merged.append((start_ms, end_ms, [w]))
-    return merged
+
+
+def window_ranges(
+    reader: Reader,
+    tps: list[TopicPartition],
+    settled: dict[TopicPartition, int],
+    start_ms: int,
+    end_ms: int,
+) -> dict[TopicPartition, tuple[int, int]]:
+    """The offsets of each partition's records from start_ms to end_ms, below its settled end.
+    Offsets by time come from the whole log, not only its stable part."""
+    starts = reader.uncommitted.offsets_for_times({tp: start_ms for tp in tps})
+    ends = reader.uncommitted.offsets_for_times({tp: end_ms for tp in tps})
+    ranges: dict[TopicPartition, tuple[int, int]] = {}
+    for tp in tps:
+        begin = starts.get(tp)
+        if begin is None:
+            continue  # no record at or after the window's start
+        end = ends.get(tp)
+        stop = min(end.offset, settled[tp]) if end is not None else settled[tp]
+        if stop > begin.offset:
+            ranges[tp] = (begin.offset, stop)
+    return ranges
+
+
+def read_ranges(
+    reader: Reader,
+    ranges: dict[TopicPartition, tuple[int, int]],
+    stall_s: float,
+    visit: Callable[[int, Any], bool],
+) -> int:
+    """Read the ranges read_committed, calling ``visit(partition, record)`` for each record
+    until it answers True (all found); returns how many records were read."""
+    if not ranges:
+        return 0
+    consumer = reader.committed
+    consumer.assign(list(ranges))
+    for tp, (begin, _) in ranges.items():
+        consumer.seek(tp, begin)
+    scanned = 0
+    remaining = dict(ranges)
+    positions: dict[TopicPartition, int] = {}
+    last_progress = time.monotonic()
+    done = False
+    while remaining and not done:
+        if time.monotonic() - last_progress > stall_s:
+            raise TransactionTimeoutError(
+                f"the search made no progress for {stall_s:.1f}s ({scanned} records read)"
+            )
+        batch = consumer.poll(timeout_ms=200, max_records=5000)
+        for tp, records in batch.items():
+            last_progress = time.monotonic()
+            for record in records:
+                scanned += 1
+                if visit(tp.partition, record):
+                    done = True
+        for tp in list(remaining):
+            position = consumer.position(tp)
+            if position != positions.get(tp):
+                positions[tp] = position  # also moves over aborted records and markers
+                last_progress = time.monotonic()
+            if position >= remaining[tp][1]:
+                del remaining[tp]
+    return scanned
 
 
 def _scan(
@@ -199,54 +275,21 @@ def _scan(
     stall_s: float,
 ) -> tuple[dict[Wanted, Found], int]:
     """Read every partition from start_ms to end_ms (and below its settled end) once, matching
-    the wanted attempts. Offsets by time come from the whole log, not only its stable part."""
-    starts = reader.uncommitted.offsets_for_times({tp: start_ms for tp in tps})
-    ends = reader.uncommitted.offsets_for_times({tp: end_ms for tp in tps})
-    ranges: dict[TopicPartition, tuple[int, int]] = {}
-    for tp in tps:
-        begin = starts.get(tp)
-        if begin is None:
-            continue  # no record at or after the window's start
-        end = ends.get(tp)
-        stop = min(end.offset, settled[tp]) if end is not None else settled[tp]
-        if stop > begin.offset:
-            ranges[tp] = (begin.offset, stop)
-    if not ranges:
-        return {}, 0
-    consumer = reader.committed
-    consumer.assign(list(ranges))
-    for tp, (begin, _) in ranges.items():
-        consumer.seek(tp, begin)
+    the wanted attempts."""
     by_key: dict[bytes, list[Wanted]] = {}
     for w in wanted:
         by_key.setdefault(w.key.encode(), []).append(w)
     found: dict[Wanted, Found] = {}
-    scanned = 0
-    remaining = dict(ranges)
-    positions: dict[TopicPartition, int] = {}
-    last_progress = time.monotonic()
-    while remaining and len(found) < len(wanted):
-        if time.monotonic() - last_progress > stall_s:
-            raise TransactionTimeoutError(
-                f"the search made no progress for {stall_s:.1f}s ({scanned} records read)"
-            )
-        batch = consumer.poll(timeout_ms=200, max_records=5000)
-        for tp, records in batch.items():
-            last_progress = time.monotonic()
-            for record in records:
-                scanned += 1
-                candidates = by_key.get(record.key) if record.key is not None else None
-                if not candidates:
-                    continue
-                headers = dict(record.headers)
-                for w in candidates:
-                    if w.matches(headers):
-                        found.setdefault(w, Found(partition=tp.partition, offset=record.offset))
-        for tp in list(remaining):
-            position = consumer.position(tp)
-            if position != positions.get(tp):
-                positions[tp] = position  # also moves over aborted records and markers
-                last_progress = time.monotonic()
-            if position >= remaining[tp][1]:
-                del remaining[tp]
+
+    def visit(partition: int, record: Any) -> bool:
+        candidates = by_key.get(record.key) if record.key is not None else None
+        if candidates:
+            headers = dict(record.headers)
+            for w in candidates:
+                if w.matches(headers):
+                    found.setdefault(w, Found(partition=partition, offset=record.offset))
+        return len(found) >= len(wanted)
+
+    ranges = window_ranges(reader, tps, settled, start_ms, end_ms)
+    scanned = read_ranges(reader, ranges, stall_s, visit)
     return found, scanned

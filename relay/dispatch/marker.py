@@ -190,6 +190,7 @@ class Marker(Stage):
             name = "mark_outcomes"
         else:
             params["batches"] = [r.effect.batch for r in results]
+            params["actor"] = self.who.replica_id
             name = "mark_batch_outcomes"
         return [int(row[0]) for row in conn.execute(query(name), params).fetchall()]
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from itertools import chain
@@ -26,6 +27,7 @@ from relay.dispatch.outcomes import (
     classify_delivery_error,
     classify_send_error,
 )
+from relay.dispatch.receipts import ReceiptLine, ReceiptSpec, receipt_values
 from relay.dispatch.status_records import CLAIMED, ENQUEUED, PUBLISHED_IN_TXN, status_value
 from relay.errors import describe
 from relay.headers import dispatch_headers, status_headers
@@ -432,6 +434,8 @@ def publish_batch_transactional(
     before_commit: Callable[[], None] | None = None,
     status_topic: str | None = None,
     on_status_unavailable: Callable[[], None] | None = None,
+    receipt: ReceiptSpec | None = None,
+    stop_receipts: Callable[[str], None] | None = None,
 ) -> list[PublishResult]:
     """Publish the batch in one Kafka transaction: all of it becomes visible, or none of it.
     With a ``status_topic``, the status events of the intents claimed so (``status_in_txn``)
@@ -439,12 +443,31 @@ def publish_batch_transactional(
     again at once, their events then from the log), ``on_status_unavailable`` is called, and the
     rest of the batch is published.
 
+    With a ``receipt``, the transaction's receipt (``receipts.py``) is written once every record
+    is acknowledged, and the transaction commits only with it. If the receipts topic is
+    unavailable, or the receipt cannot be written, ``stop_receipts(why)`` is called, which must
+    record that this incarnation writes receipts no more before it returns (the absence of a
+    receipt proves nothing from then on): the batch is then published without one, or, when its
+    receipt failed, aborted and every record is ABORTED, innocent, to go again at once.
+
     Commit succeeded: every sent record is published. A send failed: the transaction is
     aborted; its answered records are provably invisible to read_committed readers (ABORTED, to
     be tried again), a lone definite refusal is REJECTED, and an unanswered record stays UNKNOWN.
     Commit or abort ended without an answer: every sent record is UNKNOWN, to be verified after
     fencing.
     """
+    receipt_partitions: list[int] = []
+    if receipt is not None:
+        try:
+            receipt_partitions = sorted(producer.partitions_for(receipt.topic))
+            if not receipt_partitions:
+                raise kerr.UnknownTopicOrPartitionError(receipt.topic)
+        except Exception as exc:  # noqa: BLE001 - checked before anything is sent
+            if stop_receipts is not None:
+                stop_receipts(
+                    f"the receipts topic {receipt.topic!r} is unavailable: {describe(exc)}"
+                )
+            receipt = None
     status_partitions: list[int] | None = None
     if status_topic is not None and any(e.status_in_txn for e in batch):
         try:
@@ -463,6 +486,8 @@ def publish_batch_transactional(
                 timeout_s=timeout_s,
                 limit_bytes=limit_bytes,
                 before_commit=before_commit,
+                receipt=receipt,
+                stop_receipts=stop_receipts,
             )
     results: list[PublishResult | None] = [None] * len(batch)
     try:
@@ -489,6 +514,12 @@ def publish_batch_transactional(
         _status_failures(batch, results, status, deadline, timeout_s)
     sent = [i for i, _ in pending]
     failed = [i for i in sent if _outcome(results[i]) is not AttemptOutcome.ACKED]
+    if not failed and sent and receipt is not None:
+        problem = _send_receipt(
+            producer, receipt, receipt_partitions, results, sent, limit_bytes, timeout_s
+        )
+        if problem is not None:
+            return _abort_for_receipt(producer, results, sent, problem, timeout_s, stop_receipts)
     if failed:
         try:
             transactions.abort(producer, timeout_s)
@@ -537,6 +568,75 @@ def publish_batch_transactional(
     else:
         with contextlib.suppress(Exception):
             transactions.abort(producer, timeout_s)
+    return _done(results)
+
+
+def _send_receipt(
+    producer: KafkaProducer,
+    receipt: ReceiptSpec,
+    partitions: Sequence[int],
+    results: list[PublishResult | None],
+    sent: list[int],
+    limit_bytes: int,
+    timeout_s: float,
+) -> str | None:
+    """Write the receipt of the transaction's records (all acknowledged, with their offsets) in
+    it, and wait for it; None when written, else why not."""
+    lines: list[ReceiptLine] = []
+    batches: set[int] = set()
+    for i in sent:
+        r = results[i]
+        assert r is not None and r.partition is not None and r.offset is not None
+        e = r.effect
+        lines.append(ReceiptLine(e.id, e.attempt, e.topic, r.partition, r.offset))
+        if e.batch is not None:
+            batches.add(e.batch)
+    values = receipt_values(receipt, uuid.uuid4().hex, sorted(batches), lines, limit_bytes)
+    partition = key_partition(receipt.key, partitions)
+    try:
+        futures = [
+            producer.send(receipt.topic, key=receipt.key, value=value, partition=partition)
+            for value in values
+        ]
+        deadline = time.monotonic() + timeout_s  # the records' waits are over: its own bound
+        for future in futures:
+            future.get(timeout=max(0.0, deadline - time.monotonic()))
+    except Exception as exc:  # noqa: BLE001 - the transaction is aborted for it
+        return f"its receipt could not be written: {describe(exc)}"
+    return None
+
+
+def _abort_for_receipt(
+    producer: KafkaProducer,
+    results: list[PublishResult | None],
+    sent: list[int],
+    problem: str,
+    timeout_s: float,
+    stop_receipts: Callable[[str], None] | None,
+) -> list[PublishResult]:
+    """A transaction whose receipt failed must not commit: aborted, every record innocent, and
+    receipts stopped, so that a topic that keeps refusing them does not stop every batch."""
+    if stop_receipts is not None:
+        try:
+            stop_receipts(problem)
+        except Exception:
+            log.exception("could not record that receipts stop; they stay on")
+    try:
+        transactions.abort(producer, timeout_s)
+    except Exception as exc:  # noqa: BLE001 - an unfinished abort leaves everything unknown
+        why = f"ambiguous: {problem}, and the abort did not complete: {describe(exc)}"
+        _mark_all(results, sent, AttemptOutcome.UNKNOWN, why)
+        return _done(results)
+    for i in sent:
+        r = results[i]
+        assert r is not None
+        results[i] = PublishResult(
+            r.effect,
+            AttemptOutcome.ABORTED,
+            f"transaction aborted, nothing visible: {problem}",
+            failed_in_flight=True,
+            suspect=False,
+        )
     return _done(results)
 
 

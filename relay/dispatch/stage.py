@@ -72,16 +72,23 @@ class Held:
 
 
 def expire_leases(
-    conn: psycopg.Connection[Any], who: Identity, held: Held, *, all_own: bool = False
+    conn: psycopg.Connection[Any],
+    who: Identity,
+    held: Held,
+    *,
+    all_own: bool = False,
+    leave_receipted: bool = False,
 ) -> int:
     """Effects left DISPATCHING past their lease (or, with ``all_own``, this replica's rows and
-    batches that no stage holds) become UNKNOWN; returns how many."""
+    batches that no stage holds) become UNKNOWN; returns how many. With ``leave_receipted``,
+    batches whose incarnation writes receipts are left to the settler (``settler.py``)."""
     params = {
         "owner": who.replica_id,
         "epoch": who.epoch,
         "limit": 1000,
         "all_own": all_own,
         "held": held.snapshot() if all_own else [],
+        "leave_receipted": leave_receipted,
     }
     expired = 0
     for name in ("expire_leases", "expire_batches"):

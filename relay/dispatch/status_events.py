@@ -74,9 +74,13 @@ class _Event(NamedTuple):
 def status_transactional_id(conn: psycopg.Connection[Any]) -> str:
     """One per database: the replicas of one installation share it, so that each holder of the
     lease fences the one before; two installations sharing a Kafka cluster never do (one fixed
-    id had each fence the other's publisher at every turn, and neither published for long).
-    Made from the cluster's system identifier (kept by its physical standbys through a
-    failover) and the database's name."""
+    id had each fence the other's publisher at every turn, and neither published for long)."""
+    return f"{STATUS_TRANSACTIONAL_ID}-{installation_digest(conn)}"
+
+
+def installation_digest(conn: psycopg.Connection[Any]) -> str:
+    """What tells installations sharing a Kafka cluster apart: made from the cluster's system
+    identifier (kept by its physical standbys through a failover) and the database's name."""
     try:
         row = conn.execute(query("database_identity")).fetchone()
     except psycopg.errors.InsufficientPrivilege:
@@ -84,8 +88,7 @@ def status_transactional_id(conn: psycopg.Connection[Any]) -> str:
             conn.rollback()
         row = conn.execute(query("database_name")).fetchone()
     assert row is not None
-    digest = hashlib.sha256(f"{row[0]}/{row[1]}".encode()).hexdigest()[:16]
-    return f"{STATUS_TRANSACTIONAL_ID}-{digest}"
+    return hashlib.sha256(f"{row[0]}/{row[1]}".encode()).hexdigest()[:16]
 
 
 class StatusPublisher(Stage):

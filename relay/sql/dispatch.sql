@@ -175,6 +175,8 @@ SELECT id FROM moved
 -- them held (relay.status_held) until its record is looked for. A batch whose every intent is
 -- recorded is deleted. Compare-and-set on the batch's owner and epoch: a batch whose lease was
 -- expired (its effects written UNKNOWN, the batch gone) or a fenced incarnation's writes nothing.
+-- The actor is who records the outcomes: the owner's marker, or a settler (relay/dispatch/
+-- settler.py) recording a dead owner's batch in that owner's name (its attempts are the owner's).
 WITH outcome AS (
     SELECT * FROM unnest(%(ids)s::bigint[], %(batches)s::bigint[], %(states)s::text[],
                          %(outcomes)s::text[], %(reasons)s::text[], %(partitions)s::int[],
@@ -247,7 +249,7 @@ WITH outcome AS (
     -- One row, implying the claim and the enqueue before it, as mark_outcomes writes it.
     INSERT INTO relay.transition (effect_id, from_state, to_state, reason, actor, attempt, at,
                                   status_pending, implied_claim, implied_enqueue)
-    SELECT m.id, 'DISPATCHING', m.state, m.reason, %(owner)s, 1, now(),
+    SELECT m.id, 'DISPATCHING', m.state, m.reason, %(actor)s, 1, now(),
            log.status AND m.effect_type <> 'relay.status', true, m.created_at >= log.lean_since
     FROM made m CROSS JOIN log
     ORDER BY m.id
@@ -337,12 +339,17 @@ SELECT count(*) FROM live
 -- Each without an effect row is written UNKNOWN, with its attempt's row and transition, as
 -- expire_leases writes a claimed row's (status events that rode in its transaction held until the
 -- record is looked for); the batch is deleted.
+-- With leave_receipted, a batch whose incarnation writes receipts is left to the settler
+-- (settle_batches), which finds out whether it committed without making it UNKNOWN.
 WITH expired AS (
     SELECT b.id, b.owner, b.owner_epoch, b.claimed_at, b.ids, b.status_ids
     FROM relay.dispatch_batch b
-    WHERE b.lease_until < now()
-       OR (b.owner = %(owner)s AND b.owner_epoch < %(epoch)s)
-       OR (%(all_own)s AND b.owner = %(owner)s AND NOT (b.ids && %(held)s::bigint[]))
+    WHERE (b.lease_until < now()
+           OR (b.owner = %(owner)s AND b.owner_epoch < %(epoch)s)
+           OR (%(all_own)s AND b.owner = %(owner)s AND NOT (b.ids && %(held)s::bigint[])))
+      AND NOT (%(leave_receipted)s AND EXISTS (
+          SELECT 1 FROM relay.receipt_writer w
+          WHERE w.replica_id = b.owner AND w.epoch = b.owner_epoch))
     ORDER BY b.lease_until
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
@@ -392,6 +399,41 @@ WITH expired AS (
     DELETE FROM relay.dispatch_batch b USING expired x WHERE b.id = x.id
 )
 SELECT count(*) AS expired FROM made
+
+-- name: register_receipts
+-- This incarnation writes a receipt into each Kafka transaction it commits: recorded before it
+-- publishes anything. Its earlier incarnations' rows are forgotten once they left no batch.
+WITH gone AS (
+    DELETE FROM relay.receipt_writer w
+    WHERE w.replica_id = %(replica_id)s AND w.epoch < %(epoch)s
+      AND NOT EXISTS (SELECT 1 FROM relay.dispatch_batch b
+                      WHERE b.owner = w.replica_id AND b.owner_epoch = w.epoch)
+)
+INSERT INTO relay.receipt_writer (replica_id, epoch, topic, install)
+VALUES (%(replica_id)s, %(epoch)s, %(topic)s, %(install)s)
+ON CONFLICT DO NOTHING;
+
+-- name: stop_receipts
+-- From now on this incarnation may commit a transaction without a receipt: its batches are
+-- no longer settled by the absence of one.
+DELETE FROM relay.receipt_writer WHERE replica_id = %(replica_id)s AND epoch = %(epoch)s;
+
+-- name: batches_to_settle
+-- Batches left without an outcome by an incarnation that writes receipts, which this replica
+-- settles by reading its receipts: its own earlier incarnations' (its producer fenced theirs when
+-- it started), its own past their lease (no transaction of its producer is open between two
+-- publishes), and another replica's past their lease once that replica has sent no heartbeat for
+-- a lease (it is fenced first); a live replica settles its own.
+SELECT b.id, b.owner, b.owner_epoch, b.claimed_at, b.ids, w.topic, w.install
+FROM relay.dispatch_batch b
+JOIN relay.receipt_writer w ON w.replica_id = b.owner AND w.epoch = b.owner_epoch
+LEFT JOIN relay.replica r ON r.replica_id = b.owner
+WHERE (b.owner = %(owner)s AND (b.owner_epoch < %(epoch)s OR b.lease_until < now()))
+   OR (b.owner <> %(owner)s AND b.lease_until < now()
+       AND (r.heartbeat_at IS NULL
+            OR r.heartbeat_at < now() - make_interval(secs => %(lease_s)s)))
+ORDER BY b.claimed_at, b.id
+LIMIT %(limit)s;
 
 -- name: expire_leases
 -- An effect left DISPATCHING past its lease (its replica died or hangs) may or may not be in

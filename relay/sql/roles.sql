@@ -78,6 +78,8 @@ GRANT INSERT ON relay.effect TO {relay};
 GRANT UPDATE, DELETE ON relay.dispatch_batch TO {relay};
 -- Published intents that need nothing more are recorded per batch (relay.published_batch).
 GRANT INSERT ON relay.published_batch TO {relay};
+-- Whether its incarnation writes receipts into its Kafka transactions (relay.receipt_writer).
+GRANT INSERT, DELETE ON relay.receipt_writer TO {relay};
 -- Status events of a batch whose Kafka transaction ended without an answer wait for the record to
 -- be looked for (relay.status_held).
 GRANT INSERT, DELETE ON relay.status_held TO {relay};

@@ -377,6 +377,19 @@ REVOKE ALL ON relay.dispatch_batch FROM PUBLIC;
 ALTER TABLE relay.dispatch_batch ALTER COLUMN ids SET STORAGE EXTERNAL,
     ALTER COLUMN status_ids SET STORAGE EXTERNAL;
 
+-- The incarnations of replicas that write a receipt into each Kafka transaction they commit
+-- (migration 0028; relay/dispatch/receipts.py): for their batches left without an outcome, the
+-- absence of a receipt after fencing is proof that the transaction did not commit.
+CREATE TABLE relay.receipt_writer (
+    replica_id text NOT NULL,
+    epoch      bigint NOT NULL,
+    topic      text NOT NULL,
+    install    text NOT NULL,
+    since      timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (replica_id, epoch)
+);
+REVOKE ALL ON relay.receipt_writer FROM PUBLIC;
+
 -- Effects whose status events rode in a Kafka transaction that ended without an answer (or
 -- whose replica died): visible if and only if the record is. Their transitions wait here until
 -- the record is looked for: found, the events in Kafka told the story and the log's are not

@@ -194,7 +194,14 @@ def test_a_new_incarnation_expires_the_last_ones_batches_and_its_outcomes_write_
         [batch] = conn.execute("SELECT id FROM relay.dispatch_batch").fetchone() or [None]
         expired = conn.execute(
             query("expire_batches"),
-            {"owner": "r", "epoch": 2, "limit": 10, "all_own": False, "held": []},
+            {
+                "owner": "r",
+                "epoch": 2,
+                "limit": 10,
+                "all_own": False,
+                "held": [],
+                "leave_receipted": False,
+            },
         ).fetchone()
         assert expired == (1,)
         assert conn.execute("SELECT count(*) FROM relay.dispatch_batch").fetchone() == (0,)
@@ -204,6 +211,7 @@ def test_a_new_incarnation_expires_the_last_ones_batches_and_its_outcomes_write_
             {
                 "owner": "r",
                 "epoch": 1,
+                "actor": "r",
                 "ids": [claimed.id],
                 "batches": [batch],
                 "states": ["PUBLISHED"],

@@ -84,6 +84,18 @@ def _attempt_story(url: str) -> list[tuple[Any, ...]]:
         ).fetchall()
 
 
+def _unknown_transitions(url: str, keys: set[str]) -> int:
+    """How many times these effects went UNKNOWN."""
+    with psycopg.connect(url) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM relay.transition t JOIN relay.effect e ON e.id = t.effect_id "
+            "WHERE t.to_state = 'UNKNOWN' AND e.operation_key = ANY(%s)",
+            (sorted(keys),),
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
 def _assert_no_resend_before_absent(url: str) -> int:
     """Attempt n+1 of an effect exists only if attempt n provably published nothing, and it
     started only after that was established. Returns how many attempts were verified."""
@@ -314,14 +326,20 @@ def test_a_claim_answered_late_keeps_the_lease_it_was_asked_with(settings: Setti
     assert asked <= claimed.at < answered - 1.4, (asked, claimed.at, answered)
 
 
+@pytest.mark.parametrize("receipts", [False, True], ids=["searched", "receipts"])
 def test_paused_zombie_publishes_and_marks_nothing(
-    settings: Settings, services: Services, prefix: str, tmp_path: Path
+    settings: Settings, services: Services, prefix: str, tmp_path: Path, receipts: bool
 ) -> None:
+    """A replica paused with a batch in hand is fenced and its batch settled by another; resumed,
+    it publishes and records nothing. Without receipts, the batch's intents become UNKNOWN and
+    each is looked for in Kafka; with them, one read of the zombie's receipts after fencing it
+    says the batch did not commit, and its intents go again with no UNKNOWN and no search."""
     fast = {
         "lease_s": 5.0,
         "publish_timeout_s": 2.0,
         "transaction_timeout_s": 4.5,
         "batch_size": 100,
+        "receipts_topic": f"{prefix}.receipts" if receipts else None,
     }
     url = settings.require_database_url()
     keys = [f"zombie-{i:05d}" for i in range(6000)]
@@ -388,7 +406,15 @@ def test_paused_zombie_publishes_and_marks_nothing(
     assert not zombie_marks, f"the zombie marked {len(zombie_marks)} of its old attempts"
     held_checks = [c for c in checks if (c[0], c[1]) in held_set]
     assert len(held_checks) == len(held_set)
-    assert all(c[2] == "unknown" and c[3] is not None for c in held_checks), held_checks[:3]
+    if receipts:
+        # Settled by the other replica from the zombie's receipts after fencing it: aborted
+        # (paused before its commit) or acked (paused after it), with no search in Kafka.
+        outcomes = {c[2] for c in held_checks}
+        assert outcomes <= {"aborted", "acked"}, held_checks[:3]
+        assert all(c[3] is None for c in held_checks), held_checks[:3]
+        assert _unknown_transitions(url, {k for k, _ in held}) == 0
+    else:
+        assert all(c[2] == "unknown" and c[3] is not None for c in held_checks), held_checks[:3]
     _assert_no_resend_before_absent(url)
     print(
         f"\nzombie: paused holding {len(held_set)} attempts at {paused_at:.0f}; "

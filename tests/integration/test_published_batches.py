@@ -236,6 +236,7 @@ def _mark(url: str, claimed: list[Any], offset: int) -> list[int]:
     params = {
         "owner": "solo",
         "epoch": 1,
+        "actor": "solo",
         "ids": [e.id for e in claimed],
         "batches": [e.batch for e in claimed],
         "states": ["PUBLISHED"] * len(claimed),
@@ -265,7 +266,14 @@ def test_a_batch_marked_in_parts_is_closed_and_never_expired_unknown(settings: S
         conn.execute("UPDATE relay.dispatch_batch SET lease_until = now() - interval '1 s'")
         expired = conn.execute(
             query("expire_batches"),
-            {"owner": "other", "epoch": 1, "all_own": False, "held": [], "limit": 10},
+            {
+                "owner": "other",
+                "epoch": 1,
+                "all_own": False,
+                "held": [],
+                "limit": 10,
+                "leave_receipted": False,
+            },
         ).fetchone()
         assert expired == (3,)
         states = conn.execute(

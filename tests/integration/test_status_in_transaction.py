@@ -178,7 +178,14 @@ def _a_dead_replicas_batch(url: str) -> dict[str, int]:
         conn.execute("UPDATE relay.dispatch_batch SET lease_until = now() - interval '1 s'")
         expired = conn.execute(
             query("expire_batches"),
-            {"owner": "other", "epoch": 1, "all_own": False, "held": [], "limit": 10},
+            {
+                "owner": "other",
+                "epoch": 1,
+                "all_own": False,
+                "held": [],
+                "limit": 10,
+                "leave_receipted": False,
+            },
         ).fetchone()
         assert expired == (4,)
         assert _held(url) == 3
