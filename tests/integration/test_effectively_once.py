@@ -334,7 +334,7 @@ def test_paused_zombie_publishes_and_marks_nothing(
     it publishes and records nothing. Without receipts, the batch's intents become UNKNOWN and
     each is looked for in Kafka; with them, one read of the zombie's receipts after fencing it
     says the batch did not commit, and its intents go again with no UNKNOWN and no search."""
-    fast = {
+    fast: dict[str, Any] = {
         "lease_s": 5.0,
         "publish_timeout_s": 2.0,
         "transaction_timeout_s": 4.5,
