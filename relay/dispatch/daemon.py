@@ -101,6 +101,9 @@ class Relay:
         self._settler: Settler | None = None
         # Set while this incarnation writes a receipt into each of its Kafka transactions.
         self._receipts: ReceiptSpec | None = None
+        # This incarnation's batches whose commit went unanswered -> when (monotonic): settled
+        # by their receipts once the producer is replaced, by lease expiry after a lease.
+        self._unanswered: dict[int, float] = {}
         self.published_total = 0
         self.outcomes: Counter[str] = Counter()
 
@@ -339,6 +342,8 @@ class Relay:
         assert self._conn is not None and self._producer is not None
         now = time.monotonic()
         self._heartbeat_if_due()
+        if self._unanswered:
+            self._settle_unanswered(now)
         if now - self._last_expiry >= min(5.0, self.settings.lease_s / 4):
             self._expire_leases()
         if self.settings.kafka_transactions:
@@ -405,6 +410,28 @@ class Relay:
             leave_receipted=leave_receipted,
         )
 
+    def _settle_unanswered(self, now: float) -> None:
+        """Settle the batches whose commit went unanswered (this producer replaced the one that
+        made them, which fenced it); those not settled within a lease go to lease expiry."""
+        assert self._conn is not None and self._settler is not None
+        done = self._settler.run_once(self._conn, list(self._unanswered))
+        for batch, since in list(self._unanswered.items()):
+            if batch in done.settled or now - since > self.settings.lease_s:
+                del self._unanswered[batch]
+
+    def _withhold_unanswered(self, results: list[PublishResult]) -> list[PublishResult]:
+        """The outcomes to mark now: a batch's intents whose transaction carried a receipt and
+        whose commit went unanswered are not made UNKNOWN; their batch is settled instead."""
+        if self._settler is None or not any(r.receipted for r in results):
+            return results
+        withheld = [r for r in results if r.receipted and r.effect.batch is not None]
+        now = time.monotonic()
+        for r in withheld:
+            assert r.effect.batch is not None
+            self._unanswered.setdefault(r.effect.batch, now)
+        self._held.discard(r.effect.id for r in withheld)
+        return [r for r in results if not (r.receipted and r.effect.batch is not None)]
+
     def _publish_and_mark(self, claimed: Claimed) -> None:
         assert self._producer is not None and self._marker is not None
         if time.monotonic() - claimed.at > self.settings.lease_s / 2:
@@ -424,7 +451,7 @@ class Relay:
                 "relay.outcome.acked", sum(r.outcome is AttemptOutcome.ACKED for r in results)
             )
         self._account(results)
-        self._submit_outcomes(results, claimed.at)
+        self._submit_outcomes(self._withhold_unanswered(results), claimed.at)
 
     def _publish(self, batch: Sequence[ClaimedEffect]) -> list[PublishResult]:
         assert self._producer is not None

@@ -85,6 +85,9 @@ class PublishResult(NamedTuple):
     offset: int | None = None
     failed_in_flight: bool = False  # the error came through the future: the producer is suspect
     suspect: bool = True  # False: aborted only because another record of its transaction failed
+    # UNKNOWN only because its transaction's commit went unanswered, and that transaction carried
+    # a receipt: once the producer is replaced (fenced), the receipts say how it ended.
+    receipted: bool = False
 
 
 def estimated_record_size(key: bytes, value: bytes, headers: list[tuple[str, bytes]]) -> int:
@@ -564,6 +567,7 @@ def publish_batch_transactional(
                 sent,
                 AttemptOutcome.UNKNOWN,
                 f"ambiguous end of the transaction commit: {describe(exc)}",
+                receipted=receipt is not None,
             )
     else:
         with contextlib.suppress(Exception):
@@ -663,9 +667,16 @@ def _outcome(result: PublishResult | None) -> AttemptOutcome | None:
 
 
 def _mark_all(
-    results: list[PublishResult | None], indexes: list[int], outcome: AttemptOutcome, reason: str
+    results: list[PublishResult | None],
+    indexes: list[int],
+    outcome: AttemptOutcome,
+    reason: str,
+    *,
+    receipted: bool = False,
 ) -> None:
     for i in indexes:
         r = results[i]
         assert r is not None
-        results[i] = PublishResult(r.effect, outcome, reason, failed_in_flight=True)
+        results[i] = PublishResult(
+            r.effect, outcome, reason, failed_in_flight=True, receipted=receipted
+        )

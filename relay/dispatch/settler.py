@@ -86,6 +86,7 @@ class Settled:
     again: int = 0
     left: int = 0
     why: list[str] = field(default_factory=list)
+    settled: set[int] = field(default_factory=set)  # the batches recorded
 
 
 def receipt_windows(
@@ -212,8 +213,10 @@ class Settler:
         self.who = who
         self._producer_ready = producer_ready
 
-    def run_once(self, conn: psycopg.Connection[Any]) -> Settled:
-        """One round: the batches to settle, one read of receipts per producer, the outcomes."""
+    def run_once(self, conn: psycopg.Connection[Any], unanswered: Sequence[int] = ()) -> Settled:
+        """One round: the batches to settle, one read of receipts per producer, the outcomes.
+        ``unanswered``: this incarnation's batches whose commit went unanswered (the producer
+        that made them must have been replaced since)."""
         rows = conn.execute(
             query("batches_to_settle"),
             {
@@ -221,6 +224,7 @@ class Settler:
                 "epoch": self.who.epoch,
                 "lease_s": self.settings.lease_s,
                 "limit": SETTLE_ROUND,
+                "unanswered": list(unanswered),
             },
         ).fetchall()
         done = Settled()
@@ -351,6 +355,7 @@ class Settler:
         aborted = {b.id for b in batches if isinstance(answers.get(b.id), NotCommitted)}
         done.committed += len(committed)
         done.aborted += len(aborted)
+        done.settled.update(committed | aborted)
         done.published += counts.get("PUBLISHED", 0)
         done.again += counts.get("PENDING", 0)
         log.info(

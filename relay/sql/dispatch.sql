@@ -422,13 +422,15 @@ DELETE FROM relay.receipt_writer WHERE replica_id = %(replica_id)s AND epoch = %
 -- Batches left without an outcome by an incarnation that writes receipts, which this replica
 -- settles by reading its receipts: its own earlier incarnations' (its producer fenced theirs when
 -- it started), its own past their lease (no transaction of its producer is open between two
--- publishes), and another replica's past their lease once that replica has sent no heartbeat for
+-- publishes) or whose commit went unanswered (the producer was replaced since), and another replica's past their lease once that replica has sent no heartbeat for
 -- a lease (it is fenced first); a live replica settles its own.
 SELECT b.id, b.owner, b.owner_epoch, b.claimed_at, b.ids, w.topic, w.install
 FROM relay.dispatch_batch b
 JOIN relay.receipt_writer w ON w.replica_id = b.owner AND w.epoch = b.owner_epoch
 LEFT JOIN relay.replica r ON r.replica_id = b.owner
 WHERE (b.owner = %(owner)s AND (b.owner_epoch < %(epoch)s OR b.lease_until < now()))
+   -- Its own whose commit went unanswered, once its producer was replaced.
+   OR (b.owner = %(owner)s AND b.owner_epoch = %(epoch)s AND b.id = ANY(%(unanswered)s::bigint[]))
    OR (b.owner <> %(owner)s AND b.lease_until < now()
        AND (r.heartbeat_at IS NULL
             OR r.heartbeat_at < now() - make_interval(secs => %(lease_s)s)))

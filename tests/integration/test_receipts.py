@@ -16,6 +16,7 @@ from kafka import errors as kerr
 import relay
 from relay import db as relay_db
 from relay.config import Settings
+from relay.dispatch import transactions
 from relay.dispatch.daemon import Relay
 from relay.dispatch.intake import Claim, promote
 from relay.dispatch.publisher import ClaimedEffect, PublishResult
@@ -359,3 +360,105 @@ def test_each_transaction_carries_a_receipt_of_its_records(own: Settings, prefix
             listed[i] = (body["topics"][t], p, o, a)
     assert listed == {i: (f"{prefix}.emails", p, o, a) for i, (p, o, a) in records.items()}
     assert set(listed) == set(ids.values())
+
+
+def _stories(bootstrap: str, topic: str, n: int) -> dict[str, list[tuple[str | None, str, str]]]:
+    """Per operation key, each status event's (previous state, state, 'txn' or 'log')."""
+    told: dict[str, list[tuple[str | None, str, str]]] = {}
+    for r in support.read_topic(bootstrap, topic, n):
+        value = json.loads(r.value)
+        kind = "txn" if ".b" in dict(r.headers)["ce_id"].decode() else "log"
+        told.setdefault(value["operation_key"], []).append(
+            (value["previous_state"], value["state"], kind)
+        )
+    return told
+
+
+def _run_with(own: Settings, keys: list[str], monkeypatch: pytest.MonkeyPatch, commit: Any) -> None:
+    url = own.require_database_url()
+    _enqueue(url, keys)
+    monkeypatch.setattr(transactions, "commit", commit)
+    with support.running(Relay(own)):
+        support.wait_for(
+            lambda: support.count_states(url) == {"PUBLISHED": len(keys)}, 90, "publication"
+        )
+        support.wait_for(lambda: support.status_backlog(url) == 0, 30, "status events sent")
+
+
+def test_a_commit_that_lost_its_answer_is_settled_by_its_receipt(
+    own: Settings, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first commit lands and its answer is lost: once the producer is replaced (which
+    fences the old one), the receipt says the batch committed. Nothing goes UNKNOWN, nothing is
+    sent twice, and each intent's story is the one its transaction told."""
+    own = own.model_copy(update={"status_topic": f"{prefix}.status"})
+    real = transactions.commit
+    calls = {"n": 0}
+
+    def commit_loses_its_answer(producer: Any, timeout_s: float) -> None:
+        real(producer, timeout_s)
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise transactions.TransactionTimeoutError("commit_transaction did not complete")
+
+    keys = [f"la-{i}" for i in range(6)]
+    _run_with(own, keys, monkeypatch, commit_loses_its_answer)
+    url = own.require_database_url()
+    with psycopg.connect(url, autocommit=True) as conn:
+        all_ids = [int(r[0]) for r in conn.execute("SELECT id FROM relay.intake").fetchall()]
+    assert _went(url, all_ids, "UNKNOWN") == 0
+    records = _in_topic(own.kafka_bootstrap_servers, f"{prefix}.emails", len(keys))
+    assert len(records) == len(keys) and {a for _, _, a in records.values()} == {1}
+    assert _placed(url, all_ids) == {i: (p, o) for i, (p, o, _) in records.items()}
+    told = _stories(own.kafka_bootstrap_servers, own.status_topic, 3 * len(keys))
+    happy = [
+        (None, "PENDING", "txn"),
+        ("PENDING", "DISPATCHING", "txn"),
+        ("DISPATCHING", "PUBLISHED", "txn"),
+    ]
+    assert told == {k: happy for k in keys}
+
+
+def test_a_commit_that_never_happened_goes_again_without_unknown(
+    own: Settings, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first transaction is aborted and its commit's answer lost: no receipt, so its
+    intents go again at once (attempt 1 aborted, never UNKNOWN), each published once, and
+    their story comes from the log."""
+    own = own.model_copy(update={"status_topic": f"{prefix}.status"})
+    real = transactions.commit
+    calls = {"n": 0}
+
+    def commit_aborted_unanswered(producer: Any, timeout_s: float) -> None:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            transactions.abort(producer, timeout_s)
+            raise transactions.TransactionTimeoutError("commit_transaction did not complete")
+        real(producer, timeout_s)
+
+    keys = [f"na-{i}" for i in range(6)]
+    _run_with(own, keys, monkeypatch, commit_aborted_unanswered)
+    url = own.require_database_url()
+    with psycopg.connect(url, autocommit=True) as conn:
+        first: dict[str, tuple[str, str]] = {
+            k: (o, r)
+            for k, o, r in conn.execute(
+                "SELECT e.operation_key, a.outcome, a.reason FROM relay.attempt a "
+                "JOIN relay.effect e ON e.id = a.effect_id WHERE a.attempt = 1"
+            ).fetchall()
+        }
+        all_ids = [int(r[0]) for r in conn.execute("SELECT id FROM relay.intake").fetchall()]
+    assert first and {o for o, _ in first.values()} == {"aborted"}, first
+    assert all("no receipt names batch" in r for _, r in first.values())
+    assert _went(url, all_ids, "UNKNOWN") == 0
+    records = _in_topic(own.kafka_bootstrap_servers, f"{prefix}.emails", len(keys))
+    assert len(records) == len(keys)
+    told = _stories(own.kafka_bootstrap_servers, own.status_topic, 5 * len(keys))
+    for key in first:
+        assert told[key] == [
+            (None, "PENDING", "log"),
+            ("PENDING", "DISPATCHING", "log"),
+            ("DISPATCHING", "PENDING", "log"),
+            ("PENDING", "DISPATCHING", "log"),
+            ("DISPATCHING", "PUBLISHED", "log"),
+        ], told[key]

@@ -107,6 +107,19 @@ def test_compensation_must_be_declared() -> None:
             {"status_topic": "st"},
             "status_topic 'st' is the result topic of effect type 'wire'",
         ),
+        # A receipt an application could make the relay write, or write as a result, would
+        # settle a batch that never committed as published.
+        (
+            {"wire": {"topic": "wires", "idempotent": True}},
+            {"receipts_topic": "wires"},
+            "receipts_topic 'wires' is the topic of effect type 'wire'",
+        ),
+        (
+            {"wire": {"topic": "wires", "idempotent": True, "result_topic": "results"}},
+            {"receipts_topic": "results"},
+            "receipts_topic 'results' is the result topic of effect type 'wire'",
+        ),
+        ({}, {"receipts_topic": "relay.status"}, "receipts_topic 'relay.status' is status_topic"),
     ],
 )
 def test_dispatch_result_and_status_topics_are_apart(
@@ -115,6 +128,13 @@ def test_dispatch_result_and_status_topics_are_apart(
     """Issue 18 item 4: no application may write results or status events through the outbox."""
     with pytest.raises(EffectTypeError, match=message):
         load_settings(None, effect_types=types, **extra)
+
+
+def test_receipts_are_on_by_default_and_an_empty_topic_turns_them_off() -> None:
+    assert load_settings(None).receipts_topic == "relay.receipts"
+    assert load_settings(None, receipts_topic="").receipts_topic is None
+    with pytest.raises(ConfigError, match="legal Kafka topic"):
+        load_settings(None, receipts_topic="no spaces")
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,94 @@
+"""The receipt a transaction carries: built, split, parsed; and when one can have been written."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+
+from relay.config import Settings
+from relay.dispatch.receipts import (
+    RECEIPT_CHUNK,
+    ReceiptLine,
+    ReceiptSpec,
+    parse_receipt,
+    receipt_values,
+)
+from relay.dispatch.settler import receipt_windows
+
+SPEC = ReceiptSpec("relay.receipts", b"relay-r1", "abc123", "r1", 4)
+
+
+def _lines(n: int) -> list[ReceiptLine]:
+    return [
+        ReceiptLine(1_000_000 + i, 1 + i % 2, ("a", "b")[i % 2], i % 3, 50_000 + i)
+        for i in range(n)
+    ]
+
+
+def test_a_receipt_reads_back_as_written() -> None:
+    lines = _lines(7)
+    (value,) = receipt_values(SPEC, "txn-1", [12, 11], lines, 1_000_000)
+    receipt = parse_receipt(value)
+    assert receipt is not None
+    assert (receipt.install, receipt.replica, receipt.epoch, receipt.txn) == (
+        "abc123",
+        "r1",
+        4,
+        "txn-1",
+    )
+    assert (receipt.part, receipt.parts, receipt.batches) == (0, 1, (11, 12))
+    assert list(receipt.lines) == lines
+
+
+def test_a_large_transaction_has_a_receipt_in_parts_each_within_half_the_limit() -> None:
+    lines = _lines(5 * RECEIPT_CHUNK + 3)
+    limit = 60_000
+    values = receipt_values(SPEC, "txn-2", [1], lines, limit)
+    assert len(values) > 5 and all(len(v) <= limit // 2 for v in values)
+    parsed = [parse_receipt(v) for v in values]
+    assert all(p is not None for p in parsed)
+    assert [p.part for p in parsed if p] == list(range(len(values)))
+    assert {p.parts for p in parsed if p} == {len(values)}
+    assert [line for p in parsed if p for line in p.lines] == lines
+    # Every part names the transaction's batches: any one of them says it committed.
+    assert {p.batches for p in parsed if p} == {(1,)}
+
+
+def test_a_transaction_without_records_still_has_one_part() -> None:
+    (value,) = receipt_values(SPEC, "txn-3", [], [], 1_000_000)
+    receipt = parse_receipt(value)
+    assert receipt is not None and receipt.lines == () and receipt.parts == 1
+
+
+def test_what_is_not_a_receipt_of_this_version_is_none() -> None:
+    (value,) = receipt_values(SPEC, "txn-4", [1], _lines(2), 1_000_000)
+    body = json.loads(value)
+    assert parse_receipt(None) is None
+    assert parse_receipt(b"not json") is None
+    assert parse_receipt(b"[1, 2]") is None
+    assert parse_receipt(json.dumps({**body, "v": 2}).encode()) is None
+    assert parse_receipt(json.dumps({**body, "offsets": [1]}).encode()) is None  # short column
+    assert parse_receipt(json.dumps({**body, "ids": [True, 2]}).encode()) is None  # not an int
+    assert parse_receipt(json.dumps({**body, "part": 1}).encode()) is None  # part of 1
+    assert parse_receipt(json.dumps({**body, "topic": [0, 9]}).encode()) is None  # no topic 9
+    del body["install"]
+    assert parse_receipt(json.dumps(body).encode()) is None
+
+
+def test_a_receipt_is_looked_for_from_the_claim_to_the_latest_its_transaction_could_send_it() -> (
+    None
+):
+    settings = Settings(
+        lease_s=60.0, publish_timeout_s=10.0, transaction_timeout_s=30.0, clock_skew_s=5.0
+    )
+    at = datetime(2026, 12, 6, tzinfo=UTC)
+    ms = int(at.timestamp() * 1000)
+    windows = receipt_windows(
+        settings,
+        [(at, 1), (at + timedelta(seconds=20), 2), (at + timedelta(hours=1), 3)],
+    )
+    # 30 s (half the lease) + 2 x 10 s + 30 s after the claim, and the skew on both sides.
+    first_end = ms + 20_000 - 5_000 + 80_000 + 10_000
+    assert windows[0] == (ms - 5_000, first_end, [1, 2])
+    assert windows[1][2] == [3]
+    assert len(windows) == 2
