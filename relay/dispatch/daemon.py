@@ -7,9 +7,9 @@ outcomes with compare-and-set on this replica's owner/epoch while the next batch
 flight. Each transaction carries a receipt (``receipts.py``). Housekeeping (heartbeat, the
 settling of batches left without an outcome by their receipts, ``settler.py``, lease expiry, and
 the verifier's rounds, ``verifier.py``, which check ambiguous publishes) runs here between
-batches, and the status-event stage
-(``status_events.py``) publishes the transitions log. Outages of PostgreSQL or Kafka
-are waited out with backoff; an ambiguous publish is recorded as UNKNOWN and never re-sent blindly.
+batches, and the status-event stage (``status_events.py``) publishes the transitions log.
+Outages of PostgreSQL or Kafka are waited out with backoff; an ambiguous publish is recorded as
+UNKNOWN and never re-sent blindly.
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 
 HEARTBEAT_EVERY_S = 5.0
 TAKE_WAIT_S = 0.1  # longest wait for the next claimed batch before housekeeping runs again
+SETTLE_RETRY_S = 1.0  # a batch whose commit went unanswered: how often its settling is tried
 
 
 LOCK_TRIES = 12
@@ -104,6 +105,7 @@ class Relay:
         # This incarnation's batches whose commit went unanswered -> when (monotonic): settled
         # by their receipts once the producer is replaced, by lease expiry after a lease.
         self._unanswered: dict[int, float] = {}
+        self._last_settle_try = 0.0
         self.published_total = 0
         self.outcomes: Counter[str] = Counter()
 
@@ -342,7 +344,7 @@ class Relay:
         assert self._conn is not None and self._producer is not None
         now = time.monotonic()
         self._heartbeat_if_due()
-        if self._unanswered:
+        if self._unanswered and now - self._last_settle_try >= SETTLE_RETRY_S:
             self._settle_unanswered(now)
         if now - self._last_expiry >= min(5.0, self.settings.lease_s / 4):
             self._expire_leases()
@@ -414,6 +416,7 @@ class Relay:
         """Settle the batches whose commit went unanswered (this producer replaced the one that
         made them, which fenced it); those not settled within a lease go to lease expiry."""
         assert self._conn is not None and self._settler is not None
+        self._last_settle_try = now
         done = self._settler.run_once(self._conn, list(self._unanswered))
         for batch, since in list(self._unanswered.items()):
             if batch in done.settled or now - since > self.settings.lease_s:

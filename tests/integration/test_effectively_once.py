@@ -22,6 +22,7 @@ from relay.config import Settings
 from relay.devtools.services import LocalKafka, Services
 from relay.dispatch.claimer import Claimer
 from relay.dispatch.daemon import Relay
+from relay.dispatch.publisher import PublishResult
 from relay.dispatch.stage import Held, Identity
 from relay.sql import query
 from tests import support
@@ -167,16 +168,31 @@ class HangingCommitRelay(Relay):
     def _before_commit(self) -> None:
         if not self.hung.is_set():
             self.hung.set()
+            self.hung_at = time.monotonic()
             self.broker.pause()
             threading.Timer(self.hang_s, self.broker.resume).start()
 
+    def _withhold_unanswered(self, results: list[PublishResult]) -> list[PublishResult]:
+        if any(r.receipted for r in results) and not hasattr(self, "abandoned_at"):
+            self.abandoned_at = time.monotonic()
+        return super()._withhold_unanswered(results)
 
+
+@pytest.mark.parametrize("receipts", [False, True], ids=["searched", "receipts"])
 def test_hung_commit_is_abandoned_within_its_bound_then_verified(
-    settings: Settings, broker: LocalKafka, prefix: str
+    settings: Settings, broker: LocalKafka, prefix: str, receipts: bool
 ) -> None:
+    """The coordinator never answers a commit: the relay abandons it within its bound. Without
+    receipts its intents go UNKNOWN and each is looked for; with them, once a new producer has
+    fenced the old one, the transaction's receipt (or its absence) settles the batch: no
+    UNKNOWN, no search. Either way each is published once."""
     timeout_s, hang_s = 3.0, 20.0
     settings = settings.model_copy(
-        update={"kafka_bootstrap_servers": broker.bootstrap_servers, "publish_timeout_s": timeout_s}
+        update={
+            "kafka_bootstrap_servers": broker.bootstrap_servers,
+            "publish_timeout_s": timeout_s,
+            "receipts_topic": f"{prefix}.receipts" if receipts else None,
+        }
     )
     url = settings.require_database_url()
     keys = {f"hang-{i}" for i in range(50)}
@@ -186,22 +202,33 @@ def test_hung_commit_is_abandoned_within_its_bound_then_verified(
     daemon = HangingCommitRelay(settings, broker, hang_s)
     with support.running(daemon):
         support.wait_for(daemon.hung.is_set, 60, "the commit to hang")
-        support.wait_for(
-            lambda: support.count_states(url).get("UNKNOWN", 0) > 0,
-            30,
-            "the commit to be abandoned",
-        )
+        if not receipts:
+            support.wait_for(
+                lambda: support.count_states(url).get("UNKNOWN", 0) > 0,
+                30,
+                "the commit to be abandoned",
+            )
         support.wait_for(
             lambda: support.count_states(url).get("PUBLISHED") == 50, 120, "verified publication"
         )
+    _published_once(broker.bootstrap_servers, f"{prefix}.emails", keys)
     story = _attempt_story(url)
+    if receipts:
+        spent = daemon.abandoned_at - daemon.hung_at
+        assert spent < 2 * timeout_s + 5 < hang_s, f"the commit held the relay {spent:.1f}s"
+        assert _unknown_transitions(url, keys) == 0
+        # Committed: a published batch's row, no attempt rows; aborted: attempt 1 says so.
+        first = {row[2] for row in story if row[1] == 1}
+        assert first <= {"acked", "aborted"}, first
+        assert all(row[5] is None for row in story), "an attempt was searched for"
+        _assert_no_resend_before_absent(url)
+        return
     hung = [row for row in story if row[1] == 1 and row[2] == "unknown"]
     assert hung, "no attempt ended UNKNOWN"
     for row in hung:
         assert "commit" in row[8], row[8]
         spent = (row[4] - row[3]).total_seconds()
         assert spent < 2 * timeout_s + 5 < hang_s, f"the commit held the relay {spent:.1f}s"
-    _published_once(broker.bootstrap_servers, f"{prefix}.emails", keys)
     assert _assert_no_resend_before_absent(url) >= len(hung)
 
 
