@@ -161,6 +161,17 @@ def write_config(path: Path, settings: Settings) -> Path:
     return path
 
 
+def create_topic(bootstrap: str, topic: str, partitions: int = 1) -> None:
+    """A topic made as a deployment makes it, before the relay needs it."""
+    from kafka.admin import KafkaAdminClient, NewTopic
+
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        admin.create_topics([NewTopic(topic, partitions, 1)])
+    finally:
+        admin.close()
+
+
 def relay_env(**extra: str) -> dict[str, str]:
     """The environment of a relay subprocess: without RELAY_* leaking in from the outside."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}

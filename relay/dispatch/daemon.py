@@ -39,7 +39,7 @@ from relay.dispatch.publisher import (
     publish_batch,
     publish_batch_transactional,
 )
-from relay.dispatch.receipts import ReceiptSpec
+from relay.dispatch.receipts import ReceiptSpec, receipt_bound_s
 from relay.dispatch.settler import Settler
 from relay.dispatch.stage import Claimed, Held, Identity, expire_leases, released
 from relay.dispatch.status_events import StatusPublisher, installation_digest
@@ -106,6 +106,7 @@ class Relay:
         # by their receipts once the producer is replaced, by lease expiry after a lease.
         self._unanswered: dict[int, float] = {}
         self._last_settle_try = 0.0
+        self._settle_retry_s = SETTLE_RETRY_S
         self.published_total = 0
         self.outcomes: Counter[str] = Counter()
 
@@ -205,6 +206,7 @@ class Relay:
                 "epoch": self.epoch,
                 "topic": topic,
                 "install": install,
+                "window_s": receipt_bound_s(self.settings.lease_s, self.settings.publish_timeout_s),
             },
         )
         self._receipts = ReceiptSpec(
@@ -274,7 +276,10 @@ class Relay:
             self.settings, who, producer_ready=lambda: self._producer is not None, stop=self._stop
         )
         self._settler = Settler(
-            self.settings, who, producer_ready=lambda: self._producer is not None
+            self.settings,
+            who,
+            producer_ready=lambda: self._producer is not None,
+            between=self._heartbeat_if_due,
         )
         self._claimer = Claimer(self.settings, who, self._held, stop)
         self._marker = Marker(self.settings, who, self._held, stop)
@@ -344,7 +349,7 @@ class Relay:
         assert self._conn is not None and self._producer is not None
         now = time.monotonic()
         self._heartbeat_if_due()
-        if self._unanswered and now - self._last_settle_try >= SETTLE_RETRY_S:
+        if self._unanswered and now - self._last_settle_try >= self._settle_retry_s:
             self._settle_unanswered(now)
         if now - self._last_expiry >= min(5.0, self.settings.lease_s / 4):
             self._expire_leases()
@@ -410,6 +415,7 @@ class Relay:
             Identity(self.replica_id, self.epoch),
             self._held,
             leave_receipted=leave_receipted,
+            lease_s=self.settings.lease_s,
         )
 
     def _settle_unanswered(self, now: float) -> None:
@@ -418,6 +424,11 @@ class Relay:
         assert self._conn is not None and self._settler is not None
         self._last_settle_try = now
         done = self._settler.run_once(self._conn, list(self._unanswered))
+        # After a failure (Kafka, a receipts topic whose end stays undecided), wait longer.
+        failed = done.left > 0
+        self._settle_retry_s = (
+            min(self._settle_retry_s * 2, self.settings.lease_s / 4) if failed else SETTLE_RETRY_S
+        )
         for batch, since in list(self._unanswered.items()):
             if batch in done.settled or now - since > self.settings.lease_s:
                 del self._unanswered[batch]
@@ -449,14 +460,14 @@ class Relay:
         )
         attributes = {"relay.replica_id": self.replica_id}
         with tracing.span("relay.publish_batch", refs, attributes, kind="PRODUCER") as span:
-            results = self._publish(batch)
+            results = self._publish(batch, claimed.at)
             span.set_attribute(
                 "relay.outcome.acked", sum(r.outcome is AttemptOutcome.ACKED for r in results)
             )
         self._account(results)
         self._submit_outcomes(self._withhold_unanswered(results), claimed.at)
 
-    def _publish(self, batch: Sequence[ClaimedEffect]) -> list[PublishResult]:
+    def _publish(self, batch: Sequence[ClaimedEffect], claimed_at: float) -> list[PublishResult]:
         assert self._producer is not None
         limit = min(self.settings.max_message_bytes, self.settings.max_request_size)
         if self.settings.kafka_transactions:
@@ -471,6 +482,8 @@ class Relay:
                 on_status_unavailable=self._status_unavailable,
                 receipt=self._receipts,
                 stop_receipts=self._stop_receipts,
+                receipt_deadline=claimed_at
+                + receipt_bound_s(self.settings.lease_s, self.settings.publish_timeout_s),
             )
         return publish_batch(
             self._producer,

@@ -70,9 +70,11 @@ class Reader:
     it while any other transaction that began earlier on that partition is open, or while its
     leader has not caught up. Reading it then would call the record absent."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, auto_create: bool = True) -> None:
         common: dict[str, Any] = {
             **kafka_security(settings),
+            # Off for the receipts topic: asking for a missing one must not create it empty.
+            "allow_auto_create_topics": auto_create,
             "client_id": f"relay-verify-{settings.replica_id}",
             "group_id": None,
             "enable_auto_commit": False,
@@ -94,8 +96,8 @@ class Reader:
             self.uncommitted.close()
 
 
-def open_consumer(settings: Settings) -> Reader:
-    return Reader(settings)
+def open_consumer(settings: Settings, *, auto_create: bool = True) -> Reader:
+    return Reader(settings, auto_create=auto_create)
 
 
 def find_attempt(

@@ -439,6 +439,7 @@ def publish_batch_transactional(
     on_status_unavailable: Callable[[], None] | None = None,
     receipt: ReceiptSpec | None = None,
     stop_receipts: Callable[[str], None] | None = None,
+    receipt_deadline: float | None = None,
 ) -> list[PublishResult]:
     """Publish the batch in one Kafka transaction: all of it becomes visible, or none of it.
     With a ``status_topic``, the status events of the intents claimed so (``status_in_txn``)
@@ -451,7 +452,9 @@ def publish_batch_transactional(
     unavailable, or the receipt cannot be written, ``stop_receipts(why)`` is called, which must
     record that this incarnation writes receipts no more before it returns (the absence of a
     receipt proves nothing from then on): the batch is then published without one, or, when its
-    receipt failed, aborted and every record is ABORTED, innocent, to go again at once.
+    receipt failed, aborted and every record is ABORTED, innocent, to go again at once. Past
+    ``receipt_deadline`` (monotonic: the claim plus ``receipts.receipt_bound_s``) no receipt is
+    sent and the transaction is aborted the same way: a settler reads receipts only up to there.
 
     Commit succeeded: every sent record is published. A send failed: the transaction is
     aborted; its answered records are provably invisible to read_committed readers (ABORTED, to
@@ -491,6 +494,7 @@ def publish_batch_transactional(
                 before_commit=before_commit,
                 receipt=receipt,
                 stop_receipts=stop_receipts,
+                receipt_deadline=receipt_deadline,
             )
     results: list[PublishResult | None] = [None] * len(batch)
     try:
@@ -518,11 +522,16 @@ def publish_batch_transactional(
     sent = [i for i, _ in pending]
     failed = [i for i in sent if _outcome(results[i]) is not AttemptOutcome.ACKED]
     if not failed and sent and receipt is not None:
-        problem = _send_receipt(
-            producer, receipt, receipt_partitions, results, sent, limit_bytes, timeout_s
-        )
+        late = receipt_deadline is not None and time.monotonic() > receipt_deadline
+        if late:
+            problem: str | None = "too late for its receipt (the batch was claimed too long ago)"
+        else:
+            problem = _send_receipt(
+                producer, receipt, receipt_partitions, results, sent, limit_bytes, timeout_s
+            )
         if problem is not None:
-            return _abort_for_receipt(producer, results, sent, problem, timeout_s, stop_receipts)
+            stop = None if late else stop_receipts
+            return _abort_for_receipt(producer, results, sent, problem, timeout_s, stop)
     if failed:
         try:
             transactions.abort(producer, timeout_s)

@@ -21,6 +21,14 @@ RECEIPT_VERSION = 1
 RECEIPT_CHUNK = 2000  # records a receipt lists at most: a few tens of kB, far below any limit
 
 
+def receipt_bound_s(lease_s: float, publish_timeout_s: float) -> float:
+    """The latest a receipt is sent after its batch's claim: a batch is published within half
+    its lease of the claim or given back, and its records are waited for at most
+    publish_timeout_s, twice (records, then status events). A publisher past it aborts rather
+    than send the receipt, so that a settler reading up to it cannot miss one."""
+    return lease_s / 2 + 2 * publish_timeout_s
+
+
 class ReceiptSpec(NamedTuple):
     """What a publisher needs to write the receipt of a transaction, and who it is."""
 

@@ -16,6 +16,7 @@ per-record search (``verifier.py``).
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -37,7 +38,8 @@ from relay.dispatch.lookup import (
     window_ranges,
 )
 from relay.dispatch.outcomes import STATE_AFTER, AttemptOutcome
-from relay.dispatch.receipts import Receipt, parse_receipt
+from relay.dispatch.publisher import key_partition
+from relay.dispatch.receipts import Receipt, parse_receipt, receipt_bound_s
 from relay.dispatch.stage import Identity
 from relay.dispatch.transactions import fence, transactional_id
 from relay.errors import ReceiptsUnreadableError, describe
@@ -58,6 +60,7 @@ class _Batch(NamedTuple):
     ids: list[int]
     topic: str
     install: str
+    window_s: float  # the latest its writer sends a receipt after the claim
 
 
 @dataclass(frozen=True)
@@ -87,38 +90,38 @@ class Settled:
     left: int = 0
     why: list[str] = field(default_factory=list)
     settled: set[int] = field(default_factory=set)  # the batches recorded
+    deferred: int = 0  # not reached before the round's deadline: the next round's
 
 
 def receipt_windows(
-    settings: Settings, batches: Sequence[tuple[datetime, int]]
+    settings: Settings, batches: Sequence[tuple[datetime, int]], window_s: float
 ) -> list[tuple[int, int, list[int]]]:
     """When each batch's receipt can have been written (epoch ms), overlapping windows merged:
-    from its claim (less the clock skew) to the latest its transaction can have sent it (a
-    batch is published within half its lease of the claim, or given back, and its records are
-    waited for at most publish_timeout_s; then the transaction times out)."""
-    longest_s = settings.lease_s / 2 + 2 * settings.publish_timeout_s
-    longest_s += settings.transaction_timeout_s
+    from its claim to the latest its writer sends one (``window_s``, recorded by the writer; a
+    publisher past it aborts instead, see ``receipts.receipt_bound_s``), widened by the clock
+    skew on both sides. The wider of the writer's bound and this relay's."""
+    longest_s = max(window_s, receipt_bound_s(settings.lease_s, settings.publish_timeout_s))
     return time_windows(batches, int(settings.clock_skew_s * 1000), int(longest_s * 1000))
 
 
 def find_receipts(
     reader: Reader,
     settings: Settings,
-    topic: str,
-    key: bytes,
-    install: str,
+    writer: tuple[str, int, str, str, float],
     batches: Sequence[tuple[datetime, int]],
 ) -> dict[int, Committed | NotCommitted]:
-    """Whether each batch's transaction committed, from the receipts of one producer (``key``);
-    that producer must be fenced. A batch is missing from the answer when its receipt has a part
-    that could not be read; raises ReceiptsUnreadableError when absence would prove nothing
-    (records of a window were deleted), KafkaError when Kafka cannot answer."""
+    """Whether each batch's transaction committed, from the receipts of one incarnation
+    (``writer``: replica, epoch, topic, installation, window); its producer must be fenced. A
+    batch is missing from the answer when its receipt has a part that could not be read; raises
+    ReceiptsUnreadableError when absence would prove nothing (the topic is missing, records of a
+    window may have been deleted), KafkaError when Kafka cannot answer."""
+    replica, epoch, topic, install, window_s = writer
+    key = transactional_id(replica).encode()
     stall_s = settings.publish_timeout_s
     partitions = reader.committed.partitions_for_topic(topic)
     if not partitions:
-        # Never written: its producer committed no receipt, so none of these batches (the
-        # per-record search takes a missing dispatch topic for absence in the same way).
-        return {batch: NotCommitted(scanned=0) for _, batch in batches}
+        # Deleted (and so its receipts), or never created: absence would prove nothing.
+        raise ReceiptsUnreadableError(f"the receipts topic {topic!r} does not exist")
     tps = [TopicPartition(topic, p) for p in sorted(partitions)]
     ends = settled_ends(reader, tps, stall_s)
     begins = reader.uncommitted.beginning_offsets(tps)
@@ -136,7 +139,9 @@ def find_receipts(
                 extra={"topic": topic, "partition": partition, "offset": record.offset},
             )
             return False
-        if receipt.install != install or not wanted.intersection(receipt.batches):
+        if (receipt.install, receipt.replica, receipt.epoch) != (install, replica, epoch):
+            return False  # another installation's, or another incarnation's
+        if not wanted.intersection(receipt.batches):
             return False
         parts.setdefault(receipt.txn, {})[receipt.part] = receipt
         for batch in wanted.intersection(receipt.batches):
@@ -148,8 +153,9 @@ def find_receipts(
 
     scanned = 0
     try:
-        for start_ms, end_ms, _ in receipt_windows(settings, batches):
-            _check_retained(reader, tps, begins, ends, start_ms)
+        home = TopicPartition(topic, key_partition(key, sorted(partitions)))
+        for start_ms, end_ms, _ in receipt_windows(settings, batches, window_s):
+            _check_retained(reader, home, begins, ends, start_ms)
             ranges = window_ranges(reader, tps, ends, start_ms, end_ms)
             scanned += read_ranges(reader, ranges, stall_s, visit)
     finally:
@@ -180,24 +186,25 @@ def _parts(received: dict[int, Receipt]) -> int:
 
 def _check_retained(
     reader: Reader,
-    tps: list[TopicPartition],
+    tp: TopicPartition,
     begins: dict[TopicPartition, int],
     ends: dict[TopicPartition, int],
     start_ms: int,
 ) -> None:
-    """Absence proves nothing where retention may have deleted records of the window: a
-    partition whose log no longer starts at 0 must keep a record older than the window."""
-    starts = reader.uncommitted.offsets_for_times({tp: start_ms for tp in tps})
-    for tp in tps:
-        begin = begins[tp]
-        if begin == 0:
-            continue
-        first = starts.get(tp)
-        if (first is None and begin >= ends[tp]) or (first is not None and first.offset <= begin):
-            raise ReceiptsUnreadableError(
-                f"records of partition {tp.partition} of the receipts topic {tp.topic!r} from "
-                "the time of the batch may have been deleted (retention)"
-            )
+    """Absence proves nothing where retention may have deleted records of the window: the
+    writer's partition (its key's, at the topic's partition count), if its log no longer starts
+    at 0, must keep a record older than the window. Other partitions are read but not checked:
+    an idle one emptied by retention would otherwise stop all settling; a receipt lies in
+    another partition only if the count changed (docs/deployment.md: keep it)."""
+    begin = begins[tp]
+    if begin == 0:
+        return
+    first = reader.uncommitted.offsets_for_times({tp: start_ms}).get(tp)
+    if (first is None and begin >= ends[tp]) or (first is not None and first.offset <= begin):
+        raise ReceiptsUnreadableError(
+            f"records of partition {tp.partition} of the receipts topic {tp.topic!r} from "
+            "the time of the batch may have been deleted (retention)"
+        )
 
 
 class Settler:
@@ -207,11 +214,19 @@ class Settler:
     fenced its earlier ones, and has no transaction open between two publishes)."""
 
     def __init__(
-        self, settings: Settings, who: Identity, *, producer_ready: Callable[[], bool]
+        self,
+        settings: Settings,
+        who: Identity,
+        *,
+        producer_ready: Callable[[], bool],
+        between: Callable[[], None] = lambda: None,
     ) -> None:
         self.settings = settings
         self.who = who
         self._producer_ready = producer_ready
+        # Called between two writers' reads: the daemon's heartbeat, which this round must not
+        # hold back (a fence and a read can take seconds each).
+        self._between = between
 
     def run_once(self, conn: psycopg.Connection[Any], unanswered: Sequence[int] = ()) -> Settled:
         """One round: the batches to settle, one read of receipts per producer, the outcomes.
@@ -230,24 +245,33 @@ class Settler:
         done = Settled()
         if not rows:
             return done
-        by_writer: dict[tuple[str, int, str, str], list[_Batch]] = {}
+        by_writer: dict[tuple[str, int, str, str, float], list[_Batch]] = {}
         for row in rows:
             b = _Batch(*row)
-            by_writer.setdefault((b.owner, b.owner_epoch, b.topic, b.install), []).append(b)
+            writer = (b.owner, b.owner_epoch, b.topic, b.install, b.window_s)
+            by_writer.setdefault(writer, []).append(b)
         try:
-            reader = open_consumer(self.settings)
+            reader = open_consumer(self.settings, auto_create=False)
         except kerr.KafkaError as exc:
             done.left, done.why = len(rows), [describe(exc)]
             return done
+        deadline = time.monotonic() + self.settings.lease_s / 4
+        read = 0
         try:
-            for (owner, epoch, topic, install), batches in by_writer.items():
+            for writer, batches in by_writer.items():
+                if read and time.monotonic() > deadline:
+                    done.deferred += len(batches)  # the publishing thread has work too
+                    continue
+                read += 1
                 try:
-                    answers = self._read(reader, owner, topic, install, batches)
+                    answers = self._read(reader, writer, batches)
                 except (kerr.KafkaError, OSError, ReceiptsUnreadableError) as exc:
                     done.left += len(batches)
-                    done.why.append(f"replica {owner}: {describe(exc)}")
+                    done.why.append(f"replica {writer[0]}: {describe(exc)}")
                     continue
-                self._record(conn, owner, epoch, batches, answers, done)
+                finally:
+                    self._between()
+                self._record(conn, writer[0], writer[1], batches, answers, done)
         finally:
             reader.close()
         if done.left:
@@ -259,22 +283,16 @@ class Settler:
         return done
 
     def _read(
-        self, reader: Reader, owner: str, topic: str, install: str, batches: list[_Batch]
+        self, reader: Reader, writer: tuple[str, int, str, str, float], batches: list[_Batch]
     ) -> dict[int, Committed | NotCommitted]:
         """Fence the producer that made the batches (ours is, once initialised), then read."""
+        owner = writer[0]
         if owner == self.who.replica_id:
             if not self._producer_ready():
                 raise ReceiptsUnreadableError("this replica's producer is not initialised yet")
         else:
             fence(self.settings, owner)
-        return find_receipts(
-            reader,
-            self.settings,
-            topic,
-            transactional_id(owner).encode(),
-            install,
-            [(b.claimed_at, b.id) for b in batches],
-        )
+        return find_receipts(reader, self.settings, writer, [(b.claimed_at, b.id) for b in batches])
 
     def _record(
         self,

@@ -78,10 +78,12 @@ def expire_leases(
     *,
     all_own: bool = False,
     leave_receipted: bool = False,
+    lease_s: float = 0.0,
 ) -> int:
     """Effects left DISPATCHING past their lease (or, with ``all_own``, this replica's rows and
     batches that no stage holds) become UNKNOWN; returns how many. With ``leave_receipted``,
-    batches whose incarnation writes receipts are left to the settler (``settler.py``)."""
+    batches whose incarnation writes receipts are left to the settler (``settler.py``): this
+    replica's, and another's until ``lease_s`` past its lease."""
     params = {
         "owner": who.replica_id,
         "epoch": who.epoch,
@@ -89,6 +91,7 @@ def expire_leases(
         "all_own": all_own,
         "held": held.snapshot() if all_own else [],
         "leave_receipted": leave_receipted,
+        "lease_s": lease_s,
     }
     expired = 0
     for name in ("expire_leases", "expire_batches"):

@@ -340,16 +340,21 @@ SELECT count(*) FROM live
 -- expire_leases writes a claimed row's (status events that rode in its transaction held until the
 -- record is looked for); the batch is deleted.
 -- With leave_receipted, a batch whose incarnation writes receipts is left to the settler
--- (settle_batches), which finds out whether it committed without making it UNKNOWN.
+-- (batches_to_settle), which finds out whether it committed without making it UNKNOWN: this
+-- replica's own, and another's for one more lease (its owner settles it, or, once the owner's
+-- heartbeat is a lease old, any replica); past that, a live owner that cannot reach Kafka
+-- would hold it DISPATCHING for as long: it expires.
 WITH expired AS (
     SELECT b.id, b.owner, b.owner_epoch, b.claimed_at, b.ids, b.status_ids
     FROM relay.dispatch_batch b
     WHERE (b.lease_until < now()
            OR (b.owner = %(owner)s AND b.owner_epoch < %(epoch)s)
            OR (%(all_own)s AND b.owner = %(owner)s AND NOT (b.ids && %(held)s::bigint[])))
-      AND NOT (%(leave_receipted)s AND EXISTS (
-          SELECT 1 FROM relay.receipt_writer w
-          WHERE w.replica_id = b.owner AND w.epoch = b.owner_epoch))
+      AND NOT (%(leave_receipted)s
+               AND (b.owner = %(owner)s
+                    OR b.lease_until > now() - make_interval(secs => %(lease_s)s))
+               AND EXISTS (SELECT 1 FROM relay.receipt_writer w
+                           WHERE w.replica_id = b.owner AND w.epoch = b.owner_epoch))
     ORDER BY b.lease_until
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
@@ -409,8 +414,8 @@ WITH gone AS (
       AND NOT EXISTS (SELECT 1 FROM relay.dispatch_batch b
                       WHERE b.owner = w.replica_id AND b.owner_epoch = w.epoch)
 )
-INSERT INTO relay.receipt_writer (replica_id, epoch, topic, install)
-VALUES (%(replica_id)s, %(epoch)s, %(topic)s, %(install)s)
+INSERT INTO relay.receipt_writer (replica_id, epoch, topic, install, window_s)
+VALUES (%(replica_id)s, %(epoch)s, %(topic)s, %(install)s, %(window_s)s)
 ON CONFLICT DO NOTHING;
 
 -- name: stop_receipts
@@ -424,11 +429,13 @@ DELETE FROM relay.receipt_writer WHERE replica_id = %(replica_id)s AND epoch = %
 -- it started), its own past their lease (no transaction of its producer is open between two
 -- publishes) or whose commit went unanswered (the producer was replaced since), and another replica's past their lease once that replica has sent no heartbeat for
 -- a lease (it is fenced first); a live replica settles its own.
-SELECT b.id, b.owner, b.owner_epoch, b.claimed_at, b.ids, w.topic, w.install
+SELECT b.id, b.owner, b.owner_epoch, b.claimed_at, b.ids, w.topic, w.install, w.window_s
 FROM relay.dispatch_batch b
 JOIN relay.receipt_writer w ON w.replica_id = b.owner AND w.epoch = b.owner_epoch
 LEFT JOIN relay.replica r ON r.replica_id = b.owner
-WHERE (b.owner = %(owner)s AND (b.owner_epoch < %(epoch)s OR b.lease_until < now()))
+-- Never a later incarnation's: a fenced process must not settle its successor's batches.
+WHERE (b.owner = %(owner)s AND b.owner_epoch <= %(epoch)s
+       AND (b.owner_epoch < %(epoch)s OR b.lease_until < now()))
    -- Its own whose commit went unanswered, once its producer was replaced.
    OR (b.owner = %(owner)s AND b.owner_epoch = %(epoch)s AND b.id = ANY(%(unanswered)s::bigint[]))
    OR (b.owner <> %(owner)s AND b.lease_until < now()

@@ -385,6 +385,8 @@ CREATE TABLE relay.receipt_writer (
     epoch      bigint NOT NULL,
     topic      text NOT NULL,
     install    text NOT NULL,
+    -- The latest it sends a receipt after its batch's claim (seconds): a settler reads that far.
+    window_s   double precision NOT NULL,
     since      timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (replica_id, epoch)
 );

@@ -201,6 +201,7 @@ def test_a_new_incarnation_expires_the_last_ones_batches_and_its_outcomes_write_
                 "all_own": False,
                 "held": [],
                 "leave_receipted": False,
+                "lease_s": 0.0,
             },
         ).fetchone()
         assert expired == (1,)

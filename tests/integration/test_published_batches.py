@@ -273,6 +273,7 @@ def test_a_batch_marked_in_parts_is_closed_and_never_expired_unknown(settings: S
                 "held": [],
                 "limit": 10,
                 "leave_receipted": False,
+                "lease_s": 0.0,
             },
         ).fetchone()
         assert expired == (3,)

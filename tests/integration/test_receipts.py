@@ -22,7 +22,7 @@ from relay.dispatch.intake import Claim, promote
 from relay.dispatch.publisher import ClaimedEffect, PublishResult
 from relay.dispatch.receipts import ReceiptLine, ReceiptSpec, receipt_values
 from relay.dispatch.settler import Settler
-from relay.dispatch.stage import Claimed, Identity
+from relay.dispatch.stage import Claimed, Held, Identity, expire_leases
 from relay.dispatch.status_events import installation_digest
 from relay.dispatch.ticker import Ticker
 from relay.dispatch.transactions import commit, transactional_id
@@ -32,9 +32,12 @@ from tests import support
 
 @pytest.fixture
 def own(settings: Settings, prefix: str) -> Settings:
-    """A receipts topic of this test's own, and a short lease."""
+    """A receipts topic of this test's own (created, as a deployment creates it), and a short
+    lease."""
+    topic = f"{prefix}.receipts"
+    support.create_topic(settings.kafka_bootstrap_servers, topic)
     return settings.model_copy(
-        update={"receipts_topic": f"{prefix}.receipts", "lease_s": 5.0, "publish_timeout_s": 2.0}
+        update={"receipts_topic": topic, "lease_s": 5.0, "publish_timeout_s": 2.0}
     )
 
 
@@ -159,7 +162,13 @@ def _claimed_by_a_dead_replica(own: Settings, keys: list[str]) -> tuple[list[Cla
         install = installation_digest(conn)
         conn.execute(
             query("register_receipts"),
-            {"replica_id": "gone", "epoch": 1, "topic": own.receipts_topic, "install": install},
+            {
+                "replica_id": "gone",
+                "epoch": 1,
+                "topic": own.receipts_topic,
+                "install": install,
+                "window_s": 10.0,
+            },
         )
         Ticker().run_once(conn)
         claim = Claim("gone", 1, lease_s=0.5, limit=100, max_bytes=10**6, status_in_txn=False)
@@ -181,10 +190,11 @@ def _zombie(own: Settings) -> KafkaProducer:
 
 
 def _receipt(
-    own: Settings, install: str, claimed: list[ClaimedEffect], offsets: list[int]
+    own: Settings, install: str, claimed: list[ClaimedEffect], offsets: list[int], epoch: int = 1
 ) -> list[bytes]:
     assert own.receipts_topic is not None
-    spec = ReceiptSpec(own.receipts_topic, transactional_id("gone").encode(), install, "gone", 1)
+    key = transactional_id("gone").encode()
+    spec = ReceiptSpec(own.receipts_topic, key, install, "gone", epoch)
     batches = sorted({e.batch for e in claimed if e.batch is not None})
     lines = [
         ReceiptLine(e.id, 1, e.topic, 0, offset) for e, offset in zip(claimed, offsets, strict=True)
@@ -192,9 +202,12 @@ def _receipt(
     return receipt_values(spec, "t-1", batches, lines, 10**6)
 
 
-def _settle(own: Settings) -> Any:
+LIVE = Identity("live", 1)
+
+
+def _settle(own: Settings, who: Identity = LIVE) -> Any:
     with relay_db.connect(own, purpose="test") as conn:
-        return Settler(own, Identity("live", 1), producer_ready=lambda: True).run_once(conn)
+        return Settler(own, who, producer_ready=lambda: True).run_once(conn)
 
 
 def test_a_zombie_transaction_left_open_is_fenced_before_the_receipts_are_read(
@@ -225,8 +238,9 @@ def test_a_receipt_of_another_installation_or_not_a_receipt_proves_nothing(
     own: Settings,
 ) -> None:
     """Committed records on the receipts topic under the dead replica's key that are not its
-    receipts (another installation's digest; a value that is no receipt) are skipped: the
-    batch did not commit. Its own committed receipt then settles another batch as published."""
+    receipts (another installation's digest, another incarnation's epoch, a value that is no
+    receipt) are skipped: the batch did not commit. Its own committed receipt then settles
+    another batch as published."""
     url = own.require_database_url()
     claimed, install = _claimed_by_a_dead_replica(own, ["ri-0", "ri-1"])
     zombie = _zombie(own)
@@ -234,6 +248,8 @@ def test_a_receipt_of_another_installation_or_not_a_receipt_proves_nothing(
     key = transactional_id("gone").encode()
     zombie.begin_transaction()
     for value in _receipt(own, "another-install", claimed, [1, 2]):
+        zombie.send(own.receipts_topic, key=key, value=value)
+    for value in _receipt(own, install, claimed, [3, 4], epoch=2):
         zombie.send(own.receipts_topic, key=key, value=value)
     zombie.send(own.receipts_topic, key=key, value=b'{"v": 1, "batches": "all of them"}')
     commit(zombie, 10.0)
@@ -272,23 +288,44 @@ def _claimed_by_a_dead_replica_again(own: Settings, keys: list[str]) -> list[Cla
 
 def test_a_live_replicas_batch_is_left_to_it(own: Settings) -> None:
     """A batch past its lease whose replica still sends heartbeats is not settled by another
-    replica (that would fence a live producer): it settles its own."""
-    claimed, _ = _claimed_by_a_dead_replica(own, ["lv-0"])
+    replica (that would fence a live producer), nor expired by it for one more lease: the
+    replica settles its own."""
+    _claimed_by_a_dead_replica(own, ["lv-0"])
+    url = own.require_database_url()
     with relay_db.connect(own, purpose="test") as conn:
         conn.execute("UPDATE relay.replica SET heartbeat_at = now() WHERE replica_id = 'gone'")
+        assert (
+            expire_leases(conn, Identity("live", 1), Held(), leave_receipted=True, lease_s=60.0)
+            == 0
+        )
     done = _settle(own)
     assert (done.committed, done.aborted, done.left) == (0, 0, 0)
-    assert _open_batches(own.require_database_url()) == 1
-    assert claimed
+    assert _open_batches(url) == 1
+    done = _settle(own, Identity("gone", 1))
+    assert (done.committed, done.aborted, done.again) == (0, 1, 1)
+    assert _open_batches(url) == 0
+
+
+def test_without_its_receipts_topic_a_batch_is_left_to_the_search(settings: Settings) -> None:
+    """The receipts topic of the dead replica's incarnation does not exist (deleted, or never
+    made): the absence of a receipt proves nothing, so the batch is not settled; lease expiry
+    then makes it UNKNOWN for the search, as without receipts."""
+    own = settings.model_copy(update={"receipts_topic": f"{settings.replica_id}.never-made"})
+    _claimed_by_a_dead_replica(own, ["nt-0", "nt-1"])
+    done = _settle(own)
+    assert (done.committed, done.aborted, done.left) == (0, 0, 1)
+    assert "does not exist" in done.why[0]
+    with relay_db.connect(own, purpose="test") as conn:
+        assert expire_leases(conn, Identity("live", 1), Held()) == 2
+    assert support.count_states(own.require_database_url()) == {"UNKNOWN": 2}
 
 
 def test_without_its_topic_the_relay_stops_receipts_and_publishes(
     settings: Settings, prefix: str
 ) -> None:
     """Without auto-creation and without the receipts topic, the relay records that its
-    incarnation writes no receipts (before it commits a transaction without one) and publishes;
-    a batch it then leaves without an outcome is made UNKNOWN and looked for, as without
-    receipts."""
+    incarnation writes no receipts (before it commits a transaction without one) and publishes
+    every intent at its first attempt."""
     from kafka.admin import KafkaAdminClient, NewTopic
 
     from relay.devtools.services.kafka import LocalKafka
@@ -375,9 +412,20 @@ def _stories(bootstrap: str, topic: str, n: int) -> dict[str, list[tuple[str | N
 
 
 def _run_with(own: Settings, keys: list[str], monkeypatch: pytest.MonkeyPatch, commit: Any) -> None:
+    """Run a relay whose first commit of a batch goes as ``commit`` says (the status events'
+    publisher commits through the same function: its commits go as they are)."""
     url = own.require_database_url()
     _enqueue(url, keys)
-    monkeypatch.setattr(transactions, "commit", commit)
+    real = transactions.commit
+    ours = transactional_id(own.replica_id)
+
+    def routed(producer: Any, timeout_s: float) -> None:
+        if producer.config["transactional_id"] == ours:
+            commit(producer, timeout_s)
+        else:
+            real(producer, timeout_s)
+
+    monkeypatch.setattr(transactions, "commit", routed)
     with support.running(Relay(own)):
         support.wait_for(
             lambda: support.count_states(url) == {"PUBLISHED": len(keys)}, 90, "publication"

@@ -189,6 +189,7 @@ def _a_dead_replicas_batch(url: str) -> dict[str, int]:
                 "held": [],
                 "limit": 10,
                 "leave_receipted": False,
+                "lease_s": 0.0,
             },
         ).fetchone()
         assert expired == (4,)

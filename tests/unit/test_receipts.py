@@ -11,6 +11,7 @@ from relay.dispatch.receipts import (
     ReceiptLine,
     ReceiptSpec,
     parse_receipt,
+    receipt_bound_s,
     receipt_values,
 )
 from relay.dispatch.settler import receipt_windows
@@ -83,12 +84,15 @@ def test_a_receipt_is_looked_for_from_the_claim_to_the_latest_its_transaction_co
     )
     at = datetime(2026, 12, 6, tzinfo=UTC)
     ms = int(at.timestamp() * 1000)
-    windows = receipt_windows(
-        settings,
-        [(at, 1), (at + timedelta(seconds=20), 2), (at + timedelta(hours=1), 3)],
-    )
-    # 30 s (half the lease) + 2 x 10 s + 30 s after the claim, and the skew on both sides.
-    first_end = ms + 20_000 - 5_000 + 80_000 + 10_000
+    batches = [(at, 1), (at + timedelta(seconds=20), 2), (at + timedelta(hours=1), 3)]
+    windows = receipt_windows(settings, batches, 40.0)
+    # 30 s (half the lease) + 2 x 10 s after the claim (wider than the writer's 40 s), and the
+    # skew on both sides.
+    assert receipt_bound_s(60.0, 10.0) == 50.0
+    first_end = ms + 20_000 - 5_000 + 50_000 + 10_000
     assert windows[0] == (ms - 5_000, first_end, [1, 2])
     assert windows[1][2] == [3]
     assert len(windows) == 2
+    # A writer whose bound was wider (other settings) is read as far as it could send.
+    wider = receipt_windows(settings, batches[:1], 90.0)
+    assert wider == [(ms - 5_000, ms - 5_000 + 90_000 + 10_000, [1])]
