@@ -22,6 +22,7 @@ from kafka import KafkaConsumer
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
+import relay
 from relay.config import Settings
 from relay.dispatch.daemon import Relay
 from relay.migrations import migrate, sync_effect_types
@@ -159,6 +160,43 @@ def write_config(path: Path, settings: Settings) -> Path:
                 lines.append(f"{key} = {json.dumps(value)}")
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+def status_stories(records: list[Any]) -> dict[str, list[tuple[str | None, str, str]]]:
+    """Per operation key, each status event's (previous state, state, kind of ce_id: 'txn'
+    for one that rode in its batch's transaction, 'log' for one from the transitions log)."""
+    told: dict[str, list[tuple[str | None, str, str]]] = {}
+    for r in records:
+        value = json.loads(r.value)
+        kind = "txn" if ".b" in dict(r.headers)["ce_id"].decode() else "log"
+        told.setdefault(value["operation_key"], []).append(
+            (value["previous_state"], value["state"], kind)
+        )
+    return told
+
+
+def publish_with_commit(
+    settings: Settings, keys: list[str], monkeypatch: Any, commit: Callable[[Any, float], None]
+) -> None:
+    """Enqueue e-mails with these keys and run a relay whose batches commit through ``commit``
+    (the status events' publisher commits through the same function: its commits go as they
+    are), until all are PUBLISHED and every status event is out."""
+    from relay.dispatch import transactions
+    from relay.dispatch.transactions import transactional_id
+
+    url = settings.require_database_url()
+    with psycopg.connect(url, autocommit=True) as conn:
+        relay.enqueue_many(conn, [relay.Intent("email", k, {"to": k}) for k in keys])
+    real = transactions.commit
+    ours = transactional_id(settings.replica_id)
+
+    def routed(producer: Any, timeout_s: float) -> None:
+        (commit if producer.config["transactional_id"] == ours else real)(producer, timeout_s)
+
+    monkeypatch.setattr(transactions, "commit", routed)
+    with running(Relay(settings)):
+        wait_for(lambda: count_states(url) == {"PUBLISHED": len(keys)}, 90, "publication")
+        wait_for(lambda: status_backlog(url) == 0, 30, "status events sent")
 
 
 def create_topic(bootstrap: str, topic: str, partitions: int = 1) -> None:

@@ -399,40 +399,6 @@ def test_each_transaction_carries_a_receipt_of_its_records(own: Settings, prefix
     assert set(listed) == set(ids.values())
 
 
-def _stories(bootstrap: str, topic: str, n: int) -> dict[str, list[tuple[str | None, str, str]]]:
-    """Per operation key, each status event's (previous state, state, 'txn' or 'log')."""
-    told: dict[str, list[tuple[str | None, str, str]]] = {}
-    for r in support.read_topic(bootstrap, topic, n):
-        value = json.loads(r.value)
-        kind = "txn" if ".b" in dict(r.headers)["ce_id"].decode() else "log"
-        told.setdefault(value["operation_key"], []).append(
-            (value["previous_state"], value["state"], kind)
-        )
-    return told
-
-
-def _run_with(own: Settings, keys: list[str], monkeypatch: pytest.MonkeyPatch, commit: Any) -> None:
-    """Run a relay whose first commit of a batch goes as ``commit`` says (the status events'
-    publisher commits through the same function: its commits go as they are)."""
-    url = own.require_database_url()
-    _enqueue(url, keys)
-    real = transactions.commit
-    ours = transactional_id(own.replica_id)
-
-    def routed(producer: Any, timeout_s: float) -> None:
-        if producer.config["transactional_id"] == ours:
-            commit(producer, timeout_s)
-        else:
-            real(producer, timeout_s)
-
-    monkeypatch.setattr(transactions, "commit", routed)
-    with support.running(Relay(own)):
-        support.wait_for(
-            lambda: support.count_states(url) == {"PUBLISHED": len(keys)}, 90, "publication"
-        )
-        support.wait_for(lambda: support.status_backlog(url) == 0, 30, "status events sent")
-
-
 def test_a_commit_that_lost_its_answer_is_settled_by_its_receipt(
     own: Settings, prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -450,7 +416,7 @@ def test_a_commit_that_lost_its_answer_is_settled_by_its_receipt(
             raise transactions.TransactionTimeoutError("commit_transaction did not complete")
 
     keys = [f"la-{i}" for i in range(6)]
-    _run_with(own, keys, monkeypatch, commit_loses_its_answer)
+    support.publish_with_commit(own, keys, monkeypatch, commit_loses_its_answer)
     url = own.require_database_url()
     with psycopg.connect(url, autocommit=True) as conn:
         all_ids = [int(r[0]) for r in conn.execute("SELECT id FROM relay.intake").fetchall()]
@@ -458,7 +424,9 @@ def test_a_commit_that_lost_its_answer_is_settled_by_its_receipt(
     records = _in_topic(own.kafka_bootstrap_servers, f"{prefix}.emails", len(keys))
     assert len(records) == len(keys) and {a for _, _, a in records.values()} == {1}
     assert _placed(url, all_ids) == {i: (p, o) for i, (p, o, _) in records.items()}
-    told = _stories(own.kafka_bootstrap_servers, own.status_topic, 3 * len(keys))
+    told = support.status_stories(
+        support.read_topic(own.kafka_bootstrap_servers, own.status_topic, 3 * len(keys))
+    )
     happy = [
         (None, "PENDING", "txn"),
         ("PENDING", "DISPATCHING", "txn"),
@@ -485,7 +453,7 @@ def test_a_commit_that_never_happened_goes_again_without_unknown(
         real(producer, timeout_s)
 
     keys = [f"na-{i}" for i in range(6)]
-    _run_with(own, keys, monkeypatch, commit_aborted_unanswered)
+    support.publish_with_commit(own, keys, monkeypatch, commit_aborted_unanswered)
     url = own.require_database_url()
     with psycopg.connect(url, autocommit=True) as conn:
         first: dict[str, tuple[str, str]] = {
@@ -501,7 +469,9 @@ def test_a_commit_that_never_happened_goes_again_without_unknown(
     assert _went(url, all_ids, "UNKNOWN") == 0
     records = _in_topic(own.kafka_bootstrap_servers, f"{prefix}.emails", len(keys))
     assert len(records) == len(keys)
-    told = _stories(own.kafka_bootstrap_servers, own.status_topic, 5 * len(keys))
+    told = support.status_stories(
+        support.read_topic(own.kafka_bootstrap_servers, own.status_topic, 5 * len(keys))
+    )
     for key in first:
         assert told[key] == [
             (None, "PENDING", "log"),

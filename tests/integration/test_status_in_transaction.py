@@ -4,7 +4,6 @@ and Kafka; the relay runs in this process so that its commit can be made to lose
 
 from __future__ import annotations
 
-import json
 import threading
 from typing import Any
 
@@ -37,35 +36,10 @@ def own_topic(settings: Settings, prefix: str) -> Settings:
     )
 
 
-def _stories(records: list[Any]) -> dict[str, list[tuple[str | None, str, str]]]:
-    """Per operation key, each event's (previous state, state, kind of ce_id: 'txn' or 'log')."""
-    told: dict[str, list[tuple[str | None, str, str]]] = {}
-    for r in records:
-        value = json.loads(r.value)
-        kind = "txn" if ".b" in dict(r.headers)["ce_id"].decode() else "log"
-        told.setdefault(value["operation_key"], []).append(
-            (value["previous_state"], value["state"], kind)
-        )
-    return told
-
-
 def _held(url: str) -> int:
     with psycopg.connect(url, autocommit=True) as conn:
         row = conn.execute("SELECT count(*) FROM relay.status_held").fetchone()
     return int(row[0]) if row else 0
-
-
-def _run(
-    settings: Settings, url: str, keys: list[str], monkeypatch: pytest.MonkeyPatch, commit: Any
-) -> None:
-    with psycopg.connect(url, autocommit=True) as conn:
-        relay.enqueue_many(conn, [relay.Intent("email", k, {"to": k}) for k in keys])
-    monkeypatch.setattr(transactions, "commit", commit)
-    with support.running(Relay(settings)):
-        support.wait_for(
-            lambda: support.count_states(url) == {"PUBLISHED": len(keys)}, 90, "publication"
-        )
-        support.wait_for(lambda: support.status_backlog(url) == 0, 30, "status events sent")
 
 
 def test_a_commit_that_lost_its_answer_tells_each_story_once_from_the_transaction(
@@ -85,7 +59,7 @@ def test_a_commit_that_lost_its_answer_tells_each_story_once_from_the_transactio
             raise transactions.TransactionTimeoutError("commit_transaction did not complete")
 
     keys = [f"lost-{i}" for i in range(6)]
-    _run(settings, url, keys, monkeypatch, commit_loses_its_answer)
+    support.publish_with_commit(settings, keys, monkeypatch, commit_loses_its_answer)
     with psycopg.connect(url, autocommit=True) as conn:
         # The lost commit's intents went through UNKNOWN (their rows say so) and were found.
         unknown = conn.execute(
@@ -93,7 +67,9 @@ def test_a_commit_that_lost_its_answer_tells_each_story_once_from_the_transactio
         ).fetchone()
         assert unknown is not None and unknown[0] > 0
     assert _held(url) == 0
-    told = _stories(support.read_topic(services.kafka_bootstrap_servers, settings.status_topic, 18))
+    told = support.status_stories(
+        support.read_topic(services.kafka_bootstrap_servers, settings.status_topic, 18)
+    )
     happy = [
         (None, "PENDING", "txn"),
         ("PENDING", "DISPATCHING", "txn"),
@@ -119,7 +95,7 @@ def test_an_aborted_transaction_shows_none_of_its_events_and_the_log_tells_the_s
         real(producer, timeout_s)
 
     keys = [f"gone-{i}" for i in range(6)]
-    _run(settings, url, keys, monkeypatch, commit_aborted_unanswered)
+    support.publish_with_commit(settings, keys, monkeypatch, commit_aborted_unanswered)
     assert _held(url) == 0
     with psycopg.connect(url, autocommit=True) as conn:
         again: dict[str, int] = dict(
@@ -127,7 +103,9 @@ def test_an_aborted_transaction_shows_none_of_its_events_and_the_log_tells_the_s
         )
     retried = sorted(k for k, attempts in again.items() if attempts == 2)
     assert retried, again  # the first batch's intents went again
-    told = _stories(support.read_topic(services.kafka_bootstrap_servers, settings.status_topic, 18))
+    told = support.status_stories(
+        support.read_topic(services.kafka_bootstrap_servers, settings.status_topic, 18)
+    )
     assert set(told) == set(keys)
     for key in retried:
         assert told[key] == [
@@ -385,7 +363,9 @@ def test_a_missing_status_topic_holds_nothing_back_and_loses_no_event(
             ).fetchall()
         assert len(first) == 4 and {outcome for outcome, _ in first} == {"not_sent"}, first
         assert all(own.status_topic in reason for _, reason in first), first
-        told = _stories(support.read_topic(broker.bootstrap_servers, own.status_topic, 20))
+        told = support.status_stories(
+            support.read_topic(broker.bootstrap_servers, own.status_topic, 20)
+        )
         assert set(told) == set(keys)
         for key, story in told.items():
             assert {kind for _, _, kind in story} == {"log"}, (key, story)
