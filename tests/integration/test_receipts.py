@@ -4,7 +4,6 @@ run in this process so that an outcome can be lost on purpose."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,7 +19,7 @@ from relay.dispatch import transactions
 from relay.dispatch.daemon import Relay
 from relay.dispatch.intake import Claim, promote
 from relay.dispatch.publisher import ClaimedEffect, PublishResult
-from relay.dispatch.receipts import ReceiptLine, ReceiptSpec, receipt_values
+from relay.dispatch.receipts import ReceiptLine, ReceiptSpec, parse_receipt, receipt_values
 from relay.dispatch.settler import Settler
 from relay.dispatch.stage import Claimed, Held, Identity, expire_leases
 from relay.dispatch.status_events import installation_digest
@@ -384,17 +383,10 @@ def test_each_transaction_carries_a_receipt_of_its_records(own: Settings, prefix
     listed: dict[int, tuple[str, int, int, int]] = {}
     for r in support.read_topic(own.kafka_bootstrap_servers, own.receipts_topic, 1, 5.0):
         assert r.key == transactional_id(own.replica_id).encode()
-        body = json.loads(r.value)
-        assert body["replica"] == own.replica_id and body["batches"]
-        for i, a, t, p, o in zip(
-            body["ids"],
-            body["attempts"],
-            body["topic"],
-            body["partitions"],
-            body["offsets"],
-            strict=True,
-        ):
-            listed[i] = (body["topics"][t], p, o, a)
+        receipt = parse_receipt(r.value)
+        assert receipt is not None and receipt.replica == own.replica_id and receipt.batches
+        for line in receipt.lines:
+            listed[line.effect_id] = (line.topic, line.partition, line.offset, line.attempt)
     assert listed == {i: (f"{prefix}.emails", p, o, a) for i, (p, o, a) in records.items()}
     assert set(listed) == set(ids.values())
 
