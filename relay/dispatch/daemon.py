@@ -104,7 +104,7 @@ class Relay:
         self._receipts: ReceiptSpec | None = None
         # This incarnation's batches whose commit went unanswered -> when (monotonic): settled
         # by their receipts once the producer is replaced, by lease expiry after a lease.
-        self._unanswered: dict[int, float] = {}
+        self._unanswered: dict[int, tuple[float, list[int]]] = {}
         self._last_settle_try = 0.0
         self._settle_retry_s = SETTLE_RETRY_S
         self.published_total = 0
@@ -429,8 +429,10 @@ class Relay:
         self._settle_retry_s = (
             min(self._settle_retry_s * 2, self.settings.lease_s / 4) if failed else SETTLE_RETRY_S
         )
-        for batch, since in list(self._unanswered.items()):
+        for batch, (since, ids) in list(self._unanswered.items()):
             if batch in done.settled or now - since > self.settings.lease_s:
+                # Held until now: a reconnecting claimer would have made them UNKNOWN.
+                self._held.discard(ids)
                 del self._unanswered[batch]
 
     def _withhold_unanswered(self, results: list[PublishResult]) -> list[PublishResult]:
@@ -442,8 +444,7 @@ class Relay:
         now = time.monotonic()
         for r in withheld:
             assert r.effect.batch is not None
-            self._unanswered.setdefault(r.effect.batch, now)
-        self._held.discard(r.effect.id for r in withheld)
+            self._unanswered.setdefault(r.effect.batch, (now, []))[1].append(r.effect.id)
         return [r for r in results if not (r.receipted and r.effect.batch is not None)]
 
     def _publish_and_mark(self, claimed: Claimed) -> None:

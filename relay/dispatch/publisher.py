@@ -17,7 +17,6 @@ from typing import Any, NamedTuple
 
 from kafka import KafkaProducer
 from kafka import errors as kerr
-from kafka.structs import TopicPartition
 
 from relay.dispatch import transactions
 from relay.dispatch.appender import Appender
@@ -500,8 +499,6 @@ def publish_batch_transactional(
     results: list[PublishResult | None] = [None] * len(batch)
     try:
         producer.begin_transaction()
-        if receipt is not None:
-            _add_to_transaction(producer, receipt, receipt_partitions)
     except Exception as exc:  # noqa: BLE001 - nothing was sent: every record is untouched
         reason = f"not sent: the transaction could not begin: {describe(exc)}"
         return [
@@ -525,15 +522,19 @@ def publish_batch_transactional(
     sent = [i for i, _ in pending]
     failed = [i for i in sent if _outcome(results[i]) is not AttemptOutcome.ACKED]
     if not failed and sent and receipt is not None:
-        late = receipt_deadline is not None and time.monotonic() > receipt_deadline
-        if late:
-            problem: str | None = "too late for its receipt (the batch was claimed too long ago)"
-        else:
-            problem = _send_receipt(
-                producer, receipt, receipt_partitions, results, sent, limit_bytes, timeout_s
-            )
+        problem = _send_receipt(
+            producer,
+            receipt,
+            receipt_partitions,
+            results,
+            sent,
+            limit_bytes,
+            timeout_s,
+            receipt_deadline,
+        )
         if problem is not None:
-            stop = None if late else stop_receipts
+            # Too late: nothing is wrong with the topic, receipts go on.
+            stop = None if problem == TOO_LATE else stop_receipts
             return _abort_for_receipt(producer, results, sent, problem, timeout_s, stop)
     if failed:
         try:
@@ -587,18 +588,7 @@ def publish_batch_transactional(
     return _done(results)
 
 
-def _add_to_transaction(
-    producer: KafkaProducer, receipt: ReceiptSpec, partitions: Sequence[int]
-) -> None:
-    """Put the receipt's partition in the transaction from its start, so that it is added
-    with the records' partitions, in one request: added when the receipt is sent, it took one
-    more round trip to the coordinator after the records' answers (about 10 ms of latency at
-    300 intents/s). kafka-python's internal API, as the appender's; without it, ``send`` adds
-    the partition itself."""
-    manager = getattr(producer, "_transaction_manager", None)
-    add = getattr(manager, "maybe_add_partition_to_transaction", None)
-    if callable(add):
-        add(TopicPartition(receipt.topic, key_partition(receipt.key, partitions)))
+TOO_LATE = "too late for its receipt (the batch was claimed too long ago)"
 
 
 def _send_receipt(
@@ -609,6 +599,7 @@ def _send_receipt(
     sent: list[int],
     limit_bytes: int,
     timeout_s: float,
+    deadline: float | None,
 ) -> str | None:
     """Write the receipt of the transaction's records (all acknowledged, with their offsets) in
     it, and wait for it; None when written, else why not."""
@@ -623,6 +614,8 @@ def _send_receipt(
             batches.add(e.batch)
     values = receipt_values(receipt, uuid.uuid4().hex, sorted(batches), lines, limit_bytes)
     partition = key_partition(receipt.key, partitions)
+    if deadline is not None and time.monotonic() > deadline:
+        return TOO_LATE  # a settler reads receipts only up to there
     try:
         futures = [
             producer.send(receipt.topic, key=receipt.key, value=value, partition=partition)

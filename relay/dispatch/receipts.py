@@ -152,15 +152,17 @@ def parse_receipt(value: bytes | None) -> Receipt | None:
         for run in body["runs"]:
             if not isinstance(run, list) or len(run) != 6:
                 return None
-            topic = topics[_int(run[0])]
-            partition, offset, effect_id = _int(run[1]), _int(run[2]), _int(run[3])
+            topic = topics[_int(run[0], len(topics) - 1)]
+            partition = _int(run[1], _INT4)
+            offset, effect_id = _int(run[2], _INT8), _int(run[3], _INT8)
             deltas = _ints(run[4])
-            attempts = [1] * (len(deltas) + 1) if run[5] == 1 else _ints(run[5])
-            if len(attempts) != len(deltas) + 1:
+            attempts = [1] * (len(deltas) + 1) if type(run[5]) is int and run[5] == 1 else None
+            attempts = attempts or [_int(a, _INT4) for a in _list(run[5])]
+            if len(attempts) != len(deltas) + 1 or offset + len(deltas) > _INT8:
                 return None
             lines.append(ReceiptLine(effect_id, attempts[0], topic, partition, offset))
             for n, delta in enumerate(deltas, start=1):
-                effect_id += delta
+                effect_id = _int(effect_id + delta)
                 lines.append(ReceiptLine(effect_id, attempts[n], topic, partition, offset + n))
         part, parts = _int(body["part"]), _int(body["parts"])
         if not 0 <= part < parts:
@@ -172,23 +174,37 @@ def parse_receipt(value: bytes | None) -> Receipt | None:
             txn=_str(body["txn"]),
             part=part,
             parts=parts,
-            batches=tuple(_ints(body["batches"])),
+            batches=tuple(_int(b) for b in _list(body["batches"])),
             lines=tuple(lines),
         )
-    except (ValueError, KeyError, IndexError, TypeError):
+    except Exception:  # noqa: BLE001 - whatever the value holds (RecursionError too): not one
         return None
 
 
-def _int(value: Any) -> int:
-    if type(value) is not int:
-        raise TypeError(f"not an integer: {value!r}")
+_INT4 = 2**31 - 1  # what the database's integer columns hold
+_INT8 = 2**63 - 1
+
+
+def _int(value: Any, most: int = _INT8) -> int:
+    """A whole number from 0 to ``most`` (booleans and floats are not)."""
+    if type(value) is not int or not 0 <= value <= most:
+        raise ValueError(f"not an integer from 0 to {most}: {value!r}")
     return value
 
 
-def _ints(values: Any) -> list[int]:
+def _list(values: Any) -> list[Any]:
     if not isinstance(values, list):
         raise TypeError("not a list")
-    return [_int(v) for v in values]
+    return values
+
+
+def _ints(values: Any) -> list[int]:
+    """Differences between consecutive ids: any sign, within bigint."""
+    out = _list(values)
+    for v in out:
+        if type(v) is not int or not -_INT8 <= v <= _INT8:
+            raise ValueError(f"not an integer: {v!r}")
+    return out
 
 
 def _str(value: Any) -> str:

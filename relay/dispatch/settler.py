@@ -156,7 +156,10 @@ def find_receipts(
         home = TopicPartition(topic, key_partition(key, sorted(partitions)))
         for start_ms, end_ms, _ in receipt_windows(settings, batches, window_s):
             _check_retained(reader, home, begins, ends, start_ms)
-            ranges = window_ranges(reader, tps, ends, start_ms, end_ms)
+            # Offsets by time assume timestamps that rise with offsets; a receipt appended after
+            # a record stamped later (another writer's clock ahead, a retried send) is read too.
+            late_ms = int((settings.clock_skew_s + settings.publish_timeout_s) * 1000)
+            ranges = window_ranges(reader, tps, ends, start_ms, end_ms + late_ms)
             scanned += read_ranges(reader, ranges, stall_s, visit)
     finally:
         reader.committed.unsubscribe()
@@ -268,10 +271,16 @@ class Settler:
                 except (kerr.KafkaError, OSError, ReceiptsUnreadableError) as exc:
                     done.left += len(batches)
                     done.why.append(f"replica {writer[0]}: {describe(exc)}")
-                    continue
-                finally:
                     self._between()
-                self._record(conn, writer[0], writer[1], batches, answers, done)
+                    continue
+                self._between()
+                try:
+                    with conn.transaction():
+                        self._record(conn, writer[0], writer[1], batches, answers, done)
+                except (psycopg.DataError, psycopg.IntegrityError) as exc:
+                    # Not recorded; left to lease expiry rather than tried again forever.
+                    done.left += len(batches)
+                    done.why.append(f"replica {writer[0]}: {describe(exc)}")
         finally:
             reader.close()
         if done.left:

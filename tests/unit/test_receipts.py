@@ -100,6 +100,11 @@ def test_what_is_not_a_receipt_of_this_version_is_none() -> None:
         is None
     )
     assert parse_receipt(json.dumps({**body, "part": 1}).encode()) is None  # part of 1
+    # Values the database could not hold, or that only look like numbers.
+    for bad in ([-1, *run[1:]], [run[0], 2**40, *run[2:]], [*run[:5], True], [*run[:5], 1.0]):
+        assert parse_receipt(json.dumps({**body, "runs": [bad]}).encode()) is None, bad
+    assert parse_receipt(json.dumps({**body, "batches": [-3]}).encode()) is None
+    assert parse_receipt(b"[" * 100_000) is None  # too deep for the parser: not an exception
     del body["install"]
     assert parse_receipt(json.dumps(body).encode()) is None
 
