@@ -257,6 +257,7 @@ class Settler:
             reader = open_consumer(self.settings, auto_create=False)
         except kerr.KafkaError as exc:
             done.left, done.why = len(rows), [describe(exc)]
+            observability.record_settled("left", done.left)
             return done
         deadline = time.monotonic() + self.settings.lease_s / 4
         read = 0
@@ -283,6 +284,7 @@ class Settler:
                     done.why.append(f"replica {writer[0]}: {describe(exc)}")
         finally:
             reader.close()
+        observability.record_settled("left", done.left)
         if done.left:
             log.warning(
                 "batches left without an outcome could not be settled by their receipts; "
@@ -382,6 +384,8 @@ class Settler:
         aborted = {b.id for b in batches if isinstance(answers.get(b.id), NotCommitted)}
         done.committed += len(committed)
         done.aborted += len(aborted)
+        observability.record_settled("committed", len(committed))
+        observability.record_settled("aborted", len(aborted))
         done.settled.update(committed | aborted)
         done.published += counts.get("PUBLISHED", 0)
         done.again += counts.get("PENDING", 0)

@@ -111,6 +111,15 @@ VERIFICATIONS = Counter(
     ["result"],
     registry=REGISTRY,
 )
+SETTLED = Counter(
+    "relay_batches_settled",
+    "Batches left without an outcome, settled by the receipts of their transactions: committed "
+    "(published where the receipt says), aborted (no receipt: sent again), left (could not be "
+    "settled so: lease expiry makes them UNKNOWN, to be looked for effect by effect).",
+    ["result"],
+    registry=REGISTRY,
+)
+SETTLED_RESULTS = ("committed", "aborted", "left")
 OBSERVATIONS = Counter(
     "relay_observations",
     "Reconciler observations of UNKNOWN effects, by the observer's answer.",
@@ -283,6 +292,12 @@ def record_verification(state: str, moved: int = 1) -> None:
     VERIFICATIONS.labels(result).inc(moved)
     if state != EffectState.UNKNOWN.value:
         record_transition(EffectState.UNKNOWN.value, state, moved)
+
+
+def record_settled(result: str, count: int) -> None:
+    """Batches a round of the settler decided (``committed``, ``aborted``) or could not."""
+    if count > 0:
+        SETTLED.labels(_bounded(result, SETTLED_RESULTS)).inc(count)
 
 
 def record_observation(answer: str) -> None:

@@ -107,6 +107,7 @@ def test_a_batch_committed_but_never_recorded_is_published_where_its_receipt_say
     receipts once and records each intent PUBLISHED at the partition and offset Kafka gave it:
     no UNKNOWN, no search of the dispatch topic, no second copy."""
     url = own.require_database_url()
+    committed = _settled_metric("committed")
     ids = _enqueue(url, [f"rc-{i}" for i in range(30)])
     crashed = LosesOutcomes(own)
     with support.running(crashed):
@@ -122,6 +123,13 @@ def test_a_batch_committed_but_never_recorded_is_published_where_its_receipt_say
     assert _placed(url, list(ids.values())) == {i: (p, o) for i, (p, o, _) in records.items()}
     assert {a for _, _, a in records.values()} == {1}
     assert _went(url, list(ids.values()), "UNKNOWN") == 0
+    assert _settled_metric("committed") > committed
+
+
+def _settled_metric(result: str) -> float:
+    from relay.observability.metrics import REGISTRY
+
+    return REGISTRY.get_sample_value("relay_batches_settled_total", {"result": result}) or 0.0
 
 
 def test_a_batch_never_sent_goes_again_at_once_without_a_search(own: Settings, prefix: str) -> None:
@@ -311,8 +319,10 @@ def test_without_its_receipts_topic_a_batch_is_left_to_the_search(settings: Sett
     then makes it UNKNOWN for the search, as without receipts."""
     own = settings.model_copy(update={"receipts_topic": f"{settings.replica_id}.never-made"})
     _claimed_by_a_dead_replica(own, ["nt-0", "nt-1"])
+    left = _settled_metric("left")
     done = _settle(own)
     assert (done.committed, done.aborted, done.left) == (0, 0, 1)
+    assert _settled_metric("left") == left + 1
     assert "does not exist" in done.why[0]
     with relay_db.connect(own, purpose="test") as conn:
         assert expire_leases(conn, Identity("live", 1), Held()) == 2

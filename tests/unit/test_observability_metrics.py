@@ -73,6 +73,23 @@ def test_record_marked_counts_only_the_rows_really_marked() -> None:
     assert moved("UNKNOWN") == unknown + 1
 
 
+def test_settled_batches_are_counted_by_result() -> None:
+    def settled(result: str) -> float:
+        return value("relay_batches_settled_total", result=result)
+
+    committed, aborted, left = settled("committed"), settled("aborted"), settled("left")
+    metrics.record_settled("committed", 2)
+    metrics.record_settled("aborted", 0)  # nothing decided: nothing counted
+    metrics.record_settled("left", 1)
+    metrics.record_settled("anything else", 1)  # bounded: counted as other, not a new series
+    assert (settled("committed"), settled("aborted"), settled("left")) == (
+        committed + 2,
+        aborted,
+        left + 1,
+    )
+    assert settled("other") >= 1
+
+
 def test_verification_and_lease_expiry_are_transitions() -> None:
     found = value("relay_verifications_total", result="found")
     to_published = value("relay_transitions_total", from_state="UNKNOWN", to_state="PUBLISHED")
