@@ -31,6 +31,7 @@ CONSOLE_PAGES = {
     "RelayOrderingGroupsParked": "groups",
     "RelayOutboxLagHigh": "effects?state=PENDING",
     "RelayPublishRejections": "effects?state=REJECTED",
+    "RelayBatchesLeftUnsettled": "effects?state=UNKNOWN",
     "RelayOutboxMetricsFailing": "",
 }
 
@@ -116,6 +117,23 @@ def rules(
             description=(
                 "{{ $value | humanize }} effect(s) became REJECTED in the last 10 minutes: Kafka "
                 "refused them, or attempts that published nothing ran out."
+            ),
+        ),
+        AlertRule(
+            alert="RelayBatchesLeftUnsettled",
+            expr=(
+                "sum by (namespace) (increase(relay_batches_settled_total"
+                '{result="left"}[10m])) > 0'
+            ),
+            for_="15m",
+            severity="ticket",
+            summary="Batches left without an outcome cannot be settled by their receipts",
+            description=(
+                "For 15 minutes, batches left by a dead replica or by a lost answer could not be "
+                "settled by one read of the receipts topic ({{ $value | humanize }} tries in the "
+                "last 10 minutes): their intents go UNKNOWN and are looked for one by one. Kafka "
+                "unreachable, the receipts topic missing or unreadable, or its retention shorter "
+                "than a replica's absence."
             ),
         ),
         AlertRule(
