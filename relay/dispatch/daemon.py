@@ -56,6 +56,7 @@ log = logging.getLogger(__name__)
 HEARTBEAT_EVERY_S = 5.0
 TAKE_WAIT_S = 0.1  # longest wait for the next claimed batch before housekeeping runs again
 SETTLE_RETRY_S = 1.0  # a batch whose commit went unanswered: how often its settling is tried
+LATE_RECEIPTS_LIMIT = 3  # batches in a row too late for their receipts before receipts stop
 
 
 LOCK_TRIES = 12
@@ -107,6 +108,8 @@ class Relay:
         self._unanswered: dict[int, tuple[float, list[int]]] = {}
         self._last_settle_try = 0.0
         self._settle_retry_s = SETTLE_RETRY_S
+        # Batches in a row aborted because they reached their receipt past its bound.
+        self._late_receipts = 0
         self.published_total = 0
         self.outcomes: Counter[str] = Counter()
 
@@ -226,6 +229,23 @@ class Relay:
             "becomes UNKNOWN and is looked for effect by effect",
             why,
         )
+
+    def _receipt_deadline(self, claimed_at: float) -> float:
+        """The latest (monotonic) a batch claimed at ``claimed_at`` sends its receipt: the bound
+        this incarnation registered (a seam for tests: an earlier deadline is always safe)."""
+        return claimed_at + receipt_bound_s(self.settings.lease_s, self.settings.publish_timeout_s)
+
+    def _receipt_late(self) -> None:
+        """A batch reached its receipt past the bound a settler reads up to, and was aborted
+        (innocent, to go again). A publisher that slow every time would abort every batch for
+        ever: after a few in a row, receipts stop (the old path: UNKNOWN and a search)."""
+        self._late_receipts += 1
+        if self._late_receipts >= LATE_RECEIPTS_LIMIT and self._receipts is not None:
+            self._stop_receipts(
+                f"{self._late_receipts} batches in a row reached their receipts more than "
+                f"{receipt_bound_s(self.settings.lease_s, self.settings.publish_timeout_s):.1f} s "
+                "after their claim (lease_s / 2 + 2 x publish_timeout_s), and were aborted"
+            )
 
     def _switch_status_events(self, conn: psycopg.Connection[Any]) -> None:
         """Status events as the settings say, from the first effect on (not from the first start
@@ -465,6 +485,8 @@ class Relay:
             span.set_attribute(
                 "relay.outcome.acked", sum(r.outcome is AttemptOutcome.ACKED for r in results)
             )
+        if any(r.outcome is AttemptOutcome.ACKED for r in results):
+            self._late_receipts = 0
         self._account(results)
         self._submit_outcomes(self._withhold_unanswered(results), claimed.at)
 
@@ -483,8 +505,8 @@ class Relay:
                 on_status_unavailable=self._status_unavailable,
                 receipt=self._receipts,
                 stop_receipts=self._stop_receipts,
-                receipt_deadline=claimed_at
-                + receipt_bound_s(self.settings.lease_s, self.settings.publish_timeout_s),
+                receipt_deadline=self._receipt_deadline(claimed_at),
+                receipt_late=self._receipt_late,
             )
         return publish_batch(
             self._producer,

@@ -440,6 +440,7 @@ def publish_batch_transactional(
     receipt: ReceiptSpec | None = None,
     stop_receipts: Callable[[str], None] | None = None,
     receipt_deadline: float | None = None,
+    receipt_late: Callable[[], None] | None = None,
 ) -> list[PublishResult]:
     """Publish the batch in one Kafka transaction: all of it becomes visible, or none of it.
     With a ``status_topic``, the status events of the intents claimed so (``status_in_txn``)
@@ -454,7 +455,9 @@ def publish_batch_transactional(
     receipt proves nothing from then on): the batch is then published without one, or, when its
     receipt failed, aborted and every record is ABORTED, innocent, to go again at once. Past
     ``receipt_deadline`` (monotonic: the claim plus ``receipts.receipt_bound_s``) no receipt is
-    sent and the transaction is aborted the same way: a settler reads receipts only up to there.
+    sent and the transaction is aborted the same way (receipts go on; ``receipt_late()`` is then
+    called, so that a publisher that is always that slow can stop them): a settler reads receipts
+    only up to there.
 
     Commit succeeded: every sent record is published. A send failed: the transaction is
     aborted; its answered records are provably invisible to read_committed readers (ABORTED, to
@@ -495,6 +498,7 @@ def publish_batch_transactional(
                 receipt=receipt,
                 stop_receipts=stop_receipts,
                 receipt_deadline=receipt_deadline,
+                receipt_late=receipt_late,
             )
     results: list[PublishResult | None] = [None] * len(batch)
     try:
@@ -535,7 +539,13 @@ def publish_batch_transactional(
         if problem is not None:
             # Too late: nothing is wrong with the topic, receipts go on.
             stop = None if problem == TOO_LATE else stop_receipts
-            return _abort_for_receipt(producer, results, sent, problem, timeout_s, stop)
+            aborted = _abort_for_receipt(producer, results, sent, problem, timeout_s, stop)
+            if problem == TOO_LATE and receipt_late is not None:
+                try:
+                    receipt_late()
+                except Exception:
+                    log.exception("could not count a batch too late for its receipt")
+            return aborted
     if failed:
         try:
             transactions.abort(producer, timeout_s)

@@ -4,6 +4,7 @@ run in this process so that an outcome can be lost on purpose."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,7 +17,7 @@ import relay
 from relay import db as relay_db
 from relay.config import Settings
 from relay.dispatch import transactions
-from relay.dispatch.daemon import Relay
+from relay.dispatch.daemon import LATE_RECEIPTS_LIMIT, Relay
 from relay.dispatch.intake import Claim, promote
 from relay.dispatch.publisher import ClaimedEffect, PublishResult
 from relay.dispatch.receipts import ReceiptLine, ReceiptSpec, parse_receipt, receipt_values
@@ -482,3 +483,42 @@ def test_a_commit_that_never_happened_goes_again_without_unknown(
             ("PENDING", "DISPATCHING", "log"),
             ("DISPATCHING", "PUBLISHED", "log"),
         ], told[key]
+
+
+class SlowerThanItsReceipts(Relay):
+    """Reaches the receipt of each batch past its deadline (as a publisher slower than the bound
+    would; the deadline is made short, which is always safe, so that the test is quick); once
+    receipts stop, its batches no longer wait (the test needs no more)."""
+
+    def _receipt_deadline(self, claimed_at: float) -> float:
+        return claimed_at + 0.2
+
+    def _publish(self, batch: Sequence[ClaimedEffect], claimed_at: float) -> list[PublishResult]:
+        if self._receipts is not None:
+            time.sleep(max(0.0, claimed_at + 0.4 - time.monotonic()))
+        return super()._publish(batch, claimed_at)
+
+
+def test_a_publisher_always_too_late_for_its_receipts_stops_them_and_publishes(
+    own: Settings, prefix: str
+) -> None:
+    """A batch that reaches its receipt too late is aborted (innocent) and goes again; a
+    publisher that is too late every time would abort every batch for ever. After a few in a
+    row, the relay records that it writes receipts no more and publishes without them."""
+    url = own.require_database_url()
+    ids = _enqueue(url, [f"rl-{i}" for i in range(5)])
+    with support.running(SlowerThanItsReceipts(own)):
+        support.wait_for(lambda: support.count_states(url) == {"PUBLISHED": 5}, 60, "published")
+        with psycopg.connect(url, autocommit=True) as conn:
+            assert conn.execute("SELECT count(*) FROM relay.receipt_writer").fetchone() == (0,)
+            aborted = conn.execute(
+                "SELECT attempt, outcome, reason FROM relay.attempt ORDER BY effect_id, attempt"
+            ).fetchall()
+    late = [(a, o) for a, o, r in aborted if "too late for its receipt" in r]
+    assert sorted(late) == sorted((a, "aborted") for a in (1, 2, 3) for _ in range(5))
+    records = _in_topic(own.kafka_bootstrap_servers, f"{prefix}.emails", 5)
+    assert set(records) == set(ids.values())
+    assert {a for _, _, a in records.values()} == {LATE_RECEIPTS_LIMIT + 1}
+    assert _went(url, list(ids.values()), "UNKNOWN") == 0
+    assert own.receipts_topic is not None
+    assert support.read_topic(own.kafka_bootstrap_servers, own.receipts_topic, 0, 3.0) == []
