@@ -112,7 +112,13 @@ class Verifier:
             answers = self._check_round(checks)
             span.set_attribute("relay.found", sum(isinstance(a, Found) for a in answers.values()))
         reached = [c for c in checks if c.effect_id in answers]
-        record_verdicts(conn, self.who, [self._verdict(c, answers[c.effect_id]) for c in reached])
+        record_verdicts(
+            conn,
+            self.who,
+            [self._verdict(c, answers[c.effect_id]) for c in reached],
+            max_tries=self.settings.verify_max_tries,
+            backoff_max_s=self.settings.verify_backoff_max_s,
+        )
         if len(reached) < len(checks):
             # Past the round's deadline: given back unchecked, due again at once, no try spent.
             conn.execute(
@@ -219,7 +225,8 @@ class Verifier:
                 EffectState.STUCK if give_up else EffectState.UNKNOWN,
                 f"{why}; {tries + 1} checks failed, a person decides" if give_up else why,
                 why,
-                retry_in_s=min(self.settings.verify_backoff_max_s, 2.0 * 2 ** min(tries, 16)),
+                retry_in_s=_retry_in_s(tries, self.settings.verify_backoff_max_s),
+                tries=tries,
             )
         if isinstance(answer, Found):
             found = f"found at partition {answer.partition} offset {answer.offset}"
@@ -231,6 +238,7 @@ class Verifier:
                 found,
                 partition=answer.partition,
                 offset=answer.offset,
+                tries=tries,
             )
         else:
             verdict = Verdict(
@@ -241,6 +249,7 @@ class Verifier:
                 "may be made",
                 f"absent: not among {answer.scanned} committed records of the attempt's window "
                 f"in {answer.partitions} partitions, after fencing its producer",
+                tries=tries,
             )
         log.info(
             "verified an ambiguous publish: %s",
@@ -261,6 +270,35 @@ class Verdict(NamedTuple):
     partition: int | None = None
     offset: int | None = None
     retry_in_s: float = 0.0
+    tries: int = 0  # the checks of this attempt that failed before this one
+
+
+def _retry_in_s(tries: int, backoff_max_s: float) -> float:
+    """When a failed check is due again: doubling from 2 s, capped."""
+    return min(backoff_max_s, 2.0 * 2.0 ** min(tries, 16))
+
+
+def unrecordable(verdict: Verdict, exc: Exception, max_tries: int, backoff_max_s: float) -> Verdict:
+    """A verdict the database refused to record, as a failed check: so that one it refuses every
+    time ends STUCK for a person once the checks are spent, as a check that cannot be made does
+    (it was otherwise checked again at every lease, for ever). What was found stays in the
+    reason; nothing of the refused values is written."""
+    n = verdict.tries + 1
+    give_up = n >= max_tries
+    why = (
+        f"check {n} of attempt {verdict.attempt} found it {verdict.state.value} "
+        f"({verdict.verification}), but the database refused to record that: {describe(exc)}"
+    )
+    why = why.replace("\x00", "\\0")[:2000]
+    return Verdict(
+        verdict.effect_id,
+        verdict.attempt,
+        EffectState.STUCK if give_up else EffectState.UNKNOWN,
+        f"{why}; {n} checks failed, a person decides" if give_up else why,
+        why,
+        retry_in_s=_retry_in_s(verdict.tries, backoff_max_s),
+        tries=verdict.tries,
+    )
 
 
 def finish_params(who: Identity, verdicts: Sequence[Verdict]) -> dict[str, Any]:
@@ -280,11 +318,18 @@ def finish_params(who: Identity, verdicts: Sequence[Verdict]) -> dict[str, Any]:
 
 
 def record_verdicts(
-    conn: psycopg.Connection[Any], who: Identity, verdicts: Sequence[Verdict]
+    conn: psycopg.Connection[Any],
+    who: Identity,
+    verdicts: Sequence[Verdict],
+    *,
+    max_tries: int | None = None,
+    backoff_max_s: float = 300.0,
 ) -> None:
     """Record a round's verdicts in one statement. A row the database refuses (a value it
     cannot store, a constraint an operator added) must not keep the others unrecorded: the
-    round is split until the refused row stands alone; it stays UNKNOWN, claimed until its
+    round is split until the refused row stands alone. With ``max_tries``, that row is then
+    recorded as a failed check (``unrecordable``: UNKNOWN, checked again later, STUCK once the
+    checks are spent); without, or if that is refused too, it stays UNKNOWN, claimed until its
     lease ends, then checked again."""
     if not verdicts:
         return
@@ -297,18 +342,24 @@ def record_verdicts(
     except (psycopg.DataError, psycopg.IntegrityError) as exc:
         if len(verdicts) == 1:
             log.error(
-                "the verdict of this check could not be recorded; it is checked again once its "
-                "lease ends",
+                "the verdict of this check could not be recorded; it counts as a failed check"
+                if max_tries is not None
+                else "the verdict of this check could not be recorded; it is checked again once "
+                "its lease ends",
                 extra={
                     "effect_id": verdicts[0].effect_id,
                     "attempt": verdicts[0].attempt,
                     "reason": describe(exc),
                 },
             )
+            if max_tries is not None:
+                record_verdicts(
+                    conn, who, [unrecordable(verdicts[0], exc, max_tries, backoff_max_s)]
+                )
             return
         half = len(verdicts) // 2
-        record_verdicts(conn, who, verdicts[:half])
-        record_verdicts(conn, who, verdicts[half:])
+        for part in (verdicts[:half], verdicts[half:]):
+            record_verdicts(conn, who, part, max_tries=max_tries, backoff_max_s=backoff_max_s)
         return
     for state, n in Counter(str(state) for _, state in moved).items():
         observability.record_verification(state, n)

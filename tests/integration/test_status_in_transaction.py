@@ -379,7 +379,7 @@ def test_a_verdict_the_database_refuses_leaves_the_rest_of_its_round_recorded(
 ) -> None:
     """A round's verdicts are one statement; one the database refuses (here a reason with a NUL,
     which the relay's connection sends in a binary array and the server refuses) is split off,
-    stays UNKNOWN for a later check, and the others are recorded."""
+    stays UNKNOWN for a later check, counted as a failed check, and the others are recorded."""
     url = settings.require_database_url()
     ids = _a_dead_replicas_batch(url)
     with relay_db.connect(settings, purpose="test") as conn:
@@ -389,13 +389,16 @@ def test_a_verdict_the_database_refuses_leaves_the_rest_of_its_round_recorded(
             for offset, key in enumerate(("h-0", "h-1", "h-2"))
         ]
         refused = Verdict(ids["h-wire"], 1, EffectState.PENDING, "absent\x00", "absent")
-        record_verdicts(conn, Identity("solo", 1), [found[0], refused, *found[1:]])
+        record_verdicts(conn, Identity("solo", 1), [found[0], refused, *found[1:]], max_tries=20)
         states: dict[str, str] = dict(
             conn.execute("SELECT operation_key, state FROM relay.effect").fetchall()
         )
         offsets = conn.execute(
             "SELECT published_offset FROM relay.effect WHERE state = 'PUBLISHED' ORDER BY id"
         ).fetchall()
+        wire = conn.execute(
+            "SELECT verify_tries, reason, owner FROM relay.effect WHERE id = %s", (ids["h-wire"],)
+        ).fetchone()
     assert states == {
         "h-0": "PUBLISHED",
         "h-1": "PUBLISHED",
@@ -403,6 +406,37 @@ def test_a_verdict_the_database_refuses_leaves_the_rest_of_its_round_recorded(
         "h-wire": "UNKNOWN",
     }
     assert offsets == [(0,), (1,), (2,)]
+    assert wire is not None
+    tries, reason, owner = wire
+    assert tries == 1 and owner is None  # a failed check: counted, and free for the next one
+    assert "found it PENDING (absent), but the database refused to record that" in reason
+
+
+def test_a_verdict_the_database_refuses_every_time_ends_stuck(settings: Settings) -> None:
+    """A verdict refused at the last check of its budget ends STUCK for a person, with what the
+    check found in its reason (it was checked again at every lease, for ever)."""
+    url = settings.require_database_url()
+    ids = _a_dead_replicas_batch(url)
+    with relay_db.connect(settings, purpose="test") as conn:
+        conn.execute("UPDATE relay.effect SET owner = 'solo', owner_epoch = 1, verify_tries = 4")
+        refused = Verdict(
+            ids["h-wire"], 1, EffectState.PUBLISHED, "found\x00", "found", 0, 7, tries=4
+        )
+        record_verdicts(conn, Identity("solo", 1), [refused], max_tries=5)
+        state, reason, offset = conn.execute(
+            "SELECT state, reason, published_offset FROM relay.effect WHERE id = %s",
+            (ids["h-wire"],),
+        ).fetchone() or (None, None, None)
+        went = conn.execute(
+            "SELECT from_state, to_state FROM relay.transition WHERE effect_id = %s "
+            "ORDER BY id DESC LIMIT 1",
+            (ids["h-wire"],),
+        ).fetchone()
+    assert (state, went) == ("STUCK", ("UNKNOWN", "STUCK"))
+    assert offset is None  # nothing of the refused verdict is written
+    assert isinstance(reason, str)
+    assert "check 5 of attempt 1 found it PUBLISHED (found), but the database refused" in reason
+    assert reason.endswith("5 checks failed, a person decides")
 
 
 def test_a_round_past_its_deadline_gives_back_what_it_did_not_read(
