@@ -20,7 +20,15 @@ from kafka.admin import KafkaAdminClient, NewTopic
 
 from relay.config import Settings, load_settings
 from relay.devtools.services import local_services
-from relay.dispatch.lookup import Absent, Found, Wanted, find_attempt, find_attempts, open_consumer
+from relay.dispatch.lookup import (
+    Absent,
+    Found,
+    Unprovable,
+    Wanted,
+    find_attempt,
+    find_attempts,
+    open_consumer,
+)
 from relay.dispatch.transactions import commit
 from relay.dispatch.verifier import VERIFY_ROUND
 from relay.headers import dispatch_headers
@@ -102,7 +110,7 @@ def main() -> None:
             }
             single_s = time.monotonic() - started
             started = time.monotonic()
-            rounds: dict[Wanted, Found | Absent] = {}
+            rounds: dict[Wanted, Found | Absent | Unprovable] = {}
             for at in range(0, len(wanted), VERIFY_ROUND):
                 rounds.update(
                     find_attempts(consumer, settings, topic, wanted[at : at + VERIFY_ROUND], 30)

@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 from kafka import KafkaConsumer, TopicPartition
 
 from relay.config import Settings
+from relay.dispatch.publisher import key_partition
 from relay.dispatch.transactions import TransactionTimeoutError
 from relay.headers import H_ATTEMPT, H_EFFECT_ID, H_TRANSITION_ID
 from relay.kafka_client import kafka_security
@@ -40,6 +41,7 @@ class Wanted:
     attempt: int
     started_at: datetime
     transition_id: int | None = None  # a status event: the transition it reports (not attempt)
+    partition_key: str | None = None  # what chose its partition, when not its key (its group)
 
     def matches(self, headers: dict[str, bytes]) -> bool:
         if headers.get(H_EFFECT_ID) != str(self.effect_id).encode():
@@ -53,6 +55,14 @@ class Wanted:
 class Found:
     partition: int
     offset: int
+
+
+@dataclass(frozen=True)
+class Unprovable:
+    """Not found, but its absence proves nothing: retention may have deleted records of the
+    attempt's time from the partition it went to."""
+
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -110,7 +120,7 @@ def find_attempt(
     attempt: int,
     started_at: datetime,
     timeout_s: float,
-) -> Found | Absent:
+) -> Found | Absent | Unprovable:
     """Search the topic for one attempt's record. Raises KafkaError when Kafka can't answer."""
     wanted = Wanted(key, effect_id, attempt, started_at)
     return find_attempts(consumer, settings, topic, [wanted], timeout_s)[wanted]
@@ -123,27 +133,47 @@ def find_attempts(
     wanted: Sequence[Wanted],
     stall_s: float,
     deadline: float | None = None,
-) -> dict[Wanted, Found | Absent]:
+) -> dict[Wanted, Found | Absent | Unprovable]:
     """Search the topic for the records of several attempts at once; their producers are fenced.
+    An attempt not found is Absent only if the partition it went to (its partition key's, at the
+    topic's partition count) still holds the records of its time; else Unprovable.
 
     Raises KafkaError when Kafka can't answer, including a read that makes no progress for
     ``stall_s`` (a large range is fine as long as records keep coming) and a partition whose
     transactions below its end are not all decided within ``stall_s``. Past ``deadline``
     (``time.monotonic()``), no further time window is read once one has been: the attempts of
     the windows not read have no verdict in the answer."""
-    verdicts: dict[Wanted, Found | Absent] = {}
+    verdicts: dict[Wanted, Found | Absent | Unprovable] = {}
     try:
         partitions = consumer.committed.partitions_for_topic(topic)
         if not partitions:
             return {w: Absent(partitions=0, scanned=0) for w in wanted}
-        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+        ordered = sorted(partitions)
+        tps = [TopicPartition(topic, p) for p in ordered]
         ends = settled_ends(consumer, tps, stall_s)
+        begins: dict[TopicPartition, int] = consumer.uncommitted.beginning_offsets(tps)
         for start_ms, end_ms, group in _merged_windows(settings, wanted):
             if verdicts and deadline is not None and time.monotonic() > deadline:
                 break
             found, scanned = _scan(consumer, tps, ends, start_ms, end_ms, group, stall_s)
+            deleted: dict[int, bool] = {}  # partition -> may have lost records of the window
             for w in group:
-                verdicts[w] = found.get(w) or Absent(partitions=len(tps), scanned=scanned)
+                hit = found.get(w)
+                if hit is not None:
+                    verdicts[w] = hit
+                    continue
+                home = key_partition((w.partition_key or w.key).encode(), ordered)
+                if home not in deleted:
+                    tp = TopicPartition(topic, home)
+                    deleted[home] = may_have_deleted(consumer, tp, begins[tp], ends[tp], start_ms)
+                verdicts[w] = (
+                    Unprovable(
+                        f"not found, but records of partition {home} of {topic!r} from the time "
+                        "of the attempt may have been deleted (retention): absence proves nothing"
+                    )
+                    if deleted[home]
+                    else Absent(partitions=len(tps), scanned=scanned)
+                )
         return verdicts
     finally:
         consumer.committed.unsubscribe()
@@ -170,6 +200,20 @@ def settled_ends(
                 f"{stall_s:.1f}s (partition: (last stable offset, end)): {behind}"
             )
         time.sleep(0.05)
+
+
+def may_have_deleted(
+    reader: Reader, tp: TopicPartition, begin: int, end: int, start_ms: int
+) -> bool:
+    """Whether retention may have deleted records of the partition from ``start_ms`` on: its log
+    no longer starts at 0, and it keeps no record older than that time (empty, or its first
+    record kept is the first at or after it)."""
+    if begin == 0:
+        return False
+    first = reader.uncommitted.offsets_for_times({tp: start_ms}).get(tp)
+    if first is None:
+        return begin >= end
+    return bool(first.offset <= begin)
 
 
 def time_windows(

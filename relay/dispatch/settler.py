@@ -31,6 +31,7 @@ from relay import observability
 from relay.config import Settings
 from relay.dispatch.lookup import (
     Reader,
+    may_have_deleted,
     open_consumer,
     read_ranges,
     settled_ends,
@@ -199,11 +200,7 @@ def _check_retained(
     at 0, must keep a record older than the window. Other partitions are read but not checked:
     an idle one emptied by retention would otherwise stop all settling; a receipt lies in
     another partition only if the count changed (docs/deployment.md: keep it)."""
-    begin = begins[tp]
-    if begin == 0:
-        return
-    first = reader.uncommitted.offsets_for_times({tp: start_ms}).get(tp)
-    if (first is None and begin >= ends[tp]) or (first is not None and first.offset <= begin):
+    if may_have_deleted(reader, tp, begins[tp], ends[tp], start_ms):
         raise ReceiptsUnreadableError(
             f"records of partition {tp.partition} of the receipts topic {tp.topic!r} from "
             "the time of the batch may have been deleted (retention)"

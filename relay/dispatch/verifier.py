@@ -25,7 +25,14 @@ from kafka import errors as kerr
 
 from relay import observability, tracing
 from relay.config import Settings
-from relay.dispatch.lookup import Absent, Found, Wanted, find_attempts, open_consumer
+from relay.dispatch.lookup import (
+    Absent,
+    Found,
+    Unprovable,
+    Wanted,
+    find_attempts,
+    open_consumer,
+)
 from relay.dispatch.stage import Identity
 from relay.dispatch.transactions import fence
 from relay.errors import describe
@@ -56,6 +63,7 @@ class _Check(NamedTuple):
     replica: str
     replica_epoch: int
     started_at: datetime
+    ordering_group: str | None  # its record went to the group's partition
 
 
 @dataclass(frozen=True)
@@ -171,7 +179,14 @@ class Verifier:
                 if answers and time.monotonic() > deadline:
                     break
                 wanted = {
-                    Wanted(c.message_key, c.effect_id, c.attempt, c.started_at): c for c in group
+                    Wanted(
+                        c.message_key,
+                        c.effect_id,
+                        c.attempt,
+                        c.started_at,
+                        partition_key=c.ordering_group,
+                    ): c
+                    for c in group
                 }
                 if down is None:
                     try:
@@ -187,7 +202,9 @@ class Verifier:
                         down = describe(exc)
                     else:
                         answers.update(
-                            (c.effect_id, found[w]) for w, c in wanted.items() if w in found
+                            (c.effect_id, _answer(v))
+                            for w, c in wanted.items()
+                            if (v := found.get(w)) is not None
                         )
                         continue
                 answers.update((c.effect_id, down) for c in group)
@@ -271,6 +288,12 @@ class Verdict(NamedTuple):
     offset: int | None = None
     retry_in_s: float = 0.0
     tries: int = 0  # the checks of this attempt that failed before this one
+
+
+def _answer(found: Found | Absent | Unprovable) -> Found | Absent | str:
+    """An absence that proves nothing is a check that could not be made: checked again later,
+    STUCK once the checks are spent, never PENDING (that would publish it again)."""
+    return found.reason if isinstance(found, Unprovable) else found
 
 
 def _retry_in_s(tries: int, backoff_max_s: float) -> float:

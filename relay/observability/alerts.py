@@ -122,8 +122,7 @@ def rules(
         AlertRule(
             alert="RelayBatchesLeftUnsettled",
             expr=(
-                "sum by (namespace) (increase(relay_batches_settled_total"
-                '{result="left"}[10m])) > 0'
+                'sum by (namespace) (increase(relay_batches_settled_total{result="left"}[10m])) > 0'
             ),
             for_="15m",
             severity="ticket",

@@ -529,10 +529,10 @@ WITH due AS (
         lease_until = now() + make_interval(secs => %(lease_s)s)
     FROM due WHERE e.id = due.id
     RETURNING e.id, e.operation_key, coalesce(e.message_key, e.operation_key) AS message_key,
-              e.topic, e.attempts, e.verify_tries
+              e.topic, e.attempts, e.verify_tries, e.ordering_group
 )
 SELECT t.id, t.operation_key, t.message_key, t.topic, t.attempts, t.verify_tries, a.replica_id,
-       a.replica_epoch, a.started_at
+       a.replica_epoch, a.started_at, t.ordering_group
 FROM taken t JOIN relay.attempt a ON a.effect_id = t.id AND a.attempt = t.attempts
 ORDER BY t.id;
 

@@ -567,6 +567,7 @@ def test_search_finds_a_record_after_the_partition_count_changed(
     from relay.dispatch.lookup import (
         Absent,
         Found,
+        Unprovable,
         Wanted,
         find_attempt,
         find_attempts,
@@ -583,7 +584,7 @@ def test_search_finds_a_record_after_the_partition_count_changed(
     consumer = open_consumer(settings)
     try:
 
-        def look(attempt: int) -> Found | Absent:
+        def look(attempt: int) -> Found | Absent | Unprovable:
             return find_attempt(
                 consumer,
                 settings,
@@ -618,6 +619,57 @@ def test_search_finds_a_record_after_the_partition_count_changed(
     # an hour earlier nothing was written: the record lies outside that attempt's window
     assert together[wanted[3]] == Absent(partitions=4, scanned=0)
     assert partial == {wanted[3]: Absent(partitions=4, scanned=0)}
+
+
+def test_a_record_deleted_by_retention_is_never_called_absent(
+    settings: Settings, services: Services, prefix: str
+) -> None:
+    """An attempt checked after retention deleted the records of its time from its partition:
+    not found, but that proves nothing (Unprovable, so the verifier counts a failed check and a
+    person decides at the end; never PENDING, which would publish it again). Where the
+    partition keeps records older than the window, not found stays Absent."""
+    from datetime import UTC, datetime, timedelta
+
+    from kafka import TopicPartition
+    from kafka.admin import KafkaAdminClient, NewTopic
+
+    from relay.dispatch.lookup import (
+        Absent,
+        Found,
+        Unprovable,
+        Wanted,
+        find_attempts,
+        open_consumer,
+    )
+
+    topic = f"{prefix}.kept"
+    admin = KafkaAdminClient(bootstrap_servers=services.kafka_bootstrap_servers)
+    admin.create_topics([NewTopic(topic, 1, 1)])
+    started = datetime.now(UTC) - timedelta(seconds=1)
+    for attempt in (1, 2, 3):  # offsets 0-1, 2-3, 4-5 (each record and its commit marker)
+        _publish_k7(settings, f"relay-{prefix}-kept", topic, attempt, started)
+    wanted = [Wanted("k-7", 7, 1, started), Wanted("k-7", 7, 9, started)]
+    consumer = open_consumer(settings)
+    try:
+        kept = find_attempts(consumer, settings, topic, wanted, 30)
+        # Retention (here DeleteRecords, as retention moves the log start) takes attempt 1's.
+        admin.delete_records({TopicPartition(topic, 0): 2})
+        gone = find_attempts(consumer, settings, topic, wanted, 30)
+        admin.delete_records({TopicPartition(topic, 0): 6})  # and then every record
+        empty = find_attempts(consumer, settings, topic, wanted, 30)
+        # An attempt an hour before, once the log is empty: what was deleted is not known.
+        earlier = find_attempts(
+            consumer, settings, topic, [Wanted("k-7", 7, 9, started - timedelta(hours=1))], 30
+        )
+    finally:
+        consumer.close()
+        admin.close()
+    assert isinstance(kept[wanted[0]], Found)
+    assert isinstance(kept[wanted[1]], Absent)  # the log starts at 0: absence proves it
+    for answers in (gone, empty):
+        assert all(isinstance(answers[w], Unprovable) for w in wanted), answers
+    assert "may have been deleted (retention)" in str(gone[wanted[0]])
+    assert all(isinstance(v, Unprovable) for v in earlier.values())
 
 
 def test_closing_a_producer_whose_broker_hangs_stops_its_network_thread(
