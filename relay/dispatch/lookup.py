@@ -151,27 +151,33 @@ def find_attempts(
         ordered = sorted(partitions)
         tps = [TopicPartition(topic, p) for p in ordered]
         ends = settled_ends(consumer, tps, stall_s)
-        begins: dict[TopicPartition, int] = consumer.uncommitted.beginning_offsets(tps)
         for start_ms, end_ms, group in _merged_windows(settings, wanted):
             if verdicts and deadline is not None and time.monotonic() > deadline:
                 break
             found, scanned = _scan(consumer, tps, ends, start_ms, end_ms, group, stall_s)
+            # Where each log starts once the window is read: records deleted during the read
+            # (a fetch past the log start jumps to its end) are then seen as possibly deleted.
+            begins: dict[TopicPartition, int] = {}
             deleted: dict[int, bool] = {}  # partition -> may have lost records of the window
             for w in group:
                 hit = found.get(w)
                 if hit is not None:
                     verdicts[w] = hit
                     continue
-                home = key_partition((w.partition_key or w.key).encode(), ordered)
-                if home not in deleted:
+                homes = _homes((w.partition_key or w.key).encode(), ordered)
+                if not begins:
+                    begins = consumer.uncommitted.beginning_offsets(tps)
+                for home in homes - deleted.keys():
                     tp = TopicPartition(topic, home)
                     deleted[home] = may_have_deleted(consumer, tp, begins[tp], ends[tp], start_ms)
+                lost = sorted(h for h in homes if deleted[h])
                 verdicts[w] = (
                     Unprovable(
-                        f"not found, but records of partition {home} of {topic!r} from the time "
-                        "of the attempt may have been deleted (retention): absence proves nothing"
+                        f"not found, but records of partition(s) {lost} of {topic!r} from the "
+                        "time of the attempt may have been deleted (retention): absence proves "
+                        "nothing"
                     )
-                    if deleted[home]
+                    if lost
                     else Absent(partitions=len(tps), scanned=scanned)
                 )
         return verdicts
@@ -200,6 +206,12 @@ def settled_ends(
                 f"{stall_s:.1f}s (partition: (last stable offset, end)): {behind}"
             )
         time.sleep(0.05)
+
+
+def _homes(by: bytes, ordered: Sequence[int]) -> set[int]:
+    """The partitions a record keyed ``by`` went to at any partition count up to today's
+    (partitions are only ever added: the first ``n`` of today's)."""
+    return {key_partition(by, ordered[:n]) for n in range(1, len(ordered) + 1)}
 
 
 def may_have_deleted(

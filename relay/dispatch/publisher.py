@@ -668,7 +668,9 @@ def _abort_for_receipt(
             r.effect,
             AttemptOutcome.ABORTED,
             f"transaction aborted, nothing visible: {problem}",
-            failed_in_flight=True,
+            # Too late: nothing failed, the producer is sound (replacing it would make the next
+            # batch later still). A receipt that failed leaves it suspect.
+            failed_in_flight=problem != TOO_LATE,
             suspect=False,
         )
     return _done(results)

@@ -35,7 +35,7 @@ from kafka import errors as kerr
 from relay.config import Settings
 from relay.dispatch import transactions
 from relay.dispatch.appender import Appender
-from relay.dispatch.lookup import Found, Wanted, find_attempts, open_consumer
+from relay.dispatch.lookup import Found, Unprovable, Wanted, find_attempts, open_consumer
 from relay.dispatch.publisher import estimated_record_size, key_partition
 from relay.dispatch.stage import Held, Identity, Stage
 from relay.dispatch.status_records import status_value
@@ -254,9 +254,16 @@ class StatusPublisher(Stage):
         finally:
             consumer.close()
         present = any(isinstance(v, Found) for v in found.values())
-        log.info(
+        unprovable = not present and any(isinstance(v, Unprovable) for v in found.values())
+        log.log(
+            logging.WARNING if unprovable else logging.INFO,
             "status events left in flight by the last holder: %s",
-            "found in Kafka" if present else "absent, sending them again",
+            "found in Kafka"
+            if present
+            else "not found, but retention may have deleted them: sending them again (they may "
+            "be delivered twice)"
+            if unprovable
+            else "absent, sending them again",
             extra={"count": len(inflight)},
         )
         self._record(conn, inflight if present else [])

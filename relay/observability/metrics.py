@@ -205,6 +205,8 @@ def _init_relay_series() -> None:
         VERIFICATIONS.labels(result)
     for outcome in INTAKE_OUTCOMES:
         INTAKE_READ.labels(outcome)
+    for result in SETTLED_RESULTS:
+        SETTLED.labels(result)
 
 
 def _init_reconciler_series() -> None:
