@@ -15,6 +15,7 @@ leader catching up) would be called absent and published again.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from relay.headers import H_ATTEMPT, H_EFFECT_ID, H_TRANSITION_ID
 from relay.kafka_client import kafka_security
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,8 @@ class Reader:
             "bootstrap_timeout_ms": int(min(settings.publish_timeout_s, 10.0) * 1000),
             "max_partition_fetch_bytes": max(1_048_576, settings.max_message_bytes * 2),
         }
+        self._settings = settings
+        self._retention: dict[str, Retention] = {}
         self.committed = KafkaConsumer(**common, isolation_level="read_committed")
         try:
             self.uncommitted = KafkaConsumer(**common, isolation_level="read_uncommitted")
@@ -99,11 +103,70 @@ class Reader:
             self.committed.close()
             raise
 
+    def retention(self, topic: str) -> Retention:
+        """What may delete the topic's records (asked once per reader); everything, when the
+        topic's configuration cannot be read (a principal without DescribeConfigs on it)."""
+        known = self._retention.get(topic)
+        if known is None:
+            known = self._retention[topic] = _describe_retention(self._settings, topic)
+        return known
+
     def close(self) -> None:
         try:
             self.committed.close()
         finally:
             self.uncommitted.close()
+
+
+@dataclass(frozen=True)
+class Retention:
+    """What may delete a topic's records: retention by time (``ms``; None: never), by size,
+    compaction (which removes records without moving the log start)."""
+
+    ms: int | None
+    by_size: bool
+    compacts: bool
+
+    def may_reach(self, start_ms: int, now_ms: int) -> bool:
+        """Whether records from ``start_ms`` on may be gone by now without the relay."""
+        by_time = self.ms is not None and start_ms < now_ms - self.ms
+        return self.by_size or self.compacts or by_time
+
+
+ANY_RETENTION = Retention(ms=0, by_size=True, compacts=True)
+
+
+def _describe_retention(settings: Settings, topic: str) -> Retention:
+    from kafka.admin import ConfigResource, ConfigResourceType, KafkaAdminClient
+
+    wanted = {"retention.ms": None, "retention.bytes": None, "cleanup.policy": None}
+    try:
+        admin = KafkaAdminClient(
+            **kafka_security(settings),
+            client_id=f"relay-verify-{settings.replica_id}",
+            request_timeout_ms=int(min(settings.publish_timeout_s, 30.0) * 1000),
+        )
+        try:
+            described = admin.describe_configs(
+                [ConfigResource(ConfigResourceType.TOPIC, topic, wanted)], config_filter="all"
+            )
+        finally:
+            admin.close()
+        config = {k: v["value"] for k, v in described["topic"][topic].items()}
+        ms = int(config["retention.ms"])
+        return Retention(
+            ms=None if ms < 0 else ms,
+            by_size=int(config["retention.bytes"]) >= 0,
+            compacts="compact" in str(config["cleanup.policy"]),
+        )
+    except Exception as exc:  # noqa: BLE001 - unknown: assume anything may be deleted
+        log.warning(
+            "cannot read the retention of topic %r (%s): an attempt not found there is not "
+            "taken as absent where its log has moved",
+            topic,
+            exc,
+        )
+        return ANY_RETENTION
 
 
 def open_consumer(settings: Settings, *, auto_create: bool = True) -> Reader:
@@ -135,8 +198,10 @@ def find_attempts(
     deadline: float | None = None,
 ) -> dict[Wanted, Found | Absent | Unprovable]:
     """Search the topic for the records of several attempts at once; their producers are fenced.
-    An attempt not found is Absent only if the partition it went to (its partition key's, at the
-    topic's partition count) still holds the records of its time; else Unprovable.
+    An attempt not found is Absent unless records of its time may be gone without the relay:
+    the topic's retention (by size, by compaction, or by time reaching the window) and each
+    partition it can have gone to (its partition key's, at any partition count up to today's)
+    no longer holding a record older than the window; then it is Unprovable.
 
     Raises KafkaError when Kafka can't answer, including a read that makes no progress for
     ``stall_s`` (a large range is fine as long as records keep coming) and a partition whose
@@ -151,6 +216,7 @@ def find_attempts(
         ordered = sorted(partitions)
         tps = [TopicPartition(topic, p) for p in ordered]
         ends = settled_ends(consumer, tps, stall_s)
+        skew_ms = int(settings.clock_skew_s * 1000)  # the broker's clock against ours
         for start_ms, end_ms, group in _merged_windows(settings, wanted):
             if verdicts and deadline is not None and time.monotonic() > deadline:
                 break
@@ -164,12 +230,18 @@ def find_attempts(
                 if hit is not None:
                     verdicts[w] = hit
                     continue
+                retention = consumer.retention(topic)
+                if not retention.may_reach(start_ms - skew_ms, int(time.time() * 1000)):
+                    verdicts[w] = Absent(partitions=len(tps), scanned=scanned)
+                    continue
                 homes = _homes((w.partition_key or w.key).encode(), ordered)
                 if not begins:
                     begins = consumer.uncommitted.beginning_offsets(tps)
                 for home in homes - deleted.keys():
                     tp = TopicPartition(topic, home)
-                    deleted[home] = may_have_deleted(consumer, tp, begins[tp], ends[tp], start_ms)
+                    deleted[home] = retention.compacts or may_have_deleted(
+                        consumer, tp, begins[tp], ends[tp], start_ms
+                    )
                 lost = sorted(h for h in homes if deleted[h])
                 verdicts[w] = (
                     Unprovable(

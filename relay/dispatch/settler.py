@@ -125,7 +125,6 @@ def find_receipts(
         raise ReceiptsUnreadableError(f"the receipts topic {topic!r} does not exist")
     tps = [TopicPartition(topic, p) for p in sorted(partitions)]
     ends = settled_ends(reader, tps, stall_s)
-    begins = reader.uncommitted.beginning_offsets(tps)
     wanted = {batch for _, batch in batches}
     parts: dict[str, dict[int, Receipt]] = {}  # transaction -> part -> receipt
     txn_of: dict[int, str] = {}  # batch -> the transaction whose receipt names it
@@ -156,12 +155,14 @@ def find_receipts(
     try:
         home = TopicPartition(topic, key_partition(key, sorted(partitions)))
         for start_ms, end_ms, _ in receipt_windows(settings, batches, window_s):
-            _check_retained(reader, home, begins, ends, start_ms)
             # Offsets by time assume timestamps that rise with offsets; a receipt appended after
             # a record stamped later (another writer's clock ahead, a retried send) is read too.
             late_ms = int((settings.clock_skew_s + settings.publish_timeout_s) * 1000)
             ranges = window_ranges(reader, tps, ends, start_ms, end_ms + late_ms)
             scanned += read_ranges(reader, ranges, stall_s, visit)
+            # Where the log starts once the window is read (a deletion during the read is seen).
+            begins = reader.uncommitted.beginning_offsets([home])
+            _check_retained(reader, home, begins, ends, start_ms)
     finally:
         reader.committed.unsubscribe()
     answers: dict[int, Committed | NotCommitted] = {}

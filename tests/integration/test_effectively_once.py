@@ -627,7 +627,8 @@ def test_a_record_deleted_by_retention_is_never_called_absent(
     """An attempt checked after retention deleted the records of its time from its partition:
     not found, but that proves nothing (Unprovable, so the verifier counts a failed check and a
     person decides at the end; never PENDING, which would publish it again). Where the
-    partition keeps records older than the window, not found stays Absent."""
+    partition keeps records older than the window, or the topic's retention cannot reach the
+    window (an idle partition emptied long ago), not found stays Absent."""
     from datetime import UTC, datetime, timedelta
 
     from kafka import TopicPartition
@@ -641,14 +642,32 @@ def test_a_record_deleted_by_retention_is_never_called_absent(
         find_attempts,
         open_consumer,
     )
+    from relay.kafka_client import make_producer
 
-    topic = f"{prefix}.kept"
+    topic, idle, grouped = f"{prefix}.kept", f"{prefix}.idle", f"{prefix}.grouped"
     admin = KafkaAdminClient(bootstrap_servers=services.kafka_bootstrap_servers)
-    admin.create_topics([NewTopic(topic, 1, 1)])
+    # Retention of a second: the window of an attempt made now is within its reach at once.
+    short = {"retention.ms": "1000"}
+    admin.create_topics(
+        [
+            NewTopic(topic, 1, 1, topic_configs=short),
+            NewTopic(idle, 1, 1),
+            NewTopic(grouped, 2, 1, topic_configs=short),
+        ]
+    )
     started = datetime.now(UTC) - timedelta(seconds=1)
     for attempt in (1, 2, 3):  # offsets 0-1, 2-3, 4-5 (each record and its commit marker)
         _publish_k7(settings, f"relay-{prefix}-kept", topic, attempt, started)
+    _publish_k7(settings, f"relay-{prefix}-idle", idle, 1, started)
+    # Two partitions: group "g-2" goes to partition 1 (and to 0 when the topic had one), key
+    # "k-1" only to 0. A record in each, then partition 1's deleted.
+    producer = make_producer(settings)
+    for partition in (0, 1):
+        producer.send(grouped, key=b"x", value=b"{}", partition=partition).get(timeout=30)
+    producer.close()
     wanted = [Wanted("k-7", 7, 1, started), Wanted("k-7", 7, 9, started)]
+    by_group = Wanted("k-1", 8, 1, started, partition_key="g-2")
+    by_key = Wanted("k-1", 9, 1, started)
     consumer = open_consumer(settings)
     try:
         kept = find_attempts(consumer, settings, topic, wanted, 30)
@@ -661,6 +680,12 @@ def test_a_record_deleted_by_retention_is_never_called_absent(
         earlier = find_attempts(
             consumer, settings, topic, [Wanted("k-7", 7, 9, started - timedelta(hours=1))], 30
         )
+        # A week's retention cannot have reached a window of a moment ago, whatever moved the
+        # log start: an idle partition emptied by retention proves absence then.
+        admin.delete_records({TopicPartition(idle, 0): 2})
+        quiet = find_attempts(consumer, settings, idle, [wanted[1]], 30)
+        admin.delete_records({TopicPartition(grouped, 1): 1})
+        homes = find_attempts(consumer, settings, grouped, [by_group, by_key], 30)
     finally:
         consumer.close()
         admin.close()
@@ -670,6 +695,9 @@ def test_a_record_deleted_by_retention_is_never_called_absent(
         assert all(isinstance(answers[w], Unprovable) for w in wanted), answers
     assert "may have been deleted (retention)" in str(gone[wanted[0]])
     assert all(isinstance(v, Unprovable) for v in earlier.values())
+    assert isinstance(quiet[wanted[1]], Absent)
+    assert isinstance(homes[by_group], Unprovable), homes  # its group's partition lost records
+    assert isinstance(homes[by_key], Absent), homes  # its key's partition kept them all
 
 
 def test_closing_a_producer_whose_broker_hangs_stops_its_network_thread(

@@ -330,6 +330,30 @@ def test_without_its_receipts_topic_a_batch_is_left_to_the_search(settings: Sett
     assert support.count_states(own.require_database_url()) == {"UNKNOWN": 2}
 
 
+def test_receipts_deleted_by_retention_prove_nothing(own: Settings) -> None:
+    """The receipts topic's log no longer starts at 0 and keeps nothing older than the batch's
+    window (retention, here DeleteRecords, deleted the records of its time): the absence of a
+    receipt proves nothing, so the batch is left to lease expiry and the search, not sent again
+    as never committed."""
+    from kafka import TopicPartition
+    from kafka.admin import KafkaAdminClient
+
+    _claimed_by_a_dead_replica(own, ["rd-0", "rd-1"])
+    assert own.receipts_topic is not None
+    producer = KafkaProducer(bootstrap_servers=own.kafka_bootstrap_servers)
+    for _ in range(3):
+        producer.send(own.receipts_topic, key=b"other", value=b"not a receipt").get(timeout=30)
+    producer.close()
+    admin = KafkaAdminClient(bootstrap_servers=own.kafka_bootstrap_servers)
+    try:
+        admin.delete_records({TopicPartition(own.receipts_topic, 0): 3})
+    finally:
+        admin.close()
+    done = _settle(own)
+    assert (done.committed, done.aborted, done.left) == (0, 0, 1), done
+    assert "may have been deleted (retention)" in done.why[0]
+
+
 def test_without_its_topic_the_relay_stops_receipts_and_publishes(
     settings: Settings, prefix: str
 ) -> None:
