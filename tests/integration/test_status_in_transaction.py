@@ -489,3 +489,51 @@ def test_a_round_past_its_deadline_gives_back_what_it_did_not_read(
     }
     assert second.checked == 3 and second.absent == 3, second
     assert set(states.values()) == {"PENDING"}
+
+
+def test_an_absence_retention_may_have_made_is_a_failed_check_not_pending(
+    settings: Settings, services: Services, prefix: str
+) -> None:
+    """The verifier end to end: where the topic's retention can reach the attempts' window and
+    the partition they went to no longer holds the records of that time, not finding them is a
+    failed check (UNKNOWN, counted; STUCK at the end), never PENDING: sent again, a record that
+    was committed and then deleted would be published twice. The wire's topic lost nothing:
+    its absence stands."""
+    from kafka import KafkaProducer, TopicPartition
+    from kafka.admin import KafkaAdminClient, NewTopic
+
+    emails = f"{prefix}.emails"
+    admin = KafkaAdminClient(bootstrap_servers=services.kafka_bootstrap_servers)
+    admin.create_topics(
+        [
+            NewTopic(emails, 1, 1, topic_configs={"retention.ms": "1000"}),
+            NewTopic(f"{prefix}.wires", 1, 1),
+        ]
+    )
+    url = settings.require_database_url()
+    _a_dead_replicas_batch(url)
+    producer = KafkaProducer(bootstrap_servers=services.kafka_bootstrap_servers)
+    for _ in range(2):
+        producer.send(emails, key=b"other", value=b"{}").get(timeout=30)
+    producer.close()
+    try:
+        admin.delete_records({TopicPartition(emails, 0): 2})  # the log starts past them, empty
+    finally:
+        admin.close()
+    verifier = Verifier(
+        settings, Identity("solo", 2), producer_ready=lambda: True, stop=threading.Event()
+    )
+    with psycopg.connect(url, autocommit=True) as conn:
+        done = verifier.run_once(conn)
+        rows = conn.execute(
+            "SELECT operation_key, state, verify_tries, reason FROM relay.effect"
+        ).fetchall()
+    assert (done.checked, done.absent, done.failed) == (4, 1, 3), done
+    states = {k: (s, t) for k, s, t, _ in rows}
+    assert states == {
+        "h-0": ("UNKNOWN", 1),
+        "h-1": ("UNKNOWN", 1),
+        "h-2": ("UNKNOWN", 1),
+        "h-wire": ("PENDING", 0),
+    }
+    assert all("may have been deleted (retention)" in r for k, _, _, r in rows if k != "h-wire")
