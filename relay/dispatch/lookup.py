@@ -104,8 +104,8 @@ class Reader:
             raise
 
     def retention(self, topic: str) -> Retention:
-        """What may delete the topic's records (asked once per reader); everything, when the
-        topic's configuration cannot be read (a principal without DescribeConfigs on it)."""
+        """What may delete the topic's records (asked once per reader); UNKNOWN_RETENTION when
+        the topic's configuration cannot be read (a principal without DescribeConfigs on it)."""
         known = self._retention.get(topic)
         if known is None:
             known = self._retention[topic] = _describe_retention(self._settings, topic)
@@ -133,7 +133,10 @@ class Retention:
         return self.by_size or self.compacts or by_time
 
 
-ANY_RETENTION = Retention(ms=0, by_size=True, compacts=True)
+# A topic whose configuration cannot be read: records may be deleted by time or size at any
+# moment, and the log start decides. Compaction is not assumed: dispatch topics must not be
+# compacted (docs/unknown.md), and assuming it would make every absence there unprovable.
+UNKNOWN_RETENTION = Retention(ms=0, by_size=True, compacts=False)
 
 
 def _describe_retention(settings: Settings, topic: str) -> Retention:
@@ -166,7 +169,7 @@ def _describe_retention(settings: Settings, topic: str) -> Retention:
             topic,
             exc,
         )
-        return ANY_RETENTION
+        return UNKNOWN_RETENTION
 
 
 def open_consumer(settings: Settings, *, auto_create: bool = True) -> Reader:
