@@ -546,3 +546,35 @@ def test_a_publisher_always_too_late_for_its_receipts_stops_them_and_publishes(
     assert _went(url, list(ids.values()), "UNKNOWN") == 0
     assert own.receipts_topic is not None
     assert support.read_topic(own.kafka_bootstrap_servers, own.receipts_topic, 0, 3.0) == []
+
+
+class LateNowAndThen(Relay):
+    """Too late for the receipts of its 1st, 2nd, 4th and 5th batches (a short deadline, which
+    is always safe), in time for the others."""
+
+    calls = 0
+
+    def _receipt_deadline(self, claimed_at: float) -> float:
+        self.calls += 1
+        late = self.calls in (1, 2, 4, 5)
+        return claimed_at - 1.0 if late else super()._receipt_deadline(claimed_at)
+
+
+def test_late_receipts_count_only_in_a_row(own: Settings, prefix: str) -> None:
+    """Two late batches, one in time, two late again: never three in a row, so receipts go on
+    (the count starts again at each batch that Kafka acknowledged)."""
+    url = own.require_database_url()
+    first = _enqueue(url, [f"rw-{i}" for i in range(3)])
+    daemon = LateNowAndThen(own)
+    with support.running(daemon):
+        support.wait_for(lambda: support.count_states(url) == {"PUBLISHED": 3}, 60, "first wave")
+        second = _enqueue(url, [f"rx-{i}" for i in range(3)])
+        support.wait_for(lambda: support.count_states(url) == {"PUBLISHED": 6}, 60, "second wave")
+        with psycopg.connect(url, autocommit=True) as conn:
+            writers = conn.execute("SELECT count(*) FROM relay.receipt_writer").fetchone()
+    assert writers == (1,)  # receipts still on
+    assert daemon.calls >= 6  # the fifth batch was late too, and went again
+    records = _in_topic(own.kafka_bootstrap_servers, f"{prefix}.emails", 6)
+    assert set(records) == set(first.values()) | set(second.values())
+    assert own.receipts_topic is not None
+    assert support.read_topic(own.kafka_bootstrap_servers, own.receipts_topic, 2, 5.0)
