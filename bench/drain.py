@@ -8,6 +8,7 @@ bare producer share the same extra load, and "drained" means "a reader got every
 from __future__ import annotations
 
 import multiprocessing as mp
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -84,6 +85,42 @@ class Drained:
     pg_roles: dict[str, float] | None = None
     # The relays' largest peak resident set size (VmHWM) at the end of the drain, KiB.
     peak_kib: int | None = None
+    # With ``sample_reader``: the share of samples, from the first record seen to the last, in
+    # which a transaction held the intake's reader row (one reads at a time, whatever replica).
+    reader_busy: float | None = None
+
+
+class ReaderSampler:
+    """Polls the lock on ``relay.intake_reader`` with pgrowlocks, which reads it without taking
+    it: how much of the time one replica's read keeps the others from reading (issue 19's lanes
+    would read in parallel). A poll costs the server about 0.1 ms: it adds to ``pg_us``."""
+
+    def __init__(self, url: str, every_s: float = 0.002) -> None:
+        self._url = url
+        self._every_s = every_s
+        self._stop = threading.Event()
+        self.samples: list[tuple[float, bool]] = []
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("CREATE EXTENSION IF NOT EXISTS pgrowlocks")
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        with psycopg.connect(self._url, autocommit=True) as conn:
+            while not self._stop.is_set():
+                row = conn.execute(
+                    "SELECT count(*) FROM pgrowlocks('relay.intake_reader')"
+                ).fetchone()
+                self.samples.append((time.time(), bool(row and row[0])))
+                time.sleep(self._every_s)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def busy_between(self, start: float, end: float) -> float | None:
+        inside = [held for at, held in self.samples if start <= at <= end]
+        return sum(inside) / len(inside) if inside else None
 
 
 def purge_cost(settings: Settings, n: int, timeout_s: float = 30.0) -> tuple[float, float] | None:
@@ -143,6 +180,7 @@ def relay_drain(
     status_events: bool = False,
     purge: bool = False,
     batch_size: int | None = None,
+    sample_reader: bool = False,
 ) -> Drained:
     """``replicas`` ``relay run`` processes drain a backlog of ``sizes.effects`` intents; with
     ``groups``, effect i belongs to ordering group ``i % groups`` (a group's effects spread over
@@ -195,6 +233,7 @@ def relay_drain(
         backends_before = backend_cpu_s(url)  # first: its connection is not the drain's
         cpu_before = postgres_cpu_s()
         relay_cpu = CpuSampler([d.proc.pid for d in daemons])
+        reader = ReaderSampler(url) if sample_reader else None
         try:
             done = counter.wait_for(n, sizes.timeout_s, alive=daemons[0])
             status_at = _status_published(url, sizes.timeout_s) if status_events else None
@@ -204,6 +243,8 @@ def relay_drain(
             peaks = [kib for kib in (d.vm_hwm_kib() for d in daemons) if kib is not None]
         finally:
             relay_cpu.close()
+            if reader is not None:
+                reader.close()
             for daemon in daemons:
                 daemon.stop()
             counter.close()
@@ -237,6 +278,9 @@ def relay_drain(
             if by_role is None
             else {role: seconds * 1e6 / n for role, seconds in sorted(by_role.items())},
             peak_kib=max(peaks, default=None),
+            reader_busy=None
+            if reader is None
+            else reader.busy_between(counter.first_at, counter.last_at),
         )
     finally:
         delete_topics(bootstrap, prefix)

@@ -3,6 +3,7 @@ what reading them between stored snapshots ("ticks", PgQ's method) costs Postgre
 bare kafka-python transactional producer costs per record.
 
     python -m bench.intake_shapes [--seconds 10] [--clients 8] [--rows 200000] [--records 20000]
+        [--shapes a,b,bl,bg] [--commits-only]
 
 1. Commits: pgbench (C, so no Python client in the loop), 8 clients, one row per transaction, as
    a non-owner LOGIN role that has only the rights each shape needs, ``--seconds`` per shape
@@ -53,16 +54,16 @@ TICK_LOCK = 1380273219  # the ticker's advisory lock (relay.enqueue's groups use
 SETUP = """
 -- Migration 0010 made the real intake and ticks; the bench keeps its own shapes of §1 (the same
 -- columns as the real intake), so that its figures stay comparable with the design's.
-DROP TABLE relay.intake, relay.tick;
+CREATE SCHEMA shapes;  -- beside the real intake and ticks, which later migrations build on
 CREATE TABLE public.bench_plain (
     id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, k text NOT NULL, payload jsonb NOT NULL);
 
 -- (b) the candidate: the effect type is an enum kept by `relay migrate` (no lookup per row).
-CREATE TYPE relay.intake_type AS ENUM ('bench', 'other');
-CREATE TABLE relay.intake (
+CREATE TYPE shapes.intake_type AS ENUM ('bench', 'other');
+CREATE TABLE shapes.intake (
     id             bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     operation_key  text NOT NULL UNIQUE,
-    effect_type    relay.intake_type NOT NULL,
+    effect_type    shapes.intake_type NOT NULL,
     payload        jsonb NOT NULL,
     business_key   text,
     traceparent    text,
@@ -71,42 +72,55 @@ CREATE TABLE relay.intake (
     enqueued_by    text NOT NULL DEFAULT session_user,
     txid           xid8 NOT NULL DEFAULT pg_current_xact_id()
 );
-CREATE INDEX intake_txid_idx ON relay.intake (txid);
+CREATE INDEX intake_txid_idx ON shapes.intake (txid);
 
 -- (b') the same without the primary key on id (a BRIN on id for purges and lookups instead).
-CREATE TABLE relay.intake_lean (LIKE relay.intake INCLUDING DEFAULTS INCLUDING IDENTITY);
-ALTER TABLE relay.intake_lean ADD UNIQUE (operation_key);
-CREATE INDEX intake_lean_txid_idx ON relay.intake_lean (txid);
-CREATE INDEX intake_lean_id_brin ON relay.intake_lean USING brin (id);
+CREATE TABLE shapes.intake_lean (LIKE shapes.intake INCLUDING DEFAULTS INCLUDING IDENTITY);
+ALTER TABLE shapes.intake_lean ADD UNIQUE (operation_key);
+CREATE INDEX intake_lean_txid_idx ON shapes.intake_lean (txid);
+CREATE INDEX intake_lean_id_brin ON shapes.intake_lean USING brin (id);
 
 -- (b0) only the unique key: what the reader's index and the PK cost on top of it.
-CREATE TABLE relay.intake_bare (LIKE relay.intake INCLUDING DEFAULTS INCLUDING IDENTITY);
-ALTER TABLE relay.intake_bare ADD UNIQUE (operation_key);
+CREATE TABLE shapes.intake_bare (LIKE shapes.intake INCLUDING DEFAULTS INCLUDING IDENTITY);
+ALTER TABLE shapes.intake_bare ADD UNIQUE (operation_key);
 
 -- (c) the type as text with a foreign key to relay.effect_type.
-CREATE TABLE relay.intake_fk (LIKE relay.intake INCLUDING DEFAULTS INCLUDING IDENTITY);
-ALTER TABLE relay.intake_fk ALTER COLUMN effect_type TYPE text,
+CREATE TABLE shapes.intake_fk (LIKE shapes.intake INCLUDING DEFAULTS INCLUDING IDENTITY);
+ALTER TABLE shapes.intake_fk ALTER COLUMN effect_type TYPE text,
     ADD PRIMARY KEY (id), ADD UNIQUE (operation_key),
     ADD FOREIGN KEY (effect_type) REFERENCES relay.effect_type (name);
-CREATE INDEX intake_fk_txid_idx ON relay.intake_fk (txid);
+CREATE INDEX intake_fk_txid_idx ON shapes.intake_fk (txid);
+
+-- (bl) issue 19's lanes (design §5): the read index on (lane, txid), the lane an expression.
+CREATE TABLE shapes.intake_lane (LIKE shapes.intake INCLUDING DEFAULTS INCLUDING IDENTITY);
+ALTER TABLE shapes.intake_lane ADD PRIMARY KEY (id), ADD UNIQUE (operation_key);
+CREATE INDEX intake_lane_read_idx ON shapes.intake_lane
+    ((abs(hashtext(coalesce(ordering_group, operation_key))) % 8), txid);
+
+-- (bg) the same lane as a stored generated column (the design's fallback).
+CREATE TABLE shapes.intake_lane_col (LIKE shapes.intake INCLUDING DEFAULTS INCLUDING IDENTITY);
+ALTER TABLE shapes.intake_lane_col ADD PRIMARY KEY (id), ADD UNIQUE (operation_key),
+    ADD COLUMN lane integer GENERATED ALWAYS AS
+        (abs(hashtext(coalesce(ordering_group, operation_key))) % 8) STORED;
+CREATE INDEX intake_lane_col_read_idx ON shapes.intake_lane_col (lane, txid);
 
 -- (f) a grouped enqueue through a function: the group's lock is taken before the id is drawn.
-CREATE FUNCTION relay.intake_grouped(p_key text, p_type relay.intake_type, p_payload jsonb,
+CREATE FUNCTION shapes.intake_grouped(p_key text, p_type shapes.intake_type, p_payload jsonb,
                                      p_group text) RETURNS bigint
 LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     SELECT pg_advisory_xact_lock(1380273218, hashtext(p_group));
-    INSERT INTO relay.intake (operation_key, effect_type, payload, ordering_group, enqueued_by)
+    INSERT INTO shapes.intake (operation_key, effect_type, payload, ordering_group, enqueued_by)
     VALUES (p_key, p_type, p_payload, p_group, session_user)
     ON CONFLICT DO NOTHING RETURNING id;
 $$;
 
 -- The ticks and the per-batch bookkeeping of the drain measurement.
-CREATE TABLE relay.tick (
+CREATE TABLE shapes.tick (
     id   bigint PRIMARY KEY,
     snap pg_snapshot NOT NULL,
     at   timestamptz NOT NULL DEFAULT clock_timestamp()
 );
-CREATE TABLE relay.lane_batch (
+CREATE TABLE shapes.lane_batch (
     lane       integer NOT NULL,
     batch      bigint NOT NULL,
     tick_from  bigint NOT NULL,
@@ -123,33 +137,43 @@ CREATE TABLE relay.lane_batch (
 """
 
 GRANTS = """
-GRANT USAGE ON SCHEMA relay TO {role};
+GRANT USAGE ON SCHEMA relay, shapes TO {role};
 GRANT INSERT ON public.bench_plain TO {role};
 GRANT INSERT (operation_key, effect_type, payload, business_key, traceparent, available_at,
-              ordering_group) ON relay.intake, relay.intake_lean, relay.intake_bare, relay.intake_fk
+              ordering_group)
+    ON shapes.intake, shapes.intake_lean, shapes.intake_bare, shapes.intake_fk, shapes.intake_lane,
+       shapes.intake_lane_col
     TO {role};
 GRANT EXECUTE ON FUNCTION relay.enqueue(text, text, jsonb, text, text, timestamptz, text)
     TO {role};
-GRANT EXECUTE ON FUNCTION relay.intake_grouped(text, relay.intake_type, jsonb, text) TO {role};
+GRANT EXECUTE ON FUNCTION shapes.intake_grouped(text, shapes.intake_type, jsonb, text) TO {role};
 """
 
 _ONE = f"('{KEY}', 'bench', '{PAYLOAD}')"
 SHAPES: dict[str, str] = {
     "a": f"INSERT INTO public.bench_plain (k, payload) VALUES ('{KEY}', '{PAYLOAD}');",
     "b": (
-        "INSERT INTO relay.intake (operation_key, effect_type, payload) "
+        "INSERT INTO shapes.intake (operation_key, effect_type, payload) "
         f"VALUES {_ONE} ON CONFLICT DO NOTHING;"
     ),
     "b'": (
-        "INSERT INTO relay.intake_lean (operation_key, effect_type, payload) "
+        "INSERT INTO shapes.intake_lean (operation_key, effect_type, payload) "
         f"VALUES {_ONE} ON CONFLICT DO NOTHING;"
     ),
     "b0": (
-        "INSERT INTO relay.intake_bare (operation_key, effect_type, payload) "
+        "INSERT INTO shapes.intake_bare (operation_key, effect_type, payload) "
+        f"VALUES {_ONE} ON CONFLICT DO NOTHING;"
+    ),
+    "bl": (
+        "INSERT INTO shapes.intake_lane (operation_key, effect_type, payload) "
+        f"VALUES {_ONE} ON CONFLICT DO NOTHING;"
+    ),
+    "bg": (
+        "INSERT INTO shapes.intake_lane_col (operation_key, effect_type, payload) "
         f"VALUES {_ONE} ON CONFLICT DO NOTHING;"
     ),
     "c": (
-        "INSERT INTO relay.intake_fk (operation_key, effect_type, payload) "
+        "INSERT INTO shapes.intake_fk (operation_key, effect_type, payload) "
         f"VALUES {_ONE} ON CONFLICT DO NOTHING;"
     ),
     "d": f"SELECT * FROM relay.enqueue('{KEY}', 'bench', '{PAYLOAD}');",
@@ -157,20 +181,22 @@ SHAPES: dict[str, str] = {
         # A grouped enqueue without a function: the client locks the group, then inserts, both
         # in one message (``\\;``: one implicit transaction, one round trip, as a pipeline would).
         "SELECT pg_advisory_xact_lock(1380273218, hashtext('g-' || (:n % 10000))) \\;\n"
-        "INSERT INTO relay.intake (operation_key, effect_type, payload, ordering_group) "
+        "INSERT INTO shapes.intake (operation_key, effect_type, payload, ordering_group) "
         f"VALUES ('{KEY}', 'bench', '{PAYLOAD}', 'g-' || (:n % 10000)) "
         "ON CONFLICT DO NOTHING;"
     ),
-    "f": (f"SELECT relay.intake_grouped('{KEY}', 'bench', '{PAYLOAD}', 'g-' || (:n % 10000));"),
+    "f": (f"SELECT shapes.intake_grouped('{KEY}', 'bench', '{PAYLOAD}', 'g-' || (:n % 10000));"),
 }
 # Bare ``ON CONFLICT DO NOTHING``: naming the arbiter (``ON CONFLICT (operation_key)``) needs
 # SELECT on operation_key, which an INSERT-only role lacks ("permission denied for table").
 NAMES = {
     "a": "plain insert (identity PK, text key, jsonb): the ceiling",
-    "b": "relay.intake, enum type, PK+unique key+txid index, ON CONFLICT DO NOTHING",
-    "b'": "relay.intake without the PK on id (BRIN on id)",
-    "b0": "relay.intake with the unique key only (no PK, no txid index)",
-    "c": "relay.intake with text type + FK to relay.effect_type",
+    "b": "shapes.intake, enum type, PK+unique key+txid index, ON CONFLICT DO NOTHING",
+    "b'": "shapes.intake without the PK on id (BRIN on id)",
+    "b0": "shapes.intake with the unique key only (no PK, no txid index)",
+    "bl": "as (b), the read index on (lane expression, txid) (issue 19's lanes)",
+    "bg": "as (b), a stored generated lane column, index (lane, txid)",
+    "c": "shapes.intake with text type + FK to relay.effect_type",
     "d": "SELECT relay.enqueue(...) (today's path)",
     "e": "grouped: client locks the group, then the (b) INSERT, one round trip",
     "f": "grouped: SECURITY DEFINER SQL function (lock + (b) INSERT)",
@@ -207,10 +233,13 @@ def pgbench(
     return float(found.group(1))
 
 
-def commit_rates(owner_url: str, app_url: str, clients: int, seconds: int) -> dict[str, float]:
-    """Two rounds of ``seconds / 2`` per shape, the second in the opposite order; the mean tps."""
+def commit_rates(
+    owner_url: str, app_url: str, clients: int, seconds: int, shapes: list[str] | None = None
+) -> dict[str, float]:
+    """Two rounds of ``seconds / 2`` per shape, the second in the opposite order; the mean tps.
+    Ratios are to (a), always measured."""
     half = max(1, seconds // 2)
-    order = list(SHAPES)
+    order = ["a", *[s for s in shapes if s != "a"]] if shapes else list(SHAPES)
     totals = dict.fromkeys(order, 0.0)
     for round_order in (order, order[::-1]):
         for shape in round_order:
@@ -235,14 +264,14 @@ def commit_rates(owner_url: str, app_url: str, clients: int, seconds: int) -> di
 # split pair (the pair's set of rows is fixed, so an id cursor inside it cannot skip anything).
 BATCH_SQL = """
 WITH t AS MATERIALIZED (
-    SELECT a.snap AS sa, b.snap AS sb FROM relay.tick a, relay.tick b
+    SELECT a.snap AS sa, b.snap AS sb FROM shapes.tick a, shapes.tick b
     WHERE a.id = %(a)s AND b.id = %(b)s
 ), candidates AS (
-    SELECT i.* FROM relay.intake i
+    SELECT i.* FROM shapes.intake i
     WHERE i.txid >= (SELECT pg_snapshot_xmax(sa) FROM t)
       AND i.txid < (SELECT pg_snapshot_xmax(sb) FROM t)
     UNION ALL
-    SELECT i.* FROM relay.intake i
+    SELECT i.* FROM shapes.intake i
     WHERE i.txid = ANY (ARRAY(
         SELECT x FROM t, pg_snapshot_xip(t.sa) AS x WHERE pg_visible_in_snapshot(x, t.sb)))
 )
@@ -256,13 +285,13 @@ LIMIT %(limit)s
 """
 
 TICK_SQL = """
-INSERT INTO relay.tick (id, snap)
-SELECT coalesce(max(id), 0) + 1, pg_current_snapshot() FROM relay.tick
+INSERT INTO shapes.tick (id, snap)
+SELECT coalesce(max(id), 0) + 1, pg_current_snapshot() FROM shapes.tick
 RETURNING id
 """
 
 LOAD_SCRIPT = (
-    "INSERT INTO relay.intake (operation_key, effect_type, payload) VALUES "
+    "INSERT INTO shapes.intake (operation_key, effect_type, payload) VALUES "
     + ", ".join(f"('d-:client_id-:n-{j}', 'bench', '{PAYLOAD}')" for j in range(5))
     + " ON CONFLICT DO NOTHING;"
 )
@@ -319,7 +348,7 @@ class Batch:
 def plan_batches(conn: psycopg.Connection[TupleRow], target: int) -> list[Batch]:
     """Consecutive tick pairs merged until each batch holds at least ``target`` rows (a batch
     between any two ticks is as valid as one between neighbours)."""
-    ticks = [int(r[0]) for r in conn.execute("SELECT id FROM relay.tick ORDER BY id")]
+    ticks = [int(r[0]) for r in conn.execute("SELECT id FROM shapes.tick ORDER BY id")]
     counts = []
     for a, b in itertools.pairwise(ticks):
         rows = conn.execute(
@@ -363,7 +392,7 @@ def read_batches(
                 last = int(str(rows[-1][0]))
                 if bookkeeping:
                     conn.execute(
-                        "INSERT INTO relay.lane_batch (lane, batch, tick_from, tick_to, "
+                        "INSERT INTO shapes.lane_batch (lane, batch, tick_from, tick_to, "
                         "after_id, last_id, rows, producer, epoch) "
                         "VALUES (0, %s, %s, %s, %s, %s, %s, 'relay-lane-0', 1)",
                         (number, batch.a, batch.b, after, last, len(rows)),
@@ -371,7 +400,7 @@ def read_batches(
                 conn.commit()
                 if bookkeeping:
                     conn.execute(
-                        "UPDATE relay.lane_batch SET committed_at = now() "
+                        "UPDATE shapes.lane_batch SET committed_at = now() "
                         "WHERE lane = 0 AND batch = %s AND epoch = 1",
                         (number,),
                     )
@@ -388,7 +417,7 @@ def read_batches(
 
 def drain(owner_url: str, app_url: str, rows: int) -> dict[str, float]:
     with psycopg.connect(owner_url, autocommit=True) as conn:
-        conn.execute("TRUNCATE relay.intake, relay.tick, relay.lane_batch")
+        conn.execute("TRUNCATE shapes.intake, shapes.tick, shapes.lane_batch")
     clients = 8
     per_client = max(1, rows // (5 * clients))
     long_key = f"long-{uuid.uuid4().hex[:8]}"
@@ -398,7 +427,7 @@ def drain(owner_url: str, app_url: str, rows: int) -> dict[str, float]:
             time.sleep(0.05)
             # A writing transaction open across the whole load, committed at its end.
             long_writer.execute(
-                "INSERT INTO relay.intake (operation_key, effect_type, payload) "
+                "INSERT INTO shapes.intake (operation_key, effect_type, payload) "
                 "VALUES (%s, 'bench', '{}')",
                 (long_key,),
             )
@@ -408,17 +437,17 @@ def drain(owner_url: str, app_url: str, rows: int) -> dict[str, float]:
         loaded = time.monotonic() - started
     with psycopg.connect(owner_url, autocommit=True) as conn:
         Ticker(owner_url, 0).tick(conn)  # the last tick sees everything
-        conn.execute("VACUUM ANALYZE relay.intake")
-        total = int(str(conn.execute("SELECT count(*) FROM relay.intake").fetchone()[0]))  # type: ignore[index]
+        conn.execute("VACUUM ANALYZE shapes.intake")
+        total = int(str(conn.execute("SELECT count(*) FROM shapes.intake").fetchone()[0]))  # type: ignore[index]
         monotonic = conn.execute(
             "SELECT bool_and(pg_snapshot_xmax(b.snap) >= pg_snapshot_xmax(a.snap) "
             "AND pg_snapshot_xmin(b.snap) >= pg_snapshot_xmin(a.snap)), count(*) + 1, "
             "max(cardinality(ARRAY(SELECT pg_snapshot_xip(b.snap)))) "
-            "FROM relay.tick a JOIN relay.tick b ON b.id = a.id + 1"
+            "FROM shapes.tick a JOIN shapes.tick b ON b.id = a.id + 1"
         ).fetchone()
         assert monotonic is not None
         long_id = conn.execute(
-            "SELECT id, txid::text FROM relay.intake WHERE operation_key = %s", (long_key,)
+            "SELECT id, txid::text FROM shapes.intake WHERE operation_key = %s", (long_key,)
         ).fetchone()
     print(
         f"  loaded {total:,} rows in {loaded:.1f} s ({clients} pgbench clients, 5 rows/txn, "
@@ -457,7 +486,7 @@ def drain(owner_url: str, app_url: str, rows: int) -> dict[str, float]:
                 if cpu_us is not None:
                     figures[name] = cpu_us
                 with reader.transaction():
-                    reader.execute("TRUNCATE relay.lane_batch")
+                    reader.execute("TRUNCATE shapes.lane_batch")
     return figures
 
 
@@ -475,7 +504,7 @@ def ticker_cost(url: str, seconds: float = 5.0) -> None:
                 if writing:
                     n += 1
                     w.execute(
-                        "INSERT INTO relay.intake (operation_key, effect_type, payload)"
+                        "INSERT INTO shapes.intake (operation_key, effect_type, payload)"
                         " VALUES (%s, 'bench', '{}')",
                         (f"tick-{label}-{n}",),
                     )
@@ -506,6 +535,14 @@ def main() -> None:
     parser.add_argument("--records", type=int, default=20_000)
     parser.add_argument("--fsync", action="store_true", help="fsync on in a PostgreSQL we start")
     parser.add_argument("--skip-kafka", action="store_true")
+    parser.add_argument(
+        "--shapes",
+        default="",
+        help="comma-separated commit shapes to measure (a is always measured); default: all",
+    )
+    parser.add_argument(
+        "--commits-only", action="store_true", help="part 1 only: no drain, ticker or Kafka"
+    )
     args = parser.parse_args()
     started = time.monotonic()
     with local_services(fsync=args.fsync) as services:
@@ -525,11 +562,20 @@ def main() -> None:
                 conn.execute(GRANTS.format(role=f'"{role}"'))
             app_url = make_conninfo(url, user=role)
             print(f"\n1. application commits, {args.clients} pgbench clients, as {role}")
-            commit_rates(url, app_url, args.clients, args.seconds)
-            print(f"\n2. drain of {args.rows:,} intake rows between ticks")
-            drain(url, app_url, args.rows)
+            shapes = [s for s in args.shapes.split(",") if s]
+            unknown = sorted(set(shapes) - set(SHAPES))
+            if unknown:
+                parser.error(f"unknown shapes {unknown}; known: {sorted(SHAPES)}")
+            commit_rates(url, app_url, args.clients, args.seconds, shapes)
+            if not args.commits_only:
+                print(f"\n2. drain of {args.rows:,} intake rows between ticks")
+                drain(url, app_url, args.rows)
         finally:
             drop_db(server, url)
+        if args.commits_only:
+            with psycopg.connect(server, autocommit=True) as conn:
+                conn.execute(f'DROP ROLE IF EXISTS "{role}"')
+            return
         url = fresh_db(server)
         try:
             prepare(settings_for(url, "127.0.0.1:9", "bench", database_url=url))
