@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 
 CE_SPECVERSION = "1.0"
@@ -21,9 +21,33 @@ _SPECVERSION = CE_SPECVERSION.encode()
 _CONTENT_TYPE = CONTENT_TYPE.encode()
 
 
-def rfc3339_uncached(moment: datetime) -> str:
-    """For a time of one effect only (its enqueue): a cache would miss every time."""
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_SECOND = timedelta(seconds=1)
+# The date and time to the second, by seconds since the epoch: the effects of a batch were mostly
+# enqueued within a few seconds of each other (formatting each time whole took 6 % of a drain's
+# relay CPU).
+_SECONDS: dict[int, str] = {}
+_SECONDS_KEPT = 1024
+
+
+def _isoformat_utc(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def rfc3339_uncached(moment: datetime) -> str:
+    """For a time of one effect only (its enqueue): what ``isoformat`` writes for the moment in
+    UTC, ``Z`` for the offset. The seconds' part comes from a small cache keyed by the exact
+    second (integer arithmetic, no float), so it costs a lookup, not a format, per effect."""
+    if moment.tzinfo is None:
+        return _isoformat_utc(moment)  # local time, as astimezone reads a naive one
+    second = (moment - _EPOCH) // _SECOND
+    prefix = _SECONDS.get(second)
+    if prefix is None:
+        if len(_SECONDS) >= _SECONDS_KEPT:
+            _SECONDS.clear()
+        prefix = _SECONDS[second] = _isoformat_utc(moment.replace(microsecond=0))[:-1]
+    micro = moment.microsecond
+    return f"{prefix}.{micro:06d}Z" if micro else f"{prefix}Z"
 
 
 @lru_cache(maxsize=4096)

@@ -12,7 +12,6 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from itertools import chain
 from typing import Any, NamedTuple
 
 from kafka import KafkaProducer
@@ -94,10 +93,9 @@ def estimated_record_size(key: bytes, value: bytes, headers: list[tuple[str, byt
     """An upper bound of the record's size in a one-record batch: the v2 batch header (61 bytes)
     and every varint of the record at its longest (36 bytes, and 10 a header). Header names are
     the relay's own, ASCII: a name's length is its size in bytes (the lengths summed in one pass
-    took a third of the time of encoding each name)."""
-    return (
-        97 + len(key) + len(value) + sum(map(len, chain.from_iterable(headers))) + 10 * len(headers)
-    )
+    took a third of the time of encoding each name, and summed by pairs in a list half the time
+    of a chain over them)."""
+    return 97 + len(key) + len(value) + sum([len(n) + len(v) + 10 for n, v in headers])
 
 
 class Record(NamedTuple):

@@ -20,9 +20,11 @@ twice.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from importlib.metadata import PackageNotFoundError, version
@@ -251,8 +253,37 @@ def record_publish(outcomes: Mapping[str, int], ack_latencies_s: Iterable[float]
     for outcome, count in outcomes.items():
         if count > 0:
             ATTEMPTS.labels(_bounded(str(outcome), ATTEMPT_OUTCOMES)).inc(count)
-    for seconds in ack_latencies_s:
-        PUBLISH_LATENCY.observe(max(0.0, seconds))
+    observe_all(PUBLISH_LATENCY, [max(0.0, seconds) for seconds in ack_latencies_s])
+
+
+def observe_all(histogram: Histogram, amounts: Sequence[float]) -> None:
+    """``histogram.observe`` of each amount, with the buckets counted here first and each one
+    incremented once: a drain's batch observes 5,000 latencies, and ``observe`` takes two locks
+    for each (3 % of the relay's CPU). It reads prometheus-client's own fields (``_upper_bounds``,
+    ``_buckets``, ``_sum``), checked once; without them it observes one by one."""
+    if not amounts:
+        return
+    bounds = getattr(histogram, "_upper_bounds", None)
+    buckets = getattr(histogram, "_buckets", None)
+    total: Any = getattr(histogram, "_sum", None)
+    if (
+        not isinstance(bounds, list)
+        or not isinstance(buckets, list)
+        or len(bounds) != len(buckets)
+        or not callable(getattr(total, "inc", None))
+    ):
+        for amount in amounts:
+            histogram.observe(amount)
+        return
+    counts = [0] * len(bounds)
+    for amount in amounts:
+        if amount == amount:  # NaN is in no bucket (observe's loop finds none), only the sum
+            # The first bound at or above it, as observe's loop finds (the last bound is +Inf).
+            counts[bisect_left(bounds, amount)] += 1
+    total.inc(math.fsum(amounts))
+    for bucket, count in zip(buckets, counts, strict=True):
+        if count:
+            bucket.inc(count)
 
 
 def record_intake_read(promoted: int, rejected: int, refused: int) -> None:

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import logging
+import math
 import socket
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry, Histogram
 
 from relay.config import load_settings
 from relay.errors import ConfigError
@@ -60,6 +64,41 @@ def test_record_publish_counts_outcomes_and_observes_ack_latency() -> None:
     assert value("relay_publish_latency_seconds_count") == count + 2  # only acks have a latency
     assert value("relay_publish_latency_seconds_sum") == pytest.approx(total + 3.0)
     assert value("relay_publish_latency_seconds_bucket", le="5.0") == below_5s + 2
+
+
+@given(
+    amounts=st.lists(
+        st.floats(min_value=0.0, max_value=1e6, allow_nan=False)
+        | st.sampled_from([0.0, 0.005, 0.01, 1.0, 5.0, 60.0, math.inf, math.nan]),
+        max_size=300,
+    )
+)
+def test_observing_a_batch_counts_as_observing_each(amounts: list[float]) -> None:
+    # observe_all counts the buckets itself, through prometheus-client's own fields: every
+    # sample (buckets, count, sum) must be what one observe per amount gives.
+    one_by_one, at_once = CollectorRegistry(), CollectorRegistry()
+    buckets = metrics.LATENCY_BUCKETS_S
+    each = Histogram("h", "h", buckets=buckets, registry=one_by_one)
+    batch = Histogram("h", "h", buckets=buckets, registry=at_once)
+    for amount in amounts:
+        each.observe(amount)
+    metrics.observe_all(batch, amounts)
+
+    def samples(registry: CollectorRegistry) -> dict[tuple[str, str], float]:
+        return {
+            (s.name, s.labels.get("le", "")): s.value
+            for family in registry.collect()
+            for s in family.samples
+            if not s.name.endswith("_created")
+        }
+
+    expected, got = samples(one_by_one), samples(at_once)
+    assert expected.keys() == got.keys()
+    for name, value in expected.items():
+        if math.isnan(value):
+            assert math.isnan(got[name])
+        else:
+            assert got[name] == pytest.approx(value, rel=1e-9, abs=1e-9), name
 
 
 def test_record_marked_counts_only_the_rows_really_marked() -> None:

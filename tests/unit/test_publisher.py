@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
+from zoneinfo import ZoneInfo
 
 import pytest
 from hypothesis import example, given
@@ -218,3 +219,39 @@ def test_the_estimate_bounds_kafka_pythons_from_above(
     # The appender skips send()'s own size check: the relay's estimate must never be the smaller.
     kafkas = DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, headers)
     assert estimated_record_size(key, value, headers) >= kafkas
+
+
+_ZONES = [
+    UTC,
+    timezone(timedelta(hours=5, minutes=30)),
+    timezone(-timedelta(hours=8)),
+    ZoneInfo("Europe/Paris"),
+]
+_FIRST, _LAST = datetime(1000, 1, 2), datetime(9999, 12, 30)
+
+
+@example(moment=datetime(2026, 11, 22, 12, 0, tzinfo=UTC))
+@example(moment=datetime(2026, 11, 22, 12, 0, 0, 999_999, tzinfo=UTC))
+@example(moment=datetime(1969, 12, 31, 23, 59, 59, 1, tzinfo=UTC))
+@example(moment=datetime(1000, 1, 1, tzinfo=UTC))
+@example(moment=datetime(9999, 12, 31, 23, 59, 59, 999_999, tzinfo=UTC))
+@example(moment=datetime(2026, 3, 29, 1, 30, tzinfo=ZoneInfo("Europe/Paris")))
+@given(
+    moment=st.datetimes(_FIRST, _LAST, timezones=st.sampled_from(_ZONES))
+    | st.datetimes(_FIRST, _LAST)
+)
+def test_ce_time_is_isoformat_in_utc_with_z(moment: datetime) -> None:
+    # The seconds come from a cache: each time must read as isoformat writes it, in UTC, any zone
+    # it came in (a naive one is local time, as astimezone reads it).
+    expected = moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    assert relay_headers.rfc3339_uncached(moment) == expected
+    # Twice: the second from the cache.
+    assert relay_headers.rfc3339_uncached(moment) == expected
+
+
+def test_ce_time_cache_stays_bounded() -> None:
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    for second in range(3 * 1024):
+        relay_headers.rfc3339_uncached(start + timedelta(seconds=second, microseconds=7))
+    assert len(relay_headers._SECONDS) <= relay_headers._SECONDS_KEPT
+    assert relay_headers.rfc3339_uncached(start) == "2026-01-01T00:00:00Z"
