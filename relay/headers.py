@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from functools import lru_cache
 
 CE_SPECVERSION = "1.0"
@@ -21,12 +21,10 @@ _SPECVERSION = CE_SPECVERSION.encode()
 _CONTENT_TYPE = CONTENT_TYPE.encode()
 
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_SECOND = timedelta(seconds=1)
-# The date and time to the second, by seconds since the epoch: the effects of a batch were mostly
-# enqueued within a few seconds of each other (formatting each time whole took 6 % of a drain's
-# relay CPU).
-_SECONDS: dict[int, str] = {}
+# The date and time to the second in UTC, by the moment's wall-clock second in its zone: the
+# effects of a batch were mostly enqueued within a few seconds of each other (formatting each
+# time whole took 6 % of a drain's relay CPU).
+_SECONDS: dict[tuple[object, ...], str] = {}
 _SECONDS_KEPT = 1024
 
 
@@ -36,16 +34,30 @@ def _isoformat_utc(moment: datetime) -> str:
 
 def rfc3339_uncached(moment: datetime) -> str:
     """For a time of one effect only (its enqueue): what ``isoformat`` writes for the moment in
-    UTC, ``Z`` for the offset. The seconds' part comes from a small cache keyed by the exact
-    second (integer arithmetic, no float), so it costs a lookup, not a format, per effect."""
-    if moment.tzinfo is None:
+    UTC, ``Z`` for the offset. The part to the second comes from a small cache keyed by the
+    zone and the wall-clock second (fold included: the zone's offset is a function of them), so
+    it costs a lookup, not a conversion and a format, per effect."""
+    tz = moment.tzinfo
+    if tz is None:
         return _isoformat_utc(moment)  # local time, as astimezone reads a naive one
-    second = (moment - _EPOCH) // _SECOND
-    prefix = _SECONDS.get(second)
+    key = (
+        tz,
+        moment.year,
+        moment.month,
+        moment.day,
+        moment.hour,
+        moment.minute,
+        moment.second,
+        moment.fold,
+    )
+    prefix = _SECONDS.get(key)
     if prefix is None:
+        offset = moment.utcoffset()
+        if offset is None or offset.microseconds:
+            return _isoformat_utc(moment)  # a zone without an offset, or one of a fraction
         if len(_SECONDS) >= _SECONDS_KEPT:
             _SECONDS.clear()
-        prefix = _SECONDS[second] = _isoformat_utc(moment.replace(microsecond=0))[:-1]
+        prefix = _SECONDS[key] = _isoformat_utc(moment.replace(microsecond=0))[:-1]
     micro = moment.microsecond
     return f"{prefix}.{micro:06d}Z" if micro else f"{prefix}Z"
 

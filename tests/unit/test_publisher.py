@@ -225,7 +225,10 @@ _ZONES = [
     UTC,
     timezone(timedelta(hours=5, minutes=30)),
     timezone(-timedelta(hours=8)),
+    timezone(timedelta(seconds=-37, microseconds=250)),  # a fraction of a second: not cached
     ZoneInfo("Europe/Paris"),
+    ZoneInfo("America/New_York"),
+    ZoneInfo("UTC"),
 ]
 _FIRST, _LAST = datetime(1000, 1, 2), datetime(9999, 12, 30)
 
