@@ -100,25 +100,31 @@ class ReaderSampler:
         self._every_s = every_s
         self._stop = threading.Event()
         self.samples: list[tuple[float, bool]] = []
+        self.error: Exception | None = None
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute("CREATE EXTENSION IF NOT EXISTS pgrowlocks")
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        with psycopg.connect(self._url, autocommit=True) as conn:
-            while not self._stop.is_set():
-                row = conn.execute(
-                    "SELECT count(*) FROM pgrowlocks('relay.intake_reader')"
-                ).fetchone()
-                self.samples.append((time.time(), bool(row and row[0])))
-                time.sleep(self._every_s)
+        try:
+            with psycopg.connect(self._url, autocommit=True) as conn:
+                while not self._stop.is_set():
+                    row = conn.execute(
+                        "SELECT count(*) FROM pgrowlocks('relay.intake_reader')"
+                    ).fetchone()
+                    self.samples.append((time.time(), bool(row and row[0])))
+                    time.sleep(self._every_s)
+        except Exception as exc:  # noqa: BLE001 - reported by busy_between, never a partial share
+            self.error = exc
 
     def close(self) -> None:
         self._stop.set()
         self._thread.join(5)
 
     def busy_between(self, start: float, end: float) -> float | None:
+        if self.error is not None:
+            raise RuntimeError(f"the reader row's sampler failed: {self.error}")
         inside = [held for at, held in self.samples if start <= at <= end]
         return sum(inside) / len(inside) if inside else None
 
@@ -233,8 +239,10 @@ def relay_drain(
         backends_before = backend_cpu_s(url)  # first: its connection is not the drain's
         cpu_before = postgres_cpu_s()
         relay_cpu = CpuSampler([d.proc.pid for d in daemons])
-        reader = ReaderSampler(url) if sample_reader else None
+        reader: ReaderSampler | None = None
         try:
+            if sample_reader:
+                reader = ReaderSampler(url)
             done = counter.wait_for(n, sizes.timeout_s, alive=daemons[0])
             status_at = _status_published(url, sizes.timeout_s) if status_events else None
             cpu_after = postgres_cpu_s()

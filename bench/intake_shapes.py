@@ -504,7 +504,7 @@ def ticker_cost(url: str, seconds: float = 5.0) -> None:
                 if writing:
                     n += 1
                     w.execute(
-                        "INSERT INTO shapes.intake (operation_key, effect_type, payload)"
+                        "INSERT INTO relay.intake (operation_key, effect_type, payload)"
                         " VALUES (%s, 'bench', '{}')",
                         (f"tick-{label}-{n}",),
                     )
@@ -544,6 +544,10 @@ def main() -> None:
         "--commits-only", action="store_true", help="part 1 only: no drain, ticker or Kafka"
     )
     args = parser.parse_args()
+    shapes = [s for s in args.shapes.split(",") if s]
+    unknown = sorted(set(shapes) - set(SHAPES))
+    if unknown:
+        parser.error(f"unknown shapes {unknown}; known: {sorted(SHAPES)}")
     started = time.monotonic()
     with local_services(fsync=args.fsync) as services:
         server = services.database_url
@@ -562,10 +566,6 @@ def main() -> None:
                 conn.execute(GRANTS.format(role=f'"{role}"'))
             app_url = make_conninfo(url, user=role)
             print(f"\n1. application commits, {args.clients} pgbench clients, as {role}")
-            shapes = [s for s in args.shapes.split(",") if s]
-            unknown = sorted(set(shapes) - set(SHAPES))
-            if unknown:
-                parser.error(f"unknown shapes {unknown}; known: {sorted(SHAPES)}")
             commit_rates(url, app_url, args.clients, args.seconds, shapes)
             if not args.commits_only:
                 print(f"\n2. drain of {args.rows:,} intake rows between ticks")

@@ -38,8 +38,9 @@ def rfc3339_uncached(moment: datetime) -> str:
     zone and the wall-clock second (fold included: the zone's offset is a function of them), so
     it costs a lookup, not a conversion and a format, per effect."""
     tz = moment.tzinfo
-    if tz is None:
-        return _isoformat_utc(moment)  # local time, as astimezone reads a naive one
+    if tz is None or type(moment) is not datetime:
+        # A naive time is local time, as astimezone reads it; a subclass may format otherwise.
+        return _isoformat_utc(moment)
     key = (
         tz,
         moment.year,
@@ -50,7 +51,10 @@ def rfc3339_uncached(moment: datetime) -> str:
         moment.second,
         moment.fold,
     )
-    prefix = _SECONDS.get(key)
+    try:
+        prefix = _SECONDS.get(key)
+    except TypeError:  # a zone that cannot be hashed (dateutil's)
+        return _isoformat_utc(moment)
     if prefix is None:
         offset = moment.utcoffset()
         if offset is None or offset.microseconds:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta, timezone
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta, timezone, tzinfo
 from zoneinfo import ZoneInfo
 
 import pytest
-from hypothesis import example, given
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from kafka.record.default_records import DefaultRecordBatchBuilder
 
@@ -238,7 +239,10 @@ _FIRST, _LAST = datetime(1000, 1, 2), datetime(9999, 12, 30)
 @example(moment=datetime(1969, 12, 31, 23, 59, 59, 1, tzinfo=UTC))
 @example(moment=datetime(1000, 1, 1, tzinfo=UTC))
 @example(moment=datetime(9999, 12, 31, 23, 59, 59, 999_999, tzinfo=UTC))
-@example(moment=datetime(2026, 3, 29, 1, 30, tzinfo=ZoneInfo("Europe/Paris")))
+@example(moment=datetime(2026, 3, 29, 2, 30, tzinfo=ZoneInfo("Europe/Paris")))  # in the gap
+@example(moment=datetime(2026, 10, 25, 2, 30, tzinfo=ZoneInfo("Europe/Paris")))  # twice: fold 0
+@example(moment=datetime(2026, 10, 25, 2, 30, fold=1, tzinfo=ZoneInfo("Europe/Paris")))
+@settings(deadline=None)
 @given(
     moment=st.datetimes(_FIRST, _LAST, timezones=st.sampled_from(_ZONES))
     | st.datetimes(_FIRST, _LAST)
@@ -258,3 +262,59 @@ def test_ce_time_cache_stays_bounded() -> None:
         relay_headers.rfc3339_uncached(start + timedelta(seconds=second, microseconds=7))
     assert len(relay_headers._SECONDS) <= relay_headers._SECONDS_KEPT
     assert relay_headers.rfc3339_uncached(start) == "2026-01-01T00:00:00Z"
+
+
+@pytest.fixture
+def no_cached_seconds() -> Iterator[None]:
+    relay_headers._SECONDS.clear()
+    yield
+    relay_headers._SECONDS.clear()
+
+
+@pytest.mark.usefixtures("no_cached_seconds")
+def test_ce_time_tells_apart_the_folds_and_zones_of_one_wall_clock_second() -> None:
+    # The cache is keyed by the wall-clock second: the same second twice in a night (the clocks
+    # go back), and in two zones, are different times, one after the other in one process.
+    paris = ZoneInfo("Europe/Paris")
+    first = datetime(2026, 10, 25, 2, 30, 5, 120, tzinfo=paris)
+    second = first.replace(fold=1)
+    elsewhere = first.replace(tzinfo=ZoneInfo("America/New_York"))
+    fixed = first.replace(tzinfo=timezone(timedelta(hours=2)))
+    assert relay_headers.rfc3339_uncached(first) == "2026-10-25T00:30:05.000120Z"
+    assert relay_headers.rfc3339_uncached(second) == "2026-10-25T01:30:05.000120Z"
+    assert relay_headers.rfc3339_uncached(elsewhere) == "2026-10-25T06:30:05.000120Z"
+    assert relay_headers.rfc3339_uncached(fixed) == "2026-10-25T00:30:05.000120Z"
+    assert relay_headers.rfc3339_uncached(first.replace(microsecond=0)) == "2026-10-25T00:30:05Z"
+
+
+class _Unhashable(tzinfo):
+    """A zone that cannot be a key (as dateutil's): formatted whole, never cached."""
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def utcoffset(self, dt: datetime | None) -> timedelta:
+        return timedelta(hours=-3)
+
+    def dst(self, dt: datetime | None) -> timedelta:
+        return timedelta(0)
+
+    def tzname(self, dt: datetime | None) -> str:
+        return "UTC-3"
+
+
+class _Moment(datetime):
+    """A subclass may format itself otherwise: formatted through its own methods."""
+
+    def isoformat(self, sep: str = "T", timespec: str = "auto") -> str:
+        return "subclass"
+
+
+@pytest.mark.usefixtures("no_cached_seconds")
+def test_ce_time_of_an_unhashable_zone_or_a_subclass_is_formatted_whole() -> None:
+    moment = datetime(2026, 1, 1, 21, 0, tzinfo=_Unhashable())
+    assert relay_headers.rfc3339_uncached(moment) == "2026-01-02T00:00:00Z"
+    odd = _Moment(2026, 1, 1, tzinfo=UTC)
+    assert relay_headers.rfc3339_uncached(odd) == odd.astimezone(UTC).isoformat().replace(
+        "+00:00", "Z"
+    )
+    assert not relay_headers._SECONDS
