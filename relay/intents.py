@@ -111,6 +111,8 @@ def _bad_char(text: str) -> str | None:
     """Why PostgreSQL could not store ``text`` (a NUL, a lone surrogate), or None."""
     if "\x00" in text:
         return "contains a NUL character (U+0000), which PostgreSQL cannot store"
+    if text.isascii():  # known without a scan: no surrogate can be in it
+        return None
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
@@ -124,12 +126,20 @@ def _check_text(key: str, what: str, text: str) -> None:
         raise InvalidIntentError(f"intent {key!r}: {what} {why}")
 
 
+# JSON's scalars other than strings: nothing to check in them (their exact types, the common case,
+# answered before the abstract Mapping check, which costs several times as much).
+_SCALARS = frozenset({int, float, bool, type(None)})
+
+
 def _check_payload(key: str, value: Any, depth: int = 0) -> None:
     """Walk the payload once, bounded by :data:`MAX_PAYLOAD_DEPTH` (which also ends a cycle)."""
-    if isinstance(value, str):
+    kind = type(value)
+    if kind in _SCALARS:
+        return
+    if kind is str or isinstance(value, str):
         _check_text(key, "a payload string", value)
         return
-    if isinstance(value, Mapping):
+    if kind is dict or isinstance(value, Mapping):
         children: Iterable[Any] = value.values()
         for name in value:
             if isinstance(name, str):

@@ -16,6 +16,8 @@ import psycopg2
 import pytest
 import sqlalchemy.exc
 from django.db.utils import DatabaseErrorWrapper
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from psycopg.pq import DiagnosticField
 
 from relay.errors import (
@@ -34,6 +36,7 @@ from relay.intents import (
     Effect,
     Enqueued,
     Intent,
+    _bad_char,
     as_effect,
     as_enqueued,
     check_intent,
@@ -316,3 +319,29 @@ def test_any_other_error_passes_through_unchanged(exc: BaseException) -> None:
     with pytest.raises(type(exc)) as raised:
         _raise(exc)
     assert raised.value is exc
+
+
+@settings(deadline=None)
+@given(text=st.text(alphabet=st.characters(exclude_categories=())), extra=st.text())
+def test_a_text_is_refused_exactly_when_postgresql_cannot_store_it(text: str, extra: str) -> None:
+    # The check answers an ASCII text without encoding it: it must refuse what the full check
+    # refuses (a NUL, a lone surrogate) and nothing else, ASCII or not.
+    for candidate in (text, extra, text + extra, extra + "\x00", "\udc80" + extra):
+        try:
+            candidate.encode("utf-8")
+            storable = "\x00" not in candidate
+        except UnicodeEncodeError:
+            storable = False
+        assert (_bad_char(candidate) is None) == storable
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"n": 1, "f": 1.5, "b": True, "none": None, "big": 10**30, "s": "Zoë 🚀"},
+        {"deep": [[{"x": [1, 2, {"y": "z"}]}]], "t": (1, "two")},
+    ],
+)
+def test_payload_scalars_and_containers_of_every_kind_pass(payload: dict[str, object]) -> None:
+    params = intent_params(Intent("t", "k-1", payload))
+    assert json.loads(params["payload"]) == json.loads(json.dumps(payload))
